@@ -1,0 +1,64 @@
+"""Every error leaves the API as ``{"error": {"code", "message", ...}}`` with a 4xx (or 503)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vramancer.errors import VramancerError
+
+
+def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **details}}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: Any
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, **details), status_code=status, headers=headers)
+
+
+def _describe(errors: list[Any]) -> str:
+    parts = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        where = ".".join(loc) or "body"
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts) or "invalid request"
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    fields = [".".join(str(p) for p in e.get("loc", ())) for e in errors]
+    return error_response(422, "invalid_request", _describe(errors), fields=fields)
+
+
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(
+        exc.status_code, code.get(exc.status_code, "http_error"), str(exc.detail), headers=headers
+    )
+
+
+async def _library(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, VramancerError)
+    details = {k: v for k, v in exc.details.items() if _jsonable(v)}
+    return error_response(exc.http_status, exc.code, exc.message, **details)
+
+
+def _jsonable(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool | list | dict) or value is None
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(VramancerError, _library)

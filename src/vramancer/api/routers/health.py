@@ -1,0 +1,31 @@
+"""``/healthz`` (no auth) and ``/metrics`` (viewer, when tokens are configured)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+
+from vramancer._version import __version__
+from vramancer.api.deps import RuntimeDep, require
+from vramancer.config import Role
+from vramancer.observability.metrics import CONTENT_TYPE
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz(rt: RuntimeDep) -> dict[str, Any]:
+    """Liveness: the process answers and its runtime has started."""
+    return {"status": "ok" if rt.running else "starting", "version": __version__}
+
+
+@router.get(
+    "/metrics",
+    dependencies=[Depends(require(Role.VIEWER))],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
+async def metrics(rt: RuntimeDep) -> Response:
+    """Prometheus text exposition of every ``vramancer_*`` metric."""
+    return Response(rt.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,7 @@
+"""Routes for tasks (filled in by its issue)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["tasks"])

@@ -1,0 +1,113 @@
+"""Shared pieces of the CLI: the HTTP client for a running server, output, and errors.
+
+Commands talk to the server at ``VRM_URL`` (default ``http://127.0.0.1:8470``) with the bearer
+token ``VRM_API_TOKEN``. Every command takes ``--json``; errors go to stderr with exit code 1
+(2 for bad usage or configuration), naming the field that was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+
+from vramancer.config import DEFAULT_URL, Settings
+from vramancer.errors import ConfigError
+
+console = Console()
+err_console = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML configuration file (default: $VRM_CONFIG)."),
+]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    try:
+        return Settings.load(config, **overrides)
+    except ConfigError as exc:
+        fail(exc.message, code=2)
+
+
+def emit(data: Any, as_json: bool, render: Callable[[Any], None] | None = None) -> None:
+    """Print ``data`` as JSON, or hand it to ``render`` for people."""
+    if as_json or render is None:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    else:
+        render(data)
+
+
+class Api:
+    """A small synchronous client for the VRAMancer HTTP API."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0):
+        self.url = (url or os.environ.get("VRM_URL") or DEFAULT_URL).rstrip("/")
+        token = token or os.environ.get("VRM_API_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(
+                f"cannot reach VRAMancer at {self.url} ({exc.__class__.__name__}); "
+                "start it with `vramancer serve` or set VRM_URL"
+            ) from exc
+        if response.status_code >= 400:
+            fail(_error_message(response))
+        return response
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs).json()
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs).json()
+
+    def put(self, path: str, **kwargs: Any) -> Any:
+        return self.request("PUT", path, **kwargs).json()
+
+    def delete(self, path: str, **kwargs: Any) -> Any:
+        return self.request("DELETE", path, **kwargs).json()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class ServerUnreachable(Exception):
+    """No server answered at VRM_URL (commands with an embedded fallback catch this)."""
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        err = response.json().get("error", {})
+        message = err.get("message") or response.text
+    except (ValueError, AttributeError):
+        message = response.text or response.reason_phrase
+    return f"{message} (HTTP {response.status_code})"
+
+
+def api_or_fail() -> Api:
+    return Api()
+
+
+def call(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` and turn an unreachable server into a one-line error."""
+    try:
+        return fn()
+    except ServerUnreachable as exc:
+        fail(str(exc))

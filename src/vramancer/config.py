@@ -1,0 +1,187 @@
+"""``Settings``: defaults < TOML file (``--config`` / ``VRM_CONFIG``) < ``VRM_*`` environment.
+
+Every section is a pydantic model owned by its subsystem (``devices/settings.py`` ...) and forbids
+unknown keys, so a typo stops start-up with a message naming the key. Nested keys can be set from
+the environment with ``__`` (``VRM_MEMORY__TIERS__L4__CAPACITY=64MiB``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import socket
+import tomllib
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from vramancer.arbiter.settings import ArbiterSettings
+from vramancer.devices.settings import DevicesSettings
+from vramancer.errors import ConfigError
+from vramancer.memory.settings import MemorySettings
+from vramancer.models.settings import GpuManagerSettings, ModelSpec, OllamaSettings
+from vramancer.resources.settings import ResourcesSettings
+from vramancer.tasks.settings import TasksSettings
+from vramancer.units import Size
+
+DEFAULT_PORT = 8470
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+
+
+class Role(str, Enum):
+    """Roles, ordered: each includes the rights of the ones before it."""
+
+    #: Reads state: devices, models, tiers, tasks.
+    VIEWER = "viewer"
+    #: Changes state: loads models, submits command tasks, switches profiles.
+    OPERATOR = "operator"
+    #: Everything, including forced eviction and HA rotation.
+    ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        return _ROLE_RANK[self]
+
+    def allows(self, needed: Role) -> bool:
+        return self.rank >= needed.rank
+
+
+_ROLE_RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    #: Sustained requests per second per client (token or address).
+    rate_limit_per_s: float = Field(default=100.0, gt=0)
+    #: Burst a client may spend at once.
+    rate_limit_burst: int = Field(default=200, ge=1)
+    #: Largest request body accepted (memory blocks, task payloads).
+    max_body: Size = 256 * 1024 * 1024
+
+
+class AuthSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: token -> role. No tokens: loopback only, every caller admin.
+    tokens: dict[str, Role] = Field(default_factory=dict)
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "vramancer"
+
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "vramancer_config_file", default=None
+)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the TOML file chosen by ``Settings.load`` (or ``VRM_CONFIG``)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self._path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # pragma: no cover - __call__ is used instead
+
+    def __call__(self) -> dict[str, Any]:
+        if self._path is None:
+            return {}
+        try:
+            with open(self._path, "rb") as fh:
+                return tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {self._path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {self._path} is not valid TOML: {exc}") from exc
+
+
+class Settings(BaseSettings):
+    """All of VRAMancer's configuration. Build with ``Settings.load()`` to read files and env."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VRM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    node_name: str = Field(default_factory=socket.gethostname)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    tracing: bool = False
+    disable_rate_limit: bool = False
+    ha_replication: bool = False
+    #: ``host1:5010,host2:5010``
+    ha_peers: str = ""
+    ha_journal_max: Size = 64 * 1024 * 1024
+    nats_url: str | None = None
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    devices: DevicesSettings = Field(default_factory=DevicesSettings)
+    resources: ResourcesSettings = Field(default_factory=ResourcesSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
+    ollama: OllamaSettings = Field(default_factory=OllamaSettings)
+    models: list[ModelSpec] = Field(default_factory=list)
+    gpu_manager: GpuManagerSettings = Field(default_factory=GpuManagerSettings)
+    profiles: dict[str, dict[str, str]] = Field(default_factory=dict)
+    arbiter: ArbiterSettings = Field(default_factory=ArbiterSettings)
+    tasks: TasksSettings = Field(default_factory=TasksSettings)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def peers(self) -> list[str]:
+        return [p.strip() for p in self.ha_peers.split(",") if p.strip()]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_file.get()
+        if path is None and os.environ.get("VRM_CONFIG"):
+            path = Path(os.environ["VRM_CONFIG"])
+        return (init_settings, env_settings, _TomlSource(settings_cls, path))
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Read defaults, the TOML file, then the environment; raise ``ConfigError`` if bad."""
+        token = _config_file.set(Path(config_file) if config_file else None)
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from None
+        finally:
+            _config_file.reset(token)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: the dotted key, what was expected, what was given."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+            continue
+        given = err.get("input")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        shown = "" if isinstance(given, dict | list) or "got " in msg else f" (got {given!r})"
+        lines.append(f"{key}: {msg}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,75 @@
+"""One Prometheus registry shared by every subsystem.
+
+Names follow Prometheus' naming guide: ``vramancer_`` prefix, base units as suffix
+(``_bytes``, ``_seconds``, ``_celsius``, ``_watts``, ``_ratio``), counters end in ``_total``.
+Labels are ``backend``, ``device`` (a GPU UUID or ``host``), ``node`` and a few bounded ones
+(``tier``, ``state``); never a task or request id. Getters are idempotent so subsystems can
+ask for the same metric twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+PREFIX = "vramancer_"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_M = TypeVar("_M", bound=MetricWrapperBase)
+
+
+class Metrics:
+    """Get-or-create access to metrics in one registry (one per Runtime, so tests isolate)."""
+
+    def __init__(self, node: str, registry: CollectorRegistry | None = None) -> None:
+        self.node = node
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._metrics: dict[str, MetricWrapperBase] = {}
+        self._lock = threading.Lock()
+
+    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        if not name.endswith("_total"):
+            raise ValueError(f"counter {name!r} must end in _total")
+        # prometheus_client appends _total itself; register the stem.
+        return self._get(Counter, name.removesuffix("_total"), doc, labels)
+
+    def gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+        return self._get(Gauge, name, doc, labels)
+
+    def histogram(
+        self,
+        name: str,
+        doc: str,
+        labels: Sequence[str] = (),
+        buckets: Sequence[float] | None = None,
+    ) -> Histogram:
+        with self._lock:
+            key = PREFIX + name.removeprefix(PREFIX)
+            existing = self._metrics.get(key)
+            if existing is None:
+                kwargs = {"buckets": tuple(buckets)} if buckets else {}
+                existing = Histogram(
+                    key, doc, list(labels), registry=self.registry, **kwargs  # type: ignore[arg-type]
+                )
+                self._metrics[key] = existing
+        assert isinstance(existing, Histogram)
+        return existing
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+    def _get(self, kind: type[_M], name: str, doc: str, labels: Sequence[str]) -> _M:
+        key = PREFIX + name.removeprefix(PREFIX)
+        with self._lock:
+            existing = self._metrics.get(key)
+            if existing is None:
+                existing = kind(key, doc, list(labels), registry=self.registry)
+                self._metrics[key] = existing
+        if not isinstance(existing, kind):
+            raise TypeError(f"metric {key} already registered as {type(existing).__name__}")
+        return existing

@@ -1,0 +1,83 @@
+"""Sizes and durations: parsing user input and formatting for people.
+
+Config accepts an integer number of bytes or a string with a unit (``"512MiB"``, ``"24GiB"``,
+``"1.5GB"``); see CONTRACTS.md. Everything inside VRAMancer counts bytes as ``int``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, PlainSerializer
+
+_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+SIZE_FORM = "an integer number of bytes or a string such as '512MiB', '24GiB' or '1.5GB'"
+
+MIB = 1024**2
+GIB = 1024**3
+
+
+def parse_size(value: Any) -> int:
+    """Return ``value`` as a whole number of bytes, or raise ``ValueError`` naming the form."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected {SIZE_FORM}, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative (got {value})")
+        return value
+    if isinstance(value, float):
+        if value < 0 or value != value:
+            raise ValueError(f"expected {SIZE_FORM}, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            number, unit = match.groups()
+            factor = _UNITS.get(unit.lower())
+            if factor is not None:
+                return int(float(number) * factor)
+    raise ValueError(f"expected {SIZE_FORM}, got {value!r}")
+
+
+def format_size(n_bytes: float) -> str:
+    """Format a byte count for people, in binary units (``1.5 GiB``)."""
+    value = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover - loop always returns
+
+
+#: A size field in settings and request bodies: accepts ``"512MiB"`` or bytes, holds ``int``.
+Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(int, return_type=int)]
+
+
+_PARAMS_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMbBtT]?)\s*$")
+
+
+def parse_param_count(value: str) -> int:
+    """Parse a parameter count such as ``7B``, ``1.5B``, ``350M`` or ``22000000``."""
+    match = _PARAMS_RE.match(value)
+    if not match:
+        raise ValueError(f"expected a parameter count such as '7B', '350M' or '22000000', got {value!r}")
+    number, suffix = match.groups()
+    factor = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}[suffix.lower()]
+    return int(float(number) * factor)
