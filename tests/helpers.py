@@ -48,7 +48,9 @@ def toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        return (
+            "{ " + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        )
     raise TypeError(type(value))
 
 
@@ -93,8 +95,19 @@ def start_server(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VRM_")}
     full_env.update({"VRM_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"})
     full_env.update(env or {})
-    cmd = [sys.executable, "-m", "vramancer.main", "--mode", "serve", "--port", str(port),
-           "--config", str(config_path), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vramancer.main",
+        "--mode",
+        "serve",
+        "--port",
+        str(port),
+        "--config",
+        str(config_path),
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(
         cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )

@@ -11,7 +11,7 @@ import contextvars
 import os
 import socket
 import tomllib
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ DEFAULT_PORT = 8470
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     """Roles, ordered: each includes the rights of the ones before it."""
 
     #: Reads state: devices, models, tiers, tasks.

@@ -16,10 +16,7 @@ def run(argv: list[str] | None = None) -> None:
     known, rest = parser.parse_known_args(argv)
     from vramancer.cli.main import app
 
-    if known.mode == "serve":
-        args = ["serve", *rest]
-    else:
-        args = rest or ["status"]
+    args = ["serve", *rest] if known.mode == "serve" else rest or ["status"]
     app(args=args, prog_name="vramancer")
 
 

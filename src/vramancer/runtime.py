@@ -57,7 +57,11 @@ class Runtime:
             clock=self.clock,
         )
         self.arbiter = Arbiter(
-            s.arbiter, devices=self.devices, events=self.events, metrics=self.metrics, clock=self.clock
+            s.arbiter,
+            devices=self.devices,
+            events=self.events,
+            metrics=self.metrics,
+            clock=self.clock,
         )
         self.models = ModelManager(
             s,

@@ -77,7 +77,9 @@ def parse_param_count(value: str) -> int:
     """Parse a parameter count such as ``7B``, ``1.5B``, ``350M`` or ``22000000``."""
     match = _PARAMS_RE.match(value)
     if not match:
-        raise ValueError(f"expected a parameter count such as '7B', '350M' or '22000000', got {value!r}")
+        raise ValueError(
+            f"expected a parameter count such as '7B', '350M' or '22000000', got {value!r}"
+        )
     number, suffix = match.groups()
     factor = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}[suffix.lower()]
     return int(float(number) * factor)

@@ -26,3 +26,12 @@ class Arbiter:
 
     async def stop(self) -> None:
         return None
+
+
+# Interface the models and tasks issues code against (the arbiter issue implements it):
+#   request_allocation(workload_type, priority, memory, *, min_quality=None, device=None,
+#                      owner=None, on_preempt=None) -> Allocation   (raises InsufficientMemory)
+#   release_allocation(allocation_id) -> None
+#   recommended_quality(workload_type) -> float
+#   reserved_bytes(device) -> int         (what tasks' picker subtracts from free VRAM)
+#   state() -> ArbiterState;  stats() -> dict

@@ -56,7 +56,9 @@ def serve(
     )
     settings = base.model_copy(update={"server": server})
     check_binding(settings)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app = create_app(settings)
     if settings.metrics_port:
         from prometheus_client import start_http_server

@@ -7,11 +7,11 @@ cannot report is ``None`` ("not available"), never a guess.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class DeviceVendor(str, Enum):
+class DeviceVendor(StrEnum):
     """Where a device's telemetry comes from."""
 
     #: NVIDIA GPU read through NVML (nvidia-ml-py).

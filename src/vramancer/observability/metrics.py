@@ -53,7 +53,11 @@ class Metrics:
             if existing is None:
                 kwargs = {"buckets": tuple(buckets)} if buckets else {}
                 existing = Histogram(
-                    key, doc, list(labels), registry=self.registry, **kwargs  # type: ignore[arg-type]
+                    key,
+                    doc,
+                    list(labels),
+                    registry=self.registry,
+                    **kwargs,  # type: ignore[arg-type]
                 )
                 self._metrics[key] = existing
         assert isinstance(existing, Histogram)

@@ -29,7 +29,9 @@ def configure(enabled: bool, service_name: str = "vramancer") -> bool:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
     except ImportError:
-        log.warning("VRM_TRACING=1 but opentelemetry-sdk is not installed (pip install vramancer[otel])")
+        log.warning(
+            "VRM_TRACING=1 but opentelemetry-sdk is not installed (pip install vramancer[otel])"
+        )
         return False
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     exporter: Any
