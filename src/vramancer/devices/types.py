@@ -72,7 +72,12 @@ class GpuSnapshot:
 
     @property
     def torch_device(self) -> str:
-        """``cuda:N`` for a real CUDA device, else ``cpu`` (simulated devices run on the CPU)."""
+        """``cuda:N`` for a real CUDA (or ROCm) device, ``mps`` for Apple Silicon, else ``cpu``.
+
+        Simulated devices run on the CPU.
+        """
+        if self.vendor is DeviceVendor.APPLE:
+            return "mps"
         if self.cuda_index is None or self.simulated:
             return "cpu"
         return f"cuda:{self.cuda_index}"
@@ -81,6 +86,7 @@ class GpuSnapshot:
         data = asdict(self)
         data["vendor"] = self.vendor.value
         data["simulated"] = self.simulated
+        data["torch_device"] = self.torch_device
         return data
 
 
