@@ -1,0 +1,299 @@
+"""The arbiter's pure decisions: quality under pressure, grant or not, and whom to preempt.
+
+No I/O, no clock, no locks: ``plan_allocation`` takes the budget, the current allocations and a
+request and returns a plan value — :class:`Grant` (with a quality target and the victims to
+preempt first, possibly none), :class:`NoRoom` or :class:`QualityTooLow`. The service in
+``arbiter.py`` applies it.
+
+Quality (seed 003: LLMs run at 40–100 %, diffusion at 30–100 %)
+    ``pressure`` is allocated / budget after the grant, the larger of the whole budget's and the
+    named device's. Each priority has a knee ``low_p = pressure_low + (1 - pressure_low) ×
+    headroom_p``; up to it quality is 1.0, then it falls linearly to the workload type's minimum
+    at pressure 1.0. A higher priority has a later knee, so at equal pressure it never gets a
+    lower quality; quality depends on the pressure only, so releasing memory restores it.
+
+Preemption
+    Only holders of a strictly lower priority that are ``preemptible`` may be taken. They are
+    considered lowest priority first, then most recent first (highest ``seq``); each one that
+    helps a constraint still violated is taken until the request fits. Then the set is pruned,
+    least preferred victim first: one whose release is not needed any more (a later, larger one
+    covered it) is spared. The order, and so the result, is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from vramancer.arbiter.types import Allocation, Priority, WorkloadType
+
+#: Where, between ``pressure_low`` (0) and full pressure (1), each priority's quality starts to
+#: fall. Later knees for higher priorities: a person waiting gets full quality longest.
+PRIORITY_HEADROOM: Mapping[Priority, float] = {
+    Priority.BACKGROUND: 0.0,
+    Priority.NORMAL: 0.1,
+    Priority.HIGH: 0.2,
+    Priority.USER_FACING: 0.4,
+}
+
+#: Tolerance when comparing a computed quality with an asked minimum.
+QUALITY_EPSILON = 1e-9
+
+
+def pressure_ratio(allocated_bytes: int, budget_bytes: int) -> float:
+    """allocated / budget; a zero budget is full pressure (there is no memory to give)."""
+    if budget_bytes <= 0:
+        return 1.0
+    return allocated_bytes / budget_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class QualityPolicy:
+    """Quality target of a workload type at a priority under a memory pressure."""
+
+    min_quality: Mapping[WorkloadType, float]
+    pressure_low: float = 0.5
+
+    def knee(self, priority: Priority) -> float:
+        """Pressure up to which ``priority`` runs at full quality."""
+        return self.pressure_low + (1.0 - self.pressure_low) * PRIORITY_HEADROOM[priority]
+
+    def quality(self, workload_type: WorkloadType, priority: Priority, pressure: float) -> float:
+        """1.0 up to the priority's knee, then linearly down to the minimum at pressure 1.0."""
+        minimum = self.min_quality[workload_type]
+        knee = self.knee(priority)
+        if pressure <= knee:
+            return 1.0
+        ramp = min(1.0, (pressure - knee) / (1.0 - knee))
+        return round(1.0 - (1.0 - minimum) * ramp, 6)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """What the arbiter may hand out: in all, and per GPU (``gpu:N`` → bytes)."""
+
+    total_bytes: int
+    devices: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationRequest:
+    """A request to plan. ``device`` is ``gpu:N`` or ``None`` (counted against the total only)."""
+
+    workload_type: WorkloadType
+    priority: Priority
+    memory_bytes: int
+    min_quality: float | None = None
+    device: str | None = None
+    #: May this request take memory from strictly lower priorities?
+    preempt: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Grant the request at ``quality_target`` after preempting ``victims`` (often none)."""
+
+    quality_target: float
+    pressure_ratio: float
+    victims: tuple[Allocation, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NoRoom:
+    """The memory does not fit, even after preempting every eligible lower-priority holder.
+
+    ``available_bytes`` is free now in the tighter of the total and the device budget;
+    ``reclaimable_bytes`` is what preempting every eligible holder there would add.
+    """
+
+    requested_bytes: int
+    available_bytes: int
+    reclaimable_bytes: int
+    budget_bytes: int
+    device: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QualityTooLow:
+    """The memory fits, but not at ``minimum_quality``; ``available_quality`` is the best."""
+
+    minimum_quality: float
+    available_quality: float
+    device: str | None = None
+
+
+Plan = Grant | NoRoom | QualityTooLow
+
+
+def victim_order(allocations: Iterable[Allocation]) -> list[Allocation]:
+    """Lowest priority first, then most recent first (highest ``seq``), then id."""
+    return sorted(allocations, key=lambda a: (a.priority.rank, -a.seq, a.id))
+
+
+def _sum_bytes(allocations: Iterable[Allocation], device: str | None = None) -> int:
+    if device is None:
+        return sum(a.memory_bytes for a in allocations)
+    return sum(a.memory_bytes for a in allocations if a.device == device)
+
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """The constraints one request must meet: the total budget and, if named, its device's."""
+
+    request: AllocationRequest
+    policy: QualityPolicy
+    total_budget: int
+    total_allocated: int
+    device_budget: int
+    device_allocated: int
+
+    def _after(self, freed: Sequence[Allocation]) -> tuple[int, int]:
+        total = self.total_allocated - _sum_bytes(freed) + self.request.memory_bytes
+        if self.request.device is None:
+            return total, 0
+        device = (
+            self.device_allocated
+            - _sum_bytes(freed, self.request.device)
+            + self.request.memory_bytes
+        )
+        return total, device
+
+    def pressure(self, freed: Sequence[Allocation]) -> float:
+        total, device = self._after(freed)
+        pressure = pressure_ratio(total, self.total_budget)
+        if self.request.device is not None:
+            pressure = max(pressure, pressure_ratio(device, self.device_budget))
+        return pressure
+
+    def quality(self, freed: Sequence[Allocation]) -> float:
+        r = self.request
+        return self.policy.quality(r.workload_type, r.priority, self.pressure(freed))
+
+    def memory_fits(self, freed: Sequence[Allocation]) -> bool:
+        total, device = self._after(freed)
+        if total > self.total_budget:
+            return False
+        return self.request.device is None or device <= self.device_budget
+
+    def quality_ok(self, quality: float) -> bool:
+        minimum = self.request.min_quality
+        return minimum is None or quality >= minimum - QUALITY_EPSILON
+
+    def satisfied(self, freed: Sequence[Allocation]) -> bool:
+        return self.memory_fits(freed) and self.quality_ok(self.quality(freed))
+
+    def total_side_violated(self, freed: Sequence[Allocation]) -> bool:
+        """Is the whole-budget constraint (memory or quality) one of those not met?"""
+        total, _ = self._after(freed)
+        if total > self.total_budget:
+            return True
+        r = self.request
+        total_quality = self.policy.quality(
+            r.workload_type, r.priority, pressure_ratio(total, self.total_budget)
+        )
+        return not self.quality_ok(total_quality)
+
+    def useful(self, candidate: Allocation, freed: Sequence[Allocation]) -> bool:
+        """Would preempting ``candidate`` help a constraint that is still violated?"""
+        device = self.request.device
+        if device is None or candidate.device == device:
+            return True
+        return self.total_side_violated(freed)
+
+    def available_bytes(self) -> int:
+        free = self.total_budget - self.total_allocated
+        if self.request.device is not None:
+            free = min(free, self.device_budget - self.device_allocated)
+        return max(0, free)
+
+
+def eligible_victims(
+    request: AllocationRequest, allocations: Iterable[Allocation]
+) -> list[Allocation]:
+    """Holders ``request`` may preempt, in preemption order (see :func:`victim_order`)."""
+    if not request.preempt:
+        return []
+    rank = request.priority.rank
+    return victim_order(a for a in allocations if a.preemptible and a.priority.rank < rank)
+
+
+def plan_allocation(
+    request: AllocationRequest,
+    allocations: Sequence[Allocation],
+    budget: Budget,
+    policy: QualityPolicy,
+) -> Plan:
+    """Decide a request: grant (maybe after preempting), no room, or quality too low."""
+    device = request.device
+    scope = _Scope(
+        request=request,
+        policy=policy,
+        total_budget=budget.total_bytes,
+        total_allocated=_sum_bytes(allocations),
+        device_budget=budget.devices.get(device, 0) if device is not None else 0,
+        device_allocated=_sum_bytes(allocations, device) if device is not None else 0,
+    )
+    if scope.satisfied(()):
+        return Grant(scope.quality(()), scope.pressure(()))
+    candidates = eligible_victims(request, allocations)
+    chosen: list[Allocation] = []
+    for candidate in candidates:
+        if scope.useful(candidate, chosen):
+            chosen.append(candidate)
+            if scope.satisfied(chosen):
+                break
+    if not scope.satisfied(chosen):
+        return _failure(scope, candidates)
+    for victim in reversed(chosen):  # spare, least preferred first, victims not needed
+        rest = [v for v in chosen if v is not victim]
+        if scope.satisfied(rest):
+            chosen = rest
+    return Grant(scope.quality(chosen), scope.pressure(chosen), tuple(chosen))
+
+
+def _failure(scope: _Scope, candidates: Sequence[Allocation]) -> NoRoom | QualityTooLow:
+    request = scope.request
+    if not scope.memory_fits(candidates):
+        relevant = [c for c in candidates if request.device is None or c.device == request.device]
+        return NoRoom(
+            requested_bytes=request.memory_bytes,
+            available_bytes=scope.available_bytes(),
+            reclaimable_bytes=_sum_bytes(relevant),
+            budget_bytes=scope.device_budget if request.device else scope.total_budget,
+            device=request.device,
+        )
+    return QualityTooLow(
+        minimum_quality=request.min_quality if request.min_quality is not None else 0.0,
+        available_quality=scope.quality(candidates),
+        device=request.device,
+    )
+
+
+def fit_to_budget(allocations: Sequence[Allocation], budget: Budget) -> list[Allocation]:
+    """Holders to take away when the budget shrank (a GPU vanished or reports less memory).
+
+    Allocations on a device that is gone go first; then, per device and then in all, holders in
+    preemption order (never-evict ones last) until what remains fits. Pure; the order is the
+    order to notify them in.
+    """
+    victims = [a for a in allocations if a.device is not None and a.device not in budget.devices]
+    remaining = [a for a in allocations if a not in victims]
+    order = sorted(remaining, key=lambda a: (not a.preemptible, a.priority.rank, -a.seq, a.id))
+    for device, device_budget in sorted(budget.devices.items()):
+        excess = _sum_bytes(remaining, device) - device_budget
+        for holder in order:
+            if excess <= 0:
+                break
+            if holder.device == device and holder in remaining:
+                victims.append(holder)
+                remaining.remove(holder)
+                excess -= holder.memory_bytes
+    excess = _sum_bytes(remaining) - budget.total_bytes
+    for holder in order:
+        if excess <= 0:
+            break
+        if holder in remaining:
+            victims.append(holder)
+            remaining.remove(holder)
+            excess -= holder.memory_bytes
+    return victims
