@@ -1,0 +1,21 @@
+"""Extension points of the memory subsystem that other subsystems implement (seed 000).
+
+The store's own extension points live beside their defaults: ``OrchestratorStrategy``,
+``HotnessModel``, ``EvictionIndex`` and ``Prefetcher`` in ``memory/policy.py``,
+``CompressionManager`` in ``memory/compression.py``, ``FastInterface`` in ``memory/fastpath.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class RuntimeEstimator(Protocol):
+    """Seconds a task is expected to run (seed 000 ``RuntimeEstimator.estimate(task)``).
+
+    The task scheduler orders work by it; ``tasks/estimator.py`` has the default (a moving
+    average of past run times per command).
+    """
+
+    def estimate(self, task: Any) -> float: ...
