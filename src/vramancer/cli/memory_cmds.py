@@ -1,9 +1,248 @@
-"""CLI commands: memory (filled in by its issue)."""
+"""CLI commands: ``vramancer memory tiers|blocks|put|get|evict`` (talk to a running server).
+
+``put`` reads a file (or stdin with ``-``) and ``get`` writes a file (or stdout); both show a
+progress bar for large blocks when the terminal is interactive.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import httpx
 import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from vramancer.cli.common import Api, JsonOpt, call, console, emit, err_console, fail
+from vramancer.units import format_size, parse_size
+
+memory_app = typer.Typer(
+    help="Tiered block store: tiers, blocks, put, get, evict.", no_args_is_help=True
+)
+
+#: Blocks at least this big get a progress bar.
+PROGRESS_MIN_BYTES = 8 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root vramancer app."""
+    app.add_typer(memory_app, name="memory")
+
+
+def _block_path(block_id: str) -> str:
+    return "/v1/memory/blocks/" + quote(block_id, safe="/:")
+
+
+def _progress(total: int | None, label: str) -> Progress:
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal or (total is not None and total < PROGRESS_MIN_BYTES),
+    )
+
+
+@memory_app.command("tiers")
+def tiers(json_out: JsonOpt = False) -> None:
+    """Each tier: capacity, use, blocks, latency."""
+    api = Api()
+    data = call(lambda: api.get("/v1/memory/tiers"))
+
+    def render(d: dict[str, Any]) -> None:
+        table = Table("tier", "used", "capacity", "use", "blocks", "latency", "compression")
+        for t in d["tiers"]:
+            use = (
+                f"{100 * t['used_bytes'] / t['capacity_bytes']:.0f}%"
+                if t["capacity_bytes"]
+                else "–"
+            )
+            table.add_row(
+                t["name"],
+                format_size(t["used_bytes"]),
+                format_size(t["capacity_bytes"]),
+                use,
+                str(t["blocks"]),
+                f"{t['latency']:g}",
+                f"{t['compression_ratio']:.2f}x",
+            )
+        console.print(table)
+        totals = d.get("totals", {})
+        console.print(
+            f"{totals.get('blocks', 0)} blocks · promotions {totals.get('promotions', 0)} · "
+            f"demotions {totals.get('demotions', 0)} · evictions {totals.get('evictions', 0)}"
+        )
+
+    emit(data, json_out, render)
+
+
+@memory_app.command("blocks")
+def blocks(
+    limit: Annotated[int, typer.Option(help="Blocks per page (1..1000).")] = 50,
+    offset: Annotated[int, typer.Option(help="Blocks to skip.")] = 0,
+    tier: Annotated[str | None, typer.Option(help="Only blocks of this tier (L1..L6).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List blocks (paged)."""
+    params: dict[str, Any] = {"limit": limit, "offset": offset}
+    if tier:
+        params["tier"] = tier
+    api = Api()
+    data = call(lambda: api.get("/v1/memory/blocks", params=params))
+
+    def render(d: dict[str, Any]) -> None:
+        table = Table("id", "size", "tier", "pinned", "priority", "kind")
+        for b in d["items"]:
+            table.add_row(
+                b["id"],
+                format_size(b["size"]),
+                b["tier"],
+                "yes" if b["pinned"] else "",
+                str(b["priority"]),
+                b.get("kind", ""),
+            )
+        console.print(table)
+        shown = d["offset"] + len(d["items"])
+        more = f" (next: --offset {d['next_offset']})" if d.get("next_offset") is not None else ""
+        console.print(f"{d['offset'] + 1 if d['items'] else 0}–{shown} of {d['total']}{more}")
+
+    emit(data, json_out, render)
+
+
+def _file_chunks(path: Path, progress: Progress) -> Iterator[bytes]:
+    task = progress.add_task(f"put {path.name}", total=path.stat().st_size)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            progress.update(task, advance=len(chunk))
+            yield chunk
+
+
+@memory_app.command("put")
+def put(
+    block_id: Annotated[str, typer.Argument(help="Block id (letters, digits, . _ : / -).")],
+    source: Annotated[str, typer.Argument(help="File to store, or - for stdin.")] = "-",
+    priority: Annotated[int, typer.Option(help="Priority 0..1000 (higher stays up).")] = 0,
+    hint: Annotated[str | None, typer.Option(help="Hint, e.g. 'kv' or 'dtype=bf16'.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Store a file (or stdin) as a block."""
+    params: dict[str, Any] = {"priority": priority}
+    if hint:
+        params["hint"] = hint
+    api = Api(timeout=600.0)
+    if source == "-":
+        body: Any = sys.stdin.buffer.read()
+        data = call(lambda: api.put(_block_path(block_id), params=params, content=body))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            fail(f"source: {source} is not a readable file")
+        size = path.stat().st_size
+        headers = {"content-length": str(size), "content-type": "application/octet-stream"}
+        with _progress(size, "put") as progress:
+            data = call(
+                lambda: api.put(
+                    _block_path(block_id),
+                    params=params,
+                    content=_file_chunks(path, progress),
+                    headers=headers,
+                )
+            )
+
+    def render(d: dict[str, Any]) -> None:
+        console.print(f"stored {d['id']} ({format_size(d['size'])}) in {d['tier']}")
+
+    emit(data, json_out, render)
+
+
+def _client() -> httpx.Client:
+    api = Api()
+    token = os.environ.get("VRM_API_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=api.url, headers=headers, timeout=600.0)
+
+
+@memory_app.command("get")
+def get(
+    block_id: Annotated[str, typer.Argument(help="Block id.")],
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="File to write, or - for stdout.")
+    ] = "-",
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a block's bytes to a file (or stdout)."""
+    if json_out and output == "-":
+        fail("--json prints the block's metadata, so it needs --output FILE for the bytes")
+    written = 0
+    try:
+        with _client() as client, client.stream("GET", _block_path(block_id)) as response:
+            if response.status_code >= 400:
+                response.read()
+                try:
+                    message = response.json()["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    message = response.text
+                fail(f"{message} (HTTP {response.status_code})")
+            total = int(response.headers.get("content-length", "0")) or None
+            sink = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+            try:
+                with _progress(total, "get") as progress:
+                    task = progress.add_task(f"get {block_id}", total=total)
+                    for chunk in response.iter_bytes(CHUNK_BYTES):
+                        sink.write(chunk)
+                        written += len(chunk)
+                        progress.update(task, advance=len(chunk))
+            finally:
+                if sink is not sys.stdout.buffer:
+                    sink.close()
+                else:
+                    sink.flush()
+            meta = {
+                "id": block_id,
+                "size": written,
+                "tier": response.headers.get("x-vrm-tier"),
+                "kind": response.headers.get("x-vrm-kind"),
+                "output": output,
+            }
+    except httpx.TransportError as exc:
+        fail(f"cannot reach VRAMancer at {Api().url} ({exc.__class__.__name__})")
+    if output != "-":
+        emit(
+            meta,
+            json_out,
+            lambda d: err_console.print(f"wrote {d['size']} bytes of {d['id']} to {d['output']}"),
+        )
+
+
+@memory_app.command("evict")
+def evict(
+    tier: Annotated[str | None, typer.Option(help="Tier to free (L1..L6); all if omitted.")] = None,
+    size: Annotated[
+        str | None, typer.Option("--bytes", help="How much to free, e.g. 512MiB (needs --tier).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Forced eviction (admin role)."""
+    body: dict[str, Any] = {}
+    if tier:
+        body["tier"] = tier
+    if size is not None:
+        try:
+            body["bytes"] = parse_size(size)
+        except ValueError as exc:
+            fail(f"--bytes: {exc}", code=2)
+    api = Api(timeout=600.0)
+    data = call(lambda: api.post("/v1/memory/evict", json=body))
+
+    def render(d: dict[str, Any]) -> None:
+        console.print(f"evicted {d['moved']} blocks ({format_size(d['bytes'])})")
+
+    emit(data, json_out, render)

@@ -51,6 +51,7 @@ from vramancer.memory.backends import (
     PinnedBackend,
     TierBackend,
     describe,
+    raw_view,
 )
 from vramancer.memory.catalog import BlockRow, Catalog
 from vramancer.memory.compression import (
@@ -449,6 +450,20 @@ class TieredStore:
         if promote:
             self._promote_after_read(entry, tier, value)
         return value
+
+    def read_bytes(self, block_id: str) -> tuple[bytes, dict[str, Any]]:
+        """The block's raw bytes (as ``get``, so it counts as a hit) and its metadata."""
+        value = self.get(block_id)
+        layout, _ = describe(value)
+        raw = value if isinstance(value, bytes) else bytes(raw_view(layout, value))
+        with self._lock:
+            entry = self._blocks.get(block_id)
+            info = (
+                self._describe(entry, self._clock.monotonic())
+                if entry is not None
+                else {"id": block_id, "size": len(raw), "kind": layout.kind.value}
+            )
+        return raw, info
 
     def locate(self, block_id: str) -> str:
         """Name of the tier holding the block."""

@@ -1,7 +1,115 @@
-"""Routes for memory (filled in by its issue)."""
+"""Routes for the tiered block store: ``/v1/memory/...``.
+
+Blocks travel as raw bytes (``application/octet-stream``). Ids may contain ``/`` (the path
+parameter takes the rest of the path); allowed: letters, digits and ``. _ : / -``, 1 to 256
+characters. Putting and deleting need the operator role, forced eviction the admin role.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+from typing import Annotated, Any
 
-router = APIRouter(tags=["memory"])
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from vramancer.api.deps import Admin, Operator, RuntimeDep
+from vramancer.errors import InvalidInput
+from vramancer.memory.store import MAX_PRIORITY, BlockTooLarge, check_block_id
+from vramancer.units import Size
+
+router = APIRouter(prefix="/v1/memory", tags=["memory"])
+
+
+class EvictRequest(BaseModel):
+    """Forced eviction: a tier and bytes to free, or nothing for a forced cycle on all tiers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tier: str | None = Field(default=None, pattern=r"^[Ll][1-6]$")
+    bytes: Size | None = None
+
+
+@router.get("/tiers")
+async def list_tiers(rt: RuntimeDep) -> dict[str, Any]:
+    """Each present tier: name, capacity, use, blocks, latency; and the move totals."""
+    stats = rt.memory.stats()
+    tiers = stats.pop("tiers")
+    return {"tiers": tiers, "totals": stats}
+
+
+@router.get("/blocks")
+async def list_blocks(
+    rt: RuntimeDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    tier: Annotated[str | None, Query(pattern=r"^[Ll][1-6]$")] = None,
+) -> dict[str, Any]:
+    """A page of blocks, oldest first: ``id``, ``size``, ``tier``, ``pinned``, ``priority``..."""
+    items, total = rt.memory.list_blocks(limit=limit, offset=offset, tier=tier)
+    end = offset + len(items)
+    return {
+        "items": items,
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+        "next_offset": end if end < total else None,
+    }
+
+
+@router.put("/blocks/{block_id:path}")
+async def put_block(
+    block_id: str,
+    request: Request,
+    rt: RuntimeDep,
+    _: Operator,
+    priority: Annotated[int, Query(ge=0, le=MAX_PRIORITY)] = 0,
+    hint: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+) -> dict[str, Any]:
+    """Store the raw request body as block ``block_id`` (replacing one of that id)."""
+    check_block_id(block_id)
+    limit = min(rt.settings.memory.max_block_size, rt.settings.server.max_body)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BlockTooLarge(
+                f"block body is over the limit of {limit} bytes",
+                max_bytes=limit,
+            )
+    if not body:
+        raise InvalidInput("the request body (the block's bytes) is empty", field="body")
+    tier = await asyncio.to_thread(rt.memory.put, block_id, body, priority, hint)
+    return {"id": block_id, "size": len(body), "tier": tier, "priority": priority}
+
+
+@router.get("/blocks/{block_id:path}")
+async def get_block(block_id: str, rt: RuntimeDep) -> Response:
+    """The block's bytes; ``X-VRM-Tier``/``-Kind``/``-Dtype``/``-Shape`` describe it."""
+    check_block_id(block_id)
+    raw, info = await asyncio.to_thread(rt.memory.read_bytes, block_id)
+    headers = {
+        "X-VRM-Tier": str(info.get("tier", "")),
+        "X-VRM-Kind": str(info.get("kind", "bytes")),
+        "X-VRM-Dtype": str(info.get("dtype", "uint8")),
+        "X-VRM-Shape": ",".join(str(d) for d in info.get("shape", [len(raw)])),
+    }
+    return Response(raw, media_type="application/octet-stream", headers=headers)
+
+
+@router.delete("/blocks/{block_id:path}")
+async def delete_block(block_id: str, rt: RuntimeDep, _: Operator) -> dict[str, Any]:
+    check_block_id(block_id)
+    await asyncio.to_thread(rt.memory.delete, block_id)
+    return {"id": block_id, "deleted": True}
+
+
+@router.post("/evict")
+async def force_evict(rt: RuntimeDep, _: Admin, body: EvictRequest | None = None) -> dict[str, Any]:
+    """Forced eviction (admin): free ``bytes`` from ``tier``, or a forced cycle everywhere."""
+    request = body or EvictRequest()
+    report = await asyncio.to_thread(
+        rt.memory.evict, request.tier.upper() if request.tier else None, request.bytes
+    )
+    return {"tier": request.tier.upper() if request.tier else None, **report}
