@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vramancer.memory.compression import CompressionSettings
+from vramancer.memory.regulator import RegulatorSettings
 from vramancer.units import Size
 
 
@@ -62,6 +63,8 @@ class MemorySettings(BaseModel):
     derive: DeriveSettings = Field(default_factory=DeriveSettings)
     #: ``[memory.compression]``: codecs and thresholds of the adaptive compression (L5, L6).
     compression: CompressionSettings = Field(default_factory=CompressionSettings)
+    #: ``[memory.regulator]``: host-memory regulator of the L3/L4 budgets (seed 004 membrain).
+    regulator: RegulatorSettings = Field(default_factory=RegulatorSettings)
     #: A tier whose used/capacity passes this is under pressure: the eviction cycle runs.
     pressure_high: float = Field(default=0.9, gt=0, le=1)
     #: The eviction cycle demotes blocks until used/capacity is at or under this.
