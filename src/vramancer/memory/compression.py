@@ -53,7 +53,9 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 #: Element sizes the byte-plane shuffle accepts (1 means no shuffle).
-SHUFFLE_ITEMSIZES = (1, 2, 4, 8)
+#: Largest element size the byte-plane shuffle splits (wider elements are stored unshuffled;
+#: the common ones are 2, 4 and 8, and 3 for RGB pixels or 16 for complex128 also work).
+MAX_SHUFFLE_ITEMSIZE = 64
 #: Rows per step of the blocked transpose in :func:`shuffle` (fits the L2 cache).
 _SHUFFLE_ROWS = 32_768
 #: Element size of the dtype names a hint may carry (``dtype=bf16``).
@@ -365,7 +367,7 @@ def decompress_block(
         codec = Codec(block.codec)
     except ValueError:
         raise CorruptBlock(f"{what}: unknown codec {block.codec!r}") from None
-    if block.itemsize not in SHUFFLE_ITEMSIZES:
+    if not 1 <= block.itemsize <= MAX_SHUFFLE_ITEMSIZE:
         raise CorruptBlock(f"{what}: invalid element size {block.itemsize}")
     if codec is Codec.NONE:
         return _decode_piece(codec, block.payload, block.raw_size, what)
@@ -728,9 +730,12 @@ class AdaptiveCompression:
     # -- internals -----------------------------------------------------------------------
 
     def _itemsize(self, itemsize: int, hint: str | None) -> int:
-        if itemsize not in SHUFFLE_ITEMSIZES:
-            raise InvalidInput(f"itemsize: expected one of 1, 2, 4, 8, got {itemsize}")
-        return itemsize if itemsize > 1 else itemsize_from_hint(hint)
+        """The shuffle's element size: ``itemsize``, else the hint's dtype; 1 (no shuffle) for
+        elements wider than :data:`MAX_SHUFFLE_ITEMSIZE`."""
+        if isinstance(itemsize, bool) or not isinstance(itemsize, int) or itemsize < 1:
+            raise InvalidInput(f"itemsize: expected a positive integer, got {itemsize!r}")
+        size = itemsize if itemsize > 1 else itemsize_from_hint(hint)
+        return size if size <= MAX_SHUFFLE_ITEMSIZE else 1
 
     def _compress(self, view: memoryview, hint: str | None, size: int, mode: Target) -> Compressed:
         raw_size = len(view)
@@ -825,6 +830,8 @@ class AdaptiveCompression:
         chunks, compressed in parallel, when it is larger than one chunk."""
         view = _byte_view(data)
         raw_size = len(view)
+        if not 1 <= candidate.itemsize <= MAX_SHUFFLE_ITEMSIZE:
+            raise InvalidInput(f"itemsize: the shuffle takes 1 to {MAX_SHUFFLE_ITEMSIZE} bytes")
         if candidate.codec is Codec.NONE or raw_size == 0:
             return Compressed(Codec.NONE.value, bytes(view), raw_size)
         pieces = [view[o : o + self.chunk_size] for o in range(0, raw_size, self.chunk_size)]
@@ -909,6 +916,7 @@ __all__ = [
     "CHUNK_MAGIC",
     "DTYPE_ITEMSIZES",
     "FRAME_VERSION",
+    "MAX_SHUFFLE_ITEMSIZE",
     "AdaptiveCompression",
     "Candidate",
     "ChunkSpan",

@@ -97,7 +97,7 @@ DATA: dict[str, Callable[[int], bytes]] = {
 
 
 @pytest.mark.parametrize("codec", list(Codec))
-@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+@pytest.mark.parametrize("itemsize", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("kind", sorted(DATA))
 def test_round_trip_every_codec_shuffle_and_threading(
@@ -239,8 +239,26 @@ def test_explicit_itemsize_wins_over_hint_and_bad_itemsize_is_rejected() -> None
     manager = make_manager(min_bytes_per_s=0)
     data = weights(100_000, "fp32").tobytes()
     assert manager.compress(data, "dtype=bf16", itemsize=4, force=True).itemsize in (1, 4)
-    with pytest.raises(InvalidInput, match="itemsize"):
-        manager.compress(data, itemsize=3)
+    for bad in (0, -2):
+        with pytest.raises(InvalidInput, match="itemsize"):
+            manager.compress(data, itemsize=bad)
+
+
+@pytest.mark.parametrize("itemsize", [3, 16, 100])
+def test_odd_and_wide_elements(itemsize: int) -> None:
+    data = weights(100_000, "fp32").tobytes()[:300_007]
+    manager = make_manager(threads=2)
+    block = manager.compress(data, itemsize=itemsize, force=True)
+    assert block.itemsize in ((1, itemsize) if itemsize <= 64 else (1,))
+    assert manager.decompress(block) == data
+    if itemsize <= 64:
+        block = manager.encode_with(data, Candidate(Codec.LZ4, 0, itemsize))
+        assert block.itemsize == itemsize
+        assert manager.decompress(block) == data
+    else:
+        with pytest.raises(InvalidInput, match="itemsize"):
+            manager.encode_with(data, Candidate(Codec.LZ4, 0, itemsize))
+    manager.close()
 
 
 @pytest.mark.parametrize(
@@ -356,8 +374,10 @@ def test_wrong_raw_size_unknown_codec_and_bad_itemsize_are_corrupt() -> None:
         manager.decompress(Compressed("zstd", single.payload, 4999))
     with pytest.raises(CorruptBlock, match="unknown codec 'brotli'"):
         manager.decompress(Compressed("brotli", b"x", 1))
-    with pytest.raises(CorruptBlock, match="invalid element size 3"):
-        manager.decompress(Compressed("zstd", single.payload, 5000, 3))
+    with pytest.raises(CorruptBlock, match="invalid element size 65"):
+        manager.decompress(Compressed("zstd", single.payload, 5000, 65))
+    with pytest.raises(CorruptBlock, match="shuffled data without its chunk table"):
+        manager.decompress(Compressed("zstd", single.payload, 5000, 2))
     with pytest.raises(CorruptBlock, match="cannot be decoded"):
         manager.decompress(Compressed("gzip", b"\x1f\x8b garbage", 10))
 
