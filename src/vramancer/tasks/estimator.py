@@ -1,0 +1,54 @@
+"""Expected run time of a task (seed 000's ``RuntimeEstimator.estimate(task)`` extension point).
+
+The dispatcher orders tasks of one priority by expected duration, shortest first. The default
+estimator learns per command (``TaskSpec.estimate_key``: the program and its first argument, the
+shell words, or the python target) an exponential moving average of the run times of tasks that
+ended done; a command never seen gets ``default_s``. The queue persists what it learned, so a
+restart keeps it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+from vramancer.memory.extensions import RuntimeEstimator
+from vramancer.tasks.model import TaskSpec
+
+__all__ = ["HistoryEstimator", "RuntimeEstimator"]
+
+
+class HistoryEstimator:
+    """Moving average of past run times per command; ``default_s`` for unknown commands."""
+
+    def __init__(
+        self,
+        default_s: float = 60.0,
+        alpha: float = 0.3,
+        learned: Mapping[str, float] | None = None,
+    ) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1] (got {alpha})")
+        self.default_s = default_s
+        self.alpha = alpha
+        self._mean: dict[str, float] = dict(learned or {})
+        self._lock = threading.Lock()
+
+    def estimate(self, task: TaskSpec) -> float:
+        """Learned mean run time of the task's command, or ``default_s``."""
+        return self.estimate_key(task.estimate_key())
+
+    def estimate_key(self, key: str) -> float:
+        return self._mean.get(key, self.default_s)
+
+    def observe(self, key: str, run_s: float) -> float:
+        """Fold one run time into the average for ``key``; returns the new average."""
+        with self._lock:
+            old = self._mean.get(key)
+            new = run_s if old is None else old + self.alpha * (run_s - old)
+            self._mean[key] = new
+        return new
+
+    def learned(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._mean)

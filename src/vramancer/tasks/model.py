@@ -1,0 +1,355 @@
+"""The task model: what a user submits (``TaskSpec``), what the queue stores (``TaskRecord``).
+
+The body is the one in CONTRACTS.md ("Task body"), extended with ``python`` (``module:function``)
+and ``payload`` (free JSON: ``{"args": [...], "kwargs": {...}}`` for ``python`` tasks,
+``{"max_blocks": N}`` for ``warmup``/``compress``). Validation is strict (unknown fields,
+missing ``cmd`` for a ``cmd`` task, negative timeouts ... are refused) so a bad submission is a
+4xx and nothing is queued.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vramancer.arbiter.types import Priority
+from vramancer.units import Size
+
+#: Task ids given by callers: used in file names, so no slash and a bounded length.
+TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PY_TARGET = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
+#: Longest timeout accepted (30 days).
+MAX_TIMEOUT_S = 30 * 24 * 3600.0
+
+
+class TaskType(StrEnum):
+    """What a task runs."""
+
+    #: An argv list run as a subprocess (no shell).
+    CMD = "cmd"
+    #: A shell string run by ``sh -c``.
+    SHELL = "shell"
+    #: ``module:function`` called with JSON arguments in a subprocess of the daemon's Python.
+    PYTHON = "python"
+    #: Maintenance: prefetch hot blocks of the memory store (idle windows only).
+    WARMUP = "warmup"
+    #: Maintenance: lazy L4 -> L5 compression of cold blocks (idle windows only).
+    COMPRESS = "compress"
+    #: Maintenance: does nothing; instrumentation and tests (idle windows only).
+    NOOP = "noop"
+
+    @property
+    def maintenance(self) -> bool:
+        """Maintenance tasks run in-process, in idle windows, and never delay a user task."""
+        return self in _MAINTENANCE
+
+    @property
+    def needs_operator(self) -> bool:
+        """Tasks that run arbitrary code need the operator role."""
+        return not self.maintenance
+
+
+_MAINTENANCE = frozenset({TaskType.WARMUP, TaskType.COMPRESS, TaskType.NOOP})
+
+
+class TaskState(StrEnum):
+    """Where a task is in its life. ``done``, ``failed`` and ``cancelled`` are terminal."""
+
+    #: Accepted and durable; waiting for the dispatcher.
+    QUEUED = "queued"
+    #: Leased to a worker and a device; the process is being started.
+    SCHEDULED = "scheduled"
+    #: No eligible device has room right now; it stays in the queue.
+    WAITING_GPU = "waiting_gpu"
+    #: Its process (or maintenance job) is running.
+    RUNNING = "running"
+    #: An attempt failed; queued again once its back-off delay (``not_before``) has passed.
+    RETRY = "retry"
+    #: Ended with exit code 0. A task ends as done at most once.
+    DONE = "done"
+    #: Ended in failure after its last allowed attempt.
+    FAILED = "failed"
+    #: Cancelled by a user before it ended.
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
+#: States in which a task waits in the queue for a device.
+READY_STATES = (TaskState.QUEUED, TaskState.WAITING_GPU)
+#: States in which a task holds a lease.
+LEASED_STATES = (TaskState.SCHEDULED, TaskState.RUNNING)
+
+
+class TaskSpec(BaseModel):
+    """A task as submitted (CONTRACTS.md "Task body"). Immutable once accepted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_id: str | None = Field(default=None, pattern=TASK_ID_PATTERN)
+    type: TaskType
+    cmd: list[str] | None = Field(default=None, min_length=1)
+    shell: str | None = Field(default=None, min_length=1)
+    #: ``module:function`` for ``python`` tasks.
+    python: str | None = Field(default=None, pattern=_PY_TARGET)
+    #: Free JSON for the task: ``args``/``kwargs`` (python), ``max_blocks`` (maintenance).
+    payload: dict[str, Any] | None = None
+    #: Pin to this GPU (VRAMancer index, as in ``GET /v1/devices``).
+    gpu: int | None = Field(default=None, ge=0)
+    #: VRAM the task needs; reserved in the arbiter while it runs.
+    vram: Size | None = None
+    priority: Priority = Priority.NORMAL
+    #: Seconds before the task's process group is killed (default: ``[tasks] default_timeout_s``).
+    timeout: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
+    #: Retries after the first attempt (default: ``[tasks] max_retries``).
+    max_retries: int | None = Field(default=None, ge=0, le=100)
+    #: Two submissions with the same key are one task.
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
+    #: Working directory (absolute); default: a scratch directory per task.
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+
+    @field_validator("cmd")
+    @classmethod
+    def _cmd(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value[0] or any("\0" in part for part in value)):
+            raise ValueError("cmd[0] must name a program and no argument may contain NUL")
+        return value
+
+    @field_validator("cwd")
+    @classmethod
+    def _cwd(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.isabs(value):
+            raise ValueError(f"cwd must be an absolute path (got {value!r})")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key, item in (value or {}).items():
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"env: {key!r} is not a valid variable name")
+            if "\0" in item:
+                raise ValueError(f"env: the value of {key} contains NUL")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_match_type(self) -> TaskSpec:
+        needed = {TaskType.CMD: "cmd", TaskType.SHELL: "shell", TaskType.PYTHON: "python"}
+        for kind, name in needed.items():
+            given = getattr(self, name) is not None
+            if self.type is kind and not given:
+                raise ValueError(f"a {kind.value} task needs '{name}'")
+            if self.type is not kind and given:
+                raise ValueError(f"'{name}' is only for {kind.value} tasks (type is {self.type})")
+        if self.type.maintenance:
+            extra = [n for n in ("gpu", "vram", "cwd", "env") if getattr(self, n) is not None]
+            if extra:
+                raise ValueError(
+                    f"{', '.join(extra)} apply only to cmd, shell and python tasks "
+                    f"({self.type} runs inside the daemon)"
+                )
+        return self
+
+    @property
+    def vram_bytes(self) -> int:
+        return self.vram or 0
+
+    def program(self) -> str:
+        """The executable the task starts (for the allow-list): argv[0], ``sh`` or ``python``."""
+        if self.type is TaskType.CMD and self.cmd:
+            return self.cmd[0]
+        if self.type is TaskType.SHELL:
+            return "sh"
+        if self.type is TaskType.PYTHON:
+            return "python"
+        return ""
+
+    def estimate_key(self) -> str:
+        """Tasks with the same key share a learned run time (``RuntimeEstimator``)."""
+        if self.type is TaskType.CMD and self.cmd:
+            words = [os.path.basename(self.cmd[0]), *self.cmd[1:2]]
+            return ("cmd:" + " ".join(words))[:200]
+        if self.type is TaskType.SHELL and self.shell:
+            return ("shell:" + " ".join(self.shell.split()[:2]))[:200]
+        if self.type is TaskType.PYTHON and self.python:
+            return "python:" + self.python
+        return self.type.value
+
+
+class SubmitBatch(BaseModel):
+    """Body of ``POST /api/tasks/submit_batch``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[TaskSpec] = Field(min_length=1)
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A validated submission with everything the queue stores, decided by the service."""
+
+    task_id: str
+    spec: TaskSpec
+    spec_json: str
+    priority_rank: int
+    estimate_s: float
+    estimate_key: str
+    max_retries: int
+    timeout_s: float
+    maintenance: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task as stored. Timestamps are wall-clock seconds (``clock.time()``); None: not yet."""
+
+    task_id: str
+    seq: int
+    type: TaskType
+    state: TaskState
+    priority: Priority
+    spec_json: str
+    attempts: int
+    max_retries: int
+    timeout_s: float
+    estimate_s: float
+    estimate_key: str
+    gpu: int | None
+    vram_bytes: int
+    device: str | None
+    lease_token: int
+    exit_code: int | None
+    error: str | None
+    submitted_at: float
+    scheduled_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    not_before: float | None
+    cancel_requested: bool
+    pid: int | None
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    idempotency_key: str | None = None
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The task body as submitted (with its id), parsed on demand."""
+        parsed: dict[str, Any] = json.loads(self.spec_json)
+        return parsed
+
+    def task_spec(self) -> TaskSpec:
+        return TaskSpec.model_validate_json(self.spec_json)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The status body of the API (``task_id``, ``state``, ``attempts``, ``device`` ...)."""
+        return {
+            "task_id": self.task_id,
+            "type": self.type.value,
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "max_retries": self.max_retries,
+            "device": self.device,
+            "gpu": self.gpu,
+            "vram_bytes": self.vram_bytes,
+            "priority": self.priority.value,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "timeout_s": self.timeout_s,
+            "estimate_s": self.estimate_s,
+            "submitted_at": self.submitted_at,
+            "scheduled_at": self.scheduled_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "not_before": self.not_before,
+            "cancel_requested": self.cancel_requested,
+            "idempotency_key": self.idempotency_key,
+            "stdout_tail": self.stdout_tail,
+            "stderr_tail": self.stderr_tail,
+            "spec": self.spec,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One state change, committed: what the service turns into an event and metrics."""
+
+    task_id: str
+    previous: TaskState | None
+    state: TaskState
+    attempts: int = 0
+    device: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    #: Seconds from becoming ready to starting (set when the task starts running).
+    wait_s: float | None = None
+    #: Seconds of running (set when the task ends after running).
+    run_s: float | None = None
+    type: TaskType | None = None
+    #: The task's ``estimate_key`` (set when it ends done, to learn its run time).
+    estimate_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """The answer to one submission: the task id, and whether this call created it."""
+
+    task_id: str
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The dispatcher's decision for one ready task: lease it on this device."""
+
+    task_id: str
+    device: str
+    #: Lease straight to ``running`` (maintenance runs at once) instead of ``scheduled``.
+    running: bool = False
+    #: The state the dispatcher saw the task in (queued or waiting_gpu).
+    previous: TaskState = TaskState.QUEUED
+
+
+class OutcomeKind(StrEnum):
+    """How an attempt ended."""
+
+    #: Exit code 0 (or the maintenance job returned): the task is done.
+    OK = "ok"
+    #: Non-zero exit, timeout, or a start failure: retry or fail per the retry policy.
+    ERROR = "error"
+    #: Killed because a user cancelled it.
+    CANCELLED = "cancelled"
+    #: Never started (the arbiter had no room after all): back to the queue, not counted.
+    RELEASED = "released"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended, reported by the worker that held the lease ``lease_token``."""
+
+    task_id: str
+    lease_token: int
+    kind: OutcomeKind
+    exit_code: int | None = None
+    error: str | None = None
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    run_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """One page of history, newest first; ``next_cursor`` continues (None: no more)."""
+
+    tasks: list[TaskRecord] = field(default_factory=list)
+    next_cursor: str | None = None

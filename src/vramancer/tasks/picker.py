@@ -1,0 +1,264 @@
+"""The device picker: a pure function of device views (telemetry + reservations) and a need.
+
+Seed 004's MAESTRO rules. A device is *eligible* for a task when its telemetry is fresh
+(``heartbeat_ttl_s``, 15 s), it is not too hot (≤ 78 °C) or too busy (≤ 95 %), it has a free
+slot, and the task's VRAM need fits in its *available* bytes::
+
+    available = min(driver_free - unseen, grantable)
+
+``grantable`` is what the arbiter can still grant on the device (its per-GPU budget minus what it
+has granted: models and running tasks); ``unseen`` is the part of our running tasks'
+reservations the driver does not show yet, so VRAM a just-started task reserved counts as used
+before its process allocates it. Among eligible devices ``spread`` prefers an idle one, then the
+lowest score (busy, temperature, stale telemetry, our load), then the most available VRAM;
+``binpack`` prefers the tightest fit. No I/O here: "no room" is a value (``NoRoom``) with a
+reason per device, and ``assume`` returns the views as they are once a placement is made, so one
+dispatch round can place many tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from vramancer.devices.types import SystemSnapshot
+from vramancer.tasks.settings import PickerStrategy, TasksSettings
+from vramancer.units import format_size
+
+HOST = "host"
+#: Assumed utilization and temperature when a device does not report them (as the seed).
+UNKNOWN_BUSY = 0.5
+UNKNOWN_TEMPERATURE_CELSIUS = 60.0
+#: Score weights (lower is better): per unit of busy, per °C, stale telemetry, our load.
+W_BUSY = 100.0
+W_TEMPERATURE = 0.5
+W_STALE = 30.0
+W_LOAD = 50.0
+
+
+def gpu_name(index: int) -> str:
+    """The device name tasks, the arbiter and metrics use for VRAMancer GPU ``index``."""
+    return f"gpu:{index}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """One device as the picker sees it at one instant."""
+
+    device: str
+    index: int | None
+    total_bytes: int
+    free_bytes: int
+    #: What the arbiter can still grant on this device.
+    grantable_bytes: int = 0
+    unseen_bytes: int = 0
+    utilization_ratio: float | None = None
+    temperature_celsius: float | None = None
+    age_s: float = 0.0
+    error: bool = False
+    running: int = 0
+    slots: int = 1
+    #: The CUDA index a task on this device sees, or None (simulated, host).
+    cuda_index: int | None = None
+
+    @property
+    def available_bytes(self) -> int:
+        return max(0, min(self.free_bytes - self.unseen_bytes, self.grantable_bytes))
+
+
+@dataclass(frozen=True, slots=True)
+class PickerPolicy:
+    """The thresholds and strategy of the picker (from ``[tasks]``)."""
+
+    strategy: PickerStrategy = PickerStrategy.SPREAD
+    heartbeat_ttl_s: float = 15.0
+    stale_after_s: float = 5.0
+    max_temperature_celsius: float = 78.0
+    max_busy_ratio: float = 0.95
+    idle_busy_ratio: float = 0.05
+
+    @classmethod
+    def from_settings(cls, s: TasksSettings) -> PickerPolicy:
+        return cls(
+            strategy=s.picker,
+            heartbeat_ttl_s=s.heartbeat_ttl_s,
+            stale_after_s=s.stale_after_s,
+            max_temperature_celsius=s.max_temperature_celsius,
+            max_busy_ratio=s.max_busy_ratio,
+            idle_busy_ratio=s.idle_busy_ratio,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Run the task on ``device``."""
+
+    device: str
+    index: int | None
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class NoRoom:
+    """No device can take the task now; ``reasons`` says why, per device considered."""
+
+    reasons: tuple[tuple[str, str], ...]
+
+    def message(self) -> str:
+        if not self.reasons:
+            return "no device"
+        return "; ".join(f"{device}: {why}" for device, why in self.reasons)
+
+
+Decision = Placement | NoRoom
+
+
+def ineligibility(view: DeviceView, need_bytes: int, policy: PickerPolicy) -> str | None:
+    """Why ``view`` cannot take a task needing ``need_bytes`` now, or None when it can."""
+    if view.age_s > policy.heartbeat_ttl_s:
+        return f"no telemetry for {view.age_s:.0f} s (TTL {policy.heartbeat_ttl_s:.0f} s)"
+    temp = view.temperature_celsius
+    if temp is not None and temp > policy.max_temperature_celsius:
+        return f"too hot ({temp:.0f} °C > {policy.max_temperature_celsius:.0f} °C)"
+    busy = view.utilization_ratio
+    if busy is not None and busy > policy.max_busy_ratio:
+        return f"too busy ({busy:.0%} > {policy.max_busy_ratio:.0%})"
+    if view.running >= view.slots:
+        return f"all {view.slots} slots in use"
+    if need_bytes > view.available_bytes:
+        return (
+            f"needs {format_size(need_bytes)}, {format_size(view.available_bytes)} available "
+            "after reservations"
+        )
+    return None
+
+
+def score(view: DeviceView, policy: PickerPolicy) -> float:
+    """Lower is better: busy, temperature, stale telemetry and our own load on the device."""
+    busy = view.utilization_ratio if view.utilization_ratio is not None else UNKNOWN_BUSY
+    temp = view.temperature_celsius
+    if temp is None:
+        temp = UNKNOWN_TEMPERATURE_CELSIUS
+    stale = view.error or view.age_s > policy.stale_after_s
+    return (
+        W_BUSY * busy
+        + W_TEMPERATURE * temp
+        + (W_STALE if stale else 0.0)
+        + W_LOAD * view.running / view.slots
+    )
+
+
+def is_idle(view: DeviceView, policy: PickerPolicy) -> bool:
+    """Idle: none of our tasks on it, and fresh telemetry at or under the idle utilization."""
+    busy = view.utilization_ratio
+    return (
+        view.running == 0
+        and busy is not None
+        and busy <= policy.idle_busy_ratio
+        and not view.error
+        and view.age_s <= policy.stale_after_s
+    )
+
+
+def pick(
+    views: Sequence[DeviceView], need_bytes: int, pin: int | None, policy: PickerPolicy
+) -> Decision:
+    """Choose a device for a task needing ``need_bytes`` of VRAM, pinned to GPU ``pin`` or not."""
+    best: DeviceView | None = None
+    best_key: tuple[float, float, float, int] | None = None
+    reasons: list[tuple[str, str]] = []
+    binpack = policy.strategy is PickerStrategy.BINPACK
+    for order, view in enumerate(views):
+        if pin is not None and view.index != pin:
+            continue
+        why = ineligibility(view, need_bytes, policy)
+        if why is not None:
+            reasons.append((view.device, why))
+            continue
+        s = score(view, policy)
+        available = view.available_bytes
+        if binpack:
+            key = (float(available - need_bytes), s, 0.0, order)
+        else:
+            key = (0.0 if is_idle(view, policy) else 1.0, s, -float(available), order)
+        if best_key is None or key < best_key:
+            best, best_key = view, key
+    if best is None or best_key is None:
+        if pin is not None and not reasons:
+            reasons.append((gpu_name(pin), "no such GPU"))
+        return NoRoom(tuple(reasons))
+    return Placement(best.device, best.index, best_key[1])
+
+
+def assume(views: Sequence[DeviceView], placement: Placement, need_bytes: int) -> list[DeviceView]:
+    """The views once the placed task holds its slot and its VRAM (reserved, not yet seen)."""
+    out = []
+    for view in views:
+        if view.device == placement.device:
+            view = replace(
+                view,
+                running=view.running + 1,
+                unseen_bytes=view.unseen_bytes + need_bytes,
+                grantable_bytes=view.grantable_bytes - need_bytes,
+            )
+        out.append(view)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class LocalLoad:
+    """Our own running tasks on one device: how many, and their VRAM the driver does not show."""
+
+    running: int = 0
+    unseen_bytes: int = 0
+
+
+def build_views(
+    snapshot: SystemSnapshot,
+    now: float,
+    *,
+    grantable: Mapping[str, int],
+    local: Mapping[str, LocalLoad],
+    slots_per_device: int,
+    host_slots: int,
+) -> list[DeviceView]:
+    """Views of every GPU of ``snapshot`` (or of the host alone on a machine without GPUs).
+
+    ``now`` is on the clock of the snapshot's ``taken_at`` (monotonic); ``grantable`` is what
+    the arbiter can still grant per device name (a device missing from it: 0); ``local`` our
+    running tasks per device name.
+    """
+    views = []
+    for gpu in snapshot.gpus:
+        name = gpu_name(gpu.index)
+        load = local.get(name, LocalLoad())
+        views.append(
+            DeviceView(
+                device=name,
+                index=gpu.index,
+                total_bytes=gpu.memory_total_bytes,
+                free_bytes=gpu.memory_free_bytes,
+                grantable_bytes=grantable.get(name, 0),
+                unseen_bytes=load.unseen_bytes,
+                utilization_ratio=gpu.utilization_ratio,
+                temperature_celsius=gpu.temperature_celsius,
+                age_s=max(0.0, now - gpu.taken_at),
+                error=gpu.error is not None,
+                running=load.running,
+                slots=slots_per_device,
+                cuda_index=None if gpu.simulated else gpu.cuda_index,
+            )
+        )
+    if not views:
+        load = local.get(HOST, LocalLoad())
+        views.append(
+            DeviceView(
+                device=HOST,
+                index=None,
+                total_bytes=0,
+                free_bytes=0,
+                running=load.running,
+                slots=host_slots,
+            )
+        )
+    return views

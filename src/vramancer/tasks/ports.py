@@ -1,0 +1,59 @@
+"""What the task service needs from the other subsystems, as Protocols.
+
+The runtime passes the real ``DeviceManager``, ``Arbiter`` and ``TieredStore``; unit tests pass
+small doubles. Only these calls are used:
+
+* devices: ``snapshot() -> SystemSnapshot`` (the latest poll; never calls a driver);
+* arbiter: ``request_allocation(workload_type, priority, memory, *, device="gpu:N",
+  owner=..., on_preempt=...)`` (raises ``InsufficientMemory`` or another ``Conflict``),
+  ``release_allocation(id)``, ``reserved_bytes(device | None) -> int``, ``budget`` (total and
+  per ``gpu:N`` bytes it may grant);
+* memory: ``warmup(max_blocks) -> int`` and ``compress_cold(max_blocks) -> int`` (maintenance
+  tasks; plain or async).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from typing import Any, Protocol
+
+from vramancer.arbiter.types import Allocation, PreemptCallback, Priority, WorkloadType
+from vramancer.devices.types import SystemSnapshot
+
+
+class DevicesPort(Protocol):
+    def snapshot(self) -> SystemSnapshot: ...
+
+
+class BudgetView(Protocol):
+    @property
+    def total_bytes(self) -> int: ...
+
+    @property
+    def devices(self) -> Mapping[str, int]: ...
+
+
+class ArbiterPort(Protocol):
+    def request_allocation(
+        self,
+        workload_type: WorkloadType,
+        priority: Priority,
+        memory: Any,
+        *,
+        device: str | None = ...,
+        owner: str | None = ...,
+        on_preempt: PreemptCallback | None = ...,
+    ) -> Allocation: ...
+
+    def release_allocation(self, allocation_id: str) -> Any: ...
+
+    def reserved_bytes(self, device: str | None = ...) -> int: ...
+
+    @property
+    def budget(self) -> BudgetView: ...
+
+
+class MemoryPort(Protocol):
+    def warmup(self, max_blocks: int) -> int | Awaitable[int]: ...
+
+    def compress_cold(self, max_blocks: int) -> int | Awaitable[int]: ...

@@ -1,0 +1,233 @@
+"""Runs one task process: its own process group, bounded output capture, timeout and cancel.
+
+A task owns the process group it starts in (``start_new_session``): on timeout or cancel the
+whole group gets SIGTERM, then SIGKILL after ``kill_grace_s``; when the task's main process ends,
+whatever is left of its group is killed too, so no child keeps a GPU busy after its task ended
+and released its VRAM reservation. stdout and stderr are read through pipes: the first
+``max_output_bytes`` of each go to a log file (created only when there is output), the last
+``tail_bytes`` are kept for the database; anything beyond is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import psutil
+
+#: How long to wait for the pipes to close once the process group is gone.
+DRAIN_TIMEOUT_S = 1.0
+_READ_CHUNK = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+    timeout_s: float
+    kill_grace_s: float
+    max_output_bytes: int
+    tail_bytes: int
+    stdout_path: Path
+    stderr_path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How the process ended. ``exit_code`` is None when it never started or was killed."""
+
+    exit_code: int | None
+    timed_out: bool
+    cancelled: bool
+    stdout_tail: str
+    stderr_tail: str
+    output_bytes: int
+    truncated: bool
+    run_s: float
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and not self.cancelled
+
+
+class _Capture:
+    """Reads one pipe: a bounded prefix to a file, a bounded tail in memory."""
+
+    def __init__(self, path: Path, limit: int, tail_bytes: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.tail_bytes = tail_bytes
+        self.written = 0
+        self.total = 0
+        self.tail = bytearray()
+        self._file: BinaryIO | None = None
+
+    async def pump(self, stream: asyncio.StreamReader) -> None:
+        try:
+            while chunk := await stream.read(_READ_CHUNK):
+                self.feed(chunk)
+        finally:
+            self.close()
+
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.limit - self.written
+        if room > 0:
+            part = chunk[:room]
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            self._file.write(part)
+            self.written += len(part)
+        self.tail += chunk
+        if len(self.tail) > self.tail_bytes:
+            del self.tail[: len(self.tail) - self.tail_bytes]
+
+    def close(self) -> None:
+        if self._file is not None:
+            dropped = self.total - self.written
+            if dropped > 0:
+                self._file.write(f"\n[vramancer: {dropped} more bytes dropped]\n".encode())
+            self._file.close()
+            self._file = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.written
+
+    def text(self) -> str:
+        return bytes(self.tail).decode("utf-8", errors="replace")
+
+
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
+    """Send ``sig`` to process group ``pgid``; False when the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True
+
+
+def process_start_time(pid: int) -> float | None:
+    """The start time of ``pid`` (to recognise it later, not a reused pid), or None."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
+        return None
+
+
+def kill_orphan(pid: int, started: float | None) -> bool:
+    """Kill the process group a dead daemon left running, if ``pid`` is still that process."""
+    if started is None:
+        return False
+    now_started = process_start_time(pid)
+    if now_started is None or abs(now_started - started) > 0.01:
+        return False
+    return kill_group(pid)
+
+
+class ProcessRun:
+    """One task process. ``await start()``, then ``await wait()``; ``cancel()`` from anywhere."""
+
+    def __init__(self, request: RunRequest) -> None:
+        self.request = request
+        self.pid: int | None = None
+        self.started_at: float | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._cancel = asyncio.Event()
+        self._t0 = 0.0
+        self._out = _Capture(request.stdout_path, request.max_output_bytes, request.tail_bytes)
+        self._err = _Capture(request.stderr_path, request.max_output_bytes, request.tail_bytes)
+
+    async def start(self) -> None:
+        """Start the process; raises ``OSError`` when it cannot (missing program, bad cwd)."""
+        req = self.request
+        self._t0 = time.monotonic()
+        self._proc = await asyncio.create_subprocess_exec(
+            *req.argv,
+            cwd=req.cwd,
+            env=req.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.pid = self._proc.pid
+        self.started_at = process_start_time(self._proc.pid)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    async def wait(self) -> RunResult:
+        proc = self._proc
+        if proc is None:
+            raise RuntimeError("wait() before start()")
+        assert proc.stdout is not None and proc.stderr is not None
+        pumps = [
+            asyncio.ensure_future(self._out.pump(proc.stdout)),
+            asyncio.ensure_future(self._err.pump(proc.stderr)),
+        ]
+        timed_out = cancelled = False
+        exited = asyncio.ensure_future(proc.wait())
+        cancel_wait = asyncio.ensure_future(self._cancel.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {exited, cancel_wait},
+                timeout=self.request.timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if exited not in done:
+                cancelled = cancel_wait in done
+                timed_out = not cancelled
+                await self._terminate(exited)
+        finally:
+            cancel_wait.cancel()
+        # The main process is gone: whatever is left of its group goes too.
+        kill_group(proc.pid)
+        await self._drain(pumps)
+        exit_code = proc.returncode
+        return RunResult(
+            exit_code=None if (timed_out or cancelled) else exit_code,
+            timed_out=timed_out,
+            cancelled=cancelled,
+            stdout_tail=self._out.text(),
+            stderr_tail=self._err.text(),
+            output_bytes=self._out.total + self._err.total,
+            truncated=self._out.truncated or self._err.truncated,
+            run_s=time.monotonic() - self._t0,
+            error=(
+                f"timed out after {self.request.timeout_s:g} s; process group killed"
+                if timed_out
+                else ("cancelled" if cancelled else None)
+            ),
+        )
+
+    async def _terminate(self, exited: asyncio.Future[int]) -> None:
+        assert self._proc is not None
+        pgid = self._proc.pid
+        kill_group(pgid, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(exited), self.request.kill_grace_s)
+        kill_group(pgid, signal.SIGKILL)
+        await exited
+
+    async def _drain(self, pumps: Sequence[asyncio.Future[None]]) -> None:
+        _, pending = await asyncio.wait(pumps, timeout=DRAIN_TIMEOUT_S)
+        for pump in pending:  # a process that left the group still holds the pipe
+            pump.cancel()
+        for pump in pumps:
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        self._out.close()
+        self._err.close()

@@ -1,0 +1,774 @@
+"""The embedded durable task queue: one SQLite file in WAL mode (``<data_dir>/tasks.sqlite``).
+
+Durability: every mutation commits before its caller hears back. With ``synchronous=FULL`` (the
+default) the commit is fsynced, so an acknowledged task survives a power cut; with ``NORMAL``
+it survives a daemon crash (the WAL is written before the acknowledgement) but a power cut may
+lose the last commits.
+
+Speed: one writer thread owns the write connection and *group-commits*: every operation waiting
+when it wakes runs inside one transaction (each in its own SAVEPOINT, so one failing operation
+does not undo the others), then a single COMMIT (one fsync) acknowledges them all. Reads use
+per-thread connections (WAL readers never block the writer). Indexes keep the hot paths
+O(log n) however many tasks are queued:
+
+* ``tasks_ready``: partial index over ready tasks in dispatch order (lane, priority, expected
+  run time, submission order), so taking the next tasks never scans the queue;
+* ``tasks_retry`` / ``tasks_leased``: partial indexes over the few tasks in back-off or leased;
+* ``tasks_state_seq`` and the primary key ``seq``: history pages by cursor, newest first;
+* ``tasks_submitted``: turns ``since`` into a ``seq`` bound.
+
+Rows are never deleted, so ``seq`` (the cursor) only grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue as stdqueue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from vramancer.arbiter.types import Priority
+from vramancer.errors import BackendUnavailable
+from vramancer.tasks.model import (
+    LEASED_STATES,
+    READY_STATES,
+    Change,
+    Grant,
+    HistoryPage,
+    NewTask,
+    Outcome,
+    OutcomeKind,
+    Submitted,
+    TaskRecord,
+    TaskState,
+    TaskType,
+)
+from vramancer.tasks.queue import Orphan
+from vramancer.tasks.settings import Synchronous
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+#: Operations committed together at most (one transaction, one fsync).
+GROUP_COMMIT_MAX = 512
+#: SQLite page cache per connection (negative: KiB).
+CACHE_KIB = 65536
+_CHUNK = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    idem_key TEXT,
+    type TEXT NOT NULL,
+    lane INTEGER NOT NULL,
+    prio INTEGER NOT NULL,
+    priority TEXT NOT NULL,
+    est_ms INTEGER NOT NULL,
+    est_key TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    gpu INTEGER,
+    vram_bytes INTEGER NOT NULL,
+    max_retries INTEGER NOT NULL,
+    timeout_s REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lease_token INTEGER NOT NULL DEFAULT 0,
+    lease_expires REAL,
+    worker TEXT,
+    device TEXT,
+    pid INTEGER,
+    pid_started REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    exit_code INTEGER,
+    error TEXT,
+    stdout_tail TEXT NOT NULL DEFAULT '',
+    stderr_tail TEXT NOT NULL DEFAULT '',
+    submitted_at REAL NOT NULL,
+    ready_at REAL NOT NULL,
+    scheduled_at REAL,
+    started_at REAL,
+    finished_at REAL,
+    not_before REAL,
+    updated_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_idem ON tasks(idem_key) WHERE idem_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_ready ON tasks(lane, prio DESC, est_ms, seq)
+    WHERE state IN ('queued', 'waiting_gpu');
+CREATE INDEX IF NOT EXISTS tasks_retry ON tasks(not_before) WHERE state = 'retry';
+CREATE INDEX IF NOT EXISTS tasks_leased ON tasks(worker, lease_expires)
+    WHERE state IN ('scheduled', 'running');
+CREATE INDEX IF NOT EXISTS tasks_state_seq ON tasks(state, seq);
+CREATE INDEX IF NOT EXISTS tasks_submitted ON tasks(submitted_at);
+CREATE TABLE IF NOT EXISTS durations (
+    key TEXT PRIMARY KEY,
+    mean_s REAL NOT NULL,
+    n INTEGER NOT NULL
+);
+"""
+
+_COLS = (
+    "id, seq, type, state, priority, spec, attempts, max_retries, timeout_s, est_ms, est_key, "
+    "gpu, vram_bytes, device, lease_token, exit_code, error, submitted_at, scheduled_at, "
+    "started_at, finished_at, not_before, cancel_requested, pid, stdout_tail, stderr_tail, "
+    "idem_key"
+)
+_READY_SQL = (
+    f"SELECT {_COLS} FROM tasks WHERE state IN ('queued', 'waiting_gpu') AND lane = ? "
+    "ORDER BY prio DESC, est_ms, seq LIMIT ?"
+)
+_INSERT_SQL = (
+    "INSERT INTO tasks (id, idem_key, type, lane, prio, priority, est_ms, est_key, state, spec, "
+    "gpu, vram_bytes, max_retries, timeout_s, submitted_at, ready_at, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_LEASE_SQL = (
+    "UPDATE tasks SET state = ?, attempts = attempts + 1, lease_token = lease_token + 1, "
+    "lease_expires = ?, worker = ?, device = ?, scheduled_at = ?, "
+    "started_at = CASE WHEN ? THEN ? ELSE NULL END, exit_code = NULL, error = NULL, "
+    "pid = NULL, pid_started = NULL, updated_at = ? "
+    f"WHERE id = ? AND state IN ('queued', 'waiting_gpu') RETURNING {_COLS}, ready_at"
+)
+
+
+def _record(row: Sequence[Any]) -> TaskRecord:
+    return TaskRecord(
+        task_id=row[0],
+        seq=row[1],
+        type=TaskType(row[2]),
+        state=TaskState(row[3]),
+        priority=Priority(row[4]),
+        spec_json=row[5],
+        attempts=row[6],
+        max_retries=row[7],
+        timeout_s=row[8],
+        estimate_s=row[9] / 1000.0,
+        estimate_key=row[10],
+        gpu=row[11],
+        vram_bytes=row[12],
+        device=row[13],
+        lease_token=row[14],
+        exit_code=row[15],
+        error=row[16],
+        submitted_at=row[17],
+        scheduled_at=row[18],
+        started_at=row[19],
+        finished_at=row[20],
+        not_before=row[21],
+        cancel_requested=bool(row[22]),
+        pid=row[23],
+        stdout_tail=row[24],
+        stderr_tail=row[25],
+        idempotency_key=row[26],
+    )
+
+
+def _chunks(items: Sequence[str], size: int = _CHUNK) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class _GroupCommitWriter:
+    """A thread that runs write operations, many per transaction, and acknowledges after COMMIT."""
+
+    _STOP = object()
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._queue: stdqueue.SimpleQueue[Any] = stdqueue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="vramancer-tasks-db", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((op, future))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(self._STOP)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < GROUP_COMMIT_MAX:
+                try:
+                    nxt = self._queue.get_nowait()
+                except stdqueue.Empty:
+                    break
+                if nxt is self._STOP:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> None:
+        conn = self._conn
+        results: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, future in batch:
+                if not future.set_running_or_notify_cancel():
+                    continue
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((future, None, exc))
+                    continue
+                conn.execute("RELEASE op")
+                results.append((future, value, None))
+            conn.execute("COMMIT")
+        except Exception as exc:  # the commit itself failed (disk full, I/O error ...)
+            log.exception("task queue commit failed")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = BackendUnavailable(f"task queue database write failed: {exc}")
+            for _, future in batch:
+                if future.running():
+                    future.set_exception(error)
+            return
+        for future, value, failure in results:
+            if failure is not None:
+                future.set_exception(failure)
+            else:
+                future.set_result(value)
+
+
+class SqliteQueue:
+    """The embedded ``TaskQueue``. See the module docstring for durability and indexes."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: Synchronous = Synchronous.FULL,
+        estimate_alpha: float = 0.3,
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.estimate_alpha = estimate_alpha
+        self._writer: _GroupCommitWriter | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous.value.upper()}")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        conn.execute("PRAGMA temp_store=MEMORY")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            raise BackendUnavailable("the task queue is not open")
+        return await asyncio.wrap_future(self._writer.submit(op))
+
+    def write_sync(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a write operation from a plain thread (benchmarks, tools)."""
+        if self._writer is None:
+            raise BackendUnavailable("the task queue is not open")
+        return self._writer.submit(op).result()
+
+    async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.to_thread(lambda: op(self._reader()))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+        def setup() -> sqlite3.Connection:
+            conn = self._connect()
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            return conn
+
+        conn = await asyncio.to_thread(setup)
+        self._writer = _GroupCommitWriter(conn)
+        self._write_conn = conn
+
+    async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        await asyncio.to_thread(writer.stop)
+        self._write_conn.close()
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
+        self._local = threading.local()
+
+    # -- submit --------------------------------------------------------------------------------
+
+    async def submit(
+        self, tasks: Sequence[NewTask], now: float
+    ) -> tuple[list[Submitted], list[Change]]:
+        return await self._write(lambda conn: _submit(conn, tasks, now))
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    async def ready(self, *, maintenance: bool, limit: int) -> list[TaskRecord]:
+        def op(conn: sqlite3.Connection) -> list[TaskRecord]:
+            rows = conn.execute(_READY_SQL, (1 if maintenance else 0, limit)).fetchall()
+            return [_record(row) for row in rows]
+
+        return await self._read(op)
+
+    async def lease(
+        self, grants: Sequence[Grant], *, worker: str, now: float, lease_s: float
+    ) -> tuple[list[TaskRecord], list[Change]]:
+        def op(conn: sqlite3.Connection) -> tuple[list[TaskRecord], list[Change]]:
+            leased: list[TaskRecord] = []
+            changes: list[Change] = []
+            for grant in grants:
+                state = TaskState.RUNNING if grant.running else TaskState.SCHEDULED
+                row = conn.execute(
+                    _LEASE_SQL,
+                    (
+                        state,
+                        now + lease_s,
+                        worker,
+                        grant.device,
+                        now,
+                        grant.running,
+                        now,
+                        now,
+                        grant.task_id,
+                    ),
+                ).fetchone()
+                if row is None:
+                    continue
+                record = _record(row)
+                leased.append(record)
+                changes.append(
+                    Change(
+                        record.task_id,
+                        grant.previous,
+                        state,
+                        record.attempts,
+                        grant.device,
+                        wait_s=max(0.0, now - row[-1]) if grant.running else None,
+                        type=record.type,
+                    )
+                )
+            return leased, changes
+
+        leased, changes = await self._write(op)
+        return leased, changes
+
+    async def mark_running(
+        self,
+        task_id: str,
+        lease_token: int,
+        *,
+        pid: int | None,
+        pid_started: float | None,
+        now: float,
+    ) -> list[Change]:
+        def op(conn: sqlite3.Connection) -> list[Change]:
+            row = conn.execute(
+                "UPDATE tasks SET state = 'running', pid = ?, pid_started = ?, started_at = ?, "
+                "updated_at = ? WHERE id = ? AND lease_token = ? AND state = 'scheduled' "
+                "RETURNING attempts, device, ready_at, type",
+                (pid, pid_started, now, now, task_id, lease_token),
+            ).fetchone()
+            if row is None:
+                return []
+            return [
+                Change(
+                    task_id,
+                    TaskState.SCHEDULED,
+                    TaskState.RUNNING,
+                    row[0],
+                    row[1],
+                    wait_s=max(0.0, now - row[2]),
+                    type=TaskType(row[3]),
+                )
+            ]
+
+        return await self._write(op)
+
+    async def set_waiting(self, reasons: Sequence[tuple[str, str]], now: float) -> list[Change]:
+        def op(conn: sqlite3.Connection) -> list[Change]:
+            changes = []
+            for task_id, why in reasons:
+                row = conn.execute(
+                    "UPDATE tasks SET state = 'waiting_gpu', error = ?, updated_at = ? "
+                    "WHERE id = ? AND state = 'queued' RETURNING attempts, type",
+                    (why, now, task_id),
+                ).fetchone()
+                if row is not None:
+                    changes.append(
+                        Change(
+                            task_id,
+                            TaskState.QUEUED,
+                            TaskState.WAITING_GPU,
+                            row[0],
+                            error=why,
+                            type=TaskType(row[1]),
+                        )
+                    )
+            return changes
+
+        return await self._write(op)
+
+    async def heartbeat(self, worker: str, *, now: float, lease_s: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE tasks SET lease_expires = ? WHERE worker = ? "
+                "AND state IN ('scheduled', 'running')",
+                (now + lease_s, worker),
+            )
+            return cur.rowcount
+
+        return await self._write(op)
+
+    async def finish(
+        self, outcomes: Sequence[Outcome], *, now: float, retry_delay: Callable[[int], float]
+    ) -> list[Change]:
+        alpha = self.estimate_alpha
+
+        def op(conn: sqlite3.Connection) -> list[Change]:
+            changes = []
+            for outcome in outcomes:
+                change = _finish_one(conn, outcome, now, retry_delay, alpha)
+                if change is not None:
+                    changes.append(change)
+            return changes
+
+        return await self._write(op)
+
+    async def cancel(self, task_id: str, now: float) -> tuple[TaskRecord | None, list[Change]]:
+        def op(conn: sqlite3.Connection) -> tuple[TaskRecord | None, list[Change]]:
+            row = conn.execute(
+                "SELECT state, attempts, device, type FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+            if row is None:
+                return None, []
+            state = TaskState(row[0])
+            changes = []
+            if state in (*READY_STATES, TaskState.RETRY):
+                conn.execute(
+                    "UPDATE tasks SET state = 'cancelled', finished_at = ?, updated_at = ?, "
+                    "error = 'cancelled' WHERE id = ?",
+                    (now, now, task_id),
+                )
+                changes.append(
+                    Change(
+                        task_id,
+                        state,
+                        TaskState.CANCELLED,
+                        row[1],
+                        row[2],
+                        error="cancelled",
+                        type=TaskType(row[3]),
+                    )
+                )
+            elif state in LEASED_STATES:
+                conn.execute(
+                    "UPDATE tasks SET cancel_requested = 1, updated_at = ? WHERE id = ?",
+                    (now, task_id),
+                )
+            record = conn.execute(f"SELECT {_COLS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            return _record(record), changes
+
+        return await self._write(op)
+
+    async def promote_due(self, now: float) -> list[Change]:
+        def op(conn: sqlite3.Connection) -> list[Change]:
+            rows = conn.execute(
+                "UPDATE tasks SET state = 'queued', ready_at = ?, updated_at = ?, "
+                "not_before = NULL WHERE state = 'retry' AND not_before <= ? "
+                "RETURNING id, attempts, type",
+                (now, now, now),
+            ).fetchall()
+            return [
+                Change(r[0], TaskState.RETRY, TaskState.QUEUED, r[1], type=TaskType(r[2]))
+                for r in rows
+            ]
+
+        return await self._write(op)
+
+    async def expire_leases(
+        self, now: float, *, all_leases: bool = False
+    ) -> tuple[list[Change], list[Orphan]]:
+        """Take back leases past their expiry (or every lease, at start-up: ``all_leases``).
+
+        The task is queued again (cancelled instead if a cancel was asked), and the process the
+        lost worker started is reported so the caller can make sure it is gone.
+        """
+
+        def op(conn: sqlite3.Connection) -> tuple[list[Change], list[Orphan]]:
+            where = "state IN ('scheduled', 'running')"
+            params: tuple[Any, ...] = ()
+            if not all_leases:
+                where += " AND lease_expires < ?"
+                params = (now,)
+            rows = conn.execute(
+                f"SELECT id, state, attempts, device, pid, pid_started, cancel_requested, type "
+                f"FROM tasks WHERE {where}",
+                params,
+            ).fetchall()
+            changes, orphans = [], []
+            for task_id, state, attempts, device, pid, pid_started, cancel, kind in rows:
+                new = TaskState.CANCELLED if cancel else TaskState.QUEUED
+                error = "cancelled" if cancel else "lease lost: worker gone; queued again"
+                conn.execute(
+                    "UPDATE tasks SET state = ?, ready_at = ?, updated_at = ?, worker = NULL, "
+                    "lease_expires = NULL, error = ?, "
+                    "finished_at = CASE WHEN ? THEN ? ELSE NULL END WHERE id = ?",
+                    (new, now, now, error, bool(cancel), now, task_id),
+                )
+                changes.append(
+                    Change(
+                        task_id,
+                        TaskState(state),
+                        new,
+                        attempts,
+                        device,
+                        error=error,
+                        type=TaskType(kind),
+                    )
+                )
+                if pid is not None:
+                    orphans.append(Orphan(task_id, pid, pid_started))
+            return changes, orphans
+
+        return await self._write(op)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        def op(conn: sqlite3.Connection) -> TaskRecord | None:
+            row = conn.execute(f"SELECT {_COLS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            return None if row is None else _record(row)
+
+        return await self._read(op)
+
+    async def history(
+        self,
+        *,
+        state: TaskState | None,
+        since: float | None,
+        cursor: str | None,
+        limit: int,
+    ) -> HistoryPage:
+        return await self._read(lambda conn: _history(conn, state, since, cursor, limit))
+
+    async def counts(self) -> dict[tuple[bool, TaskState], int]:
+        """Tasks per (maintenance lane?, state). A full index scan: used once at start-up."""
+
+        def op(conn: sqlite3.Connection) -> dict[tuple[bool, TaskState], int]:
+            rows = conn.execute(
+                "SELECT lane, state, count(*) FROM tasks GROUP BY lane, state"
+            ).fetchall()
+            return {(bool(lane), TaskState(state)): n for lane, state, n in rows}
+
+        return await self._read(op)
+
+    async def learned_durations(self) -> dict[str, float]:
+        def op(conn: sqlite3.Connection) -> dict[str, float]:
+            return dict(conn.execute("SELECT key, mean_s FROM durations").fetchall())
+
+        return await self._read(op)
+
+
+def _submit(
+    conn: sqlite3.Connection, tasks: Sequence[NewTask], now: float
+) -> tuple[list[Submitted], list[Change]]:
+    """Insert the new tasks in one statement; known idempotency keys and ids return the old."""
+    keys = [t.spec.idempotency_key for t in tasks if t.spec.idempotency_key]
+    given = [t.task_id for t in tasks if t.spec.task_id]
+    by_key: dict[str, str] = {}
+    for chunk in _chunks(keys):
+        marks = ",".join("?" * len(chunk))
+        by_key.update(
+            conn.execute(f"SELECT idem_key, id FROM tasks WHERE idem_key IN ({marks})", chunk)
+        )
+    known_ids: set[str] = set()
+    for chunk in _chunks(given):
+        marks = ",".join("?" * len(chunk))
+        found = conn.execute(f"SELECT id FROM tasks WHERE id IN ({marks})", chunk)
+        known_ids.update(r[0] for r in found)
+    results: list[Submitted] = []
+    changes: list[Change] = []
+    rows = []
+    for t in tasks:
+        key = t.spec.idempotency_key
+        if key is not None and key in by_key:
+            results.append(Submitted(by_key[key], False))
+            continue
+        if t.task_id in known_ids:
+            results.append(Submitted(t.task_id, False))
+            continue
+        if key is not None:
+            by_key[key] = t.task_id
+        known_ids.add(t.task_id)
+        spec = t.spec
+        rows.append(
+            (
+                t.task_id,
+                key,
+                spec.type.value,
+                1 if t.maintenance else 0,
+                t.priority_rank,
+                spec.priority.value,
+                round(t.estimate_s * 1000),
+                t.estimate_key,
+                t.spec_json,
+                spec.gpu,
+                spec.vram_bytes,
+                t.max_retries,
+                t.timeout_s,
+                now,
+                now,
+                now,
+            )
+        )
+        results.append(Submitted(t.task_id, True))
+        changes.append(Change(t.task_id, None, TaskState.QUEUED, 0, type=spec.type))
+    conn.executemany(_INSERT_SQL, rows)
+    return results, changes
+
+
+def _finish_one(
+    conn: sqlite3.Connection,
+    outcome: Outcome,
+    now: float,
+    retry_delay: Callable[[int], float],
+    alpha: float,
+) -> Change | None:
+    row = conn.execute(
+        "SELECT state, attempts, max_retries, lease_token, cancel_requested, device, est_key, "
+        "type FROM tasks WHERE id = ?",
+        (outcome.task_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    state, attempts, max_retries, token, cancel, device, est_key, kind = row
+    if token != outcome.lease_token or TaskState(state) not in LEASED_STATES:
+        return None  # a stale or repeated report: the task already moved on
+    previous = TaskState(state)
+    not_before = None
+    attempts_after = attempts
+    if outcome.kind is OutcomeKind.RELEASED:
+        new = TaskState.CANCELLED if cancel else TaskState.QUEUED
+        attempts_after = attempts - 1
+    elif cancel or outcome.kind is OutcomeKind.CANCELLED:
+        new = TaskState.CANCELLED
+    elif outcome.kind is OutcomeKind.OK:
+        new = TaskState.DONE
+    elif attempts <= max_retries:
+        new = TaskState.RETRY
+        not_before = now + retry_delay(attempts)
+    else:
+        new = TaskState.FAILED
+    terminal = new.terminal
+    conn.execute(
+        "UPDATE tasks SET state = ?, attempts = ?, exit_code = ?, error = ?, stdout_tail = ?, "
+        "stderr_tail = ?, not_before = ?, worker = NULL, lease_expires = NULL, "
+        "finished_at = CASE WHEN ? THEN ? ELSE finished_at END, "
+        "ready_at = CASE WHEN ? THEN ? ELSE ready_at END, "
+        "device = CASE WHEN ? THEN NULL ELSE device END, updated_at = ? WHERE id = ?",
+        (
+            new,
+            attempts_after,
+            outcome.exit_code,
+            outcome.error,
+            outcome.stdout_tail,
+            outcome.stderr_tail,
+            not_before,
+            terminal,
+            now,
+            new is TaskState.QUEUED,
+            now,
+            new is TaskState.QUEUED,
+            now,
+            outcome.task_id,
+        ),
+    )
+    if new is TaskState.DONE and outcome.run_s is not None:
+        conn.execute(
+            "INSERT INTO durations (key, mean_s, n) VALUES (?, ?, 1) ON CONFLICT(key) DO UPDATE "
+            "SET mean_s = mean_s + ? * (excluded.mean_s - mean_s), n = n + 1",
+            (est_key, outcome.run_s, alpha),
+        )
+    return Change(
+        outcome.task_id,
+        previous,
+        new,
+        attempts_after,
+        device,
+        exit_code=outcome.exit_code,
+        error=outcome.error,
+        run_s=outcome.run_s if outcome.kind is not OutcomeKind.RELEASED else None,
+        type=TaskType(kind),
+        estimate_key=est_key if new is TaskState.DONE else None,
+    )
+
+
+def _history(
+    conn: sqlite3.Connection,
+    state: TaskState | None,
+    since: float | None,
+    cursor: str | None,
+    limit: int,
+) -> HistoryPage:
+    """Newest first, keyset-paged on ``seq``: each page is an index range, constant time."""
+    conds: list[str] = []
+    params: list[Any] = []
+    if cursor is not None:
+        conds.append("seq < ?")
+        params.append(int(cursor))
+    if state is not None:
+        conds.append("state = ?")
+        params.append(state.value)
+    if since is not None:
+        first = conn.execute(
+            "SELECT seq FROM tasks WHERE submitted_at >= ? ORDER BY submitted_at LIMIT 1",
+            (since,),
+        ).fetchone()
+        if first is None:
+            return HistoryPage([], None)
+        conds += ["seq >= ?", "submitted_at >= ?"]
+        params += [first[0], since]
+    where = ("WHERE " + " AND ".join(conds)) if conds else ""
+    rows = conn.execute(
+        f"SELECT {_COLS} FROM tasks {where} ORDER BY seq DESC LIMIT ?", (*params, limit + 1)
+    ).fetchall()
+    records = [_record(row) for row in rows[:limit]]
+    more = len(rows) > limit
+    return HistoryPage(records, str(records[-1].seq) if more and records else None)
