@@ -1,7 +1,31 @@
-"""Routes for devices (filled in by its issue)."""
+"""``GET /v1/devices``: devices with their latest telemetry, from the cached snapshot."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path
+
+from vramancer.api.deps import RuntimeDep
+from vramancer.devices.report import devices_report
+from vramancer.errors import NotFound
 
 router = APIRouter(tags=["devices"])
+
+
+@router.get("/v1/devices")
+async def list_devices(rt: RuntimeDep) -> dict[str, Any]:
+    """Every GPU (real ones first, then simulated ones) and the host, as last polled."""
+    return devices_report(rt.devices.snapshot(), rt.metrics.node)
+
+
+@router.get("/v1/devices/{index}")
+async def get_device(
+    rt: RuntimeDep, index: Annotated[int, Path(ge=0, le=1_000_000)]
+) -> dict[str, Any]:
+    """One GPU by VRAMancer index (the index ``gpu: N`` pins tasks to)."""
+    for entry in devices_report(rt.devices.snapshot(), rt.metrics.node)["devices"]:
+        if entry["index"] == index:
+            result: dict[str, Any] = entry
+            return result
+    raise NotFound(f"no device with index {index}")

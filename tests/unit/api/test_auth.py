@@ -1,0 +1,117 @@
+"""Auth, roles, X-API-ROLE, rate limiting and error bodies, through the real app in-process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.unit.api.asgi import asgi_client
+from vramancer.config import Settings
+
+TOKENS = {"adm": "admin", "op": "operator", "view": "viewer"}
+SettingsFactory = Callable[..., Settings]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_without_tokens_every_caller_is_admin(settings_factory: SettingsFactory) -> None:
+    async with asgi_client(settings_factory()) as (client, _):
+        assert (await client.get("/v1/system/resources")).status_code == 200
+        assert (await client.post("/v1/system/optimize")).status_code == 200
+
+
+async def test_tokens_are_required_except_for_healthz(settings_factory: SettingsFactory) -> None:
+    async with asgi_client(settings_factory(auth={"tokens": TOKENS})) as (client, _):
+        health = await client.get("/healthz")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        missing = await client.get("/v1/devices")
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"] == "Bearer"
+        assert missing.json() == {
+            "error": {"code": "unauthorized", "message": "a bearer token is required"}
+        }
+        unknown = await client.get("/v1/devices", headers=bearer("guess"))
+        assert unknown.status_code == 401 and unknown.json()["error"]["message"] == "unknown token"
+        metrics = await client.get("/metrics")
+        assert metrics.status_code == 401
+        assert (await client.get("/metrics", headers=bearer("view"))).status_code == 200
+
+
+@pytest.mark.parametrize(("token", "status"), [("view", 403), ("op", 200), ("adm", 200)])
+async def test_optimize_needs_the_operator_role(
+    settings_factory: SettingsFactory, token: str, status: int
+) -> None:
+    async with asgi_client(settings_factory(auth={"tokens": TOKENS})) as (client, _):
+        response = await client.post("/v1/system/optimize", headers=bearer(token))
+        assert response.status_code == status
+        if status == 403:
+            assert response.json()["error"] == {
+                "code": "forbidden",
+                "message": "this needs the operator role; the caller has viewer",
+            }
+        assert (await client.get("/v1/system/resources", headers=bearer(token))).status_code == 200
+
+
+async def test_x_api_role_narrows_but_never_widens(settings_factory: SettingsFactory) -> None:
+    async with asgi_client(settings_factory(auth={"tokens": TOKENS})) as (client, _):
+        narrowed = await client.post(
+            "/v1/system/optimize", headers={**bearer("adm"), "X-API-ROLE": "viewer"}
+        )
+        assert narrowed.status_code == 403
+        assert "the caller has viewer" in narrowed.json()["error"]["message"]
+        widened = await client.post(
+            "/v1/system/optimize", headers={**bearer("view"), "X-API-ROLE": "admin"}
+        )
+        assert widened.status_code == 403
+        assert "the caller has viewer" in widened.json()["error"]["message"]
+        same = await client.post(
+            "/v1/system/optimize", headers={**bearer("op"), "X-API-ROLE": "Operator"}
+        )
+        assert same.status_code == 200
+        bad = await client.get("/v1/devices", headers={**bearer("adm"), "X-API-ROLE": "root"})
+        assert bad.status_code == 400
+        assert "X-API-ROLE must be one of viewer, operator, admin" in bad.json()["error"]["message"]
+
+
+async def test_x_api_role_narrows_the_implicit_admin_without_tokens(
+    settings_factory: SettingsFactory,
+) -> None:
+    async with asgi_client(settings_factory()) as (client, _):
+        response = await client.post("/v1/system/optimize", headers={"X-API-ROLE": "viewer"})
+        assert response.status_code == 403
+
+
+async def test_rate_limit_answers_429_with_retry_after(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory(
+        disable_rate_limit=False, server={"rate_limit_burst": 3, "rate_limit_per_s": 0.5}
+    )
+    async with asgi_client(settings) as (client, _):
+        codes = [(await client.get("/v1/devices")).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        limited = await client.get("/v1/devices")
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1
+        assert limited.json()["error"]["code"] == "rate_limited"
+        assert (await client.get("/healthz")).status_code == 200  # never limited
+        # another client (a different token) has its own bucket
+        assert (await client.get("/v1/devices", headers=bearer("someone"))).status_code == 200
+
+
+async def test_rate_limit_off_with_the_setting(settings_factory: SettingsFactory) -> None:
+    settings = settings_factory(disable_rate_limit=True, server={"rate_limit_burst": 1})
+    async with asgi_client(settings) as (client, _):
+        codes = {(await client.get("/v1/devices")).status_code for _ in range(5)}
+        assert codes == {200}
+
+
+async def test_oversized_bodies_are_refused_with_413(settings_factory: SettingsFactory) -> None:
+    async with asgi_client(settings_factory(server={"max_body": 64})) as (client, _):
+        response = await client.post(
+            "/v1/models/can-load", content=b"{" + b" " * 100 + b"}",
+            headers={"content-type": "application/json"},
+        )  # fmt: skip
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "payload_too_large"
