@@ -512,10 +512,12 @@ class Arbiter:
         finally:
             self.release_allocation(allocation.id)
 
-    def release_allocation(self, allocation: str | Allocation) -> None:
-        """Free an allocation and serve waiters. Releasing one that was preempted does nothing
-        (the holder's clean-up may race the preemption); an unknown id raises ``NotFound``."""
-        allocation_id = allocation.id if isinstance(allocation, Allocation) else allocation
+    def release_allocation(self, allocation_id: str | Allocation) -> None:
+        """Free an allocation (its id, or the record) and serve waiters. Releasing one that was
+        preempted does nothing (the holder's clean-up may race the preemption); an unknown or
+        already released id raises ``NotFound``."""
+        if isinstance(allocation_id, Allocation):
+            allocation_id = allocation_id.id
         effects = _Effects()
         with self._lock:
             held = self._allocations.pop(allocation_id, None)

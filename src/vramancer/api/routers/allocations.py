@@ -1,7 +1,101 @@
-"""Routes for allocations (filled in by its issue)."""
+"""Arbiter routes: ``/v1/allocations`` (list, request, release) and ``/v1/arbiter`` (state, stats).
+
+``POST /v1/allocations`` body (CONTRACTS.md): ``{"workload_type", "priority", "memory": size,
+"min_quality"?: float, "device"?: "gpu:N"}``, plus the optional extensions ``owner``,
+``wait_s`` (wait up to that long for memory instead of failing at once) and ``preempt``.
+No room → 409 ``insufficient_memory`` with ``requested_bytes`` and ``available_bytes``.
+Requesting and releasing need the operator role; listing needs viewer.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
+
+from fastapi import APIRouter, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from vramancer.api.deps import Operator, RuntimeDep
+from vramancer.arbiter.types import Allocation, Priority, WorkloadType
+from vramancer.units import Size
 
 router = APIRouter(tags=["allocations"])
+
+
+class AllocationBody(BaseModel):
+    """A request for VRAM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workload_type: WorkloadType
+    priority: Priority = Priority.NORMAL
+    #: Bytes, or a size string such as "4GiB".
+    memory: Size = Field(gt=0)
+    #: Refuse (409 insufficient_quality) rather than run below this quality.
+    min_quality: float | None = Field(default=None, gt=0, le=1)
+    #: ``gpu:N`` (VRAMancer's GPU index); also checked against that GPU's budget.
+    device: str | None = Field(default=None, max_length=32)
+    #: Who holds it (shown in listings and ``preempted`` events).
+    owner: str | None = Field(default=None, max_length=200)
+    #: Wait up to this many seconds for memory to free up (0: answer at once).
+    wait_s: float = Field(default=0.0, ge=0, le=300)
+    #: May this request take memory from strictly lower priorities?
+    preempt: bool = True
+
+
+def _public(allocation: Allocation) -> dict[str, Any]:
+    return allocation.as_dict()
+
+
+@router.get("/v1/allocations")
+async def list_allocations(rt: RuntimeDep) -> dict[str, Any]:
+    """Live allocations, oldest first, with the budget they share."""
+    state = rt.arbiter.state()
+    return {
+        "allocations": [_public(a) for a in state.allocations],
+        "budget_bytes": state.budget_bytes,
+        "allocated_bytes": state.allocated_bytes,
+        "available_bytes": state.available_bytes,
+    }
+
+
+@router.post("/v1/allocations", status_code=status.HTTP_201_CREATED)
+async def request_allocation(
+    body: AllocationBody, rt: RuntimeDep, principal: Operator
+) -> dict[str, Any]:
+    """Grant VRAM now (or within ``wait_s``); 409 with requested/available bytes if no room."""
+    kwargs: dict[str, Any] = {
+        "min_quality": body.min_quality,
+        "device": body.device,
+        "owner": body.owner if body.owner is not None else "api",
+        "preempt": body.preempt,
+    }
+    if body.wait_s > 0:
+        allocation = await rt.arbiter.acquire(
+            body.workload_type, body.priority, body.memory, timeout_s=body.wait_s, **kwargs
+        )
+    else:
+        allocation = rt.arbiter.request_allocation(
+            body.workload_type, body.priority, body.memory, **kwargs
+        )
+    return _public(allocation)
+
+
+@router.get("/v1/allocations/{allocation_id}")
+async def get_allocation(allocation_id: str, rt: RuntimeDep) -> dict[str, Any]:
+    """One allocation; 409 ``preempted`` if it was taken, 404 if unknown."""
+    return _public(rt.arbiter.get(allocation_id))
+
+
+@router.delete("/v1/allocations/{allocation_id}")
+async def release_allocation(
+    allocation_id: str, rt: RuntimeDep, principal: Operator
+) -> dict[str, Any]:
+    """Give the memory back; 404 if no such allocation is held."""
+    rt.arbiter.release_allocation(allocation_id)
+    return {"released": allocation_id}
+
+
+@router.get("/v1/arbiter")
+async def arbiter_state(rt: RuntimeDep) -> dict[str, Any]:
+    """The arbiter's state (budget, pressure, qualities, per-GPU usage) and its counters."""
+    return {"state": rt.arbiter.state().as_dict(), "stats": rt.arbiter.stats()}
