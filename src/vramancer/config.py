@@ -22,7 +22,12 @@ from vramancer.arbiter.settings import ArbiterSettings
 from vramancer.devices.settings import DevicesSettings
 from vramancer.errors import ConfigError
 from vramancer.memory.settings import MemorySettings
-from vramancer.models.settings import GpuManagerSettings, ModelSpec, OllamaSettings
+from vramancer.models.settings import (
+    GpuManagerSettings,
+    ModelSpec,
+    OllamaSettings,
+    ProfilesSettings,
+)
 from vramancer.resources.settings import ResourcesSettings
 from vramancer.tasks.settings import TasksSettings
 from vramancer.units import Size
@@ -133,7 +138,7 @@ class Settings(BaseSettings):
     ollama: OllamaSettings = Field(default_factory=OllamaSettings)
     models: list[ModelSpec] = Field(default_factory=list)
     gpu_manager: GpuManagerSettings = Field(default_factory=GpuManagerSettings)
-    profiles: dict[str, dict[str, str]] = Field(default_factory=dict)
+    profiles: ProfilesSettings = Field(default_factory=dict)
     arbiter: ArbiterSettings = Field(default_factory=ArbiterSettings)
     tasks: TasksSettings = Field(default_factory=TasksSettings)
 

@@ -1,0 +1,202 @@
+"""Ollama over its documented HTTP API (httpx, async).
+
+* load: ``POST /api/generate`` with ``model``, ``keep_alive`` and no prompt; Ollama answers one
+  object ``{"model", "created_at", "response": "", "done": true, "done_reason": "load"}``.
+* unload: the same with ``keep_alive: 0`` (``"done_reason": "unload"``).
+* loaded models: ``GET /api/ps`` -> ``{"models": [{"name", "model", "size", "size_vram", ...}]}``.
+* reachability: ``GET /api/version`` -> ``{"version"}``.
+* errors: ``{"error": "..."}`` with a 4xx/5xx; an unknown model is a 404.
+
+A CPU placement sends ``options.num_gpu = 0`` (no layer on a GPU); a GPU one names it with
+``options.main_gpu`` when it is not the first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from vramancer.errors import BackendUnavailable, OperationTimeout
+from vramancer.models.backends.base import LoadResult, Target
+from vramancer.models.errors import BackendError, ModelNotInBackend
+from vramancer.models.settings import ModelSpec, OllamaSettings
+from vramancer.models.types import BackendKind
+
+
+@dataclass(frozen=True, slots=True)
+class RunningModel:
+    """One entry of ``GET /api/ps``."""
+
+    name: str
+    model: str
+    size_bytes: int
+    size_vram_bytes: int
+    expires_at: str | None = None
+
+
+class OllamaClient:
+    """The HTTP calls; shared by every Ollama model. Errors are typed (see module doc)."""
+
+    def __init__(self, settings: OllamaSettings, transport: httpx.AsyncBaseTransport | None = None):
+        self.settings = settings
+        self.endpoint = settings.endpoint.rstrip("/")
+        timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
+        self._client = httpx.AsyncClient(
+            base_url=self.endpoint, timeout=timeout, transport=transport
+        )
+
+    async def version(self) -> str:
+        data = await self._call("GET", "/api/version")
+        return str(data.get("version", ""))
+
+    async def ps(self) -> list[RunningModel]:
+        data = await self._call("GET", "/api/ps")
+        models = data.get("models") or []
+        return [
+            RunningModel(
+                name=str(m.get("name", "")),
+                model=str(m.get("model", m.get("name", ""))),
+                size_bytes=int(m.get("size") or 0),
+                size_vram_bytes=int(m.get("size_vram") or 0),
+                expires_at=m.get("expires_at"),
+            )
+            for m in models
+            if isinstance(m, dict)
+        ]
+
+    async def generate_load(
+        self,
+        model: str,
+        keep_alive: str | int,
+        options: dict[str, Any] | None,
+        timeout_s: float,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "keep_alive": keep_alive, "stream": False}
+        if options:
+            body["options"] = options
+        return await self._call("POST", "/api/generate", json=body, timeout_s=timeout_s)
+
+    async def generate_unload(self, model: str, timeout_s: float) -> dict[str, Any]:
+        body = {"model": model, "keep_alive": 0, "stream": False}
+        return await self._call("POST", "/api/generate", json=body, timeout_s=timeout_s)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _call(
+        self, method: str, path: str, json: Any = None, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        timeout = (
+            httpx.Timeout(timeout_s, connect=self.settings.connect_timeout_s)
+            if timeout_s is not None
+            else httpx.USE_CLIENT_DEFAULT
+        )
+        try:
+            response = await self._client.request(method, path, json=json, timeout=timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise BackendUnavailable(
+                f"Ollama is unreachable at {self.endpoint} ({type(exc).__name__})",
+                backend="ollama",
+                endpoint=self.endpoint,
+            ) from None
+        except httpx.TimeoutException as exc:
+            raise OperationTimeout(
+                f"Ollama did not answer {method} {path} in time ({type(exc).__name__})",
+                backend="ollama",
+            ) from None
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(
+                f"connection to Ollama at {self.endpoint} was lost during {method} {path} "
+                f"({type(exc).__name__})",
+                backend="ollama",
+                endpoint=self.endpoint,
+            ) from None
+        return _decode(response, method, path)
+
+
+def _decode(response: httpx.Response, method: str, path: str) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    if response.status_code == 404:
+        message = str(data.get("error") or f"{path}: not found")
+        raise ModelNotInBackend(f"Ollama: {message}", backend="ollama")
+    if response.status_code >= 400:
+        message = str(data.get("error") or response.text or response.reason_phrase)
+        raise BackendError(
+            f"Ollama answered {method} {path} with HTTP {response.status_code}: {message}",
+            backend="ollama",
+            status=response.status_code,
+        )
+    return data
+
+
+class OllamaModel:
+    """One Ollama model (its tag is the managed model's name, or the active variant)."""
+
+    kind = BackendKind.OLLAMA
+    can_move = False
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        client: OllamaClient,
+        *,
+        load_timeout_s: float,
+        unload_timeout_s: float,
+    ) -> None:
+        self.spec = spec
+        self.client = client
+        self.load_timeout_s = load_timeout_s
+        self.unload_timeout_s = unload_timeout_s
+        self._tag: str | None = None
+
+    @property
+    def tag(self) -> str:
+        """The Ollama model currently (or last) loaded for this managed model."""
+        return self._tag or self.spec.name
+
+    async def load(self, target: Target, variant: str | None = None) -> LoadResult:
+        self._tag = variant or self.spec.name
+        keep_alive = (
+            self.spec.keep_alive
+            if self.spec.keep_alive is not None
+            else self.client.settings.keep_alive
+        )
+        options: dict[str, Any] | None = None
+        if not target.on_gpu:
+            options = {"num_gpu": 0}
+        elif not target.simulated and target.cuda_index:
+            options = {"main_gpu": target.cuda_index}
+        data = await self.client.generate_load(self.tag, keep_alive, options, self.load_timeout_s)
+        if data.get("done") is not True:
+            raise BackendError(f"Ollama did not confirm the load of {self.tag}: {data!r}")
+        return await self._measure(target)
+
+    async def _measure(self, target: Target) -> LoadResult:
+        for running in await self.client.ps():
+            if running.name == self.tag or running.model == self.tag:
+                vram = running.size_vram_bytes if target.on_gpu else 0
+                if target.on_gpu and vram == 0 and target.simulated:
+                    vram = running.size_bytes  # a fake or CPU-only Ollama behind a simulated GPU
+                return LoadResult(vram_bytes=vram, size_bytes=running.size_bytes)
+        raise BackendError(f"Ollama answered the load of {self.tag} but /api/ps does not list it")
+
+    async def move(self, target: Target) -> LoadResult:
+        raise BackendError("Ollama models cannot move in place; unload and load them")
+
+    async def unload(self) -> None:
+        data = await self.client.generate_unload(self.tag, self.unload_timeout_s)
+        if data.get("done") is not True:
+            raise BackendError(f"Ollama did not confirm the unload of {self.tag}: {data!r}")
+
+    def handle(self) -> Any:
+        return None
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,54 @@
+"""What the model manager needs from the devices and the arbiter (Protocols).
+
+``devices.manager.DeviceManager`` and ``arbiter.arbiter.Arbiter`` satisfy them; unit tests may
+pass small doubles.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from vramancer.arbiter.types import (
+    Allocation,
+    ArbiterState,
+    PreemptCallback,
+    Priority,
+    WorkloadType,
+)
+from vramancer.devices.types import SystemSnapshot
+
+
+class DevicePort(Protocol):
+    def snapshot(self) -> SystemSnapshot:
+        """The latest frozen snapshot (never calls a driver)."""
+        ...
+
+    async def refresh_async(self) -> SystemSnapshot:
+        """Poll now (used while waiting for VRAM to come back after an unload)."""
+        ...
+
+    def adjust_simulated(self, index: int, delta_used_bytes: int) -> None:
+        """Account a model on a simulated GPU so telemetry shows it."""
+        ...
+
+
+class ArbiterPort(Protocol):
+    def request_allocation(
+        self,
+        workload_type: WorkloadType,
+        priority: Priority,
+        memory: int,
+        *,
+        min_quality: float | None = None,
+        device: str | None = None,
+        owner: str | None = None,
+        on_preempt: PreemptCallback | None = None,
+        preemptible: bool = True,
+        preempt: bool = True,
+    ) -> Allocation:
+        """Grant now or raise ``InsufficientMemory``."""
+        ...
+
+    def release_allocation(self, allocation: str) -> None: ...
+
+    def state(self) -> ArbiterState: ...

@@ -1,0 +1,350 @@
+"""Records of the model manager: states, device names, placements, statuses (all values).
+
+Device names are what users and seed 002 see: ``cpu`` or ``cuda:N`` where ``N`` is VRAMancer's
+GPU index (``GpuSnapshot.index``; the arbiter calls the same GPU ``gpu:N``). A model placed on a
+simulated GPU keeps ``device = "cuda:N"`` for accounting, and its ``runs_on`` says ``cpu``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from vramancer.errors import InvalidInput
+from vramancer.units import parse_size
+
+
+class ModelState(StrEnum):
+    """Lifecycle of a managed model (seed 002 ``ModelState``)."""
+
+    #: Not in memory anywhere; the next use loads it.
+    UNLOADED = "unloaded"
+    #: A load (or a move onto a device) is in progress.
+    LOADING = "loading"
+    #: Resident on ``device`` and usable.
+    LOADED = "loaded"
+    #: An unload is in progress.
+    UNLOADING = "unloading"
+    #: The last load or unload failed after every retry; the next load tries again.
+    ERROR = "error"
+
+
+class BackendKind(StrEnum):
+    """How a model is run."""
+
+    #: An Ollama server, over its HTTP API.
+    OLLAMA = "ollama"
+    #: A PyTorch module (or pipeline object) in this process, moved with ``.to()``.
+    TORCH = "torch"
+    #: A model-server command in its own process group, watched through a health URL.
+    PROCESS = "process"
+
+
+class PlacementKind(StrEnum):
+    """What a profile asks for one model."""
+
+    #: On a GPU (the pinned one, else the allowed GPU with the most free memory).
+    GPU = "gpu"
+    #: On one named GPU (``cuda:N``).
+    DEVICE = "device"
+    #: Loaded on the CPU.
+    CPU = "cpu"
+    #: Not loaded.
+    UNLOADED = "unloaded"
+    #: On a GPU when more than ``min_free_bytes`` is free there, else on the CPU.
+    GPU_IF_FREE = "gpu_if_free"
+
+
+class StepAction(StrEnum):
+    """One step of a reconciliation plan."""
+
+    #: Unload the model (frees its memory).
+    UNLOAD = "unload"
+    #: Move a loaded model to another device in place (torch ``.to()``).
+    MOVE = "move"
+    #: Load the model on a device.
+    LOAD = "load"
+
+
+class StepStatus(StrEnum):
+    """What became of a plan step when it was executed."""
+
+    #: Not executed (an earlier step failed).
+    PENDING = "pending"
+    #: Executed successfully.
+    DONE = "done"
+    #: Executed and failed; later steps were not run.
+    FAILED = "failed"
+
+
+CPU = "cpu"
+_DEVICE_RE = re.compile(r"^(cpu|gpu|cuda)(?::([0-9]+))?$")
+
+
+def gpu_device(index: int) -> str:
+    """The model-manager name of GPU ``index``: ``cuda:N``."""
+    return f"cuda:{index}"
+
+
+def gpu_index(device: str | None) -> int | None:
+    """``cuda:N`` -> ``N``; ``cpu`` / None -> None."""
+    if device is None or device == CPU:
+        return None
+    return int(device.split(":", 1)[1])
+
+
+def arbiter_device(device: str) -> str:
+    """``cuda:N`` -> the arbiter's ``gpu:N``."""
+    return f"gpu:{gpu_index(device)}"
+
+
+def normalize_device(text: str, gpu_indices: tuple[int, ...] | list[int]) -> str:
+    """Turn a user's device (``cpu``, ``cuda``, ``gpu``, ``cuda:1``, ``gpu:1``) into ``cpu``,
+    ``gpu`` (any GPU) or ``cuda:N``; ``InvalidInput`` names the form or the missing GPU."""
+    value = text.strip().lower()
+    match = _DEVICE_RE.match(value)
+    if not match or (match.group(1) == "cpu" and match.group(2) is not None):
+        raise InvalidInput(
+            f"device must be 'cpu', 'cuda' or 'cuda:N' (got {text!r})", field="device"
+        )
+    kind, number = match.groups()
+    if kind == "cpu":
+        return CPU
+    if not gpu_indices:
+        raise InvalidInput(
+            f"device {text!r}: there is no GPU on this machine (CPU-only mode)", field="device"
+        )
+    if number is None:
+        return "gpu"
+    index = int(number)
+    if index not in gpu_indices:
+        known = ", ".join(gpu_device(i) for i in gpu_indices)
+        raise InvalidInput(f"device {text!r} does not exist; GPUs: {known}", field="device")
+    return gpu_device(index)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A profile's wish for one model (``gpu``, ``cpu``, ``unloaded``, ``cuda:N``,
+    ``gpu_if_free:1GiB``)."""
+
+    kind: PlacementKind
+    min_free_bytes: int = 0
+    device_index: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Placement:
+        value = text.strip().lower()
+        if value in ("gpu", "cuda"):
+            return cls(PlacementKind.GPU)
+        if value == "cpu":
+            return cls(PlacementKind.CPU)
+        if value == "unloaded":
+            return cls(PlacementKind.UNLOADED)
+        if value.startswith("gpu_if_free:"):
+            try:
+                size = parse_size(text.strip()[len("gpu_if_free:") :])
+            except ValueError as exc:
+                raise InvalidInput(f"placement {text!r}: {exc}") from None
+            return cls(PlacementKind.GPU_IF_FREE, min_free_bytes=size)
+        match = _DEVICE_RE.match(value)
+        if match and match.group(2) is not None and match.group(1) != "cpu":
+            return cls(PlacementKind.DEVICE, device_index=int(match.group(2)))
+        raise InvalidInput(
+            f"placement must be gpu, cpu, unloaded, cuda:N or gpu_if_free:SIZE (got {text!r})"
+        )
+
+    def __str__(self) -> str:
+        if self.kind is PlacementKind.GPU_IF_FREE:
+            return f"gpu_if_free:{self.min_free_bytes}"
+        if self.kind is PlacementKind.DEVICE:
+            return gpu_device(self.device_index or 0)
+        return self.kind.value
+
+
+def iso_time(wall: float | None) -> str | None:
+    """A wall-clock time as ISO 8601 in UTC (seed 002 reports datetimes), or None."""
+    if wall is None:
+        return None
+    return dt.datetime.fromtimestamp(wall, tz=dt.UTC).isoformat()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """One managed model as the API and the CLI see it."""
+
+    name: str
+    backend: BackendKind
+    state: ModelState
+    #: ``cpu`` / ``cuda:N`` while loaded (or loading onto it); None when unloaded.
+    device: str | None
+    #: Where tensors really are: ``cpu`` for a placement on a simulated GPU, else ``device``.
+    runs_on: str | None
+    simulated: bool
+    #: Expected VRAM on a GPU (configured, or measured at the last load).
+    vram_bytes: int
+    #: VRAM it holds now (0 unless loaded on a GPU).
+    used_vram_bytes: int
+    priority: str
+    workload_type: str
+    last_used: float | None
+    in_use: int
+    idle_timeout_s: float
+    never_evict: bool
+    pinned_device: str | None
+    allowed_devices: tuple[str, ...]
+    variant: str | None = None
+    error: str | None = None
+    loads: int = 0
+    last_load_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "backend": self.backend.value,
+            "state": self.state.value,
+            "device": self.device,
+            "runs_on": self.runs_on,
+            "simulated": self.simulated,
+            "vram_bytes": self.vram_bytes,
+            "used_vram_bytes": self.used_vram_bytes,
+            "priority": self.priority,
+            "workload_type": self.workload_type,
+            "last_used": iso_time(self.last_used),
+            "in_use": self.in_use,
+            "idle_timeout_s": self.idle_timeout_s,
+            "never_evict": self.never_evict,
+            "pinned_device": self.pinned_device,
+            "allowed_devices": list(self.allowed_devices),
+            "variant": self.variant,
+            "error": self.error,
+            "loads": self.loads,
+            "last_load_s": self.last_load_s,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class VramInfo:
+    """Seed 002 ``VRAMInfo`` of one GPU (zeros and a clear name when there is none)."""
+
+    total_mb: int
+    used_mb: int
+    free_mb: int
+    gpu_name: str
+    gpu_utilization_percent: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total_mb": self.total_mb,
+            "used_mb": self.used_mb,
+            "free_mb": self.free_mb,
+            "gpu_name": self.gpu_name,
+            "gpu_utilization_percent": self.gpu_utilization_percent,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GpuResourceStatus:
+    """Seed 002 ``GPUResourceStatus``, served at ``GET /v1/gpu/status``."""
+
+    execution_mode: str
+    vlm_state: ModelState
+    vlm_model: str
+    clip_device: str
+    vram: VramInfo
+    idle_timeout_seconds: int
+    last_vlm_request: float | None
+    degraded_mode: bool
+    degraded_reason: str | None
+    cpu_only: bool = False
+    simulated: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "execution_mode": self.execution_mode,
+            "vlm_state": self.vlm_state.value,
+            "vlm_model": self.vlm_model,
+            "clip_device": self.clip_device,
+            "vram": self.vram.as_dict(),
+            "idle_timeout_seconds": self.idle_timeout_seconds,
+            "last_vlm_request": iso_time(self.last_vlm_request),
+            "degraded_mode": self.degraded_mode,
+            "degraded_reason": self.degraded_reason,
+            "cpu_only": self.cpu_only,
+            "simulated": self.simulated,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStep:
+    """One step of a profile reconciliation: ``action`` ``model`` to ``device``."""
+
+    action: StepAction
+    model: str
+    #: Target device (``cpu`` / ``cuda:N``) for load and move; the device freed for unload.
+    device: str | None
+    reason: str = ""
+
+    def describe(self) -> str:
+        if self.action is StepAction.UNLOAD:
+            where = f" from {self.device}" if self.device else ""
+            return f"unload {self.model}{where}"
+        verb = "move" if self.action is StepAction.MOVE else "load"
+        return f"{verb} {self.model} to {self.device}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilePlan:
+    """An ordered plan: every step that frees VRAM comes before every step that takes some."""
+
+    profile: str
+    steps: tuple[PlanStep, ...] = ()
+    #: Wishes the plan could not honour (a GPU placement on a CPU-only machine ...).
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    step: PlanStep
+    status: StepStatus
+    duration_s: float = 0.0
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.step.action.value,
+            "model": self.step.model,
+            "device": self.step.device,
+            "reason": self.step.reason,
+            "description": self.step.describe(),
+            "status": self.status.value,
+            "duration_s": round(self.duration_s, 6),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchReport:
+    """What a profile switch did, step by step."""
+
+    profile: str
+    previous: str
+    ok: bool
+    steps: tuple[StepResult, ...] = ()
+    duration_s: float = 0.0
+    failed_step: int | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.profile,
+            "previous": self.previous,
+            "ok": self.ok,
+            "duration_s": round(self.duration_s, 6),
+            "failed_step": self.failed_step,
+            "steps": [s.as_dict() for s in self.steps],
+            "notes": list(self.notes),
+        }

@@ -1,0 +1,386 @@
+"""A fake Ollama server: a real HTTP server on a free port that follows Ollama's documented API.
+
+Ollama cannot be installed where the tests run, so this stands in for it. It implements the
+shapes of Ollama's ``docs/api.md`` that VRAMancer uses:
+
+* ``GET /api/version`` -> ``{"version": "0.6.5"}``
+* ``POST /api/generate`` without a prompt loads the model and answers one object
+  ``{"model", "created_at", "response": "", "done": true, "done_reason": "load"}``; with
+  ``keep_alive: 0`` it unloads it (``"done_reason": "unload"``). ``options.num_gpu: 0`` keeps
+  it on the CPU (``size_vram`` 0). With a prompt it "generates" (loads as a side effect).
+* ``GET /api/ps`` -> ``{"models": [{"name", "model", "size", "digest", "details", "expires_at",
+  "size_vram", "context_length"}]}``
+* ``GET /api/tags`` -> the pulled models.
+* A model that was not "pulled" -> 404 ``{"error": "model 'x' not found, try pulling it
+  first"}``.
+
+Failure modes, set from the test: ``go_down()`` / ``come_back()`` (nothing listens on the port),
+``load_delay_s`` (slow loads), ``fail_status = 500`` (every API call errors) or
+``fail_next_loads = n``, and ``die_on_next_load()`` (the connection drops in the middle of a load
+and the server is gone). ``requests`` records every call; ``max_concurrent_loads`` says whether
+two loads ever overlapped.
+
+Run it alone for demos: ``python -m tests.fakes.ollama --port 11434 --model qwen3-vl:8b=10.5GiB``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from vramancer.units import parse_size
+
+VERSION = "0.6.5"
+_DURATION_RE = re.compile(r"(-?[0-9.]+)(ns|us|µs|ms|s|m|h)")
+_UNITS_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_FOREVER = dt.datetime(2318, 1, 1, tzinfo=dt.UTC)
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """Ollama's ``keep_alive``: a number of seconds or a Go duration (``"5m"``, ``"-1"``).
+    Negative: forever (None). Missing: the default 5 minutes."""
+    if value is None:
+        return 300.0
+    if isinstance(value, bool):
+        raise ValueError(f"invalid keep_alive {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_RE.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text.replace("+", ""):
+                raise ValueError(f"invalid keep_alive {value!r}") from None
+            seconds = sum(float(n) * _UNITS_S[u] for n, u in parts)
+    return None if seconds < 0 else seconds
+
+
+@dataclass
+class FakeModel:
+    """A pulled model."""
+
+    name: str
+    size: int
+    family: str = "qwen3"
+    parameter_size: str = "8.2B"
+    quantization_level: str = "Q4_K_M"
+    context_length: int = 4096
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.name.encode()).hexdigest()
+
+
+@dataclass
+class Loaded:
+    model: FakeModel
+    size_vram: int
+    expires_at: dt.datetime
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _created_at() -> str:
+    return _now().isoformat().replace("+00:00", "Z")
+
+
+class FakeOllama:
+    """The fake server. ``start()`` binds a free port (or ``port``); ``url`` is its base URL."""
+
+    def __init__(self, models: dict[str, int | str] | None = None, port: int = 0) -> None:
+        self.models: dict[str, FakeModel] = {}
+        for name, size in (models or {}).items():
+            self.add_model(name, size)
+        self.port = port
+        self.loaded: dict[str, Loaded] = {}
+        self.requests: list[Request] = []
+        self.load_delay_s = 0.0
+        self.unload_delay_s = 0.0
+        self.fail_status: int | None = None
+        self.fail_next_loads = 0
+        self.active_loads = 0
+        self.max_concurrent_loads = 0
+        self._die_on_load = False
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- control -------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def up(self) -> bool:
+        return self._server is not None
+
+    def add_model(self, name: str, size: int | str, **details: Any) -> FakeModel:
+        model = FakeModel(name=name, size=parse_size(size), **details)
+        self.models[name] = model
+        return model
+
+    def preload(self, name: str, on_gpu: bool = True) -> None:
+        """Mark ``name`` loaded as if someone else had loaded it."""
+        model = self.models[name]
+        self.loaded[name] = Loaded(model, model.size if on_gpu else 0, _FOREVER)
+
+    def start(self) -> FakeOllama:
+        if self._server is not None:
+            return self
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
+        server.daemon_threads = True
+        self.port = int(server.server_address[1])
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def go_down(self) -> None:
+        """Ollama is down: nothing listens on the port (connections are refused)."""
+        self.stop()
+
+    def come_back(self) -> None:
+        """Ollama restarted (on the same port, with nothing loaded)."""
+        self.loaded.clear()
+        self.start()
+
+    def die_on_next_load(self) -> None:
+        """The next load drops its connection half-way and the server goes away."""
+        self._die_on_load = True
+
+    def loads_of(self, name: str) -> int:
+        return sum(
+            1
+            for r in self.requests
+            if r.path == "/api/generate" and r.body.get("model") == name and _is_load(r.body)
+        )
+
+    def __enter__(self) -> FakeOllama:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- API -----------------------------------------------------------------------------
+
+    def ps(self) -> dict[str, Any]:
+        now = _now()
+        with self._lock:
+            for name in [n for n, m in self.loaded.items() if m.expires_at <= now]:
+                del self.loaded[name]
+            loaded = list(self.loaded.values())
+        return {
+            "models": [
+                {
+                    "name": m.model.name,
+                    "model": m.model.name,
+                    "size": m.model.size,
+                    "digest": m.model.digest,
+                    "details": {
+                        "parent_model": "",
+                        "format": "gguf",
+                        "family": m.model.family,
+                        "families": [m.model.family],
+                        "parameter_size": m.model.parameter_size,
+                        "quantization_level": m.model.quantization_level,
+                    },
+                    "expires_at": m.expires_at.isoformat(),
+                    "size_vram": m.size_vram,
+                    "context_length": m.model.context_length,
+                }
+                for m in loaded
+            ]
+        }
+
+    def generate(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            return 400, {"error": "model is required"}
+        model = self.models.get(name)
+        if model is None:
+            return 404, {"error": f"model '{name}' not found, try pulling it first"}
+        try:
+            keep = keep_alive_seconds(body.get("keep_alive"))
+        except ValueError as exc:
+            return 400, {"error": str(exc)}
+        if keep == 0 and _is_load(body):
+            time.sleep(self.unload_delay_s)
+            with self._lock:
+                self.loaded.pop(name, None)
+            return 200, _reply(name, "unload")
+        options = body.get("options") or {}
+        on_gpu = options.get("num_gpu", -1) != 0
+        expires = _FOREVER if keep is None else _now() + dt.timedelta(seconds=keep)
+        with self._lock:
+            self.loaded[name] = Loaded(model, model.size if on_gpu else 0, expires)
+        if _is_load(body):
+            return 200, _reply(name, "load")
+        return 200, {**_reply(name, "stop"), "response": "fake response"}
+
+    def begin_load(self) -> None:
+        with self._lock:
+            self.active_loads += 1
+            self.max_concurrent_loads = max(self.max_concurrent_loads, self.active_loads)
+
+    def end_load(self) -> None:
+        with self._lock:
+            self.active_loads -= 1
+
+
+def _is_load(body: dict[str, Any]) -> bool:
+    return not body.get("prompt")
+
+
+def _reply(name: str, reason: str) -> dict[str, Any]:
+    return {
+        "model": name,
+        "created_at": _created_at(),
+        "response": "",
+        "done": True,
+        "done_reason": reason,
+    }
+
+
+def _handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "FakeOllama/" + VERSION
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+        def _send(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> dict[str, Any]:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                data = json.loads(raw or b"{}")
+            except ValueError:
+                return {"__invalid__": True}
+            return data if isinstance(data, dict) else {"__invalid__": True}
+
+        def do_GET(self) -> None:
+            fake.requests.append(Request("GET", self.path))
+            if fake.fail_status is not None:
+                self._send(fake.fail_status, {"error": "fake ollama: internal error"})
+            elif self.path == "/api/version":
+                self._send(200, {"version": VERSION})
+            elif self.path == "/api/ps":
+                self._send(200, fake.ps())
+            elif self.path == "/api/tags":
+                self._send(200, {"models": [{"name": m.name, "model": m.name, "size": m.size,
+                                             "digest": m.digest} for m in fake.models.values()]})
+            else:
+                self._send(404, {"error": "404 page not found"})
+
+        def do_POST(self) -> None:
+            body = self._body()
+            fake.requests.append(Request("POST", self.path, body))
+            if body.get("__invalid__"):
+                self._send(400, {"error": "invalid JSON body"})
+                return
+            if self.path != "/api/generate":
+                self._send(404, {"error": "404 page not found"})
+                return
+            if fake.fail_status is not None:
+                self._send(fake.fail_status, {"error": "fake ollama: internal error"})
+                return
+            loading = _is_load(body) and keep_alive_seconds_or_none(body) != 0
+            if loading:
+                self._load(body)
+                return
+            status, payload = fake.generate(body)
+            self._send(status, payload)
+
+        def _load(self, body: dict[str, Any]) -> None:
+            fake.begin_load()
+            try:
+                if fake._die_on_load:
+                    fake._die_on_load = False
+                    time.sleep(min(0.05, fake.load_delay_s))
+                    self._drop_connection()
+                    threading.Thread(target=fake.stop, daemon=True).start()
+                    return
+                time.sleep(fake.load_delay_s)
+                if fake.fail_next_loads > 0:
+                    fake.fail_next_loads -= 1
+                    self._send(500, {"error": "fake ollama: failed to load model"})
+                    return
+                status, payload = fake.generate(body)
+                self._send(status, payload)
+            finally:
+                fake.end_load()
+
+        def _drop_connection(self) -> None:
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.close_connection = True
+
+    return Handler
+
+
+def keep_alive_seconds_or_none(body: dict[str, Any]) -> float | None:
+    try:
+        return keep_alive_seconds(body.get("keep_alive"))
+    except ValueError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A fake Ollama server for demos and tests.")
+    parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument("--model", action="append", default=[], help="NAME=SIZE, e.g. x=4GiB")
+    parser.add_argument("--load-delay-s", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    models = dict(item.split("=", 1) for item in args.model)
+    fake = FakeOllama(models, port=args.port)
+    fake.load_delay_s = args.load_delay_s
+    fake.start()
+    print(f"fake Ollama listening on {fake.url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()
