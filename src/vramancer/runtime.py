@@ -19,6 +19,7 @@ from vramancer.clock import Clock, SystemClock
 from vramancer.config import Settings
 from vramancer.devices.manager import DeviceManager
 from vramancer.events import EventBus
+from vramancer.memory.regulator import HostMemoryRegulator
 from vramancer.memory.store import TieredStore
 from vramancer.models.manager import ModelManager
 from vramancer.observability import tracing
@@ -56,6 +57,14 @@ class Runtime:
             metrics=self.metrics,
             clock=self.clock,
         )
+        self.regulator = HostMemoryRegulator(
+            s.memory.regulator,
+            store=self.memory,
+            devices=self.devices,
+            events=self.events,
+            clock=self.clock,
+            metrics=self.metrics,
+        )
         self.arbiter = Arbiter(
             s.arbiter,
             devices=self.devices,
@@ -85,6 +94,7 @@ class Runtime:
         self._components: list[Component] = [
             self.devices,
             self.memory,
+            self.regulator,
             self.arbiter,
             self.models,
             self.tasks,

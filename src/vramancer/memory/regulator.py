@@ -390,6 +390,11 @@ class HostMemoryRegulator:
     def state(self) -> RegulatorState | None:
         return self._state
 
+    @property
+    def running(self) -> bool:
+        """Whether the polling loop is on (between ``start`` and ``stop``, when enabled)."""
+        return self._task is not None
+
     async def start(self) -> None:
         if self.settings.enabled and self._task is None:
             self._task = asyncio.create_task(self._run(), name="memory-regulator")

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from tests.unit.memory.store_support import StoreKit
+from tests.unit.memory.store_support import make_settings as store_make_settings
 from vramancer.clock import ManualClock
+from vramancer.config import Settings
 from vramancer.devices.types import HostSnapshot, SystemSnapshot
 from vramancer.events import EventBus
 from vramancer.memory.regulator import (
@@ -24,9 +30,11 @@ from vramancer.memory.regulator import (
 )
 from vramancer.memory.settings import MemorySettings
 from vramancer.observability.metrics import Metrics
+from vramancer.runtime import Runtime
 
 GIB = 1024**3
 MIB = 1024**2
+KIB = 1024
 NOON = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
 
@@ -429,3 +437,62 @@ async def test_a_failing_tick_does_not_stop_the_loop() -> None:
         await asyncio.sleep(0.01)
     await regulator.stop()
     assert devices.calls >= 2 and store.calls[0] == ("L4", 5632 * MIB)
+
+
+# --------------------------------------------------------------------------- real store
+
+
+def test_regulator_shrinks_and_restores_a_real_store_without_losing_blocks(
+    tmp_path: Path,
+) -> None:
+    kit = StoreKit(tmp_path / "data", store_make_settings(l4=64 * KIB))
+    store = kit.store
+    values = {f"b{i}": np.random.default_rng(i).bytes(6 * KIB) for i in range(8)}
+    for key, value in values.items():
+        store.put(key, value)
+    assert {store.locate(k) for k in values} == {"L4"}
+    devices = HostDouble(1 * GIB)
+    regulator = HostMemoryRegulator(
+        make_settings(floor="16KiB", step="16KiB"),
+        store=store,
+        devices=devices,
+        events=kit.events,
+        clock=kit.clock,
+    )
+    plan = regulator.tick()
+    assert plan is not None and plan.action is RegulatorAction.SHRINK
+    assert plan.changes == (BudgetChange("L4", 64 * KIB, 16 * KIB),)  # L3 absent without CUDA
+    assert store.capacity("L4") == 16 * KIB
+    l4 = next(t for t in store.stats()["tiers"] if t["name"] == "L4")
+    assert l4["used_bytes"] <= 16 * KIB
+    assert sum(store.locate(k) != "L4" for k in values) >= 6  # demoted, not dropped
+    for key, value in values.items():
+        assert store.get(key) == value
+    kit.check_invariants()
+    assert [e.data["new_bytes"] for e in kit.events.recent(kind=BUDGET_EVENT)] == [16 * KIB]
+
+    devices.available = 8 * GIB  # memory is back: after the cooldown, one step per tick
+    kit.clock.advance(61)
+    regulator.tick()
+    assert store.capacity("L4") == 32 * KIB
+    for _ in range(5):
+        regulator.tick()
+    assert store.capacity("L4") == 64 * KIB
+    kit.check_invariants()
+    store.close()
+
+
+async def test_runtime_builds_and_starts_the_regulator_after_the_store(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory(memory={"regulator": {"interval_s": 3600}})
+    runtime = Runtime(settings)
+    components = runtime._components
+    assert components.index(runtime.regulator) == components.index(runtime.memory) + 1
+    async with runtime:
+        assert runtime.regulator.running
+        plan = await asyncio.to_thread(runtime.regulator.tick)
+        assert plan is not None
+        assert set(plan.state.configured) <= {"L3", "L4"}
+        assert plan.state.configured["L4"] == runtime.memory.capacity("L4")
+    assert not runtime.regulator.running
