@@ -1,9 +1,363 @@
-"""CLI commands: system (filled in by its issue)."""
+"""CLI commands: ``vramancer status | top | recommend | can-load | optimize``.
+
+They ask the server at ``VRM_URL``; when none answers (or with ``--embedded``), ``status``,
+``top``, ``recommend`` and ``can-load`` poll this machine's devices themselves, once, and say
+so on stderr. ``optimize`` acts on a running server only (optimising the CLI's own process
+would free nothing anyone uses).
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich import box
+from rich.console import Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from vramancer.cli.common import (
+    Api,
+    ConfigOpt,
+    JsonOpt,
+    ServerUnreachable,
+    call,
+    console,
+    emit,
+    err_console,
+    fail,
+    load_settings,
+)
+from vramancer.clock import SystemClock
+from vramancer.config import Settings
+from vramancer.devices.manager import DeviceManager
+from vramancer.devices.report import devices_report
+from vramancer.errors import VramancerError
+from vramancer.events import EventBus
+from vramancer.observability.metrics import Metrics
+from vramancer.resources.estimator import estimate_from_file
+from vramancer.resources.orchestrator import ResourceOrchestrator
+from vramancer.units import format_size
+
+#: ``can-load`` exits with this code when the model does not fit (errors exit with 1).
+EXIT_DOES_NOT_FIT = 3
+
+EmbeddedOpt = Annotated[
+    bool,
+    typer.Option("--embedded", help="Read this machine's devices directly, without a server."),
+]
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root vramancer app."""
+    app.command("status")(status)
+    app.command("top")(top)
+    app.command("recommend")(recommend)
+    app.command("can-load")(can_load)
+    app.command("optimize")(optimize)
+
+
+# -- embedded mode ---------------------------------------------------------------------------
+
+
+class _Local:
+    """Devices and the resource orchestrator of this machine, without a server or data dir."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics(node=settings.node_name)
+        self.devices = DeviceManager(
+            settings.devices, events=EventBus(), metrics=self.metrics, clock=SystemClock()
+        )
+        self.resources = ResourceOrchestrator(
+            settings.resources, self.devices, metrics=self.metrics
+        )
+
+    def report(self) -> dict[str, Any]:
+        return devices_report(self.devices.refresh(), self.settings.node_name)
+
+
+@contextmanager
+def _local(config: Path | None) -> Iterator[_Local]:
+    local = _Local(load_settings(config))
+    try:
+        yield local
+    except VramancerError as exc:
+        fail(exc.message)
+    finally:
+        local.devices.close()
+
+
+def _via_server_or_local(
+    embedded: bool,
+    config: Path | None,
+    remote: Callable[[Api], Any],
+    local: Callable[[_Local], Any],
+) -> tuple[Any, str]:
+    """Ask the server; without one (or with ``--embedded``) compute it here."""
+    if not embedded:
+        api = Api()
+        try:
+            return remote(api), "server"
+        except ServerUnreachable:
+            err_console.print(
+                f"[dim]no VRAMancer server at {api.url}; reading this machine directly[/]"
+            )
+        finally:
+            api.close()
+    with _local(config) as here:
+        return local(here), "embedded"
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def _bar(used: int, total: int) -> ProgressBar:
+    ratio = used / total if total else 0.0
+    style = "red" if ratio > 0.85 else "yellow" if ratio > 0.6 else "green"
+    return ProgressBar(total=max(total, 1), completed=used, width=12, complete_style=style)
+
+
+def _pair(used: int, total: int) -> str:
+    """``20.0/24.0 GiB``: both numbers in the unit of the total."""
+    unit, scale = ("GiB", 1024**3) if total >= 1024**3 else ("MiB", 1024**2)
+    return f"{used / scale:.1f}/{total / scale:.1f} {unit}"
+
+
+def _load(util: float | None, temp: float | None, power: float | None) -> str:
+    parts = [
+        f"{util:.0%}" if util is not None else "",
+        f"{temp:.0f}°C" if temp is not None else "",
+        f"{power:.0f}W" if power is not None else "",
+    ]
+    return " ".join(p for p in parts if p) or "–"
+
+
+def status_view(data: dict[str, Any]) -> RenderableType:
+    """Devices with VRAM bars, then host memory and CPU (fits an 80-column terminal)."""
+    table = Table(
+        title=f"VRAMancer · {data.get('node', '?')}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("#", no_wrap=True)
+    table.add_column("device", min_width=12, overflow="fold")
+    table.add_column("memory", no_wrap=True)
+    table.add_column("used/total", no_wrap=True, justify="right")
+    table.add_column("util temp power", no_wrap=True)
+    for d in data["devices"]:
+        tag = "simulated" if d.get("simulated") else d["backend"]
+        name = f"{d['name']} [dim]({tag})[/]"
+        if d.get("error"):
+            name += f" [red]error: {d['error']}[/]"
+        table.add_row(
+            str(d["index"]),
+            name,
+            _bar(d["memory_used_bytes"], d["memory_total_bytes"]),
+            _pair(d["memory_used_bytes"], d["memory_total_bytes"]),
+            _load(d.get("utilization_ratio"), d.get("temperature_celsius"), d.get("power_watts")),
+        )
+    h = data["host"]
+    used = h["memory_total_bytes"] - h["memory_available_bytes"]
+    table.add_row(
+        "–",
+        f"host RAM [dim]({h.get('cpu_count', '?')} CPUs)[/]",
+        _bar(used, h["memory_total_bytes"]),
+        _pair(used, h["memory_total_bytes"]),
+        _load(h.get("cpu_utilization_ratio"), None, None),
+    )
+    if h.get("swap_total_bytes"):
+        table.add_row(
+            "–",
+            "swap",
+            _bar(h["swap_used_bytes"], h["swap_total_bytes"]),
+            _pair(h["swap_used_bytes"], h["swap_total_bytes"]),
+            "",
+        )
+    parts: list[RenderableType] = [table]
+    if data.get("cpu_only"):
+        parts.append(Text("CPU-only mode: no GPU found.", style="yellow"))
+    return Group(*parts)
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def status(
+    json_out: JsonOpt = False, embedded: EmbeddedOpt = False, config: ConfigOpt = None
+) -> None:
+    """Devices with VRAM bars, and host memory (from the server, or this machine)."""
+    data, source = _via_server_or_local(
+        embedded, config, lambda api: api.get("/v1/devices"), lambda here: here.report()
+    )
+    data["source"] = source
+    emit(data, json_out, lambda d: console.print(status_view(d)))
+
+
+def top(
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes.")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="Show one refresh and exit.")] = False,
+    count: Annotated[
+        int | None, typer.Option(min=1, help="Exit after this many refreshes.")
+    ] = None,
+    json_out: JsonOpt = False,
+    embedded: EmbeddedOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """A live view of devices and host memory (Ctrl-C quits). ``--json`` prints one JSON
+    object per line per refresh."""
+    limit = 1 if once else count
+    fetch = _top_source(embedded, config)
+    try:
+        if json_out or once or not console.is_terminal:
+            for n, data in enumerate(_ticks(fetch, interval, limit)):
+                if json_out:  # JSON lines: one compact object per refresh
+                    sys.stdout.write(json.dumps(data, default=str) + "\n")
+                    sys.stdout.flush()
+                else:
+                    console.print(status_view(data))
+                if limit is not None and n + 1 >= limit:
+                    break
+            return
+        with Live(console=console, auto_refresh=False, screen=False) as live:
+            for data in _ticks(fetch, interval, limit):
+                live.update(status_view(data), refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
+def _top_source(embedded: bool, config: Path | None) -> Callable[[], dict[str, Any]]:
+    """A function returning fresh data each call: from the server, or polling this machine."""
+    if not embedded:
+        api = Api()
+        try:
+            api.get("/v1/devices")
+            return lambda: dict(call(lambda: api.get("/v1/devices")))
+        except ServerUnreachable:
+            err_console.print(
+                f"[dim]no VRAMancer server at {api.url}; reading this machine directly[/]"
+            )
+    here = _Local(load_settings(config))
+    return here.report
+
+
+def _ticks(
+    fetch: Callable[[], dict[str, Any]], interval: float, limit: int | None
+) -> Iterator[dict[str, Any]]:
+    n = 0
+    while limit is None or n < limit:
+        if n:
+            time.sleep(interval)
+        yield fetch()
+        n += 1
+
+
+def recommend(
+    model: Annotated[str, typer.Argument(help="Model id, e.g. mistralai/Mistral-7B-v0.1")],
+    params: Annotated[str | None, typer.Option(help="Parameter count, e.g. 7B or 350M.")] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(help="A GGUF or safetensors file (or directory): its header gives the size."),
+    ] = None,
+    json_out: JsonOpt = False,
+    embedded: EmbeddedOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Which quantization to use for MODEL on this machine, and why (seed 001's rules)."""
+    estimate = None
+    gguf = False
+    if file is not None:
+        try:
+            est = estimate_from_file(file)
+        except VramancerError as exc:
+            fail(f"--file: {exc.message}")
+        estimate = est.as_dict()
+        params = str(est.params)
+        gguf = est.source == "gguf"
+    query = {"model_id": model, "gguf": gguf} | ({"params": params} if params else {})
+    data, source = _via_server_or_local(
+        embedded,
+        config,
+        lambda api: api.get("/v1/models/recommend", params=query),
+        lambda here: here.resources.recommend_quantization_method(
+            model, params=params, gguf=gguf
+        ).as_dict(),
+    )
+    data["source"] = source
+    if estimate is not None:
+        data["estimate"] = estimate
+
+    def render(d: dict[str, Any]) -> None:
+        console.print(f"[bold]{d['method']}[/] for {model}  [dim]({d['platform']})[/]")
+        console.print(d["reason"], highlight=False)
+        if d.get("n_gpu_layers") is not None:
+            console.print(
+                f"llama.cpp Metal: n_gpu_layers={d['n_gpu_layers']}"
+                + (", offload_kqv=True" if d.get("offload_kqv") else "")
+            )
+        if d.get("estimate"):
+            e = d["estimate"]
+            console.print(
+                f"{file}: {e['params']:,} parameters, weights {format_size(e['weights_bytes'])}"
+                f" + KV cache {format_size(e['kv_cache_bytes'])} ({e['context_length']} tokens)"
+                f" + overhead {format_size(e['overhead_bytes'])} = "
+                f"[bold]{format_size(e['total_bytes'])}[/]"
+            )
+
+    emit(data, json_out, render)
+
+
+def can_load(
+    model: Annotated[str, typer.Argument(help="Model id.")],
+    size_mb: Annotated[float, typer.Option("--size-mb", help="Expected size in MiB.")],
+    json_out: JsonOpt = False,
+    embedded: EmbeddedOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Whether a model of --size-mb MiB fits now, and where. Exits with 3 when it does not."""
+    if not size_mb >= 0:
+        fail(f"--size-mb: must be 0 or more (got {size_mb})", code=2)
+    data, source = _via_server_or_local(
+        embedded,
+        config,
+        lambda api: api.post(
+            "/v1/models/can-load", json={"model_id": model, "estimated_size_mb": size_mb}
+        ),
+        lambda here: here.resources.can_load_model(model, size_mb).as_dict(),
+    )
+    data["source"] = source
+
+    def render(d: dict[str, Any]) -> None:
+        verdict = "[green]yes[/]" if d["can_load"] else "[red]no[/]"
+        console.print(f"{verdict} — {d['reason']}", highlight=False)
+
+    emit(data, json_out, render)
+    if not data["can_load"]:
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
+
+
+def optimize(json_out: JsonOpt = False) -> None:
+    """Ask the server to free memory: GC, allocator caches, idle models (operator role)."""
+    api = Api()
+    data = call(lambda: api.post("/v1/system/optimize"))
+
+    def render(d: dict[str, Any]) -> None:
+        console.print("[green]optimized[/]" if d["optimized"] else "nothing to free")
+        for action in d["actions_taken"]:
+            console.print(f"  • {action}", highlight=False)
+        freed = d.get("reclaimed_bytes", {})
+        console.print(
+            f"freed: host {format_size(freed.get('host', 0))}, "
+            f"GPU {format_size(freed.get('gpu', 0))}"
+        )
+
+    emit(data, json_out, render)

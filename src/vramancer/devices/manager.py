@@ -217,6 +217,11 @@ class DeviceManager:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.close()
+
+    def close(self) -> None:
+        """Release the drivers (no poller must be running: use ``stop()`` after ``start()``).
+        A later poll discovers the devices again."""
         with self._read_lock:
             backends, self._real = self._real, None
             for backend in backends or ():

@@ -172,17 +172,22 @@ class ResourceOrchestrator:
         return gather_platform_facts(self.devices.snapshot())
 
     def recommend_quantization_method(
-        self, model_id: str, params: str | int | None = None, file: str | Path | None = None
+        self,
+        model_id: str,
+        params: str | int | None = None,
+        file: str | Path | None = None,
+        *,
+        gguf: bool = False,
     ) -> Recommendation:
         """Seed 001's advice. The model's size comes from ``file`` (a GGUF/safetensors header),
-        else ``params`` (``7B``), else the model id (``Mistral-7B``); unknown is allowed."""
+        else ``params`` (``7B``), else the model id (``Mistral-7B``); unknown is allowed.
+        ``gguf`` says the model is a GGUF build (also detected from ``file`` and the id)."""
         if not model_id or not model_id.strip():
             raise InvalidInput("model_id: must not be empty", field="model_id")
-        gguf = False
         required: int | None
         if file is not None:
             required = estimate_from_file(file, quantization="f16").total_bytes
-            gguf = _is_gguf_file(Path(file))
+            gguf = gguf or _is_gguf_file(Path(file))
         elif params is not None:
             required = estimate_memory(parse_params(params), "f16").total_bytes
         else:

@@ -72,7 +72,10 @@ async def recommend(
     params: Annotated[
         str | None, Query(max_length=32, description="Parameter count, e.g. 7B or 350M")
     ] = None,
+    gguf: Annotated[
+        bool, Query(description="The model is a GGUF file (llama.cpp), whatever its name says")
+    ] = False,
 ) -> RecommendResponse:
     """Seed 001 quantization advice for this machine (size from ``params`` or the model id)."""
-    rec = rt.resources.recommend_quantization_method(model_id, params=params)
+    rec = rt.resources.recommend_quantization_method(model_id, params=params, gguf=gguf)
     return RecommendResponse(**rec.as_dict())
