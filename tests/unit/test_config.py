@@ -1,0 +1,137 @@
+"""Settings: defaults < TOML file < VRM_* environment; bad keys and values are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vramancer.config import DEFAULT_PORT, Role, Settings
+from vramancer.errors import ConfigError
+
+GIB = 1024**3
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start every test without VRM_* variables from the outer environment."""
+    import os
+
+    for key in list(os.environ):
+        if key.upper().startswith("VRM_"):
+            monkeypatch.delenv(key)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "vramancer.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    s = Settings.load()
+    assert (s.server.host, s.server.port) == ("127.0.0.1", DEFAULT_PORT)
+    assert s.auth.tokens == {}
+    assert s.devices.poll_interval_s == 1.0 and s.devices.simulated == []
+    assert s.devices.vram_change_threshold == 100 * 1024**2
+    assert (s.resources.memory_threshold, s.resources.gpu_memory_threshold) == (0.8, 0.85)
+    assert s.metrics_port is None and s.tracing is False and s.disable_rate_limit is False
+    assert s.data_dir.name == "vramancer"
+
+
+def test_toml_overrides_defaults_and_env_overrides_toml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [server]
+        port = 9000
+        rate_limit_burst = 5
+        [auth]
+        tokens = { "s3cret" = "operator" }
+        [devices]
+        poll_interval_s = 2.5
+        [[devices.simulated]]
+        name = "sim0"
+        memory = "24GiB"
+        [resources]
+        memory_threshold = 0.7
+        """,
+    )
+    from_file = Settings.load(path)
+    assert from_file.server.port == 9000 and from_file.server.rate_limit_burst == 5
+    assert from_file.server.host == "127.0.0.1"  # untouched keys keep their default
+    assert from_file.auth.tokens == {"s3cret": Role.OPERATOR}
+    assert from_file.devices.poll_interval_s == 2.5
+    assert from_file.devices.simulated[0].memory == 24 * GIB
+    assert from_file.resources.memory_threshold == 0.7
+    monkeypatch.setenv("VRM_SERVER__PORT", "9100")
+    monkeypatch.setenv("VRM_DEVICES__POLL_INTERVAL_S", "0.5")
+    monkeypatch.setenv("VRM_RESOURCES__GPU_MEMORY_THRESHOLD", "0.9")
+    monkeypatch.setenv("VRM_METRICS_PORT", "9464")
+    monkeypatch.setenv("VRM_DISABLE_RATE_LIMIT", "1")
+    both = Settings.load(path)
+    assert both.server.port == 9100  # env beats TOML
+    assert both.server.rate_limit_burst == 5  # TOML kept where env is silent
+    assert both.devices.poll_interval_s == 0.5
+    assert both.resources.gpu_memory_threshold == 0.9
+    assert both.resources.memory_threshold == 0.7
+    assert both.metrics_port == 9464 and both.disable_rate_limit is True
+
+
+def test_vrm_config_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "[server]\nport = 9200\n")
+    monkeypatch.setenv("VRM_CONFIG", str(path))
+    assert Settings.load().server.port == 9200
+
+
+def test_data_dir_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VRM_DATA_DIR", str(tmp_path / "d"))
+    assert Settings.load().data_dir == tmp_path / "d"
+
+
+def test_an_unknown_key_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "[devices]\npoll_intervall_s = 2\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(path)
+    assert "devices.poll_intervall_s: unknown key" in info.value.message
+
+
+def test_an_unknown_section_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"devicez: unknown key"):
+        Settings.load(write(tmp_path, "[devicez]\nx = 1\n"))
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "expected"),
+    [
+        ("[server]\nport = 99999\n", "server.port", "less than or equal to 65535"),
+        ("[devices]\npoll_interval_s = 0\n", "devices.poll_interval_s", "greater than 0"),
+        ('[devices]\nvram_change_threshold = "lots"\n', "devices.vram_change_threshold",
+         "expected an integer number of bytes or a string such as '512MiB'"),
+        ("[resources]\nmemory_threshold = 1.5\n", "resources.memory_threshold",
+         "less than or equal to 1"),
+        ('[auth]\ntokens = { "t" = "root" }\n', "auth.tokens.t", "'viewer', 'operator' or 'admin'"),
+    ],
+)  # fmt: skip
+def test_a_bad_value_names_the_key_and_the_expected_form(
+    tmp_path: Path, toml: str, key: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load(write(tmp_path, toml))
+    assert f"{key}:" in info.value.message
+    assert expected in info.value.message
+
+
+def test_a_bad_env_value_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VRM_SERVER__PORT", "eighty")
+    with pytest.raises(ConfigError, match=r"server\.port: .*integer"):
+        Settings.load()
+
+
+def test_missing_or_broken_config_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        Settings.load(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        Settings.load(write(tmp_path, "[server\nport = 1\n"))
