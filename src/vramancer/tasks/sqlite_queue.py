@@ -13,8 +13,9 @@ O(log n) however many tasks are queued:
 
 * ``tasks_ready``: partial index over ready tasks in dispatch order (lane, priority, expected
   run time, submission order), so taking the next tasks never scans the queue;
-* ``tasks_retry`` / ``tasks_leased``: partial indexes over the few tasks in back-off or leased;
-* ``tasks_state_seq`` and the primary key ``seq``: history pages by cursor, newest first;
+* ``tasks_state_seq``: history pages of one state by cursor, newest first, and the few tasks in
+  back-off (``retry``) or leased (``scheduled``, ``running``) for promotion, heartbeats, expiry;
+* the primary key ``seq``: history pages by cursor, newest first;
 * ``tasks_submitted``: turns ``since`` into a ``seq`` bound.
 
 Rows are never deleted, so ``seq`` (the cursor) only grows.
@@ -101,9 +102,6 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idem ON tasks(idem_key) WHERE idem_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks(lane, prio DESC, est_ms, seq)
     WHERE state IN ('queued', 'waiting_gpu');
-CREATE INDEX IF NOT EXISTS tasks_retry ON tasks(not_before) WHERE state = 'retry';
-CREATE INDEX IF NOT EXISTS tasks_leased ON tasks(worker, lease_expires)
-    WHERE state IN ('scheduled', 'running');
 CREATE INDEX IF NOT EXISTS tasks_state_seq ON tasks(state, seq);
 CREATE INDEX IF NOT EXISTS tasks_submitted ON tasks(submitted_at);
 CREATE TABLE IF NOT EXISTS durations (

@@ -1,0 +1,303 @@
+"""The SQLite queue on its own: durability, leases, idempotent completion, order, paging."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from vramancer.arbiter.types import Priority
+from vramancer.tasks.model import (
+    Grant,
+    NewTask,
+    Outcome,
+    OutcomeKind,
+    TaskSpec,
+    TaskState,
+    TaskType,
+)
+from vramancer.tasks.sqlite_queue import SqliteQueue
+
+T0 = 1_700_000_000.0
+
+
+def new(
+    task_id: str,
+    *,
+    priority: Priority = Priority.NORMAL,
+    estimate_s: float = 60.0,
+    key: str | None = None,
+    max_retries: int = 2,
+    kind: TaskType = TaskType.CMD,
+) -> NewTask:
+    body: dict[str, object] = {"task_id": task_id, "type": kind.value, "priority": priority.value}
+    if kind is TaskType.CMD:
+        body["cmd"] = ["true"]
+    if key:
+        body["idempotency_key"] = key
+    spec = TaskSpec.model_validate(body)
+    return NewTask(
+        task_id=task_id,
+        spec=spec,
+        spec_json=json.dumps(body),
+        priority_rank=priority.rank,
+        estimate_s=estimate_s,
+        estimate_key="cmd:true",
+        max_retries=max_retries,
+        timeout_s=60.0,
+        maintenance=kind.maintenance,
+    )
+
+
+def delay(attempts: int) -> float:
+    return 10.0 * 2 ** (attempts - 1)
+
+
+@pytest.fixture
+async def queue(tmp_path: Path) -> AsyncIterator[SqliteQueue]:
+    q = SqliteQueue(tmp_path / "tasks.sqlite")
+    await q.open()
+    yield q
+    await q.close()
+
+
+async def lease_one(q: SqliteQueue, task_id: str, now: float = T0, worker: str = "w1") -> int:
+    leased, _ = await q.lease([Grant(task_id, "gpu:0")], worker=worker, now=now, lease_s=30)
+    assert [r.task_id for r in leased] == [task_id]
+    return leased[0].lease_token
+
+
+async def test_acknowledged_tasks_survive_closing_and_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.sqlite"
+    q = SqliteQueue(path)
+    await q.open()
+    results, changes = await q.submit([new("a"), new("b")], T0)
+    assert [(r.task_id, r.created) for r in results] == [("a", True), ("b", True)]
+    assert [(c.task_id, c.previous, c.state) for c in changes] == [
+        ("a", None, TaskState.QUEUED),
+        ("b", None, TaskState.QUEUED),
+    ]
+    await q.close()
+    q2 = SqliteQueue(path)
+    await q2.open()
+    assert [r.task_id for r in await q2.ready(maintenance=False, limit=10)] == ["a", "b"]
+    await q2.close()
+    mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+async def test_ready_order_priority_then_expected_duration_then_submission(
+    queue: SqliteQueue,
+) -> None:
+    await queue.submit(
+        [
+            new("slow-normal", estimate_s=100),
+            new("fast-normal", estimate_s=1),
+            new("bg", priority=Priority.BACKGROUND, estimate_s=0.1),
+            new("high", priority=Priority.HIGH, estimate_s=500),
+            new("fast-normal-2", estimate_s=1),
+            new("noop", kind=TaskType.NOOP),
+        ],
+        T0,
+    )
+    order = [r.task_id for r in await queue.ready(maintenance=False, limit=10)]
+    assert order == ["high", "fast-normal", "fast-normal-2", "slow-normal", "bg"]
+    assert [r.task_id for r in await queue.ready(maintenance=True, limit=10)] == ["noop"]
+
+
+async def test_idempotency_key_returns_the_first_task(queue: SqliteQueue) -> None:
+    results, changes = await queue.submit([new("a", key="k"), new("b", key="k")], T0)
+    assert [(r.task_id, r.created) for r in results] == [("a", True), ("a", False)]
+    assert len(changes) == 1
+    results, changes = await queue.submit([new("c", key="k"), new("a")], T0)
+    assert [(r.task_id, r.created) for r in results] == [("a", False), ("a", False)]
+    assert changes == []
+
+
+async def test_a_lease_is_exclusive_and_completion_is_idempotent(queue: SqliteQueue) -> None:
+    await queue.submit([new("a")], T0)
+    token = await lease_one(queue, "a")
+    again, _ = await queue.lease([Grant("a", "gpu:1")], worker="w2", now=T0, lease_s=30)
+    assert again == []
+    ok = Outcome("a", token, OutcomeKind.OK, exit_code=0, run_s=1.5)
+    first = await queue.finish([ok], now=T0 + 2, retry_delay=delay)
+    assert [(c.previous, c.state, c.run_s) for c in first] == [
+        (TaskState.SCHEDULED, TaskState.DONE, 1.5)
+    ]
+    assert await queue.finish([ok], now=T0 + 3, retry_delay=delay) == []  # repeated: no change
+    late_error = Outcome("a", token, OutcomeKind.ERROR, exit_code=1)
+    assert await queue.finish([late_error], now=T0 + 4, retry_delay=delay) == []
+    record = await queue.get("a")
+    assert record is not None
+    assert (record.state, record.exit_code, record.finished_at) == (TaskState.DONE, 0, T0 + 2)
+    assert await queue.learned_durations() == {"cmd:true": 1.5}
+
+
+async def test_a_stale_lease_cannot_complete_the_new_attempt(queue: SqliteQueue) -> None:
+    await queue.submit([new("a")], T0)
+    old = await lease_one(queue, "a", worker="w1")
+    changes, orphans = await queue.expire_leases(T0 + 31)
+    assert [(c.previous, c.state) for c in changes] == [(TaskState.SCHEDULED, TaskState.QUEUED)]
+    assert orphans == []
+    new_token = await lease_one(queue, "a", now=T0 + 32, worker="w2")
+    assert new_token != old
+    stale = await queue.finish(
+        [Outcome("a", old, OutcomeKind.OK, exit_code=0)], now=T0 + 33, retry_delay=delay
+    )
+    assert stale == []
+    record = await queue.get("a")
+    assert record is not None and record.state is TaskState.SCHEDULED and record.attempts == 2
+
+
+async def test_heartbeat_keeps_a_lease_and_expiry_takes_it_back(queue: SqliteQueue) -> None:
+    await queue.submit([new("a"), new("b")], T0)
+    await lease_one(queue, "a", worker="w1")
+    await lease_one(queue, "b", worker="w2")
+    assert await queue.heartbeat("w1", now=T0 + 20, lease_s=30) == 1
+    changes, _ = await queue.expire_leases(T0 + 40)
+    assert [c.task_id for c in changes] == ["b"]  # w2 stopped heartbeating at T0 (+30)
+    changes, _ = await queue.expire_leases(T0 + 51)
+    assert [c.task_id for c in changes] == ["a"]
+
+
+async def test_retry_with_backoff_then_failure(queue: SqliteQueue) -> None:
+    await queue.submit([new("a", max_retries=1)], T0)
+    token = await lease_one(queue, "a")
+    err = Outcome("a", token, OutcomeKind.ERROR, exit_code=7, error="exit code 7")
+    changes = await queue.finish([err], now=T0 + 1, retry_delay=delay)
+    assert [(c.state, c.attempts) for c in changes] == [(TaskState.RETRY, 1)]
+    record = await queue.get("a")
+    assert record is not None and record.not_before == T0 + 11
+    assert await queue.promote_due(T0 + 10.9) == []
+    promoted = await queue.promote_due(T0 + 11)
+    assert [(c.previous, c.state) for c in promoted] == [(TaskState.RETRY, TaskState.QUEUED)]
+    token = await lease_one(queue, "a", now=T0 + 12)
+    err = Outcome("a", token, OutcomeKind.ERROR, exit_code=7, error="exit code 7")
+    changes = await queue.finish([err], now=T0 + 13, retry_delay=delay)
+    assert [(c.state, c.attempts, c.exit_code) for c in changes] == [(TaskState.FAILED, 2, 7)]
+
+
+async def test_released_goes_back_without_counting_an_attempt(queue: SqliteQueue) -> None:
+    await queue.submit([new("a")], T0)
+    token = await lease_one(queue, "a")
+    changes = await queue.finish(
+        [Outcome("a", token, OutcomeKind.RELEASED, error="no room")], now=T0, retry_delay=delay
+    )
+    assert [(c.state, c.attempts) for c in changes] == [(TaskState.QUEUED, 0)]
+
+
+async def test_cancel_in_each_state(queue: SqliteQueue) -> None:
+    await queue.submit([new("q"), new("r")], T0)
+    record, changes = await queue.cancel("q", T0)
+    assert record is not None and record.state is TaskState.CANCELLED
+    assert [(c.previous, c.state) for c in changes] == [(TaskState.QUEUED, TaskState.CANCELLED)]
+    token = await lease_one(queue, "r")
+    record, changes = await queue.cancel("r", T0)
+    assert record is not None and record.state is TaskState.SCHEDULED and record.cancel_requested
+    assert changes == []
+    # The worker reports an error after the cancel: the task still ends cancelled, not retried.
+    ended = await queue.finish(
+        [Outcome("r", token, OutcomeKind.ERROR, exit_code=-15)], now=T0, retry_delay=delay
+    )
+    assert [c.state for c in ended] == [TaskState.CANCELLED]
+    record, changes = await queue.cancel("r", T0)
+    assert record is not None and record.state is TaskState.CANCELLED and changes == []
+    assert await queue.cancel("missing", T0) == (None, [])
+
+
+async def test_restart_takes_back_every_lease_and_reports_processes(queue: SqliteQueue) -> None:
+    await queue.submit([new("a"), new("b"), new("c")], T0)
+    token = await lease_one(queue, "a")
+    await queue.mark_running("a", token, pid=4242, pid_started=123.0, now=T0)
+    await lease_one(queue, "b")
+    await queue.cancel("b", T0)
+    changes, orphans = await queue.expire_leases(T0 + 1, all_leases=True)
+    assert sorted((c.task_id, c.previous, c.state) for c in changes) == [
+        ("a", TaskState.RUNNING, TaskState.QUEUED),
+        ("b", TaskState.SCHEDULED, TaskState.CANCELLED),
+    ]
+    assert [(o.task_id, o.pid, o.pid_started) for o in orphans] == [("a", 4242, 123.0)]
+
+
+async def test_history_pages_newest_first_with_filters(queue: SqliteQueue) -> None:
+    await queue.submit([new(f"t{i:02d}") for i in range(25)], T0)
+    await queue.submit([new(f"u{i:02d}") for i in range(5)], T0 + 100)
+    token = await lease_one(queue, "t03")
+    await queue.finish([Outcome("t03", token, OutcomeKind.OK)], now=T0, retry_delay=delay)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await queue.history(state=None, since=None, cursor=cursor, limit=7)
+        seen += [r.task_id for r in page.tasks]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == [f"u{i:02d}" for i in reversed(range(5))] + [
+        f"t{i:02d}" for i in reversed(range(25))
+    ]
+    done = await queue.history(state=TaskState.DONE, since=None, cursor=None, limit=10)
+    assert [r.task_id for r in done.tasks] == ["t03"] and done.next_cursor is None
+    recent = await queue.history(state=None, since=T0 + 50, cursor=None, limit=3)
+    assert [r.task_id for r in recent.tasks] == ["u04", "u03", "u02"]
+    rest = await queue.history(state=None, since=T0 + 50, cursor=recent.next_cursor, limit=3)
+    assert [r.task_id for r in rest.tasks] == ["u01", "u00"] and rest.next_cursor is None
+    assert (await queue.history(state=None, since=T0 + 500, cursor=None, limit=3)).tasks == []
+
+
+async def test_hot_queries_use_indexes_not_scans(queue: SqliteQueue) -> None:
+    conn = sqlite3.connect(queue.path)
+
+    def plan(sql: str, *params: object) -> str:
+        rows = conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+        return " | ".join(str(r[-1]) for r in rows)
+
+    ready = plan(
+        "SELECT id FROM tasks WHERE state IN ('queued', 'waiting_gpu') AND lane = ? "
+        "ORDER BY prio DESC, est_ms, seq LIMIT 10",
+        0,
+    )
+    assert "USING INDEX tasks_ready" in ready and "TEMP B-TREE" not in ready
+    by_state = plan(
+        "SELECT id FROM tasks WHERE seq < ? AND state = ? ORDER BY seq DESC LIMIT 10", 5, "done"
+    )
+    assert "tasks_state_seq" in by_state and "TEMP B-TREE" not in by_state
+    retry = plan("SELECT id FROM tasks WHERE state = 'retry' AND not_before <= ?", T0)
+    assert "USING INDEX tasks_state_seq (state=?)" in retry
+    leased = plan(
+        "SELECT id FROM tasks WHERE state IN ('scheduled', 'running') AND lease_expires < ?", T0
+    )
+    assert "USING INDEX tasks_state_seq (state=?)" in leased
+    heartbeat = plan(
+        "SELECT id FROM tasks WHERE worker = ? AND state IN ('scheduled', 'running')", "w"
+    )
+    assert "USING INDEX tasks_state_seq (state=?)" in heartbeat
+    since = plan("SELECT seq FROM tasks WHERE submitted_at >= ? ORDER BY submitted_at LIMIT 1", T0)
+    assert "tasks_submitted" in since
+    conn.close()
+
+
+async def test_group_commit_keeps_concurrent_operations_apart(queue: SqliteQueue) -> None:
+    """Many writers at once share transactions; one failing operation undoes only itself."""
+    batches = [[new(f"b{i}-{j}") for j in range(20)] for i in range(20)]
+    duplicate_id = [new("b0-0")]  # a given id already taken: returns the old, no error
+    results = await asyncio.gather(
+        *(queue.submit(b, T0) for b in batches), queue.submit(duplicate_id, T0)
+    )
+    assert sum(len(changes) for _, changes in results) == 400
+
+    def failing(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO durations (key, mean_s, n) VALUES ('x', 1, 1)")
+        raise RuntimeError("boom")
+
+    outcome = await asyncio.gather(
+        queue._write(failing), queue.submit([new("after")], T0), return_exceptions=True
+    )
+    assert isinstance(outcome[0], RuntimeError)
+    assert await queue.learned_durations() == {}  # the failed op's insert was rolled back
+    assert await queue.get("after") is not None
+    counts = await queue.counts()
+    assert counts == {(False, TaskState.QUEUED): 401}
