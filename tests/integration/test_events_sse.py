@@ -145,10 +145,31 @@ def test_bad_parameters_are_422(server: ServerProcess) -> None:
         assert "Last-Event-ID" in bad_id.json()["error"]["message"]
 
 
-def test_client_disconnect_leaves_the_server_healthy(server: ServerProcess) -> None:
-    for _ in range(3):
-        with httpx.stream("GET", server.url + "/v1/events", timeout=10) as response:
-            next(messages(response.iter_lines()))
+def open_streams(server: ServerProcess) -> float:
+    with server.client() as c:
+        for line in c.get("/metrics").text.splitlines():
+            if line.startswith("vramancer_events_streams "):
+                return float(line.split()[1])
+    raise AssertionError("vramancer_events_streams is missing from /metrics")
+
+
+def test_client_disconnect_ends_the_stream_on_the_server(server: ServerProcess) -> None:
+    # keep the line iterators referenced: dropping one closes the connection (httpx)
+    with httpx.stream("GET", server.url + "/v1/events", timeout=10) as first:
+        first_lines = messages(first.iter_lines())
+        next(first_lines)
+        with httpx.stream("GET", server.url + "/v1/events", timeout=10) as second:
+            second_lines = messages(second.iter_lines())
+            next(second_lines)
+            assert open_streams(server) == 2
+        deadline = time.monotonic() + 5
+        while open_streams(server) != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert open_streams(server) == 1
+    deadline = time.monotonic() + 5
+    while open_streams(server) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_streams(server) == 0
     with server.client() as c:
         assert c.get("/healthz").json()["status"] == "ok"
 

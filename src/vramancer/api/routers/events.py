@@ -160,6 +160,8 @@ async def _stream(
     entry = _WATCH.register()
     stop = entry[1]
     loop = asyncio.get_running_loop()
+    streams = rt.metrics.gauge("vramancer_events_streams", "Open GET /v1/events streams.")
+    streams.inc()
     try:
         yield f"retry: {RETRY_MS}\n: connected\n\n"
         sent = 0
@@ -177,6 +179,7 @@ async def _stream(
                 last_write = loop.time()
                 yield ": keep-alive\n\n"
     finally:
+        streams.dec()
         bus.close_queue(queue)
         _WATCH.unregister(entry)
 
