@@ -285,9 +285,11 @@ def test_unknown_target_is_invalid_input() -> None:
 # --------------------------------------------------------------------------- damaged data
 
 
-def chunked_block(codec: Codec = Codec.ZSTD, itemsize: int = 2) -> tuple[bytes, Compressed]:
+def chunked_block(
+    codec: Codec = Codec.ZSTD, itemsize: int = 2, checksum: bool = False
+) -> tuple[bytes, Compressed]:
     data = weights(2 * CHUNK, "bf16").tobytes()  # 4 chunks of 64 KiB
-    return data, make_manager().encode_with(data, Candidate(codec, 1, itemsize))
+    return data, make_manager(checksum=checksum).encode_with(data, Candidate(codec, 1, itemsize))
 
 
 @pytest.mark.parametrize("cut", [0, 3, 10, 29, 30, 31, 100, -1])
@@ -347,9 +349,9 @@ def test_truncated_payload_is_corrupt(codec: Codec, itemsize: int) -> None:
 
 @pytest.mark.parametrize("codec", [Codec.ZSTD, Codec.LZ4, Codec.GZIP])
 def test_any_flipped_byte_is_detected_or_harmless(codec: Codec) -> None:
-    """Without the frame's CRC (the store's block files use their own checksum), the codecs'
-    checksums and the chunk table's CRC still catch damage: never wrong data."""
-    data, block = chunked_block(codec)
+    """With ``checksum`` on, even without a container's checksum the codecs' checksums and the
+    chunk table's CRC catch damage: never wrong data."""
+    data, block = chunked_block(codec, checksum=True)
     manager = make_manager()
     positions = sorted({*range(0, 40), *range(0, len(block.payload), 997)})
     detected = 0
@@ -484,9 +486,9 @@ def test_small_block_reuses_the_sample_output(monkeypatch: pytest.MonkeyPatch) -
     calls: list[Codec] = []
     real = compression.codec_compress
 
-    def counting(codec: Codec, data: object, level: int) -> bytes:
+    def counting(codec: Codec, data: object, level: int, checksum: bool = False) -> bytes:
         calls.append(codec)
-        return real(codec, data, level)
+        return real(codec, data, level, checksum)
 
     monkeypatch.setattr(compression, "codec_compress", counting)
     manager = make_manager(cpu_timer=StepTimer(), min_bytes_per_s=0)
