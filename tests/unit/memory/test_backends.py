@@ -1,0 +1,154 @@
+"""Block files, data layouts, fallback codecs, file backends and the local fastpath."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vramancer.errors import InvalidInput, NotFound
+from vramancer.memory.backends import (
+    DataKind,
+    FileBackend,
+    HostBackend,
+    describe,
+    from_raw,
+    raw_view,
+)
+from vramancer.memory.blockfile import HEADER_SIZE, read_block_file, write_block_file
+from vramancer.memory.codecs import ZstdCompression, decode
+from vramancer.memory.compression import Compressed, CorruptBlock, NoCompression
+from vramancer.memory.fastpath import FastInterface, LocalCopyInterface
+from vramancer.observability.metrics import Metrics
+
+
+@pytest.mark.parametrize("atomic", [False, True])
+def test_block_file_round_trip(tmp_path: Path, atomic: bool) -> None:
+    path = tmp_path / "a.blk"
+    size = write_block_file(path, b"hello world", codec="none", raw_size=11, atomic=atomic)
+    assert size == HEADER_SIZE + 11 == path.stat().st_size
+    block = read_block_file(path, "block 'a'")
+    assert (block.codec, block.raw_size, block.itemsize, block.payload) == (
+        "none",
+        11,
+        1,
+        b"hello world",
+    )
+    assert read_block_file(path, "x", writable=True).payload == bytearray(b"hello world")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.blk"]  # no temporary file left
+
+
+def test_block_file_damage_is_reported_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "b.blk"
+    write_block_file(path, bytes(range(200)), codec="zstd", raw_size=500, itemsize=2)
+    data = path.read_bytes()
+    cases = {
+        "truncated (no header)": data[:10],
+        "truncated or padded": data[:-1],
+        "not a VRAMancer block file": b"NOPE" + data[4:],
+        "checksum mismatch": data[:-1] + bytes([data[-1] ^ 1]),
+    }
+    for message, damaged in cases.items():
+        path.write_bytes(damaged)
+        with pytest.raises(CorruptBlock, match=re.escape(message)) as err:
+            read_block_file(path, "block 'b'")
+        assert err.value.message.startswith("block 'b'")
+    path.unlink()
+    with pytest.raises(CorruptBlock, match="missing"):
+        read_block_file(path, "block 'b'")
+
+
+def test_describe_layouts_and_rebuild() -> None:
+    layout, value = describe(bytearray(b"abc"))
+    assert (layout.kind, layout.nbytes, value) == (DataKind.BYTES, 3, b"abc")
+    arr = np.arange(6, dtype=">i4").reshape(2, 3)
+    layout, _ = describe(arr)
+    assert (layout.kind, layout.dtype, layout.shape, layout.itemsize) == (
+        DataKind.NUMPY,
+        ">i4",
+        (2, 3),
+        4,
+    )
+    back = from_raw(layout, bytes(raw_view(layout, arr)))
+    assert back.dtype == arr.dtype and (back == arr).all() and not back.flags.writeable
+    t = torch.arange(12, dtype=torch.float16).reshape(3, 4)
+    layout, _ = describe(t)
+    assert (layout.kind, layout.dtype, layout.nbytes) == (DataKind.TORCH, "float16", 24)
+    assert torch.equal(from_raw(layout, bytes(raw_view(layout, t))), t)
+    with pytest.raises(CorruptBlock, match="expected 24"):
+        from_raw(layout, b"short")
+    with pytest.raises(InvalidInput):
+        describe("text")
+    with pytest.raises(InvalidInput):
+        describe(np.zeros(2, dtype=[("a", "i4"), ("b", "f4")]))
+
+
+def test_host_backend_copies_what_it_does_not_own() -> None:
+    backend = HostBackend()
+    arr = np.ones(4)
+    layout, _ = describe(arr)
+    stored = backend.write("a", layout, arr, owned=False, hint=None)
+    arr[0] = 7
+    assert stored[0] == 1 and not stored.flags.writeable
+    t = torch.ones(3)
+    tl, _ = describe(t)
+    kept = backend.write("t", tl, t, owned=False, hint=None)
+    t[0] = 5
+    assert kept[0] == 1
+    assert backend.stored_bytes(kept) == 12 and backend.codec(kept) == "none"
+
+
+def test_zstd_fallback_compresses_when_it_pays_and_decodes_every_codec() -> None:
+    z = ZstdCompression()
+    zeros = bytes(100_000)
+    packed = z.compress(zeros)
+    assert packed.codec == "zstd" and len(packed.payload) < 1000
+    assert z.decompress(packed) == zeros
+    noise = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    assert z.compress(noise).codec == "none"
+    assert z.compress(noise, force=True).codec == "zstd"
+    import gzip
+
+    import lz4.frame
+
+    assert decode(Compressed("gzip", gzip.compress(b"abc"), 3)) == b"abc"
+    assert decode(Compressed("lz4", lz4.frame.compress(b"abc"), 3)) == b"abc"
+    with pytest.raises(CorruptBlock):
+        decode(Compressed("zstd", b"garbage", 10))
+    with pytest.raises(CorruptBlock, match="unknown codec"):
+        decode(Compressed("brotli", b"x", 1))
+
+
+def test_file_backend_stores_raw_without_compression(tmp_path: Path) -> None:
+    backend = FileBackend(
+        tmp_path,
+        compression=NoCompression(),
+        decoder=NoCompression(),
+        always_compress=False,
+        atomic=False,
+        fsync=False,
+    )
+    layout, value = describe(bytes(50_000))
+    handle = backend.write("z", layout, value, owned=False, hint=None)
+    assert handle.codec == "none" and handle.stored_size == HEADER_SIZE + 50_000
+    assert backend.read(handle, layout, "z") == bytes(50_000)
+    backend.free(handle)
+    backend.free(handle)  # idempotent
+    assert not handle.path.exists()
+
+
+def test_local_fastpath_copies_and_measures() -> None:
+    metrics = Metrics(node="t")
+    link = LocalCopyInterface(metrics)
+    assert isinstance(link, FastInterface)
+    buf = bytearray(b"payload")
+    assert link.send("blk", buf) == 7
+    buf[0] = 0
+    assert link.recv("blk") == b"payload"
+    with pytest.raises(NotFound):
+        link.recv("blk")
+    text = metrics.render().decode()
+    assert 'vramancer_fastpath_interface_latency_seconds_count{interface="local"} 2.0' in text
