@@ -17,8 +17,10 @@ archive), and writes archive files with :func:`encode_frame`. Three facts shape 
   ``min_bytes_per_s``; among those that do, the one that saves most bytes per CPU-second wins.
   For the archive (``Target.ARCHIVE``, L6, or ``force=True``) the best ratio wins, always.
 
-The choice is remembered per hint (and element size and target), and re-evaluated every
-``reevaluate_every`` uses, or at once when a block compressed with it did not pay.
+The choice is remembered per hint (and element size and target; blocks without a hint share
+one), and re-evaluated every ``reevaluate_every`` uses, or at once when a block compressed with
+it did not pay. For the archive, a remembered "nothing shrinks" is not trusted: the block is
+tried with the first candidate anyway.
 
 Damaged stored data (bad checksum, truncated frame, codec error, wrong length) raises
 :class:`CorruptBlock` naming the block, so one bad archive file costs that block only.
@@ -140,7 +142,7 @@ class CompressionSettings(BaseModel):
     archive_zstd_level: int = Field(default=3, ge=-7, le=22)
     archive_gzip_level: int = Field(default=6, ge=1, le=9)
     #: Archive: ratios within this fraction of the best count as equal (the faster one wins).
-    archive_ratio_slack: float = Field(default=0.01, ge=0.0, lt=1.0)
+    archive_ratio_slack: float = Field(default=0.03, ge=0.0, lt=1.0)
     #: Fast tier: a codec must shrink the sample at least this much (raw / compressed).
     min_ratio: float = Field(default=1.1, ge=1.0)
     #: Fast tier: a codec must compress at least this many bytes per CPU-second (one core).
@@ -555,7 +557,8 @@ def choose(
 
     Archive: the best ratio, if it shrinks the data at all; trials within
     ``archive_ratio_slack`` of it count as equal and the one saving most bytes per CPU-second
-    wins (zstd -19 is not worth 100× the CPU for 1 % more). Fast: among trials reaching
+    wins (gzip is not worth 10× zstd's CPU for 2 % more; and a small sample favours gzip's
+    32 KiB window over zstd, which gains more on whole chunks). Fast: among trials reaching
     ``min_ratio`` and ``min_bytes_per_s`` (and, when ``device_write_bytes_per_s`` is set,
     saving bytes faster than the device writes them, with ``threads`` cores), the most bytes
     saved per CPU-second. Ties go to the earlier trial.
@@ -714,11 +717,12 @@ class AdaptiveCompression:
         return self._sample_and_choose(view, size, resolve_target(target, False)).decision
 
     def decision_for(
-        self, hint: str, *, itemsize: int = 1, target: Target | str | None = None
+        self, hint: str | None, *, itemsize: int = 1, target: Target | str | None = None
     ) -> Decision | None:
-        """The choice remembered for ``hint`` (``None`` if none yet)."""
+        """The choice remembered for ``hint`` (``None`` if none yet; blocks without a hint
+        share one choice per element size and target)."""
         size = self._itemsize(itemsize, hint)
-        key = (hint, size if self.settings.shuffle else 1, resolve_target(target, False))
+        key = (hint or "", size if self.settings.shuffle else 1, resolve_target(target, False))
         with self._lock:
             return self._decisions.get(key)
 
@@ -756,8 +760,13 @@ class AdaptiveCompression:
         ):
             return Compressed(Codec.NONE.value, bytes(view), raw_size)
         shuffle_size = size if self.settings.shuffle else 1
-        key: _DecisionKey | None = (hint, shuffle_size, mode) if hint is not None else None
-        candidate, whole = self._decide(view, key, shuffle_size, mode)
+        key: _DecisionKey = (hint or "", shuffle_size, mode)
+        candidate, whole, fresh = self._decide(view, key, shuffle_size, mode)
+        remembered_none = candidate is None and not fresh
+        if remembered_none and mode is Target.ARCHIVE:
+            # the archive always compresses: a remembered "nothing shrinks" is not trusted, the
+            # block is tried with the first candidate
+            candidate = candidates(self.settings, mode, shuffle_size)[0]
         if candidate is None:
             return Compressed(Codec.NONE.value, bytes(view), raw_size)
         if whole is not None:
@@ -765,28 +774,28 @@ class AdaptiveCompression:
         else:
             block = self.encode_with(view, candidate)
         too_small = mode is Target.FAST and block.ratio < self.settings.min_ratio
-        if block.stored_size >= raw_size or too_small:
-            if key is not None:  # the remembered choice did not pay: sample again next time
-                with self._lock:
-                    self._decisions.pop(key, None)
+        failed = block.stored_size >= raw_size or too_small
+        if failed != remembered_none:  # the choice was wrong for this block: sample next time
+            with self._lock:
+                self._decisions.pop(key, None)
+        if failed:
             return Compressed(Codec.NONE.value, bytes(view), raw_size)
         return block
 
     def _decide(
-        self, view: memoryview, key: _DecisionKey | None, size: int, mode: Target
-    ) -> tuple[Candidate | None, bytes | None]:
-        if key is not None:
-            with self._lock:
-                decision = self._decisions.get(key)
-                if decision is not None and decision.uses < self.settings.reevaluate_every:
-                    decision.uses += 1
-                    return decision.candidate, None
+        self, view: memoryview, key: _DecisionKey, size: int, mode: Target
+    ) -> tuple[Candidate | None, bytes | None, bool]:
+        """``(candidate, output if the sample was the whole block, freshly sampled?)``."""
+        with self._lock:
+            decision = self._decisions.get(key)
+            if decision is not None and decision.uses < self.settings.reevaluate_every:
+                decision.uses += 1
+                return decision.candidate, None, False
         sampled = self._sample_and_choose(view, size, mode)
         sampled.decision.uses = 1
-        if key is not None:
-            with self._lock:
-                self._decisions[key] = sampled.decision
-        return sampled.decision.candidate, sampled.whole
+        with self._lock:
+            self._decisions[key] = sampled.decision
+        return sampled.decision.candidate, sampled.whole, True
 
     def _sample_and_choose(self, view: memoryview, size: int, mode: Target) -> _Sampled:
         sample, is_whole = self._sample(view, size)

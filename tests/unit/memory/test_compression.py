@@ -473,13 +473,33 @@ def test_choice_is_remembered_per_hint_and_reevaluated() -> None:
     assert manager.decision_for("kv;dtype=bf16", target="L6") is None  # per target too
 
 
-def test_no_hint_is_sampled_every_time_and_not_remembered() -> None:
+def test_blocks_without_hint_share_one_remembered_choice() -> None:
     timer = StepTimer()
     manager = make_manager(cpu_timer=timer, min_bytes_per_s=0)
-    data = structured(400_000)
-    manager.compress(data)
-    manager.compress(data)
-    assert timer.trials == 2 * len(candidates(manager.settings, Target.FAST, 1))
+    manager.compress(structured(400_000))
+    manager.compress(structured(300_000, seed=3))
+    assert timer.trials == len(candidates(manager.settings, Target.FAST, 1))
+    decision = manager.decision_for(None)
+    assert decision is not None and decision.uses == 2
+
+
+def test_archive_retries_a_remembered_nothing_shrinks() -> None:
+    timer = StepTimer()
+    manager = make_manager(cpu_timer=timer)
+    per_sample = len(candidates(manager.settings, Target.ARCHIVE, 1))
+    noise = os.urandom(300_000)
+    assert manager.compress(noise, "h", force=True).codec == "none"
+    decision = manager.decision_for("h", target="L6")
+    assert decision is not None and decision.candidate is None
+    assert manager.compress(noise, "h", force=True).codec == "none"  # tried zstd: raw again
+    assert manager.decision_for("h", target="L6") is decision  # kept: it was right
+    data = structured(300_000)
+    block = manager.compress(data, "h", force=True)  # not sampled: the first candidate
+    assert block.codec == "zstd" and manager.decompress(block) == data
+    assert timer.trials == per_sample
+    assert manager.decision_for("h", target="L6") is None  # wrong for this block: resample
+    manager.compress(data, "h", force=True)
+    assert timer.trials == 2 * per_sample
 
 
 def test_small_block_reuses_the_sample_output(monkeypatch: pytest.MonkeyPatch) -> None:
