@@ -1,9 +1,249 @@
-"""CLI commands: tasks (filled in by its issue)."""
+"""CLI commands for tasks: ``submit``, ``watch``, ``tasks list|cancel|logs``, ``validate``.
+
+They talk to a running server (``VRM_URL``, ``VRM_API_TOKEN``)::
+
+    vramancer submit --gpu 0 --vram 4GiB --timeout 600 --retries 1 --wait -- python train.py
+    vramancer watch 3f2a...          # follow state and output until the task ends
+    vramancer validate               # end-to-end self-test of the scheduler (PASS / FAIL)
+
+``submit --wait`` and ``watch`` exit with 0 when the task ends done, with the task's exit code
+when it failed with one, else 1.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+from contextlib import closing
+from typing import Annotated, Any
+from urllib.parse import quote
+
 import typer
+from rich.table import Table
+
+from vramancer.cli.common import Api, JsonOpt, call, console, emit, err_console, fail
+from vramancer.cli.tasks_validate import run_validation
+from vramancer.units import format_size, parse_size
+
+tasks_app = typer.Typer(help="GPU tasks: list, cancel, logs.", no_args_is_help=True)
+
+#: How often ``watch`` polls the server.
+POLL_S = 0.25
+_TERMINAL = {"done", "failed", "cancelled"}
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root vramancer app."""
+    app.command("submit")(submit)
+    app.command("watch")(watch)
+    app.command("validate")(validate)
+    app.add_typer(tasks_app, name="tasks")
+
+
+def _task_path(task_id: str, action: str) -> str:
+    return f"/api/tasks/{quote(task_id, safe='')}/{action}"
+
+
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--env: expected KEY=VALUE (got {pair!r})", code=2)
+        env[key] = value
+    return env
+
+
+def submit(
+    command: Annotated[list[str], typer.Argument(help="The command and its arguments, after --.")],
+    gpu: Annotated[int | None, typer.Option(help="Pin to this GPU (index).", min=0)] = None,
+    vram: Annotated[str | None, typer.Option(help="VRAM it needs, e.g. 4GiB.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds before it is killed.")] = None,
+    retries: Annotated[int | None, typer.Option(help="Retries after a failure.", min=0)] = None,
+    priority: Annotated[
+        str | None, typer.Option(help="background, normal, high or user_facing.")
+    ] = None,
+    shell: Annotated[bool, typer.Option("--shell", help="Run COMMAND with sh -c.")] = False,
+    env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE (repeat).")] = None,
+    cwd: Annotated[str | None, typer.Option(help="Working directory (absolute).")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Idempotency key.")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow state and output to the end.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Submit a command as a task; prints its id (and follows it with --wait)."""
+    body: dict[str, Any] = (
+        {"type": "shell", "shell": " ".join(command)}
+        if shell
+        else {"type": "cmd", "cmd": list(command)}
+    )
+    if vram is not None:
+        try:
+            body["vram"] = parse_size(vram)
+        except ValueError as exc:
+            fail(f"--vram: {exc}", code=2)
+    options = {
+        "gpu": gpu,
+        "timeout": timeout,
+        "max_retries": retries,
+        "priority": priority,
+        "cwd": cwd,
+        "idempotency_key": key,
+    }
+    body.update({k: v for k, v in options.items() if v is not None})
+    if env:
+        body["env"] = _env_pairs(env)
+    with closing(Api()) as api:
+        result = call(lambda: api.post("/api/tasks/submit", json=body))
+        task_id = result["task_id"]
+        if not wait:
+            emit(result, json_out, lambda r: console.print(r["task_id"], highlight=False))
+            return
+        if not json_out:
+            console.print(task_id, highlight=False)
+        _follow(api, task_id, json_out)
+
+
+def watch(
+    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Follow a task's state and output until it ends."""
+    with closing(Api()) as api:
+        _follow(api, task_id, json_out)
+
+
+def _follow(api: Api, task_id: str, json_out: bool) -> None:
+    """Poll state and new output; print changes; exit with the task's outcome."""
+    offsets = {"stdout": 0, "stderr": 0}
+    attempt = -1
+    state = ""
+    while True:
+        status = call(lambda: api.get("/api/tasks/status", params={"task_id": task_id}))
+        if status["state"] != state:
+            state = status["state"]
+            if not json_out:
+                where = f" on {status['device']}" if status.get("device") else ""
+                note = f" ({status['error']})" if status.get("error") else ""
+                err_console.print(f"[dim]{state}{where}{note}[/]", highlight=False)
+        if status["attempts"] != attempt:
+            attempt = status["attempts"]
+            offsets = {"stdout": 0, "stderr": 0}
+        if not json_out:
+            _print_new_output(api, task_id, offsets)
+        if state in _TERMINAL:
+            break
+        time.sleep(POLL_S)
+    if json_out:
+        emit(status, True)
+    if state == "done":
+        return
+    raise typer.Exit(status.get("exit_code") or 1)
+
+
+def _print_new_output(api: Api, task_id: str, offsets: dict[str, int]) -> None:
+    logs = call(
+        lambda: api.get(
+            _task_path(task_id, "logs"),
+            params={"stdout_offset": offsets["stdout"], "stderr_offset": offsets["stderr"]},
+        )
+    )
+    if logs["stdout"]:
+        sys.stdout.write(logs["stdout"])
+        sys.stdout.flush()
+    if logs["stderr"]:
+        sys.stderr.write(logs["stderr"])
+        sys.stderr.flush()
+    offsets["stdout"] = logs["stdout_next"]
+    offsets["stderr"] = logs["stderr_next"]
+
+
+@tasks_app.command("list")
+def list_tasks(
+    state: Annotated[str | None, typer.Option(help="Only tasks in this state.")] = None,
+    limit: Annotated[int, typer.Option(help="Tasks per page.", min=1, max=1000)] = 20,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Recent tasks, newest first."""
+    params: dict[str, Any] = {"limit": limit}
+    if state:
+        params["state"] = state
+    if cursor:
+        params["cursor"] = cursor
+    with closing(Api()) as api:
+        page = call(lambda: api.get("/api/tasks/history", params=params))
+
+    def render(data: dict[str, Any]) -> None:
+        table = Table("id", "type", "state", "tries", "device", "vram", "exit", "what")
+        for t in data["tasks"]:
+            spec = t["spec"]
+            what = " ".join(spec.get("cmd") or []) or spec.get("shell") or spec.get("python") or ""
+            table.add_row(
+                t["task_id"],
+                t["type"],
+                t["state"],
+                str(t["attempts"]),
+                t["device"] or "–",
+                format_size(t["vram_bytes"]) if t["vram_bytes"] else "–",
+                "–" if t["exit_code"] is None else str(t["exit_code"]),
+                what[:40],
+            )
+        console.print(table)
+        if data["next_cursor"]:
+            console.print(f"more: --cursor {data['next_cursor']}", highlight=False)
+
+    emit(page, json_out, render)
+
+
+@tasks_app.command("cancel")
+def cancel(
+    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Cancel a task (a running one is killed)."""
+    with closing(Api()) as api:
+        record = call(lambda: api.post(_task_path(task_id, "cancel")))
+    emit(record, json_out, lambda r: console.print(f"{r['task_id']}: cancel requested"))
+
+
+@tasks_app.command("logs")
+def logs(
+    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """stdout and stderr of the task's last attempt."""
+    with closing(Api()) as api:
+        data = call(lambda: api.get(_task_path(task_id, "logs")))
+
+    def render(d: dict[str, Any]) -> None:
+        sys.stdout.write(d["stdout"])
+        sys.stderr.write(d["stderr"])
+        if d["truncated"]:
+            err_console.print("[dim](output truncated)[/]")
+
+    emit(data, json_out, render)
+
+
+def validate(
+    timeout: Annotated[float, typer.Option(help="Seconds allowed per step.")] = 60.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """End-to-end self-test against the running server; prints PASS or FAIL with the reason."""
+    api = Api()
+    api.close()
+    report = run_validation(api.url, os.environ.get("VRM_API_TOKEN"), step_timeout_s=timeout)
+    if json_out:
+        emit(report, True)
+    else:
+        for step in report["steps"]:
+            mark = "[green]ok[/]  " if step["ok"] else "[red]FAIL[/]"
+            console.print(f"{mark} {step['name']} ({step['seconds']:.1f} s)", highlight=False)
+        if report["result"] == "PASS":
+            console.print(f"PASS: {report['message']}", highlight=False)
+        else:
+            console.print(f"FAIL: {report['message']}", highlight=False)
+    if report["result"] != "PASS":
+        raise typer.Exit(1)

@@ -87,6 +87,7 @@ class _Capture:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
             self._file.write(part)
+            self._file.flush()  # followers (``vramancer watch``) read the file as it grows
             self.written += len(part)
         self.tail += chunk
         if len(self.tail) > self.tail_bytes:

@@ -423,22 +423,38 @@ class TaskService:
             active.stop()
         return record
 
-    async def logs(self, task_id: str, max_bytes: int | None = None) -> dict[str, Any]:
-        """The stored stdout and stderr of the task's last attempt (bounded)."""
+    async def logs(
+        self,
+        task_id: str,
+        max_bytes: int | None = None,
+        *,
+        stdout_offset: int = 0,
+        stderr_offset: int = 0,
+    ) -> dict[str, Any]:
+        """stdout and stderr of the task's last attempt, from the given byte offsets (bounded).
+
+        ``stdout_next``/``stderr_next`` are the offsets to ask for next time (to follow a
+        running task); when there is no log file the database tail is returned.
+        """
         record = await self.status(task_id)
         limit = max_bytes if max_bytes is not None else self.settings.max_output_bytes + 256
         out_path, err_path = self._log_paths(task_id)
 
-        def read(path: Path, tail: str) -> tuple[str, bool]:
+        def read(path: Path, offset: int, tail: str) -> tuple[str, bool, int]:
             try:
                 with open(path, "rb") as fh:
+                    fh.seek(offset)
                     data = fh.read(limit + 1)
             except FileNotFoundError:
-                return tail, False
-            return data[:limit].decode("utf-8", errors="replace"), len(data) > limit
+                return (tail, False, len(tail.encode())) if offset == 0 else ("", False, offset)
+            kept = data[:limit]
+            return kept.decode("utf-8", errors="replace"), len(data) > limit, offset + len(kept)
 
-        (out, out_cut), (err, err_cut) = await asyncio.to_thread(
-            lambda: (read(out_path, record.stdout_tail), read(err_path, record.stderr_tail))
+        (out, out_cut, out_next), (err, err_cut, err_next) = await asyncio.to_thread(
+            lambda: (
+                read(out_path, stdout_offset, record.stdout_tail),
+                read(err_path, stderr_offset, record.stderr_tail),
+            )
         )
         return {
             "task_id": task_id,
@@ -447,6 +463,8 @@ class TaskService:
             "stdout": out,
             "stderr": err,
             "truncated": out_cut or err_cut,
+            "stdout_next": out_next,
+            "stderr_next": err_next,
         }
 
     def counts(self) -> dict[str, int]:

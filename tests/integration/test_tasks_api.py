@@ -1,0 +1,262 @@
+"""The tasks API and CLI against a real ``vramancer serve`` (tokens, simulated GPUs)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from tests.helpers import ServerProcess, free_port, start_server
+from vramancer.cli.main import app
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+[auth]
+tokens = { "adm" = "admin", "op" = "operator", "view" = "viewer" }
+
+[devices]
+backends = []
+[[devices.simulated]]
+name = "sim0"
+memory = "24GiB"
+[[devices.simulated]]
+name = "sim1"
+memory = "12GiB"
+
+[tasks]
+maintenance_idle_s = 0
+backoff_base_s = 0.1
+max_payload_bytes = 4096
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("tasks-api")
+    proc = start_server(tmp, CONFIG, env={"VRM_DISABLE_RATE_LIMIT": "1"})
+    yield proc
+    proc.stop()
+    if proc.proc.stdout:
+        proc.proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def op(server: ServerProcess) -> Iterator[httpx.Client]:
+    with server.client("op") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def viewer(server: ServerProcess) -> Iterator[httpx.Client]:
+    with server.client("view") as client:
+        yield client
+
+
+def wait_state(client: httpx.Client, task_id: str, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status: dict[str, Any] = client.get("/api/tasks/status", params={"task_id": task_id}).json()
+        if status["state"] in ("done", "failed", "cancelled"):
+            return status
+        assert time.monotonic() < deadline, f"{task_id} still {status['state']}"
+        time.sleep(0.05)
+
+
+def total_tasks(client: httpx.Client) -> int:
+    counts = client.get("/api/tasks/stats").json()["counts"]
+    return sum(counts.values())
+
+
+def test_submit_status_logs_and_history(op: httpx.Client) -> None:
+    body = {"type": "cmd", "cmd": ["sh", "-c", "echo out-$VRM_TASK_ID; echo oops >&2"], "gpu": 1}
+    r = op.post("/api/tasks/submit", json=body)
+    assert r.status_code == 200, r.text
+    task_id = r.json()["task_id"]
+    status = wait_state(op, task_id)
+    assert (status["state"], status["exit_code"], status["attempts"]) == ("done", 0, 1)
+    assert status["device"] == "gpu:1"
+    logs = op.get(f"/api/tasks/{task_id}/logs").json()
+    assert logs["stdout"] == f"out-{task_id}\n"
+    assert logs["stderr"] == "oops\n"
+    second = op.post("/api/tasks/submit", json={"type": "noop"}).json()["task_id"]
+    wait_state(op, second)
+    first_page = op.get("/api/tasks/history", params={"limit": 1}).json()
+    assert [t["task_id"] for t in first_page["tasks"]] == [second]
+    next_page = op.get(
+        "/api/tasks/history", params={"limit": 1, "cursor": first_page["next_cursor"]}
+    ).json()
+    assert [t["task_id"] for t in next_page["tasks"]] == [task_id]
+    done = op.get("/api/tasks/history", params={"state": "done", "limit": 1000}).json()
+    assert {task_id, second} <= {t["task_id"] for t in done["tasks"]}
+
+
+def test_submit_batch_queues_every_task(op: httpx.Client) -> None:
+    r = op.post("/api/tasks/submit_batch", json={"tasks": [{"type": "noop"}] * 50})
+    assert r.status_code == 200, r.text
+    ids = r.json()["task_ids"]
+    assert len(set(ids)) == 50
+    for task_id in ids:
+        assert wait_state(op, task_id)["state"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"type": "bogus"}, 422),
+        ({"type": "cmd"}, 422),
+        ({"type": "cmd", "cmd": ["true"], "timeout": -5}, 422),
+        ({"type": "cmd", "cmd": ["true"], "gpu": 9}, 422),
+        ({"type": "cmd", "cmd": ["true"], "vram": "100GiB"}, 422),
+        ({"type": "cmd", "cmd": ["echo", "x" * 5000]}, 413),
+        ({"type": "cmd", "cmd": "true"}, 422),
+    ],
+)
+def test_bad_submissions_are_4xx_and_queue_nothing(
+    op: httpx.Client, body: dict[str, Any], status: int
+) -> None:
+    before = total_tasks(op)
+    r = op.post("/api/tasks/submit", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    batch = op.post("/api/tasks/submit_batch", json={"tasks": [{"type": "noop"}, body]})
+    assert batch.status_code == status, batch.text
+    assert total_tasks(op) == before
+
+
+def test_viewer_may_not_run_code(viewer: httpx.Client, op: httpx.Client) -> None:
+    before = total_tasks(op)
+    for body in (
+        {"type": "shell", "shell": "true"},
+        {"type": "cmd", "cmd": ["true"]},
+        {"type": "python", "python": "os:getpid"},
+    ):
+        r = viewer.post("/api/tasks/submit", json=body)
+        assert r.status_code == 403, r.text
+        assert "operator role" in r.json()["error"]["message"]
+    mixed = viewer.post(
+        "/api/tasks/submit_batch",
+        json={"tasks": [{"type": "noop"}, {"type": "shell", "shell": "true"}]},
+    )
+    assert mixed.status_code == 403
+    assert total_tasks(op) == before
+    ok = viewer.post("/api/tasks/submit", json={"type": "noop"})
+    assert ok.status_code == 200
+    task_id = ok.json()["task_id"]
+    assert viewer.get("/api/tasks/status", params={"task_id": task_id}).status_code == 200
+    assert viewer.post(f"/api/tasks/{task_id}/cancel").status_code == 403
+
+
+def test_unknown_tasks_and_bad_queries(op: httpx.Client, server: ServerProcess) -> None:
+    assert op.get("/api/tasks/status", params={"task_id": "nope"}).status_code == 404
+    assert op.post("/api/tasks/nope/cancel").status_code == 404
+    assert op.get("/api/tasks/nope/logs").status_code == 404
+    assert op.get("/api/tasks/history", params={"cursor": "abc"}).status_code == 422
+    assert op.get("/api/tasks/history", params={"state": "sleeping"}).status_code == 422
+    with server.client() as anonymous:
+        assert anonymous.post("/api/tasks/submit", json={"type": "noop"}).status_code == 401
+
+
+def test_cancel_a_running_task_over_http(op: httpx.Client) -> None:
+    task_id = op.post("/api/tasks/submit", json={"type": "cmd", "cmd": ["sleep", "60"]}).json()[
+        "task_id"
+    ]
+    deadline = time.monotonic() + 10
+    while op.get("/api/tasks/status", params={"task_id": task_id}).json()["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert op.post(f"/api/tasks/{task_id}/cancel").status_code == 200
+    assert wait_state(op, task_id)["state"] == "cancelled"
+    again = op.post(f"/api/tasks/{task_id}/cancel")
+    assert again.status_code == 409
+
+
+def test_metrics_are_exported(op: httpx.Client) -> None:
+    text = op.get("/metrics").text
+    for name in (
+        "vramancer_tasks_submitted_total",
+        "vramancer_tasks_completed_total",
+        "vramancer_tasks_running",
+        "vramancer_tasks_queue_depth",
+        'vramancer_tasks_run_seconds_count{device="gpu:1"}',
+        'vramancer_tasks_wait_seconds_bucket{device="gpu:1"',
+    ):
+        assert name in text, name
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def cli(server: ServerProcess, *args: str, token: str = "op") -> Any:
+    runner = CliRunner()
+    return runner.invoke(app, list(args), env={"VRM_URL": server.url, "VRM_API_TOKEN": token})
+
+
+def test_cli_submit_wait_follows_output_and_exit_code(server: ServerProcess) -> None:
+    ok = cli(server, "submit", "--wait", "--", "sh", "-c", "echo one; echo two")
+    assert ok.exit_code == 0, ok.output
+    lines = ok.stdout.splitlines()
+    task_id = lines[0]
+    assert lines[1:] == ["one", "two"]
+    failed = cli(server, "submit", "--retries", "0", "--wait", "--", "sh", "-c", "exit 5")
+    assert failed.exit_code == 5
+    watched = cli(server, "watch", task_id, "--json")
+    assert watched.exit_code == 0
+    assert '"state": "done"' in watched.stdout
+    listed = cli(server, "tasks", "list", "--json", "--limit", "5")
+    assert task_id in listed.stdout
+    logs = cli(server, "tasks", "logs", task_id)
+    assert logs.stdout == "one\ntwo\n"
+
+
+def test_cli_submit_options_and_cancel(server: ServerProcess, op: httpx.Client) -> None:
+    sub = cli(
+        server,
+        "submit",
+        "--gpu",
+        "0",
+        "--vram",
+        "1GiB",
+        "--timeout",
+        "30",
+        "--priority",
+        "high",
+        "--env",
+        "A=b",
+        "--json",
+        "--",
+        "sleep",
+        "30",
+    )
+    assert sub.exit_code == 0, sub.output
+    task_id = sub.stdout.split('"task_id": "')[1].split('"')[0]
+    status = op.get("/api/tasks/status", params={"task_id": task_id}).json()
+    assert status["spec"]["env"] == {"A": "b"}
+    assert (status["gpu"], status["vram_bytes"], status["priority"]) == (0, 1024**3, "high")
+    cancelled = cli(server, "tasks", "cancel", task_id)
+    assert cancelled.exit_code == 0
+    assert wait_state(op, task_id)["state"] == "cancelled"
+    bad = cli(server, "submit", "--vram", "lots", "--", "true")
+    assert bad.exit_code == 2
+    refused = cli(server, "submit", "--", "true", token="view")
+    assert refused.exit_code == 1
+    assert "operator role" in refused.output
+
+
+def test_cli_validate_passes_against_the_server(server: ServerProcess) -> None:
+    result = cli(server, "validate", "--timeout", "30")
+    assert result.exit_code == 0, result.output
+    assert "PASS:" in result.stdout
+
+
+def test_cli_validate_fails_with_the_reason_when_no_server_answers(tmp_path: Path) -> None:
+    runner = CliRunner()
+    url = f"http://127.0.0.1:{free_port()}"
+    result = runner.invoke(app, ["validate"], env={"VRM_URL": url})
+    assert result.exit_code == 1
+    assert "FAIL: server and devices answer: cannot reach" in result.stdout
