@@ -1,0 +1,198 @@
+"""The VRAMancer side of the task-queue comparison: embedded (Python API) and over HTTP.
+
+Both use the library the way a user would:
+
+* embedded: ``async with Runtime(Settings(data_dir=<tmp>, tasks={...})) as rt`` then
+  ``rt.tasks.submit_batch([...])`` and ``rt.tasks.wait(ids)``; a fresh runtime and data
+  directory per run (start-up is not timed), a warm-up batch first;
+* HTTP: one real ``vramancer serve`` (started like ``tests.helpers.start_server``, with
+  ``VRM_DISABLE_RATE_LIMIT=1``), ``POST /api/tasks/submit_batch``, then polling
+  ``GET /api/tasks/stats`` until every task is done.
+
+``noop`` is a maintenance task: VRAMancer runs it in-process, in batches, only after the devices
+were idle for ``[tasks] maintenance_idle_s`` (5 s by default) and never ahead of a user task.
+The benchmark sets ``maintenance_idle_s = 0`` so the queue, not the idle window, is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.tasks.compare_redis import RunResult
+from vramancer import Runtime, Settings
+from vramancer.tasks.settings import Synchronous, TasksSettings
+
+#: Tasks pushed through before the timed part of each run.
+WARMUP_TASKS = 50
+#: ``[tasks]`` settings the benchmark changes from the defaults (nothing else).
+BENCH_TASKS_SETTINGS: dict[str, Any] = {"maintenance_idle_s": 0}
+#: How often the HTTP runner asks whether the tasks are done.
+HTTP_POLL_S = 0.01
+
+
+def _describe_durability(synchronous: Synchronous) -> str:
+    """What an acknowledged task survives, from the queue's ``synchronous`` setting."""
+    fsync = (
+        "synchronous=FULL: the commit is fsynced before submit_batch returns, so every "
+        "acknowledged task survives a daemon crash and a power cut"
+        if synchronous is Synchronous.FULL
+        else "synchronous=NORMAL: WAL written, not fsynced, before the answer; an acknowledged "
+        "task survives a daemon crash, the last commits may be lost on a power cut"
+    )
+    return (
+        f"SQLite WAL file in the data directory, one group-committed transaction per batch; "
+        f"{fsync}. At-least-once: leases of a dead daemon are taken back at restart and the "
+        "tasks run again; completion is idempotent."
+    )
+
+
+def _noop_specs(n: int) -> list[dict[str, Any]]:
+    return [{"type": "noop"} for _ in range(n)]
+
+
+def _chunks(n: int, size: int) -> list[int]:
+    return [min(size, n - i) for i in range(0, n, size)]
+
+
+class EmbeddedRunner:
+    """VRAMancer's ``TaskService`` driven through ``Runtime`` in this process."""
+
+    name = "vramancer"
+    library = "vramancer"
+    submit_how = "rt.tasks.submit_batch (one call per max_batch tasks), rt.tasks.wait(ids)"
+
+    def __init__(self, workdir: Path, timeout_s: float, batch: int | None = None) -> None:
+        self.workdir = workdir
+        self.timeout_s = timeout_s
+        self.tasks_settings = TasksSettings(**BENCH_TASKS_SETTINGS)
+        self.batch = min(batch or self.tasks_settings.max_batch, self.tasks_settings.max_batch)
+        self.durability = _describe_durability(self.tasks_settings.synchronous)
+        self.concurrency = (
+            "in-process maintenance runner of the daemon: one asyncio task running leased "
+            f"noop batches of up to {self.tasks_settings.maintenance_batch} in turn "
+            "(noop never takes a worker slot)"
+        )
+        self._runs = itertools.count()
+
+    def setup(self) -> None:
+        self.run_once(WARMUP_TASKS)  # imports, SQLite and pydantic warm-up
+
+    def teardown(self) -> None:
+        return None
+
+    def run_once(self, n: int) -> RunResult:
+        data_dir = self.workdir / f"vramancer-embedded-{next(self._runs)}"
+        return asyncio.run(self._run(n, data_dir))
+
+    def _settings(self, data_dir: Path) -> Settings:
+        return Settings(
+            data_dir=data_dir,
+            tasks=self.tasks_settings,
+            disable_rate_limit=True,
+        )
+
+    async def _run(self, n: int, data_dir: Path) -> RunResult:
+        async with Runtime(self._settings(data_dir)) as rt:
+            warm = await rt.tasks.submit_batch(_noop_specs(WARMUP_TASKS))
+            await rt.tasks.wait([s.task_id for s in warm], timeout_s=self.timeout_s)
+            t0 = time.perf_counter()
+            ids: list[str] = []
+            for size in _chunks(n, self.batch):
+                ids.extend(s.task_id for s in await rt.tasks.submit_batch(_noop_specs(size)))
+            t1 = time.perf_counter()
+            await rt.tasks.wait(ids, timeout_s=self.timeout_s)
+            t2 = time.perf_counter()
+            done = rt.tasks.counts()["done"]
+            if done != n + WARMUP_TASKS:
+                raise RuntimeError(f"expected {n + WARMUP_TASKS} tasks done, counted {done}")
+        return RunResult(n=n, submit_s=t1 - t0, total_s=t2 - t0)
+
+
+class HttpRunner:
+    """VRAMancer over HTTP: ``POST /api/tasks/submit_batch`` to a real ``vramancer serve``."""
+
+    name = "vramancer_http"
+    library = "vramancer"
+    submit_how = "POST /api/tasks/submit_batch (max_batch tasks per request), then polling"
+
+    def __init__(self, workdir: Path, timeout_s: float, batch: int | None = None) -> None:
+        self.workdir = workdir / "vramancer-http"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.timeout_s = timeout_s
+        self.tasks_settings = TasksSettings(**BENCH_TASKS_SETTINGS)
+        self.batch = min(batch or self.tasks_settings.max_batch, self.tasks_settings.max_batch)
+        self.durability = _describe_durability(self.tasks_settings.synchronous)
+        self.concurrency = (
+            "vramancer serve (1 uvicorn process): the daemon's in-process maintenance runner, "
+            f"leased noop batches of up to {self.tasks_settings.maintenance_batch}"
+        )
+        self._server: Any = None
+        self._client: httpx.Client | None = None
+        self._done_before = 0
+
+    def setup(self) -> None:
+        from tests.helpers import start_server
+
+        config = "[tasks]\n" + "".join(f"{k} = {v!r}\n" for k, v in BENCH_TASKS_SETTINGS.items())
+        self._server = start_server(
+            self.workdir, config, env={"VRM_DISABLE_RATE_LIMIT": "1"}, timeout=60
+        )
+        self._client = httpx.Client(base_url=self._server.url, timeout=self.timeout_s)
+        self.run_once(WARMUP_TASKS)
+
+    def teardown(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._server is not None:
+            self._server.stop()
+            if self._server.proc.stdout:
+                self._server.proc.stdout.close()
+
+    def run_once(self, n: int) -> RunResult:
+        assert self._client is not None
+        client = self._client
+        t0 = time.perf_counter()
+        ids: list[str] = []
+        for size in _chunks(n, self.batch):
+            answer = client.post("/api/tasks/submit_batch", json={"tasks": _noop_specs(size)})
+            answer.raise_for_status()
+            ids.extend(answer.json()["task_ids"])
+        t1 = time.perf_counter()
+        self._wait_done(client, self._done_before + n)
+        t2 = time.perf_counter()
+        self._done_before += n
+        if len(ids) != n:
+            raise RuntimeError(f"submitted {n} tasks, got {len(ids)} ids back")
+        self._check_done(client, ids)
+        return RunResult(n=n, submit_s=t1 - t0, total_s=t2 - t0)
+
+    def _wait_done(self, client: httpx.Client, total: int) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            done = self._count_done(client)
+            if done >= total:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {done}/{total} tasks done after {self.timeout_s:.0f}s")
+            time.sleep(HTTP_POLL_S)
+
+    def _count_done(self, client: httpx.Client) -> int:
+        """Tasks ended ``done``, from ``GET /api/tasks/stats`` (counts per state)."""
+        answer = client.get("/api/tasks/stats")
+        answer.raise_for_status()
+        return int(answer.json()["counts"]["done"])
+
+    def _check_done(self, client: httpx.Client, ids: list[str]) -> None:
+        """Untimed check: the first and last task of the run report ``done``."""
+        for task_id in (ids[0], ids[-1]):
+            answer = client.get("/api/tasks/status", params={"task_id": task_id})
+            answer.raise_for_status()
+            state = answer.json()["state"]
+            if state != "done":
+                raise RuntimeError(f"task {task_id} is {state} after the run")
