@@ -47,6 +47,7 @@ from vramancer.arbiter.policy import (
     Plan,
     QualityPolicy,
     QualityTooLow,
+    Usage,
     fit_to_budget,
     plan_allocation,
     pressure_ratio,
@@ -156,6 +157,10 @@ class Arbiter:
         self.policy = QualityPolicy(settings.min_qualities(), settings.pressure_low)
         self._lock = threading.RLock()
         self._allocations: dict[str, Allocation] = {}
+        #: Running totals of ``_allocations`` (bytes in all, per device; count per priority).
+        self._total_bytes = 0
+        self._device_bytes: dict[str, int] = {}
+        self._priority_count: dict[Priority, int] = {p: 0 for p in Priority}
         self._callbacks: dict[str, PreemptCallback] = {}
         self._preempted: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._waiters: list[_Waiter] = []
@@ -193,8 +198,10 @@ class Arbiter:
         self._m_wait = metrics.histogram(
             "vramancer_arbiter_wait_seconds", "Time acquire() waited before a grant."
         )
+        self._m_count_by = {p: self._m_count.labels(priority=p.value) for p in Priority}
+        self._published: dict[Any, float] = {}
         for priority in Priority:
-            self._m_count.labels(priority=priority.value).set(0)
+            self._m_count_by[priority].set(0)
             self._m_preemptions.labels(priority=priority.value)
         for reason in ("memory", "quality", "timeout"):
             self._m_denials.labels(reason=reason)
@@ -396,7 +403,11 @@ class Arbiter:
                 budget = self._check_locked(request)
                 self._stats.requests += 1
                 plan = plan_allocation(
-                    request, list(self._allocations.values()), budget, self.policy
+                    request,
+                    list(self._allocations.values()),
+                    budget,
+                    self.policy,
+                    self._usage_locked(),
                 )
                 if not isinstance(plan, Grant):
                     raise self._denial_locked(plan)
@@ -520,7 +531,7 @@ class Arbiter:
             allocation_id = allocation_id.id
         effects = _Effects()
         with self._lock:
-            held = self._allocations.pop(allocation_id, None)
+            held = self._remove_locked(allocation_id)
             if held is None:
                 if allocation_id in self._preempted:
                     return
@@ -559,7 +570,7 @@ class Arbiter:
         )
         for victim in plan.victims:
             self._take_locked(victim, effects, by=allocation, reason="preempted")
-        self._allocations[allocation.id] = allocation
+        self._insert_locked(allocation)
         if on_preempt is not None:
             self._callbacks[allocation.id] = on_preempt
         stats = self._stats
@@ -577,7 +588,7 @@ class Arbiter:
     def _take_locked(
         self, victim: Allocation, effects: _Effects, *, by: Allocation | None, reason: str
     ) -> None:
-        self._allocations.pop(victim.id, None)
+        self._remove_locked(victim.id)
         callback = self._callbacks.pop(victim.id, None)
         info: dict[str, Any] = {
             "reason": reason,
@@ -633,7 +644,11 @@ class Arbiter:
             if blocked_all or (device is not None and device in blocked):
                 continue
             plan = plan_allocation(
-                waiter.request, list(self._allocations.values()), budget, self.policy
+                waiter.request,
+                list(self._allocations.values()),
+                budget,
+                self.policy,
+                self._usage_locked(),
             )
             if isinstance(plan, Grant):
                 waiter.allocation = self._grant_locked(
@@ -652,12 +667,31 @@ class Arbiter:
                 blocked.add(device)
         self._m_waiters.set(len(self._waiters))
 
+    def _insert_locked(self, allocation: Allocation) -> None:
+        self._allocations[allocation.id] = allocation
+        self._total_bytes += allocation.memory_bytes
+        if allocation.device is not None:
+            device = allocation.device
+            self._device_bytes[device] = self._device_bytes.get(device, 0) + allocation.memory_bytes
+        self._priority_count[allocation.priority] += 1
+
+    def _remove_locked(self, allocation_id: str) -> Allocation | None:
+        allocation = self._allocations.pop(allocation_id, None)
+        if allocation is None:
+            return None
+        self._total_bytes -= allocation.memory_bytes
+        if allocation.device is not None:
+            self._device_bytes[allocation.device] -= allocation.memory_bytes
+        self._priority_count[allocation.priority] -= 1
+        return allocation
+
     def _allocated_locked(self, device: str | None = None) -> int:
-        return sum(
-            a.memory_bytes
-            for a in self._allocations.values()
-            if device is None or a.device == device
-        )
+        if device is None:
+            return self._total_bytes
+        return self._device_bytes.get(device, 0)
+
+    def _usage_locked(self) -> Usage:
+        return Usage(self._total_bytes, dict(self._device_bytes))
 
     def _available_locked(self, device: str | None) -> int:
         budget = self._budget_locked()
@@ -702,17 +736,20 @@ class Arbiter:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
+        """Set the gauges whose value changed since the last call (each set has a cost)."""
         with self._lock:
             budget = self._budget_locked()
-            allocated = self._allocated_locked()
-            counts = {p: 0 for p in Priority}
-            for allocation in self._allocations.values():
-                counts[allocation.priority] += 1
-        self._m_budget.set(budget.total_bytes)
-        self._m_allocated.set(allocated)
-        self._m_pressure.set(pressure_ratio(allocated, budget.total_bytes))
-        for priority, count in counts.items():
-            self._m_count.labels(priority=priority.value).set(count)
+            values: dict[Any, float] = {
+                self._m_budget: budget.total_bytes,
+                self._m_allocated: self._total_bytes,
+                self._m_pressure: pressure_ratio(self._total_bytes, budget.total_bytes),
+            }
+            for priority, count in self._priority_count.items():
+                values[self._m_count_by[priority]] = count
+            changed = [(g, v) for g, v in values.items() if self._published.get(g) != v]
+            self._published.update(changed)
+        for gauge, value in changed:
+            gauge.set(value)
 
     # ------------------------------------------------------------------ queries
 

@@ -77,6 +77,24 @@ class Budget:
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """Bytes granted: in all, and per device (allocations naming it)."""
+
+    total_bytes: int
+    devices: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, allocations: Iterable[Allocation]) -> Usage:
+        total = 0
+        devices: dict[str, int] = {}
+        for a in allocations:
+            total += a.memory_bytes
+            if a.device is not None:
+                devices[a.device] = devices.get(a.device, 0) + a.memory_bytes
+        return cls(total, devices)
+
+
+@dataclass(frozen=True, slots=True)
 class AllocationRequest:
     """A request to plan. ``device`` is ``gpu:N`` or ``None`` (counted against the total only)."""
 
@@ -130,7 +148,9 @@ def victim_order(allocations: Iterable[Allocation]) -> list[Allocation]:
     return sorted(allocations, key=lambda a: (a.priority.rank, -a.seq, a.id))
 
 
-def _sum_bytes(allocations: Iterable[Allocation], device: str | None = None) -> int:
+def _sum_bytes(allocations: Sequence[Allocation], device: str | None = None) -> int:
+    if not allocations:
+        return 0
     if device is None:
         return sum(a.memory_bytes for a in allocations)
     return sum(a.memory_bytes for a in allocations if a.device == device)
@@ -222,16 +242,22 @@ def plan_allocation(
     allocations: Sequence[Allocation],
     budget: Budget,
     policy: QualityPolicy,
+    usage: Usage | None = None,
 ) -> Plan:
-    """Decide a request: grant (maybe after preempting), no room, or quality too low."""
+    """Decide a request: grant (maybe after preempting), no room, or quality too low.
+
+    ``usage`` is ``Usage.of(allocations)`` when the caller already keeps the totals (it saves
+    a pass over the allocations on the common path, where the request simply fits).
+    """
     device = request.device
+    used = usage if usage is not None else Usage.of(allocations)
     scope = _Scope(
         request=request,
         policy=policy,
         total_budget=budget.total_bytes,
-        total_allocated=_sum_bytes(allocations),
+        total_allocated=used.total_bytes,
         device_budget=budget.devices.get(device, 0) if device is not None else 0,
-        device_allocated=_sum_bytes(allocations, device) if device is not None else 0,
+        device_allocated=used.devices.get(device, 0) if device is not None else 0,
     )
     if scope.satisfied(()):
         return Grant(scope.quality(()), scope.pressure(()))
