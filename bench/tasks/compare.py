@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -126,6 +127,39 @@ def _version(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
+
+
+def filesystem_of(path: Path) -> str:
+    """``<fstype> on <mount point>`` for ``path``, from ``/proc/mounts`` (Linux)."""
+    best = ("", "?")
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if (
+                    len(parts) > 2
+                    and str(path).startswith(parts[1])
+                    and len(parts[1]) >= len(best[0])
+                ):
+                    best = (parts[1], parts[2])
+    except OSError:
+        return "?"
+    return f"{best[1]} on {best[0]}"
+
+
+def fsync_ms(path: Path, samples: int = 20) -> float:
+    """Median time of one 4 KiB write + fsync in ``path``: what a durable commit costs here."""
+    times: list[float] = []
+    probe = path / "fsync-probe"
+    with open(probe, "wb") as fh:
+        for _ in range(samples):
+            fh.write(b"\0" * 4096)
+            fh.flush()
+            t0 = time.perf_counter()
+            os.fsync(fh.fileno())
+            times.append(time.perf_counter() - t0)
+    probe.unlink()
+    return round(statistics.median(times) * 1000, 3)
 
 
 def _log(message: str) -> None:
@@ -270,6 +304,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout-s", type=float, default=600.0, help="longest wait for one run to finish"
     )
+    parser.add_argument(
+        "--workdir", default=None, help="where data directories go (default: the temp dir)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
     if args.n < 1 or args.runs < 1 or args.rq_n < 0:
@@ -284,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     if "rq" in n_of and args.rq_n:
         n_of["rq"] = min(args.rq_n, args.n)
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="vrm-bench-tasks-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vrm-bench-tasks-", dir=args.workdir) as tmp:
         workdir = Path(tmp)
+        storage = {"filesystem": filesystem_of(workdir), "fsync_ms_median": fsync_ms(workdir)}
         redis_box: list[RedisServer] = []
 
         def redis_server() -> RedisServer:
@@ -307,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {platform.node()}",
         "redis_server": redis_version,
+        "data_dir_storage": storage,
         "wall_s": round(time.time() - started, 1),
         "systems": {r.name: r.as_json() for r in reports},
         "verdict": verdict(reports),
@@ -316,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(render_table(reports, args.runs))
         print()
+        print("storage of the data directories:", json.dumps(storage))
         print("verdict:", json.dumps(result["verdict"]))
     return 0
 
