@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from tests.helpers import ServerProcess
+from vramancer.cli.main import app
 
 pytestmark = pytest.mark.integration
 
@@ -148,16 +148,20 @@ def test_restart_keeps_blocks_on_disk_and_spills_on_sigterm(
             assert view.get(f"/v1/memory/blocks/{key}").content == value
 
 
-def run_cli(server: ServerProcess, *args: str, token: str = "adm", stdin: bytes = b"") -> Any:
-    env = {**os.environ, "VRM_URL": server.url, "VRM_API_TOKEN": token, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-c", "from vramancer.cli.main import main; main()", *args],
-        input=stdin,
-        capture_output=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+def run_cli(server: ServerProcess, *args: str, token: str = "adm", stdin: bytes = b"") -> CliResult:
+    """The real CLI in-process (a fresh Python per command costs seconds here)."""
+    env = {"VRM_URL": server.url, "VRM_API_TOKEN": token, "COLUMNS": "200"}
+    result = CliRunner().invoke(app, list(args), input=stdin, env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return CliResult(result.exit_code, result.stdout_bytes, result.stderr_bytes)
 
 
 def test_cli_memory_commands(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:

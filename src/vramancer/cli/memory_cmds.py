@@ -19,6 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from vramancer.cli.common import Api, JsonOpt, call, console, emit, err_console, fail
+from vramancer.config import DEFAULT_URL
 from vramancer.units import format_size, parse_size
 
 memory_app = typer.Typer(
@@ -54,8 +55,7 @@ def _progress(total: int | None, label: str) -> Progress:
 @memory_app.command("tiers")
 def tiers(json_out: JsonOpt = False) -> None:
     """Each tier: capacity, use, blocks, latency."""
-    api = Api()
-    data = call(lambda: api.get("/v1/memory/tiers"))
+    data = _request("GET", "/v1/memory/tiers")
 
     def render(d: dict[str, Any]) -> None:
         table = Table("tier", "used", "capacity", "use", "blocks", "latency", "compression")
@@ -95,8 +95,7 @@ def blocks(
     params: dict[str, Any] = {"limit": limit, "offset": offset}
     if tier:
         params["tier"] = tier
-    api = Api()
-    data = call(lambda: api.get("/v1/memory/blocks", params=params))
+    data = _request("GET", "/v1/memory/blocks", params=params)
 
     def render(d: dict[str, Any]) -> None:
         table = Table("id", "size", "tier", "pinned", "priority", "kind")
@@ -137,10 +136,9 @@ def put(
     params: dict[str, Any] = {"priority": priority}
     if hint:
         params["hint"] = hint
-    api = Api(timeout=600.0)
     if source == "-":
         body: Any = sys.stdin.buffer.read()
-        data = call(lambda: api.put(_block_path(block_id), params=params, content=body))
+        data = _request("PUT", _block_path(block_id), params=params, content=body)
     else:
         path = Path(source)
         if not path.is_file():
@@ -148,13 +146,12 @@ def put(
         size = path.stat().st_size
         headers = {"content-length": str(size), "content-type": "application/octet-stream"}
         with _progress(size, "put") as progress:
-            data = call(
-                lambda: api.put(
-                    _block_path(block_id),
-                    params=params,
-                    content=_file_chunks(path, progress),
-                    headers=headers,
-                )
+            data = _request(
+                "PUT",
+                _block_path(block_id),
+                params=params,
+                content=_file_chunks(path, progress),
+                headers=headers,
             )
 
     def render(d: dict[str, Any]) -> None:
@@ -163,11 +160,23 @@ def put(
     emit(data, json_out, render)
 
 
+def _request(method: str, path: str, **kwargs: Any) -> Any:
+    """One JSON request to the server (errors become a one-line message, exit 1)."""
+    api = Api(timeout=600.0)
+    try:
+        return call(lambda: api.request(method, path, **kwargs).json())
+    finally:
+        api.close()
+
+
+def _url() -> str:
+    return (os.environ.get("VRM_URL") or DEFAULT_URL).rstrip("/")
+
+
 def _client() -> httpx.Client:
-    api = Api()
     token = os.environ.get("VRM_API_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=api.url, headers=headers, timeout=600.0)
+    return httpx.Client(base_url=_url(), headers=headers, timeout=600.0)
 
 
 @memory_app.command("get")
@@ -213,7 +222,7 @@ def get(
                 "output": output,
             }
     except httpx.TransportError as exc:
-        fail(f"cannot reach VRAMancer at {Api().url} ({exc.__class__.__name__})")
+        fail(f"cannot reach VRAMancer at {_url()} ({exc.__class__.__name__})")
     if output != "-":
         emit(
             meta,
@@ -239,8 +248,7 @@ def evict(
             body["bytes"] = parse_size(size)
         except ValueError as exc:
             fail(f"--bytes: {exc}", code=2)
-    api = Api(timeout=600.0)
-    data = call(lambda: api.post("/v1/memory/evict", json=body))
+    data = _request("POST", "/v1/memory/evict", json=body)
 
     def render(d: dict[str, Any]) -> None:
         console.print(f"evicted {d['moved']} blocks ({format_size(d['bytes'])})")
