@@ -5,6 +5,8 @@ The server has one simulated 24 GiB GPU, so the arbiter's budget is 0.9 × 24 Gi
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,6 +157,30 @@ def test_wait_s_times_out_with_504(client: httpx.Client) -> None:
     assert response.json()["error"]["code"] == "arbiter_timeout"
 
 
+def test_wait_s_is_granted_when_memory_frees_during_the_wait(
+    client: httpx.Client, server: ServerProcess
+) -> None:
+    holder = client.post(
+        "/v1/allocations",
+        json={"workload_type": "llm", "priority": "user_facing", "memory": "20GiB"},
+    ).json()
+    releaser = threading.Timer(
+        0.3, lambda: httpx.delete(f"{server.url}/v1/allocations/{holder['id']}")
+    )
+    releaser.start()
+    started = time.monotonic()
+    response = client.post(
+        "/v1/allocations",
+        json={"workload_type": "llm", "priority": "normal", "memory": "4GiB", "wait_s": 8},
+    )
+    releaser.join()
+    assert response.status_code == 201, response.text
+    assert 0.2 < time.monotonic() - started < 8
+    assert [a["id"] for a in client.get("/v1/allocations").json()["allocations"]] == [
+        response.json()["id"]
+    ]
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -165,6 +191,7 @@ def test_wait_s_times_out_with_504(client: httpx.Client) -> None:
         ({"workload_type": "llm", "memory": "1GiB", "min_quality": 2}, "min_quality"),
         ({"workload_type": "llm", "memory": "1GiB", "colour": "red"}, "colour"),
         ({"workload_type": "llm"}, "memory"),
+        ({"workload_type": "llm", "memory": "1GiB", "wait_s": 60}, "wait_s"),
     ],
 )
 def test_bad_bodies_are_422_naming_the_field(

@@ -79,6 +79,7 @@ def test_no_room_is_a_clear_error(runner: CliRunner) -> None:
         (["alloc", "request", "llm", "lots"], "memory"),
         (["alloc", "request", "llm", "1GiB", "--min-quality", "1.5"], "--min-quality"),
         (["alloc", "request", "chat", "1GiB"], "workload_type"),
+        (["alloc", "request", "llm", "1GiB", "--wait", "11"], "--wait"),
     ],
 )
 def test_bad_usage_names_the_field(runner: CliRunner, args: list[str], needle: str) -> None:

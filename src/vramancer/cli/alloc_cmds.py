@@ -84,7 +84,7 @@ def request(
     device: Annotated[str | None, typer.Option(help="A GPU: gpu:N.")] = None,
     owner: Annotated[str | None, typer.Option(help="Who holds it (shown in listings).")] = None,
     wait: Annotated[
-        float, typer.Option(help="Seconds to wait for memory to free up (0: answer at once).")
+        float, typer.Option(help="Seconds (at most 10) to wait for memory to free up (0: at once).")
     ] = 0.0,
     preempt: Annotated[
         bool, typer.Option(help="May take memory from strictly lower priorities.")
@@ -98,8 +98,8 @@ def request(
         fail(f"memory: {exc}", code=2)
     if min_quality is not None and not 0.0 < min_quality <= 1.0:
         fail(f"--min-quality must be in (0, 1], got {min_quality}", code=2)
-    if wait < 0:
-        fail(f"--wait cannot be negative, got {wait}", code=2)
+    if not 0 <= wait <= 10:
+        fail(f"--wait must be between 0 and 10 seconds, got {wait}", code=2)
     body: dict[str, Any] = {
         "workload_type": workload_type.value,
         "priority": priority.value,

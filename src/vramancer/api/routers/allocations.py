@@ -36,8 +36,8 @@ class AllocationBody(BaseModel):
     device: str | None = Field(default=None, max_length=32)
     #: Who holds it (shown in listings and ``preempted`` events).
     owner: str | None = Field(default=None, max_length=200)
-    #: Wait up to this many seconds for memory to free up (0: answer at once).
-    wait_s: float = Field(default=0.0, ge=0, le=300)
+    #: Wait up to this many seconds (at most 10) for memory to free up (0: answer at once).
+    wait_s: float = Field(default=0.0, ge=0, le=10)
     #: May this request take memory from strictly lower priorities?
     preempt: bool = True
 
