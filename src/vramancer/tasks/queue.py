@@ -86,6 +86,10 @@ class TaskQueue(Protocol):
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
+    async def states(self, task_ids: Sequence[str]) -> dict[str, TaskState]:
+        """The state of each known task among ``task_ids`` (unknown ones are left out)."""
+        ...
+
     async def history(
         self,
         *,

@@ -174,6 +174,7 @@ class TaskService:
         self._active: dict[str, _Active] = {}
         self._counts: dict[tuple[bool, TaskState], int] = {}
         self._waiters: list[tuple[set[str], asyncio.Event]] = []
+        self._children: dict[tuple[int, str], Any] = {}
         self._wake: asyncio.Event | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._maintenance: asyncio.Task[None] | None = None
@@ -321,10 +322,11 @@ class TaskService:
 
     def _prepare(self, spec: TaskSpec, snapshot: SystemSnapshot, where: str) -> NewTask:
         s = self.settings
-        task_id = spec.task_id or uuid.uuid4().hex[:20]
-        body = spec.model_dump(mode="json", exclude_none=True)
-        body["task_id"] = task_id
-        spec_json = _dumps(body)
+        task_id = spec.task_id
+        if task_id is None:
+            task_id = uuid.uuid4().hex[:20]
+            spec = spec.model_copy(update={"task_id": task_id})
+        spec_json = spec.model_dump_json(exclude_none=True)
         if len(spec_json) > s.max_payload_bytes:
             raise PayloadTooLarge(
                 f"{where}the task body is {len(spec_json)} bytes; at most {s.max_payload_bytes} "
@@ -481,9 +483,10 @@ class TaskService:
         entry = (pending, event)
         self._waiters.append(entry)
         try:
+            states = await self.queue.states(list(pending))
             for task_id in list(pending):
-                record = await self.queue.get(task_id)
-                if record is None or record.state.terminal:
+                state = states.get(task_id)
+                if state is None or state.terminal:
                     pending.discard(task_id)
             if pending:
                 await asyncio.wait_for(event.wait(), timeout_s)
@@ -921,21 +924,21 @@ class TaskService:
             if change.previous is not None:
                 counts[(lane, change.previous)] = counts.get((lane, change.previous), 0) - 1
             else:
-                self._m_submitted.labels(type=kind.value).inc()
+                self._child(self._m_submitted, "type", kind.value).inc()
             counts[(lane, change.state)] = counts.get((lane, change.state), 0) + 1
             device = change.device or HOST
             if change.wait_s is not None:
-                self._m_wait.labels(device=device).observe(change.wait_s)
+                self._child(self._m_wait, "device", device).observe(change.wait_s)
             if change.run_s is not None:
-                self._m_run.labels(device=device).observe(change.run_s)
+                self._child(self._m_run, "device", device).observe(change.run_s)
             if change.state is TaskState.DONE:
-                self._m_completed.labels(type=kind.value).inc()
+                self._child(self._m_completed, "type", kind.value).inc()
                 if change.estimate_key and change.run_s is not None:
                     observe = getattr(self.estimator, "observe", None)
                     if observe is not None:
                         observe(change.estimate_key, change.run_s)
             elif change.state is TaskState.FAILED:
-                self._m_failed.labels(type=kind.value).inc()
+                self._child(self._m_failed, "type", kind.value).inc()
             self.events.publish(
                 "task_state",
                 task_id=change.task_id,
@@ -957,6 +960,14 @@ class TaskService:
         self._m_depth.set(
             self._lane_count(False, depth_states) + self._lane_count(True, depth_states)
         )
+
+    def _child(self, metric: Any, label: str, value: str) -> Any:
+        """The labelled child of ``metric``, cached (``labels()`` is slow on the hot path)."""
+        key = (id(metric), value)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(**{label: value})
+        return child
 
     def _notify_end(self, task_id: str) -> None:
         for pending, event in self._waiters:
