@@ -26,6 +26,7 @@ Run it alone for demos: ``python -m tests.fakes.ollama --port 11434 --model qwen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -148,11 +149,14 @@ class FakeOllama:
     def start(self) -> FakeOllama:
         if self._server is not None:
             return self
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
+        server = _Server(("127.0.0.1", self.port), _Handler)
+        server.fake = self
         server.daemon_threads = True
         self.port = int(server.server_address[1])
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -174,6 +178,19 @@ class FakeOllama:
         self.loaded.clear()
         self.start()
 
+    def reset(self) -> None:
+        """Forget loads, requests and failure modes (between hypothesis examples)."""
+        with self._lock:
+            self.loaded.clear()
+            self.requests.clear()
+            self.active_loads = 0
+            self.max_concurrent_loads = 0
+        self.load_delay_s = 0.0
+        self.unload_delay_s = 0.0
+        self.fail_status = None
+        self.fail_next_loads = 0
+        self._die_on_load = False
+
     def die_on_next_load(self) -> None:
         """The next load drops its connection half-way and the server goes away."""
         self._die_on_load = True
@@ -182,7 +199,19 @@ class FakeOllama:
         return sum(
             1
             for r in self.requests
-            if r.path == "/api/generate" and r.body.get("model") == name and _is_load(r.body)
+            if r.path == "/api/generate"
+            and r.body.get("model") == name
+            and _is_load(r.body)
+            and keep_alive_seconds_or_none(r.body) != 0
+        )
+
+    def unloads_of(self, name: str) -> int:
+        return sum(
+            1
+            for r in self.requests
+            if r.path == "/api/generate"
+            and r.body.get("model") == name
+            and keep_alive_seconds_or_none(r.body) == 0
         )
 
     def __enter__(self) -> FakeOllama:
@@ -247,6 +276,26 @@ class FakeOllama:
             return 200, _reply(name, "load")
         return 200, {**_reply(name, "stop"), "response": "fake response"}
 
+    def tags(self) -> dict[str, Any]:
+        return {
+            "models": [
+                {"name": m.name, "model": m.name, "size": m.size, "digest": m.digest}
+                for m in self.models.values()
+            ]
+        }
+
+    def take_die_on_load(self) -> bool:
+        with self._lock:
+            die, self._die_on_load = self._die_on_load, False
+        return die
+
+    def take_failed_load(self) -> bool:
+        with self._lock:
+            if self.fail_next_loads <= 0:
+                return False
+            self.fail_next_loads -= 1
+            return True
+
     def begin_load(self) -> None:
         with self._lock:
             self.active_loads += 1
@@ -271,90 +320,95 @@ def _reply(name: str, reason: str) -> dict[str, Any]:
     }
 
 
-def _handler(fake: FakeOllama) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "FakeOllama/" + VERSION
+class _Server(ThreadingHTTPServer):
+    fake: FakeOllama
 
-        def log_message(self, format: str, *args: Any) -> None:
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up (timeout) leaves a broken pipe: that is expected here."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One request. HTTP/1.0: every response closes its connection, so "down" means down."""
+
+    server: _Server
+    server_version = "FakeOllama/" + VERSION
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict[str, Any] | None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            data = json.loads(raw or b"{}")
+        except ValueError:
             return None
+        return data if isinstance(data, dict) else None
 
-        def _send(self, status: int, payload: dict[str, Any]) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def do_GET(self) -> None:
+        fake = self.server.fake
+        fake.requests.append(Request("GET", self.path))
+        if fake.fail_status is not None:
+            self._send(fake.fail_status, {"error": "fake ollama: internal error"})
+            return
+        routes = {
+            "/api/version": lambda: {"version": VERSION},
+            "/api/ps": fake.ps,
+            "/api/tags": fake.tags,
+        }
+        route = routes.get(self.path)
+        if route is None:
+            self._send(404, {"error": "404 page not found"})
+        else:
+            self._send(200, route())
 
-        def _body(self) -> dict[str, Any]:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            try:
-                data = json.loads(raw or b"{}")
-            except ValueError:
-                return {"__invalid__": True}
-            return data if isinstance(data, dict) else {"__invalid__": True}
+    def do_POST(self) -> None:
+        fake = self.server.fake
+        body = self._body()
+        fake.requests.append(Request("POST", self.path, body or {}))
+        if body is None:
+            self._send(400, {"error": "invalid JSON body"})
+        elif self.path != "/api/generate":
+            self._send(404, {"error": "404 page not found"})
+        elif fake.fail_status is not None:
+            self._send(fake.fail_status, {"error": "fake ollama: internal error"})
+        elif _is_load(body) and keep_alive_seconds_or_none(body) != 0:
+            self._load(fake, body)
+        else:
+            self._send(*fake.generate(body))
 
-        def do_GET(self) -> None:
-            fake.requests.append(Request("GET", self.path))
-            if fake.fail_status is not None:
-                self._send(fake.fail_status, {"error": "fake ollama: internal error"})
-            elif self.path == "/api/version":
-                self._send(200, {"version": VERSION})
-            elif self.path == "/api/ps":
-                self._send(200, fake.ps())
-            elif self.path == "/api/tags":
-                self._send(200, {"models": [{"name": m.name, "model": m.name, "size": m.size,
-                                             "digest": m.digest} for m in fake.models.values()]})
-            else:
-                self._send(404, {"error": "404 page not found"})
-
-        def do_POST(self) -> None:
-            body = self._body()
-            fake.requests.append(Request("POST", self.path, body))
-            if body.get("__invalid__"):
-                self._send(400, {"error": "invalid JSON body"})
+    def _load(self, fake: FakeOllama, body: dict[str, Any]) -> None:
+        fake.begin_load()
+        try:
+            if fake.take_die_on_load():
+                time.sleep(min(0.05, fake.load_delay_s))
+                fake.stop()  # stop listening first: the client then finds nobody
+                self._drop_connection()
                 return
-            if self.path != "/api/generate":
-                self._send(404, {"error": "404 page not found"})
+            time.sleep(fake.load_delay_s)
+            if fake.take_failed_load():
+                self._send(500, {"error": "fake ollama: failed to load model"})
                 return
-            if fake.fail_status is not None:
-                self._send(fake.fail_status, {"error": "fake ollama: internal error"})
-                return
-            loading = _is_load(body) and keep_alive_seconds_or_none(body) != 0
-            if loading:
-                self._load(body)
-                return
-            status, payload = fake.generate(body)
-            self._send(status, payload)
+            self._send(*fake.generate(body))
+        finally:
+            fake.end_load()
 
-        def _load(self, body: dict[str, Any]) -> None:
-            fake.begin_load()
-            try:
-                if fake._die_on_load:
-                    fake._die_on_load = False
-                    time.sleep(min(0.05, fake.load_delay_s))
-                    self._drop_connection()
-                    threading.Thread(target=fake.stop, daemon=True).start()
-                    return
-                time.sleep(fake.load_delay_s)
-                if fake.fail_next_loads > 0:
-                    fake.fail_next_loads -= 1
-                    self._send(500, {"error": "fake ollama: failed to load model"})
-                    return
-                status, payload = fake.generate(body)
-                self._send(status, payload)
-            finally:
-                fake.end_load()
-
-        def _drop_connection(self) -> None:
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.close_connection = True
-
-    return Handler
+    def _drop_connection(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+        self.close_connection = True
 
 
 def keep_alive_seconds_or_none(body: dict[str, Any]) -> float | None:

@@ -43,15 +43,25 @@ def fake_ollama() -> Iterator[FakeOllama]:
 
 def seed_settings(ollama_url: str, tmp: Any = None, **overrides: Any) -> Settings:
     """Seed 002's set-up: a 12 GiB simulated GPU, the VLM on Ollama, CLIP as a torch model."""
-    gm = {"vlm_model": VLM, "clip_model": CLIP, **FAST_GM, **overrides.pop("gpu_manager", {})}
     models = overrides.pop(
         "models",
         [
-            {"name": VLM, "backend": "ollama", "vram": VLM_SIZE, "priority": "user_facing",
-             "allowed_devices": ["gpu"]},
+            {
+                "name": VLM,
+                "backend": "ollama",
+                "vram": VLM_SIZE,
+                "priority": "user_facing",
+                "allowed_devices": ["gpu"],
+            },
             {"name": CLIP, "backend": "torch", "factory": TINY, "vram": "500MiB"},
         ],
     )
+    names = {m["name"] for m in models}
+    roles = {
+        "vlm_model": VLM if VLM in names else None,
+        "clip_model": CLIP if CLIP in names else None,
+    }
+    gm = {**roles, **FAST_GM, **overrides.pop("gpu_manager", {})}
     devices = overrides.pop(
         "devices", {"backends": [], "simulated": [{"name": "sim0", "memory": "12GiB"}]}
     )
@@ -99,9 +109,16 @@ async def harness(settings: Settings, **kwargs: Any) -> AsyncIterator[Harness]:
     events = EventBus(clock=clock.time)
     metrics = Metrics(node="test")
     devices = DeviceManager(settings.devices, events=events, metrics=metrics, clock=clock)
-    arbiter = Arbiter(settings.arbiter, devices=devices, events=events, metrics=metrics, clock=clock)
+    arbiter = Arbiter(
+        settings.arbiter, devices=devices, events=events, metrics=metrics, clock=clock
+    )
     models = ModelManager(
-        settings, devices=devices, arbiter=arbiter, events=events, metrics=metrics, clock=clock,
+        settings,
+        devices=devices,
+        arbiter=arbiter,
+        events=events,
+        metrics=metrics,
+        clock=clock,
         **kwargs,
     )
     h = Harness(settings, clock, events, metrics, devices, arbiter, models)

@@ -138,6 +138,8 @@ class TorchModel:
         return LoadResult(vram_bytes=size if target.on_gpu else 0, size_bytes=size)
 
     async def unload(self) -> None:
+        if self._obj is None:
+            return
         self._obj = None
         await asyncio.to_thread(_collect)
 

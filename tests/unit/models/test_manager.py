@@ -1,0 +1,593 @@
+"""The model manager over the real device manager (simulated GPUs), the real arbiter, the fake
+Ollama server and small torch models, on a manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fakes.ollama import FakeOllama
+from tests.unit.models import tiny
+from tests.unit.models.conftest import CLIP, TINY, VLM, VLM_SIZE, harness, seed_settings
+from vramancer.arbiter.types import Priority, WorkloadType
+from vramancer.errors import (
+    BackendUnavailable,
+    InsufficientMemory,
+    InvalidInput,
+    NotFound,
+    OperationTimeout,
+)
+from vramancer.models.errors import BackendError, ModelNotInBackend
+from vramancer.models.types import ModelState
+from vramancer.units import GIB, MIB
+
+CLIP_BYTES = 500 * MIB
+
+
+def ollama(name: str, vram: int | str, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "backend": "ollama", "vram": vram, **kw}
+
+
+def torch_model(name: str, factory: str = TINY, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "backend": "torch", "factory": factory, **kw}
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    raise AssertionError(f"no sample {name}{labels}")
+
+
+def owners(h: Any) -> dict[str, int]:
+    return {a.owner: a.memory_bytes for a in h.arbiter.state().allocations}
+
+
+async def test_load_and_unload_on_a_simulated_gpu_show_in_telemetry_and_arbiter(
+    fake_ollama: FakeOllama,
+) -> None:
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        m = h.models
+        status = await m.ensure_loaded(VLM)
+        assert (status.state, status.device, status.runs_on, status.simulated) == (
+            ModelState.LOADED,
+            "cuda:0",
+            "cpu",
+            True,
+        )
+        assert status.used_vram_bytes == VLM_SIZE
+        assert h.gpu_used() == VLM_SIZE
+        assert owners(h) == {f"model:{VLM}": VLM_SIZE}
+        assert m.is_loaded(VLM) and m.device(VLM) == "cuda:0"
+        loaded = h.of("model_loaded")[0].data
+        assert loaded["model"] == VLM and loaded["device"] == "cuda:0" and loaded["simulated"]
+        status = await m.ensure_unloaded(VLM)
+        assert status.state is ModelState.UNLOADED and status.device is None
+        assert h.gpu_used() == 0
+        assert owners(h) == {}
+        unloaded = h.of("model_unloaded")[0].data
+        assert unloaded["freed_bytes"] == VLM_SIZE and unloaded["reason"] == "request"
+        assert fake_ollama.loaded == {}
+        assert m.device(VLM) == "cpu"
+
+
+async def test_use_loads_on_demand_and_holds_against_the_idle_reaper(
+    fake_ollama: FakeOllama,
+) -> None:
+    settings = seed_settings(fake_ollama.url, models=[ollama(VLM, VLM_SIZE, idle_timeout_s=60)])
+    async with harness(settings) as h:
+        m = h.models
+        async with m.use(VLM) as handle:
+            assert handle.device == "cuda:0" and handle.endpoint == fake_ollama.url
+            assert m.status(VLM).in_use == 1
+            h.clock.advance(1000)
+            assert await m.reap_once() == []
+            assert m.is_loaded(VLM)
+        assert m.status(VLM).in_use == 0
+        assert m.status(VLM).last_used == h.clock.time()
+        h.clock.advance(59.9)
+        assert await m.reap_once() == []
+        h.clock.advance(0.1)
+        assert await m.reap_once() == [VLM]
+        assert m.state(VLM) is ModelState.UNLOADED
+        event = h.of("idle_unload")[0].data
+        assert event["model"] == VLM and event["idle_timeout_s"] == 60
+        assert h.of("model_unloaded")[0].data["reason"] == "idle"
+
+
+async def test_touch_resets_the_idle_timer_and_never_evict_is_not_reaped(
+    fake_ollama: FakeOllama,
+) -> None:
+    settings = seed_settings(
+        fake_ollama.url,
+        models=[
+            ollama(VLM, 4 * GIB, idle_timeout_s=10),
+            ollama("small:1b", GIB, idle_timeout_s=10, never_evict=True),
+        ],
+    )
+    async with harness(settings) as h:
+        m = h.models
+        await m.ensure_loaded(VLM)
+        await m.ensure_loaded("small:1b")
+        h.clock.advance(8)
+        m.touch(VLM)
+        h.clock.advance(8)
+        assert await m.reap_once() == []
+        h.clock.advance(2)
+        assert await m.reap_once() == [VLM]
+        h.clock.advance(1000)
+        assert await m.reap_once() == []
+        assert m.is_loaded("small:1b")
+
+
+async def test_torch_model_moves_between_cpu_and_a_simulated_gpu(fake_ollama: FakeOllama) -> None:
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        m = h.models
+        await m.ensure_loaded(CLIP, "cpu")
+        x = torch.ones(1, 16)
+        before = m.handle(CLIP)(x).detach()
+        status = await m.migrate(CLIP, "cuda:0")
+        assert (status.device, status.runs_on, status.simulated) == ("cuda:0", "cpu", True)
+        assert h.gpu_used() == CLIP_BYTES
+        assert owners(h) == {f"model:{CLIP}": CLIP_BYTES}
+        assert torch.equal(m.handle(CLIP)(x).detach(), before)
+        status = await m.migrate(CLIP, "cpu")
+        assert status.device == "cpu" and h.gpu_used() == 0 and owners(h) == {}
+        assert h.of("model_migrated")[-1].data["from"] == "cuda:0"
+        kinds = [e.data["event_type"] for e in h.of("resource_changed")]
+        assert kinds == ["model_loaded", "device_changed", "device_changed"]
+        with pytest.raises(InvalidInput, match="does not exist"):
+            await m.migrate(CLIP, "cuda:7")
+        with pytest.raises(InvalidInput, match="device must be"):
+            await m.migrate(CLIP, "tpu")
+        with pytest.raises(NotFound, match="no managed model 'nope'"):
+            await m.migrate("nope", "cpu")
+
+
+async def test_pipeline_objects_are_moved_and_reinitialised(fake_ollama: FakeOllama) -> None:
+    settings = seed_settings(
+        fake_ollama.url,
+        models=[
+            torch_model("pipe", "tests.unit.models.tiny:pipeline", vram="100MiB"),
+            torch_model("dev", "tests.unit.models.tiny:with_device"),
+        ],
+    )
+    async with harness(settings) as h:
+        m = h.models
+        await m.ensure_loaded("pipe", "cpu")
+        pipe = m.handle("pipe")
+        assert isinstance(pipe, tiny.Pipeline) and pipe.reinitialized == 1
+        await m.migrate("pipe", "cuda:0")
+        await m.migrate("pipe", "cpu")
+        assert pipe.reinitialized == 3
+        assert str(pipe.device) == "cpu"
+        status = await m.ensure_loaded("dev")
+        assert status.device == "cuda:0" and status.runs_on == "cpu"
+        assert status.used_vram_bytes == 2 * 2 * 4 + 2 * 4  # measured: no vram configured
+
+
+async def test_ollama_load_timeout_retries_then_error_with_an_event(
+    fake_ollama: FakeOllama,
+) -> None:
+    settings = seed_settings(
+        fake_ollama.url, gpu_manager={"load_timeout_s": 0.15, "max_load_retries": 2}
+    )
+    fake_ollama.load_delay_s = 0.6
+    async with harness(settings) as h:
+        m = h.models
+        with pytest.raises(OperationTimeout, match=r"timed out after 0.15 s \(3 attempts\)"):
+            await m.ensure_loaded(VLM)
+        assert m.state(VLM) is ModelState.ERROR
+        assert "timed out" in (m.status(VLM).error or "")
+        assert fake_ollama.loads_of(VLM) == 3
+        error = h.of("model_error")[0].data
+        assert error["model"] == VLM and error["operation"] == "load" and error["code"] == "timeout"
+        assert h.gpu_used() == 0 and owners(h) == {}
+        await asyncio.sleep(0.7)  # the fake finishes its slow loads
+        fake_ollama.load_delay_s = 0.0
+        status = await m.ensure_loaded(VLM)  # ERROR -> LOADED on the next request
+        assert status.state is ModelState.LOADED and status.error is None
+
+
+async def test_http_500_is_retried_and_a_missing_model_is_not(fake_ollama: FakeOllama) -> None:
+    settings = seed_settings(
+        fake_ollama.url, models=[ollama(VLM, VLM_SIZE), ollama("ghost:7b", GIB)]
+    )
+    async with harness(settings) as h:
+        fake_ollama.fail_next_loads = 1
+        await h.models.ensure_loaded(VLM)
+        assert fake_ollama.loads_of(VLM) == 2
+        with pytest.raises(ModelNotInBackend, match="try pulling it first"):
+            await h.models.ensure_loaded("ghost:7b")
+        assert fake_ollama.loads_of("ghost:7b") == 1
+        assert h.models.state("ghost:7b") is ModelState.ERROR
+
+
+async def test_torch_factory_timeout_and_failure(fake_ollama: FakeOllama) -> None:
+    settings = seed_settings(
+        fake_ollama.url,
+        models=[
+            torch_model(
+                "slow", "tests.unit.models.tiny:slow", load_timeout_s=0.2, max_load_retries=0
+            ),
+            torch_model("broken", "tests.unit.models.tiny:broken", max_load_retries=1),
+            torch_model("odd", "tests.unit.models.tiny:not_a_model", max_load_retries=0),
+            torch_model("missing", "tests.unit.models.nowhere:f", max_load_retries=0),
+        ],
+    )
+    async with harness(settings) as h:
+        m = h.models
+        with pytest.raises(OperationTimeout):
+            await m.ensure_loaded("slow", "cpu")
+        builds = tiny.BUILDS.get("broken", 0)
+        with pytest.raises(BackendError, match="RuntimeError: weights are corrupt"):
+            await m.ensure_loaded("broken", "cpu")
+        assert tiny.BUILDS["broken"] == builds + 2
+        with pytest.raises(BackendError, match=r"neither \.to"):
+            await m.ensure_loaded("odd", "cpu")
+        with pytest.raises(BackendError, match="cannot import"):
+            await m.ensure_loaded("missing", "cpu")
+        assert {s.name: s.state for s in m.list_models()} == {
+            "slow": ModelState.ERROR,
+            "broken": ModelState.ERROR,
+            "odd": ModelState.ERROR,
+            "missing": ModelState.ERROR,
+        }
+
+
+async def test_ollama_down_at_start_degrades_and_other_models_keep_working(
+    fake_ollama: FakeOllama,
+) -> None:
+    fake_ollama.go_down()
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        m = h.models
+        status = m.gpu_status()
+        assert status.degraded_mode is True
+        assert status.degraded_reason is not None and "unreachable" in status.degraded_reason
+        assert h.of("degraded_mode")[0].data["degraded"] is True
+        with pytest.raises(BackendUnavailable):
+            await m.ensure_loaded(VLM)
+        assert m.state(VLM) is ModelState.UNLOADED
+        assert (await m.ensure_loaded(CLIP)).state is ModelState.LOADED  # CLIP keeps working
+        fake_ollama.come_back()
+        h.clock.advance(29)
+        assert await m.probe_backends() is False  # not probed again before 30 s
+        assert m.degraded
+        h.clock.advance(1)
+        assert await m.probe_backends() is True
+        assert not m.degraded and m.gpu_status().degraded_reason is None
+        assert [e.data["degraded"] for e in h.of("degraded_mode")] == [True, False]
+        assert (await m.ensure_loaded(VLM)).state is ModelState.LOADED
+
+
+async def test_ollama_dies_mid_load_leaves_nothing_accounted(fake_ollama: FakeOllama) -> None:
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        m = h.models
+        fake_ollama.die_on_next_load()
+        with pytest.raises(BackendUnavailable, match="lost"):
+            await m.ensure_loaded(VLM)
+        assert m.state(VLM) is ModelState.UNLOADED
+        assert h.gpu_used() == 0 and owners(h) == {}
+        assert m.degraded
+        assert fake_ollama.loads_of(VLM) == 1  # an unreachable backend is not retried
+        fake_ollama.come_back()
+        assert (await m.ensure_loaded(VLM)).state is ModelState.LOADED
+        assert not m.degraded  # a successful call clears it without waiting for the probe
+
+
+async def test_not_enough_vram_says_free_needed_and_what_could_be_unloaded(
+    fake_ollama: FakeOllama,
+) -> None:
+    fake_ollama.add_model("big:14b", 11 * GIB)
+    settings = seed_settings(
+        fake_ollama.url,
+        models=[
+            ollama(VLM, VLM_SIZE, priority="user_facing"),
+            ollama("big:14b", 11 * GIB, allowed_devices=["gpu"]),
+        ],
+    )
+    async with harness(settings) as h:
+        await h.models.ensure_loaded(VLM)
+        with pytest.raises(InsufficientMemory) as info:
+            await h.models.ensure_loaded("big:14b")
+        err = info.value
+        assert "needs 11264 MB" in err.message and "MB free" in err.message
+        assert VLM in err.message
+        assert err.details["needed_mb"] == 11264
+        assert err.details["free_mb"] <= 1536
+        assert err.details["could_unload"] == [VLM]
+        assert h.models.state("big:14b") is ModelState.UNLOADED
+        assert h.models.is_loaded(VLM)
+
+
+async def test_eviction_prefers_idle_low_priority_models(fake_ollama: FakeOllama) -> None:
+    fake_ollama.add_model("a:4b", 4 * GIB)
+    fake_ollama.add_model("b:4b", 4 * GIB)
+    fake_ollama.add_model("c:4b", 4 * GIB)
+    settings = seed_settings(
+        fake_ollama.url,
+        models=[
+            ollama("a:4b", 4 * GIB),
+            ollama("b:4b", 4 * GIB, priority="high"),
+            ollama("c:4b", 4 * GIB),
+        ],
+    )
+    async with harness(settings) as h:
+        m = h.models
+        await m.ensure_loaded("a:4b")
+        await m.ensure_loaded("b:4b")
+        h.clock.advance(5)
+        m.touch("a:4b")  # a is recent, b is idle but high priority
+        await m.ensure_loaded("c:4b")
+        assert m.state("a:4b") is ModelState.UNLOADED  # normal < high, despite being recent
+        assert m.is_loaded("b:4b") and m.is_loaded("c:4b")
+        unloaded = h.of("model_unloaded")[0].data
+        assert unloaded["model"] == "a:4b" and unloaded["reason"] == "evicted"
+        assert h.gpu_used() == 8 * GIB
+
+
+async def test_a_model_in_use_is_not_evicted_under_its_user(fake_ollama: FakeOllama) -> None:
+    fake_ollama.add_model("a:8b", 8 * GIB)
+    fake_ollama.add_model("b:8b", 8 * GIB)
+    settings = seed_settings(
+        fake_ollama.url, models=[ollama("a:8b", 8 * GIB), ollama("b:8b", 8 * GIB)]
+    )
+    async with harness(settings) as h:
+        m = h.models
+        order: list[str] = []
+
+        async def user() -> None:
+            async with m.use("a:8b"):
+                await asyncio.sleep(0.2)
+                order.append("a done")
+                assert m.is_loaded("a:8b")
+
+        task = asyncio.create_task(user())
+        await asyncio.sleep(0.05)
+        await m.ensure_loaded("b:8b")  # waits for a's user, then evicts a
+        order.append("b loaded")
+        await task
+        assert order == ["a done", "b loaded"]
+        assert m.state("a:8b") is ModelState.UNLOADED
+
+
+async def test_a_user_that_never_finishes_blocks_with_a_clear_error(
+    fake_ollama: FakeOllama,
+) -> None:
+    fake_ollama.add_model("a:8b", 8 * GIB)
+    fake_ollama.add_model("b:8b", 8 * GIB)
+    settings = seed_settings(
+        fake_ollama.url,
+        models=[ollama("a:8b", 8 * GIB), ollama("b:8b", 8 * GIB)],
+        gpu_manager={"queue_max_wait_s": 0.1},
+    )
+    async with harness(settings) as h:
+        async with h.models.use("a:8b"):
+            with pytest.raises(InsufficientMemory, match="unloading a:8b could make room"):
+                await h.models.ensure_loaded("b:8b")
+            assert h.models.is_loaded("a:8b")
+        await h.models.ensure_loaded("b:8b")
+
+
+async def test_vram_changing_operations_are_serialised_per_device(fake_ollama: FakeOllama) -> None:
+    fake_ollama.add_model("mid:4b", 4 * GIB)
+    settings = seed_settings(
+        fake_ollama.url,
+        models=[
+            ollama("mid:4b", 4 * GIB),
+            ollama("small:1b", GIB),
+            ollama("tiny:0.5b", 512 * MIB),
+        ],
+    )
+    fake_ollama.load_delay_s = 0.03
+    async with harness(settings) as h:
+        m = h.models
+        ops = [
+            m.ensure_loaded("mid:4b"),
+            m.ensure_loaded("small:1b"),
+            m.ensure_loaded("tiny:0.5b"),
+            m.ensure_unloaded("small:1b"),
+            m.ensure_loaded("mid:4b"),
+            m.ensure_loaded("small:1b"),
+        ]
+        await asyncio.gather(*ops)
+        assert fake_ollama.max_concurrent_loads == 1
+        loaded = [s for s in m.list_models() if s.state is ModelState.LOADED]
+        assert h.gpu_used() == sum(s.used_vram_bytes for s in loaded)
+        assert sum(owners(h).values()) == h.gpu_used()
+
+
+async def test_waiting_requests_are_served_grouped_by_model(fake_ollama: FakeOllama) -> None:
+    fake_ollama.add_model("a:3b", 3 * GIB)
+    fake_ollama.add_model("b:3b", 3 * GIB)
+    fake_ollama.add_model("c:3b", 3 * GIB)
+    settings = seed_settings(
+        fake_ollama.url,
+        models=[
+            ollama("a:3b", 3 * GIB),
+            ollama("b:3b", 3 * GIB),
+            ollama("c:3b", 3 * GIB),
+        ],
+    )
+    fake_ollama.load_delay_s = 0.05
+    async with harness(settings) as h:
+        m = h.models
+        first = asyncio.create_task(m.ensure_loaded("a:3b"))
+        await asyncio.sleep(0.01)  # a's load holds the GPU
+        rest = [asyncio.create_task(m.ensure_loaded(n)) for n in ("c:3b", "b:3b", "b:3b", "b:3b")]
+        await asyncio.gather(first, *rest)
+        loads = [
+            r.body["model"]
+            for r in fake_ollama.requests
+            if r.path == "/api/generate" and r.body.get("keep_alive") != 0
+        ]
+        assert loads == ["a:3b", "b:3b", "c:3b"]  # b's three requests share one load, first
+
+
+async def test_arbiter_preemption_moves_clip_to_the_cpu(fake_ollama: FakeOllama) -> None:
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        m = h.models
+        await m.ensure_loaded(CLIP, "cuda:0")
+        budget = h.arbiter.state().budget_bytes
+        grab = h.arbiter.request_allocation(
+            WorkloadType.IMAGE, Priority.USER_FACING, budget, device="gpu:0", owner="diffusion"
+        )
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if m.device(CLIP) == "cpu":
+                break
+        assert m.device(CLIP) == "cpu" and m.is_loaded(CLIP)
+        assert h.of("model_preempted")[0].data["model"] == CLIP
+        assert h.gpu_used() == 0
+        assert owners(h) == {"diffusion": budget}
+        h.arbiter.release_allocation(grab.id)
+
+
+async def test_loading_the_vlm_first_moves_clip_off_the_gpu(fake_ollama: FakeOllama) -> None:
+    settings = seed_settings(
+        fake_ollama.url, devices={"backends": [], "simulated": [{"name": "big", "memory": "48GiB"}]}
+    )
+    async with harness(settings) as h:
+        m = h.models
+        await m.ensure_loaded(CLIP, "cuda:0")
+        await m.ensure_loaded(VLM)  # fits beside CLIP, but seed property 6 moves CLIP first
+        assert m.device(CLIP) == "cpu"
+        kinds = [e.kind for e in h.seen if e.kind in ("model_migrated", "model_loaded")]
+        assert kinds == ["model_loaded", "model_migrated", "model_loaded"]
+
+
+async def test_pinned_and_allowed_devices(fake_ollama: FakeOllama) -> None:
+    settings = seed_settings(
+        fake_ollama.url,
+        devices={
+            "backends": [],
+            "simulated": [{"name": "s0", "memory": "12GiB"}, {"name": "s1", "memory": "12GiB"}],
+        },
+        models=[
+            ollama("small:1b", GIB, pinned_device="cuda:1"),
+            ollama("tiny:0.5b", 512 * MIB, allowed_devices=["cuda:1"]),
+            torch_model(CLIP, vram="100MiB", allowed_devices=["cpu"]),
+        ],
+    )
+    async with harness(settings) as h:
+        m = h.models
+        assert (await m.ensure_loaded("small:1b")).device == "cuda:1"
+        assert (await m.ensure_loaded("tiny:0.5b")).device == "cuda:1"
+        assert (await m.ensure_loaded(CLIP)).device == "cpu"
+        with pytest.raises(InvalidInput, match="may not run on cuda:0"):
+            await m.migrate("tiny:0.5b", "cuda:0")
+        with pytest.raises(InvalidInput, match="may not run on cuda"):
+            await m.migrate(CLIP, "cuda")
+        assert h.gpu_used(1) == GIB + 512 * MIB and h.gpu_used(0) == 0
+
+
+async def test_optimize_unloads_idle_models_and_switches_to_a_smaller_variant(
+    fake_ollama: FakeOllama,
+) -> None:
+    settings = seed_settings(
+        fake_ollama.url,
+        models=[
+            ollama(VLM, VLM_SIZE, smaller_variant="small:1b", smaller_variant_vram=GIB),
+            torch_model(CLIP, vram="500MiB"),
+        ],
+        gpu_manager={"optimize_idle_s": 60, "pressure_ratio": 0.5},
+    )
+    async with harness(settings) as h:
+        m = h.models
+        await m.ensure_loaded(CLIP, "cpu")
+        h.clock.advance(120)
+        await m.ensure_loaded(VLM)
+        actions = await m.optimize()
+        assert actions[0] == "unloaded clip from cpu (idle, 500.0 MiB)"
+        assert actions[1].startswith("switched qwen3-vl:8b to smaller variant small:1b on cuda:0")
+        status = m.status(VLM)
+        assert status.variant == "small:1b" and status.used_vram_bytes == GIB
+        assert h.gpu_used() == GIB
+        assert "small:1b" in fake_ollama.loaded and VLM not in fake_ollama.loaded
+        await m.ensure_unloaded(VLM)
+        assert m.status(VLM).variant is None  # the next load is the full model again
+        assert await m.optimize() == []
+
+
+async def test_cpu_only_machine_runs_everything_on_the_cpu(fake_ollama: FakeOllama) -> None:
+    settings = seed_settings(fake_ollama.url, devices={"backends": []})
+    async with harness(settings) as h:
+        m = h.models
+        assert (await m.ensure_loaded(VLM)).device == "cpu"  # forced, although gpu-only
+        assert fake_ollama.requests[-2].body["options"] == {"num_gpu": 0}
+        assert (await m.ensure_loaded(CLIP)).runs_on == "cpu"
+        with pytest.raises(InvalidInput, match="CPU-only"):
+            await m.migrate(CLIP, "cuda:0")
+        status = m.gpu_status()
+        assert status.cpu_only and status.vram.gpu_name == "none (CPU-only)"
+        assert status.vram.total_mb == 0 and status.clip_device == "cpu"
+
+
+async def test_gpu_status_has_every_field(fake_ollama: FakeOllama) -> None:
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        m = h.models
+        async with m.use(VLM):
+            pass
+        d = m.gpu_status().as_dict()
+        assert d["execution_mode"] == "idle"
+        assert d["vlm_state"] == "loaded" and d["vlm_model"] == VLM
+        assert d["clip_device"] == "cpu"
+        assert d["vram"] == {
+            "total_mb": 12288,
+            "used_mb": 10752,
+            "free_mb": 1536,
+            "gpu_name": "Simulated GPU sim0",
+            "gpu_utilization_percent": 0,
+        }
+        assert d["idle_timeout_seconds"] == 300
+        assert d["last_vlm_request"] == "2023-11-14T22:30:00+00:00"
+        assert d["degraded_mode"] is False and d["degraded_reason"] is None
+
+
+async def test_models_ollama_already_has_are_adopted_and_external_unloads_noticed(
+    fake_ollama: FakeOllama,
+) -> None:
+    fake_ollama.preload(VLM)
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        m = h.models
+        status = m.status(VLM)
+        assert status.state is ModelState.LOADED and status.device == "cuda:0"
+        assert h.gpu_used() == VLM_SIZE and owners(h) == {f"model:{VLM}": VLM_SIZE}
+        fake_ollama.loaded.clear()  # Ollama's own keep_alive expired
+        h.clock.advance(30)
+        await m.probe_backends()
+        assert m.state(VLM) is ModelState.UNLOADED
+        assert h.gpu_used() == 0 and owners(h) == {}
+        assert h.of("model_unloaded")[-1].data["reason"] == "external"
+
+
+async def test_metrics_follow_the_states(fake_ollama: FakeOllama) -> None:
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        await h.models.ensure_loaded(VLM)
+        text = h.metrics.render().decode()
+        assert f'vramancer_model_state{{backend="ollama",model="{VLM}",state="loaded"}} 1.0' in text
+        assert (
+            f'vramancer_model_state{{backend="ollama",model="{VLM}",state="unloaded"}} 0.0' in text
+        )
+        assert (
+            f'vramancer_model_loads_total{{backend="ollama",model="{VLM}",result="ok"}} 1.0' in text
+        )
+        assert sample(text, "vramancer_model_vram_bytes", model=VLM, backend="ollama") == VLM_SIZE
+        assert "vramancer_model_load_duration_seconds_count" in text
+        await h.models.switch_profile("recording")
+        text = h.metrics.render().decode()
+        assert 'vramancer_execution_mode{mode="recording"} 1.0' in text
+
+
+async def test_stop_unloads_everything(fake_ollama: FakeOllama) -> None:
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        await h.models.ensure_loaded(VLM)
+        await h.models.ensure_loaded(CLIP, "cpu")
+    assert fake_ollama.loaded == {}
+    assert h.models.state(CLIP) is ModelState.UNLOADED and h.models.handle(CLIP) is None
+    assert h.gpu_used() == 0
