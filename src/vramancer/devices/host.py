@@ -15,7 +15,6 @@ import psutil
 
 from vramancer.devices.types import HostSnapshot
 
-
 #: Shortest window CPU utilization is measured over (the first read waits this long).
 MIN_CPU_WINDOW_S = 0.1
 
