@@ -160,20 +160,30 @@ def is_idle(view: DeviceView, policy: PickerPolicy) -> bool:
     )
 
 
+def _fits(view: DeviceView, need_bytes: int, policy: PickerPolicy) -> bool:
+    """``ineligibility(...) is None``, without building the reason (the hot path)."""
+    temp = view.temperature_celsius
+    busy = view.utilization_ratio
+    return (
+        view.age_s <= policy.heartbeat_ttl_s
+        and (temp is None or temp <= policy.max_temperature_celsius)
+        and (busy is None or busy <= policy.max_busy_ratio)
+        and view.running < view.slots
+        and need_bytes <= view.available_bytes
+    )
+
+
 def pick(
     views: Sequence[DeviceView], need_bytes: int, pin: int | None, policy: PickerPolicy
 ) -> Decision:
     """Choose a device for a task needing ``need_bytes`` of VRAM, pinned to GPU ``pin`` or not."""
     best: DeviceView | None = None
     best_key: tuple[float, float, float, int] | None = None
-    reasons: list[tuple[str, str]] = []
     binpack = policy.strategy is PickerStrategy.BINPACK
     for order, view in enumerate(views):
         if pin is not None and view.index != pin:
             continue
-        why = ineligibility(view, need_bytes, policy)
-        if why is not None:
-            reasons.append((view.device, why))
+        if not _fits(view, need_bytes, policy):
             continue
         s = score(view, policy)
         available = view.available_bytes
@@ -183,25 +193,30 @@ def pick(
             key = (0.0 if is_idle(view, policy) else 1.0, s, -float(available), order)
         if best_key is None or key < best_key:
             best, best_key = view, key
-    if best is None or best_key is None:
-        if pin is not None and not reasons:
-            reasons.append((gpu_name(pin), "no such GPU"))
-        return NoRoom(tuple(reasons))
-    return Placement(best.device, best.index, best_key[1])
+    if best is not None and best_key is not None:
+        return Placement(best.device, best.index, best_key[1])
+    reasons = [
+        (view.device, ineligibility(view, need_bytes, policy) or "eligible")
+        for view in views
+        if pin is None or view.index == pin
+    ]
+    if pin is not None and not reasons:
+        reasons.append((gpu_name(pin), "no such GPU"))
+    return NoRoom(tuple(reasons))
 
 
 def assume(views: Sequence[DeviceView], placement: Placement, need_bytes: int) -> list[DeviceView]:
     """The views once the placed task holds its slot and its VRAM (reserved, not yet seen)."""
-    out = []
-    for view in views:
+    out = list(views)
+    for i, view in enumerate(out):
         if view.device == placement.device:
-            view = replace(
+            out[i] = replace(
                 view,
                 running=view.running + 1,
                 unseen_bytes=view.unseen_bytes + need_bytes,
                 grantable_bytes=view.grantable_bytes - need_bytes,
             )
-        out.append(view)
+            break
     return out
 
 

@@ -688,6 +688,7 @@ class TaskService:
             )
         finally:
             self._release(active)
+            self._poke()  # a slot is free: the next task can start while this one is recorded
         if not active.lost:
             await self._finish(outcome)
 
@@ -709,16 +710,31 @@ class TaskService:
         active.pgid = run.pid
         if active.cancel or active.release_reason or active.lost:
             run.cancel()
-        changes = await self.queue.mark_running(
-            record.task_id,
-            record.lease_token,
-            pid=run.pid,
-            pid_started=run.started_at,
-            now=self.clock.time(),
+        # The running mark commits while the process runs; it is published as soon as it is
+        # committed, and always before the task's end (the writer keeps their order).
+        mark = asyncio.ensure_future(
+            self.queue.mark_running(
+                record.task_id,
+                record.lease_token,
+                pid=run.pid,
+                pid_started=run.started_at,
+                now=self.clock.time(),
+            )
         )
-        self._publish(changes)
-        result = await run.wait()
+        mark.add_done_callback(self._publish_marked)
+        try:
+            result = await run.wait()
+        finally:
+            await asyncio.wait([mark])
         return self._outcome(active, result)
+
+    def _publish_marked(self, mark: asyncio.Future[list[Change]]) -> None:
+        if mark.cancelled():
+            return
+        if mark.exception() is not None:
+            log.error("recording a task as running failed: %s", mark.exception())
+            return
+        self._publish(mark.result())
 
     def _outcome(self, active: _Active, result: RunResult) -> Outcome:
         record = active.record

@@ -1,9 +1,13 @@
 """The embedded durable task queue: one SQLite file in WAL mode (``<data_dir>/tasks.sqlite``).
 
 Durability: every mutation commits before its caller hears back. With ``synchronous=FULL`` (the
-default) the commit is fsynced, so an acknowledged task survives a power cut; with ``NORMAL``
-it survives a daemon crash (the WAL is written before the acknowledgement) but a power cut may
-lose the last commits.
+default) the commits that answer a user are fsynced: a submission, a cancel, and the end of a
+task (done, failed, retry) survive a power cut. The dispatcher's own bookkeeping (leases,
+``running`` marks, heartbeats, lease expiry, back-off promotion) commits without fsync: it
+survives a daemon crash, and if a power cut loses it the task is simply taken back and run
+again, which at-least-once execution allows. (A later fsynced commit makes the earlier ones
+durable too: the WAL is written in order.) With ``NORMAL`` nothing is fsynced: everything
+survives a daemon crash, a power cut may lose the last commits.
 
 Speed: one writer thread owns the write connection and *group-commits*: every operation waiting
 when it wakes runs inside one transaction (each in its own SAVEPOINT, so one failing operation
@@ -177,15 +181,20 @@ class _GroupCommitWriter:
 
     _STOP = object()
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, fsync: bool) -> None:
         self._conn = conn
+        #: Whether durable operations are fsynced (``synchronous=FULL``).
+        self._fsync = fsync
+        self._synced_mode = fsync
         self._queue: stdqueue.SimpleQueue[Any] = stdqueue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="vramancer-tasks-db", daemon=True)
         self._thread.start()
 
-    def submit(self, op: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+    def submit(
+        self, op: Callable[[sqlite3.Connection], T], durable: bool = True
+    ) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((op, future))
+        self._queue.put((op, future, durable))
         return future
 
     def stop(self) -> None:
@@ -212,12 +221,20 @@ class _GroupCommitWriter:
             if stop:
                 return
 
-    def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> None:
+    def _set_sync(self, durable: bool) -> None:
+        """fsync this commit only when it holds a durable operation (and the mode is FULL)."""
+        wanted = self._fsync and durable
+        if wanted != self._synced_mode:
+            self._conn.execute(f"PRAGMA synchronous={'FULL' if wanted else 'NORMAL'}")
+            self._synced_mode = wanted
+
+    def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any, bool]]) -> None:
         conn = self._conn
         results: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
         try:
+            self._set_sync(any(durable for _, _, durable in batch))
             conn.execute("BEGIN IMMEDIATE")
-            for op, future in batch:
+            for op, future, _ in batch:
                 if not future.set_running_or_notify_cancel():
                     continue
                 conn.execute("SAVEPOINT op")
@@ -236,7 +253,7 @@ class _GroupCommitWriter:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             error = BackendUnavailable(f"task queue database write failed: {exc}")
-            for _, future in batch:
+            for _, future, _ in batch:
                 if future.running():
                     future.set_exception(error)
             return
@@ -286,10 +303,11 @@ class SqliteQueue:
                 self._readers.append(conn)
         return conn
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, op: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
+        """Run ``op`` in the writer's next transaction; ``durable=False``: no fsync needed."""
         if self._writer is None:
             raise BackendUnavailable("the task queue is not open")
-        return await asyncio.wrap_future(self._writer.submit(op))
+        return await asyncio.wrap_future(self._writer.submit(op, durable))
 
     def write_sync(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run a write operation from a plain thread (benchmarks, tools)."""
@@ -314,7 +332,7 @@ class SqliteQueue:
             return conn
 
         conn = await asyncio.to_thread(setup)
-        self._writer = _GroupCommitWriter(conn)
+        self._writer = _GroupCommitWriter(conn, fsync=self.synchronous is Synchronous.FULL)
         self._write_conn = conn
 
     async def close(self) -> None:
@@ -384,7 +402,7 @@ class SqliteQueue:
                 )
             return leased, changes
 
-        leased, changes = await self._write(op)
+        leased, changes = await self._write(op, durable=False)
         return leased, changes
 
     async def mark_running(
@@ -417,7 +435,7 @@ class SqliteQueue:
                 )
             ]
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def set_waiting(self, reasons: Sequence[tuple[str, str]], now: float) -> list[Change]:
         def op(conn: sqlite3.Connection) -> list[Change]:
@@ -441,7 +459,7 @@ class SqliteQueue:
                     )
             return changes
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def heartbeat(self, worker: str, *, now: float, lease_s: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -452,7 +470,7 @@ class SqliteQueue:
             )
             return cur.rowcount
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def finish(
         self, outcomes: Sequence[Outcome], *, now: float, retry_delay: Callable[[int], float]
@@ -518,7 +536,7 @@ class SqliteQueue:
                 for r in rows
             ]
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def expire_leases(
         self, now: float, *, all_leases: bool = False
@@ -565,7 +583,7 @@ class SqliteQueue:
                     orphans.append(Orphan(task_id, pid, pid_started))
             return changes, orphans
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     # -- reads ---------------------------------------------------------------------------------
 
