@@ -240,8 +240,11 @@ class FileBackend:
         payload: bytes | memoryview = raw
         codec, itemsize = "none", 1
         if self.always_compress or not isinstance(self.compression, NoCompression):
+            # bytes go in as the bytes object itself, so a manager that stores them as they
+            # are can hand the same object back instead of copying it
+            source = value if isinstance(value, bytes) else raw
             packed = self.compression.compress(
-                raw, hint, itemsize=layout.itemsize, force=self.always_compress
+                source, hint, itemsize=layout.itemsize, force=self.always_compress
             )
             if packed.codec != "none" or packed.itemsize != 1:
                 payload, codec, itemsize = packed.payload, packed.codec, packed.itemsize

@@ -77,7 +77,7 @@ def write_block_file(
             fh.write(view)
             fh.flush()
             if fsync:
-                os.fsync(fh.fileno())
+                _sync(fh.fileno())
         if atomic:
             os.replace(target, path)
             if fsync:
@@ -102,7 +102,7 @@ def read_block_file(path: Path, what: str, *, writable: bool = False) -> BlockFi
         size = os.fstat(fh.fileno()).st_size
         if size < HEADER_SIZE:
             raise CorruptBlock(f"{what}: stored data is truncated (no header)")
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with _map(fh.fileno()) as mm:
             magic, version, codec, itemsize, raw, length, digest = _HEADER.unpack(mm[:HEADER_SIZE])
             if magic != _MAGIC or version != _VERSION:
                 raise CorruptBlock(f"{what}: not a VRAMancer block file")
@@ -121,6 +121,25 @@ def read_block_file(path: Path, what: str, *, writable: bool = False) -> BlockFi
     if checksum(payload) != digest:
         raise CorruptBlock(f"{what}: checksum mismatch, the stored data is corrupted")
     return BlockFile(codec.rstrip(b"\0").decode(errors="replace"), itemsize, raw, payload)
+
+
+#: Pre-fault the whole mapping in one call (Linux): a 16 MiB block is read at page-cache speed
+#: instead of taking 4096 page faults one by one.
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _map(fd: int) -> mmap.mmap:
+    if _POPULATE and hasattr(mmap, "MAP_SHARED"):
+        return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+    return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+
+
+def _sync(fd: int) -> None:
+    """fdatasync where the OS has it (the data and the size; not the access times)."""
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:  # pragma: no cover - macOS, Windows
+        os.fsync(fd)
 
 
 def _fsync_dir(path: Path) -> None:

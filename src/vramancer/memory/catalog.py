@@ -65,12 +65,15 @@ class Catalog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
+        self._fsync = fsync
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'OFF'}")
         self._db.execute(_SCHEMA)
 
-    def upsert(self, row: BlockRow) -> None:
+    def upsert(self, row: BlockRow, *, durable: bool = True) -> None:
+        """Insert or replace a row. ``durable=False`` skips the fsync of this commit (see
+        ``delete``); the next durable commit makes it durable too."""
         values = (
             row.id,
             row.size,
@@ -88,14 +91,26 @@ class Catalog:
             row.hits,
             row.created,
         )
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", values
-            )
+        self._run(
+            "INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", values, durable
+        )
 
-    def delete(self, block_id: str) -> None:
+    def delete(self, block_id: str, *, durable: bool = True) -> None:
+        """Remove a row. ``durable=False`` skips the fsync of this one commit: for a block that
+        moves out of L5/L6 into volatile memory, where a crash loses the block either way (the
+        row would then name a file that is gone, and the restart drops it)."""
+        self._run("DELETE FROM blocks WHERE id = ?", (block_id,), durable)
+
+    def _run(self, sql: str, values: tuple[object, ...], durable: bool) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM blocks WHERE id = ?", (block_id,))
+            if durable or not self._fsync:
+                self._db.execute(sql, values)
+                return
+            self._db.execute("PRAGMA synchronous=OFF")
+            try:
+                self._db.execute(sql, values)
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     def set_pinned(self, block_id: str, pinned: bool) -> None:
         with self._lock:

@@ -46,7 +46,9 @@ class ZstdCompression:
             sample = view[:SAMPLE_BYTES]
             packed = self._sampler.compress(sample)
             if sample.nbytes < len(packed) * self.min_ratio:
-                return Compressed("none", bytes(view), raw_size)
+                # bytes in, bytes out: no 16 MiB copy just to say "stored as is"
+                raw = data if isinstance(data, bytes) else bytes(view)
+                return Compressed("none", raw, raw_size)
         return Compressed("zstd", self._compressor.compress(view), raw_size)
 
     def decompress(self, block: Compressed, *, what: str = "block") -> bytes:

@@ -29,6 +29,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import queue
 import re
 import threading
 import time
@@ -241,6 +242,8 @@ class TieredStore:
         self._totals = dict.fromkeys(("promotions", "demotions", "evictions", "bytes_moved"), 0)
         self._misses = 0
         self._evicted = 0
+        self._reap_queue: queue.Queue[tuple[_Tier, Any] | None] = queue.Queue()
+        self._reaper: threading.Thread | None = None
         self._init_metrics()
 
     # ------------------------------------------------------------------ lifecycle
@@ -296,6 +299,10 @@ class TieredStore:
             if self._catalog is not None:
                 self._catalog.close()
             self._closed = True
+            reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            self._reap_queue.put(None)
+            reaper.join()
 
     def _build_tiers(self, specs: list[TierSpec]) -> None:
         manager = self._compression or AdaptiveCompression(self.settings.compression)
@@ -509,7 +516,7 @@ class TieredStore:
                 del self._blocks[block_id]
                 self._pending.pop(block_id, None)
                 frees = self._drop(entry, tier)
-            self._free(frees)
+            self._free(frees, now=True)
             self._publish_tier(tier)
         self._events.publish("block_deleted", id=block_id, tier=tier.name, size=entry.meta.size)
 
@@ -910,11 +917,12 @@ class TieredStore:
                 )
                 try:
                     if target.is_disk:
-                        self._db().upsert(
-                            self._row(entry, self._clock.monotonic(), target, new_handle)
-                        )
+                        # From volatile memory, a crash loses the block anyway: no fsync of
+                        # the row. Between L5 and L6 the old file goes away: durable.
+                        row = self._row(entry, self._clock.monotonic(), target, new_handle)
+                        self._db().upsert(row, durable=source.is_disk)
                     elif source.is_disk:
-                        self._db().delete(meta.id)
+                        self._db().delete(meta.id, durable=False)
                 except BaseException:
                     target.backend.free(new_handle)
                     raise
@@ -1130,13 +1138,45 @@ class TieredStore:
                 frees, entry.deferred = entry.deferred, None
         self._free(frees)
 
-    @staticmethod
-    def _free(frees: list[tuple[_Tier, Any]]) -> None:
+    def _free(self, frees: list[tuple[_Tier, Any]], *, now: bool = False) -> None:
+        """Free retired copies. Files are unlinked by a background thread (unless ``now``):
+        unlinking a large file takes milliseconds the mover need not wait for; names are
+        unique per stored version, so a late unlink never hits a newer copy."""
         for tier, handle in frees:
+            if tier.is_disk and not now:
+                self._reap(tier, handle)
+                continue
             try:
                 tier.backend.free(handle)
             except OSError:
                 log.exception("could not free an old copy in %s", tier.name)
+
+    def _reap(self, tier: _Tier, handle: Any) -> None:
+        with self._lock:
+            if self._reaper is None:
+                self._reaper = threading.Thread(
+                    target=self._reaper_loop, name="vramancer-memory-reaper", daemon=True
+                )
+                self._reaper.start()
+        self._reap_queue.put((tier, handle))
+
+    def _reaper_loop(self) -> None:
+        while True:
+            item = self._reap_queue.get()
+            try:
+                if item is None:
+                    return
+                tier, handle = item
+                tier.backend.free(handle)
+            except OSError:
+                log.exception("could not free an old copy")
+            finally:
+                self._reap_queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every retired copy has been freed (files unlinked)."""
+        if self._reaper is not None:
+            self._reap_queue.join()
 
     def _settle_capacity(self, tier: _Tier) -> None:
         with self._lock:

@@ -273,6 +273,7 @@ def test_a_block_being_read_is_not_freed_under_the_reader(
     release.set()
     reader.join(10)
     assert result == [rand(4000, 5)]
+    store.flush()
     assert not path.exists()
     kit.check_invariants()
 
