@@ -60,6 +60,8 @@ _R = TypeVar("_R")
 MAX_SHUFFLE_ITEMSIZE = 64
 #: Rows per step of the blocked transpose in :func:`shuffle` (fits the L2 cache).
 _SHUFFLE_ROWS = 32_768
+#: Slices a block's sample is taken from.
+SAMPLE_SLICES = 16
 #: Element size of the dtype names a hint may carry (``dtype=bf16``).
 DTYPE_ITEMSIZES: dict[str, int] = {
     "bf16": 2,
@@ -150,7 +152,7 @@ class CompressionSettings(BaseModel):
     #: Fast tier, optional: the device's write speed; when set, compressing must also save more
     #: bytes per second (over all threads) than the device writes, or it would slow writes down.
     device_write_bytes_per_s: Size | None = None
-    #: Bytes of each block tried with every codec (four slices spread over the block).
+    #: Bytes of each block tried with every candidate (16 slices spread over the block).
     sample_size: Size = Field(default=256 * 1024, ge=4096)
     #: Fast tier: blocks smaller than this are stored raw.
     min_block_size: Size = 4096
@@ -815,15 +817,17 @@ class AdaptiveCompression:
         return _Sampled(Decision(chosen, tuple(trials)), whole)
 
     def _sample(self, view: memoryview, size: int) -> tuple[memoryview, bool]:
-        """Up to ``sample_size`` bytes: the whole block if small, else four aligned slices
-        spread over it (weights files mix very different tensors)."""
+        """Up to ``sample_size`` bytes: the whole block if small, else ``SAMPLE_SLICES``
+        element-aligned slices spread evenly from its start to its end. Many small slices: a
+        weights file mixes very different tensors (MiniLM fp32, plain zstd -1: 1.092 over the
+        file, 1.166 on 4 slices of 64 KiB, 1.091 on 16 of 16 KiB)."""
         total = len(view)
         budget = self.settings.sample_size
         if total <= budget:
             return view, True
-        step = max(size, budget // 4 // size * size)
+        step = max(size, budget // SAMPLE_SLICES // size * size)
         last = (total - step) // size * size
-        offsets = [last * i // 3 // size * size for i in range(4)]
+        offsets = [last * i // (SAMPLE_SLICES - 1) // size * size for i in range(SAMPLE_SLICES)]
         return memoryview(b"".join(view[o : o + step] for o in offsets)), False
 
     def _compress_piece(self, piece: memoryview, candidate: Candidate) -> list[bytes]:
@@ -851,13 +855,18 @@ class AdaptiveCompression:
 
     def encode_with(self, data: bytes | bytearray | memoryview, candidate: Candidate) -> Compressed:
         """Compress ``data`` with ``candidate`` (no sampling, no policy, no statistics): in
-        chunks, compressed in parallel, when it is larger than one chunk."""
+        chunks, compressed in parallel, when it is larger than one chunk (on one thread and
+        without shuffle, one frame: chunking would only add a copy)."""
         view = _byte_view(data)
         raw_size = len(view)
         if not 1 <= candidate.itemsize <= MAX_SHUFFLE_ITEMSIZE:
             raise InvalidInput(f"itemsize: the shuffle takes 1 to {MAX_SHUFFLE_ITEMSIZE} bytes")
         if candidate.codec is Codec.NONE or raw_size == 0:
             return Compressed(Codec.NONE.value, bytes(view), raw_size)
+        if self.threads == 1 and candidate.itemsize == 1:  # no parallelism: one frame, no join
+            return Compressed(
+                candidate.codec.value, self._compress_piece(view, candidate)[0], raw_size
+            )
         pieces = [view[o : o + self.chunk_size] for o in range(0, raw_size, self.chunk_size)]
         if self.threads > 1 and len(pieces) > 1:
             per_piece = self._pool_map(lambda p: self._compress_piece(p, candidate), pieces)
@@ -941,6 +950,7 @@ __all__ = [
     "DTYPE_ITEMSIZES",
     "FRAME_VERSION",
     "MAX_SHUFFLE_ITEMSIZE",
+    "SAMPLE_SLICES",
     "AdaptiveCompression",
     "Candidate",
     "ChunkSpan",
