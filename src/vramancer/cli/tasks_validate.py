@@ -162,6 +162,9 @@ class _Validation:
         host = urlparse(self.c.url).hostname or ""
         if host in ("127.0.0.1", "localhost", "::1") and status["stdout_tail"].strip():
             child = int(status["stdout_tail"].split()[0])
+            deadline = time.monotonic() + 5
+            while _pid_alive(child) and time.monotonic() < deadline:
+                time.sleep(0.02)  # SIGKILL delivery is asynchronous
             _expect(not _pid_alive(child), f"the task's child {child} survived the timeout")
 
     def cancel_running(self) -> None:

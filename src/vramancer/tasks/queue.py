@@ -50,8 +50,8 @@ class TaskQueue(Protocol):
         self, tasks: Sequence[NewTask], now: float
     ) -> tuple[list[Submitted], list[Change]]: ...
 
-    async def ready(self, *, maintenance: bool, limit: int) -> list[TaskRecord]:
-        """Ready tasks (queued, waiting_gpu) of one lane in dispatch order."""
+    async def ready(self, *, maintenance: bool, limit: int, offset: int = 0) -> list[TaskRecord]:
+        """Ready tasks (queued, waiting_gpu) of one lane in dispatch order, from ``offset``."""
         ...
 
     async def lease(

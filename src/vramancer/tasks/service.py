@@ -604,23 +604,32 @@ class TaskService:
         free = sum(max(0, v.slots - v.running) for v in views)
         if free == 0:
             return 0
-        candidates = await self.queue.ready(maintenance=False, limit=self.settings.dispatch_scan)
         grants: list[Grant] = []
         waiting: list[tuple[str, str]] = []
         cuda: dict[str, int | None] = {}
-        for record in candidates:
-            if free == 0:
+        scan = self.settings.dispatch_scan
+        seen = 0
+        while free > 0 and seen < scan:
+            # Read only about what the free slots can take; read on when tasks did not fit.
+            page = min(scan - seen, 8 + 2 * free)
+            candidates = await self.queue.ready(maintenance=False, limit=page, offset=seen)
+            seen += len(candidates)
+            for record in candidates:
+                if free == 0:
+                    break
+                decision = pick(views, record.vram_bytes, record.gpu, self.policy)
+                if isinstance(decision, Placement):
+                    views = assume(views, decision, record.vram_bytes)
+                    free -= 1
+                    grants.append(Grant(record.task_id, decision.device, previous=record.state))
+                    cuda[record.task_id] = next(
+                        v.cuda_index for v in views if v.device == decision.device
+                    )
+                elif record.state is TaskState.QUEUED:
+                    why = "waiting for a device: " + decision.message()
+                    waiting.append((record.task_id, why))
+            if len(candidates) < page:
                 break
-            decision = pick(views, record.vram_bytes, record.gpu, self.policy)
-            if isinstance(decision, Placement):
-                views = assume(views, decision, record.vram_bytes)
-                free -= 1
-                grants.append(Grant(record.task_id, decision.device, previous=record.state))
-                cuda[record.task_id] = next(
-                    v.cuda_index for v in views if v.device == decision.device
-                )
-            elif record.state is TaskState.QUEUED:
-                waiting.append((record.task_id, "waiting for a device: " + decision.message()))
         (leased, lease_changes), wait_changes = await asyncio.gather(
             self.queue.lease(grants, worker=self.worker_id, now=now, lease_s=self.settings.lease_s),
             self.queue.set_waiting(waiting, now),

@@ -123,7 +123,7 @@ _COLS = (
 )
 _READY_SQL = (
     f"SELECT {_COLS} FROM tasks WHERE state IN ('queued', 'waiting_gpu') AND lane = ? "
-    "ORDER BY prio DESC, est_ms, seq LIMIT ?"
+    "ORDER BY prio DESC, est_ms, seq LIMIT ? OFFSET ?"
 )
 _INSERT_SQL = (
     "INSERT INTO tasks (id, idem_key, type, lane, prio, priority, est_ms, est_key, state, spec, "
@@ -356,9 +356,10 @@ class SqliteQueue:
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    async def ready(self, *, maintenance: bool, limit: int) -> list[TaskRecord]:
+    async def ready(self, *, maintenance: bool, limit: int, offset: int = 0) -> list[TaskRecord]:
         def op(conn: sqlite3.Connection) -> list[TaskRecord]:
-            rows = conn.execute(_READY_SQL, (1 if maintenance else 0, limit)).fetchall()
+            params = (1 if maintenance else 0, limit, offset)
+            rows = conn.execute(_READY_SQL, params).fetchall()
             return [_record(row) for row in rows]
 
         return await self._read(op)

@@ -130,7 +130,7 @@ async def test_timeout_kills_the_whole_process_tree(make_harness: MakeHarness) -
     pids = [int(p) for p in record.stdout_tail.split()]
     assert len(pids) == 2
     for pid in pids:
-        assert not _alive(pid), f"process {pid} survived the timeout"
+        assert _gone(pid), f"process {pid} survived the timeout"
 
 
 async def test_leftover_processes_of_a_finished_task_are_killed(make_harness: MakeHarness) -> None:
@@ -139,7 +139,7 @@ async def test_leftover_processes_of_a_finished_task_are_killed(make_harness: Ma
     await h.svc.run_until_idle()
     record = await h.svc.status(sub.task_id)
     assert record.state is TaskState.DONE
-    assert not _alive(int(record.stdout_tail))
+    assert _gone(int(record.stdout_tail))
 
 
 async def test_cancel_a_running_task_kills_it_and_it_ends_cancelled(
@@ -275,6 +275,16 @@ async def test_vram_no_gpu_can_grant_is_refused_at_submit(make_harness: MakeHarn
     with pytest.raises(InvalidInput, match="no GPU here can grant"):
         await h.svc.submit({"type": "cmd", "cmd": ["true"], "vram": "40GiB"})
     assert h.svc.counts()["queued"] == 0
+
+
+def _gone(pid: int, within_s: float = 5.0) -> bool:
+    """The process is dead (or a zombie) now or soon: SIGKILL delivery is asynchronous."""
+    deadline = time.monotonic() + within_s
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _alive(pid: int) -> bool:
