@@ -25,7 +25,8 @@ class Principal:
     token: str | None
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    """The app's runtime. ``async`` so FastAPI calls it inline, not in its thread pool."""
     runtime: Runtime = request.app.state.runtime
     return runtime
 
