@@ -14,7 +14,9 @@ from tests.fakes.ollama import FakeOllama
 from vramancer.arbiter.arbiter import Arbiter
 from vramancer.clock import ManualClock
 from vramancer.config import Settings
+from vramancer.devices.host import HostReader
 from vramancer.devices.manager import DeviceManager
+from vramancer.devices.types import HostSnapshot
 from vramancer.events import Event, EventBus
 from vramancer.models.manager import ModelManager
 from vramancer.observability.metrics import Metrics
@@ -75,6 +77,22 @@ def seed_settings(ollama_url: str, tmp: Any = None, **overrides: Any) -> Setting
     )
 
 
+class QuietHost(HostReader):
+    """The host without the 0.1 s CPU-utilisation window (tests build many managers)."""
+
+    def read(self, taken_at: float) -> HostSnapshot:
+        return HostSnapshot(
+            cpu_count=2,
+            cpu_utilization_ratio=0.0,
+            memory_total_bytes=16 * GIB,
+            memory_available_bytes=8 * GIB,
+            memory_used_bytes=8 * GIB,
+            swap_total_bytes=0,
+            swap_used_bytes=0,
+            taken_at=taken_at,
+        )
+
+
 @dataclass
 class Harness:
     settings: Settings
@@ -108,7 +126,9 @@ async def harness(settings: Settings, **kwargs: Any) -> AsyncIterator[Harness]:
     clock = ManualClock()
     events = EventBus(clock=clock.time)
     metrics = Metrics(node="test")
-    devices = DeviceManager(settings.devices, events=events, metrics=metrics, clock=clock)
+    devices = DeviceManager(
+        settings.devices, events=events, metrics=metrics, clock=clock, host_reader=QuietHost()
+    )
     arbiter = Arbiter(
         settings.arbiter, devices=devices, events=events, metrics=metrics, clock=clock
     )

@@ -43,8 +43,10 @@ class OllamaClient:
         self.settings = settings
         self.endpoint = settings.endpoint.rstrip("/")
         timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
+        # Plain http (the usual local Ollama) needs no TLS context; building one costs ~50 ms.
+        verify = not self.endpoint.startswith("http://")
         self._client = httpx.AsyncClient(
-            base_url=self.endpoint, timeout=timeout, transport=transport
+            base_url=self.endpoint, timeout=timeout, transport=transport, verify=verify
         )
 
     async def version(self) -> str:
