@@ -139,6 +139,8 @@ class _Tier:
     blocks: int = 0
     stored: int = 0
     hits: int = 0
+    #: L4: blocks are Python objects handed out as they are (bytes, read-only arrays).
+    host: bool = False
     up: _Tier | None = None
     lower: list[_Tier] = field(default_factory=list)
 
@@ -317,6 +319,7 @@ class TieredStore:
                 )
             )
         for position, tier in enumerate(tiers):
+            tier.host = type(tier.backend) is HostBackend
             tier.up = tiers[position - 1] if position > 0 else None
             tier.lower = tiers[position + 1 :]
         self._tiers = tiers
@@ -446,8 +449,10 @@ class TieredStore:
             )
             if ahead:
                 self._queue(ahead, block_id)
-            if not promote and type(tier.backend) is HostBackend:
-                return tier.backend.read(entry.handle, entry.layout, block_id)
+            if not promote and tier.host:  # the hit path: no I/O, no copy
+                if entry.layout.kind is DataKind.NUMPY:
+                    return entry.handle.view()
+                return entry.handle
             meta.readers += 1
             handle = entry.handle
         try:
