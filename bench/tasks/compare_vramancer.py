@@ -37,18 +37,25 @@ HTTP_POLL_S = 0.01
 
 
 def _describe_durability(synchronous: Synchronous) -> str:
-    """What an acknowledged task survives, from the queue's ``synchronous`` setting."""
+    """What an acknowledged task survives, from the queue's ``synchronous`` setting.
+
+    As ``vramancer/tasks/sqlite_queue.py`` documents it: commits group several operations;
+    with FULL the ones that answer a user (submission, cancel, a task's end) are fsynced, the
+    dispatcher's bookkeeping (leases, running marks, heartbeats) is not (a power cut that loses
+    a lease only makes the task run again).
+    """
     fsync = (
-        "synchronous=FULL: the commit is fsynced before submit_batch returns, so every "
-        "acknowledged task survives a daemon crash and a power cut"
+        "synchronous=FULL: the group commit holding a submission is fsynced before "
+        "submit_batch answers, so every acknowledged task survives a daemon crash and a power "
+        "cut; a task's end (done) is fsynced too; leases are committed without fsync"
         if synchronous is Synchronous.FULL
-        else "synchronous=NORMAL: WAL written, not fsynced, before the answer; an acknowledged "
-        "task survives a daemon crash, the last commits may be lost on a power cut"
+        else "synchronous=NORMAL: WAL written, never fsynced; an acknowledged task survives a "
+        "daemon crash, a power cut may lose the last commits"
     )
     return (
-        f"SQLite WAL file in the data directory, one group-committed transaction per batch; "
-        f"{fsync}. At-least-once: leases of a dead daemon are taken back at restart and the "
-        "tasks run again; completion is idempotent."
+        f"SQLite WAL file in the data directory, group commit (one transaction per writer "
+        f"wake-up); {fsync}. At-least-once: a dead daemon's leases are taken back at restart "
+        "and those tasks run again; completion is idempotent."
     )
 
 
