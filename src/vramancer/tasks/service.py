@@ -294,8 +294,9 @@ class TaskService:
     async def submit_batch(self, specs: Sequence[TaskSpec | Mapping[str, Any]]) -> list[Submitted]:
         """Queue tasks in one transaction. Any bad task refuses the whole batch (nothing queued).
 
-        Raises ``InvalidInput`` (bad body, unknown GPU, VRAM no GPU has, command not allowed),
-        ``PayloadTooLarge``. The caller checks roles (``needs_operator``).
+        Raises ``InvalidInput`` (bad body, unknown GPU, VRAM no GPU can grant),
+        ``PayloadTooLarge``, ``Forbidden`` (a command ``[tasks] allowed_commands`` does not
+        list). The caller checks roles (``TaskType.needs_operator``).
         """
         self._require_started()
         if not specs:
@@ -655,6 +656,7 @@ class TaskService:
                     on_preempt=self._on_preempt(record.task_id),
                 )
             except (Conflict, VramancerShuttingDown) as exc:
+                # No room after all (or the arbiter is stopping): back to the queue, untried.
                 outcome = Outcome(
                     record.task_id,
                     record.lease_token,
@@ -662,6 +664,16 @@ class TaskService:
                     error=f"waiting for a device: the arbiter refused: {exc.message}",
                 )
                 await self._finish(outcome, wake=False)
+                return False
+            except Exception as exc:  # a refusal that waiting will not cure: a failed try
+                log.exception("task %s: reserving its VRAM failed", record.task_id)
+                outcome = Outcome(
+                    record.task_id,
+                    record.lease_token,
+                    OutcomeKind.ERROR,
+                    error=f"cannot reserve {record.vram_bytes} bytes on {device}: {exc}",
+                )
+                await self._finish(outcome)
                 return False
             active.allocation_id = allocation.id
         self._active[record.task_id] = active

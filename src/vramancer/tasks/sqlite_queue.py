@@ -481,9 +481,10 @@ class SqliteQueue:
         def op(conn: sqlite3.Connection) -> list[Change]:
             changes = []
             for outcome in outcomes:
-                change = _finish_one(conn, outcome, now, retry_delay, alpha)
+                change = _finish_one(conn, outcome, now, retry_delay)
                 if change is not None:
                     changes.append(change)
+            _learn(conn, changes, alpha)
             return changes
 
         return await self._write(op)
@@ -701,15 +702,32 @@ _DONE_SQL = (
 )
 
 
+def _learn(conn: sqlite3.Connection, changes: Sequence[Change], alpha: float) -> None:
+    """Fold the run times of the tasks that ended done into the moving average per command:
+    one read and one write per command, however many tasks ended."""
+    runs: dict[str, list[float]] = {}
+    for change in changes:
+        if change.state is TaskState.DONE and change.estimate_key and change.run_s is not None:
+            runs.setdefault(change.estimate_key, []).append(change.run_s)
+    for key, values in runs.items():
+        row = conn.execute("SELECT mean_s, n FROM durations WHERE key = ?", (key,)).fetchone()
+        mean, n = (None, 0) if row is None else row
+        for value in values:
+            mean = value if mean is None else mean + alpha * (value - mean)
+        conn.execute(
+            "INSERT OR REPLACE INTO durations (key, mean_s, n) VALUES (?, ?, ?)",
+            (key, mean, n + len(values)),
+        )
+
+
 def _finish_one(
     conn: sqlite3.Connection,
     outcome: Outcome,
     now: float,
     retry_delay: Callable[[int], float],
-    alpha: float,
 ) -> Change | None:
     if outcome.kind is OutcomeKind.OK:
-        done = _finish_done(conn, outcome, now, alpha)
+        done = _finish_done(conn, outcome, now)
         if done is not None:
             return done
     row = conn.execute(
@@ -761,12 +779,6 @@ def _finish_one(
             outcome.task_id,
         ),
     )
-    if new is TaskState.DONE and outcome.run_s is not None:
-        conn.execute(
-            "INSERT INTO durations (key, mean_s, n) VALUES (?, ?, 1) ON CONFLICT(key) DO UPDATE "
-            "SET mean_s = mean_s + ? * (excluded.mean_s - mean_s), n = n + 1",
-            (est_key, outcome.run_s, alpha),
-        )
     return Change(
         outcome.task_id,
         previous,
@@ -781,9 +793,7 @@ def _finish_one(
     )
 
 
-def _finish_done(
-    conn: sqlite3.Connection, outcome: Outcome, now: float, alpha: float
-) -> Change | None:
+def _finish_done(conn: sqlite3.Connection, outcome: Outcome, now: float) -> Change | None:
     """The common case in one statement: a leased, not cancelled task ends done."""
     row = conn.execute(
         _DONE_SQL,
@@ -800,12 +810,6 @@ def _finish_done(
     if row is None:
         return None
     attempts, device, est_key, kind, was_running = row
-    if outcome.run_s is not None:
-        conn.execute(
-            "INSERT INTO durations (key, mean_s, n) VALUES (?, ?, 1) ON CONFLICT(key) DO UPDATE "
-            "SET mean_s = mean_s + ? * (excluded.mean_s - mean_s), n = n + 1",
-            (est_key, outcome.run_s, alpha),
-        )
     return Change(
         outcome.task_id,
         TaskState.RUNNING if was_running else TaskState.SCHEDULED,

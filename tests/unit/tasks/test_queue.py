@@ -301,3 +301,18 @@ async def test_group_commit_keeps_concurrent_operations_apart(queue: SqliteQueue
     assert await queue.get("after") is not None
     counts = await queue.counts()
     assert counts == {(False, TaskState.QUEUED): 401}
+
+
+async def test_run_times_fold_into_a_moving_average_per_command(queue: SqliteQueue) -> None:
+    await queue.submit([new("a"), new("b"), new("c")], T0)
+    tokens = {t: await lease_one(queue, t) for t in ("a", "b", "c")}
+    await queue.finish(
+        [
+            Outcome("a", tokens["a"], OutcomeKind.OK, run_s=1.0),
+            Outcome("b", tokens["b"], OutcomeKind.OK, run_s=3.0),
+            Outcome("c", tokens["c"], OutcomeKind.ERROR, run_s=100.0),  # failures teach nothing
+        ],
+        now=T0,
+        retry_delay=delay,
+    )
+    assert await queue.learned_durations() == {"cmd:true": pytest.approx(1.6)}  # 1 + 0.3 * 2

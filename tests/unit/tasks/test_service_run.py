@@ -307,3 +307,33 @@ async def _until(condition: object, timeout: float = 10.0) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("condition not met in time")
+
+
+async def test_a_preempted_task_is_stopped_and_queued_again_without_using_a_try(
+    make_harness: MakeHarness,
+) -> None:
+    h = await make_harness()
+    sub = await h.svc.submit(
+        {
+            "type": "shell",
+            "shell": "sleep 60",
+            "vram": "16GiB",
+            "priority": "background",
+            "max_retries": 0,
+        }
+    )
+    await h.svc.run_once()
+    await _until(lambda: h.transitions(sub.task_id)[-1] == "running")
+    model = h.arbiter.request_allocation("llm", "user_facing", "10GiB", device="gpu:0")
+    await h.svc.drain(timeout_s=10)
+    record = await h.svc.status(sub.task_id)
+    assert record.state is TaskState.QUEUED
+    assert record.attempts == 0
+    assert record.error == "preempted by a higher-priority allocation"
+    assert [a.owner for a in h.arbiter.allocations()] == [None]  # only the model holds VRAM
+    h.arbiter.release_allocation(model.id)
+    await h.svc.run_once()
+    await _until(lambda: h.transitions(sub.task_id)[-1] == "running")
+    await h.svc.cancel(sub.task_id)
+    await h.svc.drain(timeout_s=10)
+    assert await h.state(sub.task_id) is TaskState.CANCELLED
