@@ -1,9 +1,248 @@
-"""CLI commands: models (filled in by its issue)."""
+"""CLI commands: ``vramancer models list|load|unload|migrate`` and ``vramancer profile show|set``.
+
+They talk to the running server (``VRM_URL``, token ``VRM_API_TOKEN``). Loads, moves and profile
+switches can take a while (an 8 GB model): on a terminal a spinner shows the elapsed time and
+the model's state as the server reports it; ``--json`` prints the server's answer only.
+"""
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Annotated, Any, TypeVar
+from urllib.parse import quote
+
 import typer
+from rich.table import Table
+
+from vramancer.cli.common import Api, JsonOpt, call, console, emit
+from vramancer.units import format_size
+
+models_app = typer.Typer(help="Managed models: list, load, unload, migrate.", no_args_is_help=True)
+profile_app = typer.Typer(
+    help="Execution profile (idle, recording, autopilot ...): show, set.", no_args_is_help=True
+)
+
+#: Long operations: how long the CLI waits for the server's answer.
+LONG_TIMEOUT_S = 900.0
+#: Refresh period of the progress line.
+POLL_S = 0.25
+
+T = TypeVar("T")
+
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", "-d", help="cpu, cuda (any GPU) or cuda:N; default: VRAMancer picks."),
+]
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root vramancer app."""
+    app.add_typer(models_app, name="models")
+    app.add_typer(profile_app, name="profile")
+
+
+@contextmanager
+def _api(timeout: float = 30.0) -> Iterator[Api]:
+    api = Api(timeout=timeout)
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+def _path(name: str, action: str) -> str:
+    return f"/v1/models/{quote(name, safe='/:')}/{action}"
+
+
+def _with_progress(
+    label: str, work: Callable[[], T], as_json: bool, poll: Callable[[], str] | None = None
+) -> T:
+    """Run ``work`` (a blocking HTTP call); on a terminal show a spinner with the elapsed time
+    and, if given, what ``poll`` says (the model's state on the server)."""
+    if as_json or not sys.stdout.isatty():
+        result: T = call(work)
+        return result
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future: Future[T] = pool.submit(call, work)
+        started = time.monotonic()
+        with console.status(label) as status:
+            while not future.done():
+                extra = ""
+                if poll is not None:
+                    try:
+                        extra = f" ({poll()})"
+                    except Exception:  # progress is best effort
+                        extra = ""
+                status.update(f"{label}{extra} {time.monotonic() - started:.1f} s")
+                _wait(future, POLL_S)
+        return future.result()
+
+
+def _wait(future: Future[Any], timeout: float) -> None:
+    done = threading.Event()
+    future.add_done_callback(lambda _f: done.set())
+    done.wait(timeout)
+
+
+def _state_poller(name: str) -> Callable[[], str]:
+    poller = Api(timeout=2.0)
+
+    def poll() -> str:
+        data = poller.get(_path(name, "status"))
+        device = data.get("device")
+        return str(data["state"]) + (f" on {device}" if device else "")
+
+    return poll
+
+
+def _size(n: int | None) -> str:
+    return format_size(n) if n else "-"
+
+
+def _render_models(data: dict[str, Any]) -> None:
+    table = Table(
+        "name", "backend", "state", "device", "runs on", "VRAM", "priority", "last used", "in use"
+    )
+    for m in data["models"]:
+        device = m["device"] or "-"
+        if m["simulated"]:
+            device += " (simulated)"
+        state = m["state"] + (f": {m['error']}" if m.get("error") else "")
+        table.add_row(
+            m["name"],
+            m["backend"],
+            state,
+            device,
+            m["runs_on"] or "-",
+            _size(m["used_vram_bytes"] or m["vram_bytes"]),
+            m["priority"],
+            (m["last_used"] or "-")[:19],
+            str(m["in_use"]),
+        )
+    console.print(table)
+    console.print(f"profile: [bold]{data['profile']}[/]")
+    if data.get("degraded_mode"):
+        console.print(f"[yellow]degraded:[/] {data['degraded_reason']}")
+
+
+def _render_one(verb: str) -> Callable[[dict[str, Any]], None]:
+    def render(m: dict[str, Any]) -> None:
+        where = m["device"] or "nowhere"
+        if m["simulated"]:
+            where += f" (simulated, runs on {m['runs_on']})"
+        took = (
+            f" in {m['last_load_s']:.2f} s" if m.get("last_load_s") and verb != "unloaded" else ""
+        )
+        console.print(f"{m['name']}: {verb}, {m['state']} on {where}{took}")
+
+    return render
+
+
+@models_app.command("list")
+def list_models(json_out: JsonOpt = False) -> None:
+    """Managed models, their state, device and VRAM."""
+    with _api() as api:
+        data = call(lambda: api.get("/v1/models"))
+    emit(data, json_out, _render_models)
+
+
+@models_app.command("load")
+def load(name: str, device: DeviceOpt = None, json_out: JsonOpt = False) -> None:
+    """Load NAME (on --device) and wait until it is loaded."""
+    body = {"device": device} if device else {}
+    with _api(LONG_TIMEOUT_S) as api:
+        data = _with_progress(
+            f"loading {name}",
+            lambda: api.post(_path(name, "load"), json=body),
+            json_out,
+            _state_poller(name),
+        )
+    emit(data, json_out, _render_one("loaded"))
+
+
+@models_app.command("unload")
+def unload(name: str, json_out: JsonOpt = False) -> None:
+    """Unload NAME (after its current users finish)."""
+    with _api(LONG_TIMEOUT_S) as api:
+        data = _with_progress(
+            f"unloading {name}",
+            lambda: api.post(_path(name, "unload")),
+            json_out,
+            _state_poller(name),
+        )
+    emit(data, json_out, _render_one("unloaded"))
+
+
+@models_app.command("migrate")
+def migrate(
+    name: str,
+    device: Annotated[str, typer.Argument(help="cpu, cuda or cuda:N")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Move NAME to DEVICE (torch models move in place; others are reloaded there)."""
+    with _api(LONG_TIMEOUT_S) as api:
+        data = _with_progress(
+            f"moving {name} to {device}",
+            lambda: api.post(_path(name, "migrate"), json={"device": device}),
+            json_out,
+            _state_poller(name),
+        )
+    emit(data, json_out, _render_one(f"moved to {device}"))
+
+
+def _render_profile(data: dict[str, Any]) -> None:
+    console.print(f"profile in force: [bold]{data['name']}[/]")
+    table = Table("profile", "model", "placement")
+    for profile, mapping in sorted(data["profiles"].items()):
+        for model, placement in sorted(mapping.items()) or [("-", "-")]:
+            table.add_row(profile + (" *" if profile == data["name"] else ""), model, placement)
+    console.print(table)
+    last = data.get("last_switch")
+    if last:
+        _render_switch(last)
+
+
+def _render_switch(report: dict[str, Any]) -> None:
+    table = Table("#", "step", "status", "time", "error")
+    for i, step in enumerate(report["steps"]):
+        status = step.get("status", "planned")
+        took = f"{step['duration_s']:.2f} s" if "duration_s" in step else ""
+        table.add_row(str(i), step["description"], status, took, step.get("error") or "")
+    console.print(table)
+    if report.get("dry_run"):
+        console.print(f"plan for [bold]{report['name']}[/] (not run)")
+    elif report.get("ok"):
+        console.print(f"switched to [bold]{report['name']}[/] in {report['duration_s']:.2f} s")
+    for note in report.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
+
+
+@profile_app.command("show")
+def show(json_out: JsonOpt = False) -> None:
+    """The profile in force, every profile's placements, the last switch."""
+    with _api() as api:
+        data = call(lambda: api.get("/v1/profile"))
+    emit(data, json_out, _render_profile)
+
+
+@profile_app.command("set")
+def set_profile(
+    name: str,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the plan; change nothing.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Switch to profile NAME: free VRAM first (unload, move to CPU), then load."""
+    with _api(LONG_TIMEOUT_S) as api:
+        data = _with_progress(
+            f"switching to {name}",
+            lambda: api.put("/v1/profile", json={"name": name, "dry_run": dry_run}),
+            json_out,
+        )
+    emit(data, json_out, _render_switch)

@@ -1516,13 +1516,17 @@ class ModelManager:
         report = await self.switch_profile(name)
         if not report.ok:
             step = report.steps[report.failed_step or 0]
-            raise ProfileSwitchFailed(
+            error = ProfileSwitchFailed(
                 f"switch to profile {name!r} stopped at step {report.failed_step} "
                 f"({step.step.describe()}): {step.error}",
                 profile=name,
+                previous=report.previous,
                 failed_step=report.failed_step,
                 steps=[s.as_dict() for s in report.steps],
             )
+            if step.error_code == BackendUnavailable.code:
+                error.http_status = BackendUnavailable.http_status  # a backend is down: 503
+            raise error
         return report
 
     def _set_profile(self, name: str, report: SwitchReport) -> None:
@@ -1550,7 +1554,8 @@ class ModelManager:
                     async with self._locked(entry, step.device):
                         await self._place_locked(entry, step.device, "profile")
         except VramancerError as exc:
-            return StepResult(step, StepStatus.FAILED, time.perf_counter() - started, exc.message)
+            elapsed = time.perf_counter() - started
+            return StepResult(step, StepStatus.FAILED, elapsed, exc.message, exc.code)
         return StepResult(step, StepStatus.DONE, time.perf_counter() - started)
 
     # ------------------------------------------------------------------ optimize

@@ -312,6 +312,8 @@ class StepResult:
     status: StepStatus
     duration_s: float = 0.0
     error: str | None = None
+    #: The failed step's error code (``backend_unavailable``, ``insufficient_memory`` ...).
+    error_code: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -323,6 +325,7 @@ class StepResult:
             "status": self.status.value,
             "duration_s": round(self.duration_s, 6),
             "error": self.error,
+            "error_code": self.error_code,
         }
 
 
