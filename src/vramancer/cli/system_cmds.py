@@ -39,7 +39,6 @@ from vramancer.cli.common import (
 from vramancer.clock import SystemClock
 from vramancer.config import Settings
 from vramancer.devices.manager import DeviceManager
-from vramancer.devices.report import devices_report
 from vramancer.errors import VramancerError
 from vramancer.events import EventBus
 from vramancer.observability.metrics import Metrics
@@ -82,7 +81,8 @@ class _Local:
         )
 
     def report(self) -> dict[str, Any]:
-        return devices_report(self.devices.refresh(), self.settings.node_name)
+        self.devices.refresh()
+        return dict(self.devices.report())
 
 
 @contextmanager

@@ -30,6 +30,7 @@ from vramancer.devices.backend import DeviceQueryError, GpuBackend
 from vramancer.devices.host import HostReader
 from vramancer.devices.monitor import VramCallback, VramChange, VramMonitor
 from vramancer.devices.nvidia import NvidiaBackend
+from vramancer.devices.report import devices_report
 from vramancer.devices.settings import DevicesSettings
 from vramancer.devices.simulated import SimulatedBackend
 from vramancer.devices.types import DeviceVendor, GpuSnapshot, HostSnapshot, SystemSnapshot
@@ -126,6 +127,7 @@ class DeviceManager:
         self._monitor = VramMonitor()
         self._refresh_callbacks: list[SnapshotCallback] = []
         self._task: asyncio.Task[None] | None = None
+        self._report: tuple[SystemSnapshot, dict[str, Any]] | None = None
         self._cpu_only_logged = False
         self._gauges = _Gauges(metrics)
         self._monitor.subscribe(self._publish_vram_change, settings.vram_change_threshold, None)
@@ -136,6 +138,18 @@ class DeviceManager:
         """The latest snapshot; never calls a driver (except the very first time, once)."""
         snap = self._snapshot
         return snap if snap is not None else self.refresh()
+
+    def report(self) -> dict[str, Any]:
+        """The ``GET /v1/devices`` body for the latest snapshot, built once per snapshot.
+
+        Callers must not mutate it."""
+        snap = self.snapshot()
+        cached = self._report
+        if cached is not None and cached[0] is snap:
+            return cached[1]
+        body = devices_report(snap, self.node)
+        self._report = (snap, body)
+        return body
 
     @property
     def real_gpu_count(self) -> int:

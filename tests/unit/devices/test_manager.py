@@ -262,3 +262,17 @@ def test_on_refresh_sees_every_snapshot(make_manager: MakeManager) -> None:
     unsubscribe()
     manager.refresh()
     assert seen == [0, GIB]
+
+
+def test_report_is_built_once_per_snapshot(make_manager: MakeManager) -> None:
+    manager = make_manager(simulated=SIMS)
+    report = manager.report()
+    assert manager.report() is report
+    assert report["node"] == "testnode"
+    assert [(d["index"], d["backend"], d["memory_used_ratio"]) for d in report["devices"]] == [
+        (0, "simulated", 0.0),
+        (1, "simulated", round(1 / 12, 4)),
+    ]
+    manager.adjust_simulated(0, 6 * GIB)
+    fresh = manager.report()
+    assert fresh is not report and fresh["devices"][0]["memory_used_ratio"] == 0.25

@@ -7,7 +7,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 
 from vramancer.api.deps import RuntimeDep
-from vramancer.devices.report import devices_report
 from vramancer.errors import NotFound
 
 router = APIRouter(tags=["devices"])
@@ -16,7 +15,7 @@ router = APIRouter(tags=["devices"])
 @router.get("/v1/devices")
 async def list_devices(rt: RuntimeDep) -> dict[str, Any]:
     """Every GPU (real ones first, then simulated ones) and the host, as last polled."""
-    return devices_report(rt.devices.snapshot(), rt.metrics.node)
+    return rt.devices.report()
 
 
 @router.get("/v1/devices/{index}")
@@ -24,7 +23,7 @@ async def get_device(
     rt: RuntimeDep, index: Annotated[int, Path(ge=0, le=1_000_000)]
 ) -> dict[str, Any]:
     """One GPU by VRAMancer index (the index ``gpu: N`` pins tasks to)."""
-    for entry in devices_report(rt.devices.snapshot(), rt.metrics.node)["devices"]:
+    for entry in rt.devices.report()["devices"]:
         if entry["index"] == index:
             result: dict[str, Any] = entry
             return result
