@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -80,7 +81,11 @@ def cuda_devices(snapshot: SystemSnapshot) -> list[CudaDevice]:
 
     The device snapshot names the GPUs when the device layer knows them; when it lists none but
     torch sees CUDA, torch's own device list is used, so the tiers follow what torch can address.
+    Without any sign of an NVIDIA GPU (none in the snapshot, no ``/dev/nvidiactl``) torch is not
+    imported at all: it costs ~200 MiB of RSS and a second of start-up for nothing.
     """
+    if not _cuda_possible(snapshot):
+        return []
     try:
         import torch
     except ImportError:
@@ -104,6 +109,12 @@ def cuda_devices(snapshot: SystemSnapshot) -> list[CudaDevice]:
             total = int(torch.cuda.get_device_properties(index).total_memory)
         found.append(CudaDevice(index, int(total)))
     return found
+
+
+def _cuda_possible(snapshot: SystemSnapshot) -> bool:
+    if any(g.cuda_index is not None and not g.simulated for g in snapshot.gpus):
+        return True
+    return "torch" in sys.modules or Path("/dev/nvidiactl").exists()
 
 
 def _disk_free(path: Path) -> int:
