@@ -963,7 +963,8 @@ class ModelManager:
         last: VramancerError | None = None
         for attempt in range(1, tries + 1):
             try:
-                return await asyncio.wait_for(call(), timeout_s)
+                async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for
+                    return await call()
             except TimeoutError:
                 last = OperationTimeout(
                     f"{operation} of {entry.name} timed out after {timeout_s:g} s",

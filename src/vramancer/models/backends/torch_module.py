@@ -89,6 +89,17 @@ def footprint_bytes(obj: Any) -> int:
     return total
 
 
+def _device_of(obj: Any) -> str | None:
+    """Where ``obj``'s first parameter lives (``cpu``, ``cuda:0``), None when unknown."""
+    module = obj if callable(getattr(obj, "parameters", None)) else getattr(obj, "model", None)
+    if module is None or not callable(getattr(module, "parameters", None)):
+        return None
+    for tensor in module.parameters():
+        device = tensor.device
+        return "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
+    return None
+
+
 def _free_cuda_cache() -> None:
     try:
         import torch
@@ -107,17 +118,16 @@ class TorchModel:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self._obj: Any = None
+        self._size = 0  # measured once per load: a move does not change it
 
     async def load(self, target: Target, variant: str | None = None) -> LoadResult:
         factory = resolve_factory(variant or self.spec.factory or "")
-        obj = await asyncio.to_thread(self._build, factory, target.runs_on)
-        self._obj = obj
-        return LoadResult(
-            vram_bytes=footprint_bytes(obj) if target.on_gpu else 0, size_bytes=footprint_bytes(obj)
-        )
+        obj, size = await asyncio.to_thread(self._build, factory, target.runs_on)
+        self._obj, self._size = obj, size
+        return LoadResult(vram_bytes=size if target.on_gpu else 0, size_bytes=size)
 
     @staticmethod
-    def _build(factory: Callable[..., Any], device: str) -> Any:
+    def _build(factory: Callable[..., Any], device: str) -> tuple[Any, int]:
         try:
             accepts_device = "device" in inspect.signature(factory).parameters
         except (TypeError, ValueError):
@@ -125,16 +135,22 @@ class TorchModel:
         obj = factory(device=device) if accepts_device else factory()
         if obj is None:
             raise BackendError("the torch factory returned None")
-        return move_object(obj, device)
+        moved = move_object(obj, device)
+        return moved, footprint_bytes(moved)
 
     async def move(self, target: Target) -> LoadResult:
         if self._obj is None:
             raise BackendError(f"{self.spec.name} is not loaded; nothing to move")
         obj = self._obj
-        self._obj = await asyncio.to_thread(move_object, obj, target.runs_on)
-        if target.runs_on == "cpu":
-            await asyncio.to_thread(_free_cuda_cache)
-        size = footprint_bytes(self._obj)
+        if _device_of(obj) == target.runs_on:
+            # No tensor changes place (a simulated GPU runs on the CPU): no copy to wait for,
+            # so no worker thread; the pipeline is still re-initialised.
+            self._obj = move_object(obj, target.runs_on)
+        else:
+            self._obj = await asyncio.to_thread(move_object, obj, target.runs_on)
+            if target.runs_on == "cpu":
+                await asyncio.to_thread(_free_cuda_cache)
+        size = self._size
         return LoadResult(vram_bytes=size if target.on_gpu else 0, size_bytes=size)
 
     async def unload(self) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks of the model manager (issue 4): orchestration overhead, profile switches, GPU."""
