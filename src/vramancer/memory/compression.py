@@ -650,6 +650,15 @@ class _Sampled:
 _DecisionKey = tuple[str, int, Target]
 
 
+def _raw_bytes(view: memoryview) -> bytes:
+    """The bytes of ``view`` without a copy when it already spans a whole ``bytes`` object
+    (a block stored raw must not cost a second copy of, say, 16 MiB)."""
+    obj = view.obj
+    if isinstance(obj, bytes) and view.nbytes == len(obj) and view.contiguous:
+        return obj
+    return bytes(view)
+
+
 class AdaptiveCompression:
     """The default :class:`CompressionManager`: adaptive, dtype-aware, multi-threaded.
 
@@ -760,7 +769,7 @@ class AdaptiveCompression:
             or raw_size == 0
             or (mode is Target.FAST and raw_size < self.settings.min_block_size)
         ):
-            return Compressed(Codec.NONE.value, bytes(view), raw_size)
+            return Compressed(Codec.NONE.value, _raw_bytes(view), raw_size)
         shuffle_size = size if self.settings.shuffle else 1
         key: _DecisionKey = (hint or "", shuffle_size, mode)
         candidate, whole, fresh = self._decide(view, key, shuffle_size, mode)
@@ -770,7 +779,7 @@ class AdaptiveCompression:
             # block is tried with the first candidate
             candidate = candidates(self.settings, mode, shuffle_size)[0]
         if candidate is None:
-            return Compressed(Codec.NONE.value, bytes(view), raw_size)
+            return Compressed(Codec.NONE.value, _raw_bytes(view), raw_size)
         if whole is not None:
             block = Compressed(candidate.codec.value, whole, raw_size, candidate.itemsize)
         else:
@@ -781,7 +790,7 @@ class AdaptiveCompression:
             with self._lock:
                 self._decisions.pop(key, None)
         if failed:
-            return Compressed(Codec.NONE.value, bytes(view), raw_size)
+            return Compressed(Codec.NONE.value, _raw_bytes(view), raw_size)
         return block
 
     def _decide(
@@ -862,7 +871,7 @@ class AdaptiveCompression:
         if not 1 <= candidate.itemsize <= MAX_SHUFFLE_ITEMSIZE:
             raise InvalidInput(f"itemsize: the shuffle takes 1 to {MAX_SHUFFLE_ITEMSIZE} bytes")
         if candidate.codec is Codec.NONE or raw_size == 0:
-            return Compressed(Codec.NONE.value, bytes(view), raw_size)
+            return Compressed(Codec.NONE.value, _raw_bytes(view), raw_size)
         if self.threads == 1 and candidate.itemsize == 1:  # no parallelism: one frame, no join
             return Compressed(
                 candidate.codec.value, self._compress_piece(view, candidate)[0], raw_size
