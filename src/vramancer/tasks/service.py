@@ -20,10 +20,11 @@ Execution is at-least-once: the leases a crashed daemon held are taken back at t
 (their leftover processes killed) and the tasks run again; completion is idempotent (see
 ``queue.py``), so each task ends as done at most once.
 
-``CUDA_VISIBLE_DEVICES`` is the GPU's CUDA index for a real CUDA GPU, and the empty string on a
-simulated GPU or the host (the task must not touch a GPU it was not given). ``VRM_TASK_ID``,
-``VRM_TASK_ATTEMPT``, ``VRM_DEVICE`` (``gpu:N`` or ``host``) and ``VRM_SCRATCH_DIR`` are always
-set; inherited ``VRM_*`` variables of the daemon (its API token ...) are not passed on.
+``CUDA_VISIBLE_DEVICES`` is the GPU's CUDA index for a real CUDA GPU (with
+``CUDA_DEVICE_ORDER=PCI_BUS_ID``, the order NVML and the device manager number GPUs in), and the
+empty string on a simulated GPU or the host (the task must not touch a GPU it was not given).
+``VRM_TASK_ID``, ``VRM_TASK_ATTEMPT``, ``VRM_DEVICE`` (``gpu:N`` or ``host``) and
+``VRM_SCRATCH_DIR`` are always set; inherited ``VRM_*`` variables of the daemon (its API token ...) are not passed on.
 """
 
 from __future__ import annotations
@@ -795,6 +796,9 @@ class TaskService:
                 "CUDA_VISIBLE_DEVICES": "" if active.cuda_index is None else str(active.cuda_index),
             }
         )
+        if active.cuda_index is not None:
+            # cuda_index is NVML's (PCI bus) order; CUDA's default order is fastest first.
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         out_path, err_path = self._log_paths(record.task_id)
         return RunRequest(
             argv=self._argv(spec),
