@@ -24,7 +24,8 @@ Execution is at-least-once: the leases a crashed daemon held are taken back at t
 ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, the order NVML and the device manager number GPUs in), and the
 empty string on a simulated GPU or the host (the task must not touch a GPU it was not given).
 ``VRM_TASK_ID``, ``VRM_TASK_ATTEMPT``, ``VRM_DEVICE`` (``gpu:N`` or ``host``) and
-``VRM_SCRATCH_DIR`` are always set; inherited ``VRM_*`` variables of the daemon (its API token ...) are not passed on.
+``VRM_SCRATCH_DIR`` are always set; inherited ``VRM_*`` variables of the daemon (its API
+token ...) are not passed on.
 """
 
 from __future__ import annotations
