@@ -840,8 +840,7 @@ class TaskService:
             except Exception:
                 log.exception("releasing the VRAM of task %s failed", active.record.task_id)
             active.allocation_id = None
-        spec_cwd = active.record.spec.get("cwd")
-        if not self.settings.keep_scratch and not spec_cwd:
+        if not self.settings.keep_scratch:  # ours even when the task ran in its own cwd
             scratch = self.data_dir / "scratch" / active.device.replace(":", "")
             shutil.rmtree(scratch / active.record.task_id, ignore_errors=True)
 

@@ -70,6 +70,7 @@ async def test_given_cwd_is_used(make_harness: MakeHarness, tmp_path: Path) -> N
     await h.svc.run_until_idle()
     assert await h.state(sub.task_id) is TaskState.DONE
     assert (tmp_path / "where.txt").read_text().strip() == str(tmp_path)
+    assert list((h.data_dir / "scratch" / "gpu0").iterdir()) == []  # its scratch went too
 
 
 async def test_failing_task_retries_with_exponential_backoff_then_fails(
