@@ -10,7 +10,7 @@ shapes of Ollama's ``docs/api.md`` that VRAMancer uses:
   it on the CPU (``size_vram`` 0). With a prompt it "generates" (loads as a side effect).
 * ``GET /api/ps`` -> ``{"models": [{"name", "model", "size", "digest", "details", "expires_at",
   "size_vram", "context_length"}]}``
-* ``GET /api/tags`` -> the pulled models.
+* ``GET /api/tags`` -> the pulled models; ``POST /api/show`` -> ``details`` and ``model_info``.
 * A model that was not "pulled" -> 404 ``{"error": "model 'x' not found, try pulling it
   first"}``.
 
@@ -276,6 +276,33 @@ class FakeOllama:
             return 200, _reply(name, "load")
         return 200, {**_reply(name, "stop"), "response": "fake response"}
 
+    def show(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        name = body.get("model") or body.get("name")
+        model = self.models.get(str(name))
+        if model is None:
+            return 404, {"error": f"model '{name}' not found"}
+        params = int(float(model.parameter_size.rstrip("B")) * 1e9)
+        return 200, {
+            "modelfile": f"FROM {model.name}",
+            "parameters": f"num_ctx {model.context_length}",
+            "template": "{{ .Prompt }}",
+            "details": {
+                "parent_model": "",
+                "format": "gguf",
+                "family": model.family,
+                "families": [model.family],
+                "parameter_size": model.parameter_size,
+                "quantization_level": model.quantization_level,
+            },
+            "model_info": {
+                "general.architecture": model.family,
+                "general.parameter_count": params,
+                f"{model.family}.context_length": model.context_length,
+            },
+            "capabilities": ["completion"],
+            "modified_at": "2025-08-14T15:49:43.634137516-07:00",
+        }
+
     def tags(self) -> dict[str, Any]:
         return {
             "models": [
@@ -380,6 +407,8 @@ class _Handler(BaseHTTPRequestHandler):
         fake.requests.append(Request("POST", self.path, body or {}))
         if body is None:
             self._send(400, {"error": "invalid JSON body"})
+        elif self.path == "/api/show" and fake.fail_status is None:
+            self._send(*fake.show(body))
         elif self.path != "/api/generate":
             self._send(404, {"error": "404 page not found"})
         elif fake.fail_status is not None:

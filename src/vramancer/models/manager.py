@@ -90,7 +90,7 @@ _DEFAULT_WORKLOAD = {
     BackendKind.TORCH: WorkloadType.EMBEDDING,
     BackendKind.PROCESS: WorkloadType.OTHER,
 }
-#: A measured footprint this much above the allocation makes the manager re-book it.
+#: A measured footprint off the allocation by more than this factor makes the manager re-book.
 _RESIZE_TOLERANCE = 1.05
 #: A freed GPU counts as recovered when this share of the freed bytes shows as free again.
 _RECOVERED_SHARE = 0.9
@@ -203,6 +203,8 @@ class ModelManager:
         self._preempted: dict[str, str] = {}
         self._preempt_lock = threading.Lock()
         self._learned: dict[str, int] = {}
+        self._expires: dict[str, str | None] = {}
+        self._estimated: dict[str, int | None] = {}
         self.bandwidth = policy.LoadBandwidth(float(self.gm.default_load_bandwidth))
         self._degraded: dict[str, str] = {}
         self._last_probe: float | None = None
@@ -462,6 +464,7 @@ class ModelManager:
         (seed property 10). Queued behind other loads of the same GPU."""
         entry = self._entry(name)
         await self._obtain(entry, device)
+        self._touch(entry)  # a caller about to use the model: activity (seed 002's last request)
         self._release_hold(entry)
         return self.status(name)  # no await since the hold: it is loaded right now
 
@@ -1181,7 +1184,11 @@ class ModelManager:
         configured = spec.smaller_variant_vram if entry.variant is not None else spec.vram
         used = max(measured, configured or 0) or self._expected(entry)
         allocation = entry.allocation
-        if allocation is not None and used > allocation.memory_bytes * _RESIZE_TOLERANCE:
+        if allocation is not None and not (
+            allocation.memory_bytes / _RESIZE_TOLERANCE
+            <= used
+            <= allocation.memory_bytes * _RESIZE_TOLERANCE
+        ):
             self._resize(entry, target.device, used)
         entry.used_bytes = used
         index = gpu_index(target.device)
@@ -1194,7 +1201,13 @@ class ModelManager:
             self._learned[entry.variant or entry.name] = size
 
     def _resize(self, entry: _Entry, device: str, used: int) -> None:
+        """Book ``used`` instead of the estimate. Smaller: give the old booking back first (the
+        new one then fits). Bigger: ask first, keep the old booking if the arbiter says no."""
         old = entry.allocation
+        shrink = old is not None and used < old.memory_bytes
+        if shrink:
+            self._release(old)
+            entry.allocation = old = None
         try:
             new = self.arbiter.request_allocation(
                 self._workload(entry),
@@ -1370,7 +1383,26 @@ class ModelManager:
             return False
         self._clear_degraded("ollama")
         await self._sync_ollama(running)
+        await self._estimate_unknown_sizes()
         return True
+
+    async def _estimate_unknown_sizes(self) -> None:
+        """Ollama models without a configured ``vram``: estimate it once from ``/api/show``
+        (the resources estimator) so bookings and eviction plans are right from the first
+        load; a measured size replaces it after the load."""
+        for entry in self._entries.values():
+            backend = entry.backend
+            name = entry.name
+            if not isinstance(backend, OllamaModel) or entry.spec.vram is not None:
+                continue
+            if name in self._learned or name in self._estimated:
+                continue
+            try:
+                estimate = await backend.estimate_vram()
+            except VramancerError as exc:
+                log.info("no size estimate for %s: %s", name, exc.message)
+                estimate = None
+            self._estimated[name] = estimate
 
     def _set_degraded(self, backend: str, reason: str) -> None:
         if self._degraded.get(backend) == reason:
@@ -1399,18 +1431,25 @@ class ModelManager:
             self._clear_degraded("ollama")
 
     async def _sync_ollama(self, running: list[RunningModel]) -> None:
-        """Adopt models Ollama has loaded that we think are not, and forget ones it dropped."""
+        """Adopt models Ollama has loaded that we think are not, forget ones it dropped, and
+        count a changed ``expires_at`` as activity (a client called Ollama directly: each
+        request resets the model's expiry)."""
         present = {r.name: r for r in running} | {r.model: r for r in running}
         for entry in self._entries.values():
             backend = entry.backend
             if not isinstance(backend, OllamaModel) or entry.lock.locked() or entry.draining:
                 continue
             seen = present.get(backend.tag)
+            expires = seen.expires_at if seen is not None else None
+            previous = self._expires.get(entry.name)
+            self._expires[entry.name] = expires
             async with self._locked(entry):
                 if entry.state in (ModelState.LOADED, ModelState.ERROR) and seen is None:
                     self._forget(entry)
                 elif entry.state is ModelState.UNLOADED and seen is not None:
                     self._adopt(entry, seen)
+                elif seen is not None and previous is not None and expires != previous:
+                    self._touch(entry)
 
     def _forget(self, entry: _Entry) -> None:
         device = entry.device
@@ -1641,7 +1680,10 @@ class ModelManager:
         return self._expected_full(entry)
 
     def _expected_full(self, entry: _Entry) -> int:
-        return entry.spec.vram or self._learned.get(entry.name) or self.gm.default_vram
+        """Configured, else measured at the last load, else estimated, else the default."""
+        name = entry.name
+        known = entry.spec.vram or self._learned.get(name) or self._estimated.get(name)
+        return known or self.gm.default_vram
 
     def _workload(self, entry: _Entry) -> WorkloadType:
         if entry.spec.workload_type is not None:

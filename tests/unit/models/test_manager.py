@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
@@ -591,3 +592,48 @@ async def test_stop_unloads_everything(fake_ollama: FakeOllama) -> None:
     assert fake_ollama.loaded == {}
     assert h.models.state(CLIP) is ModelState.UNLOADED and h.models.handle(CLIP) is None
     assert h.gpu_used() == 0
+
+
+async def test_direct_ollama_requests_count_as_activity(fake_ollama: FakeOllama) -> None:
+    settings = seed_settings(fake_ollama.url, models=[ollama(VLM, VLM_SIZE, idle_timeout_s=60)])
+    async with harness(settings) as h:
+        m = h.models
+        await m.ensure_loaded(VLM)
+        await m.probe_backends(force=True)  # remembers Ollama's expires_at
+        h.clock.advance(50)
+        # A client asks Ollama directly with its default keep_alive: the expiry moves.
+        httpx.post(
+            fake_ollama.url + "/api/generate", json={"model": VLM, "prompt": "hi", "stream": False}
+        )
+        await m.probe_backends(force=True)
+        assert m.status(VLM).last_used == h.clock.time()
+        h.clock.advance(50)
+        assert await m.reap_once() == []  # 50 s since the direct request, not 100 s
+        h.clock.advance(10)
+        assert await m.reap_once() == [VLM]
+
+
+async def test_ensure_loaded_counts_as_activity(fake_ollama: FakeOllama) -> None:
+    settings = seed_settings(fake_ollama.url, models=[ollama(VLM, VLM_SIZE, idle_timeout_s=60)])
+    async with harness(settings) as h:
+        await h.models.ensure_loaded(VLM)
+        h.clock.advance(59)
+        await h.models.ensure_loaded(VLM)  # already loaded: still a request for it
+        h.clock.advance(59)
+        assert await h.models.reap_once() == []
+        assert h.models.gpu_status().last_vlm_request is not None
+
+
+async def test_ollama_size_is_estimated_before_the_first_load_then_measured(
+    fake_ollama: FakeOllama,
+) -> None:
+    fake_ollama.add_model("est:7b", 5 * GIB, parameter_size="7.6B", quantization_level="Q4_K_M")
+    settings = seed_settings(fake_ollama.url, models=[ollama("est:7b", None)])
+    async with harness(settings) as h:
+        m = h.models
+        estimate = m.status("est:7b").vram_bytes
+        assert 4 * GIB < estimate < 6 * GIB  # 7.6 B x 4.9 bits + KV cache + overhead
+        assert estimate != h.settings.gpu_manager.default_vram
+        await m.ensure_loaded("est:7b")
+        assert m.status("est:7b").vram_bytes == 5 * GIB  # what Ollama's /api/ps said
+        assert owners(h) == {"model:est:7b": 5 * GIB}  # re-booked at the measured size

@@ -18,11 +18,12 @@ from typing import Any
 
 import httpx
 
-from vramancer.errors import BackendUnavailable, OperationTimeout
+from vramancer.errors import BackendUnavailable, InvalidInput, OperationTimeout
 from vramancer.models.backends.base import LoadResult, Target
 from vramancer.models.errors import BackendError, ModelNotInBackend
 from vramancer.models.settings import ModelSpec, OllamaSettings
 from vramancer.models.types import BackendKind
+from vramancer.resources.estimator import estimate_memory, parse_params
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,11 @@ class OllamaClient:
             for m in models
             if isinstance(m, dict)
         ]
+
+    async def show(self, model: str) -> dict[str, Any]:
+        """``POST /api/show``: ``details`` (``parameter_size``, ``quantization_level``) and
+        ``model_info`` (``general.parameter_count``, ``<arch>.context_length`` ...)."""
+        return await self._call("POST", "/api/show", json={"model": model})
 
     async def generate_load(
         self,
@@ -188,6 +194,20 @@ class OllamaModel:
                     vram = running.size_bytes  # a fake or CPU-only Ollama behind a simulated GPU
                 return LoadResult(vram_bytes=vram, size_bytes=running.size_bytes)
         raise BackendError(f"Ollama answered the load of {self.tag} but /api/ps does not list it")
+
+    async def estimate_vram(self) -> int | None:
+        """What the model should take, from ``/api/show`` and VRAMancer's estimator (weights
+        at its quantization + KV cache + overhead); None when Ollama does not say enough."""
+        data = await self.client.show(self.spec.name)
+        details = data.get("details") or {}
+        info = data.get("model_info") or {}
+        params = info.get("general.parameter_count")
+        try:
+            count = int(params) if params else parse_params(str(details.get("parameter_size")))
+            quant = str(details.get("quantization_level") or "f16")
+            return estimate_memory(count, quant).total_bytes
+        except (InvalidInput, ValueError):
+            return None
 
     async def move(self, target: Target) -> LoadResult:
         raise BackendError("Ollama models cannot move in place; unload and load them")
