@@ -308,6 +308,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workdir", default=None, help="where data directories go (default: the temp dir)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--save", default=None, help="also write the JSON to this file")
     args = parser.parse_args(argv)
     if args.n < 1 or args.runs < 1 or args.rq_n < 0:
         parser.error("--n and --runs must be >= 1, --rq-n >= 0")
@@ -350,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         "systems": {r.name: r.as_json() for r in reports},
         "verdict": verdict(reports),
     }
+    if args.save:
+        Path(args.save).write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -21,13 +21,13 @@ app.conf.update(
 _conn: redis.Redis | None = None
 
 
-@app.task(name="bench.noop")
+@app.task(name="bench.noop")  # type: ignore[untyped-decorator]
 def noop() -> None:
     """Does nothing: the benchmark measures the queue, not the work."""
     return None
 
 
-@task_postrun.connect
+@task_postrun.connect  # type: ignore[untyped-decorator]
 def _count_done(**_: Any) -> None:
     global _conn
     if _conn is None:  # one client per (forked) worker process

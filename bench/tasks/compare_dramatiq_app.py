@@ -31,7 +31,7 @@ class CountDone(Middleware):
         self._conn.incr(DONE_KEY)
 
 
-broker = RedisBroker(url=redis_url())
+broker = RedisBroker(url=redis_url())  # type: ignore[no-untyped-call]
 broker.add_middleware(CountDone())
 dramatiq.set_broker(broker)
 

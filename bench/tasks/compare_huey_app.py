@@ -11,12 +11,12 @@ from bench.tasks.compare_common import DONE_KEY, QUEUE_NAME, redis_url
 huey = RedisHuey(QUEUE_NAME, url=redis_url())
 
 
-@huey.task()
+@huey.task()  # type: ignore[untyped-decorator]
 def noop() -> None:
     """Does nothing: the benchmark measures the queue, not the work."""
     return None
 
 
-@huey.signal(signals.SIGNAL_COMPLETE)
+@huey.signal(signals.SIGNAL_COMPLETE)  # type: ignore[untyped-decorator]
 def _count_done(signal: str, task: Any, *args: Any, **kwargs: Any) -> None:
     huey.storage.conn.incr(DONE_KEY)
