@@ -62,6 +62,7 @@ clip_model = "clip"
 retry_backoff_s = 0
 load_timeout_s = 5
 max_load_retries = 1
+optimize_idle_s = 0
 
 [profiles.everything_off]
 "{VLM}" = "unloaded"
@@ -207,6 +208,14 @@ def test_errors_are_clear(op: httpx.Client, server: ServerProcess, fake: FakeOll
     assert r.json()["error"]["failed_step"] == 1
     assert models(op)["clip"]["device"] == "cpu"  # step 0 ran, the state is consistent
     assert op.post("/v1/models/clip/load").status_code == 200  # CLIP keeps working
+
+
+def test_system_optimize_unloads_idle_models(op: httpx.Client) -> None:
+    op.post("/v1/models/clip/load", json={"device": "cpu"})
+    r = op.post("/v1/system/optimize")
+    assert r.status_code == 200, r.text
+    assert "unloaded clip from cpu (idle, 500.0 MiB)" in r.json()["actions_taken"]
+    assert models(op)["clip"]["state"] == "unloaded"
 
 
 def test_metrics_expose_model_states(op: httpx.Client) -> None:
