@@ -11,6 +11,7 @@ import typer
 
 from vramancer.cli.common import ConfigOpt, fail, load_settings
 from vramancer.config import Settings
+from vramancer.errors import ConfigError
 
 
 def is_loopback(host: str) -> bool:
@@ -59,7 +60,10 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:  # checks across sections (a profile naming an unknown model)
+        fail(exc.message, code=2)
     if settings.metrics_port:
         from prometheus_client import start_http_server
 

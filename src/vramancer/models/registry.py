@@ -71,13 +71,15 @@ def validate_model_settings(settings: Settings) -> dict[str, ModelSpec]:
     for key in ("vlm_model", "clip_model"):
         value = getattr(gm, key)
         if value is not None and value not in specs:
-            problems.append(f"gpu_manager.{key}: {value!r} is not in [[models]] (models: {known})")
+            problems.append(
+                f"gpu_manager.{key}: {value!r} is not a configured model (models: {known})"
+            )
     for profile, mapping in settings.profiles.items():
         for model, value in mapping.items():
             found = specs.get(model)
             if found is None:
                 problems.append(
-                    f"profiles.{profile}.{model}: not a model of [[models]] (models: {known})"
+                    f"profiles.{profile}.{model}: not a configured model (models: {known})"
                 )
             elif (
                 Placement.parse(value).kind is PlacementKind.CPU

@@ -99,8 +99,11 @@ def test_bad_model_settings_name_the_key(tmp_path: Path, toml: str, message: str
             '[[models]]\nname = "a"\nbackend = "ollama"\n',
             "models.1.name: 'a' is declared twice",
         ),
-        ('[gpu_manager]\nvlm_model = "ghost"\n', "gpu_manager.vlm_model: 'ghost' is not in"),
-        ('[profiles.p]\nghost = "gpu"\n', "profiles.p.ghost: not a model"),
+        (
+            '[gpu_manager]\nvlm_model = "ghost"\n',
+            "gpu_manager.vlm_model: 'ghost' is not a configured model",
+        ),
+        ('[profiles.p]\nghost = "gpu"\n', "profiles.p.ghost: not a configured model"),
         (
             '[[models]]\nname = "a"\nbackend = "ollama"\nallowed_devices = ["gpu"]\n'
             '[profiles.p]\na = "cpu"\n',
