@@ -251,3 +251,29 @@ def test_cli_models_and_profile(op: httpx.Client, server: ServerProcess) -> None
     assert "profile in force: recording" in shown.stdout
     bad = cli(server, "models", "migrate", "clip", "cuda:9")
     assert bad.returncode == 1 and "does not exist" in bad.stderr and "HTTP 422" in bad.stderr
+
+
+def test_serve_refuses_a_profile_naming_an_unknown_model(tmp_path: Any) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[models]]\nname = "clip"\nbackend = "ollama"\n[profiles.p]\nghost = "gpu"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VRM_")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vramancer.main",
+            "--mode",
+            "serve",
+            "--port",
+            "0",
+            "--config",
+            str(bad),
+        ],
+        env={**env, "VRM_DATA_DIR": str(tmp_path / "data")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "profiles.p.ghost: not a configured model (models: clip)" in done.stderr
+    assert "Traceback" not in done.stderr
