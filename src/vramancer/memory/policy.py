@@ -1,22 +1,125 @@
 """Pure memory policies: hotness, placement, eviction order, promotion, prefetch.
 
-INTERFACE SKELETON — the default implementations here are deliberately simple and are replaced
-by the policy work of issue 3. The store (``memory/store.py``) and the policy benchmark
-(``bench/memory/policy.py``) both drive these same objects, so keep the signatures.
+The store (``memory/store.py``) and the policy benchmark (``bench/memory/policy.py``) drive these
+same objects. No I/O, no locks, no clock reads: ``now`` (monotonic seconds) is always passed in,
+and the store calls everything here under its own lock.
 
-No I/O, no locks, no clock reads: ``now`` (monotonic seconds) is always passed in.
+The default policy, in one paragraph. A block's hotness is its hit count decayed with a
+half-life (60 s by default): recent hits weigh more, old ones fade, so the count is LFU and LRU
+at once. Each tier keeps an :class:`HotnessIndex`: a small recency *window* (LRU, its share of
+the tier adapted by hill climbing on the tier's hit rate) in front of a *main* region ordered by
+``(coldness × size) / (reload_cost + priority)``. Because every block's count decays at the same
+rate, the order of decayed counts never changes with time, so the main region is a heap keyed by
+a time-invariant number (log2 of the count referred to a fixed epoch) and is never re-scored.
+A block leaving the window enters the main region only if its history (its hits before the
+latest) beats the main region's coldest block, which is what keeps loops and scans from washing
+the tier out (the admission idea of W-TinyLFU, with an exact per-block history instead of a
+sketch: the store keeps metadata for every block anyway). Placement learns, per hint, how often
+a freshly written block is read again; a :class:`SequentialPrefetcher` recognises ``…/7`` then
+``…/8`` and names the next blocks of a stream so the store promotes them ahead of the reader.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import heapq
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+from vramancer.errors import InvalidInput
+
+# --------------------------------------------------------------------------------------------
+# Constants (defaults; ``PolicyConfig`` carries the values actually used)
+# --------------------------------------------------------------------------------------------
+
+#: Half-life of the decayed hit count, seconds (``memory.half_life_s``).
+DEFAULT_HALF_LIFE_S = 60.0
+#: A block read from a slower tier is promoted when its hotness is at least this.
+DEFAULT_PROMOTE_THRESHOLD = 1.0
+#: Under pressure, a block whose hotness is at most this is demoted even before the tier is full.
+DEFAULT_DEMOTE_THRESHOLD = 0.25
+#: Share of a tier's bytes given to the recency window (W-TinyLFU's 1 %).
+DEFAULT_WINDOW_FRACTION = 0.01
+#: The eviction ranking decays counts with ``half_life × 2^x``; the hill climber moves ``x``
+#: within these bounds (small x: the ranking tends to LRU; large x: to LFU), by this step at
+#: first, shrinking by the decay factor per sample down to the floor.
+RECENCY_LOG2_MIN = -6.0
+RECENCY_LOG2_MAX = 2.0
+RECENCY_STEP = 1.0
+RECENCY_STEP_DECAY = 0.9
+RECENCY_STEP_MIN = 0.25
+#: Ghosts: a block evicted with a count under this is "seen once"; ghost lists hold at most
+#: max(blocks in the index, GHOST_MIN_BLOCKS) ids each, and never more than GHOST_MAX.
+GHOST_MORE_HITS = 1.5
+GHOST_MIN_BLOCKS = 64
+GHOST_MAX = 65536
+#: A block leaving the window must beat main's coldest by this much (log2 of value) to take a
+#: place among the incumbents; otherwise it is the next victim.
+DUEL_MARGIN_LOG2 = 0.1
+#: The ranking is rebuilt when the learned ``x`` has moved by this much.
+RERANK_STEP = 0.5
+#: The window's duel discounts a block's latest hit fully at or above this ``x``, not at all at
+#: or below the other (see ``_discount``).
+DISCOUNT_FULL_AT = -1.0
+DISCOUNT_NONE_AT = -4.0
+#: A hill-climbing sample lasts this many accesses per indexed block (and at least the floor).
+SAMPLE_ACCESSES_PER_BLOCK = 10
+SAMPLE_ACCESSES_MIN = 256
+#: Hit-rate change that restarts the climber with a full step (the workload shifted).
+RESTART_DELTA = 0.05
+#: Reloading a block costs ``latency × (1 + size / RELOAD_UNIT_BYTES)``: a fixed per-move cost
+#: about equal to moving 256 KiB (an NVMe access or a kernel launch plus a copy).
+DEFAULT_RELOAD_UNIT_BYTES = 256 * 1024
+#: Latency of the tier a block is reloaded from when the index is not told (an L5-like SSD).
+DEFAULT_RELOAD_LATENCY = 16.0
+#: log2 hotness given to a block that was never read (written or prefetched only): colder than
+#: any block read in the last 30 half-lives.
+NEVER_READ_LOG2 = -30.0
+#: Dead heap entries tolerated before the heap is rebuilt (and at least this share of live ones).
+COMPACT_MIN_DEAD = 1024
+#: Prefetcher: most streams and successor pairs remembered, most ids predicted per access.
+PREFETCH_MAX_STREAMS = 4096
+PREFETCH_MAX_SUCCESSORS = 65536
+DEFAULT_PREFETCH_DEPTH = 4
+#: Prefetcher: a stream must advance by +1 this many times before it is trusted.
+PREFETCH_MIN_RUN = 2
+#: Prefetcher: a learned successor must be seen this many times before it is predicted.
+PREFETCH_MIN_SUCCESSOR_COUNT = 2
+#: Prefetcher: predictions still open (waiting to be confirmed) are forgotten beyond this many.
+PREFETCH_MAX_OUTSTANDING = 4096
+#: Prefetcher: a prediction not read within this many accesses counts as wrong.
+PREFETCH_HORIZON = 64
+#: Prefetcher: a kind of prediction whose accuracy (EWMA) is under this stays silent, except
+#: one access in ``PREFETCH_RETRY_EVERY`` (to notice a pattern coming back).
+PREFETCH_MIN_ACCURACY = 0.25
+PREFETCH_ACCURACY_ALPHA = 0.05
+PREFETCH_RETRY_EVERY = 64
+#: Placement: EWMA weight of one observation of a hint's re-read rate, and the most hints kept.
+HINT_ALPHA = 0.05
+MAX_HINTS = 1024
+#: Placement: a block whose hint is re-read less often than this starts below the fastest tier
+#: when that tier is under pressure.
+COLD_HINT_REREAD_RATE = 0.05
+#: Placement: fraction of observations before a hint's learned rate is trusted.
+HINT_MIN_OBSERVATIONS = 32
+#: Learned reload cost: EWMA weight of one measured move.
+COST_ALPHA = 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(slots=True, eq=False)
 class BlockMeta:
-    """Metadata of one block, owned and mutated by the store under its lock (data is elsewhere)."""
+    """Metadata of one block, owned and mutated by the store under its lock (data is elsewhere).
+
+    Slots keep it small: a million blocks must fit in well under 500 bytes each.
+    """
 
     id: str
     size: int
@@ -24,17 +127,22 @@ class BlockMeta:
     priority: int = 0
     pinned: bool = False
     hint: str | None = None
-    #: Decayed hit count (LFU part), valid at ``last_access``.
+    #: Decayed hit count (LFU part), valid at ``last_access``. 0 means never read.
     hits: float = 0.0
-    #: Monotonic time of the last access (LRU part).
+    #: Monotonic time of the last access (LRU part); the store sets it to ``created`` on put.
     last_access: float = 0.0
     created: float = 0.0
     #: Codec of the stored bytes on L5/L6 (``none``, ``zstd``, ...).
     compression: str = "none"
     #: Readers currently holding the block; a block being read is never freed.
     readers: int = 0
-    #: Opaque slot for the eviction index (heap entry, bucket ...).
+    #: Opaque slot for the eviction index (heap entry, window marker ...). Only the index that
+    #: holds the block touches it; ``None`` when the block is in no index.
     index_slot: object | None = field(default=None, repr=False)
+
+    def __lt__(self, other: BlockMeta) -> bool:
+        """Tie-break for heap entries with equal keys (never compared otherwise)."""
+        return self.id < other.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +161,40 @@ class TierView:
     @property
     def pressure(self) -> float:
         return self.used_bytes / self.capacity_bytes if self.capacity_bytes else 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Every tunable of the default policy. ``default_policy(settings)`` fills it from config."""
+
+    half_life_s: float = DEFAULT_HALF_LIFE_S
+    promote_threshold: float = DEFAULT_PROMOTE_THRESHOLD
+    demote_threshold: float = DEFAULT_DEMOTE_THRESHOLD
+    #: A tier above this used/capacity is under pressure (eviction runs, cold blocks go down).
+    pressure_high: float = 0.9
+    #: The eviction cycle frees down to this used/capacity.
+    pressure_low: float = 0.75
+    window_fraction: float = DEFAULT_WINDOW_FRACTION
+    adaptive_window: bool = True
+    reload_unit_bytes: int = DEFAULT_RELOAD_UNIT_BYTES
+    prefetch_depth: int = DEFAULT_PREFETCH_DEPTH
+
+    def __post_init__(self) -> None:
+        if not self.half_life_s > 0:
+            raise InvalidInput("half_life_s must be positive", field="half_life_s")
+        if not 0.0 < self.window_fraction < 1.0:
+            raise InvalidInput("window_fraction must be in (0, 1)", field="window_fraction")
+        if self.pressure_low > self.pressure_high:
+            raise InvalidInput("pressure_low must not be above pressure_high", field="pressure_low")
+        if self.reload_unit_bytes <= 0:
+            raise InvalidInput("reload_unit_bytes must be positive", field="reload_unit_bytes")
+        if self.prefetch_depth < 0:
+            raise InvalidInput("prefetch_depth must not be negative", field="prefetch_depth")
+
+
+# --------------------------------------------------------------------------------------------
+# Protocols (extension points, seed 000)
+# --------------------------------------------------------------------------------------------
 
 
 class HotnessModel(Protocol):
@@ -99,34 +241,452 @@ class Prefetcher(Protocol):
     def observe(self, block_id: str, now: float) -> Sequence[str]: ...
 
 
+# --------------------------------------------------------------------------------------------
+# Hotness
+# --------------------------------------------------------------------------------------------
+
+
 class DecayedHotness:
     """Decayed hit count with half-life ``half_life_s``: each hit adds 1, the total halves every
-    half-life. Recency is part of it, since old hits have decayed."""
+    half-life. Recency is part of it, since old hits have decayed.
 
-    def __init__(self, half_life_s: float = 60.0) -> None:
+    Because all counts decay at the same rate, ``log_key`` (log2 of the count referred to the
+    epoch ``t = 0``) orders blocks exactly as their decayed counts do, at every instant: that is
+    what lets the eviction heap stay valid without re-scoring.
+    """
+
+    def __init__(self, half_life_s: float = DEFAULT_HALF_LIFE_S) -> None:
+        if not half_life_s > 0:
+            raise InvalidInput("half_life_s must be positive", field="half_life_s")
         self.half_life_s = half_life_s
+        self._inv_half_life = 1.0 / half_life_s
 
     def decayed(self, block: BlockMeta, now: float) -> float:
+        if block.hits <= 0.0:
+            return 0.0
         age = max(0.0, now - block.last_access)
-        return float(block.hits * 0.5 ** (age / self.half_life_s))
+        return float(block.hits * 0.5 ** (age * self._inv_half_life))
 
     def record_hit(self, block: BlockMeta, now: float) -> None:
         block.hits = self.decayed(block, now) + 1.0
-        block.last_access = now
+        block.last_access = max(block.last_access, now)
 
     def score(self, block: BlockMeta, now: float) -> float:
         return self.decayed(block, now)
 
+    def history(self, block: BlockMeta, now: float) -> float:
+        """Decayed hits before the latest one: what a block earned before its current visit."""
+        if block.hits <= 1.0:
+            return 0.0
+        age = max(0.0, now - block.last_access)
+        return float((block.hits - 1.0) * 0.5 ** (age * self._inv_half_life))
 
-class FastestFirstStrategy:
-    """Simplest placement: the fastest tier first (replaced by the issue-3 policy)."""
+    def log_key(self, block: BlockMeta, inv_half_life: float | None = None) -> float:
+        """Time-invariant log2 hotness: ``log2(decayed(now)) + now / half_life`` for any now.
 
-    def place(self, block: BlockMeta, tiers: Sequence[TierView], now: float) -> Sequence[str]:
-        return [t.name for t in sorted(tiers, key=lambda t: t.latency)]
+        ``inv_half_life`` (1 / seconds) ranks by the count at the last access decayed from then
+        at another rate (LRFU's knob: fast decay → LRU order, slow decay → LFU order).
+        """
+        inv = self._inv_half_life if inv_half_life is None else inv_half_life
+        stamp = block.last_access if block.last_access > block.created else block.created
+        if block.hits <= 0.0:
+            return NEVER_READ_LOG2 + stamp * inv
+        return math.log2(block.hits) + stamp * inv
+
+    def history_log_key(
+        self, block: BlockMeta, inv_half_life: float | None = None, discount: float = 1.0
+    ) -> float:
+        """``log_key`` of the count less ``discount`` of the latest hit (1: :meth:`history`);
+        nothing left counts as never read."""
+        inv = self._inv_half_life if inv_half_life is None else inv_half_life
+        left = block.hits - discount
+        if left <= 0.0 or block.hits <= 0.0:
+            stamp = block.last_access if block.last_access > block.created else block.created
+            return NEVER_READ_LOG2 + stamp * inv
+        return math.log2(left) + block.last_access * inv
+
+
+# --------------------------------------------------------------------------------------------
+# Reload cost
+# --------------------------------------------------------------------------------------------
+
+
+class ReloadCostModel:
+    """What it costs to bring a block back once evicted, in relative-latency units.
+
+    Static: ``latency × (1 + size / unit_bytes)`` where ``latency`` is the relative latency of the
+    tier the block would be reloaded from (1, 1.3, 2.5, 5, 16, 50 for L1..L6). Learned: the store
+    may report measured moves with :meth:`observe`; once a tier has measurements, its cost is
+    the measured seconds for that size, scaled so that the static and learned figures agree on
+    a block of ``unit_bytes`` (the tier's configured latency stays the unit of account).
+    """
+
+    def __init__(self, unit_bytes: int = DEFAULT_RELOAD_UNIT_BYTES) -> None:
+        if unit_bytes <= 0:
+            raise InvalidInput("reload unit must be positive", field="reload_unit_bytes")
+        self.unit_bytes = unit_bytes
+        #: tier -> (EWMA seconds per move fixed part, EWMA seconds per byte, samples)
+        self._learned: dict[str, tuple[float, float, int]] = {}
+
+    def cost(self, size: int, latency: float, tier: str | None = None) -> float:
+        """Cost of reloading ``size`` bytes from a tier of relative ``latency``."""
+        static = latency * (1.0 + size / self.unit_bytes)
+        learned = self._learned.get(tier) if tier is not None else None
+        if learned is None or learned[2] < 2:
+            return static
+        fixed_s, per_byte_s, _ = learned
+        reference_s = fixed_s + per_byte_s * self.unit_bytes
+        if reference_s <= 0.0:
+            return static
+        # Scale: a block of unit_bytes costs 2 × latency in both models.
+        return 2.0 * latency * (fixed_s + per_byte_s * size) / reference_s
+
+    def observe(self, tier: str, size: int, seconds: float) -> None:
+        """Record a measured reload (a move out of ``tier``) of ``size`` bytes taking ``seconds``.
+
+        Splits the time into a fixed part and a per-byte part with the static model's ratio as a
+        prior, then smooths both with an EWMA.
+        """
+        if seconds < 0 or size < 0:
+            return
+        share_fixed = self.unit_bytes / (self.unit_bytes + size)
+        fixed = seconds * share_fixed
+        per_byte = (seconds - fixed) / size if size else 0.0
+        old = self._learned.get(tier)
+        if old is None:
+            self._learned[tier] = (fixed, per_byte, 1)
+            return
+        a = COST_ALPHA
+        if per_byte == 0.0:
+            per_byte = old[1]
+        self._learned[tier] = (
+            old[0] + a * (fixed - old[0]),
+            old[1] + a * (per_byte - old[1]),
+            old[2] + 1,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Eviction index
+# --------------------------------------------------------------------------------------------
+
+_Entry = tuple[float, BlockMeta]
+
+
+class _Segment:
+    """``index_slot`` marker of a block in an ordered segment (window, outgoing) of one index."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class HotnessIndex:
+    """Default per-tier eviction index: adaptive recency window + time-invariant value heap.
+
+    Two segments:
+
+    * **window** — the most recently added or hit blocks, in LRU order, holding a share of the
+      index's bytes (``window_fraction``, adapted by hill climbing on the tier's hit rate);
+    * **main** — a min-heap of ``(key, block)`` where the key is the time-invariant log2 of
+      ``hotness × (reload_cost + priority) / size``: the lowest key is the highest
+      ``(coldness × size) / (reload_cost + priority)``. A hit re-keys a block by pushing a new
+      entry; the old one dies lazily (an entry is live iff ``block.index_slot is entry``), and
+      the heap is rebuilt when dead entries outnumber live ones.
+
+    A block leaving the window enters main keyed by its *history* — its hits before the latest
+    one, which the window has already rewarded. So a block seen once (a scan, a loop that does
+    not fit) enters main below every block with a real past and is the next to go, while a
+    block that keeps coming back climbs: the admission duel of W-TinyLFU, decided by exact
+    decayed counts (the store keeps every block's metadata anyway) instead of a sketch.
+
+    ``victims`` never changes membership (the store calls ``remove`` for the blocks it really
+    moves) and never returns pinned blocks or blocks with readers.
+    """
+
+    def __init__(
+        self,
+        hotness: DecayedHotness,
+        *,
+        reload_latency: float = DEFAULT_RELOAD_LATENCY,
+        reload_tier: str | None = None,
+        costs: ReloadCostModel | None = None,
+        window_fraction: float = DEFAULT_WINDOW_FRACTION,
+        adaptive: bool = True,
+        recency_factor: float = 1.0,
+    ) -> None:
+        self._hotness = hotness
+        self._costs = costs if costs is not None else ReloadCostModel()
+        self._reload_latency = reload_latency
+        self._reload_tier = reload_tier
+        self._in_window = _Segment("window")
+        self._heap: list[_Entry] = []
+        self._window: OrderedDict[str, BlockMeta] = OrderedDict()
+        self._window_bytes = 0
+        self._bytes = 0
+        self._count = 0
+        self._dead = 0
+        self.window_fraction = window_fraction
+        self.adaptive = adaptive
+        x = min(RECENCY_LOG2_MAX, max(RECENCY_LOG2_MIN, math.log2(recency_factor)))
+        #: Recency weight in [0, 1] (ARC's p / c): 0 ranks by frequency, 1 by recency.
+        self.recency_weight = (RECENCY_LOG2_MAX - x) / (RECENCY_LOG2_MAX - RECENCY_LOG2_MIN)
+        self._x = x
+        self._inv_recency = 1.0 / (hotness.half_life_s * math.pow(2.0, x))
+        self._discount = _discount(x)
+        #: Ids returned by the last ``victims`` call: a ``remove`` of one of them is an eviction.
+        self._pending: set[str] = set()
+        #: Ghosts of evicted blocks (ids only), seen-once and seen-more-often, oldest first.
+        self._ghost_once: OrderedDict[str, None] = OrderedDict()
+        self._ghost_more: OrderedDict[str, None] = OrderedDict()
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, block: object) -> bool:
+        return isinstance(block, BlockMeta) and self.segment_of(block) is not None
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the blocks in the index."""
+        return self._bytes
+
+    @property
+    def window_bytes(self) -> int:
+        return self._window_bytes
+
+    def segment_of(self, block: BlockMeta) -> str | None:
+        """``window``, ``main`` or ``None`` (not in this index)."""
+        slot = block.index_slot
+        if slot is self._in_window:
+            return "window"
+        # A heap entry in index_slot means "live in the index that made it": the store removes
+        # a block from one tier's index before adding it to another's.
+        if isinstance(slot, tuple) and slot[1] is block:
+            return "main"
+        return None
+
+    def value_log(self, block: BlockMeta) -> float:
+        """Time-invariant log2 of ``hotness × (reload_cost + priority) / size`` (low = evict)."""
+        return self._hotness.log_key(block, self._inv_recency) + self._cost_log(block)
+
+    def _cost_log(self, block: BlockMeta) -> float:
+        size = block.size if block.size > 0 else 1
+        cost = self._costs.cost(size, self._reload_latency, self._reload_tier)
+        return math.log2(cost + max(0, block.priority)) - math.log2(size)
+
+    def _push(self, block: BlockMeta, key: float) -> None:
+        entry: _Entry = (key, block)
+        block.index_slot = entry
+        heapq.heappush(self._heap, entry)
+
+    def _maybe_compact(self) -> None:
+        if self._dead > COMPACT_MIN_DEAD and self._dead > len(self._heap) // 2:
+            self._heap = [e for e in self._heap if e[1].index_slot is e]
+            heapq.heapify(self._heap)
+            self._dead = 0
+
+    @property
+    def ranking_half_life_s(self) -> float:
+        """Half-life with which the eviction ranking decays counts (adapted when adaptive)."""
+        return 1.0 / self._inv_recency
+
+    def _ghost_hit(self, block: BlockMeta) -> None:
+        """A block comes back after an eviction: learn which way the ranking should lean.
+
+        ARC's rule: a returning seen-once block says "more recency" (an LRU would have kept
+        it), a returning seen-more-often one says "more frequency"; each moves the recency
+        weight by ``max(1, |other ghosts| / |its ghosts|) / blocks``. The ranking follows once
+        it has moved by ``RERANK_STEP`` (a heap rebuild).
+        """
+        once, more = self._ghost_once, self._ghost_more
+        scale = 1.0 / max(self._count, GHOST_MIN_BLOCKS)
+        if block.id in once:
+            step = max(1.0, len(more) / len(once)) * scale
+            del once[block.id]
+        elif block.id in more:
+            step = -max(1.0, len(once) / len(more)) * scale
+            del more[block.id]
+        else:
+            return
+        weight = min(1.0, max(0.0, self.recency_weight + step))
+        self.recency_weight = weight
+        x = RECENCY_LOG2_MAX - weight * (RECENCY_LOG2_MAX - RECENCY_LOG2_MIN)
+        if abs(x - self._x) >= RERANK_STEP or (x != self._x and weight in (0.0, 1.0)):
+            self._x = x
+            self._discount = _discount(x)
+            self._rerank(1.0 / (self._hotness.half_life_s * math.pow(2.0, x)))
+
+    def _remember_eviction(self, block: BlockMeta) -> None:
+        ghosts = self._ghost_once if block.hits < GHOST_MORE_HITS else self._ghost_more
+        ghosts[block.id] = None
+        limit = max(self._count, GHOST_MIN_BLOCKS)
+        limit = min(limit, GHOST_MAX)
+        while len(ghosts) > limit:
+            ghosts.popitem(last=False)
+
+    def _rerank(self, inv_recency: float) -> None:
+        """Change the ranking decay: every key's recency term moves, so the heap is rebuilt.
+
+        O(n), at most once per climbing sample (which lasts at least 10 accesses per block).
+        """
+        delta = inv_recency - self._inv_recency
+        self._inv_recency = inv_recency
+        heap: list[_Entry] = []
+        for entry in self._heap:
+            block = entry[1]
+            if block.index_slot is not entry:
+                continue
+            stamp = block.last_access if block.last_access > block.created else block.created
+            fresh: _Entry = (entry[0] + stamp * delta, block)
+            block.index_slot = fresh
+            heap.append(fresh)
+        heapq.heapify(heap)
+        self._heap = heap
+        self._dead = 0
+
+    # -- protocol ----------------------------------------------------------------------------
+
+    def add(self, block: BlockMeta, now: float, *, prefetched: bool = False) -> None:
+        """Index a block that just entered the tier (most recent end of the window).
+
+        ``prefetched=True`` (a promotion ahead of the reader, not a read): the block skips the
+        window and enters main valued as if it were read now — the prefetcher expects it to be
+        — so it stays until its read comes; if the read never comes it cools like any block.
+        """
+        if self.segment_of(block) is not None:
+            self.touch(block, now)
+            return
+        if prefetched:
+            self._bytes += block.size
+            self._count += 1
+            expected = math.log2(self._hotness.decayed(block, now) + 1.0)
+            self._push(block, expected + now * self._inv_recency + self._cost_log(block))
+            return
+        self._window[block.id] = block
+        block.index_slot = self._in_window
+        self._window_bytes += block.size
+        self._bytes += block.size
+        self._count += 1
+        if self.adaptive:
+            self._ghost_hit(block)
+        self._drain_window()
+
+    def remove(self, block: BlockMeta) -> None:
+        """Forget a block (moved away or deleted); unknown blocks are ignored."""
+        segment = self.segment_of(block)
+        if segment is None:
+            return
+        if segment == "window":
+            del self._window[block.id]
+            self._window_bytes -= block.size
+        else:
+            self._dead += 1
+        block.index_slot = None
+        self._bytes -= block.size
+        self._count -= 1
+        if block.id in self._pending:
+            self._pending.discard(block.id)
+            if self.adaptive:
+                self._remember_eviction(block)
+        self._maybe_compact()
+
+    def touch(self, block: BlockMeta, now: float) -> None:
+        """A hit (after ``record_hit``), or a changed priority/pin: re-order the block."""
+        segment = self.segment_of(block)
+        if segment is None:
+            return
+        if segment == "window":
+            self._window.move_to_end(block.id)
+        else:
+            self._dead += 1
+            self._push(block, self.value_log(block))
+            self._maybe_compact()
+
+    def victims(self, need_bytes: int, now: float) -> list[BlockMeta]:
+        """Coldest movable blocks freeing at least ``need_bytes`` (fewer if not possible):
+        main's by value first, then the window's least recent."""
+        if need_bytes <= 0:
+            return []
+        chosen: list[BlockMeta] = []
+        freed = 0
+        heap = self._heap
+        popped: list[_Entry] = []
+        while freed < need_bytes and heap:
+            entry = heapq.heappop(heap)
+            block = entry[1]
+            if block.index_slot is not entry:
+                self._dead -= 1
+                continue
+            popped.append(entry)
+            if block.pinned or block.readers > 0:
+                continue
+            chosen.append(block)
+            freed += block.size
+        for entry in popped:
+            heapq.heappush(heap, entry)
+        if freed < need_bytes:
+            for block in self._window.values():
+                if freed >= need_bytes:
+                    break
+                if not (block.pinned or block.readers > 0):
+                    chosen.append(block)
+                    freed += block.size
+        self._pending = {b.id for b in chosen}
+        return chosen
+
+    def coldest(self) -> BlockMeta | None:
+        """Main's coldest block (dead entries on top of the heap are dropped on the way)."""
+        heap = self._heap
+        while heap and heap[0][1].index_slot is not heap[0]:
+            heapq.heappop(heap)
+            self._dead -= 1
+        return heap[0][1] if heap else None
+
+    def blocks(self) -> Iterator[BlockMeta]:
+        """Every block in the index (window, then main), for audits and tests."""
+        yield from self._window.values()
+        for entry in self._heap:
+            if entry[1].index_slot is entry:
+                yield entry[1]
+
+    # -- window ------------------------------------------------------------------------------
+
+    def _drain_window(self) -> None:
+        """Move the window's least recent blocks past its share into main, keyed by history."""
+        budget = int(self.window_fraction * self._bytes)
+        window = self._window
+        history = self._hotness.history_log_key
+        while self._window_bytes > budget and len(window) > 1:
+            _, block = window.popitem(last=False)
+            self._window_bytes -= block.size
+            key = history(block, self._inv_recency, self._discount) + self._cost_log(block)
+            cold = self.coldest()
+            if cold is not None and not (block.pinned or block.readers > 0):
+                cold_key = self._heap[0][0]
+                if key <= cold_key + DUEL_MARGIN_LOG2:
+                    # Lost the duel: it goes below every block, newest loser first (W-TinyLFU
+                    # evicts the rejected candidate; equals never displace incumbents).
+                    key = math.nextafter(min(key, cold_key), -math.inf)
+            self._push(block, key)
+
+
+def _discount(x: float) -> float:
+    """Share of its latest hit a block leaving the window is *not* credited with.
+
+    1 in the frequency regime (``x`` ≥ ``DISCOUNT_FULL_AT``: only its history counts, the
+    W-TinyLFU duel that keeps loops and scans out), 0 in the recency regime (``x`` ≤
+    ``DISCOUNT_NONE_AT``: the latest hit counts fully, as in LRU), linear in between.
+    """
+    span = DISCOUNT_FULL_AT - DISCOUNT_NONE_AT
+    return min(1.0, max(0.0, (x - DISCOUNT_NONE_AT) / span))
 
 
 class LruIndex:
-    """Simplest eviction index: least recently used first (replaced by the issue-3 policy)."""
+    """Least recently used first: the baseline index (kept for comparison and tests)."""
 
     def __init__(self) -> None:
         self._blocks: dict[str, BlockMeta] = {}
@@ -157,9 +717,400 @@ class LruIndex:
         return len(self._blocks)
 
 
+# --------------------------------------------------------------------------------------------
+# Placement
+# --------------------------------------------------------------------------------------------
+
+
+class FastestFirstStrategy:
+    """Simplest placement: every tier that can hold the block, fastest first."""
+
+    def place(self, block: BlockMeta, tiers: Sequence[TierView], now: float) -> Sequence[str]:
+        return [
+            t.name for t in sorted(tiers, key=lambda t: t.latency) if t.capacity_bytes >= block.size
+        ]
+
+
+class HotnessPlacement:
+    """Default initial placement by size, predicted hotness, tier pressure and priority.
+
+    * Tiers too small for the block are skipped; the rest are ordered fastest first.
+    * Predicted hotness: per hint, the learned share of written blocks that are read again
+      (an EWMA fed by :meth:`observe_put` and :meth:`observe_first_read`). A block whose hint is
+      rarely re-read, with no priority, does not push others out of a tier under pressure: it
+      starts in the fastest tier that is not under pressure (or the slowest, if all are).
+    * A block with priority above zero, or an unknown hint, keeps the fastest-first order.
+    """
+
+    def __init__(self, pressure_high: float = 0.9) -> None:
+        self.pressure_high = pressure_high
+        #: hint -> [EWMA re-read rate, observations]
+        self._hints: OrderedDict[str | None, list[float]] = OrderedDict()
+
+    def predicted_reread(self, hint: str | None) -> float | None:
+        """Learned share of blocks with ``hint`` read again after being written (None: unknown)."""
+        stats = self._hints.get(hint)
+        if stats is None or stats[1] < HINT_MIN_OBSERVATIONS:
+            return None
+        return stats[0]
+
+    def _observe(self, hint: str | None, value: float) -> None:
+        stats = self._hints.get(hint)
+        if stats is None:
+            stats = [value, 0.0]
+            self._hints[hint] = stats
+            if len(self._hints) > MAX_HINTS:
+                self._hints.popitem(last=False)
+        else:
+            self._hints.move_to_end(hint)
+            stats[0] += HINT_ALPHA * (value - stats[0])
+        stats[1] += 1.0
+
+    def observe_put(self, block: BlockMeta) -> None:
+        """A block was written: one observation of "not read (yet)"."""
+        self._observe(block.hint, 0.0)
+
+    def observe_first_read(self, block: BlockMeta) -> None:
+        """A block is read for the first time: turns its put's observation into "re-read".
+
+        One put counts 0 and its first read counts 1 (with double weight, to undo the 0), so the
+        EWMA tends to the share of written blocks read at least once.
+        """
+        stats = self._hints.get(block.hint)
+        if stats is None:
+            return
+        stats[0] = min(1.0, stats[0] + HINT_ALPHA * (1.0 - stats[0]) * 2.0)
+
+    def place(self, block: BlockMeta, tiers: Sequence[TierView], now: float) -> Sequence[str]:
+        fitting = sorted(
+            (t for t in tiers if t.capacity_bytes >= block.size), key=lambda t: t.latency
+        )
+        if not fitting:
+            return []
+        rate = self.predicted_reread(block.hint)
+        if block.priority > 0 or rate is None or rate >= COLD_HINT_REREAD_RATE:
+            return [t.name for t in fitting]
+        relaxed = [
+            t for t in fitting if t.pressure < self.pressure_high and t.free_bytes >= block.size
+        ]
+        start = relaxed[0] if relaxed else fitting[-1]
+        return [t.name for t in fitting if t.latency >= start.latency]
+
+
+# --------------------------------------------------------------------------------------------
+# Prefetch
+# --------------------------------------------------------------------------------------------
+
+_TRAILING_INT = re.compile(r"^(.*?)(\d+)$")
+_STREAM = 0
+_SUCCESSOR = 1
+
+
+def split_sequence_id(block_id: str) -> tuple[str, int, int] | None:
+    """``"conv42/page/7"`` → ``("conv42/page/", 7, 0)``; ``"shard-00003"`` → (…, 3, 5).
+
+    The third item is the zero-padded width (0 when the number is not padded). ``None`` when the
+    id does not end with digits.
+    """
+    match = _TRAILING_INT.match(block_id)
+    if match is None:
+        return None
+    prefix, digits = match.groups()
+    width = len(digits) if len(digits) > 1 and digits[0] == "0" else 0
+    return prefix, int(digits), width
+
+
+def format_sequence_id(prefix: str, number: int, width: int) -> str:
+    return f"{prefix}{number:0{width}d}" if width else f"{prefix}{number}"
+
+
+class SequentialPrefetcher:
+    """Predicts the next blocks of sequential streams and of learned successor pairs.
+
+    * Streams: ids ending with an integer share a prefix (``conv42/page/``, ``model-x/shard-``).
+      When a prefix's number advances by exactly one ``PREFETCH_MIN_RUN`` times in a row, the
+      next ``min(depth, run)`` ids are predicted (ramping up like a kernel read-ahead). Any
+      other step resets that stream, so random ids never trigger it.
+    * Successors: for any id, the id read right after it is remembered with a confidence count
+      (a one-slot Misra–Gries counter); once seen ``PREFETCH_MIN_SUCCESSOR_COUNT`` times it is
+      predicted. This catches repeated non-numeric orders (layer names of one model).
+    * Accuracy feedback: a prediction not read within ``PREFETCH_HORIZON`` accesses counts as
+      wrong; each kind (stream, successor) keeps an EWMA of its accuracy and stays silent while
+      it is under ``PREFETCH_MIN_ACCURACY`` (it keeps learning, and is retried now and then).
+
+    Returned ids may not exist; the store ignores those it does not hold, and promotes the
+    others ahead of the reader (as blocks never read, they are the first to leave again).
+    """
+
+    def __init__(self, depth: int = DEFAULT_PREFETCH_DEPTH) -> None:
+        self.depth = depth
+        #: prefix -> [last number, run length, trusted (a past run reached the minimum)]
+        self._streams: OrderedDict[str, list[int]] = OrderedDict()
+        #: id -> [successor id, confidence]
+        self._successors: OrderedDict[str, list[Any]] = OrderedDict()
+        self._previous: str | None = None
+        #: predicted id -> (access number when predicted, kind) — oldest first
+        self._outstanding: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._accesses = 0
+        #: EWMA accuracy per kind (0: stream, 1: successor)
+        self.accuracy = [1.0, 1.0]
+        self.issued = 0
+        self.useful = 0
+
+    def observe(self, block_id: str, now: float) -> Sequence[str]:
+        self._accesses += 1
+        self._score(block_id)
+        stream = self._stream(block_id)
+        guess = self._successor(block_id)
+        self._previous = block_id
+        predicted: list[str] = []
+        if self.depth <= 0:
+            return predicted
+        if stream and self._trusted(_STREAM):
+            predicted.extend(stream)
+            for pid in stream:
+                self._remember(pid, _STREAM)
+        if guess is not None and guess not in predicted and self._trusted(_SUCCESSOR):
+            predicted.append(guess)
+            self._remember(guess, _SUCCESSOR)
+        return predicted
+
+    def _trusted(self, kind: int) -> bool:
+        if self.accuracy[kind] >= PREFETCH_MIN_ACCURACY:
+            return True
+        # Silent, but retried now and then so that a pattern that comes back is picked up again.
+        return self._accesses % PREFETCH_RETRY_EVERY == 0
+
+    def _update(self, kind: int, good: bool) -> None:
+        target = 1.0 if good else 0.0
+        self.accuracy[kind] += PREFETCH_ACCURACY_ALPHA * (target - self.accuracy[kind])
+
+    def _score(self, block_id: str) -> None:
+        outstanding = self._outstanding
+        hit = outstanding.pop(block_id, None)
+        if hit is not None:
+            self.useful += 1
+            self._update(hit[1], True)
+        horizon = self._accesses - PREFETCH_HORIZON
+        while outstanding:
+            pid, (issued_at, kind) = next(iter(outstanding.items()))
+            if issued_at >= horizon and len(outstanding) <= PREFETCH_MAX_OUTSTANDING:
+                break
+            del outstanding[pid]
+            self._update(kind, False)
+
+    def _remember(self, pid: str, kind: int) -> None:
+        if pid in self._outstanding:
+            return
+        self.issued += 1
+        self._outstanding[pid] = (self._accesses, kind)
+
+    def _stream(self, block_id: str) -> list[str]:
+        parsed = split_sequence_id(block_id)
+        if parsed is None:
+            return []
+        prefix, number, width = parsed
+        state = self._streams.get(prefix)
+        if state is None:
+            self._streams[prefix] = [number, 0, 0]
+            if len(self._streams) > PREFETCH_MAX_STREAMS:
+                self._streams.popitem(last=False)
+            return []
+        self._streams.move_to_end(prefix)
+        if number == state[0] + 1:
+            state[1] += 1
+            if state[1] >= PREFETCH_MIN_RUN:
+                state[2] = 1  # this prefix is read sequentially: trust its next restart
+        elif number != state[0]:
+            if state[1] < PREFETCH_MIN_RUN:
+                state[2] = 0
+            state[1] = 0
+        state[0] = number
+        run = state[1]
+        if run >= PREFETCH_MIN_RUN:
+            ahead = min(self.depth, run)
+        elif state[2]:
+            ahead = 1
+        else:
+            return []
+        return [format_sequence_id(prefix, number + k, width) for k in range(1, ahead + 1)]
+
+    def _successor(self, block_id: str) -> str | None:
+        previous = self._previous
+        if previous is not None and previous != block_id:
+            self._learn(previous, block_id)
+        slot = self._successors.get(block_id)
+        if slot is None or slot[1] < PREFETCH_MIN_SUCCESSOR_COUNT:
+            return None
+        return str(slot[0])
+
+    def _learn(self, previous: str, current: str) -> None:
+        slot = self._successors.get(previous)
+        if slot is None:
+            self._successors[previous] = [current, 1]
+            if len(self._successors) > PREFETCH_MAX_SUCCESSORS:
+                self._successors.popitem(last=False)
+            return
+        self._successors.move_to_end(previous)
+        if slot[0] == current:
+            slot[1] += 1
+        elif slot[1] > 1:
+            slot[1] -= 1
+        else:
+            slot[0], slot[1] = current, 1
+
+
 class NoPrefetch:
+    """Prefetcher that never predicts (baseline)."""
+
     def observe(self, block_id: str, now: float) -> Sequence[str]:
         return ()
+
+
+# --------------------------------------------------------------------------------------------
+# Promotion / demotion decisions and the bundle the store drives
+# --------------------------------------------------------------------------------------------
+
+
+class PromotionPolicy:
+    """Thresholds: promote above the upper one, demote below the lower one under pressure."""
+
+    def __init__(self, hotness: DecayedHotness, config: PolicyConfig) -> None:
+        self._hotness = hotness
+        self.config = config
+
+    def should_promote(
+        self, block: BlockMeta, from_tier: TierView | str, to_tier: TierView, now: float
+    ) -> bool:
+        """Whether a block just read in ``from_tier`` should move up to ``to_tier``.
+
+        Pinned blocks never move. A block hotter than the threshold goes up; so does any block
+        when the target has free room for it (moving into free space displaces nobody).
+        """
+        if block.pinned or block.size > to_tier.capacity_bytes:
+            return False
+        if to_tier.free_bytes >= block.size and to_tier.pressure < self.config.pressure_high:
+            return True
+        return self._hotness.score(block, now) >= self.config.promote_threshold
+
+    def should_demote(self, block: BlockMeta, tier: TierView, now: float) -> bool:
+        """Whether a cold block should leave a tier under pressure before the tier is full."""
+        if block.pinned or block.readers > 0:
+            return False
+        if tier.pressure < self.config.pressure_high:
+            return False
+        return self._hotness.score(block, now) <= self.config.demote_threshold
+
+    def bytes_to_free(self, tier: TierView, incoming_bytes: int = 0) -> int:
+        """Bytes an eviction cycle must free: down to ``pressure_low`` once above
+        ``pressure_high``, and always enough for ``incoming_bytes`` to fit."""
+        need = max(0, tier.used_bytes + incoming_bytes - tier.capacity_bytes)
+        used = tier.used_bytes + incoming_bytes
+        if tier.capacity_bytes and used / tier.capacity_bytes > self.config.pressure_high:
+            need = max(need, used - int(self.config.pressure_low * tier.capacity_bytes))
+        return need
+
+
+@dataclass(slots=True)
+class PolicyBundle:
+    """The default memory policy as one object the store drives.
+
+    Store wiring (all under the store's lock, ``now`` from the store's clock):
+
+    * ``put``: ``meta.created = meta.last_access = now``; ``on_put(meta)``; then
+      ``placement.place(meta, views, now)`` gives tiers to try in order; before adding to a full
+      tier, free ``promotion.bytes_to_free(view, meta.size)`` with
+      ``index[tier].victims(need, now)`` and demote those (``index.remove`` each); finally
+      ``index[tier].add(meta, now)``.
+    * ``get``: ``ids = on_read(meta, now)`` (records the hit, learns, returns prefetch ids);
+      ``index[tier].touch(meta, now)``; if the block is not in the fastest tier, for the next
+      faster tier ``up``: if ``promotion.should_promote(meta, from_view, up_view, now)``, free
+      room in ``up`` as above and move it (``remove`` from the old index, ``add`` to the new).
+      Then promote the prefetch ids the store holds below the fastest tier (as hinted blocks).
+    * Eviction cycle (pressure or periodic): ``victims(promotion.bytes_to_free(view), now)``.
+    * Index per tier: ``new_index(reload_latency=<latency of the next slower tier>, tier=...)``.
+    * Measured moves: ``costs.observe(from_tier, size, seconds)`` (learned reload cost).
+    """
+
+    config: PolicyConfig
+    hotness: DecayedHotness
+    placement: HotnessPlacement
+    prefetcher: SequentialPrefetcher
+    promotion: PromotionPolicy
+    costs: ReloadCostModel
+
+    def new_index(
+        self, reload_latency: float = DEFAULT_RELOAD_LATENCY, tier: str | None = None
+    ) -> HotnessIndex:
+        """An eviction index for one tier; ``reload_latency``: latency of the tier below it."""
+        return HotnessIndex(
+            self.hotness,
+            reload_latency=reload_latency,
+            reload_tier=tier,
+            costs=self.costs,
+            window_fraction=self.config.window_fraction,
+            adaptive=self.config.adaptive_window,
+        )
+
+    def on_put(self, block: BlockMeta) -> None:
+        """A block was written (before placement): learn the hint's write count."""
+        self.placement.observe_put(block)
+
+    def on_read(self, block: BlockMeta, now: float) -> Sequence[str]:
+        """A block is read: record the hit, learn, and return ids worth promoting ahead."""
+        if block.hits <= 0.0:
+            self.placement.observe_first_read(block)
+        self.hotness.record_hit(block, now)
+        return self.prefetcher.observe(block.id, now)
+
+    def should_promote(
+        self, block: BlockMeta, from_tier: TierView | str, to_tier: TierView, now: float
+    ) -> bool:
+        return self.promotion.should_promote(block, from_tier, to_tier, now)
+
+
+def default_policy(settings: object | None = None) -> PolicyBundle:
+    """The default policy, configured from a :class:`PolicyConfig`, or from ``MemorySettings``
+    (or any object with the same
+    attribute names; missing ones keep their defaults): ``half_life_s``, ``promote_threshold``,
+    ``cold_threshold`` (the demote threshold), ``pressure_high``, ``pressure_low``, and the
+    optional ``policy_window_fraction``, ``policy_adaptive_window``, ``reload_unit_bytes``,
+    ``prefetch_depth``."""
+    config = settings if isinstance(settings, PolicyConfig) else policy_config_from(settings)
+    hotness = DecayedHotness(config.half_life_s)
+    return PolicyBundle(
+        config=config,
+        hotness=hotness,
+        placement=HotnessPlacement(config.pressure_high),
+        prefetcher=SequentialPrefetcher(config.prefetch_depth),
+        promotion=PromotionPolicy(hotness, config),
+        costs=ReloadCostModel(config.reload_unit_bytes),
+    )
+
+
+_SETTING_NAMES = {
+    "half_life_s": "half_life_s",
+    "promote_threshold": "promote_threshold",
+    "demote_threshold": "cold_threshold",
+    "pressure_high": "pressure_high",
+    "pressure_low": "pressure_low",
+    "window_fraction": "policy_window_fraction",
+    "adaptive_window": "policy_adaptive_window",
+    "reload_unit_bytes": "reload_unit_bytes",
+    "prefetch_depth": "prefetch_depth",
+}
+
+
+def policy_config_from(settings: object | None, **overrides: Any) -> PolicyConfig:
+    """Build a :class:`PolicyConfig` from settings attributes, then keyword overrides."""
+    values: dict[str, Any] = {}
+    if settings is not None:
+        for name, attr in _SETTING_NAMES.items():
+            value = getattr(settings, attr, None)
+            if value is not None:
+                values[name] = value
+    values.update(overrides)
+    return PolicyConfig(**values)
 
 
 def total_size(blocks: Iterable[BlockMeta]) -> int:
