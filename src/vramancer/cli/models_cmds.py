@@ -7,6 +7,7 @@ the model's state as the server reports it; ``--json`` prints the server's answe
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
+import httpx
 import typer
 from rich.table import Table
 
@@ -89,11 +91,30 @@ def _wait(future: Future[Any], timeout: float) -> None:
     done.wait(timeout)
 
 
-def _state_poller(name: str) -> Callable[[], str]:
-    poller = Api(timeout=2.0)
+@contextmanager
+def _poller() -> Iterator[httpx.Client]:
+    """A quiet client for progress polls: a failed poll shows nothing (the main request
+    reports errors)."""
+    api = Api()
+    client = httpx.Client(base_url=api.url, headers=_auth_headers(), timeout=2.0)
+    api.close()
+    try:
+        yield client
+    finally:
+        client.close()
 
+
+def _auth_headers() -> dict[str, str]:
+    token = os.environ.get("VRM_API_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _state_poller(poller: httpx.Client, name: str) -> Callable[[], str]:
     def poll() -> str:
-        data = poller.get(_path(name, "status"))
+        response = poller.get(_path(name, "status"))
+        if response.status_code != 200:
+            return "waiting"
+        data = response.json()
         device = data.get("device")
         return str(data["state"]) + (f" on {device}" if device else "")
 
@@ -155,12 +176,12 @@ def list_models(json_out: JsonOpt = False) -> None:
 def load(name: str, device: DeviceOpt = None, json_out: JsonOpt = False) -> None:
     """Load NAME (on --device) and wait until it is loaded."""
     body = {"device": device} if device else {}
-    with _api(LONG_TIMEOUT_S) as api:
+    with _api(LONG_TIMEOUT_S) as api, _poller() as poller:
         data = _with_progress(
             f"loading {name}",
             lambda: api.post(_path(name, "load"), json=body),
             json_out,
-            _state_poller(name),
+            _state_poller(poller, name),
         )
     emit(data, json_out, _render_one("loaded"))
 
@@ -168,12 +189,12 @@ def load(name: str, device: DeviceOpt = None, json_out: JsonOpt = False) -> None
 @models_app.command("unload")
 def unload(name: str, json_out: JsonOpt = False) -> None:
     """Unload NAME (after its current users finish)."""
-    with _api(LONG_TIMEOUT_S) as api:
+    with _api(LONG_TIMEOUT_S) as api, _poller() as poller:
         data = _with_progress(
             f"unloading {name}",
             lambda: api.post(_path(name, "unload")),
             json_out,
-            _state_poller(name),
+            _state_poller(poller, name),
         )
     emit(data, json_out, _render_one("unloaded"))
 
@@ -185,12 +206,12 @@ def migrate(
     json_out: JsonOpt = False,
 ) -> None:
     """Move NAME to DEVICE (torch models move in place; others are reloaded there)."""
-    with _api(LONG_TIMEOUT_S) as api:
+    with _api(LONG_TIMEOUT_S) as api, _poller() as poller:
         data = _with_progress(
             f"moving {name} to {device}",
             lambda: api.post(_path(name, "migrate"), json={"device": device}),
             json_out,
-            _state_poller(name),
+            _state_poller(poller, name),
         )
     emit(data, json_out, _render_one(f"moved to {device}"))
 
