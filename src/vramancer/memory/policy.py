@@ -97,7 +97,7 @@ PREFETCH_HORIZON = 64
 PREFETCH_MIN_ACCURACY = 0.25
 PREFETCH_ACCURACY_ALPHA = 0.05
 PREFETCH_RETRY_EVERY = 64
-#: Placement: EWMA weight of one observation of a hint's re-read rate, and the most hints kept.
+#: Placement: decay per put of a hint's counts of puts and first reads, and the most hints kept.
 HINT_ALPHA = 0.05
 MAX_HINTS = 1024
 #: Placement: a block whose hint is re-read less often than this starts below the fastest tier
@@ -736,7 +736,8 @@ class HotnessPlacement:
 
     * Tiers too small for the block are skipped; the rest are ordered fastest first.
     * Predicted hotness: per hint, the learned share of written blocks that are read again
-      (an EWMA fed by :meth:`observe_put` and :meth:`observe_first_read`). A block whose hint is
+      (exponentially decayed counts of puts and first reads, fed by :meth:`observe_put` and
+      :meth:`observe_first_read`). A block whose hint is
       rarely re-read, with no priority, does not push others out of a tier under pressure: it
       starts in the fastest tier that is not under pressure (or the slowest, if all are).
     * A block with priority above zero, or an unknown hint, keeps the fastest-first order.
@@ -744,42 +745,37 @@ class HotnessPlacement:
 
     def __init__(self, pressure_high: float = 0.9) -> None:
         self.pressure_high = pressure_high
-        #: hint -> [EWMA re-read rate, observations]
+        #: hint -> [decayed puts, decayed first reads, puts seen]
         self._hints: OrderedDict[str | None, list[float]] = OrderedDict()
 
     def predicted_reread(self, hint: str | None) -> float | None:
         """Learned share of blocks with ``hint`` read again after being written (None: unknown)."""
         stats = self._hints.get(hint)
-        if stats is None or stats[1] < HINT_MIN_OBSERVATIONS:
+        if stats is None or stats[2] < HINT_MIN_OBSERVATIONS:
             return None
-        return stats[0]
+        return min(1.0, stats[1] / stats[0]) if stats[0] > 0 else 0.0
 
-    def _observe(self, hint: str | None, value: float) -> None:
+    def observe_put(self, block: BlockMeta) -> None:
+        """A block was written: both decayed counts age by one step, puts gain one."""
+        hint = block.hint
         stats = self._hints.get(hint)
         if stats is None:
-            stats = [value, 0.0]
+            stats = [0.0, 0.0, 0.0]
             self._hints[hint] = stats
             if len(self._hints) > MAX_HINTS:
                 self._hints.popitem(last=False)
         else:
             self._hints.move_to_end(hint)
-            stats[0] += HINT_ALPHA * (value - stats[0])
-        stats[1] += 1.0
-
-    def observe_put(self, block: BlockMeta) -> None:
-        """A block was written: one observation of "not read (yet)"."""
-        self._observe(block.hint, 0.0)
+        keep = 1.0 - HINT_ALPHA
+        stats[0] = stats[0] * keep + 1.0
+        stats[1] *= keep
+        stats[2] += 1.0
 
     def observe_first_read(self, block: BlockMeta) -> None:
-        """A block is read for the first time: turns its put's observation into "re-read".
-
-        One put counts 0 and its first read counts 1 (with double weight, to undo the 0), so the
-        EWMA tends to the share of written blocks read at least once.
-        """
+        """A block is read for the first time: its hint's first reads gain one."""
         stats = self._hints.get(block.hint)
-        if stats is None:
-            return
-        stats[0] = min(1.0, stats[0] + HINT_ALPHA * (1.0 - stats[0]) * 2.0)
+        if stats is not None:
+            stats[1] += 1.0
 
     def place(self, block: BlockMeta, tiers: Sequence[TierView], now: float) -> Sequence[str]:
         fitting = sorted(
