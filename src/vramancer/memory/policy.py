@@ -6,17 +6,19 @@ and the store calls everything here under its own lock.
 
 The default policy, in one paragraph. A block's hotness is its hit count decayed with a
 half-life (60 s by default): recent hits weigh more, old ones fade, so the count is LFU and LRU
-at once. Each tier keeps an :class:`HotnessIndex`: a small recency *window* (LRU, its share of
-the tier adapted by hill climbing on the tier's hit rate) in front of a *main* region ordered by
-``(coldness × size) / (reload_cost + priority)``. Because every block's count decays at the same
-rate, the order of decayed counts never changes with time, so the main region is a heap keyed by
-a time-invariant number (log2 of the count referred to a fixed epoch) and is never re-scored.
-A block leaving the window enters the main region only if its history (its hits before the
-latest) beats the main region's coldest block, which is what keeps loops and scans from washing
-the tier out (the admission idea of W-TinyLFU, with an exact per-block history instead of a
-sketch: the store keeps metadata for every block anyway). Placement learns, per hint, how often
-a freshly written block is read again; a :class:`SequentialPrefetcher` recognises ``…/7`` then
-``…/8`` and names the next blocks of a stream so the store promotes them ahead of the reader.
+at once. Each tier keeps a :class:`HotnessIndex`: a small recency *window* (1 % of the tier, in
+LRU order) in front of a *main* region ordered by ``(coldness × size) / (reload_cost +
+priority)``. Because every count decays at the same rate, the order of decayed counts never
+changes with time, so main is a heap keyed by a time-invariant number (log2 of the count
+referred to a fixed epoch) and is never re-scored. A block leaving the window takes a place in
+main only if its history (its hits before the latest) beats main's coldest block — the
+admission duel of W-TinyLFU, with an exact per-block history instead of a sketch (the store
+keeps every block's metadata anyway) — which keeps loops and scans from washing the tier out.
+How fast the ranking forgets (LFU-like or LRU-like) is learned per tier from ghost hits, as ARC
+does: a block evicted after one read that comes back asks for more recency, one evicted after
+several asks for more frequency. Placement learns, per hint, how often a written block is read
+again; a :class:`SequentialPrefetcher` recognises ``…/7`` then ``…/8`` (and learned successor
+pairs) and names the next blocks so the store promotes them ahead of the reader.
 """
 
 from __future__ import annotations
@@ -43,17 +45,15 @@ DEFAULT_PROMOTE_THRESHOLD = 1.0
 DEFAULT_DEMOTE_THRESHOLD = 0.25
 #: Share of a tier's bytes given to the recency window (W-TinyLFU's 1 %).
 DEFAULT_WINDOW_FRACTION = 0.01
-#: The eviction ranking decays counts with ``half_life × 2^x``; the hill climber moves ``x``
-#: within these bounds (small x: the ranking tends to LRU; large x: to LFU), by this step at
-#: first, shrinking by the decay factor per sample down to the floor.
-RECENCY_LOG2_MIN = -6.0
-RECENCY_LOG2_MAX = 2.0
-RECENCY_STEP = 1.0
-RECENCY_STEP_DECAY = 0.9
-RECENCY_STEP_MIN = 0.25
-#: Ghosts: a block evicted with a count under this is "seen once"; ghost lists hold at most
-#: max(blocks in the index, GHOST_MIN_BLOCKS) ids each, and never more than GHOST_MAX.
-GHOST_MORE_HITS = 1.5
+#: The eviction ranking decays counts with ``half_life × 2^x``; ghost hits move ``x`` within
+#: these bounds (small x: the ranking tends to LRU; large x: to LFU). The wide range keeps the
+#: policy right whatever the request rate is against the configured half-life.
+RECENCY_LOG2_MIN = -10.0
+RECENCY_LOG2_MAX = 6.0
+#: Ghosts: a block evicted with a count under this is "seen once" (no earlier hit left with a
+#: weight over 1/16); ghost lists hold at most max(blocks in the index, GHOST_MIN_BLOCKS) ids
+#: each, and never more than GHOST_MAX.
+GHOST_MORE_HITS = 1.0625
 GHOST_MIN_BLOCKS = 64
 GHOST_MAX = 65536
 #: A block leaving the window must beat main's coldest by this much (log2 of value) to take a
@@ -65,11 +65,6 @@ RERANK_STEP = 0.5
 #: or below the other (see ``_discount``).
 DISCOUNT_FULL_AT = -1.0
 DISCOUNT_NONE_AT = -4.0
-#: A hill-climbing sample lasts this many accesses per indexed block (and at least the floor).
-SAMPLE_ACCESSES_PER_BLOCK = 10
-SAMPLE_ACCESSES_MIN = 256
-#: Hit-rate change that restarts the climber with a full step (the workload shifted).
-RESTART_DELTA = 0.05
 #: Reloading a block costs ``latency × (1 + size / RELOAD_UNIT_BYTES)``: a fixed per-move cost
 #: about equal to moving 256 KiB (an NVMe access or a kernel launch plus a copy).
 DEFAULT_RELOAD_UNIT_BYTES = 256 * 1024
@@ -175,7 +170,7 @@ class PolicyConfig:
     #: The eviction cycle frees down to this used/capacity.
     pressure_low: float = 0.75
     window_fraction: float = DEFAULT_WINDOW_FRACTION
-    adaptive_window: bool = True
+    adaptive_ranking: bool = True
     reload_unit_bytes: int = DEFAULT_RELOAD_UNIT_BYTES
     prefetch_depth: int = DEFAULT_PREFETCH_DEPTH
 
@@ -383,12 +378,12 @@ class _Segment:
 
 
 class HotnessIndex:
-    """Default per-tier eviction index: adaptive recency window + time-invariant value heap.
+    """Default per-tier eviction index: recency window + time-invariant value heap.
 
     Two segments:
 
-    * **window** — the most recently added or hit blocks, in LRU order, holding a share of the
-      index's bytes (``window_fraction``, adapted by hill climbing on the tier's hit rate);
+    * **window** — the most recently added or hit blocks, in LRU order, holding
+      ``window_fraction`` of the index's bytes (at least one block);
     * **main** — a min-heap of ``(key, block)`` where the key is the time-invariant log2 of
       ``hotness × (reload_cost + priority) / size``: the lowest key is the highest
       ``(coldness × size) / (reload_cost + priority)``. A hit re-keys a block by pushing a new
@@ -396,13 +391,22 @@ class HotnessIndex:
       the heap is rebuilt when dead entries outnumber live ones.
 
     A block leaving the window enters main keyed by its *history* — its hits before the latest
-    one, which the window has already rewarded. So a block seen once (a scan, a loop that does
-    not fit) enters main below every block with a real past and is the next to go, while a
-    block that keeps coming back climbs: the admission duel of W-TinyLFU, decided by exact
-    decayed counts (the store keeps every block's metadata anyway) instead of a sketch.
+    one, which the window has already rewarded. If that does not beat main's coldest block by
+    ``DUEL_MARGIN_LOG2`` it goes below every block (newest loser first): W-TinyLFU's rejected
+    candidate. So a block seen once (a scan, a loop that does not fit) is the next to go, while
+    a block that keeps coming back climbs.
+
+    The ranking decays counts with its own half-life ``half_life × 2^x`` (LRFU's knob: small
+    ``x`` ranks by recency, large ``x`` by frequency). With ``adaptive``, ``x`` follows ghost
+    hits like ARC's ``p``: the ids of evicted blocks are remembered (seen-once and seen-more
+    lists, as many ids as blocks in the index); a seen-once ghost coming back moves ``x``
+    towards recency, a seen-more one towards frequency. In the recency regime the window's duel
+    also stops discounting the latest hit (``_discount``). A change of ``x`` by
+    ``RERANK_STEP`` rebuilds the heap in O(n) (keys shift by ``stamp × Δ(1/half-life)``).
 
     ``victims`` never changes membership (the store calls ``remove`` for the blocks it really
-    moves) and never returns pinned blocks or blocks with readers.
+    moves; a ``remove`` of a block the last ``victims`` returned counts as an eviction) and
+    never returns pinned blocks or blocks with readers.
     """
 
     def __init__(
@@ -1045,7 +1049,7 @@ class PolicyBundle:
             reload_tier=tier,
             costs=self.costs,
             window_fraction=self.config.window_fraction,
-            adaptive=self.config.adaptive_window,
+            adaptive=self.config.adaptive_ranking,
         )
 
     def on_put(self, block: BlockMeta) -> None:
@@ -1070,7 +1074,7 @@ def default_policy(settings: object | None = None) -> PolicyBundle:
     (or any object with the same
     attribute names; missing ones keep their defaults): ``half_life_s``, ``promote_threshold``,
     ``cold_threshold`` (the demote threshold), ``pressure_high``, ``pressure_low``, and the
-    optional ``policy_window_fraction``, ``policy_adaptive_window``, ``reload_unit_bytes``,
+    optional ``policy_window_fraction``, ``policy_adaptive_ranking``, ``reload_unit_bytes``,
     ``prefetch_depth``."""
     config = settings if isinstance(settings, PolicyConfig) else policy_config_from(settings)
     hotness = DecayedHotness(config.half_life_s)
@@ -1091,7 +1095,7 @@ _SETTING_NAMES = {
     "pressure_high": "pressure_high",
     "pressure_low": "pressure_low",
     "window_fraction": "policy_window_fraction",
-    "adaptive_window": "policy_adaptive_window",
+    "adaptive_ranking": "policy_adaptive_ranking",
     "reload_unit_bytes": "reload_unit_bytes",
     "prefetch_depth": "prefetch_depth",
 }
