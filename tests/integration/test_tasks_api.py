@@ -106,26 +106,32 @@ def test_submit_batch_queues_every_task(op: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "status"),
+    ("body", "status", "field"),
     [
-        ({"type": "bogus"}, 422),
-        ({"type": "cmd"}, 422),
-        ({"type": "cmd", "cmd": ["true"], "timeout": -5}, 422),
-        ({"type": "cmd", "cmd": ["true"], "gpu": 9}, 422),
-        ({"type": "cmd", "cmd": ["true"], "vram": "100GiB"}, 422),
-        ({"type": "cmd", "cmd": ["echo", "x" * 5000]}, 413),
-        ({"type": "cmd", "cmd": "true"}, 422),
+        ({"type": "bogus"}, 422, "type"),
+        ({"type": "cmd"}, 422, "'cmd'"),
+        ({"type": "cmd", "cmd": ["true"], "timeout": -5}, 422, "timeout"),
+        ({"type": "cmd", "cmd": ["true"], "gpu": 9}, 422, "gpu 9 does not exist"),
+        ({"type": "cmd", "cmd": ["true"], "vram": "100GiB"}, 422, "VRAM"),
+        ({"type": "cmd", "cmd": ["echo", "x" * 5000]}, 413, "max_payload_bytes"),
+        ({"type": "cmd", "cmd": "true"}, 422, "cmd"),
+        ({"type": "cmd", "cmd": ["true"], "gpu": True}, 422, "gpu"),
+        ({"type": "cmd", "cmd": ["true"], "timeout": "NaN"}, 422, "timeout"),
+        ({"type": "cmd", "cmd": ["true"], "priority": "urgent"}, 422, "priority"),
+        ({"type": "cmd", "cmd": ["true"], "env": {"1A": "x"}}, 422, "env"),
+        ({"type": "noop", "gpu": 0}, 422, "gpu"),
     ],
 )
 def test_bad_submissions_are_4xx_and_queue_nothing(
-    op: httpx.Client, body: dict[str, Any], status: int
+    op: httpx.Client, body: dict[str, Any], status: int, field: str
 ) -> None:
     before = total_tasks(op)
     r = op.post("/api/tasks/submit", json=body)
     assert r.status_code == status, r.text
-    assert r.json()["error"]["message"]
+    assert field in r.json()["error"]["message"], r.text
     batch = op.post("/api/tasks/submit_batch", json={"tasks": [{"type": "noop"}, body]})
     assert batch.status_code == status, batch.text
+    assert field in batch.json()["error"]["message"], batch.text
     assert total_tasks(op) == before
 
 
@@ -156,8 +162,26 @@ def test_unknown_tasks_and_bad_queries(op: httpx.Client, server: ServerProcess) 
     assert op.get("/api/tasks/status", params={"task_id": "nope"}).status_code == 404
     assert op.post("/api/tasks/nope/cancel").status_code == 404
     assert op.get("/api/tasks/nope/logs").status_code == 404
-    assert op.get("/api/tasks/history", params={"cursor": "abc"}).status_code == 422
-    assert op.get("/api/tasks/history", params={"state": "sleeping"}).status_code == 422
+    bad_queries = [
+        ("/api/tasks/history", {"cursor": "abc"}, "cursor"),
+        ("/api/tasks/history", {"cursor": "9" * 20}, "cursor"),  # past SQLite's integers
+        ("/api/tasks/history", {"cursor": "\u00b2"}, "cursor"),  # a digit to str.isdigit()
+        ("/api/tasks/history", {"state": "sleeping"}, "state"),
+        ("/api/tasks/history", {"limit": 0}, "limit"),
+        ("/api/tasks/history", {"since": "yesterday"}, "since"),
+        ("/api/tasks/status", {}, "task_id"),
+    ]
+    known = op.post("/api/tasks/submit", json={"type": "cmd", "cmd": ["echo", "hi"]}).json()
+    wait_state(op, known["task_id"])
+    logs = f"/api/tasks/{known['task_id']}/logs"
+    for name in ("stdout_offset", "stderr_offset", "max_bytes"):
+        bad_queries += [(logs, {name: 10**22}, name), (logs, {name: 2**60}, name)]
+    for path, params, field in bad_queries:
+        r = op.get(path, params=params)
+        assert r.status_code == 422, (path, params, r.text)
+        assert field in r.json()["error"]["message"], (params, r.text)
+    past_end = op.get(logs, params={"stdout_offset": 2**40}).json()
+    assert (past_end["stdout"], past_end["stdout_next"]) == ("", 2**40)
     with server.client() as anonymous:
         assert anonymous.post("/api/tasks/submit", json={"type": "noop"}).status_code == 401
 
@@ -210,6 +234,8 @@ def test_cli_submit_wait_follows_output_and_exit_code(server: ServerProcess) -> 
     assert '"state": "done"' in watched.stdout
     listed = cli(server, "tasks", "list", "--json", "--limit", "5")
     assert task_id in listed.stdout
+    table = cli(server, "tasks", "list", "--limit", "5")
+    assert task_id in table.stdout  # the whole id, even on an 80-column terminal
     logs = cli(server, "tasks", "logs", task_id)
     assert logs.stdout == "one\ntwo\n"
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from vramancer.cli.common import Api, JsonOpt, call, console, emit, err_console, fail
 from vramancer.cli.tasks_validate import run_validation
@@ -177,7 +177,18 @@ def list_tasks(
         page = call(lambda: api.get("/api/tasks/history", params=params))
 
     def render(data: dict[str, Any]) -> None:
-        table = Table("id", "type", "state", "tries", "device", "vram", "exit", "what")
+        # The id is what the other commands take: never cut it.
+        width = max((len(t["task_id"]) for t in data["tasks"]), default=2)
+        table = Table(
+            Column("id", no_wrap=True, min_width=width),
+            "type",
+            "state",
+            "tries",
+            "device",
+            "vram",
+            "exit",
+            "what",
+        )
         for t in data["tasks"]:
             spec = t["spec"]
             what = " ".join(spec.get("cmd") or []) or spec.get("shell") or spec.get("python") or ""

@@ -105,14 +105,14 @@ class TaskSpec(BaseModel):
     #: Free JSON for the task: ``args``/``kwargs`` (python), ``max_blocks`` (maintenance).
     payload: dict[str, Any] | None = None
     #: Pin to this GPU (VRAMancer index, as in ``GET /v1/devices``).
-    gpu: int | None = Field(default=None, ge=0)
+    gpu: int | None = Field(default=None, ge=0, strict=True)
     #: VRAM the task needs; reserved in the arbiter while it runs.
     vram: Size | None = None
     priority: Priority = Priority.NORMAL
     #: Seconds before the task's process group is killed (default: ``[tasks] default_timeout_s``).
-    timeout: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
+    timeout: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     #: Retries after the first attempt (default: ``[tasks] max_retries``).
-    max_retries: int | None = Field(default=None, ge=0, le=100)
+    max_retries: int | None = Field(default=None, ge=0, le=100, strict=True)
     #: Two submissions with the same key are one task.
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
     #: Working directory (absolute); default: a scratch directory per task.
@@ -130,7 +130,7 @@ class TaskSpec(BaseModel):
     @classmethod
     def _cwd(cls, value: str | None) -> str | None:
         if value is not None and not os.path.isabs(value):
-            raise ValueError(f"cwd must be an absolute path (got {value!r})")
+            raise ValueError(f"must be an absolute path (got {value!r})")
         return value
 
     @field_validator("env")
@@ -138,9 +138,9 @@ class TaskSpec(BaseModel):
     def _env(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         for key, item in (value or {}).items():
             if not _ENV_NAME.match(key):
-                raise ValueError(f"env: {key!r} is not a valid variable name")
+                raise ValueError(f"{key!r} is not a valid variable name")
             if "\0" in item:
-                raise ValueError(f"env: the value of {key} contains NUL")
+                raise ValueError(f"the value of {key} contains NUL")
         return value
 
     @model_validator(mode="after")

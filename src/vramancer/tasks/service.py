@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -105,6 +106,10 @@ ENV_TASK_ID = "VRM_TASK_ID"
 #: Environment variables of the daemon with this prefix are not passed to tasks.
 _PRIVATE_ENV_PREFIX = "VRM_"
 _TERMINAL = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
+#: A history cursor is a ``seq`` (a positive SQLite integer).
+_CURSOR = re.compile(r"[0-9]{1,18}")
+#: Largest byte offset accepted when reading a task's logs.
+MAX_LOG_OFFSET = 2**53
 
 
 class PayloadTooLarge(InvalidInput):
@@ -406,9 +411,10 @@ class TaskService:
         cursor: str | None = None,
         limit: int = 100,
     ) -> HistoryPage:
-        if cursor is not None and not cursor.isdigit():
+        if cursor is not None and not _CURSOR.fullmatch(cursor):
             raise InvalidInput(
-                f"cursor must be the next_cursor of a previous page (got {cursor!r})"
+                f"cursor must be the next_cursor of a previous page (got {cursor!r})",
+                field="cursor",
             )
         if not 1 <= limit <= 1000:
             raise InvalidInput(f"limit must be between 1 and 1000 (got {limit})")
@@ -441,8 +447,17 @@ class TaskService:
         ``stdout_next``/``stderr_next`` are the offsets to ask for next time (to follow a
         running task); when there is no log file the database tail is returned.
         """
+        for name, offset in (("stdout_offset", stdout_offset), ("stderr_offset", stderr_offset)):
+            if not 0 <= offset <= MAX_LOG_OFFSET:
+                raise InvalidInput(
+                    f"{name} must be between 0 and {MAX_LOG_OFFSET} (got {offset})", field=name
+                )
+        if max_bytes is not None and max_bytes < 1:
+            raise InvalidInput(f"max_bytes must be at least 1 (got {max_bytes})", field="max_bytes")
         record = await self.status(task_id)
-        limit = max_bytes if max_bytes is not None else self.settings.max_output_bytes + 256
+        # A log file holds at most max_output_bytes and the "dropped" note.
+        cap = self.settings.max_output_bytes + 256
+        limit = cap if max_bytes is None else min(max_bytes, cap)
         out_path, err_path = self._log_paths(task_id)
 
         def read(path: Path, offset: int, tail: str) -> tuple[str, bool, int]:

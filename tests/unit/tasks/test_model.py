@@ -53,6 +53,11 @@ def test_a_full_body_parses() -> None:
         ({"type": "cmd", "cmd": ["true"], "surprise": 1}, "surprise"),
         ({"type": "noop", "gpu": 0}, "gpu apply only to cmd, shell and python tasks"),
         ({"type": "warmup", "env": {"A": "b"}}, "env apply only"),
+        ({"type": "cmd", "cmd": ["true"], "gpu": True}, "gpu\n  Input should be a valid integer"),
+        ({"type": "cmd", "cmd": ["true"], "gpu": "1"}, "gpu\n  Input should be a valid integer"),
+        ({"type": "cmd", "cmd": ["true"], "max_retries": False}, "max_retries\n"),
+        ({"type": "cmd", "cmd": ["true"], "timeout": "NaN"}, "timeout\n  Input should be a finite"),
+        ({"type": "cmd", "cmd": ["true"], "timeout": float("inf")}, "timeout\n  Input should be"),
     ],
 )
 def test_bad_bodies_are_refused_with_the_field(body: dict[str, object], message: str) -> None:

@@ -17,6 +17,7 @@ from vramancer.api.deps import Operator, RuntimeDep, Viewer
 from vramancer.config import Role
 from vramancer.errors import Forbidden
 from vramancer.tasks.model import SubmitBatch, TaskSpec, TaskState
+from vramancer.tasks.service import MAX_LOG_OFFSET
 
 router = APIRouter(prefix="/api/tasks", tags=["tasks"])
 
@@ -65,7 +66,7 @@ async def history(
     rt: RuntimeDep,
     state: TaskState | None = None,
     since: Annotated[float | None, Query(description="Submitted at or after (epoch s).")] = None,
-    cursor: Annotated[str | None, Query(max_length=20)] = None,
+    cursor: Annotated[str | None, Query(max_length=20, pattern="^[0-9]{1,18}$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> dict[str, Any]:
     """Tasks newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
@@ -92,9 +93,9 @@ async def cancel(task_id: str, rt: RuntimeDep, _: Operator) -> dict[str, Any]:
 async def logs(
     task_id: str,
     rt: RuntimeDep,
-    max_bytes: Annotated[int | None, Query(ge=1)] = None,
-    stdout_offset: Annotated[int, Query(ge=0)] = 0,
-    stderr_offset: Annotated[int, Query(ge=0)] = 0,
+    max_bytes: Annotated[int | None, Query(ge=1, le=MAX_LOG_OFFSET)] = None,
+    stdout_offset: Annotated[int, Query(ge=0, le=MAX_LOG_OFFSET)] = 0,
+    stderr_offset: Annotated[int, Query(ge=0, le=MAX_LOG_OFFSET)] = 0,
 ) -> dict[str, Any]:
     """stdout and stderr of the task's last attempt (bounded by ``[tasks] max_output_bytes``),
     from byte offsets; ``stdout_next``/``stderr_next`` continue (to follow a running task)."""
