@@ -56,6 +56,8 @@ RECENCY_LOG2_MAX = 6.0
 GHOST_MORE_HITS = 1.0625
 GHOST_MIN_BLOCKS = 64
 GHOST_MAX = 65536
+#: Most share of an index's bytes held by prefetched blocks waiting for their read.
+PREFETCH_SHARE = 0.1
 #: A block leaving the window must beat main's coldest by this much (log2 of value) to take a
 #: place among the incumbents; otherwise it is the next victim.
 DUEL_MARGIN_LOG2 = 0.1
@@ -425,9 +427,13 @@ class HotnessIndex:
         self._reload_latency = reload_latency
         self._reload_tier = reload_tier
         self._in_window = _Segment("window")
+        self._in_ahead = _Segment("ahead")
         self._heap: list[_Entry] = []
         self._window: OrderedDict[str, BlockMeta] = OrderedDict()
         self._window_bytes = 0
+        #: Prefetched blocks not read yet, oldest first (see ``add``).
+        self._ahead: OrderedDict[str, BlockMeta] = OrderedDict()
+        self._ahead_bytes = 0
         self._bytes = 0
         self._count = 0
         self._dead = 0
@@ -463,10 +469,12 @@ class HotnessIndex:
         return self._window_bytes
 
     def segment_of(self, block: BlockMeta) -> str | None:
-        """``window``, ``main`` or ``None`` (not in this index)."""
+        """``window``, ``main``, ``ahead`` (prefetched, not read yet) or ``None`` (not here)."""
         slot = block.index_slot
         if slot is self._in_window:
             return "window"
+        if slot is self._in_ahead:
+            return "ahead"
         # A heap entry in index_slot means "live in the index that made it": the store removes
         # a block from one tier's index before adding it to another's.
         if isinstance(slot, tuple) and slot[1] is block:
@@ -557,24 +565,31 @@ class HotnessIndex:
     def add(self, block: BlockMeta, now: float, *, prefetched: bool = False) -> None:
         """Index a block that just entered the tier (most recent end of the window).
 
-        ``prefetched=True`` (a promotion ahead of the reader, not a read): the block skips the
-        window and enters main valued as if it were read now — the prefetcher expects it to be
-        — so it stays until its read comes; if the read never comes it cools like any block.
+        ``prefetched=True`` (a promotion ahead of the reader, not a read): the block waits in
+        the *ahead* segment, which is evicted only after main and the window, until its read
+        comes (``touch`` moves it to the window). The segment holds at most
+        ``PREFETCH_SHARE`` of the bytes; its oldest blocks beyond that join main with their own
+        value, so a prediction that does not come true cools like any block.
         """
         if self.segment_of(block) is not None:
             self.touch(block, now)
             return
+        self._bytes += block.size
+        self._count += 1
         if prefetched:
-            self._bytes += block.size
-            self._count += 1
-            expected = math.log2(self._hotness.decayed(block, now) + 1.0)
-            self._push(block, expected + now * self._inv_recency + self._cost_log(block))
+            self._ahead[block.id] = block
+            block.index_slot = self._in_ahead
+            self._ahead_bytes += block.size
+            budget = PREFETCH_SHARE * self._bytes
+            ahead = self._ahead
+            while self._ahead_bytes > budget and len(ahead) > 1:
+                _, old = ahead.popitem(last=False)
+                self._ahead_bytes -= old.size
+                self._push(old, self.value_log(old))
             return
         self._window[block.id] = block
         block.index_slot = self._in_window
         self._window_bytes += block.size
-        self._bytes += block.size
-        self._count += 1
         if self.adaptive:
             self._ghost_hit(block)
         self._drain_window()
@@ -587,6 +602,9 @@ class HotnessIndex:
         if segment == "window":
             del self._window[block.id]
             self._window_bytes -= block.size
+        elif segment == "ahead":
+            del self._ahead[block.id]
+            self._ahead_bytes -= block.size
         else:
             self._dead += 1
         block.index_slot = None
@@ -605,6 +623,13 @@ class HotnessIndex:
             return
         if segment == "window":
             self._window.move_to_end(block.id)
+        elif segment == "ahead":  # the predicted read came: it is an ordinary recent block now
+            del self._ahead[block.id]
+            self._ahead_bytes -= block.size
+            self._window[block.id] = block
+            block.index_slot = self._in_window
+            self._window_bytes += block.size
+            self._drain_window()
         else:
             self._dead += 1
             self._push(block, self.value_log(block))
@@ -612,7 +637,7 @@ class HotnessIndex:
 
     def victims(self, need_bytes: int, now: float) -> list[BlockMeta]:
         """Coldest movable blocks freeing at least ``need_bytes`` (fewer if not possible):
-        main's by value first, then the window's least recent."""
+        main's by value first, then the window's least recent, then unread prefetches."""
         if need_bytes <= 0:
             return []
         chosen: list[BlockMeta] = []
@@ -632,8 +657,8 @@ class HotnessIndex:
             freed += block.size
         for entry in popped:
             heapq.heappush(heap, entry)
-        if freed < need_bytes:
-            for block in self._window.values():
+        for segment in (self._window, self._ahead):
+            for block in segment.values():
                 if freed >= need_bytes:
                     break
                 if not (block.pinned or block.readers > 0):
@@ -651,8 +676,9 @@ class HotnessIndex:
         return heap[0][1] if heap else None
 
     def blocks(self) -> Iterator[BlockMeta]:
-        """Every block in the index (window, then main), for audits and tests."""
+        """Every block in the index (window, ahead, then main), for audits and tests."""
         yield from self._window.values()
+        yield from self._ahead.values()
         for entry in self._heap:
             if entry[1].index_slot is entry:
                 yield entry[1]

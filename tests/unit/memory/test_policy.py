@@ -288,22 +288,28 @@ def test_compaction_keeps_the_heap_consistent() -> None:
     assert keys == sorted(keys)
 
 
-def test_prefetched_blocks_enter_main_valued_as_if_read_now() -> None:
+def test_prefetched_blocks_wait_for_their_read_and_go_last() -> None:
     hot = DecayedHotness(60.0)
     index = fixed_index(hot)
-    old = block("old", now=0.0)
-    hot.record_hit(old, 0.0)
-    index.add(old, 0.0)
-    index.add(block("filler", now=0.0), 0.0)  # pushes "old" out of the window
-    index.touch(old, 0.0)
-    ahead = block("ahead", now=0.0)
+    blocks = [block(f"b{i}", 10, now=0.0) for i in range(20)]
+    for b in blocks:
+        hot.record_hit(b, 0.0)
+        hot.record_hit(b, 0.0)  # read twice: a history to keep in main
+        index.add(b, 0.0)
+    ahead = block("ahead", 10, now=0.0)
     index.add(ahead, 30.0, prefetched=True)
-    assert index.segment_of(ahead) == "main" and index.segment_of(old) == "main"
-    # "ahead" is worth a read at t=30, "old" a read at t=0: "old" goes first.
-    assert [v.id for v in index.victims(100, 30.0)] == ["old"]
-    early = block("early", now=0.0)
-    index.add(early, 20.0, prefetched=True)  # expected at t=20: between the two
-    assert [v.id for v in index.victims(300, 30.0)] == ["old", "early", "ahead"]
+    assert index.segment_of(ahead) == "ahead"
+    order = [v.id for v in index.victims(10 * 21, 30.0)]
+    assert order[-1] == "ahead" and len(order) == 21  # after main and the window
+    hot.record_hit(ahead, 31.0)
+    index.touch(ahead, 31.0)  # the predicted read came
+    assert index.segment_of(ahead) == "window"
+    # Unread prefetches beyond PREFETCH_SHARE (10 % of the bytes) join main, oldest first.
+    extra = [block(f"p{i}", 10, now=0.0) for i in range(5)]
+    for p in extra:
+        index.add(p, 40.0, prefetched=True)
+    assert [index.segment_of(p) for p in extra] == ["main", "main", "main", "ahead", "ahead"]
+    assert [v.id for v in index.victims(30, 40.0)] == ["p0", "p1", "p2"]  # never read: first
 
 
 def test_ghosts_of_seen_once_blocks_lean_the_ranking_towards_recency() -> None:

@@ -121,7 +121,7 @@ class IndexMachine(RuleBasedStateMachine):
         assert len(listed) == len(set(listed))
         assert set(listed) == set(self.members)
         for b in self.members.values():
-            assert index.segment_of(b) in ("window", "main")
+            assert index.segment_of(b) in ("window", "main", "ahead")
         assert 0.0 <= index.recency_weight <= 1.0
         assert index.window_bytes <= index.bytes
 
