@@ -14,11 +14,21 @@ shapes of Ollama's ``docs/api.md`` that VRAMancer uses:
 * A model that was not "pulled" -> 404 ``{"error": "model 'x' not found, try pulling it
   first"}``.
 
+Ollama's own rules that clients trip over are kept:
+
+* ``keep_alive`` is a JSON number of seconds or a Go duration string (``"5m"``, ``"1h30m"``,
+  ``"-1m"``); a string without a unit other than ``"0"`` (``"-1"``) is a 400
+  ``time: missing unit in duration "-1"``, as Go's ``time.ParseDuration`` says. Negative: forever.
+* A name without a tag is the ``:latest`` tag: ``llama3`` loads ``llama3:latest``, and
+  ``/api/ps`` lists it as ``llama3:latest``.
+* An unload only *schedules* the runner's expiry (Ollama's ``expireRunner``): the answer comes
+  back at once and the model may stay in ``/api/ps`` a while (``unload_lag_s``).
+
 Failure modes, set from the test: ``go_down()`` / ``come_back()`` (nothing listens on the port),
-``load_delay_s`` (slow loads), ``fail_status = 500`` (every API call errors) or
-``fail_next_loads = n``, and ``die_on_next_load()`` (the connection drops in the middle of a load
-and the server is gone). ``requests`` records every call; ``max_concurrent_loads`` says whether
-two loads ever overlapped.
+``load_delay_s`` (slow loads), ``unload_lag_s`` (the model leaves ``/api/ps`` that long after the
+unload answer), ``fail_status = 500`` (every API call errors) or ``fail_next_loads = n``, and
+``die_on_next_load()`` (the connection drops in the middle of a load and the server is gone).
+``requests`` records every call; ``max_concurrent_loads`` says whether two loads ever overlapped.
 
 Run it alone for demos: ``python -m tests.fakes.ollama --port 11434 --model qwen3-vl:8b=10.5GiB``.
 """
@@ -41,30 +51,54 @@ from typing import Any
 from vramancer.units import parse_size
 
 VERSION = "0.6.5"
-_DURATION_RE = re.compile(r"(-?[0-9.]+)(ns|us|µs|ms|s|m|h)")
-_UNITS_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_UNIT = r"(?:ns|us|µs|μs|ms|s|m|h)"
+_PART_RE = re.compile(f"({_NUMBER})({_UNIT})")
+_DURATION_RE = re.compile(f"(?:{_NUMBER}{_UNIT})+")
+_UNITS_S = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
 _FOREVER = dt.datetime(2318, 1, 1, tzinfo=dt.UTC)
 
 
+def go_duration_seconds(text: str) -> float:
+    """Go's ``time.ParseDuration`` (what Ollama applies to a string ``keep_alive``), in
+    seconds; ``ValueError`` carries Go's message."""
+    body = text[1:] if text[:1] in ("+", "-") else text
+    sign = -1.0 if text[:1] == "-" else 1.0
+    if body == "0":
+        return 0.0
+    if re.fullmatch(_NUMBER, body):
+        raise ValueError(f'time: missing unit in duration "{text}"')
+    if not _DURATION_RE.fullmatch(body):
+        raise ValueError(f'time: invalid duration "{text}"')
+    return sign * sum(float(n) * _UNITS_S[u] for n, u in _PART_RE.findall(body))
+
+
 def keep_alive_seconds(value: Any) -> float | None:
-    """Ollama's ``keep_alive``: a number of seconds or a Go duration (``"5m"``, ``"-1"``).
-    Negative: forever (None). Missing: the default 5 minutes."""
+    """Ollama's ``keep_alive`` (``api.Duration``): a JSON number of seconds (truncated to a
+    whole second) or a Go duration string; negative means forever (None), missing the default
+    5 minutes. Anything else is a ``ValueError`` with the message Ollama answers 400 with."""
     if value is None:
         return 300.0
-    if isinstance(value, bool):
-        raise ValueError(f"invalid keep_alive {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"Unsupported type: '{type(value).__name__}'")
     if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = str(value).strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            parts = _DURATION_RE.findall(text)
-            if not parts or "".join(n + u for n, u in parts) != text.replace("+", ""):
-                raise ValueError(f"invalid keep_alive {value!r}") from None
-            seconds = sum(float(n) * _UNITS_S[u] for n, u in parts)
+        return None if value < 0 else float(int(value))
+    seconds = go_duration_seconds(value)
     return None if seconds < 0 else seconds
+
+
+def full_name(name: str) -> str:
+    """Ollama's name for a model: the ``:latest`` tag when none is given."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
 @dataclass
@@ -117,6 +151,7 @@ class FakeOllama:
         self.requests: list[Request] = []
         self.load_delay_s = 0.0
         self.unload_delay_s = 0.0
+        self.unload_lag_s = 0.0
         self.fail_status: int | None = None
         self.fail_next_loads = 0
         self.active_loads = 0
@@ -137,14 +172,23 @@ class FakeOllama:
         return self._server is not None
 
     def add_model(self, name: str, size: int | str, **details: Any) -> FakeModel:
-        model = FakeModel(name=name, size=parse_size(size), **details)
-        self.models[name] = model
+        """ "Pull" ``name`` (stored under its full name, ``:latest`` when it has no tag)."""
+        model = FakeModel(name=full_name(name), size=parse_size(size), **details)
+        self.models[model.name] = model
         return model
 
     def preload(self, name: str, on_gpu: bool = True) -> None:
         """Mark ``name`` loaded as if someone else had loaded it."""
-        model = self.models[name]
-        self.loaded[name] = Loaded(model, model.size if on_gpu else 0, _FOREVER)
+        model = self.models[full_name(name)]
+        self.loaded[model.name] = Loaded(model, model.size if on_gpu else 0, _FOREVER)
+
+    def running(self) -> dict[str, Loaded]:
+        """What ``/api/ps`` lists now (expired runners are gone)."""
+        now = _now()
+        with self._lock:
+            for name in [n for n, m in self.loaded.items() if m.expires_at <= now]:
+                del self.loaded[name]
+            return dict(self.loaded)
 
     def start(self) -> FakeOllama:
         if self._server is not None:
@@ -187,6 +231,7 @@ class FakeOllama:
             self.max_concurrent_loads = 0
         self.load_delay_s = 0.0
         self.unload_delay_s = 0.0
+        self.unload_lag_s = 0.0
         self.fail_status = None
         self.fail_next_loads = 0
         self._die_on_load = False
@@ -200,7 +245,7 @@ class FakeOllama:
             1
             for r in self.requests
             if r.path == "/api/generate"
-            and r.body.get("model") == name
+            and full_name(str(r.body.get("model"))) == full_name(name)
             and _is_load(r.body)
             and keep_alive_seconds_or_none(r.body) != 0
         )
@@ -210,7 +255,7 @@ class FakeOllama:
             1
             for r in self.requests
             if r.path == "/api/generate"
-            and r.body.get("model") == name
+            and full_name(str(r.body.get("model"))) == full_name(name)
             and keep_alive_seconds_or_none(r.body) == 0
         )
 
@@ -223,11 +268,7 @@ class FakeOllama:
     # -- API -----------------------------------------------------------------------------
 
     def ps(self) -> dict[str, Any]:
-        now = _now()
-        with self._lock:
-            for name in [n for n, m in self.loaded.items() if m.expires_at <= now]:
-                del self.loaded[name]
-            loaded = list(self.loaded.values())
+        loaded = list(self.running().values())
         return {
             "models": [
                 {
@@ -255,30 +296,34 @@ class FakeOllama:
         name = body.get("model")
         if not isinstance(name, str) or not name:
             return 400, {"error": "model is required"}
-        model = self.models.get(name)
-        if model is None:
-            return 404, {"error": f"model '{name}' not found, try pulling it first"}
         try:
             keep = keep_alive_seconds(body.get("keep_alive"))
         except ValueError as exc:
             return 400, {"error": str(exc)}
+        model = self.models.get(full_name(name))
+        if model is None:
+            return 404, {"error": f"model '{name}' not found, try pulling it first"}
         if keep == 0 and _is_load(body):
             time.sleep(self.unload_delay_s)
             with self._lock:
-                self.loaded.pop(name, None)
+                if self.unload_lag_s <= 0:
+                    self.loaded.pop(model.name, None)
+                elif model.name in self.loaded:  # Ollama expires the runner in the background
+                    gone = _now() + dt.timedelta(seconds=self.unload_lag_s)
+                    self.loaded[model.name].expires_at = gone
             return 200, _reply(name, "unload")
         options = body.get("options") or {}
         on_gpu = options.get("num_gpu", -1) != 0
         expires = _FOREVER if keep is None else _now() + dt.timedelta(seconds=keep)
         with self._lock:
-            self.loaded[name] = Loaded(model, model.size if on_gpu else 0, expires)
+            self.loaded[model.name] = Loaded(model, model.size if on_gpu else 0, expires)
         if _is_load(body):
             return 200, _reply(name, "load")
         return 200, {**_reply(name, "stop"), "response": "fake response"}
 
     def show(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         name = body.get("model") or body.get("name")
-        model = self.models.get(str(name))
+        model = self.models.get(full_name(str(name)))
         if model is None:
             return 404, {"error": f"model '{name}' not found"}
         params = int(float(model.parameter_size.rstrip("B")) * 1e9)

@@ -47,7 +47,7 @@ from vramancer.errors import (
 from vramancer.events import EventBus
 from vramancer.models import policy
 from vramancer.models.backends.base import LoadResult, ModelBackend, Target
-from vramancer.models.backends.ollama import OllamaClient, OllamaModel, RunningModel
+from vramancer.models.backends.ollama import OllamaClient, OllamaModel, RunningModel, full_name
 from vramancer.models.backends.process import ProcessModel
 from vramancer.models.backends.torch_module import TorchModel
 from vramancer.models.errors import BackendError, ModelBusy, ModelNotInBackend, ProfileSwitchFailed
@@ -1434,12 +1434,12 @@ class ModelManager:
         """Adopt models Ollama has loaded that we think are not, forget ones it dropped, and
         count a changed ``expires_at`` as activity (a client called Ollama directly: each
         request resets the model's expiry)."""
-        present = {r.name: r for r in running} | {r.model: r for r in running}
+        present = {full_name(r.name): r for r in running} | {full_name(r.model): r for r in running}
         for entry in self._entries.values():
             backend = entry.backend
             if not isinstance(backend, OllamaModel) or entry.lock.locked() or entry.draining:
                 continue
-            seen = present.get(backend.tag)
+            seen = present.get(full_name(backend.tag))
             expires = seen.expires_at if seen is not None else None
             previous = self._expires.get(entry.name)
             self._expires[entry.name] = expires

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from vramancer.units import GIB, Size, parse_size
 
@@ -55,7 +55,36 @@ def check_placement(value: str) -> str:
     raise ValueError(f"expected {_PLACEMENT_FORMS}, got {value!r}")
 
 
+_GO_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_GO_DURATION_RE = re.compile(rf"[+-]?(?:{_GO_NUMBER}(?:ns|us|µs|μs|ms|s|m|h))+")
+
+
+def check_keep_alive(value: object) -> str | int:
+    """Ollama's ``keep_alive`` as Ollama's JSON decoder takes it: a number of seconds (negative:
+    forever) or a Go duration string with units (``"10m"``, ``"1h30m"``, ``"-1m"``). Ollama
+    answers 400 ("missing unit in duration") to a string such as ``"-1"``, so a string that is
+    only a number is turned into that number here."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected seconds or a duration such as '10m', got {value!r}")
+    if isinstance(value, int | float):
+        return int(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected seconds or a duration such as '10m', got {value!r}")
+    text = value.strip()
+    try:
+        return int(float(text))
+    except ValueError:
+        pass
+    if not _GO_DURATION_RE.fullmatch(text):
+        raise ValueError(
+            f"expected seconds (-1: until VRAMancer unloads it) or a duration such as '10m', "
+            f"'1h30m', got {value!r}"
+        )
+    return text
+
+
 DeviceName = Annotated[str, AfterValidator(check_device)]
+KeepAlive = Annotated[str | int, BeforeValidator(check_keep_alive)]
 PlacementName = Annotated[str, AfterValidator(check_placement)]
 #: ``[profiles.NAME]``: model name -> placement.
 ProfilesSettings = dict[str, dict[str, PlacementName]]
@@ -75,7 +104,7 @@ class OllamaSettings(BaseModel):
     request_timeout_s: float = Field(default=10.0, gt=0)
     #: ``keep_alive`` sent with a load when the model sets none. ``-1``: keep it loaded until
     #: VRAMancer unloads it (VRAMancer's idle reaper decides, not Ollama's 5 minute default).
-    keep_alive: str | int = "-1"
+    keep_alive: KeepAlive = -1
 
 
 class ModelSpec(BaseModel):
@@ -106,7 +135,7 @@ class ModelSpec(BaseModel):
     #: VRAM of ``smaller_variant``. None: measured when it loads.
     smaller_variant_vram: Size | None = None
     #: Ollama ``keep_alive`` for loads (``"10m"``, ``-1``). None: ``[ollama] keep_alive``.
-    keep_alive: str | int | None = None
+    keep_alive: KeepAlive | None = None
     #: process: the command that starts the model server (argv list).
     command: list[str] | None = None
     #: process: environment added to the command's.

@@ -637,3 +637,56 @@ async def test_ollama_size_is_estimated_before_the_first_load_then_measured(
         await m.ensure_loaded("est:7b")
         assert m.status("est:7b").vram_bytes == 5 * GIB  # what Ollama's /api/ps said
         assert owners(h) == {"model:est:7b": 5 * GIB}  # re-booked at the measured size
+
+
+async def test_ensure_unloaded_waits_until_ollama_really_let_go(fake_ollama: FakeOllama) -> None:
+    """Property 11 against Ollama's asynchronous unload: the model lingers in /api/ps after the
+    unload answer; ensure_unloaded returns only once it is gone, and the next probe does not
+    adopt it back."""
+    fake_ollama.unload_lag_s = 0.2
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        m = h.models
+        await m.ensure_loaded(VLM)
+        await m.ensure_unloaded(VLM)
+        assert fake_ollama.running() == {}
+        h.clock.advance(30)
+        await m.probe_backends()
+        assert m.state(VLM) is ModelState.UNLOADED and owners(h) == {}
+        assert [e.data["reason"] for e in h.of("model_loaded")] == ["request"]
+
+
+async def test_unload_timeout_retries_then_error_with_an_event(fake_ollama: FakeOllama) -> None:
+    """Seed 002's unload timeout: Ollama never lets go within unload_timeout_s; the unload is
+    retried max_load_retries times, then the model is ERROR and model_error is published."""
+    settings = seed_settings(
+        fake_ollama.url, gpu_manager={"unload_timeout_s": 0.1, "max_load_retries": 1}
+    )
+    async with harness(settings) as h:
+        m = h.models
+        await m.ensure_loaded(VLM)
+        fake_ollama.unload_lag_s = 5.0
+        with pytest.raises(
+            OperationTimeout, match=r"unload of .* timed out after 0.1 s \(2 attempts\)"
+        ):
+            await m.ensure_unloaded(VLM)
+        assert fake_ollama.unloads_of(VLM) == 2
+        assert m.state(VLM) is ModelState.ERROR
+        error = h.of("model_error")[-1].data
+        assert (error["model"], error["operation"], error["code"]) == (VLM, "unload", "timeout")
+        fake_ollama.unload_lag_s = 0.0
+        assert (await m.ensure_unloaded(VLM)).state is ModelState.UNLOADED
+        assert h.gpu_used() == 0 and owners(h) == {}
+
+
+async def test_a_model_named_without_its_tag_is_tracked(fake_ollama: FakeOllama) -> None:
+    """Ollama lists ``llama3`` as ``llama3:latest``: the probe must not take it for gone."""
+    fake_ollama.add_model("llama3", 4 * GIB)
+    settings = seed_settings(fake_ollama.url, models=[ollama("llama3", 4 * GIB)])
+    async with harness(settings) as h:
+        m = h.models
+        assert (await m.ensure_loaded("llama3")).used_vram_bytes == 4 * GIB
+        h.clock.advance(30)
+        await m.probe_backends()
+        assert m.is_loaded("llama3") and owners(h) == {"model:llama3": 4 * GIB}
+        await m.ensure_unloaded("llama3")
+        assert fake_ollama.running() == {}

@@ -65,15 +65,39 @@ def test_fake_follows_the_documented_shapes(fake_ollama: FakeOllama) -> None:
     assert missing.json() == {"error": "model 'nope' not found, try pulling it first"}
 
 
-def test_keep_alive_durations() -> None:
+def test_keep_alive_durations_follow_ollamas_decoder() -> None:
     assert keep_alive_seconds("5m") == 300
     assert keep_alive_seconds("1h30m") == 5400
+    assert keep_alive_seconds("1.5h") == 5400
+    assert keep_alive_seconds("250ms") == 0.25
     assert keep_alive_seconds(0) == 0
-    assert keep_alive_seconds("-1") is None
+    assert keep_alive_seconds("0") == 0
+    assert keep_alive_seconds(90.9) == 90  # a number is whole seconds
     assert keep_alive_seconds(-1) is None
+    assert keep_alive_seconds("-1m") is None
     assert keep_alive_seconds(None) == 300
-    with pytest.raises(ValueError):
+    # Go's time.ParseDuration wants a unit: Ollama refuses the string "-1" (a 400)
+    with pytest.raises(ValueError, match='missing unit in duration "-1"'):
+        keep_alive_seconds("-1")
+    with pytest.raises(ValueError, match='invalid duration "soon"'):
         keep_alive_seconds("soon")
+    with pytest.raises(ValueError, match="Unsupported type"):
+        keep_alive_seconds(True)
+
+
+def test_fake_answers_400_to_a_keep_alive_ollama_refuses(fake_ollama: FakeOllama) -> None:
+    r = httpx.post(fake_ollama.url + "/api/generate", json={"model": VLM, "keep_alive": "-1"})
+    assert r.status_code == 400
+    assert r.json() == {"error": 'time: missing unit in duration "-1"'}
+    assert fake_ollama.loaded == {}
+
+
+def test_names_without_a_tag_are_latest(fake_ollama: FakeOllama) -> None:
+    fake_ollama.add_model("llama3", "4GiB")
+    r = httpx.post(fake_ollama.url + "/api/generate", json={"model": "llama3"})
+    assert r.json()["model"] == "llama3"  # echoed as asked
+    (entry,) = httpx.get(fake_ollama.url + "/api/ps").json()["models"]
+    assert entry["name"] == entry["model"] == "llama3:latest"
 
 
 async def test_load_sends_keep_alive_and_no_prompt_then_measures_with_ps(
@@ -90,7 +114,8 @@ async def test_load_sends_keep_alive_and_no_prompt_then_measures_with_ps(
         running = await client.ps()
         assert [r.name for r in running] == [VLM]
         await model.unload()
-        assert fake_ollama.requests[-1].body == {"model": VLM, "keep_alive": 0, "stream": False}
+        generates = [r.body for r in fake_ollama.requests if r.path == "/api/generate"]
+        assert generates[-1] == {"model": VLM, "keep_alive": 0, "stream": False}
         assert await client.ps() == []
         assert await client.version() == "0.6.5"
     finally:
@@ -100,11 +125,11 @@ async def test_load_sends_keep_alive_and_no_prompt_then_measures_with_ps(
 async def test_cpu_placement_sends_num_gpu_0_and_default_keep_alive(
     fake_ollama: FakeOllama,
 ) -> None:
-    client = client_for(fake_ollama, keep_alive="-1")
+    client = client_for(fake_ollama, keep_alive="-1")  # a string Ollama would refuse
     try:
         result = await model_for(client).load(Target.cpu())
         assert fake_ollama.requests[0].body["options"] == {"num_gpu": 0}
-        assert fake_ollama.requests[0].body["keep_alive"] == "-1"
+        assert fake_ollama.requests[0].body["keep_alive"] == -1  # sent as a number
         assert result.vram_bytes == 0
         assert fake_ollama.loaded[VLM].size_vram == 0
     finally:
@@ -152,5 +177,44 @@ async def test_down_at_start_then_back(fake_ollama: FakeOllama) -> None:
             await client.ps()
         fake_ollama.come_back()
         assert await client.ps() == []
+    finally:
+        await client.aclose()
+
+
+async def test_a_model_named_without_a_tag_is_measured_and_unloaded(
+    fake_ollama: FakeOllama,
+) -> None:
+    fake_ollama.add_model("llama3", "4GiB")
+    client = client_for(fake_ollama)
+    try:
+        model = model_for(client, name="llama3")
+        result = await model.load(GPU)  # /api/ps says llama3:latest
+        assert result.vram_bytes == 4 * 1024**3
+        await model.unload()
+        assert await client.ps() == []
+    finally:
+        await client.aclose()
+
+
+async def test_unload_returns_only_once_ps_no_longer_lists_the_model(
+    fake_ollama: FakeOllama,
+) -> None:
+    """Ollama answers an unload when the runner is scheduled to expire; the model may stay in
+    /api/ps a while. The backend's unload waits for it to be gone."""
+    fake_ollama.unload_lag_s = 0.3
+    client = client_for(fake_ollama)
+    try:
+        model = model_for(client)
+        await model.load(GPU)
+        answered = httpx.post(
+            fake_ollama.url + "/api/generate", json={"model": VLM, "keep_alive": 0}
+        )
+        assert answered.json()["done_reason"] == "unload"
+        assert [r.name for r in await client.ps()] == [VLM]  # still there right after
+        await model.load(GPU)
+        await model.unload()
+        assert await client.ps() == []
+        polls = [r for r in fake_ollama.requests if r.path == "/api/ps"]
+        assert len(polls) >= 3  # it polled until the model was gone
     finally:
         await client.aclose()

@@ -155,3 +155,20 @@ def test_models_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     s = Settings.load(None, data_dir=tmp_path)
     assert s.ollama.endpoint == "http://ollama.lan:11434"
     assert s.gpu_manager.idle_timeout_s == 42.0
+
+
+def test_keep_alive_is_what_ollamas_decoder_accepts(tmp_path: Path) -> None:
+    """Ollama parses a string keep_alive with Go's time.ParseDuration, which refuses "-1"
+    (no unit): a number-only string becomes that number; a duration keeps its units."""
+    s = load(
+        tmp_path,
+        '[ollama]\nkeep_alive = "-1"\n'
+        '[[models]]\nname = "a"\nbackend = "ollama"\nkeep_alive = "10m"\n'
+        '[[models]]\nname = "b"\nbackend = "ollama"\nkeep_alive = "300"\n',
+    )
+    assert s.ollama.keep_alive == -1
+    assert [m.keep_alive for m in s.models] == ["10m", 300]
+    assert Settings().ollama.keep_alive == -1
+    for bad in ('"soon"', '"1d"', "true"):
+        with pytest.raises(ConfigError, match="keep_alive"):
+            load(tmp_path, f"[ollama]\nkeep_alive = {bad}\n")

@@ -1,9 +1,14 @@
 """Ollama over its documented HTTP API (httpx, async).
 
 * load: ``POST /api/generate`` with ``model``, ``keep_alive`` and no prompt; Ollama answers one
-  object ``{"model", "created_at", "response": "", "done": true, "done_reason": "load"}``.
-* unload: the same with ``keep_alive: 0`` (``"done_reason": "unload"``).
-* loaded models: ``GET /api/ps`` -> ``{"models": [{"name", "model", "size", "size_vram", ...}]}``.
+  object ``{"model", "created_at", "response": "", "done": true, "done_reason": "load"}`` once
+  the model is loaded. ``keep_alive`` is a number of seconds or a Go duration with units
+  (``ModelSpec`` turns ``"-1"``, which Ollama refuses, into ``-1``).
+* unload: the same with ``keep_alive: 0`` (``"done_reason": "unload"``). Ollama answers as soon
+  as the runner is *scheduled* to expire, so the unload then polls ``/api/ps`` until the model
+  is gone (``ensure_unloaded`` returns only when it really is unloaded).
+* loaded models: ``GET /api/ps`` -> ``{"models": [{"name", "model", "size", "size_vram", ...}]}``;
+  names carry their tag (``llama3`` is listed as ``llama3:latest``).
 * reachability: ``GET /api/version`` -> ``{"version"}``.
 * errors: ``{"error": "..."}`` with a 4xx/5xx; an unknown model is a 404.
 
@@ -13,6 +18,7 @@ A CPU placement sends ``options.num_gpu = 0`` (no layer on a GPU); a GPU one nam
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +31,14 @@ from vramancer.models.settings import ModelSpec, OllamaSettings
 from vramancer.models.types import BackendKind
 from vramancer.resources.estimator import estimate_memory, parse_params
 
+#: Pause between two ``/api/ps`` polls while an unload completes.
+UNLOAD_POLL_S = 0.05
+
+
+def full_name(name: str) -> str:
+    """Ollama's name for a model: ``:latest`` when the name has no tag."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
 
 @dataclass(frozen=True, slots=True)
 class RunningModel:
@@ -35,6 +49,11 @@ class RunningModel:
     size_bytes: int
     size_vram_bytes: int
     expires_at: str | None = None
+
+    def is_model(self, name: str) -> bool:
+        """Whether this entry is ``name`` (``llama3`` and ``llama3:latest`` are one model)."""
+        wanted = full_name(name)
+        return wanted in (full_name(self.name), full_name(self.model))
 
 
 class OllamaClient:
@@ -188,7 +207,7 @@ class OllamaModel:
 
     async def _measure(self, target: Target) -> LoadResult:
         for running in await self.client.ps():
-            if running.name == self.tag or running.model == self.tag:
+            if running.is_model(self.tag):
                 vram = running.size_vram_bytes if target.on_gpu else 0
                 if target.on_gpu and vram == 0 and target.simulated:
                     vram = running.size_bytes  # a fake or CPU-only Ollama behind a simulated GPU
@@ -213,9 +232,13 @@ class OllamaModel:
         raise BackendError("Ollama models cannot move in place; unload and load them")
 
     async def unload(self) -> None:
+        """Ask Ollama to unload, then wait until ``/api/ps`` no longer lists the model (the
+        caller's timeout bounds the wait)."""
         data = await self.client.generate_unload(self.tag, self.unload_timeout_s)
         if data.get("done") is not True:
             raise BackendError(f"Ollama did not confirm the unload of {self.tag}: {data!r}")
+        while any(r.is_model(self.tag) for r in await self.client.ps()):
+            await asyncio.sleep(UNLOAD_POLL_S)
 
     def handle(self) -> Any:
         return None
