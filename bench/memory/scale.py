@@ -15,8 +15,12 @@ and measures, beside the baseline of the bare id dict:
 
 Ids look like the store's (``model-x/shard-00001234``), sizes vary per block (distinct int
 objects, as ``len(data)`` gives), and a tenth of the blocks have been read (own hit counts).
-Measured on the policy structures the store embeds, not through ``TieredStore`` (see
-docs/benchmarks.md for why).
+
+``--store`` measures the same through the real ``TieredStore`` (L4 only, 8-byte ``bytes``
+blocks put one by one): Python heap per block of everything the store keeps (its entry, layout,
+data object, catalogue of ids, and the policy structures above), and the time of
+``victims(1 %)`` on the store's own L4 index (selection only: without a lower tier the store
+cannot demote, and moving data is the data-path benchmark's business).
 """
 
 from __future__ import annotations
@@ -131,6 +135,64 @@ def _cycles(n: int, runs: int) -> tuple[float, int, float, float]:
     return statistics.median(times), count, statistics.median(sorts), build_s
 
 
+def _store_row(n: int, runs: int) -> dict[str, Any]:
+    """Heap per block and ``victims(1 %)`` time through a real ``TieredStore`` (L4 only)."""
+    import tempfile
+    from pathlib import Path
+
+    from vramancer.clock import ManualClock
+    from vramancer.devices.manager import DeviceManager
+    from vramancer.devices.settings import DevicesSettings
+    from vramancer.events import EventBus
+    from vramancer.memory.settings import MemorySettings
+    from vramancer.memory.store import TieredStore
+    from vramancer.observability.metrics import Metrics
+
+    clock = ManualClock()
+    events = EventBus(clock=clock.time)
+    metrics = Metrics(node="scale")
+    devices = DeviceManager(DevicesSettings(), events=events, metrics=metrics, clock=clock)
+    settings = MemorySettings(
+        tiers={"L4": {"capacity": 1 << 40}, "L5": {"enabled": False}, "L6": {"enabled": False}},
+        fsync=False,
+        spill_on_stop=False,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        store = TieredStore(
+            settings,
+            data_dir=Path(tmp),
+            devices=devices,
+            events=events,
+            metrics=metrics,
+            clock=clock,
+        )
+        store.open()
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        start = time.perf_counter()
+        for i in range(n):
+            clock.advance(0.001)
+            store.put(f"model-x/shard-{i:08d}", i.to_bytes(8, "little"))
+        put_s = time.perf_counter() - start
+        used = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        index = store._by_name["L4"].index  # the store's own index for the tier
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            victims = index.victims(max(1, n // 100) * 8, clock.monotonic())
+            times.append(time.perf_counter() - t0)
+        store.close(spill=False)
+    return {
+        "blocks": n,
+        "store_bytes_per_block": round(used / n, 1),
+        "put_us": round(put_s / n * 1e6, 1),
+        "victims_ms": round(statistics.median(times) * 1000, 2),
+        "victims": len(victims),
+    }
+
+
 def measure(sizes: tuple[int, ...], runs: int) -> list[ScaleRow]:
     rows: list[ScaleRow] = []
     for n in sizes:
@@ -148,7 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="*", type=int, default=list(DEFAULT_SIZES))
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--store", action="store_true", help="through the real TieredStore")
     args = parser.parse_args(argv)
+    if args.store:
+        store_rows = [_store_row(n, args.runs) for n in args.sizes]
+        if args.json:
+            print(json.dumps(store_rows, indent=2))
+        else:
+            print("| blocks | store heap B/block | put µs | victims(1 %) ms | victims |")
+            print("|---|---|---|---|---|")
+            for sr in store_rows:
+                print(
+                    f"| {sr['blocks']:,} | {sr['store_bytes_per_block']:.0f} "
+                    f"| {sr['put_us']:.0f} | {sr['victims_ms']:.1f} | {sr['victims']:,} |"
+                )
+        return 0
     rows = measure(tuple(args.sizes), args.runs)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
