@@ -96,6 +96,10 @@ _RESIZE_TOLERANCE = 1.05
 _RECOVERED_SHARE = 0.9
 #: Rounds of "wait for the state to change, then try again" before a request gives up.
 _MAX_OBTAIN_ROUNDS = 64
+#: Owner prefix of the arbiter allocations of managed models (``model:NAME``).
+_MODEL_OWNER = "model:"
+#: Other allocation holders a "not enough VRAM" message names.
+_HOLDERS_SHOWN = 5
 _LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
 
@@ -600,7 +604,7 @@ class ModelManager:
             if wanted == "gpu":
                 raise InvalidInput(f"{entry.name}: no allowed GPU", field="device")
             return CPU
-        if wanted is None and view.allows_cpu() and not self._could_fit(entry, view, index, free):
+        if wanted is None and view.allows_cpu() and not self._could_fit(entry, view, index):
             return CPU
         return gpu_device(index)
 
@@ -626,13 +630,13 @@ class ModelManager:
                 return CPU
         return gpu_device(index)
 
-    def _could_fit(
-        self, entry: _Entry, view: policy.ModelView, index: int, free: dict[int, int]
-    ) -> bool:
+    def _could_fit(self, entry: _Entry, view: policy.ModelView, index: int) -> bool:
+        """Whether ``entry`` fits on GPU ``index`` after evictions and preemptions it may make,
+        or once models in use there are released."""
         decision = policy.choose_evictions(
             self._views_on(gpu_device(index), exclude=entry),
             needed_bytes=view.vram_bytes,
-            free_bytes=free.get(index, 0),
+            free_bytes=self._room(index, entry.rank),
             priority_rank=entry.rank,
         )
         return isinstance(decision, policy.Evict) or bool(decision.busy)
@@ -1012,7 +1016,7 @@ class ModelManager:
             decision = policy.choose_evictions(
                 self._views_on(device, exclude=entry),
                 needed_bytes=needed,
-                free_bytes=self._room(index),
+                free_bytes=self._room(index, entry.rank),
                 priority_rank=entry.rank,
             )
             if isinstance(decision, policy.NoRoom):
@@ -1068,7 +1072,7 @@ class ModelManager:
                 Priority(entry.spec.priority),
                 max(1, needed),
                 device=f"gpu:{gpu_index(device)}",
-                owner=f"model:{entry.name}",
+                owner=f"{_MODEL_OWNER}{entry.name}",
                 on_preempt=self._preempt_callback(entry.name),
                 preemptible=not entry.spec.never_evict,
             )
@@ -1103,10 +1107,22 @@ class ModelManager:
             await self._unload_locked(victim, "evicted")
 
     def _no_room(self, entry: _Entry, device: str, decision: policy.NoRoom) -> InsufficientMemory:
-        needed_mb = decision.needed_bytes // MIB
-        free_mb = max(0, decision.free_bytes) // MIB
+        """The 409 of a load that does not fit: free MB (now, without preempting anything),
+        needed MB, the models that could be unloaded, and the other arbiter allocations (tasks,
+        ``/v1/allocations``) that hold memory there."""
+        index = gpu_index(device)
+        free = max(0, self._room(index) if index is not None else decision.free_bytes)
+        needed_mb, free_mb = decision.needed_bytes // MIB, free // MIB
         names = list(decision.unloadable)
         hint = f"; unloading {', '.join(names)} could make room" if names else ""
+        held = self._other_holders(device)
+        if held:
+            shown = ", ".join(
+                f"{a.owner or a.id} {format_size(a.memory_bytes)} ({a.priority.value})"
+                for a in held[:_HOLDERS_SHOWN]
+            )
+            more = f" and {len(held) - _HOLDERS_SHOWN} more" if len(held) > _HOLDERS_SHOWN else ""
+            hint += f"; other allocations hold memory: {shown}{more}"
         return InsufficientMemory(
             f"not enough VRAM on {device} for {entry.name}: needs {needed_mb} MB, "
             f"{free_mb} MB free{hint}",
@@ -1115,9 +1131,33 @@ class ModelManager:
             needed_mb=needed_mb,
             free_mb=free_mb,
             requested_bytes=decision.needed_bytes,
-            available_bytes=max(0, decision.free_bytes),
+            available_bytes=free,
             could_unload=names,
+            held_by=[
+                {
+                    "id": a.id,
+                    "owner": a.owner,
+                    "memory_bytes": a.memory_bytes,
+                    "priority": a.priority.value,
+                }
+                for a in held
+            ],
         )
+
+    def _other_holders(self, device: str) -> list[Allocation]:
+        """Arbiter allocations that are not managed models and count against ``device``
+        (naming it, or no device: they count against the whole budget), biggest first."""
+        try:
+            allocations = self.arbiter.state().allocations
+        except Exception:  # an arbiter double without state()
+            return []
+        key = f"gpu:{gpu_index(device)}"
+        others = [
+            a
+            for a in allocations
+            if a.device in (key, None) and not (a.owner or "").startswith(_MODEL_OWNER)
+        ]
+        return sorted(others, key=lambda a: (-a.memory_bytes, a.seq))
 
     def _unloadable(self, device: str, exclude: _Entry) -> tuple[str, ...]:
         return tuple(
@@ -1128,19 +1168,35 @@ class ModelManager:
             )
         )
 
-    def _room(self, index: int) -> int:
-        """Free bytes on GPU ``index``: the smaller of telemetry and the arbiter's budget."""
+    def _room(self, index: int, rank: int | None = None) -> int:
+        """Free bytes on GPU ``index``: the smaller of telemetry and the arbiter's budget.
+
+        With ``rank`` (the priority of a model about to load), the budget also counts what the
+        arbiter would preempt for it: preemptible allocations of a strictly lower priority that
+        are not managed models (tasks, ``/v1/allocations``; models are evicted by the manager's
+        own policy instead). So a user-facing model beats a background reservation.
+        """
         free = self._free_now(index)
         try:
             state = self.arbiter.state()
         except Exception:  # an arbiter double without state(): telemetry alone
             return free
         key = f"gpu:{index}"
+        reclaim_device = reclaim_any = 0
+        if rank is not None:
+            for a in state.allocations:
+                if (
+                    a.preemptible
+                    and a.priority.rank < rank
+                    and not (a.owner or "").startswith(_MODEL_OWNER)
+                ):
+                    reclaim_any += a.memory_bytes
+                    reclaim_device += a.memory_bytes if a.device == key else 0
         for usage in state.devices:
             if usage.device == key:
-                free = min(free, usage.available_bytes)
+                free = min(free, usage.available_bytes + reclaim_device)
         if state.budget_bytes:
-            free = min(free, max(0, state.budget_bytes - state.allocated_bytes))
+            free = min(free, max(0, state.budget_bytes - state.allocated_bytes) + reclaim_any)
         return free
 
     def _free_now(self, index: int | None) -> int:
@@ -1214,7 +1270,7 @@ class ModelManager:
                 Priority(entry.spec.priority),
                 used,
                 device=f"gpu:{gpu_index(device)}",
-                owner=f"model:{entry.name}",
+                owner=f"{_MODEL_OWNER}{entry.name}",
                 on_preempt=self._preempt_callback(entry.name),
                 preemptible=not entry.spec.never_evict,
             )

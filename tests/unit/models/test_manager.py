@@ -690,3 +690,44 @@ async def test_a_model_named_without_its_tag_is_tracked(fake_ollama: FakeOllama)
         assert m.is_loaded("llama3") and owners(h) == {"model:llama3": 4 * GIB}
         await m.ensure_unloaded("llama3")
         assert fake_ollama.running() == {}
+
+
+async def test_a_user_facing_model_preempts_a_background_reservation(
+    fake_ollama: FakeOllama,
+) -> None:
+    """The issue's headline: a user-facing workload beats a background one for memory, also
+    when the background one is a reservation (a task, /v1/allocations), not a model."""
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        told: list[str] = []
+        batch = h.arbiter.request_allocation(
+            WorkloadType.OTHER,
+            Priority.BACKGROUND,
+            8 * GIB,
+            owner="batch",
+            on_preempt=lambda a: told.append(a.id),
+        )
+        status = await h.models.ensure_loaded(VLM)  # user_facing, 10.5 GiB of a 10.8 GiB budget
+        assert status.device == "cuda:0"
+        assert told == [batch.id]
+        assert owners(h) == {f"model:{VLM}": VLM_SIZE}
+        event = [e.data for e in h.seen if e.kind == "preempted"][0]
+        assert (event["owner"], event["by_owner"]) == ("batch", f"model:{VLM}")
+
+
+async def test_not_enough_vram_names_the_other_allocations_holding_it(
+    fake_ollama: FakeOllama,
+) -> None:
+    """A reservation of the same priority cannot be preempted: the 409 says who holds what."""
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        h.arbiter.request_allocation(WorkloadType.LLM, Priority.USER_FACING, 9 * GIB, owner="chat")
+        with pytest.raises(InsufficientMemory) as info:
+            await h.models.ensure_loaded(VLM)
+        err = info.value
+        assert "needs 10752 MB" in err.message
+        assert "other allocations hold memory: chat 9.0 GiB (user_facing)" in err.message
+        budget = h.arbiter.state().budget_bytes
+        assert err.details["free_mb"] == (budget - 9 * GIB) // MIB
+        assert [(d["owner"], d["memory_bytes"]) for d in err.details["held_by"]] == [
+            ("chat", 9 * GIB)
+        ]
+        assert h.models.state(VLM) is ModelState.UNLOADED
