@@ -151,15 +151,20 @@ def _render_models(data: dict[str, Any]) -> None:
         console.print(f"[yellow]degraded:[/] {data['degraded_reason']}")
 
 
-def _render_one(verb: str) -> Callable[[dict[str, Any]], None]:
+def _describe(m: dict[str, Any], verb: str, elapsed_s: float) -> str:
+    """One line for the model the server answered with: ``clip: moved to cuda:0 (simulated,
+    runs on cpu) in 0.02 s``. The time is this command's, wait in the load queue included."""
+    line = f"{m['name']}: {verb}"
+    if m.get("device"):
+        line += f" on {m['device']}" if verb == "loaded" else ""
+        if m.get("simulated"):
+            line += f" (simulated, runs on {m['runs_on']})"
+    return f"{line} in {elapsed_s:.2f} s"
+
+
+def _render_one(verb: str, started: float) -> Callable[[dict[str, Any]], None]:
     def render(m: dict[str, Any]) -> None:
-        where = m["device"] or "nowhere"
-        if m["simulated"]:
-            where += f" (simulated, runs on {m['runs_on']})"
-        took = (
-            f" in {m['last_load_s']:.2f} s" if m.get("last_load_s") and verb != "unloaded" else ""
-        )
-        console.print(f"{m['name']}: {verb}, {m['state']} on {where}{took}")
+        console.print(_describe(m, verb, time.monotonic() - started), highlight=False)
 
     return render
 
@@ -176,6 +181,7 @@ def list_models(json_out: JsonOpt = False) -> None:
 def load(name: str, device: DeviceOpt = None, json_out: JsonOpt = False) -> None:
     """Load NAME (on --device) and wait until it is loaded."""
     body = {"device": device} if device else {}
+    started = time.monotonic()
     with _api(LONG_TIMEOUT_S) as api, _poller() as poller:
         data = _with_progress(
             f"loading {name}",
@@ -183,12 +189,13 @@ def load(name: str, device: DeviceOpt = None, json_out: JsonOpt = False) -> None
             json_out,
             _state_poller(poller, name),
         )
-    emit(data, json_out, _render_one("loaded"))
+    emit(data, json_out, _render_one("loaded", started))
 
 
 @models_app.command("unload")
 def unload(name: str, json_out: JsonOpt = False) -> None:
     """Unload NAME (after its current users finish)."""
+    started = time.monotonic()
     with _api(LONG_TIMEOUT_S) as api, _poller() as poller:
         data = _with_progress(
             f"unloading {name}",
@@ -196,7 +203,7 @@ def unload(name: str, json_out: JsonOpt = False) -> None:
             json_out,
             _state_poller(poller, name),
         )
-    emit(data, json_out, _render_one("unloaded"))
+    emit(data, json_out, _render_one("unloaded", started))
 
 
 @models_app.command("migrate")
@@ -206,6 +213,7 @@ def migrate(
     json_out: JsonOpt = False,
 ) -> None:
     """Move NAME to DEVICE (torch models move in place; others are reloaded there)."""
+    started = time.monotonic()
     with _api(LONG_TIMEOUT_S) as api, _poller() as poller:
         data = _with_progress(
             f"moving {name} to {device}",
@@ -213,7 +221,7 @@ def migrate(
             json_out,
             _state_poller(poller, name),
         )
-    emit(data, json_out, _render_one(f"moved to {device}"))
+    emit(data, json_out, _render_one(f"moved to {device}", started))
 
 
 def _render_profile(data: dict[str, Any]) -> None:
@@ -229,12 +237,15 @@ def _render_profile(data: dict[str, Any]) -> None:
 
 
 def _render_switch(report: dict[str, Any]) -> None:
-    table = Table("#", "step", "status", "time", "error")
-    for i, step in enumerate(report["steps"]):
-        status = step.get("status", "planned")
-        took = f"{step['duration_s']:.2f} s" if "duration_s" in step else ""
-        table.add_row(str(i), step["description"], status, took, step.get("error") or "")
-    console.print(table)
+    if not report["steps"]:
+        console.print(f"every model is already where [bold]{report['name']}[/] wants it")
+    else:
+        table = Table("#", "step", "status", "time", "error")
+        for i, step in enumerate(report["steps"]):
+            status = step.get("status", "planned")
+            took = f"{step['duration_s']:.2f} s" if "duration_s" in step else ""
+            table.add_row(str(i), step["description"], status, took, step.get("error") or "")
+        console.print(table)
     if report.get("dry_run"):
         console.print(f"plan for [bold]{report['name']}[/] (not run)")
     elif report.get("ok"):

@@ -292,8 +292,9 @@ class PlanStep:
         if self.action is StepAction.UNLOAD:
             where = f" from {self.device}" if self.device else ""
             return f"unload {self.model}{where}"
-        verb = "move" if self.action is StepAction.MOVE else "load"
-        return f"{verb} {self.model} to {self.device}"
+        if self.action is StepAction.MOVE:
+            return f"move {self.model} to {self.device}"
+        return f"load {self.model} on {self.device}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,3 +50,28 @@ def test_progress_passes_errors_through(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_json_output_skips_the_spinner() -> None:
     assert models_cmds._with_progress("x", lambda: 42, True) == 42
+
+
+def test_one_line_per_operation_says_what_happened() -> None:
+    sim = {"name": "clip", "device": "cuda:0", "simulated": True, "runs_on": "cpu"}
+    assert (
+        models_cmds._describe(sim, "loaded", 1.234)
+        == "clip: loaded on cuda:0 (simulated, runs on cpu) in 1.23 s"
+    )
+    assert (
+        models_cmds._describe(sim, "moved to cuda:0", 0.02)
+        == "clip: moved to cuda:0 (simulated, runs on cpu) in 0.02 s"
+    )
+    cpu = {"name": "clip", "device": "cpu", "simulated": False, "runs_on": "cpu"}
+    assert models_cmds._describe(cpu, "loaded", 0.5) == "clip: loaded on cpu in 0.50 s"
+    gone = {"name": "clip", "device": None, "simulated": False, "runs_on": None}
+    assert models_cmds._describe(gone, "unloaded", 0.1) == "clip: unloaded in 0.10 s"
+
+
+def test_a_switch_with_nothing_to_do_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    models_cmds._render_switch(
+        {"name": "recording", "ok": True, "duration_s": 0.0, "steps": [], "notes": []}
+    )
+    out = capsys.readouterr().out
+    assert "every model is already where recording wants it" in out
+    assert "step" not in out  # no empty table
