@@ -4,6 +4,7 @@ by itself after its ``idle_timeout_s``."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -103,3 +104,31 @@ def test_down_at_start_then_back_and_idle_unload(server: ServerProcess, fake: Fa
         assert VLM not in fake.loaded
         models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
         assert models["clip"]["state"] == "loaded"  # its own, longer timeout
+    check_lifecycle_events_are_streamed(server)
+
+
+def check_lifecycle_events_are_streamed(server: ServerProcess) -> None:
+    """``GET /v1/events`` carries the model manager's events: what the test caused (degraded
+    mode and back, a load, the idle unload) replayed in order, each a JSON message."""
+    kinds = "degraded_mode,model_loaded,model_unloaded,idle_unload"
+    url = server.url + f"/v1/events?kinds={kinds}&replay=50"
+    got: list[dict[str, Any]] = []
+    with httpx.stream("GET", url, timeout=10) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                got.append(json.loads(line[len("data: ") :]))
+                if got[-1]["kind"] == "idle_unload":
+                    break
+    vlm = [
+        (e["kind"], e["data"].get("degraded")) for e in got if e["data"].get("model") in (None, VLM)
+    ]
+    assert vlm[:2] == [("degraded_mode", True), ("degraded_mode", False)]
+    loaded = [e for e in got if e["kind"] == "model_loaded" and e["data"]["model"] == VLM]
+    assert loaded and loaded[-1]["data"]["device"] == "cuda:0" and loaded[-1]["data"]["simulated"]
+    unloaded = [e for e in got if e["kind"] == "model_unloaded" and e["data"]["model"] == VLM]
+    assert unloaded[-1]["data"]["reason"] == "idle"
+    idle = got[-1]["data"]
+    assert idle["model"] == VLM and idle["idle_timeout_s"] == 1.5 and idle["idle_s"] >= 1.5
+    seqs = [e["seq"] for e in got]
+    assert seqs == sorted(seqs)
