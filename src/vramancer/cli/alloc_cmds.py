@@ -6,8 +6,6 @@ high``); the allocation stays until ``release`` (or until a higher priority pree
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -15,7 +13,8 @@ import typer
 from rich.table import Table
 
 from vramancer.arbiter.types import Priority, WorkloadType
-from vramancer.cli.common import Api, JsonOpt, call, console, emit, fail
+from vramancer.cli.common import JsonOpt, call, console, emit, fail
+from vramancer.cli.models_cmds import api_session
 from vramancer.units import format_size, parse_size
 
 alloc_app = typer.Typer(
@@ -26,16 +25,6 @@ alloc_app = typer.Typer(
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root vramancer app."""
     app.add_typer(alloc_app, name="alloc")
-
-
-@contextmanager
-def _api(timeout: float = 30.0) -> Iterator[Api]:
-    """A client for the running server, closed even when a command fails."""
-    api = Api(timeout=timeout)
-    try:
-        yield api
-    finally:
-        api.close()
 
 
 def _row(a: dict[str, Any]) -> list[str]:
@@ -53,7 +42,7 @@ def _row(a: dict[str, Any]) -> list[str]:
 @alloc_app.command("list")
 def list_allocations(json_out: JsonOpt = False) -> None:
     """Live allocations and the budget they share."""
-    with _api() as api:
+    with api_session() as api:
         data = call(lambda: api.get("/v1/allocations"))
 
     def render(d: dict[str, Any]) -> None:
@@ -110,7 +99,7 @@ def request(
     for key, value in (("min_quality", min_quality), ("device", device), ("owner", owner)):
         if value is not None:
             body[key] = value
-    with _api(timeout=max(30.0, wait + 10.0)) as api:
+    with api_session(timeout=max(30.0, wait + 10.0)) as api:
         data = call(lambda: api.post("/v1/allocations", json=body))
 
     def render(a: dict[str, Any]) -> None:
@@ -130,7 +119,7 @@ def release(
     json_out: JsonOpt = False,
 ) -> None:
     """Give an allocation's memory back."""
-    with _api() as api:
+    with api_session() as api:
         data = call(lambda: api.delete("/v1/allocations/" + quote(allocation_id, safe="")))
     emit(data, json_out, lambda d: console.print(f"released {d['released']}", highlight=False))
 
@@ -138,7 +127,7 @@ def release(
 @alloc_app.command("state")
 def state(json_out: JsonOpt = False) -> None:
     """Budget, pressure, recommended quality per workload type, per-GPU use, counters."""
-    with _api() as api:
+    with api_session() as api:
         data = call(lambda: api.get("/v1/arbiter"))
 
     def render(d: dict[str, Any]) -> None:

@@ -49,7 +49,9 @@ def register(app: typer.Typer) -> None:
 
 
 @contextmanager
-def _api(timeout: float = 30.0) -> Iterator[Api]:
+def api_session(timeout: float = 30.0) -> Iterator[Api]:
+    """A client for the running server (``VRM_URL``, ``VRM_API_TOKEN``), closed even when the
+    command fails. Shared by the ``models``, ``profile`` and ``alloc`` commands."""
     api = Api(timeout=timeout)
     try:
         yield api
@@ -172,7 +174,7 @@ def _render_one(verb: str, started: float) -> Callable[[dict[str, Any]], None]:
 @models_app.command("list")
 def list_models(json_out: JsonOpt = False) -> None:
     """Managed models, their state, device and VRAM."""
-    with _api() as api:
+    with api_session() as api:
         data = call(lambda: api.get("/v1/models"))
     emit(data, json_out, _render_models)
 
@@ -182,7 +184,7 @@ def load(name: str, device: DeviceOpt = None, json_out: JsonOpt = False) -> None
     """Load NAME (on --device) and wait until it is loaded."""
     body = {"device": device} if device else {}
     started = time.monotonic()
-    with _api(LONG_TIMEOUT_S) as api, _poller() as poller:
+    with api_session(LONG_TIMEOUT_S) as api, _poller() as poller:
         data = _with_progress(
             f"loading {name}",
             lambda: api.post(_path(name, "load"), json=body),
@@ -196,7 +198,7 @@ def load(name: str, device: DeviceOpt = None, json_out: JsonOpt = False) -> None
 def unload(name: str, json_out: JsonOpt = False) -> None:
     """Unload NAME (after its current users finish)."""
     started = time.monotonic()
-    with _api(LONG_TIMEOUT_S) as api, _poller() as poller:
+    with api_session(LONG_TIMEOUT_S) as api, _poller() as poller:
         data = _with_progress(
             f"unloading {name}",
             lambda: api.post(_path(name, "unload")),
@@ -214,7 +216,7 @@ def migrate(
 ) -> None:
     """Move NAME to DEVICE (torch models move in place; others are reloaded there)."""
     started = time.monotonic()
-    with _api(LONG_TIMEOUT_S) as api, _poller() as poller:
+    with api_session(LONG_TIMEOUT_S) as api, _poller() as poller:
         data = _with_progress(
             f"moving {name} to {device}",
             lambda: api.post(_path(name, "migrate"), json={"device": device}),
@@ -257,7 +259,7 @@ def _render_switch(report: dict[str, Any]) -> None:
 @profile_app.command("show")
 def show(json_out: JsonOpt = False) -> None:
     """The profile in force, every profile's placements, the last switch."""
-    with _api() as api:
+    with api_session() as api:
         data = call(lambda: api.get("/v1/profile"))
     emit(data, json_out, _render_profile)
 
@@ -271,7 +273,7 @@ def set_profile(
     json_out: JsonOpt = False,
 ) -> None:
     """Switch to profile NAME: free VRAM first (unload, move to CPU), then load."""
-    with _api(LONG_TIMEOUT_S) as api:
+    with api_session(LONG_TIMEOUT_S) as api:
         data = _with_progress(
             f"switching to {name}",
             lambda: api.put("/v1/profile", json={"name": name, "dry_run": dry_run}),

@@ -68,7 +68,6 @@ from vramancer.models.types import (
     StepResult,
     StepStatus,
     SwitchReport,
-    VramInfo,
     gpu_device,
     gpu_index,
     normalize_device,
@@ -427,25 +426,17 @@ class ModelManager:
         return "; ".join(f"{k}: {v}" for k, v in sorted(self._degraded.items()))
 
     def gpu_status(self) -> GpuResourceStatus:
-        """Seed 002 ``get_status()``: every field always has a valid value (property 5)."""
+        """Seed 002 ``get_status()``: every field always has a valid value (property 5). The
+        VRAM is the VLM's GPU while it is on one, else the first GPU (the devices' own
+        ``get_vram_info``)."""
         vlm = self._entries.get(self.gm.vlm_model or "")
         snap = self.devices.snapshot()
-        gpu = None
-        if vlm is not None and vlm.on_gpu:
-            gpu = snap.gpu(gpu_index(vlm.device) or 0)
-        if gpu is None and snap.gpus:
-            gpu = snap.gpus[0]
+        index = gpu_index(vlm.device) if vlm is not None and vlm.on_gpu else None
+        gpu = snap.gpu(index) if index is not None else None
         if gpu is None:
-            vram = VramInfo(0, 0, 0, "none (CPU-only)", 0)
-        else:
-            util = gpu.utilization_ratio
-            vram = VramInfo(
-                total_mb=gpu.memory_total_bytes // MIB,
-                used_mb=gpu.memory_used_bytes // MIB,
-                free_mb=gpu.memory_free_bytes // MIB,
-                gpu_name=gpu.name,
-                gpu_utilization_percent=0 if util is None else round(util * 100),
-            )
+            index = None
+            gpu = snap.gpus[0] if snap.gpus else None
+        vram = self.devices.get_vram_info(index)
         timeout = self._idle_timeout(vlm) if vlm is not None else self.gm.idle_timeout_s
         return GpuResourceStatus(
             execution_mode=self._profile,

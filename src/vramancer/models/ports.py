@@ -15,6 +15,7 @@ from vramancer.arbiter.types import (
     Priority,
     WorkloadType,
 )
+from vramancer.devices.manager import VramInfo
 from vramancer.devices.types import SystemSnapshot
 
 
@@ -29,6 +30,10 @@ class DevicePort(Protocol):
 
     def adjust_simulated(self, index: int, delta_used_bytes: int) -> None:
         """Account a model on a simulated GPU so telemetry shows it."""
+        ...
+
+    def get_vram_info(self, index: int | None = None) -> VramInfo:
+        """Seed 002 ``VRAMInfo`` of GPU ``index`` (default: the first; zeros when none)."""
         ...
 
 

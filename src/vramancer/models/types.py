@@ -7,12 +7,14 @@ simulated GPU keeps ``device = "cuda:N"`` for accounting, and its ``runs_on`` sa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from vramancer.devices.manager import VramInfo
 from vramancer.errors import InvalidInput
 from vramancer.units import parse_size
 
@@ -227,26 +229,6 @@ class ModelStatus:
 
 
 @dataclass(frozen=True, slots=True)
-class VramInfo:
-    """Seed 002 ``VRAMInfo`` of one GPU (zeros and a clear name when there is none)."""
-
-    total_mb: int
-    used_mb: int
-    free_mb: int
-    gpu_name: str
-    gpu_utilization_percent: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "total_mb": self.total_mb,
-            "used_mb": self.used_mb,
-            "free_mb": self.free_mb,
-            "gpu_name": self.gpu_name,
-            "gpu_utilization_percent": self.gpu_utilization_percent,
-        }
-
-
-@dataclass(frozen=True, slots=True)
 class GpuResourceStatus:
     """Seed 002 ``GPUResourceStatus``, served at ``GET /v1/gpu/status``."""
 
@@ -268,7 +250,7 @@ class GpuResourceStatus:
             "vlm_state": self.vlm_state.value,
             "vlm_model": self.vlm_model,
             "clip_device": self.clip_device,
-            "vram": self.vram.as_dict(),
+            "vram": dataclasses.asdict(self.vram),
             "idle_timeout_seconds": self.idle_timeout_seconds,
             "last_vlm_request": iso_time(self.last_vlm_request),
             "degraded_mode": self.degraded_mode,
