@@ -710,7 +710,7 @@ async def test_a_user_facing_model_preempts_a_background_reservation(
         assert status.device == "cuda:0"
         assert told == [batch.id]
         assert owners(h) == {f"model:{VLM}": VLM_SIZE}
-        event = [e.data for e in h.seen if e.kind == "preempted"][0]
+        event = h.of("preempted")[0].data
         assert (event["owner"], event["by_owner"]) == ("batch", f"model:{VLM}")
 
 
