@@ -129,10 +129,12 @@ def _follow(api: Api, task_id: str, json_out: bool) -> None:
                 note = f" ({status['error']})" if status.get("error") else ""
                 err_console.print(f"[dim]{state}{where}{note}[/]", highlight=False)
         if status["attempts"] != attempt:
+            if not json_out and attempt > 0:  # what the previous attempt wrote since last time
+                _print_new_output(api, task_id, attempt, offsets)
             attempt = status["attempts"]
             offsets = {"stdout": 0, "stderr": 0}
-        if not json_out:
-            _print_new_output(api, task_id, offsets)
+        if not json_out and attempt > 0:
+            _print_new_output(api, task_id, attempt, offsets)
         if state in _TERMINAL:
             break
         time.sleep(POLL_S)
@@ -143,13 +145,10 @@ def _follow(api: Api, task_id: str, json_out: bool) -> None:
     raise typer.Exit(status.get("exit_code") or 1)
 
 
-def _print_new_output(api: Api, task_id: str, offsets: dict[str, int]) -> None:
-    logs = call(
-        lambda: api.get(
-            _task_path(task_id, "logs"),
-            params={"stdout_offset": offsets["stdout"], "stderr_offset": offsets["stderr"]},
-        )
-    )
+def _print_new_output(api: Api, task_id: str, attempt: int, offsets: dict[str, int]) -> None:
+    params = {"attempt": attempt, "stdout_offset": offsets["stdout"]}
+    params["stderr_offset"] = offsets["stderr"]
+    logs = call(lambda: api.get(_task_path(task_id, "logs"), params=params))
     if logs["stdout"]:
         sys.stdout.write(logs["stdout"])
         sys.stdout.flush()
@@ -223,11 +222,15 @@ def cancel(
 @tasks_app.command("logs")
 def logs(
     task_id: Annotated[str, typer.Argument(help="The task id.")],
+    attempt: Annotated[
+        int | None, typer.Option(help="Which attempt (1 = the first); default: the latest.", min=1)
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """stdout and stderr of the task's last attempt."""
+    """stdout and stderr of one attempt of a task (default: the latest)."""
+    params = {} if attempt is None else {"attempt": attempt}
     with closing(Api()) as api:
-        data = call(lambda: api.get(_task_path(task_id, "logs")))
+        data = call(lambda: api.get(_task_path(task_id, "logs"), params=params))
 
     def render(d: dict[str, Any]) -> None:
         sys.stdout.write(d["stdout"])

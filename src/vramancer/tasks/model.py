@@ -241,6 +241,10 @@ class TaskRecord:
     stdout_tail: str = ""
     stderr_tail: str = ""
     idempotency_key: str | None = None
+    #: Attempts whose lease was lost (the worker or daemon died while running them).
+    lease_losses: int = 0
+    #: When it last became ready (submitted, back-off over, requeued); aging counts from it.
+    ready_at: float | None = None
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -274,6 +278,8 @@ class TaskRecord:
             "not_before": self.not_before,
             "cancel_requested": self.cancel_requested,
             "idempotency_key": self.idempotency_key,
+            "lease_losses": self.lease_losses,
+            "ready_at": self.ready_at,
             "stdout_tail": self.stdout_tail,
             "stderr_tail": self.stderr_tail,
             "spec": self.spec,

@@ -14,6 +14,12 @@ lowest score (busy, temperature, stale telemetry, our load), then the most avail
 ``binpack`` prefers the tightest fit. No I/O here: "no room" is a value (``NoRoom``) with a
 reason per device, and ``assume`` returns the views as they are once a placement is made, so one
 dispatch round can place many tasks.
+
+Aging: a task that has waited too long and fits nowhere gets a device *held* for it (``hold``):
+the device it would fit once our own tasks there have ended (``drained``). No other task starts
+on a held device, so it drains and the waiting task runs; a device that would not fit it even
+drained (someone else's VRAM, too hot) is never held, so a hold cannot block a device for
+nothing.
 """
 
 from __future__ import annotations
@@ -60,6 +66,10 @@ class DeviceView:
     slots: int = 1
     #: The CUDA index a task on this device sees, or None (simulated, host).
     cuda_index: int | None = None
+    #: VRAM our running tasks have reserved on it (seen by the driver or not).
+    own_bytes: int = 0
+    #: Held for this long-waiting task: no other task may start here.
+    held_for: str | None = None
 
     @property
     def available_bytes(self) -> int:
@@ -115,6 +125,8 @@ Decision = Placement | NoRoom
 
 def ineligibility(view: DeviceView, need_bytes: int, policy: PickerPolicy) -> str | None:
     """Why ``view`` cannot take a task needing ``need_bytes`` now, or None when it can."""
+    if view.held_for is not None:
+        return f"held for task {view.held_for}, which has waited longest"
     if view.age_s > policy.heartbeat_ttl_s:
         return f"no telemetry for {view.age_s:.0f} s (TTL {policy.heartbeat_ttl_s:.0f} s)"
     temp = view.temperature_celsius
@@ -165,7 +177,8 @@ def _fits(view: DeviceView, need_bytes: int, policy: PickerPolicy) -> bool:
     temp = view.temperature_celsius
     busy = view.utilization_ratio
     return (
-        view.age_s <= policy.heartbeat_ttl_s
+        view.held_for is None
+        and view.age_s <= policy.heartbeat_ttl_s
         and (temp is None or temp <= policy.max_temperature_celsius)
         and (busy is None or busy <= policy.max_busy_ratio)
         and view.running < view.slots
@@ -215,9 +228,41 @@ def assume(views: Sequence[DeviceView], placement: Placement, need_bytes: int) -
                 running=view.running + 1,
                 unseen_bytes=view.unseen_bytes + need_bytes,
                 grantable_bytes=view.grantable_bytes - need_bytes,
+                own_bytes=view.own_bytes + need_bytes,
             )
             break
     return out
+
+
+def drained(view: DeviceView) -> DeviceView:
+    """The view once our own running tasks on it have ended: their slots and VRAM come back
+    (the part the driver shows returns to ``free``, all of it to ``grantable``)."""
+    visible = max(0, view.own_bytes - view.unseen_bytes)
+    return replace(
+        view,
+        running=0,
+        unseen_bytes=0,
+        own_bytes=0,
+        free_bytes=min(view.total_bytes, view.free_bytes + visible),
+        grantable_bytes=view.grantable_bytes + view.own_bytes,
+    )
+
+
+def hold(
+    views: Sequence[DeviceView],
+    need_bytes: int,
+    pin: int | None,
+    task_id: str,
+    policy: PickerPolicy,
+) -> tuple[list[DeviceView], str | None]:
+    """Hold for ``task_id`` (which fits nowhere now) the device it would get once our own tasks
+    there have ended; returns the views and the held device (None: draining would not help)."""
+    free = [v for v in views if v.held_for is None]
+    target = pick([drained(v) for v in free], need_bytes, pin, policy)
+    if not isinstance(target, Placement):
+        return list(views), None
+    held = [replace(v, held_for=task_id) if v.device == target.device else v for v in views]
+    return held, target.device
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +271,8 @@ class LocalLoad:
 
     running: int = 0
     unseen_bytes: int = 0
+    #: Their reservations, seen by the driver or not.
+    reserved_bytes: int = 0
 
 
 def build_views(
@@ -262,6 +309,7 @@ def build_views(
                 running=load.running,
                 slots=slots_per_device,
                 cuda_index=None if gpu.simulated else gpu.cuda_index,
+                own_bytes=load.reserved_bytes,
             )
         )
     if not views:

@@ -7,7 +7,8 @@ Semantics every implementation keeps:
   is already known returns the existing task (``created=False``) and stores nothing new.
 * ``lease`` hands a ready task to one worker with a fresh ``lease_token``; the worker heartbeats
   the lease; a lease not renewed before ``lease_expires`` is taken back (``expire_leases``) and
-  the task is queued again: execution is at-least-once.
+  the task is queued again: execution is at-least-once. A task whose lease was lost
+  ``max_lease_losses`` times ends ``failed`` (it keeps killing its worker: no crash loop).
 * ``finish`` applies an attempt's outcome only when its ``lease_token`` is the task's current
   one and the task is still leased, so a late or repeated report changes nothing: a task moves
   to ``done`` at most once.
@@ -41,6 +42,16 @@ class Orphan:
     pid_started: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """A task deleted by the retention purge (its log files go too)."""
+
+    task_id: str
+    attempts: int
+    maintenance: bool
+    state: TaskState
+
+
 class TaskQueue(Protocol):
     async def open(self) -> None: ...
 
@@ -68,7 +79,22 @@ class TaskQueue(Protocol):
         now: float,
     ) -> list[Change]: ...
 
-    async def set_waiting(self, reasons: Sequence[tuple[str, str]], now: float) -> list[Change]: ...
+    async def set_waiting(
+        self, reasons: Sequence[tuple[str, str, TaskState]], now: float
+    ) -> list[Change]:
+        """Mark tasks ``waiting_gpu`` with a reason: ``(task_id, reason, state it was read in)``;
+        a task read as waiting only gets its reason updated (no change reported)."""
+        ...
+
+    async def overdue(
+        self, *, maintenance: bool, ready_before: float, limit: int
+    ) -> list[TaskRecord]:
+        """Ready tasks of one lane, ready at ``ready_before`` or earlier; longest waiting first."""
+        ...
+
+    async def purge(self, *, ended_before: float, limit: int) -> list[Purged]:
+        """Delete up to ``limit`` tasks that ended before ``ended_before`` (retention)."""
+        ...
 
     async def heartbeat(self, worker: str, *, now: float, lease_s: float) -> int: ...
 
@@ -81,7 +107,7 @@ class TaskQueue(Protocol):
     async def promote_due(self, now: float) -> list[Change]: ...
 
     async def expire_leases(
-        self, now: float, *, all_leases: bool = False
+        self, now: float, *, all_leases: bool = False, max_lease_losses: int = ...
     ) -> tuple[list[Change], list[Orphan]]: ...
 
     async def get(self, task_id: str) -> TaskRecord | None: ...

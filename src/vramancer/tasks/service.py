@@ -63,6 +63,7 @@ from vramancer.errors import (
 from vramancer.errors import ShuttingDown as VramancerShuttingDown
 from vramancer.events import EventBus
 from vramancer.observability.metrics import Metrics
+from vramancer.tasks.dispatch import RoundPlan
 from vramancer.tasks.estimator import HistoryEstimator, RuntimeEstimator
 from vramancer.tasks.model import (
     LEASED_STATES,
@@ -84,14 +85,11 @@ from vramancer.tasks.picker import (
     DeviceView,
     LocalLoad,
     PickerPolicy,
-    Placement,
-    assume,
     build_views,
     gpu_name,
-    pick,
 )
 from vramancer.tasks.ports import ArbiterPort, DevicesPort, MemoryPort
-from vramancer.tasks.queue import TaskQueue
+from vramancer.tasks.queue import Purged, TaskQueue
 from vramancer.tasks.runner import ProcessRun, RunRequest, RunResult, kill_orphan
 from vramancer.tasks.settings import TasksSettings
 from vramancer.tasks.sqlite_queue import SqliteQueue
@@ -106,6 +104,12 @@ ENV_TASK_ID = "VRM_TASK_ID"
 #: Environment variables of the daemon with this prefix are not passed to tasks.
 _PRIVATE_ENV_PREFIX = "VRM_"
 _TERMINAL = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
+#: Ended tasks deleted per purge (one write transaction; the next batch comes a round later).
+PURGE_BATCH = 2000
+#: Seconds between retention purges once there is no backlog.
+PURGE_INTERVAL_S = 3600.0
+#: Overdue tasks (aging) offered first per dispatch round, at most.
+OVERDUE_MAX = 8
 #: A history cursor is a ``seq`` (a positive SQLite integer).
 _CURSOR = re.compile(r"[0-9]{1,18}")
 #: Largest byte offset accepted when reading a task's logs.
@@ -190,6 +194,7 @@ class TaskService:
         self._stopping = False
         self._idle_since: float | None = None
         self._last_housekeep = -math.inf
+        self._next_purge = -math.inf
         self._m_submitted = metrics.counter(
             "vramancer_tasks_submitted_total", "Tasks accepted into the queue.", ["type"]
         )
@@ -200,6 +205,9 @@ class TaskService:
             "vramancer_tasks_failed_total", "Tasks that ended failed after their retries.", ["type"]
         )
         self._m_running = metrics.gauge("vramancer_tasks_running", "Tasks running now.")
+        self._m_purged = metrics.counter(
+            "vramancer_tasks_purged_total", "Ended tasks deleted after [tasks] retention_s."
+        )
         self._m_depth = metrics.gauge(
             "vramancer_tasks_queue_depth", "Tasks waiting to run (queued, waiting_gpu, retry)."
         )
@@ -235,7 +243,11 @@ class TaskService:
                 self.estimator = HistoryEstimator(
                     self.settings.default_estimate_s, self.settings.estimate_alpha, learned
                 )
-            changes, orphans = await self.queue.expire_leases(self.clock.time(), all_leases=True)
+            changes, orphans = await self.queue.expire_leases(
+                self.clock.time(),
+                all_leases=True,
+                max_lease_losses=self.settings.max_lease_losses,
+            )
         except BaseException:
             self._unlock()
             raise
@@ -441,45 +453,41 @@ class TaskService:
         *,
         stdout_offset: int = 0,
         stderr_offset: int = 0,
+        attempt: int | None = None,
     ) -> dict[str, Any]:
-        """stdout and stderr of the task's last attempt, from the given byte offsets (bounded).
+        """stdout and stderr of one attempt (default: the latest), from byte offsets (bounded).
 
-        ``stdout_next``/``stderr_next`` are the offsets to ask for next time (to follow a
-        running task); when there is no log file the database tail is returned.
+        Each attempt has its own log files, so a retry does not hide why the previous attempt
+        failed. ``stdout_next``/``stderr_next`` are the offsets to ask for next time (to follow
+        a running task). An attempt that wrote no file (a maintenance task, no output) shows
+        the tail kept in the database, which belongs to the last attempt that ended.
         """
-        for name, offset in (("stdout_offset", stdout_offset), ("stderr_offset", stderr_offset)):
-            if not 0 <= offset <= MAX_LOG_OFFSET:
-                raise InvalidInput(
-                    f"{name} must be between 0 and {MAX_LOG_OFFSET} (got {offset})", field=name
-                )
-        if max_bytes is not None and max_bytes < 1:
-            raise InvalidInput(f"max_bytes must be at least 1 (got {max_bytes})", field="max_bytes")
+        _check_log_query(max_bytes, stdout_offset, stderr_offset)
         record = await self.status(task_id)
+        latest = max(record.attempts, 1)
+        number = latest if attempt is None else attempt
+        if not 1 <= number <= latest:
+            raise InvalidInput(
+                f"attempt must be between 1 and {latest} for task {task_id} (got {number})",
+                field="attempt",
+            )
+        ended = number == record.attempts and record.state not in LEASED_STATES
+        tails = (record.stdout_tail, record.stderr_tail) if ended else ("", "")
         # A log file holds at most max_output_bytes and the "dropped" note.
         cap = self.settings.max_output_bytes + 256
         limit = cap if max_bytes is None else min(max_bytes, cap)
-        out_path, err_path = self._log_paths(task_id)
-
-        def read(path: Path, offset: int, tail: str) -> tuple[str, bool, int]:
-            try:
-                with open(path, "rb") as fh:
-                    fh.seek(offset)
-                    data = fh.read(limit + 1)
-            except FileNotFoundError:
-                return (tail, False, len(tail.encode())) if offset == 0 else ("", False, offset)
-            kept = data[:limit]
-            return kept.decode("utf-8", errors="replace"), len(data) > limit, offset + len(kept)
-
+        out_path, err_path = self._log_paths(task_id, number)
         (out, out_cut, out_next), (err, err_cut, err_next) = await asyncio.to_thread(
             lambda: (
-                read(out_path, stdout_offset, record.stdout_tail),
-                read(err_path, stderr_offset, record.stderr_tail),
+                _read_log(out_path, stdout_offset, limit, tails[0]),
+                _read_log(err_path, stderr_offset, limit, tails[1]),
             )
         )
         return {
             "task_id": task_id,
             "state": record.state.value,
             "attempts": record.attempts,
+            "attempt": number,
             "stdout": out,
             "stderr": err,
             "truncated": out_cut or err_cut,
@@ -576,7 +584,8 @@ class TaskService:
     async def _housekeep(self, now: float) -> None:
         self._last_housekeep = self.clock.monotonic()
         promoted, (expired, orphans) = await asyncio.gather(
-            self.queue.promote_due(now), self.queue.expire_leases(now)
+            self.queue.promote_due(now),
+            self.queue.expire_leases(now, max_lease_losses=self.settings.max_lease_losses),
         )
         for change in expired:
             active = self._active.get(change.task_id)
@@ -587,13 +596,45 @@ class TaskService:
             if orphan.task_id not in self._active:
                 kill_orphan(orphan.pid, orphan.pid_started)
         self._publish([*promoted, *expired])
+        await self._purge(now)
+
+    async def _purge(self, now: float) -> int:
+        """Retention: delete tasks that ended over ``retention_s`` ago, and their logs, in
+        batches of ``PURGE_BATCH`` (one per round while there is a backlog, then hourly)."""
+        retention = self.settings.retention_s
+        mono = self.clock.monotonic()
+        if retention <= 0 or mono < self._next_purge:
+            return 0
+        purged = await self.queue.purge(ended_before=now - retention, limit=PURGE_BATCH)
+        self._next_purge = mono if len(purged) == PURGE_BATCH else mono + PURGE_INTERVAL_S
+        if not purged:
+            return 0
+        for task in purged:
+            key = (task.maintenance, task.state)
+            self._counts[key] = self._counts.get(key, 0) - 1
+        self._m_purged.inc(len(purged))
+        await asyncio.to_thread(self._remove_logs, purged)
+        log.info(
+            "retention: deleted %d task(s) that ended before the last %gs", len(purged), retention
+        )
+        return len(purged)
+
+    def _remove_logs(self, purged: Sequence[Purged]) -> None:
+        for task in purged:
+            for attempt in range(1, task.attempts + 1):
+                for path in self._log_paths(task.task_id, attempt):
+                    path.unlink(missing_ok=True)
 
     def _views(self, snapshot: SystemSnapshot) -> list[DeviceView]:
         local: dict[str, LocalLoad] = {}
         for active in self._active.values():
             load = local.get(active.device, LocalLoad())
             unseen = max(0, active.vram_bytes - _visible_bytes(snapshot, active))
-            local[active.device] = LocalLoad(load.running + 1, load.unseen_bytes + unseen)
+            local[active.device] = LocalLoad(
+                load.running + 1,
+                load.unseen_bytes + unseen,
+                load.reserved_bytes + active.vram_bytes,
+            )
         return build_views(
             snapshot,
             self.clock.monotonic(),
@@ -618,46 +659,51 @@ class TaskService:
     async def _dispatch_user(self, now: float) -> int:
         if not self._lane_count(False, READY_STATES):
             return 0
-        views = self._views(self.devices.snapshot())
-        free = sum(max(0, v.slots - v.running) for v in views)
-        if free == 0:
+        plan = RoundPlan(self._views(self.devices.snapshot()), self.policy)
+        if plan.free_slots == 0:
             return 0
-        grants: list[Grant] = []
-        waiting: list[tuple[str, str]] = []
-        cuda: dict[str, int | None] = {}
         scan = self.settings.dispatch_scan
+        page = min(scan, 8 + 2 * plan.free_slots)
+        # Read only about what the free slots can take; read on when tasks did not fit.
+        candidates, overdue = await asyncio.gather(
+            self.queue.ready(maintenance=False, limit=page), self._overdue(now)
+        )
+        for record in overdue:
+            if plan.free_slots == 0:
+                break
+            plan.offer(record, overdue_after_s=self.settings.starvation_s)
         seen = 0
-        while free > 0 and seen < scan:
-            # Read only about what the free slots can take; read on when tasks did not fit.
-            page = min(scan - seen, 8 + 2 * free)
-            candidates = await self.queue.ready(maintenance=False, limit=page, offset=seen)
+        while True:
             seen += len(candidates)
             for record in candidates:
-                if free == 0:
+                if plan.free_slots == 0 and not plan.holding:
                     break
-                decision = pick(views, record.vram_bytes, record.gpu, self.policy)
-                if isinstance(decision, Placement):
-                    views = assume(views, decision, record.vram_bytes)
-                    free -= 1
-                    grants.append(Grant(record.task_id, decision.device, previous=record.state))
-                    cuda[record.task_id] = next(
-                        v.cuda_index for v in views if v.device == decision.device
-                    )
-                elif record.state is TaskState.QUEUED:
-                    why = "waiting for a device: " + decision.message()
-                    waiting.append((record.task_id, why))
-            if len(candidates) < page:
+                if record.task_id not in plan.offered:
+                    plan.offer(record)
+            if plan.free_slots == 0 or len(candidates) < page or seen >= scan:
                 break
+            page = min(scan - seen, 8 + 2 * plan.free_slots)
+            candidates = await self.queue.ready(maintenance=False, limit=page, offset=seen)
         (leased, lease_changes), wait_changes = await asyncio.gather(
-            self.queue.lease(grants, worker=self.worker_id, now=now, lease_s=self.settings.lease_s),
-            self.queue.set_waiting(waiting, now),
+            self.queue.lease(
+                plan.grants, worker=self.worker_id, now=now, lease_s=self.settings.lease_s
+            ),
+            self.queue.set_waiting(plan.waiting, now),
         )
         self._publish([*lease_changes, *wait_changes])
         started = 0
         for record in leased:
-            if await self._launch(record, cuda.get(record.task_id)):
+            if await self._launch(record, plan.cuda.get(record.task_id)):
                 started += 1
         return started
+
+    async def _overdue(self, now: float) -> list[TaskRecord]:
+        """Ready user tasks that have waited longer than ``starvation_s`` (aging), oldest first."""
+        if self.settings.starvation_s <= 0:
+            return []
+        return await self.queue.overdue(
+            maintenance=False, ready_before=now - self.settings.starvation_s, limit=OVERDUE_MAX
+        )
 
     async def _launch(self, record: TaskRecord, cuda_index: int | None) -> bool:
         device = record.device or HOST
@@ -815,7 +861,7 @@ class TaskService:
         if active.cuda_index is not None:
             # cuda_index is NVML's (PCI bus) order; CUDA's default order is fastest first.
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        out_path, err_path = self._log_paths(record.task_id)
+        out_path, err_path = self._log_paths(record.task_id, record.attempts)
         return RunRequest(
             argv=self._argv(spec),
             cwd=Path(spec.cwd) if spec.cwd else scratch,
@@ -1036,9 +1082,10 @@ class TaskService:
         if self._wake is not None:
             self._wake.set()
 
-    def _log_paths(self, task_id: str) -> tuple[Path, Path]:
+    def _log_paths(self, task_id: str, attempt: int) -> tuple[Path, Path]:
+        """``<data_dir>/task-logs/<id[:2]>/<id>.<attempt>.stdout`` (and ``.stderr``)."""
         folder = self.data_dir / "task-logs" / task_id[:2]
-        return folder / f"{task_id}.stdout", folder / f"{task_id}.stderr"
+        return folder / f"{task_id}.{attempt}.stdout", folder / f"{task_id}.{attempt}.stderr"
 
     def _require_started(self) -> None:
         if not self._started:
@@ -1057,6 +1104,29 @@ def _as_spec(spec: TaskSpec | Mapping[str, Any], where: str) -> TaskSpec:
             for e in exc.errors()
         )
         raise InvalidInput(f"{where}{problems}") from None
+
+
+def _check_log_query(max_bytes: int | None, stdout_offset: int, stderr_offset: int) -> None:
+    for name, offset in (("stdout_offset", stdout_offset), ("stderr_offset", stderr_offset)):
+        if not 0 <= offset <= MAX_LOG_OFFSET:
+            raise InvalidInput(
+                f"{name} must be between 0 and {MAX_LOG_OFFSET} (got {offset})", field=name
+            )
+    if max_bytes is not None and max_bytes < 1:
+        raise InvalidInput(f"max_bytes must be at least 1 (got {max_bytes})", field="max_bytes")
+
+
+def _read_log(path: Path, offset: int, limit: int, tail: str) -> tuple[str, bool, int]:
+    """Up to ``limit`` bytes of ``path`` from ``offset``: (text, cut short, next offset).
+    No file: ``tail`` (the database's copy) from ``offset``."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(limit + 1)
+    except FileNotFoundError:
+        data = tail.encode()[offset : offset + limit + 1]
+    kept = data[:limit]
+    return kept.decode("utf-8", errors="replace"), len(data) > limit, offset + len(kept)
 
 
 def _dumps(value: Any) -> str:

@@ -30,6 +30,12 @@ class Synchronous(StrEnum):
     NORMAL = "normal"
 
 
+#: Lost leases after which a task ends failed (``max_lease_losses``).
+DEFAULT_MAX_LEASE_LOSSES = 3
+#: Ended tasks are kept this long (``retention_s``): 30 days.
+DEFAULT_RETENTION_S = 30 * 24 * 3600.0
+
+
 class TasksSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -61,6 +67,16 @@ class TasksSettings(BaseModel):
 
     #: How long a lease lasts without a heartbeat before the task is queued again.
     lease_s: float = Field(default=30.0, gt=0)
+    #: A task whose lease was lost this many times (its worker or the daemon died while it
+    #: ran, each time) ends failed instead of being run again: no crash loop.
+    max_lease_losses: int = Field(default=DEFAULT_MAX_LEASE_LOSSES, ge=1, le=1000)
+    #: A ready task that has waited this long goes ahead of the normal order, and when it
+    #: does not fit, the device it fits once our own tasks there end is held for it (no new
+    #: task starts there): big or long tasks are not passed forever. 0 turns it off.
+    starvation_s: float = Field(default=600.0, ge=0)
+    #: Ended tasks (done, failed, cancelled) and their logs are deleted this long after they
+    #: ended. 0 keeps them forever.
+    retention_s: float = Field(default=DEFAULT_RETENTION_S, ge=0)
     #: First retry delay; doubles at each further attempt.
     backoff_base_s: float = Field(default=2.0, ge=0)
     #: Longest retry delay.

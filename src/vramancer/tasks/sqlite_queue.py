@@ -20,9 +20,12 @@ O(log n) however many tasks are queued:
 * ``tasks_state_seq``: history pages of one state by cursor, newest first, and the few tasks in
   back-off (``retry``) or leased (``scheduled``, ``running``) for promotion, heartbeats, expiry;
 * the primary key ``seq``: history pages by cursor, newest first;
-* ``tasks_submitted``: turns ``since`` into a ``seq`` bound.
+* ``tasks_ready_age``: partial index over ready tasks by the time they became ready, so the
+  dispatcher finds the tasks that have waited longest (aging) without a scan;
+* ``tasks_submitted``: turns ``since`` into a ``seq`` bound (history, and retention purges).
 
-Rows are never deleted, so ``seq`` (the cursor) only grows.
+Ended tasks older than ``[tasks] retention_s`` are deleted in small batches (``purge``). The
+newest row is never purged, so ``seq`` (the cursor) keeps growing and is never reused.
 """
 
 from __future__ import annotations
@@ -53,13 +56,13 @@ from vramancer.tasks.model import (
     TaskState,
     TaskType,
 )
-from vramancer.tasks.queue import Orphan
-from vramancer.tasks.settings import Synchronous
+from vramancer.tasks.queue import Orphan, Purged
+from vramancer.tasks.settings import DEFAULT_MAX_LEASE_LOSSES, Synchronous
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Operations committed together at most (one transaction, one fsync).
 GROUP_COMMIT_MAX = 512
 #: SQLite page cache per connection (negative: KiB).
@@ -101,12 +104,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     started_at REAL,
     finished_at REAL,
     not_before REAL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    lease_losses INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idem ON tasks(idem_key) WHERE idem_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks(lane, prio DESC, est_ms, seq)
     WHERE state IN ('queued', 'waiting_gpu');
 CREATE INDEX IF NOT EXISTS tasks_state_seq ON tasks(state, seq);
+CREATE INDEX IF NOT EXISTS tasks_ready_age ON tasks(lane, ready_at)
+    WHERE state IN ('queued', 'waiting_gpu');
 CREATE INDEX IF NOT EXISTS tasks_submitted ON tasks(submitted_at);
 CREATE TABLE IF NOT EXISTS durations (
     key TEXT PRIMARY KEY,
@@ -119,7 +125,7 @@ _COLS = (
     "id, seq, type, state, priority, spec, attempts, max_retries, timeout_s, est_ms, est_key, "
     "gpu, vram_bytes, device, lease_token, exit_code, error, submitted_at, scheduled_at, "
     "started_at, finished_at, not_before, cancel_requested, pid, stdout_tail, stderr_tail, "
-    "idem_key"
+    "idem_key, lease_losses, ready_at"
 )
 _READY_SQL = (
     f"SELECT {_COLS} FROM tasks WHERE state IN ('queued', 'waiting_gpu') AND lane = ? "
@@ -137,6 +143,15 @@ _LEASE_SQL = (
     "pid = NULL, pid_started = NULL, updated_at = ? "
     f"WHERE id = ? AND state IN ('queued', 'waiting_gpu') RETURNING {_COLS}, ready_at"
 )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database of an earlier schema up to ``SCHEMA_VERSION`` (new columns; new indexes
+    come from ``_SCHEMA``'s ``IF NOT EXISTS``)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+    if columns and version < 2 and "lease_losses" not in columns:
+        conn.execute("ALTER TABLE tasks ADD COLUMN lease_losses INTEGER NOT NULL DEFAULT 0")
 
 
 def _record(row: Sequence[Any]) -> TaskRecord:
@@ -168,6 +183,8 @@ def _record(row: Sequence[Any]) -> TaskRecord:
         stdout_tail=row[24],
         stderr_tail=row[25],
         idempotency_key=row[26],
+        lease_losses=row[27],
+        ready_at=row[28],
     )
 
 
@@ -327,6 +344,7 @@ class SqliteQueue:
 
         def setup() -> sqlite3.Connection:
             conn = self._connect()
+            _migrate(conn)
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             return conn
@@ -438,16 +456,19 @@ class SqliteQueue:
 
         return await self._write(op, durable=False)
 
-    async def set_waiting(self, reasons: Sequence[tuple[str, str]], now: float) -> list[Change]:
+    async def set_waiting(
+        self, reasons: Sequence[tuple[str, str, TaskState]], now: float
+    ) -> list[Change]:
         def op(conn: sqlite3.Connection) -> list[Change]:
             changes = []
-            for task_id, why in reasons:
+            for task_id, why, seen in reasons:
+                # ``seen``: the state the dispatcher read; a waiting task gets its new reason.
                 row = conn.execute(
                     "UPDATE tasks SET state = 'waiting_gpu', error = ?, updated_at = ? "
-                    "WHERE id = ? AND state = 'queued' RETURNING attempts, type",
-                    (why, now, task_id),
+                    "WHERE id = ? AND state = ? AND error IS NOT ? RETURNING attempts, type",
+                    (why, now, task_id, seen.value, why),
                 ).fetchone()
-                if row is not None:
+                if row is not None and seen is TaskState.QUEUED:
                     changes.append(
                         Change(
                             task_id,
@@ -459,6 +480,48 @@ class SqliteQueue:
                         )
                     )
             return changes
+
+        return await self._write(op, durable=False)
+
+    async def overdue(
+        self, *, maintenance: bool, ready_before: float, limit: int
+    ) -> list[TaskRecord]:
+        """Ready tasks of one lane that became ready at or before ``ready_before``, those that
+        have waited longest first (an index range on ``tasks_ready_age``)."""
+
+        def op(conn: sqlite3.Connection) -> list[TaskRecord]:
+            rows = conn.execute(
+                f"SELECT {_COLS} FROM tasks WHERE state IN ('queued', 'waiting_gpu') "
+                "AND lane = ? AND ready_at <= ? ORDER BY ready_at, seq LIMIT ?",
+                (1 if maintenance else 0, ready_before, limit),
+            ).fetchall()
+            return [_record(row) for row in rows]
+
+        return await self._read(op)
+
+    async def purge(self, *, ended_before: float, limit: int) -> list[Purged]:
+        """Delete up to ``limit`` tasks that ended (done, failed, cancelled) before
+        ``ended_before``. Never the newest row, so ``seq`` is never reused. An index range per
+        ended state (``tasks_state_seq``, ``seq`` below the first task submitted after the
+        cut-off) that stops after ``limit`` rows: no sort, no scan of the table."""
+
+        def op(conn: sqlite3.Connection) -> list[Purged]:
+            newest = conn.execute("SELECT max(seq) FROM tasks").fetchone()[0]
+            if newest is None:
+                return []
+            first_recent = conn.execute(
+                "SELECT seq FROM tasks WHERE submitted_at >= ? ORDER BY submitted_at LIMIT 1",
+                (ended_before,),
+            ).fetchone()
+            # Ended before the cut-off means submitted before it too: an index bound on seq.
+            bound = newest if first_recent is None else min(newest, first_recent[0])
+            rows = conn.execute(
+                "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE seq < ? "
+                "AND state IN ('done', 'failed', 'cancelled') AND finished_at < ? LIMIT ?) "
+                "RETURNING id, attempts, lane, state",
+                (bound, ended_before, limit),
+            ).fetchall()
+            return [Purged(r[0], r[1], bool(r[2]), TaskState(r[3])) for r in rows]
 
         return await self._write(op, durable=False)
 
@@ -541,12 +604,18 @@ class SqliteQueue:
         return await self._write(op, durable=False)
 
     async def expire_leases(
-        self, now: float, *, all_leases: bool = False
+        self,
+        now: float,
+        *,
+        all_leases: bool = False,
+        max_lease_losses: int = DEFAULT_MAX_LEASE_LOSSES,
     ) -> tuple[list[Change], list[Orphan]]:
         """Take back leases past their expiry (or every lease, at start-up: ``all_leases``).
 
-        The task is queued again (cancelled instead if a cancel was asked), and the process the
-        lost worker started is reported so the caller can make sure it is gone.
+        The task is queued again (cancelled instead if a cancel was asked; failed once its
+        lease was lost ``max_lease_losses`` times: a task that keeps killing its daemon must
+        not crash-loop it), and the process the lost worker started is reported so the caller
+        can make sure it is gone.
         """
 
         def op(conn: sqlite3.Connection) -> tuple[list[Change], list[Orphan]]:
@@ -556,19 +625,18 @@ class SqliteQueue:
                 where += " AND lease_expires < ?"
                 params = (now,)
             rows = conn.execute(
-                f"SELECT id, state, attempts, device, pid, pid_started, cancel_requested, type "
-                f"FROM tasks WHERE {where}",
+                f"SELECT id, state, attempts, device, pid, pid_started, cancel_requested, type, "
+                f"lease_losses FROM tasks WHERE {where}",
                 params,
             ).fetchall()
             changes, orphans = [], []
-            for task_id, state, attempts, device, pid, pid_started, cancel, kind in rows:
-                new = TaskState.CANCELLED if cancel else TaskState.QUEUED
-                error = "cancelled" if cancel else "lease lost: worker gone; queued again"
+            for task_id, state, attempts, device, pid, pid_started, cancel, kind, lost in rows:
+                new, error = _after_lost_lease(bool(cancel), lost + 1, max_lease_losses)
                 conn.execute(
                     "UPDATE tasks SET state = ?, ready_at = ?, updated_at = ?, worker = NULL, "
-                    "lease_expires = NULL, error = ?, "
+                    "lease_expires = NULL, error = ?, lease_losses = lease_losses + 1, "
                     "finished_at = CASE WHEN ? THEN ? ELSE NULL END WHERE id = ?",
-                    (new, now, now, error, bool(cancel), now, task_id),
+                    (new, now, now, error, new.terminal, now, task_id),
                 )
                 changes.append(
                     Change(
@@ -633,6 +701,20 @@ class SqliteQueue:
             return dict(conn.execute("SELECT key, mean_s FROM durations").fetchall())
 
         return await self._read(op)
+
+
+def _after_lost_lease(cancel: bool, losses: int, max_losses: int) -> tuple[TaskState, str]:
+    """Where a task goes when its lease is lost for the ``losses``-th time, and why."""
+    if cancel:
+        return TaskState.CANCELLED, "cancelled"
+    if losses >= max_losses:
+        return TaskState.FAILED, (
+            f"lease lost {losses} times: its worker or the daemon died while running it each "
+            f"time; not run again ([tasks] max_lease_losses = {max_losses})"
+        )
+    return TaskState.QUEUED, (
+        f"lease lost: worker gone; queued again (lease losses: {losses} of {max_losses})"
+    )
 
 
 def _submit(
@@ -732,12 +814,12 @@ def _finish_one(
             return done
     row = conn.execute(
         "SELECT state, attempts, max_retries, lease_token, cancel_requested, device, est_key, "
-        "type FROM tasks WHERE id = ?",
+        "type, lease_losses FROM tasks WHERE id = ?",
         (outcome.task_id,),
     ).fetchone()
     if row is None:
         return None
-    state, attempts, max_retries, token, cancel, device, est_key, kind = row
+    state, attempts, max_retries, token, cancel, device, est_key, kind, lost = row
     if token != outcome.lease_token or TaskState(state) not in LEASED_STATES:
         return None  # a stale or repeated report: the task already moved on
     previous = TaskState(state)
@@ -750,7 +832,7 @@ def _finish_one(
         new = TaskState.CANCELLED
     elif outcome.kind is OutcomeKind.OK:
         new = TaskState.DONE
-    elif attempts <= max_retries:
+    elif attempts - lost <= max_retries:  # attempts whose lease was lost are not retries
         new = TaskState.RETRY
         not_before = now + retry_delay(attempts)
     else:

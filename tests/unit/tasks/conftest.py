@@ -1,8 +1,9 @@
 """A task service on real parts (SQLite, subprocesses, the device manager with simulated GPUs,
 the arbiter) with a manual clock and no background loops: tests drive ``run_once()``.
 
-Only the memory store is a double (``FakeMemory``): maintenance tasks call two of its methods,
-and counting those calls is what the tests check.
+The memory store is a double (``FakeMemory``) by default: maintenance tasks call two of its
+methods, and counting those calls is what most tests check; ``store=True`` gives the service a
+real ``TieredStore`` (small tiers, same manual clock) to see blocks really move.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.unit.memory.store_support import make_settings
 
 from vramancer.arbiter.arbiter import Arbiter
 from vramancer.arbiter.settings import ArbiterSettings
@@ -20,6 +22,7 @@ from vramancer.clock import ManualClock
 from vramancer.devices.manager import DeviceManager
 from vramancer.devices.settings import DevicesSettings, SimulatedDevice
 from vramancer.events import Event, EventBus
+from vramancer.memory.store import TieredStore
 from vramancer.observability.metrics import Metrics
 from vramancer.tasks.model import TaskState
 from vramancer.tasks.service import TaskService
@@ -55,6 +58,7 @@ class Harness:
     events: EventBus
     metrics: Metrics
     data_dir: Path
+    store: TieredStore | None = None
     seen: list[Event] = field(default_factory=list)
 
     def transitions(self, task_id: str) -> list[str]:
@@ -84,7 +88,10 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
     made: list[Harness] = []
 
     async def make(
-        gpus: list[SimulatedDevice] | None = None, data_dir: Path | None = None, **tasks: Any
+        gpus: list[SimulatedDevice] | None = None,
+        data_dir: Path | None = None,
+        store: bool = False,
+        **tasks: Any,
     ) -> Harness:
         clock = ManualClock()
         events = EventBus(clock=clock.time)
@@ -106,17 +113,28 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
         settings = TasksSettings(**tasks)
         memory = FakeMemory()
         directory = data_dir or tmp_path / f"data{len(made)}"
+        real_store = None
+        if store:
+            real_store = TieredStore(
+                make_settings(),
+                data_dir=directory,
+                devices=devices,
+                events=events,
+                metrics=metrics,
+                clock=clock,
+            )
+            real_store.open()
         svc = TaskService(
             settings,
             data_dir=directory,
             devices=devices,
             arbiter=arbiter,
-            memory=memory,
+            memory=real_store if real_store is not None else memory,
             events=events,
             metrics=metrics,
             clock=clock,
         )
-        h = Harness(svc, clock, devices, arbiter, memory, events, metrics, directory)
+        h = Harness(svc, clock, devices, arbiter, memory, events, metrics, directory, real_store)
         events.subscribe(h.seen.append, "task_state")
         await svc.start(dispatch=False)
         made.append(h)
@@ -126,3 +144,5 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
     for h in made:
         await h.svc.stop()
         await h.arbiter.stop()
+        if h.store is not None:
+            h.store.close()

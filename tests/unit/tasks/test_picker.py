@@ -15,6 +15,8 @@ from vramancer.tasks.picker import (
     Placement,
     assume,
     build_views,
+    drained,
+    hold,
     ineligibility,
     pick,
 )
@@ -289,3 +291,70 @@ def test_properties_eligible_complete_pinned_and_never_oversubscribed(
         assert total_need <= before.available_bytes
         after = next(v for v in current if v.device == device)
         assert after.running <= after.slots
+
+
+def test_drained_gives_back_our_slots_and_reservations() -> None:
+    # 4 GiB of ours, 1 GiB of it already visible to the driver; someone else uses 10 GiB.
+    view = gpu(0, free_gib=13, grantable_bytes=6 * GIB, running=2, slots=2)
+    view = DeviceView(**{**_fields(view), "own_bytes": 4 * GIB, "unseen_bytes": 3 * GIB})
+    assert view.available_bytes == 6 * GIB
+    empty = drained(view)
+    assert (empty.running, empty.own_bytes, empty.unseen_bytes) == (0, 0, 0)
+    assert empty.free_bytes == 14 * GIB  # the visible GiB of ours comes back
+    assert empty.grantable_bytes == 10 * GIB
+    assert empty.available_bytes == 10 * GIB
+
+
+def _fields(view: DeviceView) -> dict[str, object]:
+    return {name: getattr(view, name) for name in DeviceView.__slots__}  # type: ignore[attr-defined]
+
+
+def test_hold_takes_the_device_that_fits_once_drained_and_blocks_it() -> None:
+    ours = {"own_bytes": 16 * GIB, "unseen_bytes": 16 * GIB}  # one task of ours, 16 GiB
+    ours["grantable_bytes"] = int(24 * 0.9 * GIB) - 16 * GIB
+    full_of_ours = DeviceView(**{**_fields(gpu(0, running=1)), **ours})
+    other = gpu(1, total_gib=8)
+    views = [full_of_ours, other]
+    assert isinstance(pick(views, 12 * GIB, None, SPREAD), NoRoom)
+    held, device = hold(views, 12 * GIB, None, "big", SPREAD)
+    assert device == "gpu:0"
+    assert [v.held_for for v in held] == ["big", None]
+    small = pick(held, GIB, None, SPREAD)
+    assert isinstance(small, Placement) and small.device == "gpu:1"
+    assert ineligibility(held[0], GIB, SPREAD) == "held for task big, which has waited longest"
+    # Someone else's VRAM or heat: draining our tasks would not help, nothing is held.
+    hot = gpu(0, temperature_celsius=90)
+    assert hold([hot], GIB, None, "t", SPREAD) == ([hot], None)
+    foreign = gpu(0, free_gib=4)
+    assert hold([foreign], 8 * GIB, None, "t", SPREAD) == ([foreign], None)
+    # A pin holds only its own GPU.
+    _, pinned = hold(views, 4 * GIB, 1, "p", SPREAD)
+    assert pinned == "gpu:1"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    views=views_strategy,
+    held=st.lists(st.booleans(), max_size=8),
+    needs=needs,
+    policy=policies,
+)
+def test_properties_a_held_device_never_takes_another_task(
+    views: list[DeviceView], held: list[bool], needs: list[int], policy: PickerPolicy
+) -> None:
+    current = [
+        DeviceView(**{**_fields(v), "held_for": "old"}) if i < len(held) and held[i] else v
+        for i, v in enumerate(views)
+    ]
+    for need in needs:
+        decision = pick(current, need, None, policy)
+        if isinstance(decision, Placement):
+            chosen = next(v for v in current if v.device == decision.device)
+            assert chosen.held_for is None
+            current = assume(current, decision, need)
+        after, device = hold(current, need, None, "new", policy)
+        if device is not None:
+            before = next(v for v in current if v.device == device)
+            assert before.held_for is None  # never steals another task's hold
+            assert ineligibility(drained(before), need, policy) is None  # it would fit
+            current = after

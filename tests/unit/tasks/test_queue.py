@@ -277,6 +277,22 @@ async def test_hot_queries_use_indexes_not_scans(queue: SqliteQueue) -> None:
     assert "USING INDEX tasks_state_seq (state=?)" in heartbeat
     since = plan("SELECT seq FROM tasks WHERE submitted_at >= ? ORDER BY submitted_at LIMIT 1", T0)
     assert "tasks_submitted" in since
+    overdue = plan(
+        "SELECT id FROM tasks WHERE state IN ('queued', 'waiting_gpu') AND lane = ? "
+        "AND ready_at <= ? ORDER BY ready_at, seq LIMIT 8",
+        0,
+        T0,
+    )
+    assert "USING INDEX tasks_ready_age (lane=? AND ready_at<?)" in overdue
+    assert "TEMP B-TREE" not in overdue
+    purge = plan(
+        "SELECT seq FROM tasks WHERE seq < ? AND state IN ('done', 'failed', 'cancelled') "
+        "AND finished_at < ? LIMIT 100",
+        10,
+        T0,
+    )
+    assert "USING INDEX tasks_state_seq (state=? AND seq<?)" in purge
+    assert "TEMP B-TREE" not in purge
     conn.close()
 
 
@@ -316,3 +332,171 @@ async def test_run_times_fold_into_a_moving_average_per_command(queue: SqliteQue
         retry_delay=delay,
     )
     assert await queue.learned_durations() == {"cmd:true": pytest.approx(1.6)}  # 1 + 0.3 * 2
+
+
+async def test_a_task_that_keeps_losing_its_lease_ends_failed(queue: SqliteQueue) -> None:
+    """A task whose worker dies every time (it kills the daemon) must not crash-loop it."""
+    await queue.submit([new("crash"), new("cancelled")], T0)
+    errors = []
+    for i in range(3):
+        now = T0 + 100 * i
+        await lease_one(queue, "crash", now=now)
+        changes, _ = await queue.expire_leases(now + 1, all_leases=True, max_lease_losses=3)
+        assert [c.task_id for c in changes] == ["crash"]
+        errors.append((changes[0].state, changes[0].error))
+    assert errors == [
+        (TaskState.QUEUED, "lease lost: worker gone; queued again (lease losses: 1 of 3)"),
+        (TaskState.QUEUED, "lease lost: worker gone; queued again (lease losses: 2 of 3)"),
+        (
+            TaskState.FAILED,
+            "lease lost 3 times: its worker or the daemon died while running it each time; "
+            "not run again ([tasks] max_lease_losses = 3)",
+        ),
+    ]
+    record = await queue.get("crash")
+    assert record is not None
+    assert (record.state, record.attempts, record.lease_losses) == (TaskState.FAILED, 3, 3)
+    assert record.finished_at == T0 + 201
+    # A cancel asked before the loss wins over the cap.
+    await lease_one(queue, "cancelled")
+    await queue.cancel("cancelled", T0)
+    changes, _ = await queue.expire_leases(T0 + 1, all_leases=True, max_lease_losses=1)
+    assert [(c.task_id, c.state) for c in changes] == [("cancelled", TaskState.CANCELLED)]
+
+
+async def test_lost_leases_do_not_use_up_retries(queue: SqliteQueue) -> None:
+    await queue.submit([new("a", max_retries=1)], T0)
+    await lease_one(queue, "a")
+    await queue.expire_leases(T0 + 1, all_leases=True)  # attempt 1: lease lost
+    token = await lease_one(queue, "a", now=T0 + 2)
+    err = Outcome("a", token, OutcomeKind.ERROR, exit_code=1)
+    changes = await queue.finish([err], now=T0 + 3, retry_delay=delay)
+    assert [(c.state, c.attempts) for c in changes] == [(TaskState.RETRY, 2)]  # its one retry
+    await queue.promote_due(T0 + 100)
+    token = await lease_one(queue, "a", now=T0 + 100)
+    err = Outcome("a", token, OutcomeKind.ERROR, exit_code=1)
+    changes = await queue.finish([err], now=T0 + 101, retry_delay=delay)
+    assert [(c.state, c.attempts) for c in changes] == [(TaskState.FAILED, 3)]
+
+
+async def test_overdue_lists_the_longest_waiting_ready_tasks(queue: SqliteQueue) -> None:
+    await queue.submit([new("old"), new("noop-old", kind=TaskType.NOOP)], T0)
+    await queue.submit([new("mid")], T0 + 10)
+    await queue.submit([new("new")], T0 + 20)
+    await queue.submit([new("requeued")], T0 + 1)
+    await lease_one(queue, "requeued", now=T0 + 1)
+    await queue.expire_leases(T0 + 15, all_leases=True)  # ready again since T0 + 15
+    await queue.set_waiting([("mid", "no room", TaskState.QUEUED)], T0 + 12)
+    await queue.cancel("old", T0 + 12)
+    await queue.submit([new("older")], T0 - 5)
+
+    async def ids(ready_before: float, limit: int = 10) -> list[str]:
+        found = await queue.overdue(maintenance=False, ready_before=ready_before, limit=limit)
+        return [r.task_id for r in found]
+
+    assert await ids(T0 + 100) == ["older", "mid", "requeued", "new"]  # waiting_gpu included
+    assert await ids(T0 + 100, limit=2) == ["older", "mid"]
+    assert await ids(T0 + 12) == ["older", "mid"]
+    assert await ids(T0 - 10) == []
+    noops = await queue.overdue(maintenance=True, ready_before=T0, limit=10)
+    assert [r.task_id for r in noops] == ["noop-old"]
+    record = await queue.get("requeued")
+    assert record is not None and record.ready_at == T0 + 15
+
+
+async def test_set_waiting_reports_the_change_once_and_refreshes_the_reason(
+    queue: SqliteQueue,
+) -> None:
+    await queue.submit([new("a")], T0)
+    first = await queue.set_waiting([("a", "gpu:0 too hot", TaskState.QUEUED)], T0)
+    assert [(c.previous, c.state, c.error) for c in first] == [
+        (TaskState.QUEUED, TaskState.WAITING_GPU, "gpu:0 too hot")
+    ]
+    again = await queue.set_waiting([("a", "gpu:0 held", TaskState.WAITING_GPU)], T0 + 1)
+    assert again == []  # no state change, but the reason is new
+    record = await queue.get("a")
+    assert record is not None and (record.state, record.error) == (
+        TaskState.WAITING_GPU,
+        "gpu:0 held",
+    )
+    stale = await queue.set_waiting([("a", "stale read", TaskState.QUEUED)], T0 + 2)
+    assert stale == []
+    record = await queue.get("a")
+    assert record is not None and record.error == "gpu:0 held"
+
+
+async def test_purge_deletes_old_ended_tasks_in_batches_never_the_newest(
+    queue: SqliteQueue,
+) -> None:
+    await queue.submit([new(f"old{i}") for i in range(5)], T0)
+    await queue.submit([new("old-waiting")], T0)
+    for i in range(5):
+        token = await lease_one(queue, f"old{i}", now=T0)
+        await queue.finish(
+            [Outcome(f"old{i}", token, OutcomeKind.OK)], now=T0 + i, retry_delay=delay
+        )
+    await queue.submit([new("recent")], T0 + 1000)
+    token = await lease_one(queue, "recent", now=T0 + 1000)
+    await queue.finish([Outcome("recent", token, OutcomeKind.OK)], now=T0 + 1000, retry_delay=delay)
+
+    purged = await queue.purge(ended_before=T0 + 3, limit=2)
+    assert [(p.task_id, p.state, p.attempts) for p in purged] == [
+        ("old0", TaskState.DONE, 1),
+        ("old1", TaskState.DONE, 1),
+    ]
+    assert [p.task_id for p in await queue.purge(ended_before=T0 + 3, limit=10)] == ["old2"]
+    assert await queue.purge(ended_before=T0 + 3, limit=10) == []
+    assert [p.task_id for p in await queue.purge(ended_before=T0 + 500, limit=10)] == [
+        "old3",
+        "old4",
+    ]
+    assert await queue.get("old-waiting") is not None  # not ended: kept however old
+    # Everything ended long ago: all but the newest row go, so seq keeps growing.
+    assert await queue.purge(ended_before=T0 + 10**6, limit=10) == []
+    assert await queue.get("recent") is not None
+    await queue.submit([new("next")], T0 + 2000)
+    seqs = {
+        r.task_id: r.seq
+        for r in (await queue.history(state=None, since=None, cursor=None, limit=10)).tasks
+    }
+    assert seqs["next"] > seqs["recent"]
+    assert await queue.counts() == {(False, TaskState.QUEUED): 2, (False, TaskState.DONE): 1}
+
+
+async def test_a_database_of_the_first_schema_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.sqlite"
+    conn = sqlite3.connect(path)
+    v1 = (
+        "CREATE TABLE tasks (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, idem_key TEXT, "
+        "type TEXT NOT NULL, lane INTEGER NOT NULL, prio INTEGER NOT NULL, priority TEXT NOT NULL, "
+        "est_ms INTEGER NOT NULL, est_key TEXT NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL, "
+        "gpu INTEGER, vram_bytes INTEGER NOT NULL, max_retries INTEGER NOT NULL, "
+        "timeout_s REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, "
+        "lease_token INTEGER NOT NULL DEFAULT 0, lease_expires REAL, worker TEXT, device TEXT, "
+        "pid INTEGER, pid_started REAL, cancel_requested INTEGER NOT NULL DEFAULT 0, "
+        "exit_code INTEGER, error TEXT, stdout_tail TEXT NOT NULL DEFAULT '', "
+        "stderr_tail TEXT NOT NULL DEFAULT '', submitted_at REAL NOT NULL, ready_at REAL NOT NULL, "
+        "scheduled_at REAL, started_at REAL, finished_at REAL, not_before REAL, "
+        "updated_at REAL NOT NULL)"
+    )
+    conn.execute(v1)
+    conn.execute(
+        "INSERT INTO tasks (id, type, lane, prio, priority, est_ms, est_key, state, spec, "
+        "vram_bytes, max_retries, timeout_s, submitted_at, ready_at, updated_at) VALUES "
+        "('v1', 'cmd', 0, 1, 'normal', 60000, 'cmd:true', 'queued', "
+        """'{"task_id": "v1", "type": "cmd", "cmd": ["true"]}', 0, 2, 60, 1, 1, 1)"""
+    )
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    q = SqliteQueue(path)
+    await q.open()
+    try:
+        record = await q.get("v1")
+        assert record is not None and record.lease_losses == 0 and record.state is TaskState.QUEUED
+        assert [r.task_id for r in await q.overdue(maintenance=False, ready_before=2, limit=5)] == [
+            "v1"
+        ]
+    finally:
+        await q.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2

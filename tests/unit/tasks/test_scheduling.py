@@ -311,7 +311,8 @@ async def test_restart_requeues_what_was_running_and_kills_its_leftovers(
     record = await h2.svc.status(sub.task_id)
     assert record.state is TaskState.QUEUED
     assert record.attempts == 1
-    assert record.error == "lease lost: worker gone; queued again"
+    assert record.error == "lease lost: worker gone; queued again (lease losses: 1 of 3)"
+    assert record.lease_losses == 1
     await h2.svc.run_until_idle()
     final = await h2.svc.status(sub.task_id)
     assert final.state is TaskState.DONE

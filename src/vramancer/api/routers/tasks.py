@@ -96,9 +96,15 @@ async def logs(
     max_bytes: Annotated[int | None, Query(ge=1, le=MAX_LOG_OFFSET)] = None,
     stdout_offset: Annotated[int, Query(ge=0, le=MAX_LOG_OFFSET)] = 0,
     stderr_offset: Annotated[int, Query(ge=0, le=MAX_LOG_OFFSET)] = 0,
+    attempt: Annotated[int | None, Query(ge=1, description="Default: the latest.")] = None,
 ) -> dict[str, Any]:
-    """stdout and stderr of the task's last attempt (bounded by ``[tasks] max_output_bytes``),
-    from byte offsets; ``stdout_next``/``stderr_next`` continue (to follow a running task)."""
+    """stdout and stderr of one attempt (default: the latest; bounded by ``[tasks]
+    max_output_bytes``), from byte offsets; ``stdout_next``/``stderr_next`` continue (to follow
+    a running task)."""
     return await rt.tasks.logs(
-        task_id, max_bytes, stdout_offset=stdout_offset, stderr_offset=stderr_offset
+        task_id,
+        max_bytes,
+        stdout_offset=stdout_offset,
+        stderr_offset=stderr_offset,
+        attempt=attempt,
     )
