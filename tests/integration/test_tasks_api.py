@@ -240,6 +240,21 @@ def test_cli_submit_wait_follows_output_and_exit_code(server: ServerProcess) -> 
     assert logs.stdout == "one\ntwo\n"
 
 
+def test_cli_follows_every_attempt_and_shows_the_logs_of_each(server: ServerProcess) -> None:
+    script = (
+        'echo "a$VRM_TASK_ATTEMPT"; [ "$VRM_TASK_ATTEMPT" -ge 2 ] || { sleep 0.5; echo b; exit 1; }'
+    )
+    run = cli(server, "submit", "--retries", "1", "--wait", "--", "sh", "-c", script)
+    assert run.exit_code == 0, run.output
+    task_id, *lines = run.stdout.splitlines()
+    assert lines == ["a1", "b", "a2"]  # the end of attempt 1 is printed before attempt 2
+    first = cli(server, "tasks", "logs", task_id, "--attempt", "1")
+    assert first.stdout == "a1\nb\n"
+    assert cli(server, "tasks", "logs", task_id).stdout == "a2\n"
+    missing = cli(server, "tasks", "logs", task_id, "--attempt", "3")
+    assert missing.exit_code == 1 and "attempt must be between 1 and 2" in missing.output
+
+
 def test_cli_submit_options_and_cancel(server: ServerProcess, op: httpx.Client) -> None:
     sub = cli(
         server,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -296,7 +298,7 @@ def test_properties_eligible_complete_pinned_and_never_oversubscribed(
 def test_drained_gives_back_our_slots_and_reservations() -> None:
     # 4 GiB of ours, 1 GiB of it already visible to the driver; someone else uses 10 GiB.
     view = gpu(0, free_gib=13, grantable_bytes=6 * GIB, running=2, slots=2)
-    view = DeviceView(**{**_fields(view), "own_bytes": 4 * GIB, "unseen_bytes": 3 * GIB})
+    view = replace(view, own_bytes=4 * GIB, unseen_bytes=3 * GIB)
     assert view.available_bytes == 6 * GIB
     empty = drained(view)
     assert (empty.running, empty.own_bytes, empty.unseen_bytes) == (0, 0, 0)
@@ -305,14 +307,13 @@ def test_drained_gives_back_our_slots_and_reservations() -> None:
     assert empty.available_bytes == 10 * GIB
 
 
-def _fields(view: DeviceView) -> dict[str, object]:
-    return {name: getattr(view, name) for name in DeviceView.__slots__}  # type: ignore[attr-defined]
-
-
 def test_hold_takes_the_device_that_fits_once_drained_and_blocks_it() -> None:
-    ours = {"own_bytes": 16 * GIB, "unseen_bytes": 16 * GIB}  # one task of ours, 16 GiB
-    ours["grantable_bytes"] = int(24 * 0.9 * GIB) - 16 * GIB
-    full_of_ours = DeviceView(**{**_fields(gpu(0, running=1)), **ours})
+    full_of_ours = replace(  # one task of ours, 16 GiB, not yet seen by the driver
+        gpu(0, running=1),
+        own_bytes=16 * GIB,
+        unseen_bytes=16 * GIB,
+        grantable_bytes=int(24 * 0.9 * GIB) - 16 * GIB,
+    )
     other = gpu(1, total_gib=8)
     views = [full_of_ours, other]
     assert isinstance(pick(views, 12 * GIB, None, SPREAD), NoRoom)
@@ -343,8 +344,7 @@ def test_properties_a_held_device_never_takes_another_task(
     views: list[DeviceView], held: list[bool], needs: list[int], policy: PickerPolicy
 ) -> None:
     current = [
-        DeviceView(**{**_fields(v), "held_for": "old"}) if i < len(held) and held[i] else v
-        for i, v in enumerate(views)
+        replace(v, held_for="old") if i < len(held) and held[i] else v for i, v in enumerate(views)
     ]
     for need in needs:
         decision = pick(current, need, None, policy)
