@@ -137,7 +137,7 @@ def _render_models(data: dict[str, Any]) -> None:
             device += " (simulated)"
         state = m["state"] + (f": {m['error']}" if m.get("error") else "")
         table.add_row(
-            m["name"],
+            m["name"] + (f" (as {m['variant']})" if m.get("variant") else ""),
             m["backend"],
             state,
             device,

@@ -1471,6 +1471,9 @@ class ModelManager:
             return
         self._m_degraded.labels(backend=backend).set(0)
         log.info("%s is reachable again; leaving degraded mode", backend)
+        for entry in self._entries.values():  # "unreachable" no longer explains anything
+            if entry.kind.value == backend and entry.state is ModelState.UNLOADED:
+                entry.error = None
         self.events.publish("degraded_mode", backend=backend, degraded=False, reason=None)
 
     def _note_backend_ok(self, entry: _Entry) -> None:
@@ -1502,6 +1505,7 @@ class ModelManager:
         device = entry.device
         self._drop_accounting(entry)
         entry.variant = None
+        entry.error = None
         self._set_state(entry, ModelState.UNLOADED, device=None, target=None)
         self._m_unloads.labels(model=entry.name, backend=entry.kind.value, reason="external").inc()
         self.events.publish(

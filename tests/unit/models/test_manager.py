@@ -254,6 +254,7 @@ async def test_ollama_down_at_start_degrades_and_other_models_keep_working(
         with pytest.raises(BackendUnavailable):
             await m.ensure_loaded(VLM)
         assert m.state(VLM) is ModelState.UNLOADED
+        assert "unreachable" in (m.status(VLM).error or "")  # why the load failed
         assert (await m.ensure_loaded(CLIP)).state is ModelState.LOADED  # CLIP keeps working
         fake_ollama.come_back()
         h.clock.advance(29)
@@ -262,6 +263,7 @@ async def test_ollama_down_at_start_degrades_and_other_models_keep_working(
         h.clock.advance(1)
         assert await m.probe_backends() is True
         assert not m.degraded and m.gpu_status().degraded_reason is None
+        assert m.status(VLM).error is None  # the old "unreachable" is not shown any more
         assert [e.data["degraded"] for e in h.of("degraded_mode")] == [True, False]
         assert (await m.ensure_loaded(VLM)).state is ModelState.LOADED
 
@@ -731,3 +733,26 @@ async def test_not_enough_vram_names_the_other_allocations_holding_it(
             ("chat", 9 * GIB)
         ]
         assert h.models.state(VLM) is ModelState.UNLOADED
+
+
+async def test_ollama_restarting_forgets_what_it_held(fake_ollama: FakeOllama) -> None:
+    """Ollama dies with the VLM loaded: an unload fails (ERROR, still accounted); once Ollama is
+    back with nothing loaded the probe marks it unloaded, frees its accounting and clears the
+    error."""
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        m = h.models
+        await m.ensure_loaded(VLM)
+        fake_ollama.go_down()
+        with pytest.raises(BackendUnavailable):
+            await m.ensure_unloaded(VLM)
+        assert m.state(VLM) is ModelState.ERROR and h.gpu_used() == VLM_SIZE
+        fake_ollama.come_back()
+        h.clock.advance(30)
+        assert await m.probe_backends() is True
+        status = m.status(VLM)
+        assert (status.state, status.error, status.used_vram_bytes) == (
+            ModelState.UNLOADED,
+            None,
+            0,
+        )
+        assert h.gpu_used() == 0 and owners(h) == {}
