@@ -31,6 +31,7 @@ memory = "12GiB"
 
 [tasks]
 maintenance_idle_s = 0
+maintenance_max_cpu_ratio = 1.0
 backoff_base_s = 0.1
 max_payload_bytes = 4096
 """

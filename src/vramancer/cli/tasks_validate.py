@@ -192,7 +192,9 @@ class _Validation:
         status = self.c.wait(self.noop_id, self.timeout)
         _expect(
             status["state"] == "done",
-            f"noop ended {status['state']} (maintenance runs only in idle windows)",
+            f"noop ended {status['state']} (maintenance tasks run only in idle windows: no "
+            "user task queued or running, GPUs and host CPU not busy; see [tasks] "
+            "maintenance_idle_s and maintenance_max_cpu_ratio)",
         )
 
 

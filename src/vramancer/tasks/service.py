@@ -925,14 +925,17 @@ class TaskService:
     # ----------------------------------------------------------------------------- maintenance
 
     def _maintenance_allowed(self, snapshot: SystemSnapshot) -> bool:
-        """Idle for ``maintenance_idle_s``: no user task waiting or running, GPUs not busy."""
+        """Idle for ``maintenance_idle_s``: no user task waiting or running, no GPU busier than
+        ``idle_busy_ratio``, the host CPU not busier than ``maintenance_max_cpu_ratio``."""
         mono = self.clock.monotonic()
         user_busy = self._lane_count(False, (*READY_STATES, *LEASED_STATES)) > 0
         gpus_busy = any(
             g.utilization_ratio is not None and g.utilization_ratio > self.policy.idle_busy_ratio
             for g in snapshot.gpus
         )
-        if user_busy or gpus_busy:
+        cpu_limit = self.settings.maintenance_max_cpu_ratio
+        cpu_busy = cpu_limit < 1.0 and snapshot.host.cpu_utilization_ratio > cpu_limit
+        if user_busy or gpus_busy or cpu_busy:
             self._idle_since = None
             return False
         if self._idle_since is None:

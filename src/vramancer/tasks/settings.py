@@ -93,6 +93,8 @@ class TasksSettings(BaseModel):
     max_batch: int = Field(default=10_000, ge=1)
     #: Maintenance tasks (warmup, compress, noop) run only after devices were idle this long.
     maintenance_idle_s: float = Field(default=5.0, ge=0)
+    #: Maintenance tasks wait while the host CPU is busier than this (0..1; 1: not considered).
+    maintenance_max_cpu_ratio: float = Field(default=0.9, ge=0, le=1)
     #: Maintenance tasks taken at once when the machine is idle.
     maintenance_batch: int = Field(default=1000, ge=1)
     #: Blocks a warmup or compress task handles when its payload does not say.

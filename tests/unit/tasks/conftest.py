@@ -110,6 +110,7 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
         tasks.setdefault("backoff_base_s", 1.0)
         tasks.setdefault("kill_grace_s", 0.2)
         tasks.setdefault("maintenance_idle_s", 0.0)
+        tasks.setdefault("maintenance_max_cpu_ratio", 1.0)  # the real host CPU: not ours to set
         settings = TasksSettings(**tasks)
         memory = FakeMemory()
         directory = data_dir or tmp_path / f"data{len(made)}"

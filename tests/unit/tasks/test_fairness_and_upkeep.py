@@ -6,14 +6,17 @@ long ``lease_s``: no heartbeat loop runs here, and an expired lease would requeu
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from tests.unit.tasks.conftest import MakeHarness
 
+from vramancer.devices.types import SystemSnapshot
 from vramancer.errors import InvalidInput, NotFound
 from vramancer.tasks import service as service_module
 from vramancer.tasks.model import Grant, TaskState
+from vramancer.tasks.ports import DevicesPort
 
 GIB = 1024**3
 #: Longer than any clock advance here.
@@ -309,3 +312,34 @@ async def test_the_order_of_one_priority_follows_run_times_learned_from_real_run
     assert (await h.svc.status("fast-2")).estimate_s < 0.4
     await h.svc.run_until_idle()
     assert out.read_text().split() == ["fast-2", "slow-2"]
+
+
+class _BusyHost:
+    """The real device manager's snapshot with the host CPU load set by the test."""
+
+    def __init__(self, devices: DevicesPort, cpu: float) -> None:
+        self.devices = devices
+        self.cpu = cpu
+
+    def snapshot(self) -> SystemSnapshot:
+        snap = self.devices.snapshot()
+        return replace(snap, host=replace(snap.host, cpu_utilization_ratio=self.cpu))
+
+
+async def test_maintenance_waits_while_the_host_cpu_is_busy(make_harness: MakeHarness) -> None:
+    h = await make_harness(maintenance_max_cpu_ratio=0.9, maintenance_idle_s=10)
+    host = _BusyHost(h.devices, cpu=0.97)
+    h.svc.devices = host
+    noop = await h.svc.submit({"type": "noop"})
+    for cpu in (0.97, 0.5, 0.95):  # idle since the 0.5 reading, then busy again: restarts
+        host.cpu = cpu
+        h.clock.advance(6)
+        h.refresh()
+        await h.svc.run_until_idle()
+        assert await h.state(noop.task_id) is TaskState.QUEUED
+    host.cpu = 0.9  # at the limit counts as idle
+    await h.svc.run_until_idle()
+    h.clock.advance(10)
+    h.refresh()
+    await h.svc.run_until_idle()
+    assert await h.state(noop.task_id) is TaskState.DONE
