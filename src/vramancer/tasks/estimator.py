@@ -48,7 +48,3 @@ class HistoryEstimator:
             new = run_s if old is None else old + self.alpha * (run_s - old)
             self._mean[key] = new
         return new
-
-    def learned(self) -> dict[str, float]:
-        with self._lock:
-            return dict(self._mean)

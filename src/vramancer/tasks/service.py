@@ -104,6 +104,24 @@ ENV_TASK_ID = "VRM_TASK_ID"
 #: Environment variables of the daemon with this prefix are not passed to tasks.
 _PRIVATE_ENV_PREFIX = "VRM_"
 _TERMINAL = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
+#: Variables (besides ``LD_*`` and ``DYLD_*``) that make a program load or run other code; a
+#: task may not set them while ``allowed_commands`` restricts what runs.
+HIJACK_ENV = frozenset(
+    {
+        "BASH_ENV",
+        "ENV",
+        "GCONV_PATH",
+        "NODE_OPTIONS",
+        "PERL5LIB",
+        "PERL5OPT",
+        "PERLLIB",
+        "PYTHONHOME",
+        "PYTHONPATH",
+        "PYTHONSTARTUP",
+        "RUBYLIB",
+        "RUBYOPT",
+    }
+)
 #: Ended tasks deleted per purge (one write transaction; the next batch comes a round later).
 PURGE_BATCH = 2000
 #: Seconds between retention purges once there is no backlog.
@@ -377,6 +395,15 @@ class TaskService:
             )
             raise Forbidden(
                 f"{where}{what} not allowed here: [tasks] allowed_commands is {', '.join(allowed)}"
+            )
+        hijack = sorted(
+            k for k in spec.env or {} if k in HIJACK_ENV or k.startswith(("LD_", "DYLD_"))
+        )
+        if hijack:
+            raise Forbidden(
+                f"{where}env: {', '.join(hijack)} would change what an allowed command runs "
+                "(loader or interpreter hooks); refused while [tasks] allowed_commands is set",
+                field="env",
             )
 
     def _check_devices(self, spec: TaskSpec, snapshot: SystemSnapshot, where: str) -> None:

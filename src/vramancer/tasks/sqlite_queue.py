@@ -326,12 +326,6 @@ class SqliteQueue:
             raise BackendUnavailable("the task queue is not open")
         return await asyncio.wrap_future(self._writer.submit(op, durable))
 
-    def write_sync(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Run a write operation from a plain thread (benchmarks, tools)."""
-        if self._writer is None:
-            raise BackendUnavailable("the task queue is not open")
-        return self._writer.submit(op).result()
-
     async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(lambda: op(self._reader()))
 

@@ -213,6 +213,13 @@ async def test_allow_list_refuses_other_commands_and_free_shell(
     assert await h.state(allowed_py.task_id) is TaskState.DONE
     h2 = await make_harness(allowed_commands=["sh"])
     await h2.svc.submit({"type": "shell", "shell": "true"})  # sh listed: shell allowed
+    # Loader and interpreter hooks would run other code inside an allowed program.
+    for name in ("LD_PRELOAD", "DYLD_INSERT_LIBRARIES", "PYTHONPATH", "BASH_ENV"):
+        with pytest.raises(Forbidden, match=f"env: {name} would change what an allowed"):
+            await h.svc.submit({"type": "cmd", "cmd": ["true"], "env": {name: "/tmp/x"}})
+    assert sum(h.svc.counts().values()) == 2
+    h3 = await make_harness()  # no allow-list: an operator may set them
+    await h3.svc.submit({"type": "cmd", "cmd": ["true"], "env": {"LD_PRELOAD": "x.so"}})
 
 
 async def test_oversized_body_is_refused(make_harness: MakeHarness) -> None:

@@ -150,7 +150,8 @@ async def test_cancel_a_running_task_kills_it_and_it_ends_cancelled(
     sub = await h.svc.submit({"type": "shell", "shell": "echo started; sleep 60"})
     await h.svc.run_once()
     await _until(lambda: h.transitions(sub.task_id)[-1] == "running")
-    await asyncio.sleep(0.2)
+    log = h.data_dir / "task-logs" / sub.task_id[:2] / f"{sub.task_id}.1.stdout"
+    await _until(lambda: log.exists() and log.read_text() == "started\n")  # inside `sleep 60`
     await h.svc.cancel(sub.task_id)
     await h.svc.drain(timeout_s=10)
     record = await h.svc.status(sub.task_id)
