@@ -1,12 +1,14 @@
-"""Model lifecycle routes: ``GET /v1/models``, ``GET /v1/models/{name}`` and
-``POST /v1/models/{name}/load | unload | migrate`` (operator role).
+"""Model lifecycle routes: ``GET /v1/models``, ``GET /v1/models/{name}/status`` and
+``POST /v1/models/{name}/load | unload | migrate`` (operator role). (One model's status has its
+own suffix: a bare ``GET /v1/models/{name}`` would shadow ``GET /v1/models/recommend``.)
 
 A model: ``name``, ``backend``, ``state`` (unloaded, loading, loaded, unloading, error),
 ``device`` (``cpu`` / ``cuda:N``, null when unloaded), ``runs_on``, ``simulated``,
 ``last_used`` (ISO 8601) and more (see ``ModelStatus``). Errors: unknown model 404, bad device
-422, not enough VRAM 409 (free MB, needed MB, what could be unloaded), backend down 503 with
-the reason, backend error 502, timeout 504. Model names may contain ``/`` (``ns/model:tag``).
-The advice routes ``/v1/models/can-load`` and ``/v1/models/recommend`` live in ``system``.
+422, not enough VRAM 409 (free MB, needed MB, what could be unloaded, ``held_by`` the other
+allocations), backend down 503 with the reason, backend error 502, timeout 504. Model names
+may contain ``/`` (``ns/model:tag``). The advice routes ``/v1/models/can-load`` and
+``/v1/models/recommend`` live in ``system``.
 """
 
 from __future__ import annotations
