@@ -255,6 +255,10 @@ class TaskRecord:
     def task_spec(self) -> TaskSpec:
         return TaskSpec.model_validate_json(self.spec_json)
 
+    def outcome(self, kind: OutcomeKind, **fields: Any) -> Outcome:
+        """How this leased attempt ended (reported under its lease token)."""
+        return Outcome(self.task_id, self.lease_token, kind, **fields)
+
     def as_dict(self) -> dict[str, Any]:
         """The status body of the API (``task_id``, ``state``, ``attempts``, ``device`` ...)."""
         return {

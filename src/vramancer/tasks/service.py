@@ -747,9 +747,7 @@ class TaskService:
                 )
             except (Conflict, VramancerShuttingDown) as exc:
                 # No room after all (or the arbiter is stopping): back to the queue, untried.
-                outcome = Outcome(
-                    record.task_id,
-                    record.lease_token,
+                outcome = record.outcome(
                     OutcomeKind.RELEASED,
                     error=f"waiting for a device: the arbiter refused: {exc.message}",
                 )
@@ -757,9 +755,7 @@ class TaskService:
                 return False
             except Exception as exc:  # a refusal that waiting will not cure: a failed try
                 log.exception("task %s: reserving its VRAM failed", record.task_id)
-                outcome = Outcome(
-                    record.task_id,
-                    record.lease_token,
+                outcome = record.outcome(
                     OutcomeKind.ERROR,
                     error=f"cannot reserve {record.vram_bytes} bytes on {device}: {exc}",
                 )
@@ -791,9 +787,7 @@ class TaskService:
             outcome = await self._run_process(active)
         except Exception as exc:
             log.exception("task %s: internal error", record.task_id)
-            outcome = Outcome(
-                record.task_id,
-                record.lease_token,
+            outcome = record.outcome(
                 OutcomeKind.ERROR,
                 error=f"internal error: {exc}",
             )
@@ -811,9 +805,7 @@ class TaskService:
         try:
             await run.start()
         except OSError as exc:
-            return Outcome(
-                record.task_id,
-                record.lease_token,
+            return record.outcome(
                 OutcomeKind.ERROR,
                 error=f"cannot start {request.argv[0]}: {exc}",
             )
@@ -859,9 +851,7 @@ class TaskService:
         else:
             kind = OutcomeKind.ERROR
             error = result.error or f"exit code {result.exit_code}"
-        return Outcome(
-            record.task_id,
-            record.lease_token,
+        return record.outcome(
             kind,
             exit_code=result.exit_code,
             error=error,
@@ -991,9 +981,7 @@ class TaskService:
                 if self._stopping or self._lane_count(False, READY_STATES):
                     # A user task arrived: hand the rest back, untouched.
                     outcomes.append(
-                        Outcome(
-                            record.task_id,
-                            record.lease_token,
+                        record.outcome(
                             OutcomeKind.RELEASED,
                             error="yielded to user tasks",
                         )
@@ -1024,16 +1012,12 @@ class TaskService:
                     done = await _call(self.memory.compress_cold, blocks)
                     message = f"compressed {done} block(s)"
         except Exception as exc:
-            return Outcome(
-                record.task_id,
-                record.lease_token,
+            return record.outcome(
                 OutcomeKind.ERROR,
                 error=f"{record.type} failed: {type(exc).__name__}: {exc}",
                 run_s=self.clock.monotonic() - t0,
             )
-        return Outcome(
-            record.task_id,
-            record.lease_token,
+        return record.outcome(
             OutcomeKind.OK,
             exit_code=0,
             stdout_tail=message,
