@@ -379,6 +379,9 @@ class SqliteQueue:
     async def lease(
         self, grants: Sequence[Grant], *, worker: str, now: float, lease_s: float
     ) -> tuple[list[TaskRecord], list[Change]]:
+        if not grants:  # nothing to write: no transaction, no thread hop
+            return [], []
+
         def op(conn: sqlite3.Connection) -> tuple[list[TaskRecord], list[Change]]:
             leased: list[TaskRecord] = []
             changes: list[Change] = []
@@ -453,6 +456,9 @@ class SqliteQueue:
     async def set_waiting(
         self, reasons: Sequence[tuple[str, str, TaskState]], now: float
     ) -> list[Change]:
+        if not reasons:
+            return []
+
         def op(conn: sqlite3.Connection) -> list[Change]:
             changes = []
             for task_id, why, seen in reasons:
