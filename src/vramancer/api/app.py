@@ -76,5 +76,10 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         if s.disable_rate_limit
         else TokenBuckets(s.server.rate_limit_per_s, s.server.rate_limit_burst)
     )
-    app.add_middleware(LimitsMiddleware, buckets=buckets, max_body=s.server.max_body)
+    app.add_middleware(
+        LimitsMiddleware,
+        buckets=buckets,
+        max_body=s.server.max_body,
+        tokens=frozenset(s.auth.tokens),
+    )
     return app

@@ -22,10 +22,26 @@ def error_response(
     return JSONResponse(error_body(code, message, **details), status_code=status, headers=headers)
 
 
+#: Messages for whole-body problems, which pydantic words for Python objects.
+_BODY_MESSAGES = {
+    "json_invalid": "not valid JSON",
+    "model_attributes_type": "expected a JSON object (and Content-Type: application/json)",
+    "dict_type": "expected a JSON object (and Content-Type: application/json)",
+    "missing": "a JSON body is required",
+}
+
+
 def _describe(errors: list[Any]) -> str:
     parts = []
     for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        raw = err.get("loc", ())
+        loc = [str(p) for p in raw if p not in ("body", "query", "path", "header")]
+        kind = err.get("type")
+        if raw and raw[0] == "body" and (kind == "json_invalid" or len(raw) == 1):
+            reason = (err.get("ctx") or {}).get("error")
+            msg = _BODY_MESSAGES.get(str(kind), str(err.get("msg", "invalid")))
+            parts.append(f"body: {msg}" + (f" ({reason})" if reason else ""))
+            continue
         where = ".".join(loc) or "body"
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {msg}")
@@ -39,12 +55,23 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_request", _describe(errors), fields=fields)
 
 
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+}
+
+
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
     headers = dict(exc.headers) if exc.headers else None
     return error_response(
-        exc.status_code, code.get(exc.status_code, "http_error"), str(exc.detail), headers=headers
+        exc.status_code,
+        _HTTP_CODES.get(exc.status_code, "http_error"),
+        str(exc.detail),
+        headers=headers,
     )
 
 

@@ -13,13 +13,25 @@ import threading
 from collections.abc import Sequence
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.metrics import MetricWrapperBase
 
 PREFIX = "vramancer_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
+
+# prometheus_client adds a ``<name>_created`` gauge (a Unix timestamp) beside every counter and
+# histogram; in the text format that doubles the series, and the names break the scheme above
+# (no unit, not a counter). Prometheus does not need them. A process-wide switch of the library.
+disable_created_metrics()
 
 
 class Metrics:

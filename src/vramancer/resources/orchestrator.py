@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Largest ``estimated_size_mb`` accepted (1 PiB): anything above is a typo, not a model.
 MAX_ESTIMATED_SIZE_MB = 1024.0**3
+#: Less than this freed (RSS moves by a few pages on its own) does not count as "optimized".
+MIN_RECLAIMED_BYTES = 1024 * 1024
 #: Weight of the newest sample in the moving averages of get_metrics().
 _EWMA_ALPHA = 0.1
 
@@ -207,16 +209,21 @@ class ResourceOrchestrator:
         with tracing.span("resources.optimize"):
             before = await self._memory_state()
             actions = await asyncio.to_thread(release_caches)
-            models_freed = 0
+            model_actions: list[str] = []
             optimize = getattr(self.models, "optimize", None)
             if optimize is not None:
-                model_actions = list(await optimize())
-                models_freed = sum(1 for a in model_actions if "unload" in str(a).lower())
-                actions += [str(a) for a in model_actions]
+                model_actions = [str(a) for a in await optimize()]
+                actions += model_actions
             after = await self._memory_state()
+        # The model manager words each action: "unloaded X ...", "switched X ...", or
+        # "could not optimize X: why" for one that failed.
+        models_freed = sum(1 for a in model_actions if a.startswith("unloaded "))
+        models_acted = any(not a.startswith("could not") for a in model_actions)
         host_freed = max(0, before["process_rss_bytes"] - after["process_rss_bytes"])
         gpu_freed = max(0, before["gpu_used_bytes"] - after["gpu_used_bytes"])
-        optimized = bool(host_freed or gpu_freed or models_freed)
+        optimized = (
+            host_freed >= MIN_RECLAIMED_BYTES or gpu_freed >= MIN_RECLAIMED_BYTES or models_acted
+        )
         result = {
             "optimized": optimized,
             "actions_taken": actions,

@@ -236,8 +236,8 @@ def _recommend_apple(
 
 
 def _recommend_gpu(facts: PlatformFacts, required: int | None) -> Recommendation:
-    vendor = facts.gpu_vendor or "GPU"
-    label = f"{vendor} GPU" + (" (simulated)" if facts.gpu_simulated else "")
+    vendor = "simulated" if facts.gpu_simulated else facts.gpu_vendor
+    label = f"{vendor} GPU" if vendor else "GPU"
     free = facts.gpu_free_bytes
     if required is None:
         return Recommendation(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from tests.unit.api.asgi import asgi_client
+from vramancer.api import ratelimit
 from vramancer.config import Settings
 
 TOKENS = {"adm": "admin", "op": "operator", "view": "viewer"}
@@ -72,7 +73,7 @@ async def test_x_api_role_narrows_but_never_widens(settings_factory: SettingsFac
         )
         assert same.status_code == 200
         bad = await client.get("/v1/devices", headers={**bearer("adm"), "X-API-ROLE": "root"})
-        assert bad.status_code == 400
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
         assert "X-API-ROLE must be one of viewer, operator, admin" in bad.json()["error"]["message"]
 
 
@@ -96,8 +97,53 @@ async def test_rate_limit_answers_429_with_retry_after(settings_factory: Setting
         assert int(limited.headers["retry-after"]) >= 1
         assert limited.json()["error"]["code"] == "rate_limited"
         assert (await client.get("/healthz")).status_code == 200  # never limited
-        # another client (a different token) has its own bucket
-        assert (await client.get("/v1/devices", headers=bearer("someone"))).status_code == 200
+        # Without configured tokens a bearer string is no identity: same address, same bucket.
+        assert (await client.get("/v1/devices", headers=bearer("someone"))).status_code == 429
+
+
+async def test_configured_tokens_have_their_own_buckets_made_up_ones_do_not(
+    settings_factory: SettingsFactory,
+) -> None:
+    settings = settings_factory(
+        disable_rate_limit=False,
+        auth={"tokens": TOKENS},
+        server={"rate_limit_burst": 2, "rate_limit_per_s": 0.01},
+    )
+    async with asgi_client(settings) as (client, _):
+        view = [(await client.get("/v1/devices", headers=bearer("view"))).status_code]
+        view += [(await client.get("/v1/devices", headers=bearer("view"))).status_code]
+        assert view == [200, 200]
+        assert (await client.get("/v1/devices", headers=bearer("view"))).status_code == 429
+        # Another configured token: its own bucket.
+        assert (await client.get("/v1/devices", headers=bearer("op"))).status_code == 200
+        # Made-up tokens are counted against the address, so guessing cannot dodge the limit.
+        guesses = [
+            (await client.get("/v1/devices", headers=bearer(f"guess{i}"))).status_code
+            for i in range(4)
+        ]
+        assert guesses == [401, 401, 429, 429]
+
+
+def test_buckets_forget_idle_clients_first_when_the_table_is_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ratelimit, "MAX_CLIENTS", 10)
+    now = [0.0]
+    buckets = ratelimit.TokenBuckets(1.0, 5, clock=lambda: now[0])
+    for _ in range(5):
+        assert buckets.allow("limited") == 0.0
+    assert buckets.allow("limited") > 0  # empty
+    now[0] = 0.5
+    for i in range(9):  # one request each: full again a second later
+        assert buckets.allow(f"idle{i}") == 0.0
+    now[0] = 1.6
+    buckets.allow("new")  # 11 buckets > 10: the refilled idle ones go, not everyone
+    assert len(buckets) == 2  # "limited" (1.6 tokens) and "new"
+    assert buckets.allow("limited") == 0.0  # 1.6 tokens: one more request, then empty again
+    assert buckets.allow("limited") > 0, "a limited client must not be reset by a flood"
+    for i in range(20):  # allowed requests of new clients also keep the table bounded
+        buckets.allow(f"burst{i}")
+    assert len(buckets) <= 10
 
 
 async def test_rate_limit_off_with_the_setting(settings_factory: SettingsFactory) -> None:
@@ -115,3 +161,32 @@ async def test_oversized_bodies_are_refused_with_413(settings_factory: SettingsF
         )  # fmt: skip
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_chunked_bodies_over_the_limit_are_refused_with_413(
+    settings_factory: SettingsFactory,
+) -> None:
+    """A body without Content-Length is counted as it arrives; nothing is parsed or changed."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"model_id": "m", '
+        for _ in range(20):
+            yield b" " * 10
+        yield b'"estimated_size_mb": 1}'
+
+    async with asgi_client(settings_factory(server={"max_body": 64})) as (client, rt):
+        before = rt.resources.get_metrics()["can_load_checks_total"]
+        response = await client.post(
+            "/v1/models/can-load", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "payload_too_large"
+        assert rt.resources.get_metrics()["can_load_checks_total"] == before
+
+        async def small() -> AsyncIterator[bytes]:
+            yield b'{"model_id": "m", "estimated_size_mb": 1}'
+
+        ok = await client.post(
+            "/v1/models/can-load", content=small(), headers={"content-type": "application/json"}
+        )
+        assert ok.status_code == 200 and ok.json()["can_load"] is True

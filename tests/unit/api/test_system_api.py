@@ -96,7 +96,13 @@ async def test_can_load_refuses_a_body_that_is_not_json(settings_factory: Settin
             "/v1/models/can-load", content=b"{nope", headers={"content-type": "application/json"}
         )
         assert response.status_code == 422
-        assert "error" in response.json()
+        assert response.json()["error"]["message"].startswith("body: not valid JSON (")
+        listed = await client.post("/v1/models/can-load", json=[1])
+        assert listed.json()["error"]["message"] == (
+            "body: expected a JSON object (and Content-Type: application/json)"
+        )
+        empty = await client.post("/v1/models/can-load")
+        assert empty.json()["error"]["message"] == "body: a JSON body is required"
 
 
 async def test_recommend(settings_factory: SettingsFactory) -> None:
@@ -104,7 +110,7 @@ async def test_recommend(settings_factory: SettingsFactory) -> None:
         small = await client.get("/v1/models/recommend", params={"model_id": "m", "params": "1B"})
         assert small.status_code == 200
         assert small.json()["method"] == "int8" and small.json()["platform"] == "gpu"
-        assert "(simulated)" in small.json()["reason"]
+        assert small.json()["reason"].startswith("simulated GPU: 24.0 GiB free > 0.6 ×")
         big = await client.get("/v1/models/recommend", params={"model_id": "Llama-3-70B"})
         assert big.json()["method"] == "int4"
         bad = await client.get("/v1/models/recommend", params={"model_id": "m", "params": "lots"})
@@ -136,3 +142,36 @@ async def test_metrics_carry_device_labels(settings_factory: SettingsFactory) ->
         host = {"backend": "host", "device": "host", "node": "box1"}
         assert metric_value(response.text, "vramancer_host_memory_available_bytes", **host)
         assert metric_value(response.text, "vramancer_device_poll_duration_seconds_count") >= 1  # type: ignore[operator]
+
+
+#: Units Prometheus' naming guide replaces with base units (bytes, seconds, ratio 0-1).
+_NON_BASE_UNITS = ("_mb", "_mib", "_gb", "_gib", "_kb", "_ms", "_milliseconds", "_percent",
+                   "_minutes", "_hours", "_megabytes", "_kilobytes")  # fmt: skip
+#: Label names that would make series unbounded (one per task, request, block ...).
+_UNBOUNDED_LABELS = {"task_id", "task", "request_id", "request", "id", "block_id", "block",
+                     "allocation_id", "pid", "path", "url", "token", "client"}  # fmt: skip
+
+
+async def test_every_exported_metric_follows_the_naming_rules(
+    settings_factory: SettingsFactory,
+) -> None:
+    """The whole runtime's /metrics: ``vramancer_`` names, base units, counters ``_total``,
+    no ``_created`` series, and no per-task or per-request label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with asgi_client(settings_factory(devices=SIMS)) as (client, _):
+        await client.post("/v1/system/optimize")  # so counters have samples
+        await client.post("/v1/models/can-load", json={"model_id": "m", "estimated_size_mb": 1})
+        text = (await client.get("/metrics")).text
+    families = list(text_string_to_metric_families(text))
+    assert len(families) > 20
+    for family in families:
+        assert family.name.startswith("vramancer_"), family.name
+        assert not family.name.endswith(_NON_BASE_UNITS), family.name
+        for sample in family.samples:
+            assert not sample.name.endswith("_created"), sample.name
+            if family.type == "counter":
+                assert sample.name.endswith("_total"), sample.name
+            assert not set(sample.labels) & _UNBOUNDED_LABELS, (sample.name, sample.labels)
+    gpu = {f.name: f for f in families}["vramancer_gpu_memory_used_bytes"]
+    assert {frozenset(s.labels) for s in gpu.samples} == {frozenset({"backend", "device", "node"})}

@@ -147,6 +147,39 @@ async def test_optimize_runs_gc_and_asks_the_model_manager() -> None:
     assert metric_value(text, "vramancer_resources_optimizations_total", node="n1") == 1
 
 
+def _fixed_memory(orch: ResourceOrchestrator, rss_before: int, rss_after: int) -> None:
+    """Replace the RSS readings around optimize (the real ones move by a few pages)."""
+    readings = iter((rss_before, rss_after))
+
+    async def state() -> dict[str, int]:
+        return {"process_rss_bytes": next(readings), "host_used_bytes": 0,
+                "host_available_bytes": 0, "gpu_used_bytes": 0}  # fmt: skip
+
+    orch._memory_state = state  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    ("freed", "model_actions", "optimized", "unloaded"),
+    [
+        (4096, [], False, 0),  # page-sized RSS noise is not an optimisation
+        (2 * 1024 * 1024, [], True, 0),
+        (0, ["could not optimize clip: the backend refused to unload it"], False, 0),
+        (0, ["unloaded clip from cuda:0 (idle, 500.0 MiB)"], True, 1),
+        (0, ["switched qwen to smaller variant qwen:q4 on cuda:0 (freed 2.0 GiB)"], True, 0),
+    ],
+)
+async def test_optimized_means_something_was_freed_or_done(
+    freed: int, model_actions: list[str], optimized: bool, unloaded: int
+) -> None:
+    orch = build([{"name": "sim0", "memory": "24GiB"}])
+    orch.attach_models(FakeModels(model_actions))
+    _fixed_memory(orch, 100 * 1024 * 1024, 100 * 1024 * 1024 - freed)
+    result = await orch.optimize_resources()
+    assert result["optimized"] is optimized
+    assert result["reclaimed_bytes"]["host"] == freed
+    assert orch.get_metrics()["models_unloaded_total"] == unloaded
+
+
 async def test_optimize_without_a_model_manager_or_its_optimize() -> None:
     orch = build()
     orch.attach_models(object())  # a manager without optimize(): skipped

@@ -174,7 +174,7 @@ def test_simulated_gpus_follow_the_gpu_rules_and_say_so() -> None:
     facts = PlatformFacts(gpu_free_bytes=GIB, gpu_total_bytes=24 * GIB, gpu_vendor="simulated",
                           gpu_simulated=True)  # fmt: skip
     rec = recommend_quantization(facts, "m", required_bytes=10 * GIB)
-    assert rec.method == "int4" and "(simulated)" in rec.reason
+    assert rec.method == "int4" and rec.reason.startswith("simulated GPU: ")
 
 
 def test_cpu_only_gets_gguf_q4_k_m() -> None:
