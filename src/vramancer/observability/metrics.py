@@ -31,7 +31,7 @@ _M = TypeVar("_M", bound=MetricWrapperBase)
 # prometheus_client adds a ``<name>_created`` gauge (a Unix timestamp) beside every counter and
 # histogram; in the text format that doubles the series, and the names break the scheme above
 # (no unit, not a counter). Prometheus does not need them. A process-wide switch of the library.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
