@@ -1654,7 +1654,8 @@ class ModelManager:
     async def optimize(self) -> list[str]:
         """Seed 001 ``optimize_resources`` for models: unload idle models, then on GPUs above
         ``pressure_ratio`` switch to smaller variants and unload the least recently used.
-        Returns what was done, one sentence per action."""
+        Returns what was done, one sentence per action, starting with ``unloaded ``,
+        ``switched `` or ``could not `` (the resources orchestrator counts them by that)."""
         now = self.clock.monotonic()
         views = [self._view(e, now) for e in self._entries.values()]
         usage = {

@@ -756,3 +756,24 @@ async def test_ollama_restarting_forgets_what_it_held(fake_ollama: FakeOllama) -
             0,
         )
         assert h.gpu_used() == 0 and owners(h) == {}
+
+
+async def test_optimize_with_a_variant_ollama_lacks_keeps_the_full_model(
+    fake_ollama: FakeOllama,
+) -> None:
+    """The smaller variant is not pulled: optimize says it could not switch, and the full
+    model is loaded again where it was, nothing left half-done."""
+    settings = seed_settings(
+        fake_ollama.url,
+        models=[ollama(VLM, VLM_SIZE, smaller_variant="qwen3-vl:2b", max_load_retries=0)],
+        gpu_manager={"pressure_ratio": 0.5},
+    )
+    async with harness(settings) as h:
+        m = h.models
+        await m.ensure_loaded(VLM)
+        (action,) = await m.optimize()
+        assert action.startswith("could not switch qwen3-vl:8b to qwen3-vl:2b: Ollama: model")
+        status = m.status(VLM)
+        assert (status.state, status.device, status.variant) == (ModelState.LOADED, "cuda:0", None)
+        assert set(fake_ollama.running()) == {VLM}
+        assert owners(h) == {f"model:{VLM}": VLM_SIZE} and h.gpu_used() == VLM_SIZE
