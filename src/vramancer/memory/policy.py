@@ -1052,10 +1052,19 @@ class PolicyBundle:
       ``index[tier].touch(meta, now)``; if the block is not in the fastest tier, for the next
       faster tier ``up``: if ``promotion.should_promote(meta, from_view, up_view, now)``, free
       room in ``up`` as above and move it (``remove`` from the old index, ``add`` to the new).
-      Then promote the prefetch ids the store holds below the fastest tier (as hinted blocks).
-    * Eviction cycle (pressure or periodic): ``victims(promotion.bytes_to_free(view), now)``.
-    * Index per tier: ``new_index(reload_latency=<latency of the next slower tier>, tier=...)``.
-    * Measured moves: ``costs.observe(from_tier, size, seconds)`` (learned reload cost).
+      Then promote the prefetch ids the store holds below the fastest tier, adding each with
+      ``index[up].add(meta, now, prefetched=True)`` (it waits for its read in the index's
+      *ahead* segment, evicted last; a plain ``add`` treats it as read now).
+    * Eviction cycle (pressure or periodic): ``victims(promotion.bytes_to_free(view), now)``;
+      ``remove`` each block really moved (that is how the index learns its ghosts: a ``remove``
+      of a block the last ``victims`` returned counts as an eviction).
+    * Pin, unpin, priority change: set the field, then ``index.touch(meta, now)`` re-keys it
+      (victims skip pinned blocks and blocks with ``readers > 0`` anyway).
+    * Index per tier: ``new_index(reload_latency=<latency of the next slower tier>,
+      tier=<name of the next slower tier>)`` — the tier a block evicted from this one is
+      reloaded from, whose learned cost then applies.
+    * Measured moves: ``costs.observe(source_tier, size, seconds)`` for a move out of
+      ``source_tier`` (learned reload cost of that tier).
     """
 
     config: PolicyConfig
@@ -1068,7 +1077,8 @@ class PolicyBundle:
     def new_index(
         self, reload_latency: float = DEFAULT_RELOAD_LATENCY, tier: str | None = None
     ) -> HotnessIndex:
-        """An eviction index for one tier; ``reload_latency``: latency of the tier below it."""
+        """An eviction index for one tier; ``reload_latency`` and ``tier``: the next slower tier
+        (where evicted blocks go and are reloaded from)."""
         return HotnessIndex(
             self.hotness,
             reload_latency=reload_latency,
