@@ -8,9 +8,11 @@ the environment with ``__`` (``VRM_MEMORY__TIERS__L4__CAPACITY=64MiB``).
 from __future__ import annotations
 
 import contextvars
+import difflib
 import os
 import socket
 import tomllib
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -167,7 +169,11 @@ class Settings(BaseSettings):
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
-        """Read defaults, the TOML file, then the environment; raise ``ConfigError`` if bad."""
+        """Read defaults, the TOML file, then the environment; raise ``ConfigError`` if bad.
+
+        A ``VRM_*`` variable that names no setting (``VRM_METRICS_PROT``) is an error too, as
+        an unknown key in the file is: pydantic-settings would silently ignore it."""
+        check_environment(os.environ)
         token = _config_file.set(Path(config_file) if config_file else None)
         try:
             return cls(**overrides)
@@ -175,6 +181,37 @@ class Settings(BaseSettings):
             raise ConfigError(format_validation_error(exc)) from None
         finally:
             _config_file.reset(token)
+
+
+#: ``VRM_*`` variables that are not settings: the CLI's, and those VRAMancer sets for its tasks.
+OTHER_ENV_VARS = frozenset(
+    {"VRM_CONFIG", "VRM_URL", "VRM_API_TOKEN", "VRM_TASK_ID", "VRM_TASK_ATTEMPT", "VRM_DEVICE",
+     "VRM_SCRATCH_DIR"}
+)  # fmt: skip
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """``ConfigError`` naming every ``VRM_*`` variable that is neither a setting
+    (``VRM_<KEY>``, ``VRM_<SECTION>__<KEY>``) nor one of :data:`OTHER_ENV_VARS`."""
+    settings = {f"VRM_{name.upper()}" for name in Settings.model_fields}
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("VRM_") or upper in OTHER_ENV_VARS:
+            continue
+        top = upper.split("__", 1)[0]
+        if top in settings:
+            continue  # nested keys are checked by the section's model (extra="forbid")
+        close = difflib.get_close_matches(top, sorted(settings), n=1) or (
+            difflib.get_close_matches(top, sorted(OTHER_ENV_VARS), n=1)
+        )
+        hint = f"; did you mean {close[0]}?" if close else ""
+        lines.append(
+            f"{name}: unknown setting (expected VRM_<KEY> or VRM_<SECTION>__<KEY> naming a "
+            f"key of the configuration{hint})"
+        )
+    if lines:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -34,7 +34,7 @@ allowed_commands = ["true"]
 """
 #: Endpoints that stream forever (server-sent events): a fuzzer cannot wait for their end.
 STREAMING = ("/v1/events",)
-MAX_EXAMPLES = int(os.environ.get("VRM_TEST_SCHEMATHESIS_EXAMPLES", "8"))
+MAX_EXAMPLES = int(os.environ.get("VRAMANCER_TEST_SCHEMATHESIS_EXAMPLES", "8"))
 
 
 @pytest.fixture(scope="module")

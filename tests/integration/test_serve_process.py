@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ServerProcess, free_port, running_server
+from tests.helpers import ServerProcess, free_port, running_server, wait_http
 from tests.promtext import metric_value
 
 pytestmark = pytest.mark.integration
@@ -137,9 +138,11 @@ def test_metrics_on_the_separate_port(server: ServerProcess, metrics_port: int) 
     assert metric_value(response.text, "vramancer_device_poll_duration_seconds_count")
 
 
-def cli(server: ServerProcess, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    server: ServerProcess, token: str, *args: str, url: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRM_")}
-    env.update({"VRM_URL": server.url, "VRM_API_TOKEN": token, "COLUMNS": "100"})
+    env.update({"VRM_URL": url or server.url, "VRM_API_TOKEN": token, "COLUMNS": "200"})
     return subprocess.run(
         [sys.executable, "-m", "vramancer.main", "--mode", "cli", *args],
         env=env,
@@ -162,7 +165,14 @@ def test_cli_against_the_server(server: ServerProcess) -> None:
     allowed = cli(server, "op", "optimize", "--json")
     assert allowed.returncode == 0 and "actions_taken" in json.loads(allowed.stdout)
     bad_token = cli(server, "wrong", "status")
-    assert bad_token.returncode == 1 and "unknown token (HTTP 401)" in bad_token.stderr
+    assert bad_token.returncode == 1
+    assert "unknown token; check VRM_API_TOKEN (HTTP 401)" in bad_token.stderr
+    no_token = cli(server, "", "status")
+    assert no_token.returncode == 1
+    assert "a bearer token is required; set VRM_API_TOKEN (HTTP 401)" in no_token.stderr
+    wrong_url = cli(server, "view", "status", url=server.url + "/v1")
+    assert wrong_url.returncode == 1
+    assert f"GET {server.url}/v1/v1/devices; is VRM_URL right?" in wrong_url.stderr
 
 
 def test_without_tokens_loopback_callers_are_admin(
@@ -186,3 +196,39 @@ def test_refuses_a_public_address_without_tokens(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "refusing to listen on 0.0.0.0: no API tokens are configured" in proc.stderr
+    assert "Add tokens under [auth] tokens in the config file" in proc.stderr  # not eaten as markup
+
+
+def test_serve_json_logs_one_object_per_line(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VRM_")}
+    env["VRM_DATA_DIR"] = str(tmp_path / "data")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vramancer.main", "--mode", "serve", "--json",
+         "--port", str(port), "--config", str(tmp_path / "none.toml")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.wait(timeout=60) == 2  # the file does not exist: a JSON-free error, exit 2
+        assert proc.stdout is not None
+        assert b"config file not found" in proc.stdout.read()
+    finally:
+        if proc.stdout:
+            proc.stdout.close()
+    (tmp_path / "none.toml").write_text("[devices]\nbackends = []\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vramancer.main", "--mode", "serve", "--json",
+         "--port", str(port), "--config", str(tmp_path / "none.toml")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        httpx.get(f"http://127.0.0.1:{port}/v1/devices", timeout=10)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    loggers = {line["logger"] for line in lines}
+    assert "vramancer.devices.manager" in loggers and "uvicorn.error" in loggers
+    assert any("GET /v1/devices" in line["message"] for line in lines)  # the access log too
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)

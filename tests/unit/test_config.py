@@ -135,3 +135,33 @@ def test_missing_or_broken_config_files(tmp_path: Path) -> None:
         Settings.load(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="is not valid TOML"):
         Settings.load(write(tmp_path, "[server\nport = 1\n"))
+
+
+def test_an_unknown_vrm_variable_is_named_with_the_closest_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VRM_METRICS_PROT", "9464")
+    with pytest.raises(ConfigError) as info:
+        Settings.load()
+    assert "VRM_METRICS_PROT: unknown setting" in info.value.message
+    assert "did you mean VRM_METRICS_PORT?" in info.value.message
+    monkeypatch.delenv("VRM_METRICS_PROT")
+    monkeypatch.setenv("VRM_DEVICE__POLL_INTERVAL_S", "2")  # section misspelt
+    with pytest.raises(ConfigError, match=r"VRM_DEVICE__POLL_INTERVAL_S: .*VRM_DEVICES\?"):
+        Settings.load()
+
+
+def test_a_misspelt_nested_vrm_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VRM_SERVER__HOTS", "0.0.0.0")
+    with pytest.raises(ConfigError, match=r"server\.hots: unknown key"):
+        Settings.load()
+
+
+def test_the_cli_and_task_variables_are_not_settings_and_not_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A task started by VRAMancer (VRM_TASK_ID ... set) may itself run ``vramancer status``."""
+    for name in ("VRM_URL", "VRM_API_TOKEN", "VRM_TASK_ID", "VRM_TASK_ATTEMPT", "VRM_DEVICE",
+                 "VRM_SCRATCH_DIR"):  # fmt: skip
+        monkeypatch.setenv(name, "x")
+    assert Settings.load().server.port == DEFAULT_PORT

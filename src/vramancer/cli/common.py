@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vramancer.config import DEFAULT_URL, Settings
 from vramancer.errors import ConfigError
@@ -32,7 +33,9 @@ ConfigOpt = Annotated[
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` on stderr and exit. The message is plain text: brackets in it
+    (``[auth] tokens``, a list) are printed as they are, not read as rich markup."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -98,7 +101,19 @@ def _error_message(response: httpx.Response) -> str:
         message = err.get("message") or response.text
     except (ValueError, AttributeError):
         message = response.text or response.reason_phrase
-    return f"{message} (HTTP {response.status_code})"
+    status = response.status_code
+    if status == 401:
+        hint = "set VRM_API_TOKEN" if "authorization" not in response.request.headers else ""
+        message += f"; {hint or 'check VRM_API_TOKEN'}"
+    elif status == 404 and _route_missing(message):
+        # Usually VRM_URL points at something else (a path, another service).
+        message += f" ({response.request.method} {response.request.url}; is VRM_URL right?)"
+    return f"{message} (HTTP {status})"
+
+
+def _route_missing(message: str) -> bool:
+    """Starlette's own 404 for a path no route matches (not a resource the API did not find)."""
+    return message.strip() == "Not Found"
 
 
 def api_or_fail() -> Api:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import socket
 from typing import Annotated
@@ -40,26 +41,58 @@ def check_binding(settings: Settings) -> None:
         )
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line (``vramancer serve --json``), for log shippers and scripts."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _configure_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler()
+    if as_json:
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on (0: any free port).")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")
+    ] = None,
     config: ConfigOpt = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Log one JSON object per line (uvicorn's lines too).")
+    ] = False,
 ) -> None:
     """Run the VRAMancer daemon: HTTP API, dashboard and /metrics."""
     import uvicorn
 
     from vramancer.api.app import create_app
 
+    level = log_level.lower()
+    if level not in LOG_LEVELS:
+        fail(f"--log-level: must be one of {', '.join(LOG_LEVELS)} (got {log_level!r})", code=2)
     base = load_settings(config)
     server = base.server.model_copy(
         update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     )
     settings = base.model_copy(update={"server": server})
     check_binding(settings)
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         app = create_app(settings)
     except ConfigError as exc:  # checks across sections (a profile naming an unknown model)
@@ -68,5 +101,15 @@ def serve(
         from prometheus_client import start_http_server
 
         registry = app.state.runtime.metrics.registry
-        start_http_server(settings.metrics_port, addr=server.host, registry=registry)
-    uvicorn.run(app, host=server.host, port=server.port, log_level=log_level.lower())
+        try:
+            start_http_server(settings.metrics_port, addr=server.host, registry=registry)
+        except OSError as exc:
+            fail(
+                f"VRM_METRICS_PORT: cannot listen on {server.host}:{settings.metrics_port} "
+                f"({exc.strerror or exc})",
+                code=2,
+            )
+    _configure_logging(level, json_out)
+    # With --json, uvicorn's loggers propagate to the root handler above instead of its own.
+    log_config = None if json_out else uvicorn.config.LOGGING_CONFIG
+    uvicorn.run(app, host=server.host, port=server.port, log_level=level, log_config=log_config)

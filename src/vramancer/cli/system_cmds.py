@@ -20,6 +20,7 @@ import typer
 from rich import box
 from rich.console import Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -156,9 +157,9 @@ def status_view(data: dict[str, Any]) -> RenderableType:
     table.add_column("util temp power", no_wrap=True)
     for d in data["devices"]:
         tag = "simulated" if d.get("simulated") else d["backend"]
-        name = f"{d['name']} [dim]({tag})[/]"
+        name = f"{escape(d['name'])} [dim]({escape(tag)})[/]"
         if d.get("error"):
-            name += f" [red]error: {d['error']}[/]"
+            name += f" [red]error: {escape(d['error'])}[/]"
         table.add_row(
             str(d["index"]),
             name,
@@ -213,10 +214,11 @@ def top(
     embedded: EmbeddedOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """A live view of devices and host memory (Ctrl-C quits). ``--json`` prints one JSON
-    object per line per refresh."""
+    """A live view of devices and host memory (Ctrl-C quits).
+
+    With --json: one JSON object per line per refresh."""
     limit = 1 if once else count
-    fetch = _top_source(embedded, config)
+    fetch, close = _top_source(embedded, config)
     try:
         if json_out or once or not console.is_terminal:
             for n, data in enumerate(_ticks(fetch, interval, limit)):
@@ -233,21 +235,27 @@ def top(
                 live.update(status_view(data), refresh=True)
     except KeyboardInterrupt:
         return
+    finally:
+        close()
 
 
-def _top_source(embedded: bool, config: Path | None) -> Callable[[], dict[str, Any]]:
-    """A function returning fresh data each call: from the server, or polling this machine."""
+def _top_source(
+    embedded: bool, config: Path | None
+) -> tuple[Callable[[], dict[str, Any]], Callable[[], None]]:
+    """A function returning fresh data each call (from the server, or polling this machine),
+    and the one that releases what it holds (the HTTP client, or the drivers)."""
     if not embedded:
         api = Api()
         try:
             api.get("/v1/devices")
-            return lambda: dict(call(lambda: api.get("/v1/devices")))
+            return lambda: dict(call(lambda: api.get("/v1/devices"))), api.close
         except ServerUnreachable:
+            api.close()
             err_console.print(
                 f"[dim]no VRAMancer server at {api.url}; reading this machine directly[/]"
             )
     here = _Local(load_settings(config))
-    return here.report
+    return here.report, here.devices.close
 
 
 def _ticks(
@@ -297,8 +305,10 @@ def recommend(
         data["estimate"] = estimate
 
     def render(d: dict[str, Any]) -> None:
-        console.print(f"[bold]{d['method']}[/] for {model}  [dim]({d['platform']})[/]")
-        console.print(d["reason"], highlight=False)
+        console.print(
+            f"[bold]{escape(d['method'])}[/] for {escape(model)}  [dim]({escape(d['platform'])})[/]"
+        )
+        console.print(escape(d["reason"]), highlight=False)
         if d.get("n_gpu_layers") is not None:
             console.print(
                 f"llama.cpp Metal: n_gpu_layers={d['n_gpu_layers']}"
@@ -307,7 +317,8 @@ def recommend(
         if d.get("estimate"):
             e = d["estimate"]
             console.print(
-                f"{file}: {e['params']:,} parameters, weights {format_size(e['weights_bytes'])}"
+                f"{escape(str(file))}: {e['params']:,} parameters, "
+                f"weights {format_size(e['weights_bytes'])}"
                 f" + KV cache {format_size(e['kv_cache_bytes'])} ({e['context_length']} tokens)"
                 f" + overhead {format_size(e['overhead_bytes'])} = "
                 f"[bold]{format_size(e['total_bytes'])}[/]"
@@ -338,7 +349,7 @@ def can_load(
 
     def render(d: dict[str, Any]) -> None:
         verdict = "[green]yes[/]" if d["can_load"] else "[red]no[/]"
-        console.print(f"{verdict} — {d['reason']}", highlight=False)
+        console.print(f"{verdict} — {escape(d['reason'])}", highlight=False)
 
     emit(data, json_out, render)
     if not data["can_load"]:
@@ -353,7 +364,7 @@ def optimize(json_out: JsonOpt = False) -> None:
     def render(d: dict[str, Any]) -> None:
         console.print("[green]optimized[/]" if d["optimized"] else "nothing to free")
         for action in d["actions_taken"]:
-            console.print(f"  • {action}", highlight=False)
+            console.print(f"  • {escape(action)}", highlight=False)
         freed = d.get("reclaimed_bytes", {})
         console.print(
             f"freed: host {format_size(freed.get('host', 0))}, "

@@ -124,3 +124,78 @@ def test_python_m_vramancer_main_mode_cli_shows_status(env: dict[str, str]) -> N
     )
     assert proc.returncode == 0, proc.stderr
     assert "Simulated GPU sim0" in proc.stdout and "host RAM" in proc.stdout
+
+
+def test_python_m_vramancer_main_help_reaches_the_cli() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "vramancer.main", "--mode", "cli", "--help"],
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "100"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--mode cli (the default)" in proc.stdout
+    assert "can-load" in proc.stdout and "recommend" in proc.stdout  # the vramancer commands
+
+
+def test_status_view_prints_names_and_errors_as_they_are() -> None:
+    """Device names and driver errors are text, not rich markup (``[/x]`` used to crash)."""
+    from rich.console import Console
+
+    from vramancer.cli.system_cmds import status_view
+
+    gpu = {
+        "index": 0,
+        "name": "GPU [beta]",
+        "backend": "nvidia",
+        "simulated": False,
+        "error": "read failed [/oops]",
+        "memory_used_bytes": 1,
+        "memory_total_bytes": 2,
+    }
+    host = {"memory_total_bytes": 4, "memory_available_bytes": 2, "cpu_count": 1}  # fmt: skip
+    console = Console(record=True, width=200)
+    console.print(status_view({"node": "n", "devices": [gpu], "host": host}))
+    text = console.export_text()
+    assert "GPU [beta]" in text and "error: read failed [/oops]" in text
+
+
+def test_errors_are_printed_as_plain_text(tmp_path: Path) -> None:
+    config = tmp_path / "open.toml"
+    config.write_text("")
+    result = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "Add tokens under [auth] tokens in the config file" in result.stderr
+
+
+def test_serve_refuses_an_unknown_log_level_or_port(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["serve", "--log-level", "loud"])
+    assert result.exit_code == 2 and "--log-level: must be one of" in result.stderr
+    result = runner.invoke(app, ["serve", "--port", "99999"])
+    assert result.exit_code == 2 and "--port" in result.stderr
+
+
+def test_json_log_lines() -> None:
+    import logging
+
+    from vramancer.cli.serve import JsonLogFormatter
+
+    record = logging.LogRecord("vramancer.x", logging.WARNING, __file__, 1, "a %s", ("b",), None)
+    line = json.loads(JsonLogFormatter().format(record))
+    assert (line["level"], line["logger"], line["message"]) == ("warning", "vramancer.x", "a b")
+
+
+def test_serve_names_a_metrics_port_it_cannot_use(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"VRM_METRICS_PORT": str(port), "VRM_DATA_DIR": str(tmp_path / "d")}
+        config = tmp_path / "c.toml"
+        config.write_text("[devices]\nbackends = []\n")
+        result = runner.invoke(app, ["serve", "--config", str(config)], env=env)
+    assert result.exit_code == 2
+    assert f"VRM_METRICS_PORT: cannot listen on 127.0.0.1:{port}" in result.stderr
