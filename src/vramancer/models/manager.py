@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from vramancer.arbiter.types import Allocation, PreemptCallback, Priority, WorkloadType
 from vramancer.clock import Clock
+from vramancer.devices.types import GpuSnapshot
 from vramancer.errors import (
     BackendUnavailable,
     InsufficientMemory,
@@ -100,6 +101,23 @@ _MODEL_OWNER = "model:"
 #: Other allocation holders a "not enough VRAM" message names.
 _HOLDERS_SHOWN = 5
 _LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+
+
+def _reclaimable(
+    allocations: Iterable[Allocation], device: str, rank: int | None
+) -> tuple[int, int]:
+    """Bytes the arbiter would preempt for a request of priority ``rank``: preemptible
+    allocations of a strictly lower priority that are not managed models; (those naming
+    ``device``, all of them). (0, 0) without a rank."""
+    if rank is None:
+        return 0, 0
+    on_device = anywhere = 0
+    for a in allocations:
+        is_model = (a.owner or "").startswith(_MODEL_OWNER)
+        if a.preemptible and a.priority.rank < rank and not is_model:
+            anywhere += a.memory_bytes
+            on_device += a.memory_bytes if a.device == device else 0
+    return on_device, anywhere
 
 
 @dataclass(eq=False)
@@ -1020,6 +1038,7 @@ class ModelManager:
             await self._evict_all([self._entries[v] for v in decision.victims], entry)
             if self._book(entry, device, needed):
                 await self._settle_preemptions(device)
+                await self._wait_room(entry, index, needed)
                 return
         decision = policy.NoRoom(needed, self._room(index), self._unloadable(device, entry))
         raise self._no_room(entry, device, decision)
@@ -1162,32 +1181,28 @@ class ModelManager:
     def _room(self, index: int, rank: int | None = None) -> int:
         """Free bytes on GPU ``index``: the smaller of telemetry and the arbiter's budget.
 
-        With ``rank`` (the priority of a model about to load), the budget also counts what the
-        arbiter would preempt for it: preemptible allocations of a strictly lower priority that
-        are not managed models (tasks, ``/v1/allocations``; models are evicted by the manager's
-        own policy instead). So a user-facing model beats a background reservation.
+        With ``rank`` (the priority of a model about to load), it also counts what the arbiter
+        would preempt for it: preemptible allocations of a strictly lower priority that are not
+        managed models (tasks, ``/v1/allocations``; models are evicted by the manager's own
+        policy instead). So a user-facing model beats a background reservation. On a real GPU
+        the memory of such holders naming it shows as used in the telemetry and comes back once
+        they stop (``_wait_room`` waits for it); a simulated GPU's telemetry never had it.
         """
-        free = self._free_now(index)
+        gpu = self.devices.snapshot().gpu(index)
+        free = gpu.memory_free_bytes if gpu is not None else 0
         try:
             state = self.arbiter.state()
         except Exception:  # an arbiter double without state(): telemetry alone
             return free
         key = f"gpu:{index}"
-        reclaim_device = reclaim_any = 0
-        if rank is not None:
-            for a in state.allocations:
-                if (
-                    a.preemptible
-                    and a.priority.rank < rank
-                    and not (a.owner or "").startswith(_MODEL_OWNER)
-                ):
-                    reclaim_any += a.memory_bytes
-                    reclaim_device += a.memory_bytes if a.device == key else 0
+        on_device, anywhere = _reclaimable(state.allocations, key, rank)
+        if gpu is not None and not gpu.simulated:
+            free += on_device
         for usage in state.devices:
             if usage.device == key:
-                free = min(free, usage.available_bytes + reclaim_device)
+                free = min(free, usage.available_bytes + on_device)
         if state.budget_bytes:
-            free = min(free, max(0, state.budget_bytes - state.allocated_bytes) + reclaim_any)
+            free = min(free, max(0, state.budget_bytes - state.allocated_bytes) + anywhere)
         return free
 
     def _free_now(self, index: int | None) -> int:
@@ -1198,23 +1213,45 @@ class ModelManager:
 
     async def _wait_recovered(self, index: int, before: int, freed: int) -> None:
         """After an unload, poll telemetry until the freed VRAM shows as free (bounded)."""
-        goal = before + int(freed * _RECOVERED_SHARE)
+        short = await self._wait_free(index, before + int(freed * _RECOVERED_SHARE))
+        if short is not None:
+            log.warning(
+                "cuda:%d: %s freed but only %s more free after %.1f s; going on",
+                index,
+                format_size(freed),
+                format_size(short.memory_free_bytes - before),
+                self.gm.vram_recovery_timeout_s,
+            )
+
+    async def _wait_room(self, entry: _Entry, index: int, needed: int) -> None:
+        """Before a load on a real GPU: the holders the arbiter just preempted for it (a task
+        being stopped) may still hold their memory; poll until ``needed`` is free (bounded)."""
+        gpu = self.devices.snapshot().gpu(index)
+        if gpu is None or gpu.simulated or gpu.memory_free_bytes >= needed:
+            return
+        short = await self._wait_free(index, needed)
+        if short is not None:
+            log.warning(
+                "cuda:%d: %s needs %s but only %s is free after %.1f s; loading anyway",
+                index,
+                entry.name,
+                format_size(needed),
+                format_size(short.memory_free_bytes),
+                self.gm.vram_recovery_timeout_s,
+            )
+
+    async def _wait_free(self, index: int, goal: int) -> GpuSnapshot | None:
+        """Poll GPU ``index`` until ``goal`` bytes are free, at most ``vram_recovery_timeout_s``.
+        None when reached (or the GPU is gone); the last reading when the time ran out."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.gm.vram_recovery_timeout_s
         while True:
             snap = await self.devices.refresh_async()
             gpu = snap.gpu(index)
             if gpu is None or gpu.memory_free_bytes >= goal:
-                return
+                return None
             if loop.time() >= deadline:
-                log.warning(
-                    "cuda:%d: %s freed but only %s more free after %.1f s; going on",
-                    index,
-                    format_size(freed),
-                    format_size(gpu.memory_free_bytes - before),
-                    self.gm.vram_recovery_timeout_s,
-                )
-                return
+                return gpu
             await asyncio.sleep(self.gm.vram_recovery_poll_s)
 
     # ------------------------------------------------------------------ accounting

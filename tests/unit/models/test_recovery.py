@@ -16,6 +16,7 @@ import pytest
 
 from tests.unit.models.conftest import FAST_GM
 from vramancer.arbiter.arbiter import Arbiter
+from vramancer.arbiter.types import Allocation, Priority, WorkloadType
 from vramancer.clock import ManualClock
 from vramancer.config import Settings
 from vramancer.devices.manager import VramInfo
@@ -178,5 +179,35 @@ async def test_the_wait_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
         assert 0.2 <= waited < 2.0
         assert "7.0 GiB freed but only 0 B more free after 0.2 s" in caplog.text
         assert m.state("a").value == "unloaded"
+    finally:
+        await m.stop()
+
+
+async def test_a_preempted_task_is_waited_for_before_the_load() -> None:
+    """A background task reserved 8 GiB on the GPU and uses it. A model load preempts it; the
+    task is stopped, and its memory comes back some polls later: the load starts only then."""
+    gpu = LaggingGpu(lag=3)
+    free_at_load: list[tuple[str, int]] = []
+    m = build(gpu, free_at_load)
+    await m.start()
+    try:
+        gpu.used += 8 * GIB  # the task's process holds its memory
+        told: list[str] = []
+
+        def stop_task(allocation: Allocation) -> None:
+            told.append(allocation.id)
+            gpu.release(8 * GIB)  # killed: the driver frees it a little later
+
+        m.arbiter.request_allocation(  # type: ignore[attr-defined]
+            WorkloadType.OTHER,
+            Priority.BACKGROUND,
+            8 * GIB,
+            device="gpu:0",
+            owner="task:t1",
+            on_preempt=stop_task,
+        )
+        status = await m.ensure_loaded("a", "cuda:0")  # normal beats background
+        assert status.device == "cuda:0" and len(told) == 1
+        assert free_at_load == [("a", TOTAL)]  # not the 4 GiB free while the task still ran
     finally:
         await m.stop()
