@@ -199,35 +199,30 @@ def test_refuses_a_public_address_without_tokens(tmp_path: Path) -> None:
     assert "Add tokens under [auth] tokens in the config file" in proc.stderr  # not eaten as markup
 
 
-def test_serve_json_logs_one_object_per_line(tmp_path: Path) -> None:
-    port = free_port()
+def _serve_json(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRM_")}
     env["VRM_DATA_DIR"] = str(tmp_path / "data")
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "vramancer.main", "--mode", "serve", "--json",
-         "--port", str(port), "--config", str(tmp_path / "none.toml")],
+         "--port", str(port), "--config", str(tmp_path / "serve.toml")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    try:
-        assert proc.wait(timeout=60) == 2  # the file does not exist: a JSON-free error, exit 2
-        assert proc.stdout is not None
-        assert b"config file not found" in proc.stdout.read()
-    finally:
-        if proc.stdout:
-            proc.stdout.close()
-    (tmp_path / "none.toml").write_text("[devices]\nbackends = []\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vramancer.main", "--mode", "serve", "--json",
-         "--port", str(port), "--config", str(tmp_path / "none.toml")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+
+
+def test_serve_json_logs_one_object_per_line(tmp_path: Path) -> None:
+    port = free_port()
+    missing = _serve_json(tmp_path, port)
+    out = missing.communicate(timeout=60)[0]
+    assert missing.returncode == 2 and b"config file not found" in out  # a plain error, exit 2
+    (tmp_path / "serve.toml").write_text("[devices]\nbackends = []\n")
+    proc = _serve_json(tmp_path, port)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
         httpx.get(f"http://127.0.0.1:{port}/v1/devices", timeout=10)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        out = proc.communicate(timeout=30)[0].decode()
-    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+        text = proc.communicate(timeout=30)[0].decode()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     loggers = {line["logger"] for line in lines}
     assert "vramancer.devices.manager" in loggers and "uvicorn.error" in loggers
     assert any("GET /v1/devices" in line["message"] for line in lines)  # the access log too

@@ -199,3 +199,24 @@ def test_serve_names_a_metrics_port_it_cannot_use(tmp_path: Path) -> None:
         result = runner.invoke(app, ["serve", "--config", str(config)], env=env)
     assert result.exit_code == 2
     assert f"VRM_METRICS_PORT: cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_the_lite_install_runs_without_torch_or_the_gpu_extras(env: dict[str, str]) -> None:
+    """Seed 000 "Build Lite": ``python -m vramancer.main --mode cli`` with torch, nvidia-ml-py,
+    nats-py, gguf and safetensors absent (imports of them fail, as when not installed)."""
+    script = (
+        "import sys\n"
+        "for m in ('torch', 'pynvml', 'nats', 'gguf', 'safetensors'):\n"
+        "    sys.modules[m] = None\n"
+        "from vramancer.main import run\n"
+        "run(['--mode', 'cli', 'status', '--json', '--embedded'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["devices"][0]["uuid"] == "sim-sim0"
