@@ -181,6 +181,12 @@ class ModelHandle:
     obj: Any = None
     #: Where to send requests (Ollama's endpoint); None for torch.
     endpoint: str | None = None
+    #: Ollama: the model to name in requests, the smaller variant's tag while ``optimize`` has
+    #: switched to it (naming the full model would make Ollama load it behind VRAMancer).
+    backend_model: str | None = None
+    #: Ollama: the ``keep_alive`` to send with requests; without one Ollama applies its own
+    #: 5 minute default to the model and may unload it by itself.
+    keep_alive: str | int | None = None
 
 
 BackendFactory = Callable[[ModelSpec], ModelBackend]
@@ -510,15 +516,17 @@ class ModelManager:
         try:
             self._touch(entry)
             target = entry.target or Target.cpu()
+            backend = entry.backend
+            ollama = backend if isinstance(backend, OllamaModel) else None
             yield ModelHandle(
                 name=name,
                 device=entry.device or CPU,
                 runs_on=target.runs_on,
                 simulated=target.simulated,
-                obj=entry.backend.handle(),
-                endpoint=self.settings.ollama.endpoint
-                if entry.kind is BackendKind.OLLAMA
-                else None,
+                obj=backend.handle(),
+                endpoint=self.settings.ollama.endpoint if ollama is not None else None,
+                backend_model=ollama.tag if ollama is not None else None,
+                keep_alive=ollama.keep_alive if ollama is not None else None,
             )
         finally:
             self._touch(entry)

@@ -85,6 +85,7 @@ async def test_use_loads_on_demand_and_holds_against_the_idle_reaper(
         m = h.models
         async with m.use(VLM) as handle:
             assert handle.device == "cuda:0" and handle.endpoint == fake_ollama.url
+            assert (handle.backend_model, handle.obj) == (VLM, None)
             assert m.status(VLM).in_use == 1
             h.clock.advance(1000)
             assert await m.reap_once() == []
@@ -512,6 +513,11 @@ async def test_optimize_unloads_idle_models_and_switches_to_a_smaller_variant(
         assert status.variant == "small:1b" and status.used_vram_bytes == GIB
         assert h.gpu_used() == GIB
         assert "small:1b" in fake_ollama.loaded and VLM not in fake_ollama.loaded
+        async with m.use(VLM) as handle:  # what to name in requests to Ollama now
+            assert (handle.backend_model, handle.keep_alive) == ("small:1b", -1)
+            body = {"model": handle.backend_model, "prompt": "hi", "stream": False}
+            httpx.post(f"{handle.endpoint}/api/generate", json={**body, "keep_alive": -1})
+        assert set(fake_ollama.running()) == {"small:1b"}  # the full model stayed out
         await m.ensure_unloaded(VLM)
         assert m.status(VLM).variant is None  # the next load is the full model again
         assert await m.optimize() == []

@@ -188,13 +188,15 @@ class OllamaModel:
         """The Ollama model currently (or last) loaded for this managed model."""
         return self._tag or self.spec.name
 
+    @property
+    def keep_alive(self) -> str | int:
+        """The ``keep_alive`` its loads send (the model's, else ``[ollama] keep_alive``)."""
+        spec = self.spec.keep_alive
+        return spec if spec is not None else self.client.settings.keep_alive
+
     async def load(self, target: Target, variant: str | None = None) -> LoadResult:
         self._tag = variant or self.spec.name
-        keep_alive = (
-            self.spec.keep_alive
-            if self.spec.keep_alive is not None
-            else self.client.settings.keep_alive
-        )
+        keep_alive = self.keep_alive
         options: dict[str, Any] | None = None
         if not target.on_gpu:
             options = {"num_gpu": 0}
