@@ -1,0 +1,117 @@
+"""The import rules of docs/architecture.md, checked on the source (ruff's TID251 only knows
+"library never imports api/cli, only nvidia.py imports pynvml"; this checks every layer).
+
+Imports under ``if TYPE_CHECKING:`` are annotations only and do not count.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import vramancer
+
+SRC = Path(vramancer.__file__).parent
+KERNEL = frozenset({"events", "units", "clock", "errors", "observability", "_version"})
+#: What each part of the package may import from the others (docs/architecture.md, "Layers").
+ALLOWED: dict[str, frozenset[str]] = {
+    **{name: KERNEL for name in KERNEL},
+    "devices": KERNEL,
+    "resources": KERNEL | {"devices"},
+    "memory": KERNEL | {"devices"},
+    "arbiter": KERNEL | {"devices"},
+    "models": KERNEL | {"devices", "arbiter", "resources"},
+    "tasks": KERNEL | {"devices", "arbiter", "memory"},
+    "replication": KERNEL | {"devices", "memory"},
+    # config imports each section's settings module (checked below), nothing else.
+    "config": KERNEL | {"devices", "resources", "memory", "arbiter", "models", "tasks"},
+    "runtime": KERNEL
+    | {"config", "devices", "resources", "memory", "arbiter", "models", "tasks", "replication"},
+    "api": KERNEL
+    | {"config", "runtime", "devices", "resources", "memory", "arbiter", "models", "tasks"}
+    | {"replication", "web"},
+    "cli": KERNEL
+    | {"config", "runtime", "devices", "resources", "memory", "arbiter", "models", "tasks"}
+    | {"replication", "api"},
+    "web": frozenset(),
+    "main": frozenset({"cli"}),
+    "__init__": frozenset({"_version", "config", "runtime"}),
+}
+
+
+def _part(path: Path) -> str:
+    rel = path.relative_to(SRC)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _runtime_imports(tree: ast.Module) -> Iterator[tuple[int, str]]:
+    """(line, module) of every import not guarded by ``if TYPE_CHECKING:``."""
+    guarded: set[int] = set()
+    for node in ast.walk(tree):
+        test = node.test if isinstance(node, ast.If) else None
+        if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING":
+            guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in guarded:
+            continue
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "vramancer":  # from vramancer import api
+                yield from ((node.lineno, f"vramancer.{a.name}") for a in node.names)
+            else:
+                yield node.lineno, node.module
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in SRC.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_every_part_imports_only_the_layers_below_it() -> None:
+    wrong = []
+    for path in _sources():
+        part = _part(path)
+        assert part in ALLOWED, (
+            f"{part}: a new part of the package; give it a layer in docs/architecture.md "
+            "and in ALLOWED here"
+        )
+        for line, module in _runtime_imports(ast.parse(path.read_text(), str(path))):
+            if not module.startswith("vramancer."):
+                continue
+            target = module.split(".")[1]
+            if target != part and target not in ALLOWED[part]:
+                wrong.append(f"{path.relative_to(SRC)}:{line} imports {module}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_config_imports_only_settings_modules_of_the_subsystems() -> None:
+    tree = ast.parse((SRC / "config.py").read_text())
+    for _, module in _runtime_imports(tree):
+        parts = module.split(".")
+        if parts[0] == "vramancer" and parts[1] not in KERNEL:
+            assert parts[2:] == ["settings"], module
+
+
+def test_only_the_nvidia_module_imports_pynvml() -> None:
+    users = {
+        str(path.relative_to(SRC))
+        for path in _sources()
+        for _, module in _runtime_imports(ast.parse(path.read_text()))
+        if module.split(".")[0] == "pynvml"
+    }
+    assert users == {"devices/nvidia.py"}
+
+
+def test_the_checker_sees_a_forbidden_import() -> None:
+    """The walker itself: a guarded import is skipped, a real one is found."""
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from vramancer.api import app\n"
+        "from vramancer import cli\n"
+        "def f():\n    import vramancer.api.deps\n"
+    )
+    assert [m for _, m in _runtime_imports(tree) if m.startswith("vramancer")] == [
+        "vramancer.cli",
+        "vramancer.api.deps",
+    ]
