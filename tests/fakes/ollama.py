@@ -65,7 +65,9 @@ _UNITS_S = {
     "m": 60.0,
     "h": 3600.0,
 }
-_FOREVER = dt.datetime(2318, 1, 1, tzinfo=dt.UTC)
+#: A negative keep_alive is Go's largest duration (about 292 years) from the request on, so
+#: ``expires_at`` still moves with every request (year ~2318).
+_FOREVER = dt.timedelta(microseconds=(2**63 - 1) // 1000)
 
 
 def go_duration_seconds(text: str) -> float:
@@ -180,7 +182,7 @@ class FakeOllama:
     def preload(self, name: str, on_gpu: bool = True) -> None:
         """Mark ``name`` loaded as if someone else had loaded it."""
         model = self.models[full_name(name)]
-        self.loaded[model.name] = Loaded(model, model.size if on_gpu else 0, _FOREVER)
+        self.loaded[model.name] = Loaded(model, model.size if on_gpu else 0, _now() + _FOREVER)
 
     def running(self) -> dict[str, Loaded]:
         """What ``/api/ps`` lists now (expired runners are gone)."""
@@ -314,7 +316,7 @@ class FakeOllama:
             return 200, _reply(name, "unload")
         options = body.get("options") or {}
         on_gpu = options.get("num_gpu", -1) != 0
-        expires = _FOREVER if keep is None else _now() + dt.timedelta(seconds=keep)
+        expires = _now() + (_FOREVER if keep is None else dt.timedelta(seconds=keep))
         with self._lock:
             self.loaded[model.name] = Loaded(model, model.size if on_gpu else 0, expires)
         if _is_load(body):

@@ -617,7 +617,17 @@ async def test_direct_ollama_requests_count_as_activity(fake_ollama: FakeOllama)
         assert m.status(VLM).last_used == h.clock.time()
         h.clock.advance(50)
         assert await m.reap_once() == []  # 50 s since the direct request, not 100 s
-        h.clock.advance(10)
+        async with m.use(VLM) as handle:
+            keep = handle.keep_alive
+        h.clock.advance(50)
+        # A client that sends VRAMancer's keep_alive (-1, "forever") moves the expiry too.
+        body = {"model": VLM, "prompt": "hi", "stream": False, "keep_alive": keep}
+        httpx.post(fake_ollama.url + "/api/generate", json=body)
+        await m.probe_backends(force=True)
+        assert m.status(VLM).last_used == h.clock.time()
+        h.clock.advance(59)
+        assert await m.reap_once() == []
+        h.clock.advance(1)
         assert await m.reap_once() == [VLM]
 
 
