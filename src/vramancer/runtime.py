@@ -5,7 +5,8 @@ The HTTP API, the CLI and library users all go through it::
     async with Runtime(Settings.load()) as rt:
         rt.devices.snapshot(); rt.memory.put("k", b"..."); await rt.models.ensure_loaded("clip")
 
-Start order follows dependencies (devices, memory, arbiter, models, tasks); stop is the reverse.
+Start order follows dependencies (devices, memory, its host-memory regulator, arbiter, models,
+tasks); stop is the reverse.
 """
 
 from __future__ import annotations
