@@ -617,10 +617,22 @@ async def test_direct_ollama_requests_count_as_activity(fake_ollama: FakeOllama)
         assert m.status(VLM).last_used == h.clock.time()
         h.clock.advance(50)
         assert await m.reap_once() == []  # 50 s since the direct request, not 100 s
+        h.clock.advance(10)
+        assert await m.reap_once() == [VLM]
+
+
+async def test_direct_requests_with_vramancers_keep_alive_count_as_activity(
+    fake_ollama: FakeOllama,
+) -> None:
+    """keep_alive -1 is Go's largest duration from each request on: the expiry still moves."""
+    settings = seed_settings(fake_ollama.url, models=[ollama(VLM, VLM_SIZE, idle_timeout_s=60)])
+    async with harness(settings) as h:
+        m = h.models
         async with m.use(VLM) as handle:
             keep = handle.keep_alive
+        assert keep == -1
+        await m.probe_backends(force=True)
         h.clock.advance(50)
-        # A client that sends VRAMancer's keep_alive (-1, "forever") moves the expiry too.
         body = {"model": VLM, "prompt": "hi", "stream": False, "keep_alive": keep}
         httpx.post(fake_ollama.url + "/api/generate", json=body)
         await m.probe_backends(force=True)
