@@ -11,6 +11,7 @@ tasks); stop is the reverse.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from types import TracebackType
 from typing import Protocol
@@ -120,7 +121,8 @@ class Runtime:
         self.events.publish("runtime_started", node=self.settings.node_name)
 
     async def stop(self) -> None:
-        """Stop what was started, in reverse order; errors are logged, every part is stopped."""
+        """Stop what was started, in reverse order; errors are logged, every part is stopped.
+        Then export the spans still queued (when tracing is on)."""
         while self._started:
             component = self._started.pop()
             try:
@@ -128,6 +130,8 @@ class Runtime:
             except Exception:
                 log.exception("stopping %s failed", type(component).__name__)
         self.running = False
+        if tracing.enabled():
+            await asyncio.to_thread(tracing.flush)
 
     async def __aenter__(self) -> Runtime:
         await self.start()

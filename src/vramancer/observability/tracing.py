@@ -57,6 +57,17 @@ def enabled() -> bool:
     return _tracer is not None
 
 
+def flush(timeout_s: float = 5.0) -> bool:
+    """Export the spans still queued (``Runtime.stop()`` calls it, so a stopping daemon loses
+    none); True when there was nothing to do or everything went out in time."""
+    if _tracer is None:
+        return True
+    from opentelemetry import trace
+
+    force_flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    return bool(force_flush(int(timeout_s * 1000))) if force_flush is not None else True
+
+
 @contextlib.contextmanager
 def span(name: str, **attributes: Any) -> Iterator[Any]:
     """A span named ``name`` (e.g. ``memory.promote``) when tracing is on, else nothing."""
