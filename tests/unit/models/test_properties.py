@@ -245,13 +245,14 @@ def _models() -> list[dict[str, Any]]:
 switches = st.lists(st.sampled_from(["idle", "recording", "autopilot"]), min_size=1, max_size=8)
 
 
-@examples(15)
-@given(modes=switches, external_gib=st.sampled_from([0.0, 0.5, 1.0, 2.0]))
+@examples(20)
+@given(modes=switches, external_gib=st.sampled_from([0.0, 1.0, 10.9, 11.2, 11.6]))
 def test_profile_switches_follow_seed_002(
     fake: FakeOllama, modes: list[str], external_gib: float
 ) -> None:
     """Properties 1, 2, 3, 4 and 6 over random sequences of mode switches, with some VRAM
-    taken by another program (so "more than 1 GB free" is sometimes false)."""
+    taken by another program: from 12 GiB free down to 0.4 GiB, so "more than 1 GB free" is
+    sometimes false and the VLM sometimes cannot fit."""
     fake.reset()
 
     async def scenario() -> None:
@@ -267,6 +268,7 @@ def test_profile_switches_follow_seed_002(
             h.events.subscribe(watch, "model_loaded")
             for mode in modes:
                 vlm_was_loaded = m.is_loaded(VLM)
+                clip_was_on_gpu = m.device(CLIP) == "cuda:0"
                 used_before = h.gpu_used()
                 started = time.monotonic()
                 report = await m.switch_profile(mode)
@@ -280,11 +282,14 @@ def test_profile_switches_follow_seed_002(
                 assert m.profile == mode
                 if mode == "autopilot":
                     assert not m.is_loaded(VLM) and elapsed < 5  # property 1
-                    free_mb = m.gpu_status().vram.free_mb
-                    if free_mb - 500 > 1024 or (m.device(CLIP) == "cuda:0"):
-                        assert m.device(CLIP) == "cuda:0"  # property 3
-                    else:
-                        assert m.device(CLIP) == "cpu"
+                    clip_on_gpu = m.device(CLIP) == "cuda:0"
+                    assert m.is_loaded(CLIP)
+                    # free VRAM with CLIP off the GPU, as the switch saw it
+                    free_mb = m.gpu_status().vram.free_mb + (500 if clip_on_gpu else 0)
+                    if free_mb > 1024:
+                        assert clip_on_gpu  # property 3
+                    elif not clip_was_on_gpu:
+                        assert not clip_on_gpu  # "gpu if more than 1 GB free": the CPU
                     if vlm_was_loaded:
                         assert used_before - h.gpu_used() >= 8 * GIB - 500 * 2**20  # property 4
                 if mode == "recording":
