@@ -343,9 +343,16 @@ class DeviceManager:
     ) -> GpuSnapshot:
         try:
             return replace(backend.read(local), index=index, taken_at=now)
-        except DeviceQueryError as exc:
+        except Exception as exc:  # one broken device must not stop telemetry for the others
+            typed = isinstance(exc, DeviceQueryError)
+            message = exc.message if typed else f"{type(exc).__name__}: {exc}"
             last = previous.get(index)
-            log.warning("reading %s GPU %d failed: %s", backend.vendor.value, index, exc.message)
+            if last is None or last.error != message:  # logged once, not every poll
+                vendor = backend.vendor.value
+                # An untyped error is a binding bug or an unexpected answer: keep the traceback.
+                log.warning(
+                    "reading %s GPU %d failed: %s", vendor, index, message, exc_info=not typed
+                )
             if last is None:
                 last = GpuSnapshot(
                     index=index,
@@ -357,7 +364,7 @@ class DeviceManager:
                     memory_free_bytes=0,
                 )
             self._gauges.errors.labels(backend.vendor.value, last.uuid, self.node).inc()
-            return replace(last, error=exc.message)
+            return replace(last, error=message)
 
     def _simulated_readings(self, first_index: int, now: float) -> list[GpuSnapshot]:
         return [

@@ -14,7 +14,7 @@ from tests.unit.devices.conftest import MakeManager
 from vramancer.devices.backend import GpuBackend
 from vramancer.devices.monitor import VramChange
 from vramancer.devices.nvidia import NvidiaBackend
-from vramancer.devices.types import DeviceVendor
+from vramancer.devices.types import DeviceVendor, GpuSnapshot
 from vramancer.errors import InvalidInput, NotFound
 
 GIB = 1024**3
@@ -108,6 +108,51 @@ def test_a_failed_read_keeps_the_last_good_values_marks_the_error_and_recovers(
     assert manager.refresh().gpus[0].error is None
     changes = [e.data["change"] for e in manager.events.recent(kind="device_changed")]
     assert changes == ["added", "error", "recovered"]
+
+
+class _BrokenBinding:
+    """A vendor binding whose second device raises an untyped error (a binding bug)."""
+
+    vendor = DeviceVendor.AMD
+
+    def __init__(self) -> None:
+        self.used = GIB
+        self.broken = False
+
+    def device_count(self) -> int:
+        return 2
+
+    def read(self, local_index: int) -> GpuSnapshot:
+        if local_index == 1 and self.broken:
+            raise KeyError("vram_total")
+        return GpuSnapshot(
+            index=local_index, uuid=f"amd-{local_index}", name="AMD", vendor=DeviceVendor.AMD,
+            memory_total_bytes=8 * GIB, memory_used_bytes=self.used,
+            memory_free_bytes=8 * GIB - self.used,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        return None
+
+
+def test_an_unexpected_error_of_one_device_spares_the_others_and_is_logged_once(
+    make_manager: MakeManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    binding = _BrokenBinding()
+    manager = make_manager(openers={"amd": lambda: binding}, backends=["amd"], simulated=SIMS[:1])
+    manager.refresh()
+    binding.broken, binding.used = True, 3 * GIB
+    with caplog.at_level(logging.WARNING, logger="vramancer.devices.manager"):
+        for _ in range(3):
+            snap = manager.refresh()
+    good, bad, sim = snap.gpus
+    assert good.error is None and good.memory_used_bytes == 3 * GIB  # still polled
+    assert bad.error == "KeyError: 'vram_total'" and bad.memory_used_bytes == GIB  # last good
+    assert sim.simulated and sim.error is None
+    failures = [r for r in caplog.records if "reading amd GPU 1 failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None  # once, with the traceback
+    text = manager.metrics.render().decode()
+    assert metric_value(text, "vramancer_device_poll_errors_total", device="amd-1") == 3
 
 
 def test_adjust_simulated_shows_up_immediately(make_manager: MakeManager) -> None:
