@@ -201,3 +201,23 @@ def test_stream_ends_cleanly_when_the_server_stops(tmp_path: Any) -> None:
         assert ended and ended[0] - stopped_at < 5
         # uvicorn re-raises the signal after its graceful shutdown
         assert server.proc.wait(timeout=15) in (0, -signal.SIGTERM)
+
+
+def test_a_signal_during_register_does_not_deadlock() -> None:
+    """The SIGTERM handler runs on the main thread between two bytecodes, possibly while that
+    thread holds the watch's lock inside register(): triggering then must not deadlock."""
+    from vramancer.api.routers.events import _ShutdownWatch
+
+    watch = _ShutdownWatch()
+    done: list[bool] = []
+
+    def interrupted_register() -> None:
+        with watch._lock:  # inside register() when the signal arrives
+            watch.trigger()
+            done.append(True)
+
+    thread = threading.Thread(target=interrupted_register, daemon=True)
+    thread.start()
+    thread.join(timeout=2)
+    assert done == [True] and not thread.is_alive()
+    assert watch._stopping

@@ -54,7 +54,10 @@ class _ShutdownWatch:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: the signal handler runs on the main thread between two bytecodes, maybe
+        # while that thread holds the lock in register()/unregister(); a plain Lock would
+        # deadlock the server on a SIGTERM arriving then.
+        self._lock = threading.RLock()
         self._installed = False
         self._stopping = False
         self._streams: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
