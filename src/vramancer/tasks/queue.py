@@ -86,10 +86,8 @@ class TaskQueue(Protocol):
         a task read as waiting only gets its reason updated (no change reported)."""
         ...
 
-    async def overdue(
-        self, *, maintenance: bool, ready_before: float, limit: int
-    ) -> list[TaskRecord]:
-        """Ready tasks of one lane, ready at ``ready_before`` or earlier; longest waiting first."""
+    async def overdue(self, *, ready_before: float, limit: int) -> list[TaskRecord]:
+        """Ready user tasks, ready at ``ready_before`` or earlier; longest waiting first."""
         ...
 
     async def purge(self, *, ended_before: float, limit: int) -> list[Purged]:

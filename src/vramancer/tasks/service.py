@@ -729,7 +729,7 @@ class TaskService:
         if self.settings.starvation_s <= 0:
             return []
         return await self.queue.overdue(
-            maintenance=False, ready_before=now - self.settings.starvation_s, limit=OVERDUE_MAX
+            ready_before=now - self.settings.starvation_s, limit=OVERDUE_MAX
         )
 
     async def _launch(self, record: TaskRecord, cuda_index: int | None) -> bool:

@@ -20,8 +20,9 @@ O(log n) however many tasks are queued:
 * ``tasks_state_seq``: history pages of one state by cursor, newest first, and the few tasks in
   back-off (``retry``) or leased (``scheduled``, ``running``) for promotion, heartbeats, expiry;
 * the primary key ``seq``: history pages by cursor, newest first;
-* ``tasks_ready_age``: partial index over ready tasks by the time they became ready, so the
-  dispatcher finds the tasks that have waited longest (aging) without a scan;
+* ``tasks_user_age``: partial index over ready *user* tasks by the time they became ready, so
+  the dispatcher finds the tasks that have waited longest (aging) without a scan; maintenance
+  tasks do not age (they wait for idle windows by design) and do not pay for it;
 * ``tasks_submitted``: turns ``since`` into a ``seq`` bound (history, and retention purges).
 
 Ended tasks older than ``[tasks] retention_s`` are deleted in small batches (``purge``). The
@@ -62,7 +63,7 @@ from vramancer.tasks.settings import DEFAULT_MAX_LEASE_LOSSES, Synchronous
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Operations committed together at most (one transaction, one fsync).
 GROUP_COMMIT_MAX = 512
 #: SQLite page cache per connection (negative: KiB).
@@ -111,8 +112,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS tasks_idem ON tasks(idem_key) WHERE idem_key I
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks(lane, prio DESC, est_ms, seq)
     WHERE state IN ('queued', 'waiting_gpu');
 CREATE INDEX IF NOT EXISTS tasks_state_seq ON tasks(state, seq);
-CREATE INDEX IF NOT EXISTS tasks_ready_age ON tasks(lane, ready_at)
-    WHERE state IN ('queued', 'waiting_gpu');
+CREATE INDEX IF NOT EXISTS tasks_user_age ON tasks(ready_at)
+    WHERE state IN ('queued', 'waiting_gpu') AND lane = 0;
 CREATE INDEX IF NOT EXISTS tasks_submitted ON tasks(submitted_at);
 CREATE TABLE IF NOT EXISTS durations (
     key TEXT PRIMARY KEY,
@@ -130,6 +131,13 @@ _COLS = (
 _READY_SQL = (
     f"SELECT {_COLS} FROM tasks WHERE state IN ('queued', 'waiting_gpu') AND lane = ? "
     "ORDER BY prio DESC, est_ms, seq LIMIT ? OFFSET ?"
+)
+#: ``lane = 0`` is a literal so that the partial index ``tasks_user_age`` applies; INDEXED BY
+#: because without statistics SQLite would rather scan the user lane of ``tasks_ready`` and sort.
+_OVERDUE_SQL = (
+    f"SELECT {_COLS} FROM tasks INDEXED BY tasks_user_age "
+    "WHERE state IN ('queued', 'waiting_gpu') AND lane = 0 "
+    "AND ready_at <= ? ORDER BY ready_at, seq LIMIT ?"
 )
 _INSERT_SQL = (
     "INSERT INTO tasks (id, idem_key, type, lane, prio, priority, est_ms, est_key, state, spec, "
@@ -152,6 +160,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
     if columns and version < 2 and "lease_losses" not in columns:
         conn.execute("ALTER TABLE tasks ADD COLUMN lease_losses INTEGER NOT NULL DEFAULT 0")
+    if version < 3:  # version 2 aged both lanes: replaced by tasks_user_age
+        conn.execute("DROP INDEX IF EXISTS tasks_ready_age")
 
 
 def _record(row: Sequence[Any]) -> TaskRecord:
@@ -483,18 +493,12 @@ class SqliteQueue:
 
         return await self._write(op, durable=False)
 
-    async def overdue(
-        self, *, maintenance: bool, ready_before: float, limit: int
-    ) -> list[TaskRecord]:
-        """Ready tasks of one lane that became ready at or before ``ready_before``, those that
-        have waited longest first (an index range on ``tasks_ready_age``)."""
+    async def overdue(self, *, ready_before: float, limit: int) -> list[TaskRecord]:
+        """Ready user tasks that became ready at or before ``ready_before``, those that have
+        waited longest first (an index range on ``tasks_user_age``)."""
 
         def op(conn: sqlite3.Connection) -> list[TaskRecord]:
-            rows = conn.execute(
-                f"SELECT {_COLS} FROM tasks WHERE state IN ('queued', 'waiting_gpu') "
-                "AND lane = ? AND ready_at <= ? ORDER BY ready_at, seq LIMIT ?",
-                (1 if maintenance else 0, ready_before, limit),
-            ).fetchall()
+            rows = conn.execute(_OVERDUE_SQL, (ready_before, limit)).fetchall()
             return [_record(row) for row in rows]
 
         return await self._read(op)

@@ -20,7 +20,7 @@ from vramancer.tasks.model import (
     TaskState,
     TaskType,
 )
-from vramancer.tasks.sqlite_queue import SqliteQueue
+from vramancer.tasks.sqlite_queue import _OVERDUE_SQL, SqliteQueue
 
 T0 = 1_700_000_000.0
 
@@ -277,13 +277,8 @@ async def test_hot_queries_use_indexes_not_scans(queue: SqliteQueue) -> None:
     assert "USING INDEX tasks_state_seq (state=?)" in heartbeat
     since = plan("SELECT seq FROM tasks WHERE submitted_at >= ? ORDER BY submitted_at LIMIT 1", T0)
     assert "tasks_submitted" in since
-    overdue = plan(
-        "SELECT id FROM tasks WHERE state IN ('queued', 'waiting_gpu') AND lane = ? "
-        "AND ready_at <= ? ORDER BY ready_at, seq LIMIT 8",
-        0,
-        T0,
-    )
-    assert "USING INDEX tasks_ready_age (lane=? AND ready_at<?)" in overdue
+    overdue = plan(_OVERDUE_SQL, T0, 8)
+    assert "USING INDEX tasks_user_age (ready_at<?)" in overdue
     assert "TEMP B-TREE" not in overdue
     purge = plan(
         "SELECT seq FROM tasks WHERE seq < ? AND state IN ('done', 'failed', 'cancelled') "
@@ -391,15 +386,13 @@ async def test_overdue_lists_the_longest_waiting_ready_tasks(queue: SqliteQueue)
     await queue.submit([new("older")], T0 - 5)
 
     async def ids(ready_before: float, limit: int = 10) -> list[str]:
-        found = await queue.overdue(maintenance=False, ready_before=ready_before, limit=limit)
+        found = await queue.overdue(ready_before=ready_before, limit=limit)
         return [r.task_id for r in found]
 
     assert await ids(T0 + 100) == ["older", "mid", "requeued", "new"]  # waiting_gpu included
     assert await ids(T0 + 100, limit=2) == ["older", "mid"]
     assert await ids(T0 + 12) == ["older", "mid"]
-    assert await ids(T0 - 10) == []
-    noops = await queue.overdue(maintenance=True, ready_before=T0, limit=10)
-    assert [r.task_id for r in noops] == ["noop-old"]
+    assert await ids(T0 - 10) == []  # and "noop-old" never: maintenance tasks do not age
     record = await queue.get("requeued")
     assert record is not None and record.ready_at == T0 + 15
 
@@ -486,6 +479,7 @@ async def test_a_database_of_the_first_schema_is_migrated(tmp_path: Path) -> Non
         "('v1', 'cmd', 0, 1, 'normal', 60000, 'cmd:true', 'queued', "
         """'{"task_id": "v1", "type": "cmd", "cmd": ["true"]}', 0, 2, 60, 1, 1, 1)"""
     )
+    conn.execute("CREATE INDEX tasks_ready_age ON tasks(lane, ready_at)")  # as version 2 had
     conn.execute("PRAGMA user_version=1")
     conn.commit()
     conn.close()
@@ -494,9 +488,11 @@ async def test_a_database_of_the_first_schema_is_migrated(tmp_path: Path) -> Non
     try:
         record = await q.get("v1")
         assert record is not None and record.lease_losses == 0 and record.state is TaskState.QUEUED
-        assert [r.task_id for r in await q.overdue(maintenance=False, ready_before=2, limit=5)] == [
-            "v1"
-        ]
+        assert [r.task_id for r in await q.overdue(ready_before=2, limit=5)] == ["v1"]
     finally:
         await q.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 3
+    indexes = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "tasks_user_age" in indexes and "tasks_ready_age" not in indexes
+    check.close()
