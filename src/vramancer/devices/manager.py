@@ -345,7 +345,9 @@ class DeviceManager:
             return replace(backend.read(local), index=index, taken_at=now)
         except Exception as exc:  # one broken device must not stop telemetry for the others
             typed = isinstance(exc, DeviceQueryError)
-            message = exc.message if typed else f"{type(exc).__name__}: {exc}"
+            message = (
+                exc.message if isinstance(exc, DeviceQueryError) else f"{type(exc).__name__}: {exc}"
+            )
             last = previous.get(index)
             if last is None or last.error != message:  # logged once, not every poll
                 vendor = backend.vendor.value
