@@ -124,7 +124,7 @@ def test_list_status_and_profiles(op: httpx.Client) -> None:
         status["vram"]["total_mb"] == 12288 and status["vram"]["gpu_name"] == "Simulated GPU sim0"
     )
     profiles = op.get("/v1/profile").json()
-    assert profiles["profiles"]["autopilot"] == {VLM: "unloaded", "clip": "gpu_if_free:1073741824"}
+    assert profiles["profiles"]["autopilot"] == {VLM: "unloaded", "clip": "gpu_if_free:1GiB"}
     assert profiles["profiles"]["recording"] == {VLM: "gpu", "clip": "cpu"}
 
 

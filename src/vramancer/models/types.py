@@ -161,10 +161,19 @@ class Placement:
 
     def __str__(self) -> str:
         if self.kind is PlacementKind.GPU_IF_FREE:
-            return f"gpu_if_free:{self.min_free_bytes}"
+            return f"gpu_if_free:{_exact_size(self.min_free_bytes)}"
         if self.kind is PlacementKind.DEVICE:
             return gpu_device(self.device_index or 0)
         return self.kind.value
+
+
+def _exact_size(size: int) -> str:
+    """``1073741824`` -> ``1GiB``: the largest binary unit that divides it exactly (so it
+    parses back to the same bytes), else plain bytes."""
+    for unit, name in ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if size and size % unit == 0:
+            return f"{size // unit}{name}"
+    return str(size)
 
 
 def iso_time(wall: float | None) -> str | None:

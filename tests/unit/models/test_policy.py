@@ -48,6 +48,13 @@ def test_placement_parse_every_form() -> None:
         Placement.parse("tpu")
 
 
+def test_placements_print_as_they_are_written_and_parse_back() -> None:
+    for text in ("gpu", "cpu", "unloaded", "cuda:1", "gpu_if_free:1GiB", "gpu_if_free:1536MiB"):
+        assert str(Placement.parse(text)) == text
+    odd = Placement(PlacementKind.GPU_IF_FREE, 1000)
+    assert str(odd) == "gpu_if_free:1000" and Placement.parse(str(odd)) == odd
+
+
 def test_normalize_device_forms_and_errors() -> None:
     assert normalize_device("CPU", [0]) == "cpu"
     assert normalize_device("cuda", [0, 1]) == "gpu"
