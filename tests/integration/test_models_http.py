@@ -277,3 +277,23 @@ def test_serve_refuses_a_profile_naming_an_unknown_model(tmp_path: Any) -> None:
     assert done.returncode == 2
     assert "profiles.p.ghost: not a configured model (models: clip)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_models_allocation_cannot_be_released_by_hand(op: httpx.Client) -> None:
+    """The model's booking is memory really in use: DELETE /v1/allocations refuses it and
+    says how to free it; nobody may book under a model's or a task's name either."""
+    assert op.post("/v1/models/clip/load", json={"device": "cuda:0"}).status_code == 200
+    (mine,) = [
+        a for a in op.get("/v1/allocations").json()["allocations"] if a["owner"] == "model:clip"
+    ]
+    r = op.delete(f"/v1/allocations/{mine['id']}")
+    assert r.status_code == 409
+    error = r.json()["error"]
+    assert error["code"] == "managed_allocation" and error["owner"] == "model:clip"
+    assert "POST /v1/models/clip/unload" in error["message"]
+    assert models(op)["clip"]["device"] == "cuda:0"  # still booked and loaded
+    body = {"workload_type": "embedding", "memory": "1GiB", "owner": "model:clip"}
+    spoof = op.post("/v1/allocations", json=body)
+    assert spoof.status_code == 422 and spoof.json()["error"]["field"] == "owner"
+    body["owner"] = "task:t-1"
+    assert op.post("/v1/allocations", json=body).status_code == 422

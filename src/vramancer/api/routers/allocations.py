@@ -5,6 +5,11 @@
 ``wait_s`` (wait up to that long for memory instead of failing at once) and ``preempt``.
 No room → 409 ``insufficient_memory`` with ``requested_bytes`` and ``available_bytes``.
 Requesting and releasing need the operator role; listing needs viewer.
+
+Allocations owned ``model:NAME`` (the model manager's loads) and ``task:ID`` (running tasks'
+reservations) belong to those subsystems: the memory is really in use, so ``DELETE`` refuses
+them (409 ``managed_allocation`` naming what to do instead: unload the model, cancel the task),
+and a request may not take such an owner name (422).
 """
 
 from __future__ import annotations
@@ -15,8 +20,31 @@ from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from vramancer.api.deps import Operator, RuntimeDep
+from vramancer.arbiter.errors import Preempted
 from vramancer.arbiter.types import Allocation, Priority, WorkloadType
+from vramancer.errors import Conflict, InvalidInput
 from vramancer.units import Size
+
+#: Owner prefixes of allocations other subsystems hold, and how a person frees them instead.
+MANAGED_OWNERS = {
+    "model:": "unload the model: POST /v1/models/{}/unload",
+    "task:": "cancel the task: POST /api/tasks/{}/cancel",
+}
+
+
+class ManagedAllocation(Conflict):
+    """A model's or a task's allocation cannot be released by hand."""
+
+    code = "managed_allocation"
+
+
+def _managed(owner: str | None) -> tuple[str, str] | None:
+    """(prefix, name) when ``owner`` is a managed owner such as ``model:clip``."""
+    for prefix in MANAGED_OWNERS:
+        if owner is not None and owner.startswith(prefix):
+            return prefix, owner[len(prefix) :]
+    return None
+
 
 router = APIRouter(tags=["allocations"])
 
@@ -63,6 +91,12 @@ async def request_allocation(
     body: AllocationBody, rt: RuntimeDep, principal: Operator
 ) -> dict[str, Any]:
     """Grant VRAM now (or within ``wait_s``); 409 with requested/available bytes if no room."""
+    if _managed(body.owner) is not None:
+        raise InvalidInput(
+            f"owner {body.owner!r}: the prefixes {', '.join(MANAGED_OWNERS)} are kept for the "
+            "model manager and the task service",
+            field="owner",
+        )
     kwargs: dict[str, Any] = {
         "min_quality": body.min_quality,
         "device": body.device,
@@ -90,7 +124,22 @@ async def get_allocation(allocation_id: str, rt: RuntimeDep) -> dict[str, Any]:
 async def release_allocation(
     allocation_id: str, rt: RuntimeDep, principal: Operator
 ) -> dict[str, Any]:
-    """Give the memory back; 404 if no such allocation is held."""
+    """Give the memory back; 404 if no such allocation is held, 409 if a model or a running
+    task holds it (the memory is in use: unload the model or cancel the task instead)."""
+    try:
+        owner = rt.arbiter.get(allocation_id).owner
+    except Preempted:  # already taken back: releasing it is a no-op, as for its holder
+        owner = None
+    managed = _managed(owner)
+    if managed is not None:
+        prefix, name = managed
+        what = "model" if prefix == "model:" else "task"
+        raise ManagedAllocation(
+            f"allocation {allocation_id} is held by {what} {name!r}, which really uses the "
+            f"memory; {MANAGED_OWNERS[prefix].format(name)}",
+            allocation_id=allocation_id,
+            owner=f"{prefix}{name}",
+        )
     rt.arbiter.release_allocation(allocation_id)
     return {"released": allocation_id}
 
