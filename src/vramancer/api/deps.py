@@ -7,6 +7,8 @@ safe because ``vramancer serve`` then refuses to bind anything but loopback.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -44,8 +46,26 @@ def bearer_token(request: Request) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _loopback_address(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _local_caller(request: Request) -> bool:
+    """The peer is this machine: a loopback address, or a Unix socket (no address)."""
+    client = request.client
+    return client is None or _loopback_address(client.host)
+
+
 def authenticate(request: Request) -> Principal:
-    """Resolve the caller's role from its token, then narrow it by ``X-API-ROLE``."""
+    """Resolve the caller's role from its token, then narrow it by ``X-API-ROLE``.
+
+    Without tokens every caller is admin, so only callers on this machine are let in, however
+    the app is served (``vramancer serve`` also refuses to listen elsewhere; ``uvicorn
+    --factory``, a container's port mapping or a proxy on another host would not)."""
     tokens: dict[str, Role] = request.app.state.runtime.settings.auth.tokens
     token = bearer_token(request)
     if tokens:
@@ -54,8 +74,14 @@ def authenticate(request: Request) -> Principal:
         role = tokens.get(token)
         if role is None:
             raise HTTPException(401, "unknown token", headers=_UNAUTHORIZED)
-    else:
+    elif _local_caller(request):
         role = Role.ADMIN
+    else:
+        raise HTTPException(
+            403,
+            "no API tokens are configured, so only this machine may call this server "
+            "(add tokens under [auth] tokens)",
+        )
     asked = request.headers.get("x-api-role")
     if asked:
         try:
