@@ -172,6 +172,10 @@ class AmdSmiBackend:
             return None
         try:
             smi.amdsmi_init()
+        except smi.AmdSmiException as exc:
+            log.info("AMD: amdsmi is not usable (%s); trying sysfs", exc)
+            return None
+        try:
             handles = list(smi.amdsmi_get_processor_handles())
             uuids = [f"amd-{smi.amdsmi_get_gpu_device_uuid(h)}" for h in handles]
             names = [
@@ -179,7 +183,8 @@ class AmdSmiBackend:
                 for h in handles
             ]
         except smi.AmdSmiException as exc:
-            log.info("AMD: amdsmi is not usable (%s); trying sysfs", exc)
+            log.info("AMD: listing GPUs through amdsmi failed (%s); trying sysfs", exc)
+            cls(smi, [], [], []).close()
             return None
         if not handles:
             smi.amdsmi_shut_down()

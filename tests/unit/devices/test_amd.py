@@ -197,3 +197,16 @@ def test_amdsmi_failing_falls_back_to_sysfs(tmp_path: Path) -> None:
     make_card(tmp_path, 0)
     backend = open_amd(tmp_path, smi=FakeAmdSmi(fail_init=True))
     assert isinstance(backend, SysfsAmdBackend)
+
+
+def test_amdsmi_listing_failure_shuts_amdsmi_down_and_falls_back(tmp_path: Path) -> None:
+    class ListingFails(FakeAmdSmi):
+        def amdsmi_get_gpu_device_uuid(self, h: str) -> str:
+            raise AmdSmiException("device busy")
+
+    smi = ListingFails()
+    make_card(tmp_path, 0)
+    assert isinstance(open_amd(tmp_path, smi=smi), SysfsAmdBackend)
+    assert smi.shut == 1  # initialised, so shut down again
+    failed_init = FakeAmdSmi(fail_init=True)
+    assert AmdSmiBackend.open(failed_init) is None and failed_init.shut == 0
