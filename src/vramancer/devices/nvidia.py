@@ -65,11 +65,21 @@ class NvidiaBackend:
 
     vendor = DeviceVendor.NVIDIA
 
-    def __init__(self, nvml: Any, handles: list[Any], uuids: list[str], names: list[str]):
+    def __init__(
+        self,
+        nvml: Any,
+        handles: list[Any],
+        uuids: list[str],
+        names: list[str],
+        nvml_indices: list[int] | None = None,
+    ):
         self._nvml = nvml
         self._handles = handles
         self._uuids = uuids
         self._names = names
+        #: Each GPU's NVML index (its CUDA index in PCI bus order); GPUs NVML refused to open
+        #: are skipped, so this is not always 0..n-1.
+        self._nvml_indices = nvml_indices if nvml_indices is not None else list(range(len(handles)))
         self._process_names: dict[int, str | None] = {}
         self._closed = False
 
@@ -87,20 +97,22 @@ class NvidiaBackend:
             return None
         try:
             count = int(query(nvml, "nvmlDeviceGetCount") or 0)
-            handles = [query(nvml, "nvmlDeviceGetHandleByIndex", i) for i in range(count)]
-            uuids = [
-                _text(query(nvml, "nvmlDeviceGetUUID", h) or f"nvidia-{i}")
-                for i, h in enumerate(handles)
-            ]
+            opened = [(i, query(nvml, "nvmlDeviceGetHandleByIndex", i)) for i in range(count)]
+            for i, handle in opened:
+                if handle is None:  # no permission (a container given other GPUs), not found
+                    log.warning("NVIDIA: GPU %d cannot be opened through NVML; skipping it", i)
+            opened = [(i, h) for i, h in opened if h is not None]
+            handles = [h for _, h in opened]
+            uuids = [_text(query(nvml, "nvmlDeviceGetUUID", h) or f"nvidia-{i}") for i, h in opened]
             names = [_text(query(nvml, "nvmlDeviceGetName", h) or "NVIDIA GPU") for h in handles]
         except NvmlError as exc:
             log.warning("NVIDIA: listing GPUs failed (%s)", exc.message)
             query_quietly(nvml, "nvmlShutdown")
             return None
-        if count == 0:
+        if not handles:
             query_quietly(nvml, "nvmlShutdown")
             return None
-        return cls(nvml, handles, uuids, names)
+        return cls(nvml, handles, uuids, names, [i for i, _ in opened])
 
     def device_count(self) -> int:
         return len(self._handles)
@@ -127,7 +139,7 @@ class NvidiaBackend:
             power_watts=None if power_mw is None else float(power_mw) / 1000.0,
             processes=self._processes(handle),
             mig=self._mig(handle),
-            cuda_index=local_index,
+            cuda_index=self._nvml_indices[local_index],
         )
 
     def close(self) -> None:

@@ -122,3 +122,22 @@ def test_close_shuts_nvml_down_once() -> None:
     backend.close()
     assert nvml.initialised == 0
     assert nvml.calls.count("nvmlShutdown") == 1
+
+
+def test_a_gpu_nvml_may_not_open_is_skipped_and_cuda_indices_stay_nvml_s() -> None:
+    """In a container given GPU 1 only, NVML can list GPU 0 and refuse to open it."""
+
+    class PartlyVisible(FakeNvml):
+        def nvmlDeviceGetHandleByIndex(self, index: int) -> object:
+            if index == 0:
+                raise self.NVMLError(NVML_ERROR_NO_PERMISSION)
+            return super().nvmlDeviceGetHandleByIndex(index)
+
+    nvml = PartlyVisible([FakeGpu("GPU-hidden"), FakeGpu("GPU-mine", used=GIB)])
+    backend = NvidiaBackend.open(nvml)
+    assert backend is not None and backend.device_count() == 1
+    snap = backend.read(0)
+    assert (snap.uuid, snap.memory_used_bytes, snap.cuda_index) == ("GPU-mine", GIB, 1)
+    assert snap.torch_device == "cuda:1"
+    nobody = PartlyVisible([FakeGpu("GPU-hidden")])
+    assert NvidiaBackend.open(nobody) is None and nobody.initialised == 0
