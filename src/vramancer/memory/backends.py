@@ -60,6 +60,49 @@ class Layout:
     nbytes: int
 
 
+#: The layout the store keeps for every ``bytes`` block: the size is the block's own
+#: (``BlockMeta.size``), so one object serves them all (see :class:`LayoutTable`).
+ANY_BYTES = Layout(DataKind.BYTES, "uint8", (), 1, 0)
+#: Most distinct array layouts a :class:`LayoutTable` remembers before it starts over.
+LAYOUT_TABLE_MAX = 4096
+
+
+class LayoutTable:
+    """One shared :class:`Layout` per distinct array layout, for the store's per-block records.
+
+    A million blocks of a few shapes then hold a few layout objects instead of a million
+    (about 120 bytes each with their shape tuples). Every ``bytes`` block shares
+    :data:`ANY_BYTES`; :meth:`full` gives back its real layout for the backends. Bounded:
+    past ``max_entries`` distinct layouts the table starts over (blocks keep the objects
+    they hold, so this only costs sharing, never correctness).
+    """
+
+    def __init__(self, max_entries: int = LAYOUT_TABLE_MAX) -> None:
+        self.max_entries = max_entries
+        self._table: dict[Layout, Layout] = {}
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def share(self, layout: Layout) -> Layout:
+        """The shared layout equal to ``layout`` (:data:`ANY_BYTES` for bytes)."""
+        if layout.kind is DataKind.BYTES:
+            return ANY_BYTES
+        found = self._table.get(layout)
+        if found is None:
+            if len(self._table) >= self.max_entries:
+                self._table.clear()
+            self._table[layout] = found = layout
+        return found
+
+    @staticmethod
+    def full(layout: Layout, size: int) -> Layout:
+        """The complete layout of a block of ``size`` bytes kept as ``layout``."""
+        if layout is ANY_BYTES:
+            return Layout(DataKind.BYTES, "uint8", (size,), 1, size)
+        return layout
+
+
 def _torch() -> Any:
     """The torch module if it is already imported (a tensor can only exist if it is)."""
     return sys.modules.get("torch")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -219,7 +218,9 @@ class EvictionIndex(Protocol):
     and blocks with readers are never returned.
     """
 
-    def add(self, block: BlockMeta, now: float) -> None: ...
+    def add(self, block: BlockMeta, now: float, *, prefetched: bool = False) -> None:
+        """A block entered the tier; ``prefetched``: promoted ahead of its read."""
+        ...
 
     def remove(self, block: BlockMeta) -> None: ...
 
@@ -265,8 +266,14 @@ class DecayedHotness:
         return float(block.hits * 0.5 ** (age * self._inv_half_life))
 
     def record_hit(self, block: BlockMeta, now: float) -> None:
-        block.hits = self.decayed(block, now) + 1.0
-        block.last_access = max(block.last_access, now)
+        # decayed() inlined: this runs on every read
+        hits = block.hits
+        last = block.last_access
+        if hits > 0.0 and now > last:
+            hits *= 0.5 ** ((now - last) * self._inv_half_life)
+        block.hits = (hits if hits > 0.0 else 0.0) + 1.0
+        if now > last:
+            block.last_access = now
 
     def score(self, block: BlockMeta, now: float) -> float:
         return self.decayed(block, now)
@@ -428,7 +435,11 @@ class HotnessIndex:
         self._reload_tier = reload_tier
         self._in_window = _Segment("window")
         self._in_ahead = _Segment("ahead")
+        #: ``index_slot`` of a block in main hit since its heap entry was made (see ``touch``).
+        self._in_main_dirty = _Segment("main")
         self._heap: list[_Entry] = []
+        #: Blocks in main (each has one live entry in the heap, clean or dirty).
+        self._main = 0
         self._window: OrderedDict[str, BlockMeta] = OrderedDict()
         self._window_bytes = 0
         #: Prefetched blocks not read yet, oldest first (see ``add``).
@@ -436,7 +447,6 @@ class HotnessIndex:
         self._ahead_bytes = 0
         self._bytes = 0
         self._count = 0
-        self._dead = 0
         self.window_fraction = window_fraction
         self.adaptive = adaptive
         x = min(RECENCY_LOG2_MAX, max(RECENCY_LOG2_MIN, math.log2(recency_factor)))
@@ -468,6 +478,11 @@ class HotnessIndex:
     def window_bytes(self) -> int:
         return self._window_bytes
 
+    @property
+    def heap_entries(self) -> int:
+        """Entries in main's heap, live and dead (for audits and tests: a hit adds none)."""
+        return len(self._heap)
+
     def segment_of(self, block: BlockMeta) -> str | None:
         """``window``, ``main``, ``ahead`` (prefetched, not read yet) or ``None`` (not here)."""
         slot = block.index_slot
@@ -475,9 +490,11 @@ class HotnessIndex:
             return "window"
         if slot is self._in_ahead:
             return "ahead"
+        if slot is self._in_main_dirty:
+            return "main"
         # A heap entry in index_slot means "live in the index that made it": the store removes
         # a block from one tier's index before adding it to another's.
-        if isinstance(slot, tuple) and slot[1] is block:
+        if type(slot) is tuple and slot[1] is block:
             return "main"
         return None
 
@@ -495,11 +512,36 @@ class HotnessIndex:
         block.index_slot = entry
         heapq.heappush(self._heap, entry)
 
+    def _rekey(self, block: BlockMeta) -> None:
+        """A dirty block's entry reached the top (or a rebuild): give it its current value."""
+        self._push(block, self.value_log(block))
+
     def _maybe_compact(self) -> None:
-        if self._dead > COMPACT_MIN_DEAD and self._dead > len(self._heap) // 2:
-            self._heap = [e for e in self._heap if e[1].index_slot is e]
-            heapq.heapify(self._heap)
-            self._dead = 0
+        """Rebuild the heap when dead entries (of removed blocks) outnumber live ones."""
+        dead = len(self._heap) - self._main
+        if dead > COMPACT_MIN_DEAD and dead > self._main:
+            self._rebuild(0.0)
+
+    def _rebuild(self, delta: float) -> None:
+        """A fresh heap of the live entries: clean keys shifted by ``stamp × delta`` (a new
+        ranking decay, see ``_rerank``), dirty blocks re-keyed, dead entries dropped. O(n)."""
+        heap: list[_Entry] = []
+        dirty = self._in_main_dirty
+        for entry in self._heap:
+            block = entry[1]
+            slot = block.index_slot
+            if slot is entry:
+                if delta:
+                    stamp = max(block.last_access, block.created)
+                    entry = (entry[0] + stamp * delta, block)
+                    block.index_slot = entry
+                heap.append(entry)
+            elif slot is dirty:
+                fresh: _Entry = (self.value_log(block), block)
+                block.index_slot = fresh
+                heap.append(fresh)
+        heapq.heapify(heap)
+        self._heap = heap
 
     @property
     def ranking_half_life_s(self) -> float:
@@ -547,18 +589,7 @@ class HotnessIndex:
         """
         delta = inv_recency - self._inv_recency
         self._inv_recency = inv_recency
-        heap: list[_Entry] = []
-        for entry in self._heap:
-            block = entry[1]
-            if block.index_slot is not entry:
-                continue
-            stamp = block.last_access if block.last_access > block.created else block.created
-            fresh: _Entry = (entry[0] + stamp * delta, block)
-            block.index_slot = fresh
-            heap.append(fresh)
-        heapq.heapify(heap)
-        self._heap = heap
-        self._dead = 0
+        self._rebuild(delta)
 
     # -- protocol ----------------------------------------------------------------------------
 
@@ -585,6 +616,7 @@ class HotnessIndex:
             while self._ahead_bytes > budget and len(ahead) > 1:
                 _, old = ahead.popitem(last=False)
                 self._ahead_bytes -= old.size
+                self._main += 1
                 self._push(old, self.value_log(old))
             return
         self._window[block.id] = block
@@ -606,7 +638,7 @@ class HotnessIndex:
             del self._ahead[block.id]
             self._ahead_bytes -= block.size
         else:
-            self._dead += 1
+            self._main -= 1
         block.index_slot = None
         self._bytes -= block.size
         self._count -= 1
@@ -617,23 +649,28 @@ class HotnessIndex:
         self._maybe_compact()
 
     def touch(self, block: BlockMeta, now: float) -> None:
-        """A hit (after ``record_hit``), or a changed priority/pin: re-order the block."""
-        segment = self.segment_of(block)
-        if segment is None:
-            return
-        if segment == "window":
+        """A hit (after ``record_hit``), or a changed priority/pin: re-order the block.
+
+        O(1) for a block in main: it is only marked *dirty* (its heap entry stays where it
+        is); the entry gets the block's current value when it comes to the top of the heap
+        (``victims``, ``coldest``) or at a rebuild. A hit raises a block's value whenever the
+        ranking decays at least as fast as the hotness (``x ≤ 0``), so its old entry comes up
+        no later than the new one would: the order of victims is the same as with an eager
+        re-key. (With ``x > 0`` a block hit after a long idle time may be valued lower than
+        its old entry says; it then goes as soon as that entry comes up.)
+        """
+        slot = block.index_slot
+        if slot is self._in_window:
             self._window.move_to_end(block.id)
-        elif segment == "ahead":  # the predicted read came: it is an ordinary recent block now
+        elif slot is self._in_ahead:  # the predicted read came: an ordinary recent block now
             del self._ahead[block.id]
             self._ahead_bytes -= block.size
             self._window[block.id] = block
             block.index_slot = self._in_window
             self._window_bytes += block.size
             self._drain_window()
-        else:
-            self._dead += 1
-            self._push(block, self.value_log(block))
-            self._maybe_compact()
+        elif type(slot) is tuple and slot[1] is block:
+            block.index_slot = self._in_main_dirty
 
     def victims(self, need_bytes: int, now: float) -> list[BlockMeta]:
         """Coldest movable blocks freeing at least ``need_bytes`` (fewer if not possible):
@@ -644,11 +681,14 @@ class HotnessIndex:
         freed = 0
         heap = self._heap
         popped: list[_Entry] = []
+        dirty = self._in_main_dirty
         while freed < need_bytes and heap:
             entry = heapq.heappop(heap)
             block = entry[1]
-            if block.index_slot is not entry:
-                self._dead -= 1
+            slot = block.index_slot
+            if slot is not entry:
+                if slot is dirty:  # hit since its entry was made: back in at its value
+                    self._rekey(block)
                 continue
             popped.append(entry)
             if block.pinned or block.readers > 0:
@@ -668,20 +708,35 @@ class HotnessIndex:
         return chosen
 
     def coldest(self) -> BlockMeta | None:
-        """Main's coldest block (dead entries on top of the heap are dropped on the way)."""
+        """Main's coldest block, its entry clean on top of the heap (dead entries on the way
+        are dropped, dirty ones re-keyed)."""
         heap = self._heap
-        while heap and heap[0][1].index_slot is not heap[0]:
+        dirty = self._in_main_dirty
+        while heap:
+            top = heap[0]
+            block = top[1]
+            slot = block.index_slot
+            if slot is top:
+                return block
             heapq.heappop(heap)
-            self._dead -= 1
-        return heap[0][1] if heap else None
+            if slot is dirty:
+                self._rekey(block)
+        return None
 
     def blocks(self) -> Iterator[BlockMeta]:
         """Every block in the index (window, ahead, then main), for audits and tests."""
         yield from self._window.values()
         yield from self._ahead.values()
+        dirty = self._in_main_dirty
+        seen: set[str] = set()
         for entry in self._heap:
-            if entry[1].index_slot is entry:
-                yield entry[1]
+            block = entry[1]
+            slot = block.index_slot
+            if slot is entry:
+                yield block
+            elif slot is dirty and block.id not in seen:  # (an old entry may name it too)
+                seen.add(block.id)
+                yield block
 
     # -- window ------------------------------------------------------------------------------
 
@@ -693,6 +748,7 @@ class HotnessIndex:
         while self._window_bytes > budget and len(window) > 1:
             _, block = window.popitem(last=False)
             self._window_bytes -= block.size
+            self._main += 1
             key = history(block, self._inv_recency, self._discount) + self._cost_log(block)
             cold = self.coldest()
             if cold is not None and not (block.pinned or block.readers > 0):
@@ -721,7 +777,7 @@ class LruIndex:
     def __init__(self) -> None:
         self._blocks: dict[str, BlockMeta] = {}
 
-    def add(self, block: BlockMeta, now: float) -> None:
+    def add(self, block: BlockMeta, now: float, *, prefetched: bool = False) -> None:
         self._blocks[block.id] = block
 
     def remove(self, block: BlockMeta) -> None:
@@ -827,7 +883,7 @@ class HotnessPlacement:
 # Prefetch
 # --------------------------------------------------------------------------------------------
 
-_TRAILING_INT = re.compile(r"^(.*?)(\d+)$")
+_DIGITS = "0123456789"
 _STREAM = 0
 _SUCCESSOR = 1
 
@@ -836,12 +892,14 @@ def split_sequence_id(block_id: str) -> tuple[str, int, int] | None:
     """``"conv42/page/7"`` → ``("conv42/page/", 7, 0)``; ``"shard-00003"`` → (…, 3, 5).
 
     The third item is the zero-padded width (0 when the number is not padded). ``None`` when the
-    id does not end with digits.
+    id does not end with ASCII digits. (``str.rstrip``, not a regular expression: this runs on
+    every read.)
     """
-    match = _TRAILING_INT.match(block_id)
-    if match is None:
+    prefix = block_id.rstrip(_DIGITS)
+    cut = len(prefix)
+    if cut == len(block_id):
         return None
-    prefix, digits = match.groups()
+    digits = block_id[cut:]
     width = len(digits) if len(digits) > 1 and digits[0] == "0" else 0
     return prefix, int(digits), width
 
@@ -884,14 +942,17 @@ class SequentialPrefetcher:
         self.useful = 0
 
     def observe(self, block_id: str, now: float) -> Sequence[str]:
+        if self.depth <= 0:  # predicting nothing: nothing worth learning either
+            return ()
         self._accesses += 1
-        self._score(block_id)
+        if self._outstanding:
+            self._score(block_id)
         stream = self._stream(block_id)
         guess = self._successor(block_id)
         self._previous = block_id
+        if not stream and guess is None:
+            return ()
         predicted: list[str] = []
-        if self.depth <= 0:
-            return predicted
         if stream and self._trusted(_STREAM):
             predicted.extend(stream)
             for pid in stream:
@@ -932,17 +993,19 @@ class SequentialPrefetcher:
         self._outstanding[pid] = (self._accesses, kind)
 
     def _stream(self, block_id: str) -> list[str]:
-        parsed = split_sequence_id(block_id)
-        if parsed is None:
+        # split_sequence_id inlined (this runs on every read); the width only when predicting
+        prefix = block_id.rstrip(_DIGITS)
+        if len(prefix) == len(block_id):
             return []
-        prefix, number, width = parsed
-        state = self._streams.get(prefix)
+        number = int(block_id[len(prefix) :])
+        streams = self._streams
+        state = streams.get(prefix)
         if state is None:
-            self._streams[prefix] = [number, 0, 0]
-            if len(self._streams) > PREFETCH_MAX_STREAMS:
-                self._streams.popitem(last=False)
+            streams[prefix] = [number, 0, 0]
+            if len(streams) > PREFETCH_MAX_STREAMS:
+                streams.popitem(last=False)
             return []
-        self._streams.move_to_end(prefix)
+        streams.move_to_end(prefix)
         if number == state[0] + 1:
             state[1] += 1
             if state[1] >= PREFETCH_MIN_RUN:
@@ -959,31 +1022,33 @@ class SequentialPrefetcher:
             ahead = 1
         else:
             return []
+        digits = block_id[len(prefix) :]
+        width = len(digits) if len(digits) > 1 and digits[0] == "0" else 0
         return [format_sequence_id(prefix, number + k, width) for k in range(1, ahead + 1)]
 
     def _successor(self, block_id: str) -> str | None:
+        """Learn ``previous → block_id`` (a one-slot Misra–Gries counter per id), then return
+        the confident successor of ``block_id``, if any."""
+        successors = self._successors
         previous = self._previous
         if previous is not None and previous != block_id:
-            self._learn(previous, block_id)
-        slot = self._successors.get(block_id)
-        if slot is None or slot[1] < PREFETCH_MIN_SUCCESSOR_COUNT:
+            slot = successors.get(previous)
+            if slot is None:
+                successors[previous] = [block_id, 1]
+                if len(successors) > PREFETCH_MAX_SUCCESSORS:
+                    successors.popitem(last=False)
+            else:
+                successors.move_to_end(previous)
+                if slot[0] == block_id:
+                    slot[1] += 1
+                elif slot[1] > 1:
+                    slot[1] -= 1
+                else:
+                    slot[0], slot[1] = block_id, 1
+        mine = successors.get(block_id)
+        if mine is None or mine[1] < PREFETCH_MIN_SUCCESSOR_COUNT:
             return None
-        return str(slot[0])
-
-    def _learn(self, previous: str, current: str) -> None:
-        slot = self._successors.get(previous)
-        if slot is None:
-            self._successors[previous] = [current, 1]
-            if len(self._successors) > PREFETCH_MAX_SUCCESSORS:
-                self._successors.popitem(last=False)
-            return
-        self._successors.move_to_end(previous)
-        if slot[0] == current:
-            slot[1] += 1
-        elif slot[1] > 1:
-            slot[1] -= 1
-        else:
-            slot[0], slot[1] = current, 1
+        return str(mine[0])
 
 
 class NoPrefetch:
@@ -1028,13 +1093,35 @@ class PromotionPolicy:
         return self._hotness.score(block, now) <= self.config.demote_threshold
 
     def bytes_to_free(self, tier: TierView, incoming_bytes: int = 0) -> int:
-        """Bytes an eviction cycle must free: down to ``pressure_low`` once above
-        ``pressure_high``, and always enough for ``incoming_bytes`` to fit."""
-        need = max(0, tier.used_bytes + incoming_bytes - tier.capacity_bytes)
-        used = tier.used_bytes + incoming_bytes
-        if tier.capacity_bytes and used / tier.capacity_bytes > self.config.pressure_high:
-            need = max(need, used - int(self.config.pressure_low * tier.capacity_bytes))
-        return need
+        """Bytes an eviction cycle must free (see :func:`bytes_to_free`), with the configured
+        watermarks."""
+        return bytes_to_free(
+            tier.used_bytes,
+            tier.capacity_bytes,
+            incoming_bytes,
+            self.config.pressure_high,
+            self.config.pressure_low,
+        )
+
+
+def bytes_to_free(
+    used_bytes: int,
+    capacity_bytes: int,
+    incoming_bytes: int,
+    pressure_high: float,
+    pressure_low: float,
+    *,
+    force: bool = False,
+) -> int:
+    """Bytes to demote from a tier: always enough for ``incoming_bytes`` to fit, and down to
+    ``pressure_low × capacity`` once the tier (with the incoming bytes) passes
+    ``pressure_high × capacity`` — or, with ``force``, in any case. The store calls it with
+    each tier's own watermarks."""
+    used = used_bytes + incoming_bytes
+    need = max(0, used - capacity_bytes)
+    if capacity_bytes and (force or used > pressure_high * capacity_bytes):
+        need = max(need, used - int(pressure_low * capacity_bytes))
+    return need
 
 
 @dataclass(slots=True)

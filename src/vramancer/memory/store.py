@@ -49,6 +49,7 @@ from vramancer.memory.backends import (
     FileHandle,
     HostBackend,
     Layout,
+    LayoutTable,
     PinnedBackend,
     TierBackend,
     describe,
@@ -66,6 +67,7 @@ from vramancer.memory.policy import (
     HotnessModel,
     OrchestratorStrategy,
     TierView,
+    bytes_to_free,
     default_policy,
 )
 from vramancer.memory.settings import MemorySettings
@@ -111,17 +113,23 @@ class StorePolicy(Protocol):
     ) -> bool: ...
 
 
+#: A NumPy block (the hit path hands out a read-only view of it).
+_NUMPY = DataKind.NUMPY
+
+
 @dataclass(slots=True, eq=False)
 class _Entry:
-    """A block: its policy metadata, how to rebuild it, and its backend handle."""
+    """A block: its policy metadata, how to rebuild it, and its backend handle.
+
+    Three slots, no more: the store keeps one per block (a million blocks must stay under
+    500 bytes each). ``layout`` is shared (``LayoutTable``); whether the entry is still the
+    block's is ``store._blocks.get(id) is entry``; old copies waiting for readers are in
+    ``store._deferred``.
+    """
 
     meta: BlockMeta
     layout: Layout
     handle: Any
-    #: False once deleted or replaced (a reader may still hold the entry).
-    live: bool = True
-    #: Old copies to free when the last reader is done.
-    deferred: list[tuple[_Tier, Any]] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -143,14 +151,15 @@ class _Tier:
     host: bool = False
     up: _Tier | None = None
     lower: list[_Tier] = field(default_factory=list)
+    #: ``spec.name.value`` and whether the tier is L5/L6, kept as plain fields (read per op).
+    name: str = field(init=False)
+    is_disk: bool = field(init=False)
+    #: This tier's children of the per-tier gauges (used, capacity, blocks, ratio).
+    gauges: tuple[Any, ...] = ()
 
-    @property
-    def name(self) -> str:
-        return self.spec.name.value
-
-    @property
-    def is_disk(self) -> bool:
-        return self.spec.name in DISK_TIERS
+    def __post_init__(self) -> None:
+        self.name = self.spec.name.value
+        self.is_disk = self.spec.name in DISK_TIERS
 
     @property
     def free(self) -> int:
@@ -230,11 +239,16 @@ class TieredStore:
         self._lock = threading.Lock()
         self._mover = threading.RLock()
         self._blocks: dict[str, _Entry] = {}
+        self._layouts = LayoutTable()
+        #: Old copies of blocks being read, freed when their last reader is done.
+        self._deferred: dict[_Entry, list[tuple[_Tier, Any]]] = {}
         self._tiers: list[_Tier] = []
         self._by_name: dict[str, _Tier] = {}
         self._top: _Tier | None = None
         self._catalog: Catalog | None = None
-        self._pending: dict[str, None] = {}
+        #: Blocks queued for promotion -> True for a prefetch (not read yet), False for a
+        #: block that was read (a promotion a busy mover could not take at once).
+        self._pending: dict[str, bool] = {}
         self._opened = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -311,8 +325,11 @@ class TieredStore:
         tiers: list[_Tier] = []
         for position, spec in enumerate(specs):
             backend = self._backend_for(spec, manager)
-            below = specs[position + 1].latency if position + 1 < len(specs) else spec.latency
-            index = self._policy.new_index(below, spec.name.value)
+            # A block evicted from this tier goes to (and is reloaded from) the next slower
+            # one: its latency and learned reload cost rank this tier's victims. The slowest
+            # tier evicts nothing; its own figures stand in.
+            below = specs[position + 1] if position + 1 < len(specs) else spec
+            index = self._policy.new_index(below.latency, below.name.value)
             tiers.append(
                 _Tier(
                     spec, backend, index, target=spec.capacity_bytes, capacity=spec.capacity_bytes
@@ -322,6 +339,10 @@ class TieredStore:
             tier.host = type(tier.backend) is HostBackend
             tier.up = tiers[position - 1] if position > 0 else None
             tier.lower = tiers[position + 1 :]
+            tier.gauges = tuple(
+                g.labels(tier=tier.name)
+                for g in (self._g_used, self._g_capacity, self._g_blocks, self._g_ratio)
+            )
         self._tiers = tiers
         self._by_name = {t.name: t for t in tiers}
         self._top = tiers[0] if tiers else None
@@ -363,7 +384,9 @@ class TieredStore:
                 self._catalog.delete(row.id)
                 lost.append(row.id)
                 continue
-            layout = Layout(DataKind(row.kind), row.dtype, row.shape, row.itemsize, row.size)
+            layout = self._layouts.share(
+                Layout(DataKind(row.kind), row.dtype, row.shape, row.itemsize, row.size)
+            )
             meta = BlockMeta(
                 id=row.id,
                 size=row.size,
@@ -448,19 +471,20 @@ class TieredStore:
                 and self._policy.should_promote(meta, meta.tier, up.view(), now)
             )
             if ahead:
-                self._queue(ahead, block_id)
+                self._queue(ahead, block_id, prefetched=True)
             if not promote and tier.host:  # the hit path: no I/O, no copy
-                if entry.layout.kind is DataKind.NUMPY:
+                if entry.layout.kind is _NUMPY:
                     return entry.handle.view()
                 return entry.handle
             meta.readers += 1
             handle = entry.handle
+        start = time.perf_counter()
         try:
-            value = tier.backend.read(handle, entry.layout, block_id)
+            value = tier.backend.read(handle, self._layout(entry), block_id)
         finally:
             self._release(entry)
         if promote:
-            self._promote_after_read(entry, tier, value)
+            self._promote_after_read(entry, tier, value, time.perf_counter() - start)
         return value
 
     def read_bytes(self, block_id: str) -> tuple[bytes, dict[str, Any]]:
@@ -543,7 +567,7 @@ class TieredStore:
             check_block_id(block_id)
         with self._lock:
             known = [i for i in ids if i in self._blocks]
-            self._queue(known, None)
+            self._queue(known, None, prefetched=True)
         if self._loop is None:
             self.run_pending()
         return len(known)
@@ -551,14 +575,14 @@ class TieredStore:
     def run_pending(self) -> int:
         """Promote the queued blocks (prefetches, promotions a busy get left); returns moves."""
         with self._lock:
-            ids = list(self._pending)
+            queued = list(self._pending.items())
             self._pending.clear()
         moved = 0
-        for block_id in ids:
+        for block_id, prefetched in queued:
             with self._mover:
                 if self._closed:
                     break
-                moved += self._promote_queued(block_id)
+                moved += self._promote_queued(block_id, prefetched=prefetched)
         return moved
 
     def evict_cycle(self, *, force: bool = False) -> dict[str, int]:
@@ -782,7 +806,7 @@ class TieredStore:
             )
         meta.tier = tier.name
         handle = tier.backend.write(block_id, layout, value, owned=False, hint=hint)
-        entry = _Entry(meta, layout, handle)
+        entry = _Entry(meta, self._layouts.share(layout), handle)
         with self._lock:
             old = self._blocks.get(block_id)
         try:
@@ -826,12 +850,10 @@ class TieredStore:
     def _bytes_to_free(self, tier: _Tier, incoming: int, *, force: bool = False) -> int:
         """Bytes to demote so ``incoming`` fits and, above the high mark (or ``force``), the
         tier drops to its low mark; also what a shrunk budget asks for."""
-        used = tier.used + incoming
-        budget = tier.target
-        need = max(0, used - budget)
-        if budget and (force or used > tier.spec.pressure_high * budget):
-            need = max(need, used - int(tier.spec.pressure_low * budget))
-        return need
+        spec = tier.spec
+        return bytes_to_free(
+            tier.used, tier.target, incoming, spec.pressure_high, spec.pressure_low, force=force
+        )
 
     def _after_growth(self, tier: _Tier) -> None:
         """A tier grew: past its high mark, run (or wake) the eviction cycle."""
@@ -896,29 +918,40 @@ class TieredStore:
         value: Any = None,
         owned: bool = False,
         allow_pinned: bool = False,
+        read_s: float = 0.0,
+        prefetched: bool = False,
     ) -> bool:
         """Move ``entry`` to ``target`` (mover held; room checked by the caller). Copies
         outside the lock; the old copy is freed after the switch, or when its last reader is
-        done. Returns False if the block changed meanwhile (deleted, pinned)."""
+        done. Returns False if the block changed meanwhile (deleted, pinned).
+
+        ``value``: the block's data when the caller already read it (``read_s`` seconds, counted
+        in the move's time). ``prefetched``: a promotion ahead of the reader (the target's
+        index keeps it apart until its read comes)."""
         meta = entry.meta
         with self._lock:
-            if not entry.live or (meta.pinned and not allow_pinned) or meta.tier == target.name:
+            if (
+                self._blocks.get(meta.id) is not entry
+                or (meta.pinned and not allow_pinned)
+                or meta.tier == target.name
+            ):
                 return False
             if target.free < meta.size:
                 return False
             source = self._by_name[meta.tier]
             meta.readers += 1
             handle = entry.handle
+        layout = self._layout(entry)
         upward = target.spec.latency < source.spec.latency
         start = time.perf_counter()
         name = "memory.promote" if upward else "memory.demote"
         try:
             with tracing.span(name, block_id=meta.id, source=source.name, target=target.name):
                 if value is None:
-                    value = source.backend.read(handle, entry.layout, meta.id)
+                    value = source.backend.read(handle, layout, meta.id)
                     owned = source.is_disk
                 new_handle = target.backend.write(
-                    meta.id, entry.layout, value, owned=owned, hint=meta.hint
+                    meta.id, layout, value, owned=owned, hint=meta.hint
                 )
                 try:
                     if target.is_disk:
@@ -934,26 +967,26 @@ class TieredStore:
         except BaseException:
             self._release(entry)
             raise
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start + read_s
         now = self._clock.monotonic()
         with self._lock:
             meta.readers -= 1
             self._account_out(source, entry)
             meta.tier = target.name
             entry.handle = new_handle
-            self._account_in(target, entry, now)
+            self._account_in(target, entry, now, prefetched=prefetched)
             frees = self._retire(entry, source, handle)
             self._count_move(meta.size, upward, reason)
         self._free(frees)
         self._report(_Move(meta.id, meta.size, source.name, target.name, reason, seconds, upward))
         return True
 
-    def _promote_after_read(self, entry: _Entry, source: _Tier, value: Any) -> None:
-        """Promote a block just read (we hold its value: no second read). Only if no other
-        move is running; otherwise it is queued for the maintenance loop."""
+    def _promote_after_read(self, entry: _Entry, source: _Tier, value: Any, read_s: float) -> None:
+        """Promote a block just read (we hold its value, read in ``read_s``: no second read).
+        Only if no other move is running; otherwise it is queued for the maintenance loop."""
         if not self._mover.acquire(blocking=False):
             with self._lock:
-                self._queue([entry.meta.id], None)
+                self._queue([entry.meta.id], None, prefetched=False)
             return
         try:
             up = source.up
@@ -965,16 +998,19 @@ class TieredStore:
                 need = self._bytes_to_free(up, entry.meta.size)
                 self._free_bytes(up, need, reason="room", colder_than=score)
             if up.free >= entry.meta.size:
-                self._relocate(entry, up, reason="hit", value=value, owned=source.is_disk)
+                self._relocate(
+                    entry, up, reason="hit", value=value, owned=source.is_disk, read_s=read_s
+                )
                 self._after_growth(up)
         except CorruptBlock:
             log.exception("promotion of %r failed", entry.meta.id)
         finally:
             self._mover.release()
 
-    def _promote_queued(self, block_id: str) -> int:
-        """Promote a queued block (prefetch) to the fastest tier with room for it, evicting
-        only blocks colder than the promotion threshold. Mover held."""
+    def _promote_queued(self, block_id: str, *, prefetched: bool) -> int:
+        """Promote a queued block (a prefetch, or a read whose promotion found the mover busy)
+        to the fastest tier with room for it, evicting only blocks colder than the promotion
+        threshold. Mover held."""
         entry = self._blocks.get(block_id)
         if entry is None or entry.meta.pinned:
             return 0
@@ -983,7 +1019,12 @@ class TieredStore:
         if target is None:
             return 0
         try:
-            moved = self._relocate(entry, target, reason="prefetch")
+            moved = self._relocate(
+                entry,
+                target,
+                reason="prefetch" if prefetched else "hit",
+                prefetched=prefetched,
+            )
         except CorruptBlock:
             log.exception("prefetch of %r failed", block_id)
             return 0
@@ -1094,20 +1135,25 @@ class TieredStore:
                 if entry is None:
                     raise NotFound(f"no block {block_id!r}")
                 entry.meta.pinned = pinned
-                on_disk = self._by_name[entry.meta.tier].is_disk
+                tier = self._by_name[entry.meta.tier]
+                tier.index.touch(entry.meta, self._clock.monotonic())  # re-rank it
+                on_disk = tier.is_disk
             if on_disk:
                 self._db().set_pinned(block_id, pinned)
         self._events.publish("block_pinned" if pinned else "block_unpinned", id=block_id)
 
-    def _account_in(self, tier: _Tier, entry: _Entry, now: float) -> None:
-        """Lock held: the block is now in ``tier``."""
+    def _account_in(
+        self, tier: _Tier, entry: _Entry, now: float, *, prefetched: bool = False
+    ) -> None:
+        """Lock held: the block is now in ``tier`` (``prefetched``: promoted ahead of its
+        read, which the index keeps apart and evicts last until the read comes)."""
         meta = entry.meta
         meta.tier = tier.name
         meta.compression = tier.backend.codec(entry.handle)
         tier.used += meta.size
         tier.blocks += 1
         tier.stored += tier.backend.stored_bytes(entry.handle)
-        tier.index.add(meta, now)
+        tier.index.add(meta, now, prefetched=prefetched)
 
     def _account_out(self, tier: _Tier, entry: _Entry) -> None:
         """Lock held: the block leaves ``tier``."""
@@ -1121,7 +1167,6 @@ class TieredStore:
 
     def _drop(self, entry: _Entry, tier: _Tier) -> list[tuple[_Tier, Any]]:
         """Lock held: remove a deleted or replaced block; returns what to free now."""
-        entry.live = False
         self._account_out(tier, entry)
         return self._retire(entry, tier, entry.handle)
 
@@ -1129,9 +1174,7 @@ class TieredStore:
         """Lock held: an old copy is no longer the block's; free it now or after the readers."""
         if entry.meta.readers == 0:
             return [(tier, handle)]
-        if entry.deferred is None:
-            entry.deferred = []
-        entry.deferred.append((tier, handle))
+        self._deferred.setdefault(entry, []).append((tier, handle))
         return []
 
     def _release(self, entry: _Entry) -> None:
@@ -1139,8 +1182,8 @@ class TieredStore:
         with self._lock:
             entry.meta.readers -= 1
             frees: list[tuple[_Tier, Any]] = []
-            if entry.meta.readers == 0 and entry.deferred:
-                frees, entry.deferred = entry.deferred, None
+            if entry.meta.readers == 0 and self._deferred:
+                frees = self._deferred.pop(entry, [])
         self._free(frees)
 
     def _free(self, frees: list[tuple[_Tier, Any]], *, now: bool = False) -> None:
@@ -1188,8 +1231,9 @@ class TieredStore:
             tier.capacity = max(tier.target, tier.used)
         self._publish_tier(tier)
 
-    def _queue(self, ids: Iterable[str], current: str | None) -> None:
-        """Lock held: queue blocks for promotion by the maintenance loop."""
+    def _queue(self, ids: Iterable[str], current: str | None, *, prefetched: bool) -> None:
+        """Lock held: queue blocks for promotion by the maintenance loop (``prefetched``: ahead
+        of their read; a block queued both ways counts as read)."""
         top = self._top
         limit = self.settings.max_pending_promotions
         added = False
@@ -1199,7 +1243,7 @@ class TieredStore:
             entry = self._blocks.get(block_id)
             if entry is None or entry.meta.pinned or self._by_name[entry.meta.tier] is top:
                 continue
-            self._pending[block_id] = None
+            self._pending[block_id] = prefetched and self._pending.get(block_id, True)
             added = True
             if len(self._pending) > limit:
                 del self._pending[next(iter(self._pending))]
@@ -1243,7 +1287,7 @@ class TieredStore:
     def _row(
         self, entry: _Entry, now: float, tier: _Tier | None = None, handle: Any = None
     ) -> BlockRow:
-        meta, layout = entry.meta, entry.layout
+        meta, layout = entry.meta, self._layout(entry)
         handle = entry.handle if handle is None else handle
         assert isinstance(handle, FileHandle)
         return BlockRow(
@@ -1264,8 +1308,13 @@ class TieredStore:
             created=self._clock.time(),
         )
 
+    def _layout(self, entry: _Entry) -> Layout:
+        """The entry's complete layout (bytes blocks share one without their size)."""
+        return self._layouts.full(entry.layout, entry.meta.size)
+
     def _describe(self, entry: _Entry, now: float) -> dict[str, Any]:
         meta = entry.meta
+        layout = self._layout(entry)
         return {
             "id": meta.id,
             "size": meta.size,
@@ -1273,9 +1322,9 @@ class TieredStore:
             "pinned": meta.pinned,
             "priority": meta.priority,
             "hint": meta.hint,
-            "kind": entry.layout.kind.value,
-            "dtype": entry.layout.dtype,
-            "shape": list(entry.layout.shape),
+            "kind": layout.kind.value,
+            "dtype": layout.dtype,
+            "shape": list(layout.shape),
             "compression": meta.compression,
             "hotness": round(self._policy.hotness.score(meta, now), 6),
         }
@@ -1332,11 +1381,11 @@ class TieredStore:
         )
 
     def _publish_tier(self, tier: _Tier) -> None:
-        name = tier.name
-        self._g_used.labels(tier=name).set(tier.used)
-        self._g_capacity.labels(tier=name).set(tier.capacity)
-        self._g_blocks.labels(tier=name).set(tier.blocks)
-        self._g_ratio.labels(tier=name).set(tier.used / tier.stored if tier.stored else 1.0)
+        used, capacity, blocks, ratio = tier.gauges
+        used.set(tier.used)
+        capacity.set(tier.capacity)
+        blocks.set(tier.blocks)
+        ratio.set(tier.used / tier.stored if tier.stored else 1.0)
 
     def _evicted_bytes(self) -> int:
         return self._evicted
@@ -1363,8 +1412,10 @@ class TieredStore:
         self._c_moved.labels(tier=move.target).inc(move.size)
         for name in (move.source, move.target):
             self._publish_tier(self._by_name[name])
+        # A move up is a reload from its source tier: what the eviction ranking of the tier
+        # above that one counts as the cost of evicting a block (moves down measure writes).
         costs = getattr(self._policy, "costs", None)
-        if costs is not None and hasattr(costs, "observe"):
+        if move.upward and costs is not None and hasattr(costs, "observe"):
             with self._lock:
                 costs.observe(move.source, move.size, move.seconds)
         self._events.publish(

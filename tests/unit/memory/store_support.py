@@ -11,7 +11,7 @@ from vramancer.devices.settings import DevicesSettings
 from vramancer.events import EventBus
 from vramancer.memory.compression import CompressionManager
 from vramancer.memory.settings import MemorySettings
-from vramancer.memory.store import TieredStore
+from vramancer.memory.store import StorePolicy, TieredStore
 from vramancer.observability.metrics import Metrics
 
 
@@ -39,10 +39,12 @@ class StoreKit:
         settings: MemorySettings | None = None,
         *,
         compression: CompressionManager | None = None,
+        policy: StorePolicy | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.settings = settings or make_settings()
         self.compression = compression
+        self.policy = policy
         self.clock = ManualClock()
         self.events = EventBus(clock=self.clock.time)
         self.metrics = Metrics(node="test")
@@ -60,6 +62,7 @@ class StoreKit:
             metrics=self.metrics,
             clock=self.clock,
             compression=self.compression,
+            policy=self.policy,
         )
         store.open()
         return store

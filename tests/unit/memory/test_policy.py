@@ -26,6 +26,7 @@ from vramancer.memory.policy import (
     ReloadCostModel,
     SequentialPrefetcher,
     TierView,
+    bytes_to_free,
     default_policy,
     format_sequence_id,
     policy_config_from,
@@ -501,3 +502,106 @@ def test_bundle_on_read_records_the_hit_learns_the_hint_and_returns_prefetch_ids
 
 def test_block_meta_is_slotted() -> None:
     assert not hasattr(block("a"), "__dict__")
+
+
+# ------------------------------------------------------------------------ hit path (lazy keys)
+
+
+class EagerIndex(HotnessIndex):
+    """Reference: re-keys a block in main on every hit (a new heap entry; the old one dies)."""
+
+    def touch(self, block: BlockMeta, now: float) -> None:
+        if self.segment_of(block) == "main":
+            self._push(block, self.value_log(block))
+        else:
+            super().touch(block, now)
+
+
+def test_a_hit_in_main_adds_no_heap_entry_and_victims_keep_the_eager_order() -> None:
+    """``touch`` of a block in main only marks it dirty (O(1) on the hit path); its entry gets
+    the block's current value when it reaches the top. With the ranking decaying as fast as
+    the hotness (x = 0), the victims come in exactly the order an eager re-key gives."""
+    import random
+
+    rng = random.Random(3)
+    lazy_hot, eager_hot = DecayedHotness(30.0), DecayedHotness(30.0)
+    lazy = fixed_index(lazy_hot, window_fraction=0.05)
+    eager = EagerIndex(eager_hot, adaptive=False, window_fraction=0.05)
+    mine = [block(f"b{i}", 10 + i % 7) for i in range(400)]
+    ref = [block(f"b{i}", 10 + i % 7) for i in range(400)]
+    now = 0.0
+    for a, b in zip(mine, ref, strict=True):
+        now += 0.05
+        lazy.add(a, now)
+        eager.add(b, now)
+    entries = lazy.heap_entries
+    for step in range(6000):
+        now += 0.05
+        k = min(int(rng.paretovariate(1.2)) - 1, 399)
+        for hot, index, blocks in ((lazy_hot, lazy, mine), (eager_hot, eager, ref)):
+            hot.record_hit(blocks[k], now)
+            index.touch(blocks[k], now)
+        if step % 1000 == 999:  # an eviction cycle now and then: both pick the same victims
+            for index in (lazy, eager):
+                for v in index.victims(200, now):
+                    index.remove(v)
+                    index.add(v, now)
+            assert [v.id for v in lazy.victims(500, now)] == [v.id for v in eager.victims(500, now)]
+    assert sum(1 for b in mine if lazy.segment_of(b) == "main") > 300
+    before = (lazy.heap_entries, eager.heap_entries)
+    for i in range(300):  # hits on blocks in main only: no new entry in the lazy heap
+        now += 0.05
+        a, b = mine[i], ref[i]
+        if lazy.segment_of(a) == "main" and eager.segment_of(b) == "main":
+            lazy_hot.record_hit(a, now)
+            eager_hot.record_hit(b, now)
+            lazy.touch(a, now)
+            eager.touch(b, now)
+    assert lazy.heap_entries == before[0]
+    assert eager.heap_entries > before[1] + 200
+    assert entries <= before[0]
+    assert [v.id for v in lazy.victims(10**9, now)] == [v.id for v in eager.victims(10**9, now)]
+
+
+def test_removals_compact_the_heap_and_dirty_blocks_survive_the_rebuild() -> None:
+    hot = DecayedHotness(10.0)
+    index = fixed_index(hot)
+    blocks = [block(f"c{i}", 4) for i in range(6000)]
+    for b in blocks:
+        index.add(b, 0.0)
+    for b in blocks[:100]:  # dirty: hit after entering main
+        hot.record_hit(b, 1.0)
+        index.touch(b, 1.0)
+    for b in blocks[2500:]:
+        index.remove(b)
+    assert len(index) == 2500
+    assert index.heap_entries < 2 * 2500  # rebuilt when the dead outnumbered the live (5940)
+    assert {b.id for b in index.blocks()} == {b.id for b in blocks[:2500]}
+    order = index.victims(10**9, 2.0)
+    assert {b.id for b in order} == {b.id for b in blocks[:2500]}
+    read = {b.id for b in blocks[:100]}
+    assert {b.id for b in order[-100:]} == read  # the read ones last (the window is empty)
+
+
+def test_sequence_id_parsing_edge_cases() -> None:
+    assert split_sequence_id("a1b2") == ("a1b", 2, 0)
+    assert split_sequence_id("007") == ("", 7, 3)
+    assert split_sequence_id("x0") == ("x", 0, 0)
+    assert split_sequence_id("x00") == ("x", 0, 2)
+    assert split_sequence_id("page/\u0663") is None  # ASCII digits only
+    assert split_sequence_id("") is None
+
+
+def test_a_prefetcher_of_depth_zero_predicts_and_learns_nothing() -> None:
+    p = SequentialPrefetcher(depth=0)
+    for _ in range(3):
+        for i in range(5):
+            assert list(p.observe(f"s/{i}", 0.0)) == []
+    assert p.issued == 0 and not p._streams and not p._successors
+
+
+def test_bytes_to_free_with_a_tier_s_own_marks_and_forced() -> None:
+    assert bytes_to_free(800, 1000, 0, 0.9, 0.75) == 0
+    assert bytes_to_free(800, 1000, 0, 0.9, 0.75, force=True) == 50
+    assert bytes_to_free(800, 1000, 0, 0.7, 0.5) == 300  # a tier with lower marks
+    assert bytes_to_free(0, 0, 10, 0.9, 0.75) == 10  # no budget: only what must fit
