@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -195,6 +196,15 @@ async def test_chunked_bodies_over_the_limit_are_refused_with_413(
         assert ok.status_code == 200 and ok.json()["can_load"] is True
 
 
+@contextlib.asynccontextmanager
+async def client_at(settings: Settings, address: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client whose requests come from ``address`` (as a peer on another machine would)."""
+    async with Runtime(settings) as rt:
+        transport = httpx.ASGITransport(app=create_app(runtime=rt), client=(address, 4321))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            yield client
+
+
 @pytest.mark.parametrize(
     ("address", "status"), [("10.1.2.3", 403), ("::1", 200), ("127.0.0.9", 200)]
 )
@@ -202,16 +212,12 @@ async def test_without_tokens_only_local_callers_get_in(
     settings_factory: SettingsFactory, address: str, status: int
 ) -> None:
     """However the app is served (uvicorn --factory, a port mapping), no tokens means local only."""
-    async with Runtime(settings_factory()) as rt:
-        transport = httpx.ASGITransport(app=create_app(runtime=rt), client=(address, 4321))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            response = await client.get("/v1/devices")
-            assert response.status_code == status
-            if status == 403:
-                assert "only this machine may call" in response.json()["error"]["message"]
-            assert (await client.get("/healthz")).status_code == 200
-    async with Runtime(settings_factory(auth={"tokens": TOKENS})) as rt:
-        transport = httpx.ASGITransport(app=create_app(runtime=rt), client=(address, 4321))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            ok = await client.get("/v1/devices", headers=bearer("view"))
-            assert ok.status_code == 200  # with tokens, any address with a valid token
+    async with client_at(settings_factory(), address) as client:
+        response = await client.get("/v1/devices")
+        assert response.status_code == status
+        if status == 403:
+            assert "only this machine may call" in response.json()["error"]["message"]
+        assert (await client.get("/healthz")).status_code == 200
+    async with client_at(settings_factory(auth={"tokens": TOKENS}), address) as client:
+        ok = await client.get("/v1/devices", headers=bearer("view"))
+        assert ok.status_code == 200  # with tokens, any address with a valid token
