@@ -29,7 +29,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from vramancer.arbiter.errors import (
@@ -790,6 +790,18 @@ class Arbiter:
         """Live allocations, oldest first."""
         with self._lock:
             return sorted(self._allocations.values(), key=lambda a: a.seq)
+
+    def set_preemptible(self, allocation_id: str, preemptible: bool) -> bool:
+        """Make a live allocation a possible victim of preemption again, or not. The model
+        manager turns it off while a model is in use (it is never evicted under its user).
+        False when the id is not live (released, or preempted already)."""
+        with self._lock:
+            held = self._allocations.get(allocation_id)
+            if held is None:
+                return False
+            if held.preemptible != preemptible:
+                self._allocations[allocation_id] = replace(held, preemptible=preemptible)
+            return True
 
     def get(self, allocation_id: str) -> Allocation:
         """The live allocation ``allocation_id``; ``Preempted`` if it was taken, else

@@ -543,7 +543,15 @@ class ModelManager:
     def _release_hold(self, entry: _Entry) -> None:
         entry.in_use = max(0, entry.in_use - 1)
         self._m_in_use.labels(model=entry.name, backend=entry.kind.value).set(entry.in_use)
+        if entry.in_use == 0:
+            self._shield(entry, False)
         self._bump()
+
+    def _shield(self, entry: _Entry, in_use: bool) -> None:
+        """While a model is in use its arbiter allocation is no victim of preemption: it is
+        never taken away under its user (a never-evict model's never is)."""
+        if entry.allocation is not None and not entry.spec.never_evict:
+            self.arbiter.set_preemptible(entry.allocation.id, not in_use)
 
     # ------------------------------------------------------------------ obtaining (load on demand)
 
@@ -595,6 +603,8 @@ class ModelManager:
     def _take_hold(self, entry: _Entry) -> None:
         entry.in_use += 1
         self._m_in_use.labels(model=entry.name, backend=entry.kind.value).set(entry.in_use)
+        if entry.in_use == 1:
+            self._shield(entry, True)
 
     def _choose_target(self, entry: _Entry, wanted: str | None) -> str:
         """Where a load of ``entry`` goes: the asked device, the pinned one, the profile's
@@ -1092,7 +1102,7 @@ class ModelManager:
                 device=f"gpu:{gpu_index(device)}",
                 owner=f"{_MODEL_OWNER}{entry.name}",
                 on_preempt=self._preempt_callback(entry.name),
-                preemptible=not entry.spec.never_evict,
+                preemptible=not entry.spec.never_evict and entry.in_use == 0,
             )
         except InsufficientMemory as exc:
             log.info("arbiter refused %s for %s: %s", format_size(needed), entry.name, exc.message)
@@ -1308,7 +1318,7 @@ class ModelManager:
                 device=f"gpu:{gpu_index(device)}",
                 owner=f"{_MODEL_OWNER}{entry.name}",
                 on_preempt=self._preempt_callback(entry.name),
-                preemptible=not entry.spec.never_evict,
+                preemptible=not entry.spec.never_evict and entry.in_use == 0,
             )
         except VramancerError as exc:
             log.warning(

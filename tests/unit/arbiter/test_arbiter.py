@@ -380,3 +380,18 @@ def test_concurrent_threads_never_oversubscribe(make_arbiter: MakeArbiter) -> No
     assert arbiter.reserved_bytes() == 0
     stats = arbiter.stats()
     assert stats["successful_allocations"] == stats["released"] + stats["preemptions"]
+
+
+def test_preemption_can_be_switched_off_and_on_for_one_holder(make_arbiter: MakeArbiter) -> None:
+    arbiter = make_arbiter(10 * GIB)
+    held = arbiter.request_allocation(LLM, BG, 8 * GIB)
+    assert arbiter.set_preemptible(held.id, False) is True
+    with pytest.raises(InsufficientMemory) as caught:
+        arbiter.request_allocation(LLM, UF, 8 * GIB)
+    assert caught.value.details["reclaimable_bytes"] == 0
+    assert arbiter.get(held.id).preemptible is False
+    assert arbiter.set_preemptible(held.id, True) is True
+    winner = arbiter.request_allocation(LLM, UF, 8 * GIB)
+    assert [a.id for a in arbiter.allocations()] == [winner.id]
+    assert arbiter.set_preemptible(held.id, False) is False  # preempted: not live any more
+    assert arbiter.set_preemptible("alloc-999", False) is False

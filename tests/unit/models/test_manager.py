@@ -805,3 +805,27 @@ async def test_optimize_with_a_variant_ollama_lacks_keeps_the_full_model(
         assert (status.state, status.device, status.variant) == (ModelState.LOADED, "cuda:0", None)
         assert set(fake_ollama.running()) == {VLM}
         assert owners(h) == {f"model:{VLM}": VLM_SIZE} and h.gpu_used() == VLM_SIZE
+
+
+async def test_a_model_in_use_is_not_preempted_under_its_user(fake_ollama: FakeOllama) -> None:
+    """Preemption is an eviction too: while CLIP is inside use(), a higher-priority request
+    cannot take its memory; once the user is done, it can (and CLIP moves to the CPU)."""
+    async with harness(seed_settings(fake_ollama.url)) as h:
+        m = h.models
+        budget = h.arbiter.state().budget_bytes
+        async with m.use(CLIP, "cuda:0"):
+            with pytest.raises(InsufficientMemory):
+                h.arbiter.request_allocation(
+                    WorkloadType.IMAGE, Priority.USER_FACING, budget, device="gpu:0"
+                )
+            await asyncio.sleep(0.05)
+            assert m.device(CLIP) == "cuda:0" and h.of("model_preempted") == []
+        grab = h.arbiter.request_allocation(
+            WorkloadType.IMAGE, Priority.USER_FACING, budget, device="gpu:0"
+        )
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if m.device(CLIP) == "cpu":
+                break
+        assert m.device(CLIP) == "cpu" and m.is_loaded(CLIP)
+        h.arbiter.release_allocation(grab.id)
