@@ -86,8 +86,12 @@ class TaskQueue(Protocol):
         a task read as waiting only gets its reason updated (no change reported)."""
         ...
 
-    async def overdue(self, *, ready_before: float, limit: int) -> list[TaskRecord]:
-        """Ready user tasks, ready at ``ready_before`` or earlier; longest waiting first."""
+    async def dispatch_view(
+        self, *, limit: int, overdue_before: float | None, overdue_limit: int
+    ) -> tuple[list[TaskRecord], list[TaskRecord]]:
+        """In one read: the first ``limit`` ready user tasks in dispatch order, and the ready
+        user tasks ready at ``overdue_before`` or earlier (aging; none when None), longest
+        waiting first."""
         ...
 
     async def purge(self, *, ended_before: float, limit: int) -> list[Purged]:

@@ -692,8 +692,11 @@ class TaskService:
         scan = self.settings.dispatch_scan
         page = min(scan, 8 + 2 * plan.free_slots)
         # Read only about what the free slots can take; read on when tasks did not fit.
-        candidates, overdue = await asyncio.gather(
-            self.queue.ready(maintenance=False, limit=page), self._overdue(now)
+        starvation = self.settings.starvation_s
+        candidates, overdue = await self.queue.dispatch_view(
+            limit=page,
+            overdue_before=now - starvation if starvation > 0 else None,
+            overdue_limit=OVERDUE_MAX,
         )
         for record in overdue:
             if plan.free_slots == 0:
@@ -723,14 +726,6 @@ class TaskService:
             if await self._launch(record, plan.cuda.get(record.task_id)):
                 started += 1
         return started
-
-    async def _overdue(self, now: float) -> list[TaskRecord]:
-        """Ready user tasks that have waited longer than ``starvation_s`` (aging), oldest first."""
-        if self.settings.starvation_s <= 0:
-            return []
-        return await self.queue.overdue(
-            ready_before=now - self.settings.starvation_s, limit=OVERDUE_MAX
-        )
 
     async def _launch(self, record: TaskRecord, cuda_index: int | None) -> bool:
         device = record.device or HOST

@@ -493,13 +493,20 @@ class SqliteQueue:
 
         return await self._write(op, durable=False)
 
-    async def overdue(self, *, ready_before: float, limit: int) -> list[TaskRecord]:
-        """Ready user tasks that became ready at or before ``ready_before``, those that have
-        waited longest first (an index range on ``tasks_user_age``)."""
+    async def dispatch_view(
+        self, *, limit: int, overdue_before: float | None, overdue_limit: int
+    ) -> tuple[list[TaskRecord], list[TaskRecord]]:
+        """In one read: the first ``limit`` ready user tasks in dispatch order, and up to
+        ``overdue_limit`` ready user tasks that became ready at or before ``overdue_before``
+        (none when it is None), those that have waited longest first (an index range on
+        ``tasks_user_age``)."""
 
-        def op(conn: sqlite3.Connection) -> list[TaskRecord]:
-            rows = conn.execute(_OVERDUE_SQL, (ready_before, limit)).fetchall()
-            return [_record(row) for row in rows]
+        def op(conn: sqlite3.Connection) -> tuple[list[TaskRecord], list[TaskRecord]]:
+            page = conn.execute(_READY_SQL, (0, limit, 0)).fetchall() if limit > 0 else []
+            overdue = []
+            if overdue_before is not None:
+                overdue = conn.execute(_OVERDUE_SQL, (overdue_before, overdue_limit)).fetchall()
+            return [_record(row) for row in page], [_record(row) for row in overdue]
 
         return await self._read(op)
 

@@ -386,13 +386,20 @@ async def test_overdue_lists_the_longest_waiting_ready_tasks(queue: SqliteQueue)
     await queue.submit([new("older")], T0 - 5)
 
     async def ids(ready_before: float, limit: int = 10) -> list[str]:
-        found = await queue.overdue(ready_before=ready_before, limit=limit)
+        page, found = await queue.dispatch_view(
+            limit=0, overdue_before=ready_before, overdue_limit=limit
+        )
+        assert page == []
         return [r.task_id for r in found]
 
     assert await ids(T0 + 100) == ["older", "mid", "requeued", "new"]  # waiting_gpu included
     assert await ids(T0 + 100, limit=2) == ["older", "mid"]
     assert await ids(T0 + 12) == ["older", "mid"]
     assert await ids(T0 - 10) == []  # and "noop-old" never: maintenance tasks do not age
+    page, none = await queue.dispatch_view(limit=2, overdue_before=None, overdue_limit=5)
+    assert none == []  # aging off
+    expected = [r.task_id for r in await queue.ready(maintenance=False, limit=2)]
+    assert [r.task_id for r in page] == expected == ["mid", "new"]  # submission order
     record = await queue.get("requeued")
     assert record is not None and record.ready_at == T0 + 15
 
@@ -488,7 +495,8 @@ async def test_a_database_of_the_first_schema_is_migrated(tmp_path: Path) -> Non
     try:
         record = await q.get("v1")
         assert record is not None and record.lease_losses == 0 and record.state is TaskState.QUEUED
-        assert [r.task_id for r in await q.overdue(ready_before=2, limit=5)] == ["v1"]
+        page, overdue = await q.dispatch_view(limit=5, overdue_before=2, overdue_limit=5)
+        assert [r.task_id for r in page] == [r.task_id for r in overdue] == ["v1"]
     finally:
         await q.close()
     check = sqlite3.connect(path)
