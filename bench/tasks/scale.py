@@ -14,7 +14,10 @@ both alike; figures are medians and the ratio is big / empty.
 * ``submit``: one task, one transaction, acknowledged after COMMIT; measured without fsync
   (``submit_ms``) so that fsync jitter (0.4-4 ms here) does not hide what the indexes cost, and
   with fsync (``submit_fsync_ms``, the default durability) for the record;
-* ``lease``: what a dispatch round does: the next 16 ready tasks in order, then lease one;
+* ``lease``: what a dispatch round does: one read of the next 16 ready tasks in order and of
+  the overdue ones (aging, ``starvation_s`` 600: none here), then lease one;
+* ``aging``: the overdue read alone when every queued task is overdue (the 8 that have waited
+  longest), the index range a round reads once tasks start to starve;
 * ``status``: one task by id; ``history``: the newest page of 50, a page 50 deep in the middle
   (by cursor), and a page of one state from the middle.
 """
@@ -37,6 +40,8 @@ from vramancer.tasks.sqlite_queue import SqliteQueue
 
 FILL_BATCH = 10_000
 BASELINE_TASKS = 100
+#: ``[tasks] starvation_s`` default: a dispatch round also asks for tasks ready this long.
+STARVATION_S = 600.0
 PRIORITIES = (Priority.BACKGROUND, Priority.NORMAL, Priority.NORMAL, Priority.HIGH)
 SPECS = {p: TaskSpec(type=TaskType.CMD, cmd=["python", "train.py"], priority=p) for p in Priority}
 
@@ -117,7 +122,9 @@ class _Side:
         await self.queue.submit([_new(self.ids.next(), self.ids.n)], time.time())
 
     async def lease(self) -> None:
-        ready = await self.queue.ready(maintenance=False, limit=16)
+        ready, _ = await self.queue.dispatch_view(
+            limit=16, overdue_before=time.time() - STARVATION_S, overdue_limit=8
+        )
         first = ready[0]
         await self.queue.lease(
             [Grant(first.task_id, "gpu:0", previous=first.state)],
@@ -125,6 +132,12 @@ class _Side:
             now=time.time(),
             lease_s=30,
         )
+
+    async def aging(self) -> None:
+        _, overdue = await self.queue.dispatch_view(
+            limit=0, overdue_before=time.time(), overdue_limit=8
+        )
+        assert len(overdue) == 8
 
     async def status(self) -> None:
         await self.queue.get(f"{self.ids.prefix}{max(1, self.ids.n // 2):09d}")
@@ -143,7 +156,8 @@ class _Side:
 
 async def _measure_size(big: _Side, empty: _Side, samples: int) -> dict[str, float]:
     out: dict[str, float] = {}
-    for name in ("submit", "lease", "status", "history_first", "history_deep", "history_state"):
+    names = ("submit", "lease", "aging", "status", "history_first", "history_deep", "history_state")
+    for name in names:
         b, e = await _paired(samples, getattr(big, name), getattr(empty, name))
         out[f"{name}_ms"] = round(b, 4)
         out[f"{name}_empty_ms"] = round(e, 4)
@@ -204,7 +218,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    header = "queued      submit  lease   status  hist.first hist.deep hist.state  (ms; ratio)"
+    header = (
+        "queued      submit  lease   aging   status  hist.first hist.deep hist.state  (ms; ratio)"
+    )
     print(header)
     for r in rows:
         print(
@@ -214,6 +230,7 @@ def main() -> None:
                 for k in (
                     "submit",
                     "lease",
+                    "aging",
                     "status",
                     "history_first",
                     "history_deep",
