@@ -66,6 +66,9 @@ def _configure_logging(level: str, as_json: bool) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    if level.lower() != "debug":
+        # httpx logs every request at INFO: one line per Ollama probe (every 30 s) is noise.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def serve(

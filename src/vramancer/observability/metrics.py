@@ -10,7 +10,7 @@ ask for the same metric twice.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 from prometheus_client import (
@@ -22,6 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 
 PREFIX = "vramancer_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -34,12 +35,32 @@ _M = TypeVar("_M", bound=MetricWrapperBase)
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+class NodeRegistry(CollectorRegistry):
+    """A registry that labels every sample with ``node`` (unless the metric set one itself).
+
+    Every series of a VRAMancer process carries the node it came from, without each subsystem
+    having to declare and fill a ``node`` label on each metric.
+    """
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        for family in super().collect():
+            family.samples = [
+                s if "node" in s.labels else s._replace(labels={**s.labels, "node": self.node})
+                for s in family.samples
+            ]
+            yield family
+
+
 class Metrics:
     """Get-or-create access to metrics in one registry (one per Runtime, so tests isolate)."""
 
     def __init__(self, node: str, registry: CollectorRegistry | None = None) -> None:
         self.node = node
-        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry = registry if registry is not None else NodeRegistry(node)
         self._metrics: dict[str, MetricWrapperBase] = {}
         self._lock = threading.Lock()
 
