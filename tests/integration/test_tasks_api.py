@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from tests.helpers import ServerProcess, free_port, start_server
@@ -202,16 +203,29 @@ def test_cancel_a_running_task_over_http(op: httpx.Client) -> None:
 
 
 def test_metrics_are_exported(op: httpx.Client) -> None:
-    text = op.get("/metrics").text
+    """Counters by type; wait and run time histograms by device only (bounded labels)."""
+    task_id = op.post("/api/tasks/submit", json={"type": "cmd", "cmd": ["true"], "gpu": 1})
+    assert wait_state(op, task_id.json()["task_id"])["state"] == "done"
+    samples = {}
+    for family in text_string_to_metric_families(op.get("/metrics").text):
+        if family.name.startswith("vramancer_tasks_"):
+            for sample in family.samples:
+                samples.setdefault(sample.name, []).append(sample.labels)
     for name in (
         "vramancer_tasks_submitted_total",
         "vramancer_tasks_completed_total",
         "vramancer_tasks_running",
         "vramancer_tasks_queue_depth",
-        'vramancer_tasks_run_seconds_count{device="gpu:1"}',
-        'vramancer_tasks_wait_seconds_bucket{device="gpu:1"',
+        "vramancer_tasks_purged_total",
     ):
-        assert name in text, name
+        assert name in samples, name
+    # ``node`` may be added to every series by the registry; nothing per task, ever.
+    assert any(s.get("type") == "cmd" for s in samples["vramancer_tasks_completed_total"])
+    for histogram in ("vramancer_tasks_run_seconds", "vramancer_tasks_wait_seconds"):
+        series = samples[histogram + "_count"]
+        assert any(labels.get("device") == "gpu:1" for labels in series), series
+        for labels in samples[histogram + "_bucket"] + series:
+            assert set(labels) - {"le", "node"} == {"device"}, labels
 
 
 # ------------------------------------------------------------------------------ CLI
