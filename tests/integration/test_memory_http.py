@@ -106,9 +106,27 @@ def test_bad_input_and_roles(server_factory: Callable[..., ServerProcess]) -> No
             (op.put("/v1/memory/blocks/" + "x" * 300, content=b"x"), 422, "invalid_input"),
             (view.get("/v1/memory/blocks/a%3Fb"), 422, "invalid_input"),
             (view.get("/v1/memory/blocks", params={"limit": 0}), 422, None),
+            (view.get("/v1/memory/blocks", params={"offset": 10**30}), 422, None),
+            (view.get("/v1/memory/blocks", params={"offset": -1}), 422, None),
+            (view.get("/v1/memory/blocks", params={"tier": "L1"}), 404, "not_found"),
             (view.get("/v1/memory/blocks", params={"tier": "L9"}), 422, None),
             (adm.post("/v1/memory/evict", json={"tier": "L4", "bytes": "lots"}), 422, None),
             (adm.post("/v1/memory/evict", json={"tier": "Lx"}), 422, None),
+            (
+                adm.post(
+                    "/v1/memory/evict",
+                    content=b'{"tier": "L4", "bytes": 1e400}',
+                    headers={"content-type": "application/json"},
+                ),
+                422,
+                None,
+            ),
+            (
+                adm.post("/v1/memory/evict", json={"tier": "L4", "bytes": "9" * 400 + "GiB"}),
+                422,
+                None,
+            ),
+            (adm.post("/v1/memory/evict", json={"tier": "L4", "bytes": -1}), 422, None),
             (adm.post("/v1/memory/evict", json={"bytes": 10}), 422, "invalid_input"),
             (view.put("/v1/memory/blocks/v", content=b"x"), 403, "forbidden"),
             (view.delete("/v1/memory/blocks/v"), 403, "forbidden"),
@@ -146,6 +164,45 @@ def test_restart_keeps_blocks_on_disk_and_spills_on_sigterm(
         assert tiers["L5"]["blocks"] + tiers["L6"]["blocks"] == 8
         for key, value in values.items():
             assert view.get(f"/v1/memory/blocks/{key}").content == value
+
+
+def test_a_corrupted_archive_file_fails_that_block_only(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """A byte flipped by hand in an L6 file: 409 ``corrupt_block`` naming that block, the
+    others still read back, the block stays listed, and deleting it works."""
+    server = server_factory(CONFIG)
+    values = {f"arch/{i}": rand(50_000, i) for i in range(3)}
+    with server.client("op") as op, server.client("view") as view:
+        for key, value in values.items():
+            assert op.put(f"/v1/memory/blocks/{key}", content=value).status_code == 200
+        files = sorted((server.data_dir / "l6").glob("*.blk"))
+        assert files == []  # all in L4 so far: demote one to the archive
+    with server.client("adm") as adm:
+        for _ in range(3):
+            adm.post("/v1/memory/evict", json={"tier": "L4", "bytes": 1 << 30})
+            adm.post("/v1/memory/evict", json={"tier": "L5", "bytes": 1 << 30})
+    with server.client("op") as op, server.client("view") as view:
+        listed = view.get("/v1/memory/blocks", params={"tier": "L6"}).json()["items"]
+        assert {b["id"] for b in listed} == set(values)
+        (victim,) = sorted((server.data_dir / "l6").glob("*.blk"))[:1]
+        damaged = bytearray(victim.read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        victim.write_bytes(bytes(damaged))
+        answers = {key: view.get(f"/v1/memory/blocks/{key}") for key in values}
+        bad = [key for key, r in answers.items() if r.status_code != 200]
+        assert len(bad) == 1
+        r = answers[bad[0]]
+        assert r.status_code == 409
+        assert r.json()["error"]["code"] == "corrupt_block"
+        assert bad[0] in r.json()["error"]["message"]
+        for key, value in values.items():
+            if key != bad[0]:
+                assert answers[key].content == value
+        assert view.get(f"/v1/memory/blocks/{bad[0]}").status_code == 409  # no retry helps
+        assert view.get("/v1/memory/blocks").json()["total"] == 3
+        assert op.delete(f"/v1/memory/blocks/{bad[0]}").status_code == 200
+        assert not victim.exists()
 
 
 @dataclass

@@ -97,10 +97,16 @@ _DTYPE_RE = re.compile(r"(?:^|[\s;,&])dtype\s*[=:]\s*([A-Za-z0-9_.]+)")
 
 
 class CorruptBlock(VramancerError):
-    """Stored bytes of a block fail their checksum or cannot be decoded."""
+    """Stored bytes of a block fail their checksum or cannot be decoded.
+
+    Over HTTP: ``409 corrupt_block`` for that block only. Not the client's doing, but the
+    remedy is the client's: the block stays listed until it is replaced (``PUT``) or deleted,
+    and asking again gives the same answer (a 5xx would invite retries, and the API keeps
+    5xx for the server being unavailable). Every other block is unaffected.
+    """
 
     code = "corrupt_block"
-    http_status = 500
+    http_status = 409
 
 
 class Codec(StrEnum):

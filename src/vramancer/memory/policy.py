@@ -149,6 +149,9 @@ class TierView:
     latency: float
     capacity_bytes: int
     used_bytes: int
+    #: The tier's own watermarks (``[memory.tiers.X]`` overrides); None: the policy's.
+    pressure_high: float | None = None
+    pressure_low: float | None = None
 
     @property
     def free_bytes(self) -> int:
@@ -873,7 +876,9 @@ class HotnessPlacement:
         if block.priority > 0 or rate is None or rate >= COLD_HINT_REREAD_RATE:
             return [t.name for t in fitting]
         relaxed = [
-            t for t in fitting if t.pressure < self.pressure_high and t.free_bytes >= block.size
+            t
+            for t in fitting
+            if t.pressure < (t.pressure_high or self.pressure_high) and t.free_bytes >= block.size
         ]
         start = relaxed[0] if relaxed else fitting[-1]
         return [t.name for t in fitting if t.latency >= start.latency]
@@ -1076,11 +1081,13 @@ class PromotionPolicy:
         """Whether a block just read in ``from_tier`` should move up to ``to_tier``.
 
         Pinned blocks never move. A block hotter than the threshold goes up; so does any block
-        when the target has free room for it (moving into free space displaces nobody).
+        that fits in the target without taking it past its high watermark (moving into free
+        space displaces nobody; past the mark the eviction cycle would push others out).
         """
         if block.pinned or block.size > to_tier.capacity_bytes:
             return False
-        if to_tier.free_bytes >= block.size and to_tier.pressure < self.config.pressure_high:
+        high = to_tier.pressure_high or self.config.pressure_high
+        if to_tier.used_bytes + block.size <= high * to_tier.capacity_bytes:
             return True
         return self._hotness.score(block, now) >= self.config.promote_threshold
 
@@ -1088,7 +1095,7 @@ class PromotionPolicy:
         """Whether a cold block should leave a tier under pressure before the tier is full."""
         if block.pinned or block.readers > 0:
             return False
-        if tier.pressure < self.config.pressure_high:
+        if tier.pressure < (tier.pressure_high or self.config.pressure_high):
             return False
         return self._hotness.score(block, now) <= self.config.demote_threshold
 
@@ -1099,8 +1106,8 @@ class PromotionPolicy:
             tier.used_bytes,
             tier.capacity_bytes,
             incoming_bytes,
-            self.config.pressure_high,
-            self.config.pressure_low,
+            tier.pressure_high or self.config.pressure_high,
+            tier.pressure_low if tier.pressure_low is not None else self.config.pressure_low,
         )
 
 

@@ -82,6 +82,8 @@ BLOCK_ID_RE = re.compile(r"[A-Za-z0-9._:/-]{1,256}")
 #: Allowed hints: printable ASCII without control characters, at most 128 characters.
 HINT_RE = re.compile(r"[\x20-\x7e]{1,128}")
 MAX_PRIORITY = 1000
+#: Largest offset (and limit) ``list_blocks`` accepts; the HTTP API's bound on offsets too.
+MAX_LIST_OFFSET = 2**53
 #: Reasons of downward moves that count as evictions (the rest are demotions on request).
 _EVICT_REASONS = frozenset({"evict", "pressure", "capacity", "room"})
 
@@ -166,7 +168,10 @@ class _Tier:
         return max(0, self.target - self.used)
 
     def view(self) -> TierView:
-        return TierView(self.name, self.spec.latency, self.target, self.used)
+        spec = self.spec
+        return TierView(
+            self.name, spec.latency, self.target, self.used, spec.pressure_high, spec.pressure_low
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -757,6 +762,13 @@ class TieredStore:
         self, *, limit: int = 100, offset: int = 0, tier: str | None = None
     ) -> tuple[list[dict[str, Any]], int]:
         """A page of blocks (insertion order) and the total count (of ``tier`` if given)."""
+        for name, value in (("limit", limit), ("offset", offset)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidInput(f"{name} must be an integer (got {value!r:.40})", field=name)
+            if not 0 <= value <= MAX_LIST_OFFSET:
+                raise InvalidInput(
+                    f"{name} must be from 0 to {MAX_LIST_OFFSET} (got {value})", field=name
+                )
         if tier is not None:
             self._tier(tier)
         now = self._clock.monotonic()
@@ -854,6 +866,11 @@ class TieredStore:
         return bytes_to_free(
             tier.used, tier.target, incoming, spec.pressure_high, spec.pressure_low, force=force
         )
+
+    def _fits(self, tier: _Tier, size: int) -> bool:
+        """Whether ``size`` more bytes keep ``tier`` at or under its high mark (a promotion
+        that passed it would make the eviction cycle push warmer blocks out)."""
+        return self._bytes_to_free(tier, size) == 0
 
     def _after_growth(self, tier: _Tier) -> None:
         """A tier grew: past its high mark, run (or wake) the eviction cycle."""
@@ -993,11 +1010,12 @@ class TieredStore:
             if self._closed or up is None or entry.meta.tier != source.name:
                 return
             now = self._clock.monotonic()
-            if up.free < entry.meta.size:
+            size = entry.meta.size
+            need = self._bytes_to_free(up, size)
+            if need > 0:  # only blocks colder than this one make room for it
                 score = self._policy.hotness.score(entry.meta, now)
-                need = self._bytes_to_free(up, entry.meta.size)
                 self._free_bytes(up, need, reason="room", colder_than=score)
-            if up.free >= entry.meta.size:
+            if self._fits(up, size):
                 self._relocate(
                     entry, up, reason="hit", value=value, owned=source.is_disk, read_s=read_s
                 )
@@ -1046,7 +1064,7 @@ class TieredStore:
         ]
         size = entry.meta.size
         for tier in above:
-            if tier.free >= size:
+            if self._fits(tier, size):
                 return tier
         if room_only:
             return None
@@ -1056,7 +1074,7 @@ class TieredStore:
                 self._free_bytes(
                     tier, need, reason="room", colder_than=self.settings.promote_threshold
                 )
-                if tier.free >= size:
+                if self._fits(tier, size):
                     return tier
         return None
 

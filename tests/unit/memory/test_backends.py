@@ -11,9 +11,11 @@ import torch
 
 from vramancer.errors import InvalidInput, NotFound
 from vramancer.memory.backends import (
+    ANY_BYTES,
     DataKind,
     FileBackend,
     HostBackend,
+    LayoutTable,
     describe,
     from_raw,
     raw_view,
@@ -152,3 +154,21 @@ def test_local_fastpath_copies_and_measures() -> None:
         link.recv("blk")
     text = metrics.render().decode()
     assert 'vramancer_fastpath_interface_latency_seconds_count{interface="local"} 2.0' in text
+
+
+def test_layout_table_shares_one_layout_per_shape_and_one_for_all_bytes() -> None:
+    table = LayoutTable(max_entries=3)
+    a, _ = describe(np.zeros((4, 5), dtype=np.float32))
+    b, _ = describe(np.ones((4, 5), dtype=np.float32))
+    assert a is not b and a == b
+    assert table.share(a) is a and table.share(b) is a
+    assert table.share(describe(np.zeros(20, dtype=np.float32))[0]) is not a  # other shape
+    short, _ = describe(b"abc")
+    assert table.share(short) is ANY_BYTES and table.share(describe(bytes(9))[0]) is ANY_BYTES
+    assert table.full(ANY_BYTES, 3) == short
+    assert table.full(a, 80) is a
+    assert len(table) == 2
+    for n in range(3, 6):  # past max_entries it starts over: bounded, still correct
+        table.share(describe(np.zeros(n, dtype=np.int8))[0])
+    assert len(table) <= 3
+    assert table.share(b) == a

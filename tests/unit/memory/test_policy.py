@@ -143,6 +143,16 @@ def test_promotion_into_free_room_needs_no_heat_but_pinned_and_oversized_never_m
     assert not policy.should_promote(block("cold"), "L4", busy, 0.0)
 
 
+def test_promotion_into_free_room_stays_under_the_tier_s_high_mark() -> None:
+    policy = PromotionPolicy(DecayedHotness(), PolicyConfig(promote_threshold=5.0))
+    b = block("a", 100)
+    assert policy.should_promote(b, "L4", view("L1", 1.0, 1000, used=800), 0.0)  # 900 ≤ 900
+    assert not policy.should_promote(b, "L4", view("L1", 1.0, 1000, used=801), 0.0)
+    own_marks = TierView("L1", 1.0, 1000, 801, pressure_high=0.95, pressure_low=0.5)
+    assert policy.should_promote(b, "L4", own_marks, 0.0)
+    assert policy.bytes_to_free(own_marks, incoming_bytes=200) == 501  # down to its own 0.5
+
+
 def test_demotion_below_the_lower_threshold_only_under_pressure() -> None:
     config = PolicyConfig(demote_threshold=0.25, pressure_high=0.9)
     hot = DecayedHotness(60.0)

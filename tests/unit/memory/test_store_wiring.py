@@ -178,3 +178,30 @@ def test_reload_costs_are_learned_from_moves_up_only(tmp_path: Path) -> None:
         assert store.locate(f"c{i}") == "L4"
     assert costs.cost(4 * KIB, 16.0, "L5") != static_l5
     assert costs.cost(4 * KIB, 5.0, "L4") == static_l4
+
+
+def test_a_read_never_promotes_a_block_past_the_high_mark_at_warmer_blocks_cost(
+    tmp_path: Path,
+) -> None:
+    """L4 (64 KiB, marks 0.9 / 0.75) holds 54 KiB of blocks read twice. A block read once
+    from L5 fits in L4's free bytes but would take it past its high mark, and every block
+    the eviction cycle would then push out is warmer: it stays in L5, nothing is evicted."""
+    kit, _ = recording_kit(tmp_path)
+    store = kit.store
+    store.put("cold", rand(8 * KIB, 99))
+    store.demote("cold", "L5")
+    warm = [f"warm/{i}x" for i in range(6)]
+    for i, key in enumerate(warm):
+        store.put(key, rand(9 * KIB, i))
+        store.get(key)
+        store.get(key)
+    assert [store.locate(k) for k in warm] == ["L4"] * 6
+    before = kit.kinds().count("block_evicted")
+    assert store.get("cold") == rand(8 * KIB, 99)
+    assert store.locate("cold") == "L5"
+    assert [store.locate(k) for k in warm] == ["L4"] * 6
+    assert kit.kinds().count("block_evicted") == before
+    store.delete(warm[0])  # now it fits under the mark: the next read promotes it
+    store.get("cold")
+    assert store.locate("cold") == "L4"
+    kit.check_invariants()

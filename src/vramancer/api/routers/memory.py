@@ -12,14 +12,26 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from vramancer.api.deps import Admin, Operator, RuntimeDep
 from vramancer.errors import InvalidInput
-from vramancer.memory.store import MAX_PRIORITY, BlockTooLarge, check_block_id
-from vramancer.units import Size
+from vramancer.memory.store import MAX_LIST_OFFSET, MAX_PRIORITY, BlockTooLarge, check_block_id
+from vramancer.units import parse_size
 
 router = APIRouter(prefix="/v1/memory", tags=["memory"])
+
+
+def _finite_size(value: Any) -> int:
+    """``units.parse_size``, with sizes too large for a number (``1e400``) refused as input."""
+    try:
+        return parse_size(value)
+    except OverflowError:
+        raise ValueError(f"size is too large (got {value!r:.40})") from None
+
+
+#: Bytes or a size string (``"512MiB"``), as ``units.Size``; an infinite size is a 422.
+EvictSize = Annotated[int, BeforeValidator(_finite_size)]
 
 
 class EvictRequest(BaseModel):
@@ -28,7 +40,7 @@ class EvictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tier: str | None = Field(default=None, pattern=r"^[Ll][1-6]$")
-    bytes: Size | None = None
+    bytes: EvictSize | None = None
 
 
 @router.get("/tiers")
@@ -43,7 +55,7 @@ async def list_tiers(rt: RuntimeDep) -> dict[str, Any]:
 async def list_blocks(
     rt: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_LIST_OFFSET)] = 0,
     tier: Annotated[str | None, Query(pattern=r"^[Ll][1-6]$")] = None,
 ) -> dict[str, Any]:
     """A page of blocks, oldest first: ``id``, ``size``, ``tier``, ``pinned``, ``priority``..."""
@@ -67,7 +79,11 @@ async def put_block(
     priority: Annotated[int, Query(ge=0, le=MAX_PRIORITY)] = 0,
     hint: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
 ) -> dict[str, Any]:
-    """Store the raw request body as block ``block_id`` (replacing one of that id)."""
+    """Store the raw request body as block ``block_id`` (replacing one of that id).
+
+    Errors: 413 ``payload_too_large`` over ``min(memory.max_block_size, server.max_body)``,
+    422 for an empty body or a bad id, priority or hint, 409 ``insufficient_memory`` when no
+    tier has room (the previous block of that id, if any, stays)."""
     check_block_id(block_id)
     limit = min(rt.settings.memory.max_block_size, rt.settings.server.max_body)
     body = bytearray()
@@ -86,7 +102,11 @@ async def put_block(
 
 @router.get("/blocks/{block_id:path}")
 async def get_block(block_id: str, rt: RuntimeDep) -> Response:
-    """The block's bytes; ``X-VRM-Tier``/``-Kind``/``-Dtype``/``-Shape`` describe it."""
+    """The block's bytes; ``X-VRM-Tier``/``-Kind``/``-Dtype``/``-Shape`` describe it (the tier
+    is where the block is after this read, which may have promoted it).
+
+    Errors: 404 for an unknown block; 409 ``corrupt_block`` when its stored copy fails its
+    checksum or cannot be decoded (that block only: replace or delete it)."""
     check_block_id(block_id)
     raw, info = await asyncio.to_thread(rt.memory.read_bytes, block_id)
     headers = {
