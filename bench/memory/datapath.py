@@ -40,13 +40,47 @@ from vramancer.clock import SystemClock
 from vramancer.devices.manager import DeviceManager
 from vramancer.devices.settings import DevicesSettings
 from vramancer.events import EventBus
-from vramancer.memory.codecs import ZstdCompression
+from vramancer.memory.compression import Compressed, Target, decompress_block
 from vramancer.memory.settings import MemorySettings
 from vramancer.memory.store import TieredStore
 from vramancer.observability.metrics import Metrics
 
 MIB = 1024 * 1024
 TARGET = 0.70
+#: Bytes sampled to decide whether compression pays when not forced (L5).
+SAMPLE_BYTES = 256 * 1024
+#: Smallest sampled ratio (raw / compressed) that is worth compressing when not forced.
+MIN_RATIO = 1.1
+
+
+class PlainZstd:
+    """A compression manager doing exactly the baseline's work: zstd at ``level`` on the whole
+    block (forced for L6; for L5 only when a 256 KiB sample shrinks by ``MIN_RATIO``), no
+    byte-plane shuffle, no chunks. Decoding is the store's own (``decompress_block``)."""
+
+    def __init__(self, level: int = 1) -> None:
+        self._compressor = zstandard.ZstdCompressor(level=level)
+
+    def compress(
+        self,
+        data: bytes | bytearray | memoryview,
+        hint: str | None = None,
+        *,
+        itemsize: int = 1,
+        force: bool = False,
+        target: Target | str | None = None,
+    ) -> Compressed:
+        view = memoryview(data).cast("B")
+        if not force and target != "archive":
+            sample = view[:SAMPLE_BYTES]
+            if sample.nbytes < len(self._compressor.compress(sample)) * MIN_RATIO:
+                # bytes in, bytes out: no 16 MiB copy just to say "stored as is"
+                raw = data if isinstance(data, bytes) else bytes(view)
+                return Compressed("none", raw, view.nbytes)
+        return Compressed("zstd", self._compressor.compress(view), view.nbytes)
+
+    def decompress(self, block: Compressed, *, what: str = "block") -> bytes:
+        return decompress_block(block, what=what)
 
 
 def make_store(directory: Path, block_bytes: int) -> TieredStore:
@@ -69,7 +103,7 @@ def make_store(directory: Path, block_bytes: int) -> TieredStore:
         events=events,
         metrics=metrics,
         clock=clock,
-        compression=ZstdCompression(level=1),
+        compression=PlainZstd(level=1),
     )
     store.open()
     return store

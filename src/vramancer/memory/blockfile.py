@@ -1,12 +1,12 @@
 """Block files of L5 and L6: a small header, then the (possibly compressed) payload.
 
-Why not ``compression.encode_frame``: that frame checks its payload with zlib's CRC32, which
-runs at about 1.2 GB/s on a typical server core, slower than reading a file from the page cache
-(6+ GB/s) — a 16 MiB block would spend more time in the checksum than in the read. Block files
-use xxh3-64 instead (about 20 GB/s), keep the payload at a fixed offset (so an uncompressed L5
-file is memory-mappable as it is), and are written header-then-payload without concatenating
-them. A damaged file raises :class:`~vramancer.memory.compression.CorruptBlock` naming the
-block, so only that block is affected.
+The payload is checked with xxh3-64 (about 20 GB/s), not zlib's CRC32: that runs at about
+1.2 GB/s on a typical server core, slower than reading a file from the page cache (6+ GB/s) —
+a 16 MiB block would spend more time in the checksum than in the read. Block files keep the
+payload at a fixed offset (so an uncompressed L5 file is memory-mappable as it is), and are
+written header-then-payload without concatenating them. A damaged file raises
+:class:`~vramancer.memory.compression.CorruptBlock` naming the block, so only that block is
+affected.
 """
 
 from __future__ import annotations

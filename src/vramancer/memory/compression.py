@@ -1,7 +1,8 @@
 """Block compression (seed 000 ``CompressionManager.compress(data, hint)``).
 
 The store compresses a block when it moves to L5 (memory-mapped SSD files) or L6 (the cold
-archive), and writes archive files with :func:`encode_frame`. Three facts shape this module:
+archive); the result goes into a block file (``memory/blockfile.py``, xxh3-checked). Three
+facts shape this module:
 
 * Dense fp16/bf16/fp32 weights barely compress as they are (about 1.1–1.3× with zstd -1), but
   their exponent bytes are very regular: splitting the bytes of each element into planes before
@@ -10,8 +11,8 @@ archive), and writes archive files with :func:`encode_frame`. Three facts shape 
 * One core compresses at about 0.5 GB/s, slower than an NVMe drive writes, so large blocks are
   split into chunks compressed in a thread pool (zstandard, lz4 and zlib release the GIL). A
   chunked (or shuffled) payload carries its own chunk table (:data:`CHUNK_MAGIC`), so it needs
-  no field beyond :class:`Compressed`'s four and any container (``encode_frame``, the store's
-  block files) holds it; chunks are decompressed in parallel too.
+  no field beyond :class:`Compressed`'s four and any container (the store's block files)
+  holds it; chunks are decompressed in parallel too.
 * Compression is a cost: for the fast tier (``Target.FAST``, L5) a sample of the block is tried
   with each codec and the block is stored raw unless some codec reaches ``min_ratio`` at
   ``min_bytes_per_s``; among those that do, the one that saves most bytes per CPU-second wins.
@@ -54,7 +55,6 @@ _Bytes = bytes | bytearray | memoryview | np.ndarray[Any, Any]
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
-#: Element sizes the byte-plane shuffle accepts (1 means no shuffle).
 #: Largest element size the byte-plane shuffle splits (wider elements are stored unshuffled;
 #: the common ones are 2, 4 and 8, and 3 for RGB pixels or 16 for complex128 also work).
 MAX_SHUFFLE_ITEMSIZE = 64
@@ -167,9 +167,8 @@ class CompressionSettings(BaseModel):
     #: Threads compressing the chunks of one large block; 0: min(4, CPU count).
     threads: int = Field(default=0, ge=0, le=64)
     #: Write a content checksum in every zstd / lz4 frame, so that ``decompress`` alone catches
-    #: damage (gzip always has one). Off by default: containers already checksum the payload
-    #: (``encode_frame``: CRC32; the store's block files: xxh3), and it costs 10–15 % of zstd's
-    #: speed.
+    #: damage (gzip always has one). Off by default: the store's block files already checksum
+    #: the payload (xxh3), and it costs 10–15 % of zstd's speed.
     checksum: bool = False
     #: A remembered choice is re-tried on a sample after this many uses.
     reevaluate_every: int = Field(default=64, ge=1)
@@ -819,6 +818,8 @@ class AdaptiveCompression:
         outputs: dict[Candidate, list[bytes]] = {}
         trials: list[Trial] = []
         for candidate in candidates(self.settings, mode, size):
+            if candidate.codec is Codec.ZSTD:  # this thread's context: made before the clock
+                _zstd_compressor(candidate.level, self._checksum)
             started = self._cpu_timer()
             frames = self._compress_piece(sample, candidate)
             elapsed = self._cpu_timer() - started
@@ -909,61 +910,9 @@ def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
     return view
 
 
-# --------------------------------------------------------------------------- frames
-
-_MAGIC = b"VRMB"
-_HEADER = struct.Struct("<4sB8sBQQI")  # magic, version, codec, itemsize, raw, payload, crc32
-FRAME_VERSION = 1
-
-
-def encode_frame(block: Compressed) -> bytes:
-    """Serialise ``block`` with a header and a CRC32 of the payload.
-
-    A chunked payload carries its own chunk table (see :data:`CHUNK_MAGIC`), so the frame
-    needs no more fields than a single-piece one: version 1 reads both.
-    """
-    header = _HEADER.pack(
-        _MAGIC,
-        FRAME_VERSION,
-        block.codec.encode().ljust(8, b"\0"),
-        block.itemsize,
-        block.raw_size,
-        len(block.payload),
-        zlib.crc32(block.payload),
-    )
-    return header + block.payload
-
-
-def decode_frame(data: bytes | bytearray | memoryview, what: str = "block") -> Compressed:
-    """Parse a frame; raise :class:`CorruptBlock` naming ``what`` if it is damaged.
-
-    The payload is checked against its CRC32 here; ``decompress`` checks the codec's own
-    framing, the chunk table and the sizes.
-    """
-    view = memoryview(data)
-    if len(view) < _HEADER.size:
-        raise CorruptBlock(f"{what}: stored data is truncated (no header)")
-    magic, version, codec, itemsize, raw, length, crc = _HEADER.unpack(view[: _HEADER.size])
-    if magic != _MAGIC:
-        raise CorruptBlock(f"{what}: not a VRAMancer block file")
-    if version != FRAME_VERSION:
-        raise CorruptBlock(f"{what}: unsupported block file version {version}")
-    payload = bytes(view[_HEADER.size :])
-    if len(payload) != length:
-        raise CorruptBlock(f"{what}: stored data is truncated ({len(payload)} of {length} bytes)")
-    if zlib.crc32(payload) != crc:
-        raise CorruptBlock(f"{what}: checksum mismatch, the stored data is corrupted")
-    try:
-        name = codec.rstrip(b"\0").decode("ascii")
-    except UnicodeDecodeError:
-        raise CorruptBlock(f"{what}: invalid codec name in header") from None
-    return Compressed(name, payload, raw, itemsize)
-
-
 __all__ = [
     "CHUNK_MAGIC",
     "DTYPE_ITEMSIZES",
-    "FRAME_VERSION",
     "MAX_SHUFFLE_ITEMSIZE",
     "SAMPLE_SLICES",
     "AdaptiveCompression",
@@ -984,9 +933,7 @@ __all__ = [
     "chunk_layout",
     "codec_compress",
     "codec_decompress",
-    "decode_frame",
     "decompress_block",
-    "encode_frame",
     "itemsize_from_hint",
     "pack_chunks",
     "plane_lengths",

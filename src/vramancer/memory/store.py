@@ -420,6 +420,13 @@ class TieredStore:
             log.error("block %r lost: its file disappeared while the store was stopped", block_id)
             self._events.publish("block_lost", id=block_id, reason="file missing at start")
 
+    def _entry(self, block_id: str) -> _Entry:
+        """Lock held: the block's entry, or ``NotFound``."""
+        entry = self._blocks.get(block_id)
+        if entry is None:
+            raise NotFound(f"no block {block_id!r}")
+        return entry
+
     def _require_open(self) -> None:
         if not self._opened or self._closed:
             raise ShuttingDown("the memory store is not running")
@@ -509,9 +516,7 @@ class TieredStore:
     def locate(self, block_id: str) -> str:
         """Name of the tier holding the block."""
         with self._lock:
-            entry = self._blocks.get(block_id)
-            if entry is None:
-                raise NotFound(f"no block {block_id!r}")
+            entry = self._entry(block_id)
             return entry.meta.tier
 
     def __contains__(self, block_id: object) -> bool:
@@ -523,9 +528,7 @@ class TieredStore:
     def info(self, block_id: str) -> dict[str, Any]:
         """One block's metadata (no data)."""
         with self._lock:
-            entry = self._blocks.get(block_id)
-            if entry is None:
-                raise NotFound(f"no block {block_id!r}")
+            entry = self._entry(block_id)
             return self._describe(entry, self._clock.monotonic())
 
     def pin(self, block_id: str) -> None:
@@ -540,9 +543,7 @@ class TieredStore:
         with self._mover:
             self._require_open()
             with self._lock:
-                entry = self._blocks.get(block_id)
-                if entry is None:
-                    raise NotFound(f"no block {block_id!r}")
+                entry = self._entry(block_id)
                 tier = self._by_name[entry.meta.tier]
             if tier.is_disk:
                 self._db().delete(block_id)
@@ -1082,9 +1083,7 @@ class TieredStore:
         with self._mover:
             self._require_open()
             with self._lock:
-                entry = self._blocks.get(block_id)
-                if entry is None:
-                    raise NotFound(f"no block {block_id!r}")
+                entry = self._entry(block_id)
                 if entry.meta.pinned:
                     raise Conflict(f"block {block_id!r} is pinned; unpin it to move it")
                 current = self._by_name[entry.meta.tier]
@@ -1149,9 +1148,7 @@ class TieredStore:
         with self._mover:
             self._require_open()
             with self._lock:
-                entry = self._blocks.get(block_id)
-                if entry is None:
-                    raise NotFound(f"no block {block_id!r}")
+                entry = self._entry(block_id)
                 entry.meta.pinned = pinned
                 tier = self._by_name[entry.meta.tier]
                 tier.index.touch(entry.meta, self._clock.monotonic())  # re-rank it

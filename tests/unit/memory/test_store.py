@@ -15,7 +15,12 @@ import torch
 from tests.unit.memory.store_support import StoreKit, make_settings
 from vramancer.errors import Conflict, InsufficientMemory, InvalidInput, NotFound, ShuttingDown
 from vramancer.memory.backends import FileBackend
-from vramancer.memory.compression import AdaptiveCompression, CorruptBlock, NoCompression
+from vramancer.memory.compression import (
+    AdaptiveCompression,
+    CompressionSettings,
+    CorruptBlock,
+    NoCompression,
+)
 from vramancer.memory.store import BlockTooLarge
 
 KIB = 1024
@@ -87,7 +92,8 @@ def test_round_trip_at_every_tier(tmp_path: Path, name: str, manager: str) -> No
 
 
 def test_archive_always_compresses_and_l5_only_when_it_pays(tmp_path: Path) -> None:
-    kit = StoreKit(tmp_path / "data", compression=AdaptiveCompression())
+    manager = AdaptiveCompression(CompressionSettings(min_bytes_per_s=1))  # the ratio decides
+    kit = StoreKit(tmp_path / "data", compression=manager)
     store = kit.store
     store.put("zeros", bytes(60_000))
     store.put("noise", rand(60_000))
@@ -462,7 +468,9 @@ def test_warmup_promotes_hot_blocks_where_there_is_room(kit: StoreKit) -> None:
 
 
 def test_compress_cold_moves_cold_l4_blocks_to_l5(tmp_path: Path) -> None:
-    kit = StoreKit(tmp_path / "d", compression=AdaptiveCompression())
+    # min_bytes_per_s=1: the choice rests on the ratio alone, not on this machine's speed
+    manager = AdaptiveCompression(CompressionSettings(min_bytes_per_s=1))
+    kit = StoreKit(tmp_path / "d", compression=manager)
     store = kit.store
     for i in range(4):
         store.put(f"z{i}", bytes(10_000))
