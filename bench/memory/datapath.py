@@ -36,14 +36,11 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from bench.memory.common import open_store
 from vramancer.clock import SystemClock
-from vramancer.devices.manager import DeviceManager
-from vramancer.devices.settings import DevicesSettings
-from vramancer.events import EventBus
 from vramancer.memory.compression import Compressed, Target, decompress_block
 from vramancer.memory.settings import MemorySettings
 from vramancer.memory.store import TieredStore
-from vramancer.observability.metrics import Metrics
 
 MIB = 1024 * 1024
 TARGET = 0.70
@@ -84,9 +81,6 @@ class PlainZstd:
 
 
 def make_store(directory: Path, block_bytes: int) -> TieredStore:
-    clock = SystemClock()
-    events = EventBus()
-    metrics = Metrics(node="bench")
     settings = MemorySettings(
         tiers={
             "L4": {"capacity": 8 * block_bytes},
@@ -96,17 +90,7 @@ def make_store(directory: Path, block_bytes: int) -> TieredStore:
         fsync=True,
         spill_on_stop=False,
     )
-    store = TieredStore(
-        settings,
-        data_dir=directory,
-        devices=DeviceManager(DevicesSettings(), events=events, metrics=metrics, clock=clock),
-        events=events,
-        metrics=metrics,
-        clock=clock,
-        compression=PlainZstd(level=1),
-    )
-    store.open()
-    return store
+    return open_store(settings, directory, SystemClock(), compression=PlainZstd(level=1))
 
 
 def timed(fn: Callable[[], Any]) -> float:

@@ -21,13 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.memory.common import open_store
 from vramancer.clock import SystemClock
-from vramancer.devices.manager import DeviceManager
-from vramancer.devices.settings import DevicesSettings
-from vramancer.events import EventBus
 from vramancer.memory.settings import MemorySettings
-from vramancer.memory.store import TieredStore
-from vramancer.observability.metrics import Metrics
 
 MIB = 1024 * 1024
 TARGET = 0.80
@@ -45,9 +41,6 @@ def run(runs: int, mib: int, directory: Path) -> dict[str, Any]:
     import torch
 
     size = mib * MIB
-    clock = SystemClock()
-    events = EventBus()
-    metrics = Metrics(node="bench")
     settings = MemorySettings(
         tiers={
             "L1": {"capacity": 4 * size},
@@ -59,15 +52,7 @@ def run(runs: int, mib: int, directory: Path) -> dict[str, Any]:
         fsync=False,
         spill_on_stop=False,
     )
-    store = TieredStore(
-        settings,
-        data_dir=directory,
-        devices=DeviceManager(DevicesSettings(), events=events, metrics=metrics, clock=clock),
-        events=events,
-        metrics=metrics,
-        clock=clock,
-    )
-    store.open()
+    store = open_store(settings, directory, SystemClock())
     if store.tiers[0] != "L1" or "L3" not in store.tiers:
         raise SystemExit(f"gpu_copy: the store has no L1/L3 here (tiers: {store.tiers})")
     sync = torch.cuda.synchronize

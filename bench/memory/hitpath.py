@@ -30,10 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.memory.common import open_store
 from vramancer.clock import ManualClock
-from vramancer.devices.manager import DeviceManager
-from vramancer.devices.settings import DevicesSettings
-from vramancer.events import EventBus
 from vramancer.memory.policy import (
     BlockMeta,
     DecayedHotness,
@@ -44,7 +42,6 @@ from vramancer.memory.policy import (
 )
 from vramancer.memory.settings import MemorySettings
 from vramancer.memory.store import StorePolicy, TieredStore
-from vramancer.observability.metrics import Metrics
 
 TARGET_OPS = 100_000
 
@@ -75,24 +72,12 @@ class MinimalPolicy:
 def make_store(
     directory: Path, clock: ManualClock, policy: StorePolicy | None = None
 ) -> TieredStore:
-    events = EventBus()
-    metrics = Metrics(node="bench")
     settings = MemorySettings(
         tiers={"L4": {"capacity": "1GiB"}, "L5": {"capacity": "1GiB"}, "L6": {"capacity": "1GiB"}},
         fsync=False,
         spill_on_stop=False,
     )
-    store = TieredStore(
-        settings,
-        data_dir=directory,
-        devices=DeviceManager(DevicesSettings(), events=events, metrics=metrics, clock=clock),
-        events=events,
-        metrics=metrics,
-        clock=clock,
-        policy=policy,
-    )
-    store.open()
-    return store
+    return open_store(settings, directory, clock, policy=policy)
 
 
 def measure(store: TieredStore, clock: ManualClock, keys: list[str]) -> float:

@@ -140,33 +140,18 @@ def _store_row(n: int, runs: int) -> dict[str, Any]:
     import tempfile
     from pathlib import Path
 
+    from bench.memory.common import open_store
     from vramancer.clock import ManualClock
-    from vramancer.devices.manager import DeviceManager
-    from vramancer.devices.settings import DevicesSettings
-    from vramancer.events import EventBus
     from vramancer.memory.settings import MemorySettings
-    from vramancer.memory.store import TieredStore
-    from vramancer.observability.metrics import Metrics
 
     clock = ManualClock()
-    events = EventBus(clock=clock.time)
-    metrics = Metrics(node="scale")
-    devices = DeviceManager(DevicesSettings(), events=events, metrics=metrics, clock=clock)
     settings = MemorySettings(
         tiers={"L4": {"capacity": 1 << 40}, "L5": {"enabled": False}, "L6": {"enabled": False}},
         fsync=False,
         spill_on_stop=False,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        store = TieredStore(
-            settings,
-            data_dir=Path(tmp),
-            devices=devices,
-            events=events,
-            metrics=metrics,
-            clock=clock,
-        )
-        store.open()
+        store = open_store(settings, Path(tmp), clock)
         gc.collect()
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]

@@ -1145,7 +1145,9 @@ class PolicyBundle:
     * ``get``: ``ids = on_read(meta, now)`` (records the hit, learns, returns prefetch ids);
       ``index[tier].touch(meta, now)``; if the block is not in the fastest tier, for the next
       faster tier ``up``: if ``promotion.should_promote(meta, from_view, up_view, now)``, free
-      room in ``up`` as above and move it (``remove`` from the old index, ``add`` to the new).
+      room in ``up`` as above, but only from blocks colder than this one, and move it
+      (``remove`` from the old index, ``add`` to the new) if it then fits under ``up``'s high
+      watermark.
       Then promote the prefetch ids the store holds below the fastest tier, adding each with
       ``index[up].add(meta, now, prefetched=True)`` (it waits for its read in the index's
       *ahead* segment, evicted last; a plain ``add`` treats it as read now).
