@@ -6,6 +6,7 @@ Config accepts an integer number of bytes or a string with a unit (``"512MiB"``,
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -30,6 +31,9 @@ _UNITS: dict[str, int] = {
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 SIZE_FORM = "an integer number of bytes or a string such as '512MiB', '24GiB' or '1.5GB'"
 
+#: Largest size accepted anywhere (fits SQLite's and numpy's signed 64-bit integers).
+MAX_SIZE = 2**63 - 1
+
 MIB = 1024**2
 GIB = 1024**3
 
@@ -41,19 +45,35 @@ def parse_size(value: Any) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"a size cannot be negative (got {value})")
-        return value
+        return _bounded(value, value)
     if isinstance(value, float):
-        if value < 0 or value != value:
+        if not math.isfinite(value) or value < 0:
             raise ValueError(f"expected {SIZE_FORM}, got {value!r}")
-        return int(value)
+        return _bounded(int(value), value)
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
         if match:
             number, unit = match.groups()
             factor = _UNITS.get(unit.lower())
             if factor is not None:
-                return int(float(number) * factor)
+                if "." not in number:  # exact for whole numbers, however large
+                    return _bounded(int(number) * factor, value)
+                scaled = float(number) * factor
+                if not math.isfinite(scaled):
+                    raise ValueError(f"size {_short(value)} is too large (at most 8 EiB)")
+                return _bounded(int(scaled), value)
     raise ValueError(f"expected {SIZE_FORM}, got {value!r}")
+
+
+def _bounded(n_bytes: int, given: Any) -> int:
+    if n_bytes > MAX_SIZE:
+        raise ValueError(f"size {_short(given)} is too large (at most 8 EiB)")
+    return n_bytes
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def format_size(n_bytes: float) -> str:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.helpers import ServerProcess, running_server
+from tests.promtext import metric_value
 
 pytestmark = pytest.mark.integration
 
@@ -147,10 +148,10 @@ def test_bad_parameters_are_422(server: ServerProcess) -> None:
 
 def open_streams(server: ServerProcess) -> float:
     with server.client() as c:
-        for line in c.get("/metrics").text.splitlines():
-            if line.startswith("vramancer_events_streams "):
-                return float(line.split()[1])
-    raise AssertionError("vramancer_events_streams is missing from /metrics")
+        value = metric_value(c.get("/metrics").text, "vramancer_events_streams")
+    if value is None:
+        raise AssertionError("vramancer_events_streams is missing from /metrics")
+    return value
 
 
 def test_client_disconnect_ends_the_stream_on_the_server(server: ServerProcess) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.fakes.ollama import FakeOllama
 from tests.helpers import ServerProcess, running_server
+from tests.promtext import metric_value
 from vramancer.units import GIB
 
 pytestmark = pytest.mark.integration
@@ -221,7 +222,10 @@ def test_system_optimize_unloads_idle_models(op: httpx.Client) -> None:
 def test_metrics_expose_model_states(op: httpx.Client) -> None:
     op.post("/v1/models/clip/load", json={"device": "cpu"})
     text = op.get("/metrics").text
-    assert 'vramancer_model_state{backend="torch",model="clip",state="loaded"} 1.0' in text
+    assert (
+        metric_value(text, "vramancer_model_state", backend="torch", model="clip", state="loaded")
+        == 1
+    )
     assert "vramancer_model_load_duration_seconds_bucket" in text
 
 

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.helpers import ServerProcess, start_server
+from tests.promtext import metric_value
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,10 +42,10 @@ def counts(client: httpx.Client) -> dict[str, int]:
 
 def completed_metric(server: ServerProcess) -> float:
     with server.client() as client:
-        for line in client.get("/metrics").text.splitlines():
-            if line.startswith('vramancer_tasks_completed_total{type="cmd"}'):
-                return float(line.split()[-1])
-    return 0.0
+        value = metric_value(
+            client.get("/metrics").text, "vramancer_tasks_completed_total", type="cmd"
+        )
+    return value or 0.0
 
 
 def test_sigkill_mid_run_then_restart_every_task_done_exactly_once(tmp_path: Path) -> None:

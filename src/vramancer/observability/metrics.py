@@ -60,7 +60,7 @@ class Metrics:
 
     def __init__(self, node: str, registry: CollectorRegistry | None = None) -> None:
         self.node = node
-        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry = registry if registry is not None else NodeRegistry(node)
         self._metrics: dict[str, MetricWrapperBase] = {}
         self._lock = threading.Lock()
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.promtext import metric_value
 from vramancer.errors import InvalidInput, NotFound
 from vramancer.memory.backends import (
     ANY_BYTES,
@@ -133,7 +134,8 @@ def test_local_fastpath_copies_and_measures() -> None:
     with pytest.raises(NotFound):
         link.recv("blk")
     text = metrics.render().decode()
-    assert 'vramancer_fastpath_interface_latency_seconds_count{interface="local"} 2.0' in text
+    name = "vramancer_fastpath_interface_latency_seconds_count"
+    assert metric_value(text, name, interface="local") == 2
 
 
 def test_layout_table_shares_one_layout_per_shape_and_one_for_all_bytes() -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from tests.promtext import metric_value
 from tests.unit.memory.store_support import StoreKit
 from tests.unit.memory.store_support import make_settings as store_make_settings
 from vramancer.clock import ManualClock
@@ -347,8 +348,9 @@ def test_tick_applies_the_plan_and_publishes_events() -> None:
         "high_bytes": 4 * GIB,
     }
     text = metrics.render().decode()
-    assert 'vramancer_memory_budget_bytes{tier="L4"} 5.905580032e+09' in text
-    assert 'vramancer_memory_budget_changes_total{action="shrink",tier="L4"} 1.0' in text
+    assert metric_value(text, "vramancer_memory_budget_bytes", tier="L4") == 5.905580032e09
+    changes = "vramancer_memory_budget_changes_total"
+    assert metric_value(text, changes, action="shrink", tier="L4") == 1
 
     devices.available = 6 * GIB
     clock.advance(61)

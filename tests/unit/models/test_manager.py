@@ -12,6 +12,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.ollama import FakeOllama
+from tests.promtext import metric_value
 from tests.unit.models import tiny
 from tests.unit.models.conftest import CLIP, TINY, VLM, VLM_SIZE, harness, seed_settings
 from vramancer.arbiter.types import Priority, WorkloadType
@@ -579,18 +580,16 @@ async def test_metrics_follow_the_states(fake_ollama: FakeOllama) -> None:
     async with harness(seed_settings(fake_ollama.url)) as h:
         await h.models.ensure_loaded(VLM)
         text = h.metrics.render().decode()
-        assert f'vramancer_model_state{{backend="ollama",model="{VLM}",state="loaded"}} 1.0' in text
-        assert (
-            f'vramancer_model_state{{backend="ollama",model="{VLM}",state="unloaded"}} 0.0' in text
-        )
-        assert (
-            f'vramancer_model_loads_total{{backend="ollama",model="{VLM}",result="ok"}} 1.0' in text
-        )
+        state = "vramancer_model_state"
+        assert metric_value(text, state, backend="ollama", model=VLM, state="loaded") == 1
+        assert metric_value(text, state, backend="ollama", model=VLM, state="unloaded") == 0
+        loads = "vramancer_model_loads_total"
+        assert metric_value(text, loads, backend="ollama", model=VLM, result="ok") == 1
         assert sample(text, "vramancer_model_vram_bytes", model=VLM, backend="ollama") == VLM_SIZE
         assert "vramancer_model_load_duration_seconds_count" in text
         await h.models.switch_profile("recording")
         text = h.metrics.render().decode()
-        assert 'vramancer_execution_mode{mode="recording"} 1.0' in text
+        assert metric_value(text, "vramancer_execution_mode", mode="recording") == 1
 
 
 async def test_stop_unloads_everything(fake_ollama: FakeOllama) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vramancer.observability.metrics import Metrics, NodeRegistry
+from vramancer.observability.metrics import Metrics
 
 
 def _series(metrics: Metrics) -> list[str]:
@@ -12,7 +12,7 @@ def _series(metrics: Metrics) -> list[str]:
 
 
 def test_every_sample_gets_the_node_label_unless_it_has_one() -> None:
-    metrics = Metrics(node="gpu-box", registry=NodeRegistry("gpu-box"))
+    metrics = Metrics(node="gpu-box")
     metrics.counter("blocks_moved_total", "moves", ("tier",)).labels(tier="L4").inc(2)
     metrics.gauge("budget_bytes", "budget").set(5)
     metrics.gauge("peer_up", "peer", ("node",)).labels(node="other-box").set(1)
@@ -24,7 +24,7 @@ def test_every_sample_gets_the_node_label_unless_it_has_one() -> None:
 
 
 def test_histogram_buckets_carry_the_node_too() -> None:
-    metrics = Metrics(node="n1", registry=NodeRegistry("n1"))
+    metrics = Metrics(node="n1")
     metrics.histogram("wait_seconds", "wait", buckets=(1.0,)).observe(0.5)
     assert _series(metrics) == [
         'vramancer_wait_seconds_bucket{le="1.0",node="n1"} 1.0',

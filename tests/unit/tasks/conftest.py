@@ -73,7 +73,8 @@ class Harness:
         self.devices.refresh()
 
     def metric(self, name: str, **labels: str) -> float:
-        value = self.metrics.registry.get_sample_value(name, labels or None)
+        # every sample carries the runtime's node label (observability.metrics.NodeRegistry)
+        value = self.metrics.registry.get_sample_value(name, {**labels, "node": self.metrics.node})
         return 0.0 if value is None else value
 
 
