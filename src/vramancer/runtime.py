@@ -92,6 +92,7 @@ class Runtime:
             events=self.events,
             metrics=self.metrics,
             clock=self.clock,
+            models=self.models,
         )
         self._components: list[Component] = [
             self.devices,

@@ -68,6 +68,10 @@ def submit(
     env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE (repeat).")] = None,
     cwd: Annotated[str | None, typer.Option(help="Working directory (absolute).")] = None,
     key: Annotated[str | None, typer.Option("--key", help="Idempotency key.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="A managed model it needs: loaded first, held while it runs."),
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow state and output to the end.")
     ] = False,
@@ -91,6 +95,7 @@ def submit(
         "priority": priority,
         "cwd": cwd,
         "idempotency_key": key,
+        "model": model,
     }
     body.update({k: v for k, v in options.items() if v is not None})
     if env:

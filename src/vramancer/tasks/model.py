@@ -2,7 +2,8 @@
 
 The body is the one in CONTRACTS.md ("Task body"), extended with ``python`` (``module:function``)
 and ``payload`` (free JSON: ``{"args": [...], "kwargs": {...}}`` for ``python`` tasks,
-``{"max_blocks": N}`` for ``warmup``/``compress``). Validation is strict (unknown fields,
+``{"max_blocks": N}`` for ``warmup``/``compress``) and ``model`` (a managed model the task
+needs, held loaded while it runs). Validation is strict (unknown fields,
 missing ``cmd`` for a ``cmd`` task, negative timeouts ... are refused) so a bad submission is a
 4xx and nothing is queued.
 """
@@ -27,6 +28,8 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PY_TARGET = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
 #: Longest timeout accepted (30 days).
 MAX_TIMEOUT_S = 30 * 24 * 3600.0
+#: Longest model name accepted in a task body.
+MAX_MODEL_NAME = 256
 
 
 class TaskType(StrEnum):
@@ -118,6 +121,9 @@ class TaskSpec(BaseModel):
     #: Working directory (absolute); default: a scratch directory per task.
     cwd: str | None = None
     env: dict[str, str] | None = None
+    #: A managed model (``[[models]]`` name) the task needs: loaded before its process starts
+    #: and held (never reaped or evicted) until it ends.
+    model: str | None = Field(default=None, min_length=1, max_length=MAX_MODEL_NAME)
 
     @field_validator("cmd")
     @classmethod
@@ -153,7 +159,9 @@ class TaskSpec(BaseModel):
             if self.type is not kind and given:
                 raise ValueError(f"'{name}' is only for {kind.value} tasks (type is {self.type})")
         if self.type.maintenance:
-            extra = [n for n in ("gpu", "vram", "cwd", "env") if getattr(self, n) is not None]
+            extra = [
+                n for n in ("gpu", "vram", "cwd", "env", "model") if getattr(self, n) is not None
+            ]
             if extra:
                 raise ValueError(
                     f"{', '.join(extra)} apply only to cmd, shell and python tasks "
@@ -261,6 +269,7 @@ class TaskRecord:
 
     def as_dict(self) -> dict[str, Any]:
         """The status body of the API (``task_id``, ``state``, ``attempts``, ``device`` ...)."""
+        spec = self.spec
         return {
             "task_id": self.task_id,
             "type": self.type.value,
@@ -270,6 +279,7 @@ class TaskRecord:
             "device": self.device,
             "gpu": self.gpu,
             "vram_bytes": self.vram_bytes,
+            "model": spec.get("model"),
             "priority": self.priority.value,
             "exit_code": self.exit_code,
             "error": self.error,
@@ -286,7 +296,7 @@ class TaskRecord:
             "ready_at": self.ready_at,
             "stdout_tail": self.stdout_tail,
             "stderr_tail": self.stderr_tail,
-            "spec": self.spec,
+            "spec": spec,
         }
 
 

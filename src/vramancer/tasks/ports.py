@@ -9,12 +9,16 @@ small doubles. Only these calls are used:
   ``release_allocation(id)``, ``reserved_bytes(device | None) -> int``, ``budget`` (total and
   per ``gpu:N`` bytes it may grant);
 * memory: ``warmup(max_blocks) -> int`` and ``compress_cold(max_blocks) -> int`` (maintenance
-  tasks; plain or async).
+  tasks; plain or async);
+* models (optional): ``names()`` (the managed models, to refuse an unknown ``model`` at submit)
+  and ``use(name)``, an async context manager that loads the model on demand and holds it
+  against the idle reaper and eviction until it exits (``ModelManager.use``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from vramancer.arbiter.types import Allocation, PreemptCallback, Priority, WorkloadType
@@ -57,3 +61,9 @@ class MemoryPort(Protocol):
     def warmup(self, max_blocks: int) -> int | Awaitable[int]: ...
 
     def compress_cold(self, max_blocks: int) -> int | Awaitable[int]: ...
+
+
+class ModelsPort(Protocol):
+    def names(self) -> list[str]: ...
+
+    def use(self, name: str) -> AbstractAsyncContextManager[Any]: ...

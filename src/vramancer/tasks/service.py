@@ -13,6 +13,9 @@ Pieces, each replaceable:
 * a dispatcher loop (``run_once`` is one round, for deterministic tests) that takes ready tasks
   in order (priority, then expected run time from the ``RuntimeEstimator``, then submission
   order), places them, and leases them; plus a heartbeat loop that keeps the leases alive;
+* a task that names a ``model`` (a managed model) runs inside ``models.use(model)``: the model
+  is loaded on demand before the process starts and held against the idle reaper and eviction
+  until the process ends; a model that cannot be loaded fails the attempt (retry policy);
 * maintenance tasks (warmup, compress, noop) run in-process, only after the devices were idle for
   ``maintenance_idle_s`` and while no user task waits or runs.
 
@@ -24,7 +27,8 @@ Execution is at-least-once: the leases a crashed daemon held are taken back at t
 ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, the order NVML and the device manager number GPUs in), and the
 empty string on a simulated GPU or the host (the task must not touch a GPU it was not given).
 ``VRM_TASK_ID``, ``VRM_TASK_ATTEMPT``, ``VRM_DEVICE`` (``gpu:N`` or ``host``) and
-``VRM_SCRATCH_DIR`` are always set; inherited ``VRM_*`` variables of the daemon (its API
+``VRM_SCRATCH_DIR`` are always set (``VRM_MODEL*`` too when the task names a model, see
+``_model_env``); inherited ``VRM_*`` variables of the daemon (its API
 token ...) are not passed on.
 """
 
@@ -44,7 +48,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -88,7 +92,7 @@ from vramancer.tasks.picker import (
     build_views,
     gpu_name,
 )
-from vramancer.tasks.ports import ArbiterPort, DevicesPort, MemoryPort
+from vramancer.tasks.ports import ArbiterPort, DevicesPort, MemoryPort, ModelsPort
 from vramancer.tasks.queue import Purged, TaskQueue
 from vramancer.tasks.runner import ProcessRun, RunRequest, RunResult, kill_orphan
 from vramancer.tasks.settings import TasksSettings
@@ -159,6 +163,8 @@ class _Active:
     #: Its lease was taken back: whatever it reports is stale.
     lost: bool = False
     task: asyncio.Task[None] | None = None
+    #: ``VRM_MODEL*`` variables describing the held model (empty: the task names none).
+    model_env: dict[str, str] = field(default_factory=dict)
 
     def stop(self) -> None:
         if self.run is not None:
@@ -181,8 +187,11 @@ class TaskService:
         clock: Clock,
         queue: TaskQueue | None = None,
         estimator: RuntimeEstimator | None = None,
+        models: ModelsPort | None = None,
     ) -> None:
         self.settings = settings
+        #: The model manager tasks may name a ``model`` of (None: tasks cannot).
+        self.models = models
         self.data_dir = Path(data_dir)
         self.devices = devices
         self.arbiter = arbiter
@@ -372,6 +381,7 @@ class TaskService:
             )
         self._check_allowed(spec, where)
         self._check_devices(spec, snapshot, where)
+        self._check_model(spec, where)
         return NewTask(
             task_id=task_id,
             spec=spec,
@@ -404,6 +414,18 @@ class TaskService:
                 f"{where}env: {', '.join(hijack)} would change what an allowed command runs "
                 "(loader or interpreter hooks); refused while [tasks] allowed_commands is set",
                 field="env",
+            )
+
+    def _check_model(self, spec: TaskSpec, where: str) -> None:
+        """A named model must be one the model manager manages (else nothing is queued)."""
+        if spec.model is None:
+            return
+        known = self.models.names() if self.models is not None else []
+        if spec.model not in known:
+            listed = ", ".join(known) or "none configured"
+            raise InvalidInput(
+                f"{where}model: no managed model {spec.model!r} (models: {listed})",
+                field="model",
             )
 
     def _check_devices(self, spec: TaskSpec, snapshot: SystemSnapshot, where: str) -> None:
@@ -779,7 +801,7 @@ class TaskService:
     async def _execute(self, active: _Active) -> None:
         record = active.record
         try:
-            outcome = await self._run_process(active)
+            outcome = await self._run_with_model(active)
         except Exception as exc:
             log.exception("task %s: internal error", record.task_id)
             outcome = record.outcome(
@@ -791,6 +813,28 @@ class TaskService:
             self._poke()  # a slot is free: the next task can start while this one is recorded
         if not active.lost:
             await self._finish(outcome)
+
+    async def _run_with_model(self, active: _Active) -> Outcome:
+        """Run the process, inside ``models.use(model)`` when the task names a model: loaded
+        first (on demand), held against the reaper and eviction until the process ends. A model
+        that cannot be loaded (backend down, no VRAM ...) fails the attempt with the reason."""
+        record = active.record
+        name = record.spec.get("model")
+        if name is None:
+            return await self._run_process(active)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                if self.models is None:
+                    raise BackendUnavailable("this daemon has no model manager")
+                handle = await stack.enter_async_context(self.models.use(name))
+            except Exception as exc:
+                reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                return record.outcome(
+                    OutcomeKind.ERROR, error=f"model {name!r} could not be loaded: {reason}"
+                )
+            active.model_env = _model_env(name, handle)
+            outcome = await self._run_process(active)
+        return outcome
 
     async def _run_process(self, active: _Active) -> Outcome:
         record = active.record
@@ -870,6 +914,7 @@ class TaskService:
                 "CUDA_VISIBLE_DEVICES": "" if active.cuda_index is None else str(active.cuda_index),
             }
         )
+        env.update(active.model_env)
         if active.cuda_index is not None:
             # cuda_index is NVML's (PCI bus) order; CUDA's default order is fastest first.
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -1136,6 +1181,22 @@ def _read_log(path: Path, offset: int, limit: int, tail: str) -> tuple[str, bool
         data = tail.encode()[offset : offset + limit + 1]
     kept = data[:limit]
     return kept.decode("utf-8", errors="replace"), len(data) > limit, offset + len(kept)
+
+
+def _model_env(name: str, handle: Any) -> dict[str, str]:
+    """What a task learns of the model held for it: ``VRM_MODEL`` (its name),
+    ``VRM_MODEL_DEVICE`` (``cpu``, ``cuda:N``) and, for an Ollama model, ``VRM_MODEL_ENDPOINT``
+    and ``VRM_MODEL_BACKEND`` (the tag to ask Ollama for)."""
+    env = {"VRM_MODEL": name}
+    for var, attr in (
+        ("VRM_MODEL_DEVICE", "device"),
+        ("VRM_MODEL_ENDPOINT", "endpoint"),
+        ("VRM_MODEL_BACKEND", "backend_model"),
+    ):
+        value = getattr(handle, attr, None)
+        if value is not None:
+            env[var] = str(value)
+    return env
 
 
 def _dumps(value: Any) -> str:
