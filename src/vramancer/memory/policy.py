@@ -55,6 +55,13 @@ RECENCY_LOG2_MAX = 6.0
 GHOST_MORE_HITS = 1.0625
 GHOST_MIN_BLOCKS = 64
 GHOST_MAX = 65536
+#: Above ``GHOST_GAIN_FROM``, a ghost hit's step (ARC's) is multiplied by up to
+#: ``1 + GHOST_RECENCY_GAIN`` (linearly from that weight to 1): near the recency end (a working
+#: set that moved) the ranking moves fast both ways, so it goes back towards frequency soon after
+#: the new set is in; at or below it the step is ARC's, so a stable popularity (weight near 0)
+#: is not pulled off by stray hits, and the weight does not overshoot into the frequency end.
+GHOST_RECENCY_GAIN = 24.0
+GHOST_GAIN_FROM = 0.6
 #: Most share of an index's bytes held by prefetched blocks waiting for their read.
 PREFETCH_SHARE = 0.1
 #: A block leaving the window must beat main's coldest by this much (log2 of value) to take a
@@ -557,7 +564,9 @@ class HotnessIndex:
         ARC's rule: a returning seen-once block says "more recency" (an LRU would have kept
         it), a returning seen-more-often one says "more frequency"; each moves the recency
         weight by ``max(1, |other ghosts| / |its ghosts|) / blocks``. The ranking follows once
-        it has moved by ``RERANK_STEP`` (a heap rebuild).
+        it has moved by ``RERANK_STEP`` (a heap rebuild). Near the recency end the step is
+        larger (``GHOST_RECENCY_GAIN``): the 2^x range is wide and a shifted working set drives
+        the weight to 1, from where ARC's step takes hundreds of ghost hits to come back.
         """
         once, more = self._ghost_once, self._ghost_more
         scale = 1.0 / max(self._count, GHOST_MIN_BLOCKS)
@@ -569,6 +578,9 @@ class HotnessIndex:
             del more[block.id]
         else:
             return
+        lean = (self.recency_weight - GHOST_GAIN_FROM) / (1.0 - GHOST_GAIN_FROM)
+        if lean > 0.0:
+            step *= 1.0 + GHOST_RECENCY_GAIN * lean
         weight = min(1.0, max(0.0, self.recency_weight + step))
         self.recency_weight = weight
         x = RECENCY_LOG2_MAX - weight * (RECENCY_LOG2_MAX - RECENCY_LOG2_MIN)

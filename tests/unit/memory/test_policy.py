@@ -13,6 +13,8 @@ import pytest
 from vramancer.clock import ManualClock
 from vramancer.errors import InvalidInput
 from vramancer.memory.policy import (
+    GHOST_GAIN_FROM,
+    GHOST_RECENCY_GAIN,
     NEVER_READ_LOG2,
     BlockMeta,
     DecayedHotness,
@@ -339,6 +341,32 @@ def test_ghosts_of_seen_once_blocks_lean_the_ranking_towards_recency() -> None:
                 index.add(v, now)
     assert index.recency_weight > 0.5
     assert index.ranking_half_life_s < start / 4
+
+
+def _ghost_round_trip(index: HotnessIndex, now: float, hits: float) -> None:
+    """Evict the index's next victim with ``hits`` on it and bring it straight back."""
+    (victim,) = index.victims(1, now)
+    victim.hits = hits
+    index.remove(victim)
+    index.add(victim, now)
+
+
+def test_a_ghost_hit_moves_the_weight_faster_near_the_recency_end_only() -> None:
+    # 64 blocks: ARC's step is 1/64 per ghost hit (no ghosts on the other side).
+    lean = HotnessIndex(DecayedHotness(60.0))  # x = 0: weight 6/16, under GHOST_GAIN_FROM
+    assert lean.recency_weight == 0.375 < GHOST_GAIN_FROM
+    for i in range(64):
+        lean.add(block(f"b{i}", 1), 0.0)
+    _ghost_round_trip(lean, 1.0, hits=1.0)  # seen once: towards recency, ARC's own step
+    assert lean.recency_weight == 0.375 + 1 / 64
+    # At the recency end (x = -10, weight 1) a seen-more ghost moves it 1 + gain times as far.
+    recent = HotnessIndex(DecayedHotness(60.0), recency_factor=2.0**-10)
+    assert recent.recency_weight == 1.0
+    for i in range(64):
+        recent.add(block(f"r{i}", 1), 0.0)
+    _ghost_round_trip(recent, 1.0, hits=4.0)
+    assert recent.recency_weight == pytest.approx(1.0 - (1 + GHOST_RECENCY_GAIN) / 64)
+    assert recent.ranking_half_life_s > 60.0 * 2.0**-10
 
 
 def test_lru_index_baseline_order() -> None:
