@@ -75,6 +75,7 @@ from vramancer.models.types import (
 )
 from vramancer.observability import tracing
 from vramancer.observability.metrics import Metrics
+from vramancer.resources.actions import ModelAction, ModelActionKind
 from vramancer.units import MIB, format_size
 
 if TYPE_CHECKING:
@@ -1706,11 +1707,10 @@ class ModelManager:
 
     # ------------------------------------------------------------------ optimize
 
-    async def optimize(self) -> list[str]:
+    async def optimize(self) -> list[ModelAction]:
         """Seed 001 ``optimize_resources`` for models: unload idle models, then on GPUs above
         ``pressure_ratio`` switch to smaller variants and unload the least recently used.
-        Returns what was done, one sentence per action, starting with ``unloaded ``,
-        ``switched `` or ``could not `` (the resources orchestrator counts them by that)."""
+        Returns one record per step taken (unloaded, switched, or failed with the reason)."""
         now = self.clock.monotonic()
         views = [self._view(e, now) for e in self._entries.values()]
         usage = {
@@ -1723,14 +1723,14 @@ class ModelManager:
             idle_after_s=self.gm.optimize_idle_s,
             pressure_ratio=self.gm.pressure_ratio,
         )
-        done: list[str] = []
+        done: list[ModelAction] = []
         for action in actions:
             message = await self._optimize_one(action)
             if message:
                 done.append(message)
         return done
 
-    async def _optimize_one(self, action: policy.OptimizeAction) -> str | None:
+    async def _optimize_one(self, action: policy.OptimizeAction) -> ModelAction | None:
         entry = self._entries[action.model]
         try:
             async with self._locked(entry):
@@ -1741,11 +1741,13 @@ class ModelManager:
                     return await self._to_variant(entry, device)
                 await self._unload_locked(entry, "optimize")
         except VramancerError as exc:
-            return f"could not optimize {entry.name}: {exc.message}"
+            message = f"could not optimize {entry.name}: {exc.message}"
+            return ModelAction(ModelActionKind.FAILED, entry.name, message)
         why = "idle" if action.kind is policy.OptimizeKind.UNLOAD_IDLE else "least recently used"
-        return f"unloaded {entry.name} from {device} ({why}, {format_size(action.freed_bytes)})"
+        message = f"unloaded {entry.name} from {device} ({why}, {format_size(action.freed_bytes)})"
+        return ModelAction(ModelActionKind.UNLOADED, entry.name, message)
 
-    async def _to_variant(self, entry: _Entry, device: str) -> str:
+    async def _to_variant(self, entry: _Entry, device: str) -> ModelAction:
         variant = entry.spec.smaller_variant
         assert variant is not None
         before = entry.used_bytes
@@ -1757,11 +1759,13 @@ class ModelManager:
             entry.variant = None
             with contextlib.suppress(VramancerError):
                 await self._load_locked(entry, device, "variant failed; back to the original")
-            return f"could not switch {entry.name} to {variant}: {exc.message}"
-        return (
+            message = f"could not switch {entry.name} to {variant}: {exc.message}"
+            return ModelAction(ModelActionKind.FAILED, entry.name, message)
+        message = (
             f"switched {entry.name} to smaller variant {variant} on {device} "
             f"({format_size(before)} -> {format_size(entry.used_bytes)})"
         )
+        return ModelAction(ModelActionKind.SWITCHED, entry.name, message)
 
     # ------------------------------------------------------------------ small helpers
 

@@ -26,6 +26,7 @@ from vramancer.devices.types import SystemSnapshot
 from vramancer.errors import InvalidInput
 from vramancer.observability import tracing
 from vramancer.observability.metrics import Metrics
+from vramancer.resources.actions import ModelAction, ModelActionKind
 from vramancer.resources.estimator import (
     MIB,
     estimate_from_file,
@@ -209,16 +210,15 @@ class ResourceOrchestrator:
         with tracing.span("resources.optimize"):
             before = await self._memory_state()
             actions = await asyncio.to_thread(release_caches)
-            model_actions: list[str] = []
+            model_actions: list[ModelAction] = []
             optimize = getattr(self.models, "optimize", None)
             if optimize is not None:
-                model_actions = [str(a) for a in await optimize()]
-                actions += model_actions
+                model_actions = list(await optimize())
+                actions += [str(a) for a in model_actions]
             after = await self._memory_state()
-        # The model manager words each action: "unloaded X ...", "switched X ...", or
-        # "could not optimize X: why" for one that failed.
-        models_freed = sum(1 for a in model_actions if a.startswith("unloaded "))
-        models_acted = any(not a.startswith("could not") for a in model_actions)
+        kinds = [a.kind for a in model_actions]
+        models_freed = kinds.count(ModelActionKind.UNLOADED)
+        models_acted = any(k is not ModelActionKind.FAILED for k in kinds)
         host_freed = max(0, before["process_rss_bytes"] - after["process_rss_bytes"])
         gpu_freed = max(0, before["gpu_used_bytes"] - after["gpu_used_bytes"])
         optimized = (

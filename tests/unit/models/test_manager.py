@@ -25,6 +25,7 @@ from vramancer.errors import (
 )
 from vramancer.models.errors import BackendError, ModelNotInBackend
 from vramancer.models.types import ModelState
+from vramancer.resources.actions import ModelActionKind
 from vramancer.units import GIB, MIB
 
 CLIP_BYTES = 500 * MIB
@@ -508,8 +509,14 @@ async def test_optimize_unloads_idle_models_and_switches_to_a_smaller_variant(
         h.clock.advance(120)
         await m.ensure_loaded(VLM)
         actions = await m.optimize()
-        assert actions[0] == "unloaded clip from cpu (idle, 500.0 MiB)"
-        assert actions[1].startswith("switched qwen3-vl:8b to smaller variant small:1b on cuda:0")
+        assert [(a.kind, a.model) for a in actions] == [
+            (ModelActionKind.UNLOADED, CLIP),
+            (ModelActionKind.SWITCHED, VLM),
+        ]
+        assert str(actions[0]) == "unloaded clip from cpu (idle, 500.0 MiB)"
+        assert str(actions[1]).startswith(
+            "switched qwen3-vl:8b to smaller variant small:1b on cuda:0"
+        )
         status = m.status(VLM)
         assert status.variant == "small:1b" and status.used_vram_bytes == GIB
         assert h.gpu_used() == GIB
@@ -799,7 +806,8 @@ async def test_optimize_with_a_variant_ollama_lacks_keeps_the_full_model(
         m = h.models
         await m.ensure_loaded(VLM)
         (action,) = await m.optimize()
-        assert action.startswith("could not switch qwen3-vl:8b to qwen3-vl:2b: Ollama: model")
+        assert (action.kind, action.model) == (ModelActionKind.FAILED, VLM)
+        assert str(action).startswith("could not switch qwen3-vl:8b to qwen3-vl:2b: Ollama: model")
         status = m.status(VLM)
         assert (status.state, status.device, status.variant) == (ModelState.LOADED, "cuda:0", None)
         assert set(fake_ollama.running()) == {VLM}

@@ -16,6 +16,7 @@ from vramancer.devices.settings import DevicesSettings
 from vramancer.errors import InvalidInput
 from vramancer.events import EventBus
 from vramancer.observability.metrics import Metrics
+from vramancer.resources.actions import ModelAction, ModelActionKind
 from vramancer.resources.orchestrator import ResourceOrchestrator, release_caches
 from vramancer.resources.platform import PlatformFacts
 from vramancer.resources.settings import ResourcesSettings
@@ -119,24 +120,30 @@ def test_recommend_on_this_machine_without_injected_facts() -> None:
     assert (rec.method, rec.platform) == ("q4_k_m", "cpu")
 
 
+FAILED, SWITCHED = ModelActionKind.FAILED, ModelActionKind.SWITCHED
+UNLOADED_CLIP = ModelAction(
+    ModelActionKind.UNLOADED, "clip", "unloaded clip from cuda:0 (idle, 500.0 MiB)"
+)
+
+
 class FakeModels:
-    def __init__(self, actions: list[str]) -> None:
+    def __init__(self, actions: list[ModelAction]) -> None:
         self.actions = actions
         self.calls = 0
 
-    async def optimize(self) -> list[str]:
+    async def optimize(self) -> list[ModelAction]:
         self.calls += 1
         return self.actions
 
 
 async def test_optimize_runs_gc_and_asks_the_model_manager() -> None:
     orch = build([{"name": "sim0", "memory": "24GiB"}])
-    models = FakeModels(["unloaded idle model clip (500 MiB)", "kept qwen"])
+    models = FakeModels([UNLOADED_CLIP, ModelAction(SWITCHED, "qwen", "switched qwen to q4")])
     orch.attach_models(models)
     result = await orch.optimize_resources()
     assert set(result) >= {"optimized", "actions_taken", "memory_before", "memory_after"}
     assert result["actions_taken"][0].startswith("gc: collected")
-    assert result["actions_taken"][-2:] == models.actions
+    assert result["actions_taken"][-2:] == [str(a) for a in models.actions]
     assert result["optimized"] is True  # a model was unloaded
     assert models.calls == 1
     for key in ("process_rss_bytes", "host_used_bytes", "gpu_used_bytes"):
@@ -163,13 +170,13 @@ def _fixed_memory(orch: ResourceOrchestrator, rss_before: int, rss_after: int) -
     [
         (4096, [], False, 0),  # page-sized RSS noise is not an optimisation
         (2 * 1024 * 1024, [], True, 0),
-        (0, ["could not optimize clip: the backend refused to unload it"], False, 0),
-        (0, ["unloaded clip from cuda:0 (idle, 500.0 MiB)"], True, 1),
-        (0, ["switched qwen to smaller variant qwen:q4 on cuda:0 (freed 2.0 GiB)"], True, 0),
+        (0, [ModelAction(FAILED, "clip", "could not optimize clip: refused to unload")], False, 0),
+        (0, [UNLOADED_CLIP], True, 1),
+        (0, [ModelAction(SWITCHED, "qwen", "switched qwen to qwen:q4 on cuda:0")], True, 0),
     ],
 )
 async def test_optimized_means_something_was_freed_or_done(
-    freed: int, model_actions: list[str], optimized: bool, unloaded: int
+    freed: int, model_actions: list[ModelAction], optimized: bool, unloaded: int
 ) -> None:
     orch = build([{"name": "sim0", "memory": "24GiB"}])
     orch.attach_models(FakeModels(model_actions))
