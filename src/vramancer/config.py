@@ -17,7 +17,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from vramancer.arbiter.settings import ArbiterSettings
@@ -126,10 +133,13 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     tracing: bool = False
     disable_rate_limit: bool = False
+    #: Reserved for HA replication, which is not built yet: turning it on stops start-up.
     ha_replication: bool = False
-    #: ``host1:5010,host2:5010``
+    #: Reserved for HA replication (``host1:8470,host2:8470``): setting it stops start-up.
     ha_peers: str = ""
+    #: Reserved for HA replication (journal size before rotation): setting it stops start-up.
     ha_journal_max: Size = 64 * 1024 * 1024
+    #: Reserved for the pool of machines on NATS, not built yet: setting it stops start-up.
     nats_url: str | None = None
 
     server: ServerSettings = Field(default_factory=ServerSettings)
@@ -148,6 +158,20 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @model_validator(mode="after")
+    def _refuse_unbuilt(self) -> Settings:
+        """Settings of features that do not exist yet are refused rather than silently ignored,
+        so nobody believes state is replicated or shared when it is not."""
+        problems = [
+            f"{key} (VRM_{key.upper()}): {what} is not built yet in this version; remove "
+            "this setting"
+            for key, what in _UNBUILT.items()
+            if key in self.model_fields_set and _is_set(getattr(self, key))
+        ]
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
 
     @property
     def peers(self) -> list[str]:
@@ -181,6 +205,21 @@ class Settings(BaseSettings):
             raise ConfigError(format_validation_error(exc)) from None
         finally:
             _config_file.reset(token)
+
+
+#: Top-level keys accepted for compatibility whose features are not built yet.
+_UNBUILT = {
+    "ha_replication": "HA replication",
+    "ha_peers": "HA replication",
+    "ha_journal_max": "HA replication (its journal)",
+    "nats_url": "the pool of machines on NATS JetStream",
+}
+
+
+def _is_set(value: object) -> bool:
+    """True for a value that asks for something: ``VRM_HA_REPLICATION=0`` or an empty
+    ``VRM_NATS_URL`` asks for nothing and stays accepted."""
+    return value not in (False, None, "")
 
 
 #: ``VRM_*`` variables that are not settings: the CLI's, and those VRAMancer sets for its tasks.
@@ -218,7 +257,10 @@ def format_validation_error(exc: ValidationError) -> str:
     """One line per problem: the dotted key, what was expected, what was given."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "(root)"
+        key = ".".join(str(part) for part in err["loc"])
+        if not key:  # a check across keys: its message names them
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
+            continue
         if err["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
             continue

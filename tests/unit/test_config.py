@@ -165,3 +165,47 @@ def test_the_cli_and_task_variables_are_not_settings_and_not_errors(
                  "VRM_SCRATCH_DIR"):  # fmt: skip
         monkeypatch.setenv(name, "x")
     assert Settings.load().server.port == DEFAULT_PORT
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "feature"),
+    [
+        ("VRM_HA_REPLICATION", "1", "HA replication"),
+        ("VRM_HA_PEERS", "host1:8470", "HA replication"),
+        ("VRM_HA_JOURNAL_MAX", "1MiB", "HA replication (its journal)"),
+        ("VRM_NATS_URL", "nats://127.0.0.1:4222", "NATS JetStream"),
+    ],
+)
+def test_settings_of_features_not_built_yet_stop_start_up(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, feature: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        Settings.load()
+    message = str(info.value)
+    assert variable in message and feature in message and "not built yet" in message
+
+
+def test_unbuilt_features_in_the_file_are_refused_and_their_off_values_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError, match=r"ha_replication \(VRM_HA_REPLICATION\)"):
+        Settings.load(write(tmp_path, "ha_replication = true\n"))
+    monkeypatch.setenv("VRM_HA_REPLICATION", "0")
+    monkeypatch.setenv("VRM_NATS_URL", "")
+    s = Settings.load()
+    assert s.ha_replication is False and not s.nats_url
+
+
+def test_serve_refuses_to_start_with_an_unbuilt_feature(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("VRM_")}
+    env |= {"VRM_DATA_DIR": str(tmp_path / "data"), "VRM_HA_REPLICATION": "1"}
+    cmd = [str(Path(sys.executable).parent / "vramancer"), "serve", "--port", "0"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "HA replication is not built yet" in done.stderr
+    assert not (tmp_path / "data").exists()
