@@ -67,3 +67,20 @@ class ConfigError(VramancerError):
     """Bad settings: the message names the key and the expected form."""
 
     code = "config_error"
+
+
+class InsufficientStorage(VramancerError):
+    """The disk (or the file system of a tier) is full: a write was refused and undone.
+
+    Raised for ``ENOSPC``, ``EDQUOT`` and ``EFBIG`` from block files and for SQLite's
+    "database or disk is full"; ``details`` may name the ``path`` and the ``tier``.
+    """
+
+    code = "insufficient_storage"
+    http_status = 507
+
+
+class CatalogCorrupt(ConfigError):
+    """The memory store's metadata database cannot be read; the message says how to recover."""
+
+    code = "catalog_corrupt"

@@ -15,11 +15,11 @@ byte what was put, from every tier.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import secrets
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -35,6 +35,7 @@ from vramancer.memory.compression import (
     CorruptBlock,
     NoCompression,
 )
+from vramancer.memory.storage import full_disk_as, private_dir, unlink_inside
 
 
 class DataKind(StrEnum):
@@ -182,9 +183,20 @@ class TierBackend(Protocol):
     """Holds the data of the blocks of one tier. ``handle`` is the backend's own token."""
 
     def write(
-        self, block_id: str, layout: Layout, value: Any, *, owned: bool, hint: str | None
+        self,
+        block_id: str,
+        layout: Layout,
+        value: Any,
+        *,
+        owned: bool,
+        hint: str | None,
+        record: Mapping[str, Any] | None = None,
+        durable: bool = False,
     ) -> Any:
-        """Store a copy of ``value`` (``owned``: the caller gives it away, no copy needed)."""
+        """Store a copy of ``value`` (``owned``: the caller gives it away, no copy needed).
+
+        ``record``: what a block file says about its block (file tiers); ``durable``: return
+        only once the copy survives a crash (file tiers: file and directory fsynced)."""
         ...
 
     def read(self, handle: Any, layout: Layout, block_id: str) -> Any:
@@ -204,7 +216,15 @@ class HostBackend:
     """L4: the value itself, immutable or read-only, in pageable host memory."""
 
     def write(
-        self, block_id: str, layout: Layout, value: Any, *, owned: bool, hint: str | None
+        self,
+        block_id: str,
+        layout: Layout,
+        value: Any,
+        *,
+        owned: bool,
+        hint: str | None,
+        record: Mapping[str, Any] | None = None,
+        durable: bool = False,
     ) -> Any:
         if layout.kind is DataKind.BYTES:
             return value if isinstance(value, bytes) else bytes(value)
@@ -269,7 +289,7 @@ class FileBackend:
         self.always_compress = always_compress
         self.atomic = atomic
         self.fsync = fsync
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
 
     def new_path(self, block_id: str) -> Path:
         """A fresh file name per stored version, so no two versions ever share a file."""
@@ -277,7 +297,15 @@ class FileBackend:
         return self.directory / f"{digest}-{secrets.token_hex(4)}.blk"
 
     def write(
-        self, block_id: str, layout: Layout, value: Any, *, owned: bool, hint: str | None
+        self,
+        block_id: str,
+        layout: Layout,
+        value: Any,
+        *,
+        owned: bool,
+        hint: str | None,
+        record: Mapping[str, Any] | None = None,
+        durable: bool = False,
     ) -> FileHandle:
         raw = raw_view(layout, value)
         payload: bytes | memoryview = raw
@@ -292,15 +320,18 @@ class FileBackend:
             if packed.codec != "none" or packed.itemsize != 1:
                 payload, codec, itemsize = packed.payload, packed.codec, packed.itemsize
         path = self.new_path(block_id)
-        size = write_block_file(
-            path,
-            payload,
-            codec=codec,
-            raw_size=layout.nbytes,
-            itemsize=itemsize,
-            fsync=self.fsync,
-            atomic=self.atomic,
-        )
+        with full_disk_as(f"block {block_id!r} in {self.directory}"):
+            size = write_block_file(
+                path,
+                payload,
+                codec=codec,
+                raw_size=layout.nbytes,
+                itemsize=itemsize,
+                fsync=self.fsync or durable,
+                atomic=self.atomic,
+                record=record,
+                sync_dir=True,
+            )
         return FileHandle(path, codec, size)
 
     def read(self, handle: FileHandle, layout: Layout, block_id: str) -> Any:
@@ -325,8 +356,8 @@ class FileBackend:
             raise CorruptBlock(f"{what}: {stored.codec} payload cannot be decoded: {exc}") from None
 
     def free(self, handle: FileHandle) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            handle.path.unlink()
+        """Unlink the block file (only ever a file directly inside this tier's directory)."""
+        unlink_inside(handle.path, self.directory)
 
     def stored_bytes(self, handle: FileHandle) -> int:
         return handle.stored_size
@@ -364,7 +395,15 @@ class CudaBackend:
         self._used = dict.fromkeys(devices, 0)
 
     def write(
-        self, block_id: str, layout: Layout, value: Any, *, owned: bool, hint: str | None
+        self,
+        block_id: str,
+        layout: Layout,
+        value: Any,
+        *,
+        owned: bool,
+        hint: str | None,
+        record: Mapping[str, Any] | None = None,
+        durable: bool = False,
     ) -> Any:
         torch = self.torch
         index = min(self.devices, key=lambda d: self._used[d])
@@ -398,7 +437,15 @@ class PinnedBackend:
         self.torch = _import_torch()
 
     def write(
-        self, block_id: str, layout: Layout, value: Any, *, owned: bool, hint: str | None
+        self,
+        block_id: str,
+        layout: Layout,
+        value: Any,
+        *,
+        owned: bool,
+        hint: str | None,
+        record: Mapping[str, Any] | None = None,
+        durable: bool = False,
     ) -> Any:
         torch = self.torch
         src = _as_u8_tensor(layout, value)

@@ -7,27 +7,49 @@ payload at a fixed offset (so an uncompressed L5 file is memory-mappable as it i
 written header-then-payload without concatenating them. A damaged file raises
 :class:`~vramancer.memory.compression.CorruptBlock` naming the block, so only that block is
 affected.
+
+Format, version 2 (little-endian)::
+
+    magic "VRMF" | version u8 | codec 8 bytes NUL-padded | itemsize u8 | raw size u64
+    | payload size u64 | payload xxh3-64 u64 | record size u32 | record xxh3-64 u64
+    payload
+    record: UTF-8 JSON object describing the block (id, size, kind, dtype, shape, itemsize,
+            priority, hint, written, created)
+
+The record lets the catalog be rebuilt from the block files alone (a lost, corrupt or moved
+``memory.sqlite``, a copied data directory). Version 1 files (the same header without the two
+record fields, no record) are still read; they cannot be rebuilt without their catalog row.
+Files are created ``0600``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import mmap
 import os
 import secrets
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
 from vramancer.memory.compression import CorruptBlock
+from vramancer.memory.storage import FILE_MODE, fsync_dir
 
 _MAGIC = b"VRMF"
-_VERSION = 1
+_VERSION = 2
 #: magic, version, codec (8 bytes, NUL padded), itemsize, raw size, payload size, xxh3-64
-_HEADER = struct.Struct("<4sB8sBQQQ")
+_HEADER_V1 = struct.Struct("<4sB8sBQQQ")
+#: version 2 adds the record's size and xxh3-64
+_HEADER = struct.Struct("<4sB8sBQQQIQ")
 HEADER_SIZE = _HEADER.size
+V1_HEADER_SIZE = _HEADER_V1.size
+#: Largest record accepted when reading (a record is a few hundred bytes).
+MAX_RECORD = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +60,21 @@ class BlockFile:
     itemsize: int
     raw_size: int
     payload: bytes | bytearray
+
+
+@dataclass(frozen=True, slots=True)
+class BlockHeader:
+    """A block file's header and record, read without its payload (for rebuilding a catalog).
+
+    ``record`` is None for a version 1 file."""
+
+    version: int
+    codec: str
+    itemsize: int
+    raw_size: int
+    payload_size: int
+    file_size: int
+    record: dict[str, Any] | None
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:
@@ -54,13 +91,19 @@ def write_block_file(
     itemsize: int = 1,
     fsync: bool = True,
     atomic: bool = False,
+    record: Mapping[str, Any] | None = None,
+    sync_dir: bool = False,
 ) -> int:
-    """Write a block file at ``path``; returns its size in bytes.
+    """Write a block file at ``path`` (which must not exist); returns its size in bytes.
 
     ``atomic``: write a temporary file beside it, fsync, rename over ``path``, fsync the
     directory — a reader (or a restart) sees the whole old file or the whole new one.
+    ``record``: what the file says about its block (JSON), so a catalog can be rebuilt from it.
+    ``sync_dir``: also fsync the directory of a non-atomic file (its name is then durable).
+    Any failure (a full disk included) removes what was written and raises.
     """
     view = memoryview(payload).cast("B")
+    tail = json.dumps(dict(record or {}), separators=(",", ":")).encode() if record else b""
     header = _HEADER.pack(
         _MAGIC,
         _VERSION,
@@ -69,24 +112,65 @@ def write_block_file(
         raw_size,
         view.nbytes,
         checksum(view),
+        len(tail),
+        checksum(tail),
     )
     target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if atomic else path
     try:
-        with open(target, "wb") as fh:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        with open(fd, "wb", closefd=True) as fh:
             fh.write(header)
             fh.write(view)
+            if tail:
+                fh.write(tail)
             fh.flush()
             if fsync:
                 _sync(fh.fileno())
         if atomic:
             os.replace(target, path)
-            if fsync:
-                _fsync_dir(path.parent)
+        if fsync and (atomic or sync_dir):
+            fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             target.unlink()
         raise
-    return HEADER_SIZE + view.nbytes
+    return HEADER_SIZE + view.nbytes + len(tail)
+
+
+def read_block_header(path: Path) -> BlockHeader:
+    """The header and record of a block file, checked (magic, sizes, record checksum) without
+    reading the payload. Raises ``CorruptBlock`` for a file that is not a whole block file."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(HEADER_SIZE)
+        if len(head) < V1_HEADER_SIZE or head[:4] != _MAGIC:
+            raise CorruptBlock(f"{path.name}: not a VRAMancer block file")
+        version = head[4]
+        if version == 1:
+            _, _, codec, itemsize, raw, length, _ = _HEADER_V1.unpack(head[:V1_HEADER_SIZE])
+            if size != V1_HEADER_SIZE + length:
+                raise CorruptBlock(f"{path.name}: truncated or padded")
+            return BlockHeader(1, _codec(codec), itemsize, raw, length, size, None)
+        if version != _VERSION or len(head) < HEADER_SIZE:
+            raise CorruptBlock(f"{path.name}: unknown block file version {version}")
+        _, _, codec, itemsize, raw, length, _, rlen, rsum = _HEADER.unpack(head)
+        if rlen > MAX_RECORD or size != HEADER_SIZE + length + rlen:
+            raise CorruptBlock(f"{path.name}: truncated or padded")
+        fh.seek(HEADER_SIZE + length)
+        tail = fh.read(rlen)
+    if checksum(tail) != rsum:
+        raise CorruptBlock(f"{path.name}: its record fails its checksum")
+    try:
+        record = json.loads(tail) if tail else None
+    except ValueError:
+        raise CorruptBlock(f"{path.name}: its record is not JSON") from None
+    if record is not None and not isinstance(record, dict):
+        raise CorruptBlock(f"{path.name}: its record is not a JSON object")
+    return BlockHeader(2, _codec(codec), itemsize, raw, length, size, record)
+
+
+def _codec(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode(errors="replace")
 
 
 def read_block_file(path: Path, what: str, *, writable: bool = False) -> BlockFile:
@@ -100,27 +184,42 @@ def read_block_file(path: Path, what: str, *, writable: bool = False) -> BlockFi
         raise CorruptBlock(f"{what}: its file {path.name} is missing") from None
     with fh:
         size = os.fstat(fh.fileno()).st_size
-        if size < HEADER_SIZE:
+        if size < V1_HEADER_SIZE:
             raise CorruptBlock(f"{what}: stored data is truncated (no header)")
         with _map(fh.fileno()) as mm:
-            magic, version, codec, itemsize, raw, length, digest = _HEADER.unpack(mm[:HEADER_SIZE])
-            if magic != _MAGIC or version != _VERSION:
-                raise CorruptBlock(f"{what}: not a VRAMancer block file")
-            if size - HEADER_SIZE != length:
+            start, codec, itemsize, raw, length, digest, tail, tail_sum = _unpack(mm, size, what)
+            if size - start - tail != length:
                 raise CorruptBlock(
                     f"{what}: stored data is truncated or padded "
-                    f"({size - HEADER_SIZE} of {length} bytes)"
+                    f"({max(0, size - start - tail)} of {length} bytes)"
                 )
+            if tail and checksum(mm[start + length :]) != tail_sum:
+                raise CorruptBlock(f"{what}: its record fails its checksum, the file is corrupted")
             payload: bytes | bytearray
             if writable:
                 payload = bytearray(length)
-                with memoryview(mm) as whole, whole[HEADER_SIZE:] as body:
+                with memoryview(mm) as whole, whole[start : start + length] as body:
                     payload[:] = body
             else:
-                payload = mm[HEADER_SIZE:]
+                payload = mm[start : start + length]
     if checksum(payload) != digest:
         raise CorruptBlock(f"{what}: checksum mismatch, the stored data is corrupted")
-    return BlockFile(codec.rstrip(b"\0").decode(errors="replace"), itemsize, raw, payload)
+    return BlockFile(_codec(codec), itemsize, raw, payload)
+
+
+def _unpack(mm: mmap.mmap, size: int, what: str) -> tuple[int, bytes, int, int, int, int, int, int]:
+    """(payload offset, codec, itemsize, raw size, payload size, checksum, record size, record
+    checksum)."""
+    if mm[:4] != _MAGIC:
+        raise CorruptBlock(f"{what}: not a VRAMancer block file")
+    version = mm[4]
+    if version == 1:
+        _, _, codec, itemsize, raw, length, digest = _HEADER_V1.unpack(mm[:V1_HEADER_SIZE])
+        return V1_HEADER_SIZE, codec, itemsize, raw, length, digest, 0, 0
+    if version != _VERSION or size < HEADER_SIZE:
+        raise CorruptBlock(f"{what}: not a VRAMancer block file")
+    _, _, codec, itemsize, raw, length, digest, tail, tail_sum = _HEADER.unpack(mm[:HEADER_SIZE])
+    return HEADER_SIZE, codec, itemsize, raw, length, digest, tail, tail_sum
 
 
 #: Pre-fault the whole mapping in one call (Linux): a 16 MiB block is read at page-cache speed
@@ -140,11 +239,3 @@ def _sync(fd: int) -> None:
         os.fdatasync(fd)
     else:  # pragma: no cover - macOS, Windows
         os.fsync(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -81,6 +81,9 @@ class MemorySettings(BaseModel):
     spill_on_stop: bool = True
     #: fsync block files and the metadata database (turn off only for scratch data and tests).
     fsync: bool = True
+    #: Whether a put that does not say (``?durable=``, ``put(durable=...)``) is durable: placed
+    #: in L5/L6 only, acknowledged once its file, directory and catalog row are fsynced.
+    durable_puts: bool = False
     #: Most pending promotions (prefetches) kept; older ones are dropped.
     max_pending_promotions: int = Field(default=1024, ge=1)
 

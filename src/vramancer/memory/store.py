@@ -17,9 +17,14 @@ the last reader is done. ``get`` only *tries* the mover (non-blocking) to promot
 read; when busy, the promotion is queued for the maintenance loop.
 
 Durability. L5/L6 blocks have a row in ``<data_dir>/memory.sqlite`` written after their file
-is complete, so a restart finds every block that was on disk. L1–L4 are volatile: a graceful
-``stop()`` spills them to L5/L6 where there is room (``memory.spill_on_stop``); a crash loses
-them. A block promoted out of L5/L6 is volatile from then on.
+is complete, so a restart finds every block that was on disk; each block file also carries a
+record of its block, so the catalog is rebuilt from the files when rows are missing
+(``memory/recovery.py``). L1–L4 are volatile: a graceful ``stop()`` spills them to L5/L6 where
+there is room (``memory.spill_on_stop``); a crash loses them. A block promoted out of L5/L6 is
+volatile from then on. A durable put (``put(..., durable=True)``, ``memory.durable_puts``)
+places the block in L5/L6 only and returns once its file, its directory and its row are
+fsynced. A full disk raises ``InsufficientStorage`` and changes nothing; a delete removes the
+file first, so it works on a full disk.
 """
 
 from __future__ import annotations
@@ -40,7 +45,14 @@ from typing import Any, Protocol
 
 from vramancer.clock import Clock
 from vramancer.devices.manager import DeviceManager
-from vramancer.errors import Conflict, InsufficientMemory, InvalidInput, NotFound, ShuttingDown
+from vramancer.errors import (
+    Conflict,
+    InsufficientMemory,
+    InsufficientStorage,
+    InvalidInput,
+    NotFound,
+    ShuttingDown,
+)
 from vramancer.events import EventBus
 from vramancer.memory.backends import (
     CudaBackend,
@@ -56,6 +68,7 @@ from vramancer.memory.backends import (
     raw_view,
 )
 from vramancer.memory.catalog import BlockRow, Catalog
+from vramancer.memory.catalog import check as check_catalog
 from vramancer.memory.compression import (
     AdaptiveCompression,
     CompressionManager,
@@ -70,7 +83,9 @@ from vramancer.memory.policy import (
     bytes_to_free,
     default_policy,
 )
+from vramancer.memory.recovery import Reconciled, reconcile
 from vramancer.memory.settings import MemorySettings
+from vramancer.memory.storage import DataDirLock
 from vramancer.memory.tiers import DISK_TIERS, CudaDevice, TierName, TierSpec, resolve_tiers
 from vramancer.observability import tracing
 from vramancer.observability.metrics import Metrics
@@ -93,6 +108,15 @@ class BlockTooLarge(InvalidInput):
 
     code = "payload_too_large"
     http_status = 413
+
+
+@dataclass(frozen=True, slots=True)
+class PutReceipt:
+    """Where a put landed, and whether the block survives a crash from now on (it is in L5/L6,
+    its file, directory and catalog row fsynced)."""
+
+    tier: str
+    durable: bool
 
 
 class StorePolicy(Protocol):
@@ -265,7 +289,13 @@ class TieredStore:
         self._evicted = 0
         self._reap_queue: queue.Queue[tuple[_Tier, Any] | None] = queue.Queue()
         self._reaper: threading.Thread | None = None
+        #: Rows of deleted blocks that a full disk kept the catalog from removing (retried).
+        self._stale_rows: set[str] = set()
+        self._dir_lock: DataDirLock | None = None
         self._init_metrics()
+        # A damaged catalog is reported now, while the caller can still show a clean message
+        # (``vramancer serve`` builds the runtime before it starts serving).
+        check_catalog(self.data_dir / "memory.sqlite")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -299,8 +329,13 @@ class TieredStore:
                 cuda=self._cuda,
             )
             self._build_tiers(specs)
-            self._catalog = Catalog(self.data_dir / "memory.sqlite", fsync=self.settings.fsync)
-            self._recover()
+            self._dir_lock = DataDirLock.acquire(self.data_dir)
+            try:
+                self._catalog = Catalog(self.data_dir / "memory.sqlite", fsync=self.settings.fsync)
+                self._recover()
+            except BaseException:
+                self._dir_lock.release()
+                raise
             self._opened = True
             self._closed = False
         for tier in self._tiers:
@@ -319,6 +354,8 @@ class TieredStore:
                 self.spill()
             if self._catalog is not None:
                 self._catalog.close()
+            if self._dir_lock is not None:
+                self._dir_lock.release()
             self._closed = True
             reaper, self._reaper = self._reaper, None
         if reaper is not None:
@@ -371,24 +408,15 @@ class TieredStore:
         )
 
     def _recover(self) -> None:
-        """Load the rows of blocks on disk; drop rows whose file is gone; remove stray files."""
+        """Reconcile the catalog with the block files (``recovery.reconcile``) and load the
+        blocks on disk."""
         assert self._catalog is not None
         now = self._clock.monotonic()
-        referenced: set[str] = set()
-        lost: list[str] = []
-        for row in self._catalog.rows():
-            tier = self._by_name.get(row.tier)
-            path = Path(row.file)
-            referenced.add(str(path))
-            if tier is None or not tier.is_disk:
-                log.warning(
-                    "block %r is in %s, which is absent now; left on disk", row.id, row.tier
-                )
-                continue
-            if not path.exists():
-                self._catalog.delete(row.id)
-                lost.append(row.id)
-                continue
+        dirs = {t.name: t.spec.path for t in self._tiers if t.is_disk and t.spec.path is not None}
+        found = reconcile(self._catalog, dirs)
+        for row in found.rows:
+            tier = self._by_name[row.tier]
+            assert tier.spec.path is not None
             layout = self._layouts.share(
                 Layout(DataKind(row.kind), row.dtype, row.shape, row.itemsize, row.size)
             )
@@ -404,20 +432,34 @@ class TieredStore:
                 created=now,
                 compression=row.codec,
             )
+            path = tier.spec.path.resolve() / row.file
             entry = _Entry(meta, layout, FileHandle(path, row.codec, row.stored_size))
             self._blocks[row.id] = entry
             self._account_in(tier, entry, now)
         for tier in self._tiers:
             tier.capacity = max(tier.target, tier.used)
-            if tier.is_disk and tier.spec.path is not None:
-                for stray in tier.spec.path.resolve().iterdir():
-                    if stray.name.endswith(".tmp") or (
-                        stray.suffix == ".blk" and str(stray) not in referenced
-                    ):
-                        with contextlib.suppress(OSError):
-                            stray.unlink()
-        for block_id in lost:
-            log.error("block %r lost: its file disappeared while the store was stopped", block_id)
+        self._report_recovery(found)
+
+    def _report_recovery(self, found: Reconciled) -> None:
+        for item in found.quarantined:
+            self._c_quarantined.labels(tier=item.tier or "none", what=item.what).inc()
+        if found.quarantined:
+            log.warning(
+                "memory: %d item(s) quarantined at start (files in <tier dir>/quarantine/, "
+                "rows in the catalog's quarantine table)",
+                len(found.quarantined),
+            )
+        if found.adopted:
+            log.warning(
+                "memory: %d block(s) had no catalog row; rebuilt from their block files",
+                found.adopted,
+            )
+        for block_id in found.lost:
+            log.error(
+                "block %r lost: its file is gone (removed while the store was stopped, or "
+                "deleted just before a crash)",
+                block_id,
+            )
             self._events.publish("block_lost", id=block_id, reason="file missing at start")
 
     def _entry(self, block_id: str) -> _Entry:
@@ -438,10 +480,34 @@ class TieredStore:
         """Names of the present tiers, fastest first."""
         return [t.name for t in self._tiers]
 
-    def put(self, block_id: str, data: object, priority: int = 0, hint: str | None = None) -> str:
+    def put(
+        self,
+        block_id: str,
+        data: object,
+        priority: int = 0,
+        hint: str | None = None,
+        *,
+        durable: bool | None = None,
+    ) -> str:
         """Store ``data`` (bytes, numpy array or torch tensor) under ``block_id``; returns the
         tier it landed in. Replaces an existing block of that id atomically (the old one stays
-        if the new one finds no room). ``InsufficientMemory`` when no tier can take it."""
+        if the new one finds no room). ``InsufficientMemory`` when no tier can take it,
+        ``InsufficientStorage`` when the disk is full (nothing changed).
+
+        ``durable`` (default ``memory.durable_puts``): place the block in L5/L6 only and return
+        once it survives a crash (see :meth:`put_receipt` for what happened)."""
+        return self.put_receipt(block_id, data, priority, hint, durable=durable).tier
+
+    def put_receipt(
+        self,
+        block_id: str,
+        data: object,
+        priority: int = 0,
+        hint: str | None = None,
+        *,
+        durable: bool | None = None,
+    ) -> PutReceipt:
+        """:meth:`put`, telling where the block landed and whether it survives a crash."""
         check_block_id(block_id)
         check_priority(priority)
         check_hint(hint)
@@ -455,9 +521,10 @@ class TieredStore:
                 requested_bytes=layout.nbytes,
                 max_bytes=self.settings.max_block_size,
             )
+        wanted = self.settings.durable_puts if durable is None else bool(durable)
         with self._mover:
             self._require_open()
-            return self._put(block_id, layout, value, priority, hint)
+            return self._put(block_id, layout, value, priority, hint, durable=wanted)
 
     def get(self, block_id: str) -> Any:
         """The block's data, byte-identical to what was put (``NotFound`` if unknown).
@@ -545,13 +612,13 @@ class TieredStore:
             with self._lock:
                 entry = self._entry(block_id)
                 tier = self._by_name[entry.meta.tier]
-            if tier.is_disk:
-                self._db().delete(block_id)
-            with self._lock:
                 del self._blocks[block_id]
                 self._pending.pop(block_id, None)
                 frees = self._drop(entry, tier)
+            # The file goes first: on a full disk its space is what lets the row go too.
             self._free(frees, now=True)
+            if tier.is_disk:
+                self._forget_row(block_id)
             self._publish_tier(tier)
         self._events.publish("block_deleted", id=block_id, tier=tier.name, size=entry.meta.size)
 
@@ -632,8 +699,31 @@ class TieredStore:
 
     def maintain(self) -> None:
         """One maintenance pass: queued promotions, then an eviction cycle."""
+        self._retry_stale_rows()
         self.run_pending()
         self.evict_cycle()
+
+    def _forget_row(self, block_id: str) -> None:
+        """Mover held: remove a deleted block's row. A full disk only postpones it (the row
+        names a file that is gone, which a restart drops too): the delete still succeeds."""
+        try:
+            self._db().delete(block_id)
+        except InsufficientStorage:
+            log.warning("disk full: the catalog row of deleted block %r is removed later", block_id)
+            self._stale_rows.add(block_id)
+        else:
+            self._stale_rows.discard(block_id)
+
+    def _retry_stale_rows(self) -> None:
+        if not self._stale_rows:
+            return
+        with self._mover:
+            for block_id in list(self._stale_rows):
+                entry = self._blocks.get(block_id)
+                if entry is not None and self._by_name[entry.meta.tier].is_disk:
+                    self._stale_rows.discard(block_id)  # put again since: its row is current
+                    continue
+                self._forget_row(block_id)
 
     def warmup(self, max_blocks: int = 64) -> int:
         """Promote the hottest blocks that sit below their best tier, where there is room
@@ -707,7 +797,7 @@ class TieredStore:
                 try:
                     if self._relocate(entry, target, reason="spill", allow_pinned=True):
                         moved += 1
-                except (CorruptBlock, OSError):
+                except (CorruptBlock, OSError, InsufficientStorage):
                     log.exception("could not spill block %r", entry.meta.id)
         return moved
 
@@ -789,8 +879,15 @@ class TieredStore:
     # ------------------------------------------------------------------ put / placement
 
     def _put(
-        self, block_id: str, layout: Layout, value: Any, priority: int, hint: str | None
-    ) -> str:
+        self,
+        block_id: str,
+        layout: Layout,
+        value: Any,
+        priority: int,
+        hint: str | None,
+        *,
+        durable: bool,
+    ) -> PutReceipt:
         now = self._clock.monotonic()
         meta = BlockMeta(
             id=block_id,
@@ -806,6 +903,8 @@ class TieredStore:
             views = [t.view() for t in self._tiers]
         with tracing.span("orch.place_block", block_id=block_id, size=meta.size) as span:
             order = self._policy.placement.place(meta, views, now)
+            if durable:
+                order = self._disk_order(order, meta.size)
             tier = self._room_for_new(meta, order)
             if span is not None:
                 span.set_attribute("tier", tier.name if tier else "none")
@@ -818,13 +917,21 @@ class TieredStore:
                 available_bytes=available,
             )
         meta.tier = tier.name
-        handle = tier.backend.write(block_id, layout, value, owned=False, hint=hint)
+        handle = tier.backend.write(
+            block_id,
+            layout,
+            value,
+            owned=False,
+            hint=hint,
+            record=self._record(meta, layout) if tier.is_disk else None,
+            durable=durable,
+        )
         entry = _Entry(meta, self._layouts.share(layout), handle)
         with self._lock:
             old = self._blocks.get(block_id)
         try:
             if tier.is_disk:
-                self._db().upsert(self._row(entry, now))
+                self._db().upsert(self._row(entry, now), force_sync=durable)
             elif old is not None and self._by_name[old.meta.tier].is_disk:
                 self._db().delete(block_id)
         except BaseException:
@@ -844,7 +951,36 @@ class TieredStore:
         self._publish_tier(tier)
         self._events.publish("block_put", id=block_id, tier=tier.name, size=meta.size)
         self._after_growth(tier)
-        return tier.name
+        return PutReceipt(tier.name, tier.is_disk and (durable or self.settings.fsync))
+
+    def _disk_order(self, order: Sequence[str], size: int) -> list[str]:
+        """The disk tiers of a placement ``order`` (all disk tiers, fastest first, if it names
+        none): where a durable put may land."""
+        disk = [n for n in order if n in self._by_name and self._by_name[n].is_disk]
+        if not disk:
+            disk = [t.name for t in self._tiers if t.is_disk and t.target >= size]
+        if not disk:
+            raise Conflict(
+                "a durable put needs a disk tier (L5 or L6) that can hold "
+                f"{size} bytes, and none is present",
+                requested_bytes=size,
+            )
+        return disk
+
+    def _record(self, meta: BlockMeta, layout: Layout) -> dict[str, Any]:
+        """What a block file says about its block (``blockfile.py``), to rebuild its row."""
+        return {
+            "id": meta.id,
+            "size": meta.size,
+            "kind": layout.kind.value,
+            "dtype": layout.dtype,
+            "shape": list(layout.shape),
+            "itemsize": layout.itemsize,
+            "priority": meta.priority,
+            "hint": meta.hint,
+            "written": time.time_ns(),
+            "created": self._clock.time(),
+        }
 
     def _room_for_new(self, meta: BlockMeta, order: Sequence[str]) -> _Tier | None:
         """The first tier of ``order`` that has room, after demoting victims if needed."""
@@ -969,7 +1105,12 @@ class TieredStore:
                     value = source.backend.read(handle, layout, meta.id)
                     owned = source.is_disk
                 new_handle = target.backend.write(
-                    meta.id, layout, value, owned=owned, hint=meta.hint
+                    meta.id,
+                    layout,
+                    value,
+                    owned=owned,
+                    hint=meta.hint,
+                    record=self._record(meta, layout) if target.is_disk else None,
                 )
                 try:
                     if target.is_disk:
@@ -1285,6 +1426,8 @@ class TieredStore:
                 await asyncio.to_thread(self.maintain)
             except ShuttingDown:
                 return
+            except InsufficientStorage as exc:
+                log.warning("memory maintenance: %s", exc.message)
             except Exception:
                 log.exception("memory maintenance failed")
 
@@ -1316,7 +1459,7 @@ class TieredStore:
             dtype=layout.dtype,
             shape=layout.shape,
             itemsize=layout.itemsize,
-            file=str(handle.path),
+            file=handle.path.name,
             codec=handle.codec,
             stored_size=handle.stored_size,
             hits=self._policy.hotness.score(meta, now),
@@ -1388,6 +1531,12 @@ class TieredStore:
             "vramancer_memory_evictions_total",
             "Blocks pushed out of a tier by pressure or a smaller budget, by source tier.",
             ["tier"],
+        )
+        self._c_quarantined = m.counter(
+            "vramancer_memory_quarantined_blocks_total",
+            "Block files moved into <tier dir>/quarantine/ and catalog rows moved into the "
+            "catalog's quarantine table, because they could not be read or accounted for.",
+            ["tier", "what"],
         )
         self._c_moved = m.counter(
             "vramancer_memory_bytes_moved_total",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vramancer.devices.types import SystemSnapshot
 from vramancer.memory.settings import MemorySettings, TierSettings
+from vramancer.memory.storage import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,19 @@ def _cuda_possible(snapshot: SystemSnapshot) -> bool:
 
 
 def _disk_free(path: Path) -> int:
-    path.mkdir(parents=True, exist_ok=True)
+    private_dir(path)
     return int(shutil.disk_usage(path).free)
+
+
+def tier_dir(settings: MemorySettings, name: TierName, data_dir: Path) -> Path | None:
+    """Where the block files of a disk tier live (``[memory.tiers.L5] path`` or
+    ``<data_dir>/l5``); None for a memory tier or a disabled one."""
+    if name not in DISK_TIERS:
+        return None
+    conf = settings.tiers.get(name.value, TierSettings())
+    if not conf.enabled:
+        return None
+    return (conf.path or data_dir / name.value.lower()).expanduser()
 
 
 def resolve_tiers(
@@ -157,8 +169,8 @@ def resolve_tiers(
         elif name is TierName.L4:
             derived = int(host_available * derive.host_fraction)
         else:
-            default_dir = data_dir / name.value.lower()
-            path = (conf.path or default_dir).expanduser()
+            path = tier_dir(settings, name, data_dir)
+            assert path is not None
             fraction = derive.l5_disk_fraction if name is TierName.L5 else derive.l6_disk_fraction
             derived = 0 if conf.capacity is not None else int(_disk_free(path) * fraction)
         capacity = conf.capacity if conf.capacity is not None else derived

@@ -318,7 +318,7 @@ def test_graceful_stop_spills_volatile_blocks(tmp_path: Path) -> None:
     assert store.get("hot") == rand(5000, 3)
 
 
-def test_restart_drops_rows_of_missing_files_and_removes_strays(kit: StoreKit) -> None:
+def test_restart_drops_rows_of_missing_files_and_quarantines_strays(kit: StoreKit) -> None:
     store = kit.store
     store.put("lost", rand(100, 1))
     store.put("kept", rand(100, 2))
@@ -333,6 +333,7 @@ def test_restart_drops_rows_of_missing_files_and_removes_strays(kit: StoreKit) -
     assert "lost" not in store
     assert store.get("kept") == rand(100, 2)
     assert not stray.exists() and not temp.exists()
+    assert (kit.data_dir / "l5" / "quarantine" / stray.name).read_bytes() == b"junk"
     assert "block_lost" in kit.kinds()
 
 
@@ -371,7 +372,7 @@ def _file_of(kit: StoreKit, block_id: str, tier: str) -> Path:
 
     with sqlite3.connect(kit.data_dir / "memory.sqlite") as db:
         (file,) = db.execute("SELECT file FROM blocks WHERE id = ?", (block_id,)).fetchone()
-    return Path(file)
+    return kit.data_dir / tier.lower() / file
 
 
 def test_set_capacity_shrinks_without_losing_and_waits_for_pins(kit: StoreKit) -> None:

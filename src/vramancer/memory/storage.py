@@ -1,0 +1,173 @@
+"""Rules for the memory store's files, kept in one place.
+
+* Which errors mean "the disk is full" (:func:`storage_error`): ``ENOSPC``, ``EDQUOT``,
+  ``EFBIG`` and SQLite's "database or disk is full" become
+  :class:`~vramancer.errors.InsufficientStorage` (HTTP 507).
+* What the store may remove (:func:`unlink_inside`): only a file whose resolved path is directly
+  inside one of its tier directories. Nothing outside a tier directory is ever unlinked, whatever
+  a catalog row says.
+* What happens to a file the store cannot account for (:func:`quarantine`): it is moved into
+  ``quarantine/`` inside its tier directory, never deleted.
+* Modes: tier directories ``0700``, block files and the catalog ``0600`` (:func:`private_dir`,
+  :data:`FILE_MODE`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from vramancer.errors import InsufficientStorage
+
+log = logging.getLogger(__name__)
+
+#: errno values that mean "no room to write this".
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: Mode of block files and of the catalog database.
+FILE_MODE = 0o600
+#: Mode of tier directories and of their ``quarantine/``.
+DIR_MODE = 0o700
+#: Name of the directory, inside each tier directory, that holds quarantined files.
+QUARANTINE_DIR = "quarantine"
+
+
+def is_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or a size limit) is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in FULL_ERRNOS
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+            "disk is full" in str(exc)
+        )
+    return False
+
+
+def storage_error(exc: BaseException, where: str) -> InsufficientStorage:
+    """The typed error for a full disk found while writing ``where``."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return InsufficientStorage(
+        f"not enough disk space to write {where} ({reason}); free space or lower the tier's "
+        "capacity. Nothing was changed.",
+        path=where,
+    )
+
+
+@contextlib.contextmanager
+def full_disk_as(where: str) -> Iterator[None]:
+    """Turn a full-disk error inside the block into :class:`InsufficientStorage`."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        if is_full(exc):
+            raise storage_error(exc, where) from exc
+        raise
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed; the directory itself is made ``0700``."""
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    with contextlib.suppress(OSError):
+        if path.stat().st_mode & 0o077:
+            path.chmod(DIR_MODE)
+    return path
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, resolved, is a direct child of ``root`` (resolved)."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):
+        return False
+    return resolved.parent == root.resolve() and not path.is_symlink()
+
+
+def unlink_inside(path: Path, root: Path) -> bool:
+    """Unlink ``path`` only if it is a file directly inside ``root``; returns whether it was
+    removed. A path outside (a catalog row edited to name another file, a symlink) is refused
+    with a log line and left alone."""
+    if not inside(path, root):
+        log.error("refusing to remove %s: it is not a block file of %s", path, root)
+        return False
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def quarantine(path: Path, root: Path, reason: str) -> Path | None:
+    """Move ``path`` (a file directly inside ``root``) into ``root/quarantine/``; returns the
+    new path, or None when it could not be moved (it is then left where it is)."""
+    if not inside(path, root):
+        log.error("not quarantining %s: it is not inside %s", path, root)
+        return None
+    target_dir = private_dir(root / QUARANTINE_DIR)
+    target = target_dir / path.name
+    count = 0
+    while target.exists():
+        count += 1
+        target = target_dir / f"{path.name}.{count}"
+    try:
+        os.replace(path, target)
+    except OSError as exc:
+        log.error("could not quarantine %s (%s): %s", path, reason, exc)
+        return None
+    log.warning("quarantined %s: %s (moved to %s)", path.name, reason, target)
+    return target
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so the names created or removed in it are durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DataDirLock:
+    """An advisory lock (``<data_dir>/memory.lock``, ``flock``) held while a store has the data
+    directory open, so ``vramancer memory recover`` does not rebuild under a running daemon."""
+
+    NAME = "memory.lock"
+
+    def __init__(self, fd: int | None, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+
+    @classmethod
+    def try_acquire(cls, data_dir: Path) -> DataDirLock | None:
+        """The lock, or None when another process holds it."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / cls.NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return cls(fd, path)
+
+    @classmethod
+    def acquire(cls, data_dir: Path) -> DataDirLock:
+        """The lock; when another process holds it, a warning and a lock that holds nothing."""
+        found = cls.try_acquire(data_dir)
+        if found is None:
+            log.warning(
+                "another process holds %s: two stores on one data directory see each other's "
+                "files as their own",
+                data_dir / cls.NAME,
+            )
+            return cls(None, data_dir / cls.NAME)
+        return found
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
