@@ -27,6 +27,7 @@ from vramancer.models.manager import ModelManager
 from vramancer.observability import tracing
 from vramancer.observability.metrics import Metrics
 from vramancer.resources.orchestrator import ResourceOrchestrator
+from vramancer.tasks.files import private_dir
 from vramancer.tasks.service import TaskService
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,12 @@ class Runtime:
         self.running = False
 
     async def start(self) -> None:
-        """Create the data directory, turn tracing on if asked, start every subsystem."""
+        """Create the data directory (0700: it holds task bodies with their ``env``, logs and
+        stored blocks; one an earlier version left group- or world-readable is tightened),
+        turn tracing on if asked, start every subsystem."""
         if self.running:
             return
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.data_dir)
         tracing.configure(self.settings.tracing)
         try:
             for component in self._components:

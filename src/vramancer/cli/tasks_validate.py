@@ -8,6 +8,11 @@ task succeeds on its second attempt; a timeout kills the task's process tree (ch
 machine when the server is local); a running task can be cancelled; an idempotency key returns
 the same task; a GPU that does not exist is refused with nothing queued; a ``noop`` maintenance
 task runs once the machine is idle. The first failing step stops the test with its reason.
+
+While the noop waits, the reason comes from the server (``GET /api/tasks/stats``,
+``maintenance.reason``: a busy CPU or GPU, user tasks), so a failure on a busy host says what
+it waited for. Whatever happens, the tasks this run submitted and that have not ended are
+cancelled before it returns: a failed or interrupted validation leaves nothing queued.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class _Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url
         self.http = httpx.Client(base_url=url, headers=headers, timeout=30.0)
+        #: Every task this run submitted, to cancel what has not ended at the end.
+        self.submitted: list[str] = []
 
     def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -48,7 +55,30 @@ class _Client:
 
     def submit(self, body: dict[str, Any]) -> str:
         task_id: str = self.ok("POST", "/api/tasks/submit", json=body)["task_id"]
+        if task_id not in self.submitted:
+            self.submitted.append(task_id)
         return task_id
+
+    def clean_up(self) -> list[str]:
+        """Cancel the tasks this run submitted that have not ended; returns their ids."""
+        cancelled = []
+        for task_id in self.submitted:
+            try:
+                response = self.http.post(f"/api/tasks/{task_id}/cancel")
+            except httpx.TransportError:
+                break
+            if response.status_code == 200:
+                cancelled.append(task_id)
+        return cancelled
+
+    def maintenance_reason(self) -> str:
+        """What the server says maintenance waits for ("" when it does not say)."""
+        try:
+            response = self.http.get("/api/tasks/stats")
+            window = response.json().get("maintenance") or {}
+        except (httpx.TransportError, ValueError, AttributeError):
+            return ""
+        return str(window.get("reason") or "")
 
     def status(self, task_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self.ok("GET", "/api/tasks/status", params={"task_id": task_id})
@@ -189,13 +219,17 @@ class _Validation:
         _expect(sum(after.values()) == sum(before.values()), "a refused task was queued anyway")
 
     def noop_done(self) -> None:
-        status = self.c.wait(self.noop_id, self.timeout)
-        _expect(
-            status["state"] == "done",
-            f"noop ended {status['state']} (maintenance tasks run only in idle windows: no "
-            "user task queued or running, GPUs and host CPU not busy; see [tasks] "
-            "maintenance_idle_s and maintenance_max_cpu_ratio)",
-        )
+        try:
+            status = self.c.wait(self.noop_id, self.timeout)
+        except StepFailed as exc:
+            reason = self.c.maintenance_reason()
+            waiting = f"waiting for an idle window: {reason}" if reason else "not run yet"
+            raise StepFailed(
+                f"{exc}; {waiting} (maintenance tasks run in idle windows: no user task "
+                "queued or running, GPUs and host CPU not busy; see [tasks] "
+                "maintenance_idle_s, maintenance_max_cpu_ratio and maintenance_max_wait_s)"
+            ) from None
+        _expect(status["state"] == "done", f"noop ended {status['state']}: {status['error']}")
 
 
 STEPS = (
@@ -236,6 +270,7 @@ def run_validation(
                 return {"result": "FAIL", "message": f"{name}: {exc}", "steps": steps}
             steps.append({"name": name, "ok": True, "seconds": time.monotonic() - t0})
     finally:
+        validation.c.clean_up()
         validation.c.http.close()
     total = time.monotonic() - started
     return {

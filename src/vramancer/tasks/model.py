@@ -10,12 +10,13 @@ missing ``cmd`` for a ``cmd`` task, negative timeouts ... are refused) so a bad 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,6 +31,67 @@ _PY_TARGET = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
 MAX_TIMEOUT_S = 30 * 24 * 3600.0
 #: Longest model name accepted in a task body.
 MAX_MODEL_NAME = 256
+#: Bounds of a task body, checked before anything is queued (a larger body is a 422 naming
+#: the field). ``[tasks] max_payload_bytes`` bounds the whole body as stored on top of these.
+#: Most arguments in ``cmd``.
+MAX_ARGV = 4096
+#: Longest single argument (Linux refuses longer ones: ``MAX_ARG_STRLEN``), and longest
+#: ``shell`` source (it is one argument of ``sh -c``).
+MAX_ARG_CHARS = 128 * 1024
+#: Most variables in ``env``, longest name and value.
+MAX_ENV_VARS = 256
+MAX_ENV_NAME = 256
+MAX_ENV_VALUE = 32 * 1024
+#: Longest ``python`` target (``module:function``) and ``cwd``.
+MAX_PY_TARGET = 512
+MAX_PATH_CHARS = 4096
+#: Largest ``payload`` (as compact JSON).
+MAX_PAYLOAD_JSON = 1024 * 1024
+#: Longest idempotency key.
+MAX_IDEMPOTENCY_KEY = 256
+#: Most tasks one ``submit_batch`` body may hold whatever ``[tasks] max_batch`` says; a longer
+#: list is refused before any of its items is looked at.
+MAX_BATCH_HARD = 100_000
+#: Owner of tasks submitted with no token (no ``[auth] tokens``: every caller is this machine).
+LOCAL_OWNER = "local"
+#: Owner of the maintenance tasks the daemon queues itself (``[tasks] auto_maintenance``).
+SYSTEM_OWNER = "system"
+#: Environment variable names whose values are hidden from every caller but an admin.
+SECRET_ENV = re.compile(
+    r"TOKEN|SECRET|PASSW|PASSPHRASE|KEY|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE|SIGNATURE|"
+    r"CERT|DSN|_URL$|^URL$",
+    re.IGNORECASE,
+)
+#: What replaces a hidden ``env`` value in a status body.
+REDACTED = "<redacted>"
+
+
+def owner_of(token: str | None) -> str:
+    """The owner recorded with a task: a stable id of the caller's token that does not reveal
+    it (the first 16 hex digits of its SHA-256), or ``local`` without a token."""
+    if token is None:
+        return LOCAL_OWNER
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+class EnvView(StrEnum):
+    """How much of a task's ``env`` a status body shows."""
+
+    #: Every value (admins).
+    FULL = "full"
+    #: Values of secret-looking names (``SECRET_ENV``) hidden (the task's owner).
+    NO_SECRETS = "no_secrets"
+    #: Every value hidden, names kept (other callers).
+    NAMES = "names"
+
+
+def redact_env(env: dict[str, str], view: EnvView) -> dict[str, str]:
+    """``env`` as ``view`` allows: hidden values read ``<redacted>``."""
+    if view is EnvView.FULL:
+        return env
+    if view is EnvView.NAMES:
+        return dict.fromkeys(env, REDACTED)
+    return {k: REDACTED if SECRET_ENV.search(k) else v for k, v in env.items()}
 
 
 class TaskType(StrEnum):
@@ -47,6 +109,9 @@ class TaskType(StrEnum):
     COMPRESS = "compress"
     #: Maintenance: does nothing; instrumentation and tests (idle windows only).
     NOOP = "noop"
+    #: Maintenance: one upkeep pass of the memory store (promotions queued by hotness, then an
+    #: eviction cycle) (idle windows only).
+    REBALANCE = "rebalance"
 
     @property
     def maintenance(self) -> bool:
@@ -59,7 +124,7 @@ class TaskType(StrEnum):
         return not self.maintenance
 
 
-_MAINTENANCE = frozenset({TaskType.WARMUP, TaskType.COMPRESS, TaskType.NOOP})
+_MAINTENANCE = frozenset({TaskType.WARMUP, TaskType.COMPRESS, TaskType.NOOP, TaskType.REBALANCE})
 
 
 class TaskState(StrEnum):
@@ -99,12 +164,14 @@ class TaskSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task_id: str | None = Field(default=None, pattern=TASK_ID_PATTERN)
+    task_id: str | None = Field(default=None, max_length=128, pattern=TASK_ID_PATTERN)
     type: TaskType
-    cmd: list[str] | None = Field(default=None, min_length=1)
-    shell: str | None = Field(default=None, min_length=1)
+    cmd: list[Annotated[str, Field(max_length=MAX_ARG_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_ARGV
+    )
+    shell: str | None = Field(default=None, min_length=1, max_length=MAX_ARG_CHARS)
     #: ``module:function`` for ``python`` tasks.
-    python: str | None = Field(default=None, pattern=_PY_TARGET)
+    python: str | None = Field(default=None, max_length=MAX_PY_TARGET, pattern=_PY_TARGET)
     #: Free JSON for the task: ``args``/``kwargs`` (python), ``max_blocks`` (maintenance).
     payload: dict[str, Any] | None = None
     #: Pin to this GPU (VRAMancer index, as in ``GET /v1/devices``).
@@ -117,10 +184,16 @@ class TaskSpec(BaseModel):
     #: Retries after the first attempt (default: ``[tasks] max_retries``).
     max_retries: int | None = Field(default=None, ge=0, le=100, strict=True)
     #: Two submissions with the same key are one task.
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY)
     #: Working directory (absolute); default: a scratch directory per task.
-    cwd: str | None = None
-    env: dict[str, str] | None = None
+    cwd: str | None = Field(default=None, max_length=MAX_PATH_CHARS)
+    env: (
+        dict[
+            Annotated[str, Field(max_length=MAX_ENV_NAME)],
+            Annotated[str, Field(max_length=MAX_ENV_VALUE)],
+        ]
+        | None
+    ) = Field(default=None, max_length=MAX_ENV_VARS)
     #: A managed model (``[[models]]`` name) the task needs: loaded before its process starts
     #: and held (never reaped or evicted) until it ends.
     model: str | None = Field(default=None, min_length=1, max_length=MAX_MODEL_NAME)
@@ -130,6 +203,15 @@ class TaskSpec(BaseModel):
     def _cmd(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and (not value[0] or any("\0" in part for part in value)):
             raise ValueError("cmd[0] must name a program and no argument may contain NUL")
+        return value
+
+    @field_validator("payload")
+    @classmethod
+    def _payload(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            size = len(json.dumps(value, separators=(",", ":"), default=str))
+            if size > MAX_PAYLOAD_JSON:
+                raise ValueError(f"{size} bytes as JSON; at most {MAX_PAYLOAD_JSON}")
         return value
 
     @field_validator("cwd")
@@ -196,11 +278,19 @@ class TaskSpec(BaseModel):
 
 
 class SubmitBatch(BaseModel):
-    """Body of ``POST /api/tasks/submit_batch``."""
+    """Body of ``POST /api/tasks/submit_batch``: ``{"tasks": [task body, ...]}``.
+
+    The items are task bodies (``TaskSpec``), validated one by one by the service only once
+    the list's length passed ``[tasks] max_batch``: a huge list of junk is refused at the cost
+    of counting it, not of validating every item."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[TaskSpec] = Field(min_length=1)
+    tasks: list[Any] = Field(
+        min_length=1,
+        max_length=MAX_BATCH_HARD,
+        json_schema_extra={"items": {"type": "object", "description": "a task body"}},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +306,8 @@ class NewTask:
     max_retries: int
     timeout_s: float
     maintenance: bool
+    #: Who submitted it (``owner_of``); idempotency keys and task ids belong to their owner.
+    owner: str = LOCAL_OWNER
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +345,8 @@ class TaskRecord:
     lease_losses: int = 0
     #: When it last became ready (submitted, back-off over, requeued); aging counts from it.
     ready_at: float | None = None
+    #: Who submitted it (``owner_of``), ``system`` for the daemon's own maintenance.
+    owner: str = LOCAL_OWNER
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -267,9 +361,12 @@ class TaskRecord:
         """How this leased attempt ended (reported under its lease token)."""
         return Outcome(self.task_id, self.lease_token, kind, **fields)
 
-    def as_dict(self) -> dict[str, Any]:
-        """The status body of the API (``task_id``, ``state``, ``attempts``, ``device`` ...)."""
+    def as_dict(self, env: EnvView = EnvView.FULL) -> dict[str, Any]:
+        """The status body of the API (``task_id``, ``state``, ``attempts``, ``device`` ...);
+        ``env`` says how much of the task's ``env`` it shows (``redact_env``)."""
         spec = self.spec
+        if spec.get("env"):
+            spec["env"] = redact_env(spec["env"], env)
         return {
             "task_id": self.task_id,
             "type": self.type.value,
@@ -294,6 +391,8 @@ class TaskRecord:
             "idempotency_key": self.idempotency_key,
             "lease_losses": self.lease_losses,
             "ready_at": self.ready_at,
+            "owner": self.owner,
+            "system": self.owner == SYSTEM_OWNER,
             "stdout_tail": self.stdout_tail,
             "stderr_tail": self.stderr_tail,
             "spec": spec,

@@ -8,8 +8,9 @@ small doubles. Only these calls are used:
   owner=..., on_preempt=...)`` (raises ``InsufficientMemory`` or another ``Conflict``),
   ``release_allocation(id)``, ``reserved_bytes(device | None) -> int``, ``budget`` (total and
   per ``gpu:N`` bytes it may grant);
-* memory: ``warmup(max_blocks) -> int`` and ``compress_cold(max_blocks) -> int`` (maintenance
-  tasks; plain or async);
+* memory: ``warmup(max_blocks) -> int``, ``compress_cold(max_blocks) -> int`` and
+  ``maintain()`` (maintenance tasks; plain or async; a store without ``maintain`` makes
+  ``rebalance`` do nothing);
 * models (optional): ``names()`` (the managed models, to refuse an unknown ``model`` at submit)
   and ``use(name)``, an async context manager that loads the model on demand and holds it
   against the idle reaper and eviction until it exits (``ModelManager.use``).
@@ -61,6 +62,8 @@ class MemoryPort(Protocol):
     def warmup(self, max_blocks: int) -> int | Awaitable[int]: ...
 
     def compress_cold(self, max_blocks: int) -> int | Awaitable[int]: ...
+
+    def maintain(self) -> Awaitable[None] | None: ...
 
 
 class ModelsPort(Protocol):

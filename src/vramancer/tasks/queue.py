@@ -4,7 +4,11 @@ distributed one (NATS JetStream work queue) implements the same Protocol.
 Semantics every implementation keeps:
 
 * ``submit`` is acknowledged only once durable; an idempotency key (or a given ``task_id``) that
-  is already known returns the existing task (``created=False``) and stores nothing new.
+  is already known returns the existing task (``created=False``) and stores nothing new when
+  that task has the same owner; another owner's key or id refuses the whole submission
+  (``IdempotencyKeyTaken``, ``TaskIdTaken``): a caller never gets another caller's task.
+  ``max_open_maintenance`` refuses it (``QuotaExceeded``) when the owner would then have more
+  maintenance tasks not yet ended; the check and the insert are one transaction.
 * ``lease`` hands a ready task to one worker with a fresh ``lease_token``; the worker heartbeats
   the lease; a lease not renewed before ``lease_expires`` is taken back (``expire_leases``) and
   the task is queued again: execution is at-least-once. A task whose lease was lost
@@ -58,8 +62,16 @@ class TaskQueue(Protocol):
     async def close(self) -> None: ...
 
     async def submit(
-        self, tasks: Sequence[NewTask], now: float
+        self, tasks: Sequence[NewTask], now: float, *, max_open_maintenance: int | None = None
     ) -> tuple[list[Submitted], list[Change]]: ...
+
+    async def open_tasks(self, owner: str, *, limit: int) -> list[TaskRecord]:
+        """Up to ``limit`` tasks of ``owner`` that have not ended, oldest first."""
+        ...
+
+    async def overdue_maintenance(self, *, ready_before: float, limit: int) -> list[TaskRecord]:
+        """Ready maintenance tasks ready at ``ready_before`` or earlier, longest waiting first."""
+        ...
 
     async def ready(self, *, maintenance: bool, limit: int, offset: int = 0) -> list[TaskRecord]:
         """Ready tasks (queued, waiting_gpu) of one lane in dispatch order, from ``offset``."""

@@ -5,22 +5,36 @@ whole group gets SIGTERM, then SIGKILL after ``kill_grace_s``; when the task's m
 whatever is left of its group is killed too, so no child keeps a GPU busy after its task ended
 and released its VRAM reservation. stdout and stderr are read through pipes: the first
 ``max_output_bytes`` of each go to a log file (created only when there is output), the last
-``tail_bytes`` are kept for the database; anything beyond is counted and dropped.
+``tail_bytes`` are kept for the database; anything beyond is counted and dropped. Log files
+are private to the daemon's user (0600, in 0700 directories).
+
+On Linux a task process dies with the daemon: it is started with the parent-death signal set
+to SIGKILL (``prctl(PR_SET_PDEATHSIG)``), so a daemon that is SIGKILLed or crashes does not leave
+its tasks running until the next start. The signal follows the *thread* that started the
+process: tasks are started from the event loop's thread, which lives as long as the daemon. A
+daemon that died between the fork and the ``prctl`` is noticed (the parent pid changed) and the
+child kills itself. What the task itself started in the background is not covered (it is in the
+task's process group, which the next start kills when the task's main process is still there).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import psutil
+
+from vramancer.tasks.files import open_private, private_dir
 
 #: How long to wait for the pipes to close once the process group is gone.
 DRAIN_TIMEOUT_S = 1.0
@@ -84,8 +98,8 @@ class _Capture:
         if room > 0:
             part = chunk[:room]
             if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+                private_dir(self.path.parent)
+                self._file = os.fdopen(open_private(self.path), "wb")
             self._file.write(part)
             self._file.flush()  # followers (``vramancer watch``) read the file as it grows
             self.written += len(part)
@@ -107,6 +121,41 @@ class _Capture:
 
     def text(self) -> str:
         return bytes(self.tail).decode("utf-8", errors="replace")
+
+
+#: ``prctl`` option: the signal a process gets when the thread that created it exits.
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl: Callable[..., int] = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+#: Resolved once, in the parent: the child after ``fork`` only calls it.
+_PRCTL = _load_prctl()
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child die (SIGKILL) when this process dies; None where
+    the platform has no such thing."""
+    prctl = _PRCTL
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the daemon died before the prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
@@ -163,6 +212,7 @@ class ProcessRun:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         self.pid = self._proc.pid
         self.started_at = process_start_time(self._proc.pid)

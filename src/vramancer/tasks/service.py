@@ -68,10 +68,21 @@ from vramancer.errors import ShuttingDown as VramancerShuttingDown
 from vramancer.events import EventBus
 from vramancer.observability.metrics import Metrics
 from vramancer.tasks.dispatch import RoundPlan
+from vramancer.tasks.errors import PayloadTooLarge
 from vramancer.tasks.estimator import HistoryEstimator, RuntimeEstimator
+from vramancer.tasks.files import (
+    FILE_MODE,
+    open_private,
+    private_dir,
+    tighten,
+    tighten_tree,
+    touch_private,
+)
 from vramancer.tasks.model import (
     LEASED_STATES,
+    LOCAL_OWNER,
     READY_STATES,
+    SYSTEM_OWNER,
     Change,
     Grant,
     HistoryPage,
@@ -138,11 +149,10 @@ _CURSOR = re.compile(r"[0-9]{1,18}")
 MAX_LOG_OFFSET = 2**53
 
 
-class PayloadTooLarge(InvalidInput):
-    """A task body over ``[tasks] max_payload_bytes``."""
-
-    code = "payload_too_large"
-    http_status = 413
+#: The daemon's own maintenance (``[tasks] auto_maintenance``): one task of each kind at most.
+AUTO_MAINTENANCE = (TaskType.WARMUP, TaskType.COMPRESS, TaskType.REBALANCE)
+#: Names ``python`` and ``sh`` in ``allowed_commands`` stand for the task kinds, not a program.
+_KIND_NAMES = frozenset({"python", "sh"})
 
 
 @dataclass
@@ -220,6 +230,11 @@ class TaskService:
         self._started = False
         self._stopping = False
         self._idle_since: float | None = None
+        #: Why the last look found no idle window for maintenance ("" when it was idle).
+        self._not_idle = ""
+        #: Absolute paths of ``allowed_commands``, resolved at start from the daemon's PATH.
+        self._programs: dict[str, str] = {}
+        self._next_auto = -math.inf
         self._last_housekeep = -math.inf
         self._next_purge = -math.inf
         self._m_submitted = metrics.counter(
@@ -260,7 +275,8 @@ class TaskService:
         """
         if self._started:
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._programs = resolve_programs(self.settings.allowed_commands)
+        await asyncio.to_thread(self._private_files)
         self._lock()
         try:
             await self.queue.open()
@@ -314,9 +330,21 @@ class TaskService:
         self._unlock()
         self._started = False
 
+    def _private_files(self) -> None:
+        """The data directory, the queue's database, logs and scratch space: this user's only
+        (0700 / 0600), including what an earlier version created too open."""
+        private_dir(self.data_dir)
+        for name in ("tasks.sqlite", "tasks.sqlite-wal", "tasks.sqlite-shm", "tasks.lock"):
+            tighten(self.data_dir / name, FILE_MODE)
+        if isinstance(self.queue, SqliteQueue) and not self.queue.path.exists():
+            # SQLite gives the -wal and -shm files the database's mode: create it 0600 first.
+            touch_private(self.queue.path)
+        for folder in ("task-logs", "scratch"):
+            tighten_tree(self.data_dir / folder)
+
     def _lock(self) -> None:
         path = self.data_dir / "tasks.lock"
-        handle = open(path, "ab")  # noqa: SIM115 - held until stop()
+        handle = os.fdopen(open_private(path, append=True), "ab")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -333,41 +361,76 @@ class TaskService:
 
     # ----------------------------------------------------------------------------- submit
 
-    async def submit(self, spec: TaskSpec | Mapping[str, Any]) -> Submitted:
+    async def submit(
+        self,
+        spec: TaskSpec | Mapping[str, Any],
+        *,
+        owner: str = LOCAL_OWNER,
+        viewer: bool = False,
+    ) -> Submitted:
         """Queue one task (durable when this returns); see ``submit_batch``."""
-        return (await self.submit_batch([spec]))[0]
+        return (await self.submit_batch([spec], owner=owner, viewer=viewer))[0]
 
-    async def submit_batch(self, specs: Sequence[TaskSpec | Mapping[str, Any]]) -> list[Submitted]:
+    async def submit_batch(
+        self,
+        specs: Sequence[TaskSpec | Mapping[str, Any] | Any],
+        *,
+        owner: str = LOCAL_OWNER,
+        viewer: bool = False,
+    ) -> list[Submitted]:
         """Queue tasks in one transaction. Any bad task refuses the whole batch (nothing queued).
 
-        Raises ``InvalidInput`` (bad body, unknown GPU, VRAM no GPU can grant),
-        ``PayloadTooLarge``, ``Forbidden`` (a command ``[tasks] allowed_commands`` does not
-        list). The caller checks roles (``TaskType.needs_operator``).
+        ``owner`` (``model.owner_of``) owns the tasks: an idempotency key or task id of
+        another owner's task is refused (``IdempotencyKeyTaken``, ``TaskIdTaken``, 409).
+        ``viewer``: the caller has only the viewer role: ``[tasks] viewer_max_queued`` and
+        ``viewer_max_payload_bytes`` apply (``QuotaExceeded`` 429, ``InvalidInput``).
+        Raises ``InvalidInput`` (bad body, unknown GPU, VRAM no GPU can grant, a batch over
+        ``[tasks] max_batch``, checked before any item is looked at), ``PayloadTooLarge``,
+        ``Forbidden`` (a command ``[tasks] allowed_commands`` does not list). The caller
+        checks roles (``TaskType.needs_operator``).
         """
         self._require_started()
         if not specs:
-            raise InvalidInput("no tasks given")
+            raise InvalidInput("no tasks given", field="tasks")
         if len(specs) > self.settings.max_batch:
             raise InvalidInput(
-                f"{len(specs)} tasks in one batch; at most {self.settings.max_batch} "
-                "([tasks] max_batch)"
+                f"tasks: {len(specs)} tasks in one batch; at most {self.settings.max_batch} "
+                "([tasks] max_batch)",
+                field="tasks",
             )
         snapshot = self.devices.snapshot()
         prefix = len(specs) > 1
-        new = [
-            self._prepare(
-                _as_spec(spec, f"tasks[{i}]: " if prefix else ""),
-                snapshot,
-                f"tasks[{i}]: " if prefix else "",
-            )
-            for i, spec in enumerate(specs)
-        ]
-        results, changes = await self.queue.submit(new, self.clock.time())
+        new = []
+        for i, raw in enumerate(specs):
+            where = f"tasks[{i}]: " if prefix else ""
+            spec = _as_spec(raw, where)
+            if viewer:
+                self._check_viewer(spec, where)
+            new.append(self._prepare(spec, snapshot, where, owner))
+        results, changes = await self.queue.submit(
+            new,
+            self.clock.time(),
+            max_open_maintenance=self.settings.viewer_max_queued if viewer else None,
+        )
         self._publish(changes)
         self._poke()
         return results
 
-    def _prepare(self, spec: TaskSpec, snapshot: SystemSnapshot, where: str) -> NewTask:
+    def _check_viewer(self, spec: TaskSpec, where: str) -> None:
+        limit = self.settings.viewer_max_payload_bytes
+        if spec.payload is None:
+            return
+        size = len(_dumps(spec.payload))
+        if size > limit:
+            raise InvalidInput(
+                f"{where}payload: {size} bytes as JSON; a viewer's task may carry at most "
+                f"{limit} ([tasks] viewer_max_payload_bytes)",
+                field="payload",
+            )
+
+    def _prepare(
+        self, spec: TaskSpec, snapshot: SystemSnapshot, where: str, owner: str = LOCAL_OWNER
+    ) -> NewTask:
         s = self.settings
         task_id = spec.task_id
         if task_id is None:
@@ -392,6 +455,7 @@ class TaskService:
             max_retries=s.max_retries if spec.max_retries is None else spec.max_retries,
             timeout_s=s.default_timeout_s if spec.timeout is None else spec.timeout,
             maintenance=spec.type.maintenance,
+            owner=owner,
         )
 
     def _check_allowed(self, spec: TaskSpec, where: str) -> None:
@@ -405,6 +469,12 @@ class TaskService:
             )
             raise Forbidden(
                 f"{where}{what} not allowed here: [tasks] allowed_commands is {', '.join(allowed)}"
+            )
+        if spec.type is TaskType.CMD and program not in self._programs:
+            raise InvalidInput(
+                f"{where}cmd: {program!r} is allowed but the daemon found no such program on "
+                "its own PATH at start-up (a task's env cannot choose where it comes from)",
+                field="cmd",
             )
         hijack = sorted(
             k for k in spec.env or {} if k in HIJACK_ENV or k.startswith(("LD_", "DYLD_"))
@@ -576,6 +646,7 @@ class TaskService:
         now = self.clock.time()
         await self._housekeep(now)
         started = await self._dispatch_user(now)
+        await self._queue_upkeep()
         started += await self._dispatch_maintenance(now)
         return started
 
@@ -606,6 +677,7 @@ class TaskService:
                 if since >= self.settings.dispatch_interval_s:
                     await self._housekeep(now)
                 started = await self._dispatch_user(now)
+                await self._queue_upkeep()
                 started += await self._dispatch_maintenance(now)
             except asyncio.CancelledError:
                 raise
@@ -902,7 +974,7 @@ class TaskService:
     def _run_request(self, record: TaskRecord, spec: TaskSpec, active: _Active) -> RunRequest:
         s = self.settings
         scratch = self.data_dir / "scratch" / active.device.replace(":", "") / record.task_id
-        scratch.mkdir(parents=True, exist_ok=True)
+        private_dir(scratch)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIX)}
         env.update(spec.env or {})
         env.update(
@@ -934,9 +1006,13 @@ class TaskService:
     def _argv(self, spec: TaskSpec) -> list[str]:
         if spec.type is TaskType.CMD and spec.cmd:
             argv = list(spec.cmd)
-            if self.settings.allowed_commands and os.sep not in argv[0]:
-                # Resolve with the daemon's PATH: the task's env cannot swap the program.
-                argv[0] = shutil.which(argv[0]) or argv[0]
+            if self.settings.allowed_commands:
+                # The absolute path resolved at start from the daemon's PATH: the task's own
+                # env.PATH cannot change which program runs.
+                resolved = self._programs.get(argv[0])
+                if resolved is None:
+                    raise InvalidInput(f"{argv[0]!r} is not an allowed program here")
+                argv[0] = resolved
             return argv
         if spec.type is TaskType.SHELL and spec.shell:
             return ["/bin/sh", "-c", spec.shell]
@@ -981,44 +1057,121 @@ class TaskService:
 
     # ----------------------------------------------------------------------------- maintenance
 
-    def _maintenance_allowed(self, snapshot: SystemSnapshot) -> bool:
-        """Idle for ``maintenance_idle_s``: no user task waiting or running, no GPU busier than
-        ``idle_busy_ratio``, the host CPU not busier than ``maintenance_max_cpu_ratio``."""
-        mono = self.clock.monotonic()
-        user_busy = self._lane_count(False, (*READY_STATES, *LEASED_STATES)) > 0
-        gpus_busy = any(
-            g.utilization_ratio is not None and g.utilization_ratio > self.policy.idle_busy_ratio
-            for g in snapshot.gpus
-        )
+    def _busy_reason(self, snapshot: SystemSnapshot) -> str:
+        """Why the machine is not idle for maintenance now ("" when it is): a user task
+        waiting or running, a GPU busier than ``idle_busy_ratio``, the host CPU busier than
+        ``maintenance_max_cpu_ratio``."""
+        users = self._lane_count(False, (*READY_STATES, *LEASED_STATES))
+        if users:
+            return f"{users} user task(s) queued or running"
+        idle_ratio = self.policy.idle_busy_ratio
+        for g in snapshot.gpus:
+            if g.utilization_ratio is not None and g.utilization_ratio > idle_ratio:
+                return (
+                    f"GPU {g.index} {g.utilization_ratio:.0%} busy > idle_busy_ratio "
+                    f"{idle_ratio:.0%}"
+                )
         cpu_limit = self.settings.maintenance_max_cpu_ratio
-        cpu_busy = cpu_limit < 1.0 and snapshot.host.cpu_utilization_ratio > cpu_limit
-        if user_busy or gpus_busy or cpu_busy:
+        cpu = snapshot.host.cpu_utilization_ratio
+        if cpu_limit < 1.0 and cpu > cpu_limit:
+            return f"CPU {cpu:.0%} > maintenance_max_cpu_ratio {cpu_limit:.0%}"
+        return ""
+
+    def _maintenance_allowed(self, snapshot: SystemSnapshot) -> bool:
+        """Idle (``_busy_reason``) for ``maintenance_idle_s``; ``_not_idle`` says why not."""
+        mono = self.clock.monotonic()
+        reason = self._busy_reason(snapshot)
+        if reason:
             self._idle_since = None
+            self._not_idle = reason
             return False
         if self._idle_since is None:
             self._idle_since = mono
-        return mono - self._idle_since >= self.settings.maintenance_idle_s
+        idle_for = mono - self._idle_since
+        needed = self.settings.maintenance_idle_s
+        self._not_idle = (
+            ""
+            if idle_for >= needed
+            else (f"idle for {idle_for:.1f} s of maintenance_idle_s {needed:g} s")
+        )
+        return not self._not_idle
+
+    def maintenance_window(self) -> dict[str, Any]:
+        """What maintenance waits for now: ``waiting`` (ready maintenance tasks), ``idle``
+        (the machine is idle for maintenance), ``reason`` (why not, "" when idle) and
+        ``max_wait_s`` (after which a waiting one runs anyway)."""
+        reason = self._busy_reason(self.devices.snapshot())
+        if not reason and self._idle_since is not None:
+            reason = self._not_idle
+        return {
+            "waiting": self._lane_count(True, READY_STATES),
+            "idle": not reason,
+            "reason": reason,
+            "max_wait_s": self.settings.maintenance_max_wait_s,
+            "auto_maintenance": self.settings.auto_maintenance,
+        }
 
     async def _dispatch_maintenance(self, now: float) -> int:
+        """Lease ready maintenance tasks: all of a batch in an idle window; otherwise only
+        those that waited ``maintenance_max_wait_s`` (they then no longer yield to users)."""
         if self._maintenance is not None or not self._lane_count(True, READY_STATES):
             return 0
-        if not self._maintenance_allowed(self.devices.snapshot()):
+        s = self.settings
+        overdue = not self._maintenance_allowed(self.devices.snapshot())
+        if not overdue:
+            candidates = await self.queue.ready(maintenance=True, limit=s.maintenance_batch)
+        elif s.maintenance_max_wait_s > 0:
+            candidates = await self.queue.overdue_maintenance(
+                ready_before=now - s.maintenance_max_wait_s, limit=s.maintenance_batch
+            )
+        else:
             return 0
-        candidates = await self.queue.ready(maintenance=True, limit=self.settings.maintenance_batch)
         grants = [Grant(r.task_id, HOST, running=True, previous=r.state) for r in candidates]
         leased, changes = await self.queue.lease(
-            grants, worker=self.worker_id, now=now, lease_s=self.settings.lease_s
+            grants, worker=self.worker_id, now=now, lease_s=s.lease_s
         )
         self._publish(changes)
         if leased:
-            self._maintenance = asyncio.create_task(self._run_maintenance(leased))
+            if overdue:
+                log.info(
+                    "running %d maintenance task(s) that waited over maintenance_max_wait_s (%s)",
+                    len(leased),
+                    self._not_idle,
+                )
+            self._maintenance = asyncio.create_task(
+                self._run_maintenance(leased, yield_to_users=not overdue)
+            )
         return len(leased)
 
-    async def _run_maintenance(self, records: list[TaskRecord]) -> None:
+    async def _queue_upkeep(self) -> int:
+        """``auto_maintenance``: every ``auto_maintenance_interval_s``, when the machine is idle,
+        queue the store's upkeep (``AUTO_MAINTENANCE``) as system-owned tasks, skipping a kind
+        that still has one not ended. Returns how many were queued."""
+        s = self.settings
+        mono = self.clock.monotonic()
+        if not s.auto_maintenance or mono < self._next_auto:
+            return 0
+        if math.isinf(self._next_auto):  # the first round comes one interval after start
+            self._next_auto = mono + s.auto_maintenance_interval_s
+            return 0
+        if self._busy_reason(self.devices.snapshot()):
+            return 0  # look again next round
+        self._next_auto = mono + s.auto_maintenance_interval_s
+        pending = await self.queue.open_tasks(SYSTEM_OWNER, limit=64)
+        have = {record.type for record in pending}
+        specs = [TaskSpec(type=kind) for kind in AUTO_MAINTENANCE if kind not in have]
+        if not specs:
+            return 0
+        await self.submit_batch(specs, owner=SYSTEM_OWNER)
+        return len(specs)
+
+    async def _run_maintenance(
+        self, records: list[TaskRecord], *, yield_to_users: bool = True
+    ) -> None:
         outcomes: list[Outcome] = []
         try:
             for record in records:
-                if self._stopping or self._lane_count(False, READY_STATES):
+                if self._stopping or (yield_to_users and self._lane_count(False, READY_STATES)):
                     # A user task arrived: hand the rest back, untouched.
                     outcomes.append(
                         record.outcome(
@@ -1040,17 +1193,8 @@ class TaskService:
 
     async def _maintain(self, record: TaskRecord) -> Outcome:
         t0 = self.clock.monotonic()
-        message = ""
         try:
-            if record.type is not TaskType.NOOP:
-                payload = record.spec.get("payload") or {}
-                blocks = int(payload.get("max_blocks", self.settings.maintenance_max_blocks))
-                if record.type is TaskType.WARMUP:
-                    done = await _call(self.memory.warmup, blocks)
-                    message = f"warmed {done} block(s)"
-                else:
-                    done = await _call(self.memory.compress_cold, blocks)
-                    message = f"compressed {done} block(s)"
+            message = await self._maintenance_job(record)
         except Exception as exc:
             return record.outcome(
                 OutcomeKind.ERROR,
@@ -1063,6 +1207,24 @@ class TaskService:
             stdout_tail=message,
             run_s=self.clock.monotonic() - t0,
         )
+
+    async def _maintenance_job(self, record: TaskRecord) -> str:
+        """Run one maintenance task against the memory store; what it did, in words."""
+        if record.type is TaskType.NOOP:
+            return ""
+        if record.type is TaskType.REBALANCE:
+            maintain = getattr(self.memory, "maintain", None)
+            if maintain is None:
+                return "nothing to rebalance"
+            await _call(maintain)
+            return "rebalanced"
+        payload = record.spec.get("payload") or {}
+        blocks = int(payload.get("max_blocks", self.settings.maintenance_max_blocks))
+        if record.type is TaskType.WARMUP:
+            done = await _call(self.memory.warmup, blocks)
+            return f"warmed {done} block(s)"
+        done = await _call(self.memory.compress_cold, blocks)
+        return f"compressed {done} block(s)"
 
     # ----------------------------------------------------------------------------- bookkeeping
 
@@ -1146,18 +1308,43 @@ class TaskService:
             raise BackendUnavailable("the task service is not started")
 
 
-def _as_spec(spec: TaskSpec | Mapping[str, Any], where: str) -> TaskSpec:
+def resolve_programs(allowed: Sequence[str]) -> dict[str, str]:
+    """``allowed_commands`` entry -> the absolute path that runs for it: a name is looked up
+    once in the daemon's own PATH, a path made absolute. Entries that resolve to nothing are
+    left out (a task naming one is refused); ``sh`` and ``python`` also stand for shell and
+    python tasks, which run ``/bin/sh`` and the daemon's Python."""
+    path = os.environ.get("PATH", os.defpath)
+    out: dict[str, str] = {}
+    for name in allowed:
+        found = shutil.which(name, path=path) if os.sep not in name else name
+        if found is not None and os.access(found, os.X_OK) and os.path.isfile(found):
+            out[name] = os.path.abspath(found)
+        elif name not in _KIND_NAMES:
+            log.warning("[tasks] allowed_commands: %r is not on the daemon's PATH", name)
+    return out
+
+
+def _as_spec(spec: TaskSpec | Mapping[str, Any] | Any, where: str) -> TaskSpec:
     if isinstance(spec, TaskSpec):
         return spec
+    if not isinstance(spec, Mapping):
+        raise InvalidInput(
+            f"{where}a task body must be a JSON object (got {type(spec).__name__})",
+            field=where.rstrip(": ") or "body",
+        )
     try:
         return TaskSpec.model_validate(spec)
     except ValidationError as exc:
+        errors = exc.errors()
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'body'}: "
             f"{str(e['msg']).removeprefix('Value error, ')}"
-            for e in exc.errors()
+            for e in errors
         )
-        raise InvalidInput(f"{where}{problems}") from None
+        first = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+        prefix = where.rstrip(": ")
+        field = ".".join(part for part in (prefix, first) if part) or "body"
+        raise InvalidInput(f"{where}{problems}", field=field) from None
 
 
 def _check_log_query(max_bytes: int | None, stdout_offset: int, stderr_offset: int) -> None:

@@ -9,6 +9,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vramancer.tasks.model import MAX_BATCH_HARD
 from vramancer.units import Size
 
 
@@ -89,12 +90,28 @@ class TasksSettings(BaseModel):
     output_tail_bytes: Size = 2048
     #: Largest task body (JSON) accepted.
     max_payload_bytes: Size = 64 * 1024
-    #: Most tasks in one ``submit_batch``.
-    max_batch: int = Field(default=10_000, ge=1)
+    #: Most tasks in one ``submit_batch``; a longer list is refused before its items are
+    #: validated (at most ``MAX_BATCH_HARD``, 100000).
+    max_batch: int = Field(default=1000, ge=1, le=MAX_BATCH_HARD)
+    #: Maintenance tasks (warmup, compress, noop) one viewer may have not yet ended; more is
+    #: refused with 429. Operators and admins are not limited. 0 refuses viewers' submissions.
+    viewer_max_queued: int = Field(default=8, ge=0, le=1_000_000)
+    #: Largest ``payload`` (as compact JSON) a viewer's task may carry (422 beyond).
+    viewer_max_payload_bytes: Size = 1024
     #: Maintenance tasks (warmup, compress, noop) run only after devices were idle this long.
     maintenance_idle_s: float = Field(default=5.0, ge=0)
     #: Maintenance tasks wait while the host CPU is busier than this (0..1; 1: not considered).
     maintenance_max_cpu_ratio: float = Field(default=0.9, ge=0, le=1)
+    #: A maintenance task that has waited this long for an idle window runs anyway, after the
+    #: user tasks of its round, and no longer yields to them: a busy host cannot starve it.
+    #: 0: it never runs outside an idle window.
+    maintenance_max_wait_s: float = Field(default=300.0, ge=0)
+    #: The daemon queues the memory store's own upkeep (warmup, compress, and a rebalance
+    #: pass: queued promotions by hotness, then an eviction cycle) as system-owned
+    #: maintenance tasks when the machine is idle, at most one of each kind at a time.
+    auto_maintenance: bool = True
+    #: Seconds between two rounds of the daemon's own maintenance (``auto_maintenance``).
+    auto_maintenance_interval_s: float = Field(default=300.0, gt=0)
     #: Maintenance tasks taken at once when the machine is idle.
     maintenance_batch: int = Field(default=1000, ge=1)
     #: Blocks a warmup or compress task handles when its payload does not say.

@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 
 from vramancer.arbiter.types import Priority
 from vramancer.errors import BackendUnavailable
+from vramancer.tasks.errors import IdempotencyKeyTaken, QuotaExceeded, TaskIdTaken
 from vramancer.tasks.model import (
     LEASED_STATES,
     READY_STATES,
@@ -63,7 +64,7 @@ from vramancer.tasks.settings import DEFAULT_MAX_LEASE_LOSSES, Synchronous
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Operations committed together at most (one transaction, one fsync).
 GROUP_COMMIT_MAX = 512
 #: SQLite page cache per connection (negative: KiB).
@@ -106,7 +107,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at REAL,
     not_before REAL,
     updated_at REAL NOT NULL,
-    lease_losses INTEGER NOT NULL DEFAULT 0
+    lease_losses INTEGER NOT NULL DEFAULT 0,
+    owner TEXT NOT NULL DEFAULT 'local'
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idem ON tasks(idem_key) WHERE idem_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks(lane, prio DESC, est_ms, seq)
@@ -115,6 +117,10 @@ CREATE INDEX IF NOT EXISTS tasks_state_seq ON tasks(state, seq);
 CREATE INDEX IF NOT EXISTS tasks_user_age ON tasks(ready_at)
     WHERE state IN ('queued', 'waiting_gpu') AND lane = 0;
 CREATE INDEX IF NOT EXISTS tasks_submitted ON tasks(submitted_at);
+CREATE INDEX IF NOT EXISTS tasks_owner_open ON tasks(owner, lane, seq)
+    WHERE state IN ('queued', 'waiting_gpu', 'retry', 'scheduled', 'running');
+CREATE INDEX IF NOT EXISTS tasks_maint_age ON tasks(ready_at)
+    WHERE state IN ('queued', 'waiting_gpu') AND lane = 1;
 CREATE TABLE IF NOT EXISTS durations (
     key TEXT PRIMARY KEY,
     mean_s REAL NOT NULL,
@@ -126,7 +132,7 @@ _COLS = (
     "id, seq, type, state, priority, spec, attempts, max_retries, timeout_s, est_ms, est_key, "
     "gpu, vram_bytes, device, lease_token, exit_code, error, submitted_at, scheduled_at, "
     "started_at, finished_at, not_before, cancel_requested, pid, stdout_tail, stderr_tail, "
-    "idem_key, lease_losses, ready_at"
+    "idem_key, lease_losses, ready_at, owner"
 )
 _READY_SQL = (
     f"SELECT {_COLS} FROM tasks WHERE state IN ('queued', 'waiting_gpu') AND lane = ? "
@@ -141,9 +147,15 @@ _OVERDUE_SQL = (
 )
 _INSERT_SQL = (
     "INSERT INTO tasks (id, idem_key, type, lane, prio, priority, est_ms, est_key, state, spec, "
-    "gpu, vram_bytes, max_retries, timeout_s, submitted_at, ready_at, updated_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)"
+    "gpu, vram_bytes, max_retries, timeout_s, submitted_at, ready_at, updated_at, owner) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_OVERDUE_MAINT_SQL = (
+    f"SELECT {_COLS} FROM tasks INDEXED BY tasks_maint_age "
+    "WHERE state IN ('queued', 'waiting_gpu') AND lane = 1 "
+    "AND ready_at <= ? ORDER BY ready_at, seq LIMIT ?"
+)
+_OPEN_STATES = "('queued', 'waiting_gpu', 'retry', 'scheduled', 'running')"
 _LEASE_SQL = (
     "UPDATE tasks SET state = ?, attempts = attempts + 1, lease_token = lease_token + 1, "
     "lease_expires = ?, worker = ?, device = ?, scheduled_at = ?, "
@@ -162,6 +174,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE tasks ADD COLUMN lease_losses INTEGER NOT NULL DEFAULT 0")
     if version < 3:  # version 2 aged both lanes: replaced by tasks_user_age
         conn.execute("DROP INDEX IF EXISTS tasks_ready_age")
+    if columns and "owner" not in columns:  # version 4: tasks belong to their submitter
+        conn.execute("ALTER TABLE tasks ADD COLUMN owner TEXT NOT NULL DEFAULT 'local'")
 
 
 def _record(row: Sequence[Any]) -> TaskRecord:
@@ -195,6 +209,7 @@ def _record(row: Sequence[Any]) -> TaskRecord:
         idempotency_key=row[26],
         lease_losses=row[27],
         ready_at=row[28],
+        owner=row[29],
     )
 
 
@@ -372,9 +387,27 @@ class SqliteQueue:
     # -- submit --------------------------------------------------------------------------------
 
     async def submit(
-        self, tasks: Sequence[NewTask], now: float
+        self, tasks: Sequence[NewTask], now: float, *, max_open_maintenance: int | None = None
     ) -> tuple[list[Submitted], list[Change]]:
-        return await self._write(lambda conn: _submit(conn, tasks, now))
+        return await self._write(lambda conn: _submit(conn, tasks, now, max_open_maintenance))
+
+    async def open_tasks(self, owner: str, *, limit: int) -> list[TaskRecord]:
+        def op(conn: sqlite3.Connection) -> list[TaskRecord]:
+            rows = conn.execute(
+                f"SELECT {_COLS} FROM tasks INDEXED BY tasks_owner_open WHERE owner = ? "
+                f"AND state IN {_OPEN_STATES} ORDER BY lane, seq LIMIT ?",
+                (owner, limit),
+            ).fetchall()
+            return [_record(row) for row in rows]
+
+        return await self._read(op)
+
+    async def overdue_maintenance(self, *, ready_before: float, limit: int) -> list[TaskRecord]:
+        def op(conn: sqlite3.Connection) -> list[TaskRecord]:
+            rows = conn.execute(_OVERDUE_MAINT_SQL, (ready_before, limit)).fetchall()
+            return [_record(row) for row in rows]
+
+        return await self._read(op)
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -728,37 +761,91 @@ def _after_lost_lease(cancel: bool, losses: int, max_losses: int) -> tuple[TaskS
     )
 
 
-def _submit(
-    conn: sqlite3.Connection, tasks: Sequence[NewTask], now: float
-) -> tuple[list[Submitted], list[Change]]:
-    """Insert the new tasks in one statement; known idempotency keys and ids return the old."""
-    keys = [t.spec.idempotency_key for t in tasks if t.spec.idempotency_key]
-    given = [t.task_id for t in tasks if t.spec.task_id]
-    by_key: dict[str, str] = {}
-    for chunk in _chunks(keys):
+def _known(
+    conn: sqlite3.Connection, column: str, values: Sequence[str]
+) -> dict[str, tuple[str, str]]:
+    """``value -> (task id, owner)`` for the known ``values`` of ``column`` (id or idem_key)."""
+    found: dict[str, tuple[str, str]] = {}
+    for chunk in _chunks(values):
         marks = ",".join("?" * len(chunk))
-        by_key.update(
-            conn.execute(f"SELECT idem_key, id FROM tasks WHERE idem_key IN ({marks})", chunk)
+        rows = conn.execute(
+            f"SELECT {column}, id, owner FROM tasks WHERE {column} IN ({marks})", chunk
         )
-    known_ids: set[str] = set()
-    for chunk in _chunks(given):
-        marks = ",".join("?" * len(chunk))
-        found = conn.execute(f"SELECT id FROM tasks WHERE id IN ({marks})", chunk)
-        known_ids.update(r[0] for r in found)
+        found.update((value, (task_id, owner)) for value, task_id, owner in rows)
+    return found
+
+
+def _existing(
+    t: NewTask, by_key: dict[str, tuple[str, str]], by_id: dict[str, tuple[str, str]]
+) -> str | None:
+    """The id of the task ``t`` is a repeat of (same owner), None if it is new; another
+    owner's key or id refuses the submission without naming that task."""
+    key = t.spec.idempotency_key
+    if key is not None and key in by_key:
+        task_id, owner = by_key[key]
+        if owner != t.owner:
+            raise IdempotencyKeyTaken(
+                f"idempotency_key {key!r} is already used by another caller's task; choose "
+                "another key",
+                field="idempotency_key",
+            )
+        return task_id
+    if t.task_id in by_id:
+        if by_id[t.task_id][1] != t.owner:
+            raise TaskIdTaken(
+                f"task_id {t.task_id!r} is already used by another caller's task; choose "
+                "another id",
+                field="task_id",
+            )
+        return t.task_id
+    return None
+
+
+def _check_quota(
+    conn: sqlite3.Connection, tasks: Sequence[NewTask], new: int, max_open: int | None
+) -> None:
+    """Refuse when the owner would have more than ``max_open`` maintenance tasks not ended."""
+    if max_open is None or new == 0:
+        return
+    owner = tasks[0].owner
+    (open_now,) = conn.execute(
+        "SELECT count(*) FROM tasks INDEXED BY tasks_owner_open WHERE owner = ? AND lane = 1 "
+        f"AND state IN {_OPEN_STATES}",
+        (owner,),
+    ).fetchone()
+    if open_now + new > max_open:
+        raise QuotaExceeded(
+            f"{open_now} maintenance task(s) of this caller have not ended yet and {new} more "
+            f"were submitted; a viewer may have at most {max_open} "
+            "([tasks] viewer_max_queued)",
+            queued=open_now,
+            limit=max_open,
+        )
+
+
+def _submit(
+    conn: sqlite3.Connection, tasks: Sequence[NewTask], now: float, max_open: int | None = None
+) -> tuple[list[Submitted], list[Change]]:
+    """Insert the new tasks in one statement; the same owner's known idempotency keys and ids
+    return the old task; another owner's refuse the whole submission."""
+    by_key = _known(
+        conn, "idem_key", [t.spec.idempotency_key for t in tasks if t.spec.idempotency_key]
+    )
+    by_id = _known(conn, "id", [t.task_id for t in tasks if t.spec.task_id])
     results: list[Submitted] = []
     changes: list[Change] = []
     rows = []
+    maintenance = 0
     for t in tasks:
+        old = _existing(t, by_key, by_id)
+        if old is not None:
+            results.append(Submitted(old, False))
+            continue
         key = t.spec.idempotency_key
-        if key is not None and key in by_key:
-            results.append(Submitted(by_key[key], False))
-            continue
-        if t.task_id in known_ids:
-            results.append(Submitted(t.task_id, False))
-            continue
         if key is not None:
-            by_key[key] = t.task_id
-        known_ids.add(t.task_id)
+            by_key[key] = (t.task_id, t.owner)
+        by_id[t.task_id] = (t.task_id, t.owner)
+        maintenance += t.maintenance
         spec = t.spec
         rows.append(
             (
@@ -778,10 +865,12 @@ def _submit(
                 now,
                 now,
                 now,
+                t.owner,
             )
         )
         results.append(Submitted(t.task_id, True))
         changes.append(Change(t.task_id, None, TaskState.QUEUED, 0, type=spec.type))
+    _check_quota(conn, tasks, maintenance, max_open)
     conn.executemany(_INSERT_SQL, rows)
     return results, changes
 

@@ -112,6 +112,7 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
         tasks.setdefault("kill_grace_s", 0.2)
         tasks.setdefault("maintenance_idle_s", 0.0)
         tasks.setdefault("maintenance_max_cpu_ratio", 1.0)  # the real host CPU: not ours to set
+        tasks.setdefault("auto_maintenance", False)  # tests that want it turn it on
         settings = TasksSettings(**tasks)
         memory = FakeMemory()
         directory = data_dir or tmp_path / f"data{len(made)}"

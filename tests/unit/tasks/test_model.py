@@ -84,6 +84,7 @@ def test_kinds_and_states() -> None:
         TaskType.WARMUP,
         TaskType.COMPRESS,
         TaskType.NOOP,
+        TaskType.REBALANCE,
     }
     assert {t for t in TaskType if t.needs_operator} == {
         TaskType.CMD,

@@ -495,12 +495,13 @@ async def test_a_database_of_the_first_schema_is_migrated(tmp_path: Path) -> Non
     try:
         record = await q.get("v1")
         assert record is not None and record.lease_losses == 0 and record.state is TaskState.QUEUED
+        assert record.owner == "local"  # tasks from before owners belong to this machine
         page, overdue = await q.dispatch_view(limit=5, overdue_before=2, overdue_limit=5)
         assert [r.task_id for r in page] == [r.task_id for r in overdue] == ["v1"]
     finally:
         await q.close()
     check = sqlite3.connect(path)
-    assert check.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 4
     indexes = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert "tasks_user_age" in indexes and "tasks_ready_age" not in indexes
     check.close()

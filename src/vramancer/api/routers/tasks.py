@@ -5,6 +5,14 @@ machine, so submitting one needs the operator role (403 for a viewer, nothing qu
 maintenance kinds (``warmup``, ``compress``, ``noop``) need only the viewer role. Cancelling
 needs the operator role. Bad bodies are 422 (unknown type, negative timeout, missing ``cmd``,
 a GPU that does not exist), an oversized one 413; in every case nothing is queued.
+
+Tasks belong to the caller that submitted them (``owner_of`` its token): an idempotency key or
+task id of another caller's task is refused with 409 (``idempotency_key_taken``,
+``task_id_taken``), never answered with that task. A viewer may have at most ``[tasks]
+viewer_max_queued`` maintenance tasks not ended (429 ``quota_exceeded``) and a payload of at
+most ``viewer_max_payload_bytes`` (422). Status and history show a task's ``env`` in full to
+admins, to its owner with secret-looking values (token, secret, password, key ...) hidden, and
+to other callers with every value hidden.
 """
 
 from __future__ import annotations
@@ -16,37 +24,80 @@ from fastapi import APIRouter, Query
 from vramancer.api.deps import Operator, RuntimeDep, Viewer
 from vramancer.config import Role
 from vramancer.errors import Forbidden
-from vramancer.tasks.model import SubmitBatch, TaskSpec, TaskState
+from vramancer.tasks.model import (
+    EnvView,
+    SubmitBatch,
+    TaskRecord,
+    TaskSpec,
+    TaskState,
+    TaskType,
+    owner_of,
+)
 from vramancer.tasks.service import MAX_LOG_OFFSET
 
 router = APIRouter(prefix="/api/tasks", tags=["tasks"])
 
 
-def _check_role(specs: list[TaskSpec], principal: Viewer) -> None:
+def _check_role(specs: list[Any], principal: Viewer) -> None:
     if principal.role.allows(Role.OPERATOR):
         return
     for i, spec in enumerate(specs):
-        if spec.type.needs_operator:
+        kind = spec.type.value if isinstance(spec, TaskSpec) else _raw_type(spec)
+        if kind is not None and kind not in _MAINTENANCE:
             where = f"tasks[{i}]: " if len(specs) > 1 else ""
             raise Forbidden(
-                f"{where}{spec.type} tasks run code on this machine: they need the operator "
+                f"{where}{kind} tasks run code on this machine: they need the operator "
                 f"role; the caller has {principal.role.value}"
             )
+
+
+_MAINTENANCE = frozenset(t.value for t in TaskType if t.maintenance)
+
+
+def _raw_type(item: Any) -> str | None:
+    """The ``type`` of a raw task body when it names a known kind (else validation says)."""
+    kind = item.get("type") if isinstance(item, dict) else None
+    return kind if isinstance(kind, str) and kind in _KINDS else None
+
+
+_KINDS = frozenset(t.value for t in TaskType)
+
+
+def _viewer_only(principal: Viewer) -> bool:
+    return not principal.role.allows(Role.OPERATOR)
+
+
+def _env_view(record: TaskRecord, principal: Viewer) -> EnvView:
+    if principal.role.allows(Role.ADMIN):
+        return EnvView.FULL
+    if record.owner == owner_of(principal.token):
+        return EnvView.NO_SECRETS
+    return EnvView.NAMES
+
+
+def _shown(record: TaskRecord, principal: Viewer) -> dict[str, Any]:
+    return record.as_dict(_env_view(record, principal))
 
 
 @router.post("/submit")
 async def submit(spec: TaskSpec, rt: RuntimeDep, principal: Viewer) -> dict[str, Any]:
     """Queue one task; returns ``{"task_id", "created"}`` once it is durable."""
     _check_role([spec], principal)
-    result = await rt.tasks.submit(spec)
+    result = await rt.tasks.submit(
+        spec, owner=owner_of(principal.token), viewer=_viewer_only(principal)
+    )
     return {"task_id": result.task_id, "created": result.created}
 
 
 @router.post("/submit_batch")
 async def submit_batch(body: SubmitBatch, rt: RuntimeDep, principal: Viewer) -> dict[str, Any]:
-    """Queue many tasks in one transaction; any bad task refuses the whole batch."""
-    _check_role(body.tasks, principal)
-    results = await rt.tasks.submit_batch(body.tasks)
+    """Queue many tasks in one transaction; any bad task refuses the whole batch. The list's
+    length is checked against ``[tasks] max_batch`` before any item is validated."""
+    if len(body.tasks) <= rt.settings.tasks.max_batch:
+        _check_role(body.tasks, principal)
+    results = await rt.tasks.submit_batch(
+        body.tasks, owner=owner_of(principal.token), viewer=_viewer_only(principal)
+    )
     return {
         "task_ids": [r.task_id for r in results],
         "created": [r.created for r in results],
@@ -55,15 +106,18 @@ async def submit_batch(body: SubmitBatch, rt: RuntimeDep, principal: Viewer) -> 
 
 @router.get("/status")
 async def status(
-    task_id: Annotated[str, Query(min_length=1, max_length=128)], rt: RuntimeDep
+    task_id: Annotated[str, Query(min_length=1, max_length=128)],
+    rt: RuntimeDep,
+    principal: Viewer,
 ) -> dict[str, Any]:
     """``{"task_id", "state", "attempts", "device", "exit_code", ...}``; 404 if unknown."""
-    return (await rt.tasks.status(task_id)).as_dict()
+    return _shown(await rt.tasks.status(task_id), principal)
 
 
 @router.get("/history")
 async def history(
     rt: RuntimeDep,
+    principal: Viewer,
     state: TaskState | None = None,
     since: Annotated[float | None, Query(description="Submitted at or after (epoch s).")] = None,
     cursor: Annotated[str | None, Query(max_length=20, pattern="^[0-9]{1,18}$")] = None,
@@ -72,21 +126,22 @@ async def history(
     """Tasks newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
     page = await rt.tasks.history(state=state, since=since, cursor=cursor, limit=limit)
     return {
-        "tasks": [record.as_dict() for record in page.tasks],
+        "tasks": [_shown(record, principal) for record in page.tasks],
         "next_cursor": page.next_cursor,
     }
 
 
 @router.get("/stats")
 async def stats(rt: RuntimeDep) -> dict[str, Any]:
-    """Tasks per state."""
-    return {"counts": rt.tasks.counts()}
+    """Tasks per state, and what maintenance tasks wait for (``maintenance``: ``waiting``,
+    ``idle``, ``reason``, ``max_wait_s``, ``auto_maintenance``)."""
+    return {"counts": rt.tasks.counts(), "maintenance": rt.tasks.maintenance_window()}
 
 
 @router.post("/{task_id}/cancel")
-async def cancel(task_id: str, rt: RuntimeDep, _: Operator) -> dict[str, Any]:
+async def cancel(task_id: str, rt: RuntimeDep, principal: Operator) -> dict[str, Any]:
     """Cancel: at once when waiting; a running task is killed and ends ``cancelled``."""
-    return (await rt.tasks.cancel(task_id)).as_dict()
+    return _shown(await rt.tasks.cancel(task_id), principal)
 
 
 @router.get("/{task_id}/logs")

@@ -1,0 +1,80 @@
+"""Private files and directories: task bodies (their ``env``), logs and scratch space belong to
+the daemon's user alone.
+
+Modes are set explicitly (``chmod`` after creation), so the result does not depend on the
+daemon's umask: directories 0700, files 0600. ``tighten`` fixes what an earlier version created
+too open (0755 / 0644).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` and its missing parents as 0700 directories (existing parents are left
+    alone; ``path`` itself is made 0700 even if it existed)."""
+    missing: list[Path] = []
+    here = path
+    while not here.exists():
+        missing.append(here)
+        if here.parent == here:
+            break
+        here = here.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=DIR_MODE)
+        os.chmod(folder, DIR_MODE)
+    if not missing:
+        tighten(path, DIR_MODE)
+    return path
+
+
+def open_private(path: Path, *, append: bool = False) -> int:
+    """Open ``path`` for writing as a 0600 file (created if missing); returns the descriptor."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def touch_private(path: Path) -> None:
+    """Make sure ``path`` exists and is 0600 (before another library creates it more open)."""
+    os.close(open_private(path, append=True))
+
+
+def tighten(path: Path, mode: int) -> bool:
+    """Take group and other permissions off ``path`` when this user owns it (a directory or file
+    the daemon created); True when it changed. Missing paths and others' files are left."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or not st.st_mode & 0o077:
+        return False
+    os.chmod(path, mode)
+    return True
+
+
+def tighten_tree(root: Path) -> int:
+    """``tighten`` ``root`` and everything under it (directories 0700, files 0600). Walks only
+    when ``root`` itself was too open: once fixed, later starts cost one ``stat``."""
+    if not tighten(root, DIR_MODE):
+        return 0
+    fixed = 1
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            fixed += tighten(Path(folder) / name, DIR_MODE)
+        for name in files:
+            fixed += tighten(Path(folder) / name, FILE_MODE)
+    return fixed
