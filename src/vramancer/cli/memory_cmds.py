@@ -1,4 +1,5 @@
-"""CLI commands: ``vramancer memory tiers|blocks|put|get|evict`` (talk to a running server).
+"""CLI commands: ``vramancer memory tiers|blocks|put|get|evict`` (talk to a running server)
+and ``vramancer memory recover`` (offline: rebuilds the catalog of a stopped store).
 
 ``put`` reads a file (or stdin with ``-``) and ``get`` writes a file (or stdout); both show a
 progress bar for large blocks when the terminal is interactive.
@@ -18,12 +19,25 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from vramancer.cli.common import Api, JsonOpt, call, console, emit, err_console, fail
+from vramancer.cli.common import (
+    Api,
+    ConfigOpt,
+    JsonOpt,
+    call,
+    console,
+    emit,
+    err_console,
+    fail,
+    load_settings,
+)
 from vramancer.config import DEFAULT_URL
+from vramancer.errors import VramancerError
+from vramancer.memory.recovery import rebuild
+from vramancer.memory.tiers import TierName, tier_dir
 from vramancer.units import format_size, parse_size
 
 memory_app = typer.Typer(
-    help="Tiered block store: tiers, blocks, put, get, evict.", no_args_is_help=True
+    help="Tiered block store: tiers, blocks, put, get, evict, recover.", no_args_is_help=True
 )
 
 #: Blocks at least this big get a progress bar.
@@ -130,12 +144,22 @@ def put(
     source: Annotated[str, typer.Argument(help="File to store, or - for stdin.")] = "-",
     priority: Annotated[int, typer.Option(help="Priority 0..1000 (higher stays up).")] = 0,
     hint: Annotated[str | None, typer.Option(help="Hint, e.g. 'kv' or 'dtype=bf16'.")] = None,
+    durable: Annotated[
+        bool | None,
+        typer.Option(
+            "--durable/--no-durable",
+            help="Answer only once the block is on disk (L5/L6) and fsynced; default: the "
+            "server's memory.durable_puts.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Store a file (or stdin) as a block."""
     params: dict[str, Any] = {"priority": priority}
     if hint:
         params["hint"] = hint
+    if durable is not None:
+        params["durable"] = "true" if durable else "false"
     if source == "-":
         body: Any = sys.stdin.buffer.read()
         data = _request("PUT", _block_path(block_id), params=params, content=body)
@@ -155,7 +179,8 @@ def put(
             )
 
     def render(d: dict[str, Any]) -> None:
-        console.print(f"stored {d['id']} ({format_size(d['size'])}) in {d['tier']}")
+        durable = " (durable)" if d.get("durable") else ""
+        console.print(f"stored {d['id']} ({format_size(d['size'])}) in {d['tier']}{durable}")
 
     emit(data, json_out, render)
 
@@ -252,5 +277,65 @@ def evict(
 
     def render(d: dict[str, Any]) -> None:
         console.print(f"evicted {d['moved']} blocks ({format_size(d['bytes'])})")
+
+    emit(data, json_out, render)
+
+
+@memory_app.command("recover")
+def recover(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Data directory (default: the configuration's, VRM_DATA_DIR)."),
+    ] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Rebuild the memory catalog (memory.sqlite) from the block files, VRAMancer stopped.
+
+    The old catalog is moved aside (memory.sqlite.aside-<time>), never deleted; what it still
+    says is kept where it can be read. Block files that cannot be read are moved into
+    quarantine/ in their tier directory. Safe to run again."""
+    settings = load_settings(config)
+    root = (data_dir or settings.data_dir).expanduser()
+    if not root.is_dir():
+        fail(f"--data-dir: {root} is not a directory", code=2)
+    tiers = {
+        name.value: path
+        for name in (TierName.L5, TierName.L6)
+        if (path := tier_dir(settings.memory, name, root)) is not None
+    }
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        "{task.completed}/{task.total} files",
+        console=err_console,
+        transient=True,
+        disable=json_out or not err_console.is_terminal,
+    ) as bar:
+        task = bar.add_task("scanning block files", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            data = rebuild(root, tiers, fsync=settings.memory.fsync, progress=progress)
+        except VramancerError as exc:
+            fail(exc.message)
+        except OSError as exc:
+            fail(f"cannot recover {root}: {exc}")
+
+    def render(d: dict[str, Any]) -> None:
+        aside = ", ".join(d["moved_aside"]) or "none (there was no catalog)"
+        console.print(f"old catalog moved aside: {aside}")
+        console.print(
+            f"catalog rebuilt: {d['blocks']} blocks ({format_size(d['bytes'])}), "
+            f"{d['adopted']} from their block files, {d['carried_rows']} rows carried over"
+        )
+        for item in d["quarantined"]:
+            console.print(f"quarantined {item['what']} {item['name']}: {item['reason']}")
+        if d["lost"]:
+            console.print(
+                f"{len(d['lost'])} rows named files that are gone: {', '.join(d['lost'])}"
+            )
 
     emit(data, json_out, render)

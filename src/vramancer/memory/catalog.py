@@ -102,7 +102,7 @@ def corrupt_message(path: Path, reason: str) -> str:
         "are in their block files (the l5/ and l6/ tier directories) and nothing has been "
         "changed or removed. To recover: stop VRAMancer and run `vramancer memory recover` "
         "with the same --config / VRM_DATA_DIR; it moves the damaged catalog aside "
-        "(memory.sqlite.corrupt-<time>, never deleted) and rebuilds the catalog from the block "
+        "(memory.sqlite.aside-<time>, never deleted) and rebuilds the catalog from the block "
         "files. Then start VRAMancer again."
     )
 
@@ -304,3 +304,23 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def read_rows(path: Path) -> list[BlockRow]:
+    """The readable rows of a catalog database, read-only and best effort (a damaged database
+    gives what SQLite can still read, or nothing): what ``vramancer memory recover`` carries
+    over (pinned flags, hotness, rows of version 1 files) from a catalog it moves aside."""
+    found: list[BlockRow] = []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error:
+        return found
+    try:
+        for raw in db.execute(f"SELECT {_COLUMNS} FROM blocks"):
+            with contextlib.suppress(TypeError, ValueError, OverflowError):
+                found.append(_row(tuple(raw)))
+    except sqlite3.Error:
+        pass
+    finally:
+        db.close()
+    return found

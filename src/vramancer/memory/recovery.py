@@ -23,16 +23,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vramancer.errors import Conflict
 from vramancer.memory.blockfile import read_block_header
-from vramancer.memory.catalog import BlockRow, Catalog
+from vramancer.memory.catalog import BlockRow, Catalog, read_rows
 from vramancer.memory.compression import CorruptBlock
-from vramancer.memory.storage import quarantine, unlink_inside
+from vramancer.memory.storage import DataDirLock, quarantine, unlink_inside
 
 log = logging.getLogger(__name__)
 
@@ -245,3 +248,64 @@ def _count(record: Mapping[str, Any], key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"its record's {key} is not a count")
     return value
+
+
+def rebuild(
+    data_dir: Path,
+    tiers: Mapping[str, Path],
+    *,
+    fsync: bool = True,
+    progress: Progress | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """``vramancer memory recover``: move ``<data_dir>/memory.sqlite`` aside (never deleted)
+    and rebuild it from the block files of ``tiers``, carrying over what the old catalog still
+    says where it can be read (pinned flags, hotness, rows of version 1 files).
+
+    Raises ``Conflict`` while a store has the data directory open. Returns a summary."""
+    lock = DataDirLock.try_acquire(data_dir)
+    if lock is None:
+        raise Conflict(
+            f"a VRAMancer process is using {data_dir} (it holds {DataDirLock.NAME}); stop it "
+            "before recovering its catalog"
+        )
+    try:
+        db = data_dir / "memory.sqlite"
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        aside = _move_aside(db, stamp)
+        carried = read_rows(aside[0]) if aside else []
+        catalog = Catalog(db, fsync=fsync)
+        try:
+            catalog.upsert_many(carried)
+            found = reconcile(catalog, tiers, progress=progress)
+        finally:
+            catalog.close()
+    finally:
+        lock.release()
+    return {
+        "data_dir": str(data_dir),
+        "catalog": str(db),
+        "moved_aside": [str(p) for p in aside],
+        "carried_rows": len(carried),
+        "blocks": len(found.rows),
+        "bytes": sum(r.size for r in found.rows),
+        "adopted": found.adopted,
+        "lost": found.lost,
+        "quarantined": [dataclasses.asdict(q) for q in found.quarantined],
+        "temporary_removed": found.temporary_removed,
+    }
+
+
+def _move_aside(db: Path, stamp: str) -> list[Path]:
+    """Rename the database and its WAL/SHM files to ``memory.sqlite.aside-<stamp>[-wal]``."""
+    moved: list[Path] = []
+    base = db.with_name(f"{db.name}.aside-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        source = db.with_name(db.name + suffix)
+        if source.exists():
+            target = base.with_name(base.name + suffix)
+            os.replace(source, target)
+            moved.append(target)
+    if moved and moved[0] != base:  # only a WAL or SHM file was left: nothing to read
+        moved.insert(0, base)
+    return moved

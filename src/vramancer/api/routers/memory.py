@@ -8,6 +8,7 @@ characters. Putting and deleting need the operator role, forced eviction the adm
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -78,12 +79,18 @@ async def put_block(
     _: Operator,
     priority: Annotated[int, Query(ge=0, le=MAX_PRIORITY)] = 0,
     hint: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+    durable: Annotated[bool | None, Query()] = None,
 ) -> dict[str, Any]:
     """Store the raw request body as block ``block_id`` (replacing one of that id).
 
+    ``durable=true`` (default ``memory.durable_puts``): the block goes to L5/L6 and the answer
+    comes once its file, directory and catalog row are fsynced. The answer says where the
+    block is (``tier``) and whether it survives a crash (``durable``).
+
     Errors: 413 ``payload_too_large`` over ``min(memory.max_block_size, server.max_body)``,
     422 for an empty body or a bad id, priority or hint, 409 ``insufficient_memory`` when no
-    tier has room (the previous block of that id, if any, stays)."""
+    tier has room, 507 ``insufficient_storage`` when the disk is full (in both cases nothing
+    changed: the previous block of that id, if any, stays)."""
     check_block_id(block_id)
     limit = min(rt.settings.memory.max_block_size, rt.settings.server.max_body)
     body = bytearray()
@@ -96,8 +103,16 @@ async def put_block(
             )
     if not body:
         raise InvalidInput("the request body (the block's bytes) is empty", field="body")
-    tier = await asyncio.to_thread(rt.memory.put, block_id, body, priority, hint)
-    return {"id": block_id, "size": len(body), "tier": tier, "priority": priority}
+    receipt = await asyncio.to_thread(
+        partial(rt.memory.put_receipt, block_id, body, priority, hint, durable=durable)
+    )
+    return {
+        "id": block_id,
+        "size": len(body),
+        "tier": receipt.tier,
+        "priority": priority,
+        "durable": receipt.durable,
+    }
 
 
 @router.get("/blocks/{block_id:path}")
@@ -120,6 +135,7 @@ async def get_block(block_id: str, rt: RuntimeDep) -> Response:
 
 @router.delete("/blocks/{block_id:path}")
 async def delete_block(block_id: str, rt: RuntimeDep, _: Operator) -> dict[str, Any]:
+    """Remove the block (404 if unknown). Works on a full disk: the file goes first."""
     check_block_id(block_id)
     await asyncio.to_thread(rt.memory.delete, block_id)
     return {"id": block_id, "deleted": True}
