@@ -1,0 +1,279 @@
+"""Hardening of the tasks API against a real ``vramancer serve``: bounded batches, tasks owned by
+their submitter, what viewers may see and queue, the allow-list, private files, task processes
+that die with the daemon, and ``vramancer validate`` on a machine with no idle window."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import ServerProcess, running_server, start_server
+from vramancer.cli.tasks_validate import run_validation
+from vramancer.tasks.model import owner_of
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+[auth]
+tokens = { "adm" = "admin", "op" = "operator", "view" = "viewer", "view2" = "viewer" }
+
+[devices]
+backends = []
+
+[tasks]
+allowed_commands = ["mytool", "onlythere", "sh", "sleep"]
+maintenance_idle_s = 100000     # no idle window: maintenance tasks stay queued
+maintenance_max_wait_s = 0
+maintenance_max_cpu_ratio = 1.0  # the reason then is the idle time, whatever the CPU does
+viewer_max_queued = 2
+viewer_max_payload_bytes = 64
+backoff_base_s = 0.1
+kill_grace_s = 0.2
+"""
+
+
+def _tool(folder: Path, name: str, script: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("tasks-hardening")
+    ours, theirs = tmp / "ours", tmp / "theirs"
+    marker = tmp / "theirs-ran"
+    _tool(ours, "mytool", "echo ours")
+    _tool(theirs, "mytool", f"touch {marker}; echo theirs")
+    _tool(theirs, "onlythere", f"touch {marker}; echo theirs")
+    return {"tmp": tmp, "ours": ours, "theirs": theirs, "marker": marker}
+
+
+@pytest.fixture(scope="module")
+def server(dirs: dict[str, Path]) -> Iterator[ServerProcess]:
+    env = {"VRM_DISABLE_RATE_LIMIT": "1", "PATH": f"{dirs['ours']}:{os.environ['PATH']}"}
+    proc = start_server(dirs["tmp"], CONFIG, env=env)
+    yield proc
+    proc.stop()
+    if proc.proc.stdout:
+        proc.proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def clients(server: ServerProcess) -> Iterator[dict[str, httpx.Client]]:
+    made = {name: server.client(name) for name in ("adm", "op", "view", "view2")}
+    yield made
+    for client in made.values():
+        client.close()
+
+
+def total(client: httpx.Client) -> int:
+    return sum(client.get("/api/tasks/stats").json()["counts"].values())
+
+
+def wait_state(client: httpx.Client, task_id: str, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status: dict[str, Any] = client.get("/api/tasks/status", params={"task_id": task_id}).json()
+        if status["state"] in ("done", "failed", "cancelled"):
+            return status
+        assert time.monotonic() < deadline, f"{task_id} still {status['state']}"
+        time.sleep(0.05)
+
+
+def test_a_batch_over_max_batch_is_refused_naming_the_setting(
+    clients: dict[str, httpx.Client],
+) -> None:
+    op = clients["op"]
+    before = total(op)
+    r = op.post("/api/tasks/submit_batch", json={"tasks": [{"type": "noop"}] * 1001})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == "tasks"
+    assert "at most 1000 ([tasks] max_batch)" in error["message"]
+    assert total(op) == before
+
+
+def test_a_million_item_batch_costs_neither_time_nor_memory(
+    server: ServerProcess, clients: dict[str, httpx.Client]
+) -> None:
+    daemon = psutil.Process(server.proc.pid)
+    rss = daemon.memory_info().rss
+    t0 = time.monotonic()
+    r = clients["op"].post(
+        "/api/tasks/submit_batch",
+        content=b'{"tasks":[' + b",".join([b"1"] * 1_000_000) + b"]}",
+        headers={"Content-Type": "application/json"},
+    )
+    elapsed = time.monotonic() - t0
+    assert r.status_code in (413, 422), r.text
+    assert elapsed < 5.0
+    assert daemon.memory_info().rss - rss < 300 * 1024 * 1024
+
+
+def test_a_viewers_idempotency_key_does_not_capture_an_operators_task(
+    clients: dict[str, httpx.Client],
+) -> None:
+    view, op = clients["view"], clients["op"]
+    noop = view.post("/api/tasks/submit", json={"type": "noop", "idempotency_key": "deploy"})
+    assert noop.status_code == 200, noop.text
+    before = total(op)
+    body = {"type": "shell", "shell": "echo deploying", "idempotency_key": "deploy"}
+    r = op.post("/api/tasks/submit", json=body)
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "idempotency_key_taken"
+    assert noop.json()["task_id"] not in r.text
+    by_id = op.post(
+        "/api/tasks/submit",
+        json={"type": "shell", "shell": "true", "task_id": noop.json()["task_id"]},
+    )
+    assert by_id.status_code == 409, by_id.text
+    assert by_id.json()["error"]["code"] == "task_id_taken"
+    assert total(op) == before
+    same = view.post("/api/tasks/submit", json={"type": "noop", "idempotency_key": "deploy"})
+    assert same.json() == {"task_id": noop.json()["task_id"], "created": False}
+
+
+def test_task_env_is_hidden_from_viewers_and_secrets_from_all_but_admins(
+    clients: dict[str, httpx.Client],
+) -> None:
+    env = {"API_TOKEN": "t0ps3cret", "MODE": "fast"}
+    sub = clients["op"].post(
+        "/api/tasks/submit", json={"type": "cmd", "cmd": ["sleep", "0"], "env": env}
+    )
+    assert sub.status_code == 200, sub.text
+    task_id = sub.json()["task_id"]
+    wait_state(clients["op"], task_id)
+
+    def shown(who: str) -> dict[str, str]:
+        status = clients[who].get("/api/tasks/status", params={"task_id": task_id}).json()
+        page = clients[who].get("/api/tasks/history", params={"limit": 1000}).json()["tasks"]
+        listed = next(t for t in page if t["task_id"] == task_id)
+        assert listed["spec"]["env"] == status["spec"]["env"]
+        result: dict[str, str] = status["spec"]["env"]
+        return result
+
+    assert shown("adm") == env
+    assert shown("op") == {"API_TOKEN": "<redacted>", "MODE": "fast"}
+    assert shown("view") == {"API_TOKEN": "<redacted>", "MODE": "<redacted>"}
+    assert "t0ps3cret" not in clients["view"].get("/api/tasks/history").text
+
+
+def test_viewers_have_a_payload_limit_and_a_quota_of_queued_maintenance(
+    clients: dict[str, httpx.Client],
+) -> None:
+    view2 = clients["view2"]
+    big = view2.post(
+        "/api/tasks/submit", json={"type": "warmup", "payload": {"max_blocks": 1, "pad": "x" * 80}}
+    )
+    assert big.status_code == 422, big.text
+    assert big.json()["error"]["field"] == "payload"
+    assert "viewer_max_payload_bytes" in big.json()["error"]["message"]
+    for _ in range(2):
+        assert view2.post("/api/tasks/submit", json={"type": "noop"}).status_code == 200
+    over = view2.post("/api/tasks/submit", json={"type": "noop"})
+    assert over.status_code == 429, over.text
+    assert over.json()["error"]["code"] == "quota_exceeded"
+    assert "viewer_max_queued" in over.json()["error"]["message"]
+    assert clients["op"].post("/api/tasks/submit", json={"type": "noop"}).status_code == 200
+
+
+def test_an_allowed_program_is_the_daemons_whatever_path_the_task_gives(
+    clients: dict[str, httpx.Client], dirs: dict[str, Path]
+) -> None:
+    op = clients["op"]
+    task_env = {"PATH": f"{dirs['theirs']}:/usr/bin:/bin"}
+    sub = op.post("/api/tasks/submit", json={"type": "cmd", "cmd": ["mytool"], "env": task_env})
+    assert sub.status_code == 200, sub.text
+    status = wait_state(op, sub.json()["task_id"])
+    assert (status["state"], status["stdout_tail"]) == ("done", "ours\n")
+    refused = op.post(
+        "/api/tasks/submit", json={"type": "cmd", "cmd": ["onlythere"], "env": task_env}
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["field"] == "cmd"
+    time.sleep(0.3)
+    assert not dirs["marker"].exists()
+
+
+def test_validate_says_what_it_waits_for_and_leaves_nothing_queued(
+    server: ServerProcess, clients: dict[str, httpx.Client]
+) -> None:
+    started = time.time()
+    result = run_validation(server.url, "op", step_timeout_s=8.0)
+    assert result["result"] == "FAIL"
+    assert result["message"].startswith("noop ran in an idle window: ")
+    assert "waiting for an idle window: idle for" in result["message"]
+    assert "maintenance_idle_s 100000 s" in result["message"]
+    mine = owner_of("op")
+    query = {"limit": 1000, "since": started}
+    page = clients["adm"].get("/api/tasks/history", params=query).json()["tasks"]
+    assert len(page) >= 6 and {t["owner"] for t in page} == {mine}
+    left = [t["task_id"] for t in page if t["state"] not in ("done", "failed", "cancelled")]
+    assert left == []
+    noop = [t for t in page if t["type"] == "noop"]
+    assert [t["state"] for t in noop] == ["cancelled"]
+
+
+def test_the_data_directory_and_task_files_are_private(
+    server: ServerProcess, clients: dict[str, httpx.Client]
+) -> None:
+    op = clients["op"]
+    sub = op.post("/api/tasks/submit", json={"type": "shell", "shell": "echo out; echo err >&2"})
+    task_id = sub.json()["task_id"]
+    assert wait_state(op, task_id)["state"] == "done"
+    data = server.data_dir
+    logs = data / "task-logs" / task_id[:2]
+    private = {
+        data: 0o700,
+        data / "tasks.sqlite": 0o600,
+        data / "tasks.sqlite-wal": 0o600,
+        data / "task-logs": 0o700,
+        logs: 0o700,
+        logs / f"{task_id}.1.stdout": 0o600,
+        logs / f"{task_id}.1.stderr": 0o600,
+    }
+    assert {p: stat.S_IMODE(p.stat().st_mode) for p in private} == private
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_sigkilled_daemons_task_processes_die_with_it(tmp_path: Path) -> None:
+    config = "[devices]\nbackends = []\n"
+    with running_server(tmp_path, config) as server, server.client() as client:
+        body = {"type": "cmd", "cmd": ["sh", "-c", "echo $$; exec sleep 300"], "max_retries": 0}
+        task_id = client.post("/api/tasks/submit", json=body).json()["task_id"]
+        deadline = time.monotonic() + 20
+        while True:
+            out = client.get(f"/api/tasks/{task_id}/logs").json()["stdout"].strip()
+            if out:
+                break
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.05)
+        pid = int(out)
+        assert _alive(pid)
+        server.kill(signal.SIGKILL)
+        deadline = time.monotonic() + 3
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = _alive(pid)
+        if alive:
+            os.kill(pid, signal.SIGKILL)
+        assert not alive, "the task outlived its daemon"
