@@ -196,6 +196,8 @@ def list_tasks(
         for t in data["tasks"]:
             spec = t["spec"]
             what = " ".join(spec.get("cmd") or []) or spec.get("shell") or spec.get("python") or ""
+            if t.get("system"):
+                what = "(daemon maintenance)"
             table.add_row(
                 t["task_id"],
                 t["type"],
