@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS blocks (
     codec TEXT NOT NULL,
     stored_size INTEGER NOT NULL,
     hits REAL NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    durable INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS quarantine (
     id TEXT,
@@ -59,7 +60,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
 _CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 _COLUMNS = (
     "id, size, tier, priority, pinned, hint, kind, dtype, shape, itemsize, file, codec, "
-    "stored_size, hits, created"
+    "stored_size, hits, created, durable"
 )
 
 
@@ -84,6 +85,8 @@ class BlockRow:
     hits: float
     #: Wall-clock creation time.
     created: float
+    #: Put durably: the block stays on the disk tiers (it is never promoted to memory).
+    durable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,13 @@ def check(path: Path) -> None:
         raise CatalogCorrupt(corrupt_message(path, str(found and found[0])), path=str(path))
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add the columns later versions introduced to a catalog written by an older one."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(blocks)").fetchall()}
+    if "durable" not in columns:
+        db.execute("ALTER TABLE blocks ADD COLUMN durable INTEGER NOT NULL DEFAULT 0")
+
+
 def _row(raw: tuple[object, ...]) -> BlockRow:
     r = raw
     shape = json.loads(str(r[8]))
@@ -164,13 +174,14 @@ def _row(raw: tuple[object, ...]) -> BlockRow:
         stored_size=int(r[12]),  # type: ignore[call-overload]
         hits=float(r[13]),  # type: ignore[arg-type]
         created=float(r[14]),  # type: ignore[arg-type]
+        durable=bool(r[15]),
     )
     if row.size <= 0 or row.itemsize <= 0 or any(d < 0 for d in row.shape):
         raise ValueError("sizes must be positive")
     return row
 
 
-_UPSERT = "INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_UPSERT = f"INSERT OR REPLACE INTO blocks ({_COLUMNS}) VALUES ({','.join('?' * 16)})"
 
 
 def _values(row: BlockRow) -> tuple[object, ...]:
@@ -190,6 +201,7 @@ def _values(row: BlockRow) -> tuple[object, ...]:
         row.stored_size,
         row.hits,
         row.created,
+        int(row.durable),
     )
 
 
@@ -212,6 +224,7 @@ class Catalog:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'OFF'}")
                 self._db.executescript(_SCHEMA)
+                _migrate(self._db)
             except BaseException:
                 self._db.close()
                 raise
@@ -316,7 +329,9 @@ def read_rows(path: Path) -> list[BlockRow]:
     except sqlite3.Error:
         return found
     try:
-        for raw in db.execute(f"SELECT {_COLUMNS} FROM blocks"):
+        columns = {r[1] for r in db.execute("PRAGMA table_info(blocks)").fetchall()}
+        select = _COLUMNS if "durable" in columns else _COLUMNS.replace("durable", "0")
+        for raw in db.execute(f"SELECT {select} FROM blocks"):
             with contextlib.suppress(TypeError, ValueError, OverflowError):
                 found.append(_row(tuple(raw)))
     except sqlite3.Error:

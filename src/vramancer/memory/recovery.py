@@ -232,6 +232,7 @@ def _candidate(path: Path, tier: str) -> _Candidate:
         stored_size=header.file_size,
         hits=0.0,
         created=float(record.get("created", 0.0)),
+        durable=record.get("durable") is True,
     )
     return _Candidate(row, _count(record, "written"))
 

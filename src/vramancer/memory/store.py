@@ -291,6 +291,8 @@ class TieredStore:
         self._reaper: threading.Thread | None = None
         #: Rows of deleted blocks that a full disk kept the catalog from removing (retried).
         self._stale_rows: set[str] = set()
+        #: Blocks put durably: they stay on the disk tiers (never promoted into memory).
+        self._durable: set[str] = set()
         self._dir_lock: DataDirLock | None = None
         self._init_metrics()
         # A damaged catalog is reported now, while the caller can still show a clean message
@@ -435,6 +437,8 @@ class TieredStore:
             path = tier.spec.path.resolve() / row.file
             entry = _Entry(meta, layout, FileHandle(path, row.codec, row.stored_size))
             self._blocks[row.id] = entry
+            if row.durable:
+                self._durable.add(row.id)
             self._account_in(tier, entry, now)
         for tier in self._tiers:
             tier.capacity = max(tier.target, tier.used)
@@ -548,6 +552,7 @@ class TieredStore:
                 up is not None
                 and not meta.pinned
                 and self._policy.should_promote(meta, meta.tier, up.view(), now)
+                and (up.is_disk or block_id not in self._durable)
             )
             if ahead:
                 self._queue(ahead, block_id, prefetched=True)
@@ -614,6 +619,7 @@ class TieredStore:
                 tier = self._by_name[entry.meta.tier]
                 del self._blocks[block_id]
                 self._pending.pop(block_id, None)
+                self._durable.discard(block_id)
                 frees = self._drop(entry, tier)
             # The file goes first: on a full disk its space is what lets the row go too.
             self._free(frees, now=True)
@@ -923,7 +929,7 @@ class TieredStore:
             value,
             owned=False,
             hint=hint,
-            record=self._record(meta, layout) if tier.is_disk else None,
+            record=self._record(meta, layout, durable) if tier.is_disk else None,
             durable=durable,
         )
         entry = _Entry(meta, self._layouts.share(layout), handle)
@@ -931,7 +937,7 @@ class TieredStore:
             old = self._blocks.get(block_id)
         try:
             if tier.is_disk:
-                self._db().upsert(self._row(entry, now), force_sync=durable)
+                self._db().upsert(self._row(entry, now, durable=durable), force_sync=durable)
             elif old is not None and self._by_name[old.meta.tier].is_disk:
                 self._db().delete(block_id)
         except BaseException:
@@ -944,6 +950,10 @@ class TieredStore:
                 old_tier = self._by_name[old.meta.tier]
                 frees = self._drop(old, old_tier)
             self._blocks[block_id] = entry
+            if durable:
+                self._durable.add(block_id)
+            else:
+                self._durable.discard(block_id)
             self._account_in(tier, entry, now)
         self._free(frees)
         if old is not None and old_tier is not tier:
@@ -967,7 +977,7 @@ class TieredStore:
             )
         return disk
 
-    def _record(self, meta: BlockMeta, layout: Layout) -> dict[str, Any]:
+    def _record(self, meta: BlockMeta, layout: Layout, durable: bool) -> dict[str, Any]:
         """What a block file says about its block (``blockfile.py``), to rebuild its row."""
         return {
             "id": meta.id,
@@ -980,6 +990,7 @@ class TieredStore:
             "hint": meta.hint,
             "written": time.time_ns(),
             "created": self._clock.time(),
+            "durable": durable,
         }
 
     def _room_for_new(self, meta: BlockMeta, order: Sequence[str]) -> _Tier | None:
@@ -1110,7 +1121,11 @@ class TieredStore:
                     value,
                     owned=owned,
                     hint=meta.hint,
-                    record=self._record(meta, layout) if target.is_disk else None,
+                    record=(
+                        self._record(meta, layout, meta.id in self._durable)
+                        if target.is_disk
+                        else None
+                    ),
                 )
                 try:
                     if target.is_disk:
@@ -1202,7 +1217,9 @@ class TieredStore:
         above = [
             self._by_name[n]
             for n in order
-            if n in self._by_name and self._by_name[n].spec.latency < current.spec.latency
+            if n in self._by_name
+            and self._by_name[n].spec.latency < current.spec.latency
+            and self._may_hold(entry, self._by_name[n])
         ]
         size = entry.meta.size
         for tier in above:
@@ -1219,6 +1236,10 @@ class TieredStore:
                 if self._fits(tier, size):
                     return tier
         return None
+
+    def _may_hold(self, entry: _Entry, tier: _Tier) -> bool:
+        """Whether ``tier`` may hold the block: a durable block stays on the disk tiers."""
+        return tier.is_disk or entry.meta.id not in self._durable
 
     def _explicit_move(self, block_id: str, tier: str | None, *, upward: bool) -> str:
         with self._mover:
@@ -1246,6 +1267,11 @@ class TieredStore:
             faster = target.spec.latency < current.spec.latency
             if target is current:
                 return None
+            if not self._may_hold(entry, target):
+                raise Conflict(
+                    f"block {entry.meta.id!r} was put durably: it stays on a disk tier "
+                    "(put it again without durable to let it move into memory)"
+                )
             if faster != upward:
                 way = "up" if upward else "down"
                 raise InvalidInput(f"{tier} is not {way} from {current.name}", field="tier")
@@ -1265,7 +1291,7 @@ class TieredStore:
                 )
             return target
         if upward:
-            if current.up is None:
+            if current.up is None or not self._may_hold(entry, current.up):
                 return None
             now = self._clock.monotonic()
             found = self._upward_target(entry, now, room_only=True)
@@ -1443,7 +1469,13 @@ class TieredStore:
         return self._catalog
 
     def _row(
-        self, entry: _Entry, now: float, tier: _Tier | None = None, handle: Any = None
+        self,
+        entry: _Entry,
+        now: float,
+        tier: _Tier | None = None,
+        handle: Any = None,
+        *,
+        durable: bool | None = None,
     ) -> BlockRow:
         meta, layout = entry.meta, self._layout(entry)
         handle = entry.handle if handle is None else handle
@@ -1464,6 +1496,7 @@ class TieredStore:
             stored_size=handle.stored_size,
             hits=self._policy.hotness.score(meta, now),
             created=self._clock.time(),
+            durable=meta.id in self._durable if durable is None else durable,
         )
 
     def _layout(self, entry: _Entry) -> Layout:

@@ -330,10 +330,22 @@ def test_durable_put_lands_on_disk_and_survives_a_crash(tmp_path: Path) -> None:
     assert receipt.tier == "L4" and receipt.durable is False
     receipt = kit.store.put_receipt("safe", rand(1000, 2), durable=True)
     assert receipt.tier in {"L5", "L6"} and receipt.durable is True
+    for _ in range(30):  # hot, but it stays on disk: a promotion would make it volatile
+        assert kit.store.get("safe") == rand(1000, 2)
+        kit.clock.advance(0.01)
+    kit.store.run_pending()
+    kit.store.promote("safe")
+    assert kit.store.locate("safe") in {"L5", "L6"}
+    with pytest.raises(Conflict):
+        kit.store.promote("safe", "L4")
     # a crash: no close, no spill; a new store opens the same directory
     crashed = kit.new_store()
     assert crashed.get("safe") == rand(1000, 2)
     assert "plain" not in crashed
+    for _ in range(30):
+        crashed.get("safe")
+    crashed.run_pending()
+    assert crashed.locate("safe") in {"L5", "L6"}
 
 
 def test_durable_puts_setting_and_no_disk_tier(tmp_path: Path) -> None:
