@@ -19,12 +19,19 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from tests.fakes.ollama import FakeOllama
 
 from bench.models.common import stack
-from vramancer.models.backends.base import LoadResult, ModelBackend, Target
+from vramancer.models.backends.base import (
+    LoadResult,
+    ModelBackend,
+    RequestInfo,
+    RunningModel,
+    Target,
+)
 
 VLM = "qwen3-vl:8b"
 
@@ -35,6 +42,7 @@ class Timed:
     def __init__(self, inner: ModelBackend, spent: list[float]) -> None:
         self.inner, self.spent = inner, spent
         self.kind, self.can_move = inner.kind, inner.can_move
+        self.reload_on_cpu, self.service = inner.reload_on_cpu, inner.service
 
     async def _timed(self, coro: Any) -> Any:
         t = time.perf_counter()
@@ -56,6 +64,15 @@ class Timed:
 
     def handle(self) -> Any:
         return self.inner.handle()
+
+    def request_info(self) -> RequestInfo:
+        return self.inner.request_info()
+
+    def find_running(self, running: Sequence[RunningModel]) -> RunningModel | None:
+        return self.inner.find_running(running)
+
+    async def estimate_vram(self) -> int | None:
+        return await self.inner.estimate_vram()
 
     async def close(self) -> None:
         await self.inner.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,13 @@ from tests.fakes.ollama import FakeOllama
 from tests.unit.models.conftest import CLIP, VLM, VLM_SIZE, Harness, harness, seed_settings
 from vramancer.errors import InsufficientMemory, InvalidInput
 from vramancer.events import Event
-from vramancer.models.backends.base import LoadResult, ModelBackend, Target
+from vramancer.models.backends.base import (
+    LoadResult,
+    ModelBackend,
+    RequestInfo,
+    RunningModel,
+    Target,
+)
 from vramancer.models.errors import ModelBusy
 from vramancer.models.types import ModelState
 from vramancer.units import GIB
@@ -84,6 +90,8 @@ class Counted:
         self.overlap = overlap
         self.kind = inner.kind
         self.can_move = inner.can_move
+        self.reload_on_cpu = inner.reload_on_cpu
+        self.service = inner.service
         self.device: str | None = None
 
     async def load(self, target: Target, variant: str | None = None) -> LoadResult:
@@ -117,6 +125,15 @@ class Counted:
 
     def handle(self) -> Any:
         return self.inner.handle()
+
+    def request_info(self) -> RequestInfo:
+        return self.inner.request_info()
+
+    def find_running(self, running: Sequence[RunningModel]) -> RunningModel | None:
+        return self.inner.find_running(running)
+
+    async def estimate_vram(self) -> int | None:
+        return await self.inner.estimate_vram()
 
     async def close(self) -> None:
         await self.inner.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -22,7 +23,14 @@ from vramancer.config import Settings
 from vramancer.devices.manager import VramInfo
 from vramancer.devices.types import DeviceVendor, GpuSnapshot, HostSnapshot, SystemSnapshot
 from vramancer.events import EventBus
-from vramancer.models.backends.base import LoadResult, ModelBackend, Target
+from vramancer.models.backends.base import (
+    BackendService,
+    LoadResult,
+    ModelBackend,
+    RequestInfo,
+    RunningModel,
+    Target,
+)
 from vramancer.models.manager import ModelManager
 from vramancer.models.settings import ModelSpec
 from vramancer.models.types import BackendKind
@@ -89,6 +97,8 @@ class CountingBackend:
 
     kind = BackendKind.TORCH
     can_move = False
+    reload_on_cpu = False
+    service: BackendService | None = None
 
     def __init__(self, spec: ModelSpec, gpu: LaggingGpu, free_at_load: list[tuple[str, int]]):
         self.spec = spec
@@ -112,6 +122,15 @@ class CountingBackend:
             self.gpu.release(self.size)
 
     def handle(self) -> Any:
+        return None
+
+    def request_info(self) -> RequestInfo:
+        return RequestInfo()
+
+    def find_running(self, running: Sequence[RunningModel]) -> RunningModel | None:
+        return None
+
+    async def estimate_vram(self) -> int | None:
         return None
 
     async def close(self) -> None:

@@ -19,13 +19,19 @@ A CPU placement sends ``options.num_gpu = 0`` (no layer on a GPU); a GPU one nam
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
 from vramancer.errors import BackendUnavailable, InvalidInput, OperationTimeout
-from vramancer.models.backends.base import LoadResult, Target
+from vramancer.models.backends.base import (
+    LoadResult,
+    RequestInfo,
+    RunningModel,
+    Target,
+    full_name,
+)
 from vramancer.models.errors import BackendError, ModelNotInBackend
 from vramancer.models.settings import ModelSpec, OllamaSettings
 from vramancer.models.types import BackendKind
@@ -34,30 +40,13 @@ from vramancer.resources.estimator import estimate_memory, parse_params
 #: Pause between two ``/api/ps`` polls while an unload completes.
 UNLOAD_POLL_S = 0.05
 
-
-def full_name(name: str) -> str:
-    """Ollama's name for a model: ``:latest`` when the name has no tag."""
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
-
-@dataclass(frozen=True, slots=True)
-class RunningModel:
-    """One entry of ``GET /api/ps``."""
-
-    name: str
-    model: str
-    size_bytes: int
-    size_vram_bytes: int
-    expires_at: str | None = None
-
-    def is_model(self, name: str) -> bool:
-        """Whether this entry is ``name`` (``llama3`` and ``llama3:latest`` are one model)."""
-        wanted = full_name(name)
-        return wanted in (full_name(self.name), full_name(self.model))
+__all__ = ["OllamaClient", "OllamaModel", "RunningModel", "full_name"]
 
 
 class OllamaClient:
     """The HTTP calls; shared by every Ollama model. Errors are typed (see module doc)."""
+
+    name = "ollama"
 
     def __init__(self, settings: OllamaSettings, transport: httpx.AsyncBaseTransport | None = None):
         self.settings = settings
@@ -68,6 +57,15 @@ class OllamaClient:
         self._client = httpx.AsyncClient(
             base_url=self.endpoint, timeout=timeout, transport=transport, verify=verify
         )
+
+    @property
+    def retry_interval_s(self) -> float:
+        return self.settings.retry_interval_s
+
+    async def probe(self) -> list[RunningModel]:
+        """``/api/version`` (reachable at all), then ``/api/ps`` (what is loaded)."""
+        await self.version()
+        return await self.ps()
 
     async def version(self) -> str:
         data = await self._call("GET", "/api/version")
@@ -168,6 +166,7 @@ class OllamaModel:
 
     kind = BackendKind.OLLAMA
     can_move = False
+    reload_on_cpu = True
 
     def __init__(
         self,
@@ -182,6 +181,11 @@ class OllamaModel:
         self.load_timeout_s = load_timeout_s
         self.unload_timeout_s = unload_timeout_s
         self._tag: str | None = None
+
+    @property
+    def service(self) -> OllamaClient:
+        """The shared client: probed, and its models outlive the manager."""
+        return self.client
 
     @property
     def tag(self) -> str:
@@ -244,6 +248,16 @@ class OllamaModel:
 
     def handle(self) -> Any:
         return None
+
+    def request_info(self) -> RequestInfo:
+        """Ollama's endpoint, the tag loaded now (naming the full model while the smaller
+        variant is active would make Ollama load it behind VRAMancer) and the ``keep_alive``
+        (without one Ollama applies its own 5 minute default and may unload the model)."""
+        return RequestInfo(self.client.settings.endpoint, self.tag, self.keep_alive)
+
+    def find_running(self, running: Sequence[RunningModel]) -> RunningModel | None:
+        present = {full_name(r.name): r for r in running} | {full_name(r.model): r for r in running}
+        return present.get(full_name(self.tag))
 
     async def close(self) -> None:
         return None

@@ -13,11 +13,18 @@ import contextlib
 import os
 import signal
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
-from vramancer.models.backends.base import LoadResult, Target
+from vramancer.models.backends.base import (
+    BackendService,
+    LoadResult,
+    RequestInfo,
+    RunningModel,
+    Target,
+)
 from vramancer.models.errors import BackendError
 from vramancer.models.settings import ModelSpec
 from vramancer.models.types import BackendKind
@@ -33,6 +40,8 @@ class ProcessModel:
 
     kind = BackendKind.PROCESS
     can_move = False
+    reload_on_cpu = False
+    service: BackendService | None = None
 
     def __init__(self, spec: ModelSpec, *, stop_grace_s: float = 5.0) -> None:
         self.spec = spec
@@ -129,6 +138,15 @@ class ProcessModel:
 
     def handle(self) -> Any:
         return self._proc
+
+    def request_info(self) -> RequestInfo:
+        return RequestInfo()
+
+    def find_running(self, running: Sequence[RunningModel]) -> RunningModel | None:
+        return None
+
+    async def estimate_vram(self) -> int | None:
+        return None
 
     async def close(self) -> None:
         await self._kill_group()

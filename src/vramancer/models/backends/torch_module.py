@@ -15,10 +15,16 @@ import asyncio
 import gc
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from vramancer.models.backends.base import LoadResult, Target
+from vramancer.models.backends.base import (
+    BackendService,
+    LoadResult,
+    RequestInfo,
+    RunningModel,
+    Target,
+)
 from vramancer.models.errors import BackendError
 from vramancer.models.settings import ModelSpec
 from vramancer.models.types import BackendKind
@@ -114,6 +120,8 @@ class TorchModel:
 
     kind = BackendKind.TORCH
     can_move = True
+    reload_on_cpu = False
+    service: BackendService | None = None
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -161,6 +169,15 @@ class TorchModel:
 
     def handle(self) -> Any:
         return self._obj
+
+    def request_info(self) -> RequestInfo:
+        return RequestInfo()
+
+    def find_running(self, running: Sequence[RunningModel]) -> RunningModel | None:
+        return None
+
+    async def estimate_vram(self) -> int | None:
+        return None
 
     async def close(self) -> None:
         self._obj = None
