@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -66,6 +68,24 @@ class Role(StrEnum):
 _ROLE_RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
 
 
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
+
+
+def normalise_host(raw: str) -> str:
+    """An ``allowed_hosts`` entry in the form Host headers are compared in: lower case, no
+    trailing dot, IP addresses in their short form without brackets; ``*`` stays ``*``."""
+    name = raw.strip().lower().removesuffix(".")
+    if name == "*":
+        return name
+    try:
+        return str(ipaddress.ip_address(name.removeprefix("[").removesuffix("]")))
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(name):
+        raise ValueError(f"{raw!r} is not a host name or address (no scheme, port or path)")
+    return name
+
+
 class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -75,8 +95,37 @@ class ServerSettings(BaseModel):
     rate_limit_per_s: float = Field(default=100.0, gt=0)
     #: Burst a client may spend at once.
     rate_limit_burst: int = Field(default=200, ge=1)
-    #: Largest request body accepted (memory blocks, task payloads).
+    #: Largest request body accepted: the raw block bodies of ``PUT /v1/memory/blocks/*``.
     max_body: Size = 256 * 1024 * 1024
+    #: Largest body of every other route (JSON bodies: tasks, allocations, profiles ...).
+    max_json_body: Size = Field(default=1024 * 1024, gt=0)
+    #: Host names (``Host`` header, any port) this server answers to besides the loopback
+    #: ones (``localhost``, ``127.0.0.1``, ``[::1]``). With ``[auth] tokens`` and this list
+    #: empty, any Host is accepted; ``"*"`` accepts any Host in every case.
+    allowed_hosts: list[str] = Field(default_factory=list, max_length=1000)
+    #: Proxies (addresses or CIDR networks) whose ``X-Forwarded-For``/``-Proto`` headers are
+    #: believed. Empty: those headers are ignored and the peer address is the client.
+    trusted_proxies: list[str] = Field(default_factory=list, max_length=1000)
+    #: Open ``GET /v1/events`` streams at most, in all and per client (token, else address).
+    max_event_streams: int = Field(default=64, ge=1)
+    max_event_streams_per_client: int = Field(default=16, ge=1)
+    #: An event stream whose client has read nothing for this long is dropped (slow consumer).
+    event_stream_write_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, hosts: list[str]) -> list[str]:
+        return [normalise_host(raw) for raw in hosts]
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, proxies: list[str]) -> list[str]:
+        for raw in proxies:
+            try:
+                ipaddress.ip_network(raw.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{raw!r} is not an IP address or CIDR network") from None
+        return [raw.strip() for raw in proxies]
 
 
 class AuthSettings(BaseModel):

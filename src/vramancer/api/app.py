@@ -1,7 +1,8 @@
 """``create_app(settings)``: the FastAPI application factory.
 
-One router per resource under ``api/routers``. Every route but ``/healthz`` goes through the
-auth dependency (viewer at least; routers ask for more where a call changes state).
+One router per resource under ``api/routers``. Every route but ``/healthz`` and the dashboard
+page needs a caller that ``api/guard.py``'s middleware lets in from the headers alone, before
+any body is read (viewer at least; routers ask for more where a call changes state).
 Run it with ``vramancer serve``, or ``uvicorn --factory vramancer.api.app:create_app``.
 """
 
@@ -16,7 +17,8 @@ from fastapi import Depends, FastAPI
 from vramancer._version import __version__
 from vramancer.api import errors
 from vramancer.api.deps import require
-from vramancer.api.ratelimit import LimitsMiddleware, TokenBuckets
+from vramancer.api.guard import AuthMiddleware, Gate
+from vramancer.api.ratelimit import BodyLimitMiddleware, LimitsMiddleware, TokenBuckets
 from vramancer.api.routers import (
     allocations,
     devices,
@@ -71,15 +73,20 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         app.include_router(module.router, dependencies=viewer)
     app.include_router(web.router)
     s = rt.settings
+    app.state.gate = Gate(s.auth.tokens, s.server.allowed_hosts)
+    app.state.event_slots = events.StreamSlots(
+        s.server.max_event_streams, s.server.max_event_streams_per_client
+    )
     buckets = (
         None
         if s.disable_rate_limit
         else TokenBuckets(s.server.rate_limit_per_s, s.server.rate_limit_burst)
     )
+    # The last added runs first: the rate limit, then who is calling (from the headers
+    # alone), then the body size of the route; only then may a route read the body.
     app.add_middleware(
-        LimitsMiddleware,
-        buckets=buckets,
-        max_body=s.server.max_body,
-        tokens=frozenset(s.auth.tokens),
+        BodyLimitMiddleware, max_body=s.server.max_body, max_json_body=s.server.max_json_body
     )
+    app.add_middleware(AuthMiddleware, gate=app.state.gate)
+    app.add_middleware(LimitsMiddleware, buckets=buckets, tokens=frozenset(s.auth.tokens))
     return app

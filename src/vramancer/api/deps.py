@@ -1,30 +1,22 @@
 """Request dependencies: the runtime, and who is calling with which role.
 
 Bearer tokens map to roles (``[auth] tokens``). ``X-API-ROLE`` (seed 000) may narrow the
-caller's role, never widen it. With no tokens configured every caller is admin, which is only
-safe because ``vramancer serve`` then refuses to bind anything but loopback.
+caller's role, never widen it. With no tokens configured every caller on this machine is admin
+(``vramancer serve`` then refuses to bind anything but loopback). The caller is resolved by the
+middleware of ``api/guard.py`` from the headers alone, before any body is read; the
+dependencies here only check its role.
 """
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 
+from vramancer.api.guard import PRINCIPAL_KEY, Gate, Principal, Refusal, bearer
 from vramancer.config import Role
 from vramancer.runtime import Runtime
-
-
-@dataclass(frozen=True)
-class Principal:
-    """The caller: its effective role and the key rate limiting uses."""
-
-    role: Role
-    token: str | None
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -35,64 +27,35 @@ async def get_runtime(request: Request) -> Runtime:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
-_UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
-
 
 def bearer_token(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return None
+    raw = bearer(request.headers.get("authorization", "").encode("latin-1"))
+    return raw.decode("latin-1") if raw is not None else None
 
 
-@functools.lru_cache(maxsize=1024)
-def _loopback_address(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
-def _local_caller(request: Request) -> bool:
-    """The peer is this machine: a loopback address, or a Unix socket (no address)."""
-    client = request.client
-    return client is None or _loopback_address(client.host)
+def _gate(request: Request) -> Gate:
+    gate: Gate | None = getattr(request.app.state, "gate", None)
+    if gate is None:
+        settings = request.app.state.runtime.settings
+        gate = Gate(settings.auth.tokens, settings.server.allowed_hosts)
+        request.app.state.gate = gate
+    return gate
 
 
 def authenticate(request: Request) -> Principal:
-    """Resolve the caller's role from its token, then narrow it by ``X-API-ROLE``.
+    """The caller, as ``api/guard.py``'s middleware resolved it before the body was read.
 
-    Without tokens every caller is admin, so only callers on this machine are let in, however
-    the app is served (``vramancer serve`` also refuses to listen elsewhere; ``uvicorn
-    --factory``, a container's port mapping or a proxy on another host would not)."""
-    tokens: dict[str, Role] = request.app.state.runtime.settings.auth.tokens
-    token = bearer_token(request)
-    if tokens:
-        if token is None:
-            raise HTTPException(401, "a bearer token is required", headers=_UNAUTHORIZED)
-        role = tokens.get(token)
-        if role is None:
-            raise HTTPException(401, "unknown token", headers=_UNAUTHORIZED)
-    elif _local_caller(request):
-        role = Role.ADMIN
-    else:
-        raise HTTPException(
-            403,
-            "no API tokens are configured, so only this machine may call this server "
-            "(add tokens under [auth] tokens)",
-        )
-    asked = request.headers.get("x-api-role")
-    if asked:
-        try:
-            narrowed = Role(asked.strip().lower())
-        except ValueError:
-            raise HTTPException(
-                400, f"X-API-ROLE must be one of viewer, operator, admin (got {asked!r})"
-            ) from None
-        if narrowed.rank < role.rank:
-            role = narrowed
-    return Principal(role=role, token=token)
+    (Resolved here from the headers, by the same rules, when the app runs without that
+    middleware.) Without tokens every caller is admin, so only callers on this machine are let
+    in, however the app is served (``vramancer serve`` also refuses to listen elsewhere;
+    ``uvicorn --factory``, a container's port mapping or a proxy on another host would not)."""
+    principal = request.scope.get(PRINCIPAL_KEY)
+    if isinstance(principal, Principal):
+        return principal
+    try:
+        return _gate(request).check(request.scope)
+    except Refusal as refused:
+        raise HTTPException(refused.status, refused.message, headers=refused.headers) from None
 
 
 def require(needed: Role) -> Callable[[Request], Coroutine[Any, Any, Principal]]:

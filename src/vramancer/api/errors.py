@@ -31,28 +31,42 @@ _BODY_MESSAGES = {
 }
 
 
+#: A 422 describes at most this many problems, each in at most this many characters: it never
+#: echoes a large body back (the rest is counted in ``errors_total``).
+MAX_REPORTED_ERRORS = 20
+MAX_PART_CHARS = 300
+
+
+def _short(text: str, limit: int = MAX_PART_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(errors: list[Any]) -> str:
     parts = []
-    for err in errors:
+    for err in errors[:MAX_REPORTED_ERRORS]:
         raw = err.get("loc", ())
-        loc = [str(p) for p in raw if p not in ("body", "query", "path", "header")]
+        loc = [_short(str(p), 80) for p in raw if p not in ("body", "query", "path", "header")]
         kind = err.get("type")
         if raw and raw[0] == "body" and (kind == "json_invalid" or len(raw) == 1):
             reason = (err.get("ctx") or {}).get("error")
             msg = _BODY_MESSAGES.get(str(kind), str(err.get("msg", "invalid")))
-            parts.append(f"body: {msg}" + (f" ({reason})" if reason else ""))
+            parts.append(_short(f"body: {msg}" + (f" ({reason})" if reason else "")))
             continue
         where = ".".join(loc) or "body"
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
+        parts.append(_short(f"{where}: {msg}"))
+    if len(errors) > MAX_REPORTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_REPORTED_ERRORS} more")
     return "; ".join(parts) or "invalid request"
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
-    fields = [".".join(str(p) for p in e.get("loc", ())) for e in errors]
-    return error_response(422, "invalid_request", _describe(errors), fields=fields)
+    shown = errors[:MAX_REPORTED_ERRORS]
+    fields = [_short(".".join(str(p) for p in e.get("loc", ()))) for e in shown]
+    total = {"errors_total": len(errors)} if len(errors) > len(shown) else {}
+    return error_response(422, "invalid_request", _describe(errors), None, fields=fields, **total)
 
 
 _HTTP_CODES = {

@@ -3,18 +3,24 @@
 The client is its bearer token when that token is one of the configured ones, else its address:
 a made-up token must not buy a fresh bucket (nor flood the table). Over the limit: 429 with
 ``Retry-After``. ``VRM_DISABLE_RATE_LIMIT=1`` turns it off. ``/healthz`` is never limited.
-It also refuses bodies over ``server.max_body`` with a 413: at once when ``Content-Length`` says
-so, and for chunked bodies (no length) as soon as the bytes received pass the limit.
+
+It also refuses bodies over their route's limit with a 413: at once when ``Content-Length``
+says so, and for chunked bodies (no length) as soon as the bytes received pass the limit, so a
+refused body costs at most the limit, never its own size. Raw block bodies (``PUT
+/v1/memory/blocks/*``, :data:`RAW_BODY_ROUTES`) may be up to ``server.max_body``; every other
+route (JSON bodies) up to ``server.max_json_body``. Refusals of a request whose body was not
+read ask the server to close the connection, so the rest of the body is never received.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
+
+from vramancer.api.guard import bearer, body_announced, match_token, reply
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
@@ -22,6 +28,8 @@ Send = Callable[[dict[str, Any]], Any]
 ASGIApp = Callable[[Scope, Receive, Send], Any]
 
 _EXEMPT = frozenset({"/healthz"})
+#: (method, path prefix) of the routes whose body is raw bytes, limited by ``max_body``.
+RAW_BODY_ROUTES = (("PUT", "/v1/memory/blocks/"),)
 #: Buckets kept at most; past this, idle (refilled) buckets are dropped, then the oldest.
 MAX_CLIENTS = 100_000
 
@@ -72,44 +80,70 @@ class BodyTooLarge(Exception):
 
 
 class LimitsMiddleware:
-    """Rate limit per client and body-size limit, in front of the whole app."""
+    """Rate limit per client, in front of the whole app (refused callers count too)."""
 
     def __init__(
-        self,
-        app: ASGIApp,
-        buckets: TokenBuckets | None,
-        max_body: int,
-        tokens: frozenset[str] = frozenset(),
+        self, app: ASGIApp, buckets: TokenBuckets | None, tokens: frozenset[str] = frozenset()
     ) -> None:
         self.app = app
         self.buckets = buckets
-        self.max_body = max_body
         #: The configured bearer tokens: only these are rate-limit keys of their own.
         self.tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in _EXEMPT:
+        if self.buckets is not None and scope["type"] == "http" and scope["path"] not in _EXEMPT:
+            headers = dict(scope.get("headers") or ())
+            wait = self.buckets.allow(_client_key(scope, headers, self.tokens))
+            if wait > 0:
+                retry = str(max(1, math.ceil(wait)))
+                await reply(
+                    send,
+                    429,
+                    "rate_limited",
+                    "too many requests",
+                    {"retry-after": retry},
+                    close=body_announced(scope),
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Body-size limits per route (behind the auth middleware: a caller without a token gets
+    its 401 whatever the size it announces)."""
+
+    def __init__(self, app: ASGIApp, max_body: int, max_json_body: int | None = None) -> None:
+        self.app = app
+        self.max_body = max_body
+        #: The limit of every route but :data:`RAW_BODY_ROUTES` (default: ``max_body``).
+        self.max_json_body = max_body if max_json_body is None else max_json_body
+
+    def limit(self, scope: Scope) -> int:
+        """The largest body this route accepts."""
+        method, path = scope.get("method"), scope["path"]
+        for raw_method, prefix in RAW_BODY_ROUTES:
+            if method == raw_method and path.startswith(prefix):
+                return self.max_body
+        return self.max_json_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or ())
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            msg = f"request body of {int(length)} bytes is over the limit of {self.max_body}"
-            await _reply(send, 413, "payload_too_large", msg, {})
+        limit = self.limit(scope)
+        if length is not None and length.isdigit() and int(length) > limit:
+            msg = f"request body of {int(length)} bytes is over the limit of {limit}"
+            await reply(send, 413, "payload_too_large", msg, close=True, max_bytes=limit)
             return
-        if self.buckets is not None:
-            wait = self.buckets.allow(_client_key(scope, headers, self.tokens))
-            if wait > 0:
-                retry = str(max(1, math.ceil(wait)))
-                await _reply(send, 429, "rate_limited", "too many requests", {"retry-after": retry})
-                return
-        if length is None and scope.get("method") not in _NO_BODY:
-            await self._counting(scope, receive, send)
+        if length is None and b"transfer-encoding" in headers:
+            await self._counting(scope, receive, send, limit)
             return
         await self.app(scope, receive, send)
 
-    async def _counting(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the app on a body without a length, answering 413 once it passes the limit."""
+    async def _counting(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        """Run the app on a body without a length, answering 413 once it passes ``limit``."""
         received = 0
         over = False
         started = False
@@ -119,7 +153,7 @@ class LimitsMiddleware:
             message = await receive()
             if message.get("type") == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
+                if received > limit:
                     over = True
                     raise BodyTooLarge
             return message
@@ -129,7 +163,7 @@ class LimitsMiddleware:
             if over:  # whatever the app answers to the interrupted read, the client gets a 413
                 if message.get("type") == "http.response.start" and not started:
                     started = True
-                    await self._too_large(send)
+                    await _too_large(send, limit)
                 return
             started = started or message.get("type") == "http.response.start"
             await send(message)
@@ -138,29 +172,29 @@ class LimitsMiddleware:
             await self.app(scope, counted, guarded)
         except BodyTooLarge:
             if not started:
-                await self._too_large(send)
-
-    async def _too_large(self, send: Send) -> None:
-        msg = f"request body is over the limit of {self.max_body} bytes"
-        await _reply(send, 413, "payload_too_large", msg, {})
+                await _too_large(send, limit)
 
 
-_NO_BODY = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+async def _too_large(send: Send, limit: int) -> None:
+    msg = f"request body is over the limit of {limit} bytes"
+    await reply(send, 413, "payload_too_large", msg, close=True, max_bytes=limit)
 
 
 def _client_key(scope: Scope, headers: dict[bytes, bytes], tokens: frozenset[str]) -> str:
-    auth = headers.get(b"authorization", b"")
-    if auth[:7].lower() == b"bearer ":
-        token = auth[7:].strip().decode("latin-1")
-        if token in tokens:
+    raw = bearer(headers.get(b"authorization"))
+    if raw is not None and tokens:
+        token = match_token(raw, tokens)
+        if token is not None:
             return "t:" + token
     client = scope.get("client")
     return "a:" + (client[0] if client else "unknown")
 
 
-async def _reply(send: Send, status: int, code: str, message: str, extra: dict[str, str]) -> None:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in extra.items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def client_key(
+    scope: MutableMapping[str, Any], token: str | None, tokens: frozenset[str] | set[str]
+) -> str:
+    """The rate-limit key of a caller already resolved: its token if configured, else address."""
+    if token is not None and token in tokens:
+        return "t:" + token
+    client = scope.get("client")
+    return "a:" + (client[0] if client else "unknown")

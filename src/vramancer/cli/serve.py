@@ -115,4 +115,20 @@ def serve(
     _configure_logging(level, json_out)
     # With --json, uvicorn's loggers propagate to the root handler above instead of its own.
     log_config = None if json_out else uvicorn.config.LOGGING_CONFIG
-    uvicorn.run(app, host=server.host, port=server.port, log_level=level, log_config=log_config)
+    uvicorn.run(
+        app,
+        host=server.host,
+        port=server.port,
+        log_level=level,
+        log_config=log_config,
+        proxy_headers=bool(server.trusted_proxies),
+        forwarded_allow_ips=forwarded_allow_ips(settings),
+    )
+
+
+def forwarded_allow_ips(settings: Settings) -> list[str] | None:
+    """Where uvicorn believes ``X-Forwarded-For``/``-Proto`` from: ``[server] trusted_proxies``
+    only, else nowhere (``proxy_headers`` is off then). uvicorn's own default believes them
+    from 127.0.0.1, so any local process could pick the address it is rate limited and
+    authorised by."""
+    return list(settings.server.trusted_proxies) or None

@@ -23,6 +23,6 @@ async def asgi_client(
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
-            transport=transport, base_url="http://testserver", headers=headers
+            transport=transport, base_url="http://localhost", headers=headers
         ) as client:
             yield client, rt

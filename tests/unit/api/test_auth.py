@@ -158,7 +158,7 @@ async def test_rate_limit_off_with_the_setting(settings_factory: SettingsFactory
 
 
 async def test_oversized_bodies_are_refused_with_413(settings_factory: SettingsFactory) -> None:
-    async with asgi_client(settings_factory(server={"max_body": 64})) as (client, _):
+    async with asgi_client(settings_factory(server={"max_json_body": 64})) as (client, _):
         response = await client.post(
             "/v1/models/can-load", content=b"{" + b" " * 100 + b"}",
             headers={"content-type": "application/json"},
@@ -178,7 +178,7 @@ async def test_chunked_bodies_over_the_limit_are_refused_with_413(
             yield b" " * 10
         yield b'"estimated_size_mb": 1}'
 
-    async with asgi_client(settings_factory(server={"max_body": 64})) as (client, rt):
+    async with asgi_client(settings_factory(server={"max_json_body": 64})) as (client, rt):
         before = rt.resources.get_metrics()["can_load_checks_total"]
         response = await client.post(
             "/v1/models/can-load", content=chunks(), headers={"content-type": "application/json"}
@@ -201,7 +201,7 @@ async def client_at(settings: Settings, address: str) -> AsyncIterator[httpx.Asy
     """A client whose requests come from ``address`` (as a peer on another machine would)."""
     async with Runtime(settings) as rt:
         transport = httpx.ASGITransport(app=create_app(runtime=rt), client=(address, 4321))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             yield client
 
 

@@ -14,10 +14,10 @@ and a request may not take such an owner name (422).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from vramancer.api.deps import Operator, RuntimeDep
 from vramancer.arbiter.errors import Preempted
@@ -48,6 +48,15 @@ def _managed(owner: str | None) -> tuple[str, str] | None:
 
 router = APIRouter(tags=["allocations"])
 
+#: A size given as a string ("4GiB") has at most this many characters.
+MAX_SIZE_CHARS = 64
+
+
+def _short_size(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_SIZE_CHARS:
+        raise ValueError(f"a size is at most {MAX_SIZE_CHARS} characters, such as 4GiB")
+    return value
+
 
 class AllocationBody(BaseModel):
     """A request for VRAM."""
@@ -57,7 +66,7 @@ class AllocationBody(BaseModel):
     workload_type: WorkloadType
     priority: Priority = Priority.NORMAL
     #: Bytes, or a size string such as "4GiB".
-    memory: Size = Field(gt=0)
+    memory: Annotated[Size, BeforeValidator(_short_size)] = Field(gt=0)
     #: Refuse (409 insufficient_quality) rather than run below this quality.
     min_quality: float | None = Field(default=None, gt=0, le=1)
     #: ``gpu:N`` (VRAMancer's GPU index); also checked against that GPU's budget.

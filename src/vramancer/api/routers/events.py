@@ -13,12 +13,25 @@ the recent events after that id. A ``: keep-alive`` comment goes out every ``kee
 when the server stops: uvicorn waits for open responses before it shuts the app down, so the
 stream watches for SIGINT/SIGTERM itself (chaining to uvicorn's handlers) and for the runtime
 stopping.
+
+Streams cost the server for as long as they are open, so they are bounded: at most ``[server]
+max_event_streams`` open in all and ``max_event_streams_per_client`` per client (its token,
+else its address); beyond, 429 ``too_many_streams`` with ``Retry-After``. A client that does
+not keep up is dropped: when :data:`QUEUE_EVENTS` events wait for it, or when it has read
+nothing for ``[server] event_stream_write_timeout_s``, the stream ends with one last message
+(when the connection still takes it)::
+
+    event: stream_dropped
+    data: {"kind": "stream_dropped", "reason": "slow_consumer", "message": "..."}
+
+and the client reconnects with ``Last-Event-ID`` to get what it missed from the recent events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import signal
 import threading
@@ -26,10 +39,13 @@ from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import Counter
 
-from vramancer.api.deps import RuntimeDep
+from vramancer.api.deps import RuntimeDep, authenticate
+from vramancer.api.errors import error_response
+from vramancer.api.ratelimit import client_key
 from vramancer.errors import InvalidInput
 from vramancer.events import Event, EventBus
 from vramancer.runtime import Runtime
@@ -44,6 +60,52 @@ RUNNING_CHECK_S = 1.0
 MAX_REPLAY = 1000
 #: What a browser's EventSource waits before reconnecting, in milliseconds.
 RETRY_MS = 3000
+#: Events that may wait for one stream's client; a client this far behind is dropped.
+QUEUE_EVENTS = 256
+#: How long the last message of a dropped stream may take to go out.
+FAREWELL_TIMEOUT_S = 1.0
+#: ``Retry-After`` of a refused stream, in seconds.
+RETRY_AFTER_S = 5
+
+
+def _dropped_message(why: str) -> str:
+    data = json.dumps({"kind": "stream_dropped", "reason": "slow_consumer", "message": why})
+    return f"event: stream_dropped\ndata: {data}\n\n"
+
+
+class StreamSlots:
+    """Counts open streams, in all and per client, against the two caps."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self._open: dict[str, int] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> str | None:
+        """Take a slot for ``key``; returns None, or why no slot is free."""
+        with self._lock:
+            if self._count >= self.total:
+                return f"{self._count} event streams are open, the most this server keeps"
+            mine = self._open.get(key, 0)
+            if mine >= self.per_client:
+                return f"this client has {mine} event streams open, the most one client may"
+            self._open[key] = mine + 1
+            self._count += 1
+            return None
+
+    def give(self, key: str) -> None:
+        with self._lock:
+            left = self._open.get(key, 0) - 1
+            if left > 0:
+                self._open[key] = left
+            else:
+                self._open.pop(key, None)
+            self._count = max(0, self._count - 1)
+
+    def __len__(self) -> int:
+        return self._count
 
 
 class _ShutdownWatch:
@@ -159,7 +221,8 @@ async def _stream(
     keepalive_s: float,
 ) -> AsyncIterator[str]:
     bus = rt.events
-    queue = bus.queue()  # subscribe before reading the backlog so nothing falls in between
+    # Subscribe before reading the backlog so nothing falls in between.
+    queue = bus.queue(maxsize=QUEUE_EVENTS)
     entry = _WATCH.register()
     stop = entry[1]
     loop = asyncio.get_running_loop()
@@ -173,6 +236,13 @@ async def _stream(
             yield format_event(old)
         last_write = loop.time()
         while not stop.is_set() and rt.running:
+            if queue.full():
+                _dropped_total(rt).inc()
+                yield _dropped_message(
+                    f"the client fell {QUEUE_EVENTS} events behind, so this stream was dropped; "
+                    "reconnect with Last-Event-ID for the recent events it missed"
+                )
+                return
             wait = min(RUNNING_CHECK_S, max(0.0, last_write + keepalive_s - loop.time()))
             event = await _next(queue, stop, wait)
             if event is not None and event.seq > sent and wanted(event):
@@ -185,6 +255,81 @@ async def _stream(
         streams.dec()
         bus.close_queue(queue)
         _WATCH.unregister(entry)
+
+
+def _dropped_total(rt: Runtime) -> Counter:
+    return rt.metrics.counter(
+        "vramancer_events_streams_dropped_total",
+        "GET /v1/events streams dropped because their client did not keep up.",
+    )
+
+
+class EventStreamResponse(StreamingResponse):
+    """``text/event-stream`` whose writes time out: a client that reads nothing for
+    ``write_timeout_s`` is dropped. ``on_close`` runs once the response ends, however."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        *,
+        rt: Runtime,
+        write_timeout_s: float,
+        on_close: Callable[[], None],
+    ) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.rt = rt
+        self.write_timeout_s = write_timeout_s
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await _aclose(self.body_iterator)
+            self.on_close()
+
+    async def stream_response(self, send: Any) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        async for chunk in self.body_iterator:
+            body = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+            if not await _write(send, body, True, self.write_timeout_s):
+                await self._drop(send)
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _drop(self, send: Any) -> None:
+        """The client read nothing for ``write_timeout_s``: stop feeding it, say so if the
+        connection still takes it, else end without it (the server closes the connection)."""
+        await _aclose(self.body_iterator)
+        _dropped_total(self.rt).inc()
+        why = (
+            f"the client read nothing for {self.write_timeout_s:g} s, so this stream was "
+            "dropped; reconnect with Last-Event-ID for the recent events it missed"
+        )
+        await _write(send, _dropped_message(why).encode(), False, FAREWELL_TIMEOUT_S)
+
+
+async def _write(send: Any, body: bytes, more: bool, timeout_s: float) -> bool:
+    """Send one body message; False when it did not go out within ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _aclose(iterator: Any) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(RuntimeError):  # already running or closed
+            await aclose()
 
 
 async def _next(queue: asyncio.Queue[Event], stop: asyncio.Event, timeout: float) -> Event | None:
@@ -209,9 +354,13 @@ async def _next(queue: asyncio.Queue[Event], stop: asyncio.Event, timeout: float
 @router.get(
     "/v1/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        429: {"description": "Too many event streams are open (in all, or for this client)."},
+    },
 )
 async def events(
+    request: Request,
     rt: RuntimeDep,
     kinds: Annotated[
         str | None, Query(max_length=1000, description="Comma-separated kinds; 'task_*' prefixes.")
@@ -219,7 +368,7 @@ async def events(
     replay: Annotated[int, Query(ge=0, le=MAX_REPLAY, description="Recent events first.")] = 0,
     keepalive_s: Annotated[float, Query(ge=0.05, le=300)] = KEEPALIVE_S,
     last_event_id: Annotated[str | None, Header(max_length=32)] = None,
-) -> StreamingResponse:
+) -> Response:
     """Server-sent events of the event bus (see the module docstring for the format)."""
     wanted = _matcher(kinds)
     last_id: int | None = None
@@ -231,8 +380,32 @@ async def events(
                 f"Last-Event-ID must be an event id (an integer), got {last_event_id!r}",
                 field="Last-Event-ID",
             ) from None
-    return StreamingResponse(
+    server = rt.settings.server
+    slots = _slots(request)
+    key = client_key(request.scope, authenticate(request).token, set(rt.settings.auth.tokens))
+    refused = slots.take(key)
+    if refused is not None:
+        return error_response(
+            429,
+            "too_many_streams",
+            f"{refused} (close one, or raise [server] max_event_streams / "
+            "max_event_streams_per_client)",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    return EventStreamResponse(
         _stream(rt, wanted, replay, last_id, keepalive_s),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        rt=rt,
+        write_timeout_s=server.event_stream_write_timeout_s,
+        on_close=functools.partial(slots.give, key),
     )
+
+
+def _slots(request: Request) -> StreamSlots:
+    """The app's stream counter (made on first use from ``[server]``)."""
+    state = request.app.state
+    slots: StreamSlots | None = getattr(state, "event_slots", None)
+    if slots is None:
+        server = state.runtime.settings.server
+        slots = StreamSlots(server.max_event_streams, server.max_event_streams_per_client)
+        state.event_slots = slots
+    return slots
