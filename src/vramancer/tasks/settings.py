@@ -111,7 +111,7 @@ class TasksSettings(BaseModel):
     #: maintenance tasks when the machine is idle, at most one of each kind at a time.
     auto_maintenance: bool = True
     #: Seconds between two rounds of the daemon's own maintenance (``auto_maintenance``).
-    auto_maintenance_interval_s: float = Field(default=300.0, gt=0)
+    auto_maintenance_interval_s: float = Field(default=600.0, gt=0)
     #: Maintenance tasks taken at once when the machine is idle.
     maintenance_batch: int = Field(default=1000, ge=1)
     #: Blocks a warmup or compress task handles when its payload does not say.
