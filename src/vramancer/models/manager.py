@@ -47,8 +47,14 @@ from vramancer.errors import (
 )
 from vramancer.events import EventBus
 from vramancer.models import policy
-from vramancer.models.backends.base import LoadResult, ModelBackend, Target
-from vramancer.models.backends.ollama import OllamaClient, OllamaModel, RunningModel, full_name
+from vramancer.models.backends.base import (
+    BackendService,
+    LoadResult,
+    ModelBackend,
+    RunningModel,
+    Target,
+)
+from vramancer.models.backends.ollama import OllamaClient, OllamaModel
 from vramancer.models.backends.process import ProcessModel
 from vramancer.models.backends.torch_module import TorchModel
 from vramancer.models.errors import BackendError, ModelBusy, ModelNotInBackend, ProfileSwitchFailed
@@ -235,7 +241,8 @@ class ModelManager:
         self._estimated: dict[str, int | None] = {}
         self.bandwidth = policy.LoadBandwidth(float(self.gm.default_load_bandwidth))
         self._degraded: dict[str, str] = {}
-        self._last_probe: float | None = None
+        self._last_probe: dict[str, float] = {}
+        self._services = _services(e.backend for e in self._entries.values())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -294,14 +301,15 @@ class ModelManager:
             self._export_state(entry)
         for name in self._profiles:
             self._m_mode.labels(mode=name).set(1 if name == self._profile else 0)
-        if self._ollama is not None:
-            self._m_degraded.labels(backend="ollama").set(0)
+        for service in self._services:
+            self._m_degraded.labels(backend=service.name).set(0)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Probe Ollama (degraded mode if down), adopt what it already has loaded, start the
-        idle reaper / prober loop and apply ``initial_profile`` in the background."""
+        """Probe the backends' servers (degraded mode if down), adopt what they already have
+        loaded, start the idle reaper / prober loop and apply ``initial_profile`` in the
+        background."""
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         await self.probe_backends(force=True)
@@ -334,12 +342,14 @@ class ModelManager:
             queue.clear()
         for entry in self._entries.values():
             await self._stop_entry(entry)
-        if self._ollama is not None:
-            await self._ollama.aclose()
+        for service in self._services:
+            await service.aclose()
 
     async def _stop_entry(self, entry: _Entry) -> None:
+        """Unload ``entry`` unless a server holds it and ``unload_on_stop`` is off (it stays
+        loaded there for the next start to adopt), then close its backend."""
         if entry.state is not ModelState.UNLOADED and (
-            self.gm.unload_on_stop or entry.kind is not BackendKind.OLLAMA
+            self.gm.unload_on_stop or entry.backend.service is None
         ):
             try:
                 async with self._locked(entry):
@@ -518,16 +528,16 @@ class ModelManager:
             self._touch(entry)
             target = entry.target or Target.cpu()
             backend = entry.backend
-            ollama = backend if isinstance(backend, OllamaModel) else None
+            info = backend.request_info()
             yield ModelHandle(
                 name=name,
                 device=entry.device or CPU,
                 runs_on=target.runs_on,
                 simulated=target.simulated,
                 obj=backend.handle(),
-                endpoint=self.settings.ollama.endpoint if ollama is not None else None,
-                backend_model=ollama.tag if ollama is not None else None,
-                keep_alive=ollama.keep_alive if ollama is not None else None,
+                endpoint=info.endpoint,
+                backend_model=info.model,
+                keep_alive=info.keep_alive,
             )
         finally:
             self._touch(entry)
@@ -1176,14 +1186,10 @@ class ModelManager:
     def _other_holders(self, device: str) -> list[Allocation]:
         """Arbiter allocations that are not managed models and count against ``device``
         (naming it, or no device: they count against the whole budget), biggest first."""
-        try:
-            allocations = self.arbiter.state().allocations
-        except Exception:  # an arbiter double without state()
-            return []
         key = f"gpu:{gpu_index(device)}"
         others = [
             a
-            for a in allocations
+            for a in self.arbiter.state().allocations
             if a.device in (key, None) and not (a.owner or "").startswith(_MODEL_OWNER)
         ]
         return sorted(others, key=lambda a: (-a.memory_bytes, a.seq))
@@ -1209,10 +1215,7 @@ class ModelManager:
         """
         gpu = self.devices.snapshot().gpu(index)
         free = gpu.memory_free_bytes if gpu is not None else 0
-        try:
-            state = self.arbiter.state()
-        except Exception:  # an arbiter double without state(): telemetry alone
-            return free
+        state = self.arbiter.state()
         key = f"gpu:{index}"
         on_device, anywhere = _reclaimable(state.allocations, key, rank)
         if gpu is not None and not gpu.simulated:
@@ -1423,7 +1426,7 @@ class ModelManager:
             await self._move_locked(entry, CPU, "preempted")
             return
         await self._unload_locked(entry, "preempted")
-        if entry.kind is BackendKind.OLLAMA and CPU in entry.spec.allowed_devices:
+        if entry.backend.reload_on_cpu and CPU in entry.spec.allowed_devices:
             await self._load_locked(entry, CPU, "preempted")
 
     # ------------------------------------------------------------------ idle reaper
@@ -1468,35 +1471,38 @@ class ModelManager:
     # ------------------------------------------------------------------ degraded mode
 
     async def probe_backends(self, now: float | None = None, *, force: bool = False) -> bool:
-        """Check Ollama (``/api/version``, ``/api/ps``) every ``retry_interval_s``: sets or
-        clears degraded mode and syncs states with what Ollama really has loaded."""
-        client = self._ollama
-        if client is None:
-            return True
+        """Check the backends' servers (Ollama: ``/api/version``, ``/api/ps``) every
+        ``retry_interval_s``: sets or clears degraded mode and syncs states with what they
+        really have loaded. False while one is unreachable."""
         now = self.clock.monotonic() if now is None else now
-        interval = self.settings.ollama.retry_interval_s
-        if not force and self._last_probe is not None and now - self._last_probe < interval:
-            return "ollama" not in self._degraded
-        self._last_probe = now
+        ok = True
+        for service in self._services:
+            ok = await self._probe_one(service, now, force) and ok
+        return ok
+
+    async def _probe_one(self, service: BackendService, now: float, force: bool) -> bool:
+        last = self._last_probe.get(service.name)
+        if not force and last is not None and now - last < service.retry_interval_s:
+            return service.name not in self._degraded
+        self._last_probe[service.name] = now
         try:
-            await client.version()
-            running = await client.ps()
+            running = await service.probe()
         except VramancerError as exc:
-            self._set_degraded("ollama", exc.message)
+            self._set_degraded(service.name, exc.message)
             return False
-        self._clear_degraded("ollama")
-        await self._sync_ollama(running)
-        await self._estimate_unknown_sizes()
+        self._clear_degraded(service.name)
+        await self._sync(service, running)
+        await self._estimate_unknown_sizes(service)
         return True
 
-    async def _estimate_unknown_sizes(self) -> None:
-        """Ollama models without a configured ``vram``: estimate it once from ``/api/show``
-        (the resources estimator) so bookings and eviction plans are right from the first
+    async def _estimate_unknown_sizes(self, service: BackendService) -> None:
+        """Models without a configured ``vram``: estimate it once (Ollama: ``/api/show`` and
+        the resources estimator) so bookings and eviction plans are right from the first
         load; a measured size replaces it after the load."""
         for entry in self._entries.values():
             backend = entry.backend
             name = entry.name
-            if not isinstance(backend, OllamaModel) or entry.spec.vram is not None:
+            if backend.service is not service or entry.spec.vram is not None:
                 continue
             if name in self._learned or name in self._estimated:
                 continue
@@ -1514,11 +1520,12 @@ class ModelManager:
         self._degraded[backend] = reason
         self._m_degraded.labels(backend=backend).set(1)
         if first:
-            log.warning(
-                "%s unavailable, degraded mode: %s (retry every %g s)",
-                backend,
-                reason,
+            retry_s = next(
+                (s.retry_interval_s for s in self._services if s.name == backend),
                 self.settings.ollama.retry_interval_s,
+            )
+            log.warning(
+                "%s unavailable, degraded mode: %s (retry every %g s)", backend, reason, retry_s
             )
             self.events.publish("degraded_mode", backend=backend, degraded=True, reason=reason)
 
@@ -1533,19 +1540,20 @@ class ModelManager:
         self.events.publish("degraded_mode", backend=backend, degraded=False, reason=None)
 
     def _note_backend_ok(self, entry: _Entry) -> None:
-        if entry.kind is BackendKind.OLLAMA:
-            self._clear_degraded("ollama")
+        """A load or unload went through: the model's server is reachable."""
+        service = entry.backend.service
+        if service is not None:
+            self._clear_degraded(service.name)
 
-    async def _sync_ollama(self, running: list[RunningModel]) -> None:
-        """Adopt models Ollama has loaded that we think are not, forget ones it dropped, and
-        count a changed ``expires_at`` as activity (a client called Ollama directly: each
-        request resets the model's expiry)."""
-        present = {full_name(r.name): r for r in running} | {full_name(r.model): r for r in running}
+    async def _sync(self, service: BackendService, running: list[RunningModel]) -> None:
+        """Adopt models the server has loaded that we think are not, forget ones it dropped,
+        and count a changed ``expires_at`` as activity (a client called the server directly:
+        each request resets the model's expiry)."""
         for entry in self._entries.values():
             backend = entry.backend
-            if not isinstance(backend, OllamaModel) or entry.lock.locked() or entry.draining:
+            if backend.service is not service or entry.lock.locked() or entry.draining:
                 continue
-            seen = present.get(full_name(backend.tag))
+            seen = backend.find_running(running)
             expires = seen.expires_at if seen is not None else None
             previous = self._expires.get(entry.name)
             self._expires[entry.name] = expires
@@ -1580,7 +1588,11 @@ class ModelManager:
         device = gpu_device(index[0]) if seen.size_vram_bytes > 0 and index else CPU
         target = self._target(device)
         if target.on_gpu and not self._book(entry, device, seen.size_vram_bytes or seen.size_bytes):
-            log.warning("%s is loaded in Ollama but the arbiter has no room for it", entry.name)
+            log.warning(
+                "%s is loaded in %s but the arbiter has no room for it",
+                entry.name,
+                entry.kind.value,
+            )
         self._account(entry, target, LoadResult(seen.size_vram_bytes, seen.size_bytes))
         entry.loaded_at = self.clock.monotonic()
         self._touch(entry)
@@ -1850,3 +1862,13 @@ class ModelManager:
             for e in self._entries.values()
             if e is not exclude and e.device == device and e.state is ModelState.LOADED
         ]
+
+
+def _services(backends: Iterable[ModelBackend]) -> tuple[BackendService, ...]:
+    """The distinct servers behind ``backends`` (Ollama's client, shared by its models)."""
+    seen: dict[int, BackendService] = {}
+    for backend in backends:
+        service = backend.service
+        if service is not None:
+            seen.setdefault(id(service), service)
+    return tuple(seen.values())
