@@ -254,26 +254,39 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)  # leave nothing behind, then fail
+        return False
+    return True
+
+
 @pytest.mark.slow
 def test_a_sigkilled_daemons_task_processes_die_with_it(tmp_path: Path) -> None:
     config = "[devices]\nbackends = []\n"
-    with running_server(tmp_path, config) as server, server.client() as client:
-        body = {"type": "cmd", "cmd": ["sh", "-c", "echo $$; exec sleep 300"], "max_retries": 0}
-        task_id = client.post("/api/tasks/submit", json=body).json()["task_id"]
-        deadline = time.monotonic() + 20
-        while True:
-            out = client.get(f"/api/tasks/{task_id}/logs").json()["stdout"].strip()
-            if out:
-                break
-            assert time.monotonic() < deadline, "the task never started"
-            time.sleep(0.05)
-        pid = int(out)
-        assert _alive(pid)
-        server.kill(signal.SIGKILL)
-        deadline = time.monotonic() + 3
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        alive = _alive(pid)
-        if alive:
-            os.kill(pid, signal.SIGKILL)
-        assert not alive, "the task outlived its daemon"
+    script = "sleep 300 & echo $!; echo $$; exec sleep 300"
+    first = start_server(tmp_path, config)
+    try:
+        with first.client() as client:
+            body = {"type": "cmd", "cmd": ["sh", "-c", script], "max_retries": 0}
+            task_id = client.post("/api/tasks/submit", json=body).json()["task_id"]
+            deadline = time.monotonic() + 20
+            while True:
+                out = client.get(f"/api/tasks/{task_id}/logs").json()["stdout"].split()
+                if len(out) == 2:
+                    break
+                assert time.monotonic() < deadline, "the task never started"
+                time.sleep(0.05)
+        background, main = (int(pid) for pid in out)
+        assert _alive(main) and _alive(background)
+    finally:
+        first.kill(signal.SIGKILL)
+        if first.proc.stdout:
+            first.proc.stdout.close()
+    assert _wait_gone(main, 3.0), "the task outlived its daemon"
+    assert _alive(background)  # started by the task itself: the next start's business
+    with running_server(tmp_path, config, data_dir=first.data_dir):
+        assert _wait_gone(background, 5.0), "the next start left the task's leftovers running"

@@ -13,8 +13,8 @@ to SIGKILL (``prctl(PR_SET_PDEATHSIG)``), so a daemon that is SIGKILLed or crash
 its tasks running until the next start. The signal follows the *thread* that started the
 process: tasks are started from the event loop's thread, which lives as long as the daemon. A
 daemon that died between the fork and the ``prctl`` is noticed (the parent pid changed) and the
-child kills itself. What the task itself started in the background is not covered (it is in the
-task's process group, which the next start kills when the task's main process is still there).
+child kills itself. What the task itself started in the background does not get that signal;
+it stays in the task's process group, and the next start kills it (``kill_orphan``).
 """
 
 from __future__ import annotations
@@ -177,14 +177,35 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
-def kill_orphan(pid: int, started: float | None) -> bool:
-    """Kill the process group a dead daemon left running, if ``pid`` is still that process."""
+def kill_orphan(pid: int, started: float | None, task_id: str | None = None) -> bool:
+    """Kill the process group a dead daemon left running, if ``pid`` is still that process.
+
+    When the group's leader is gone (it died with the daemon) but processes it started live on
+    in its group, those are killed when they carry the task's ``VRM_TASK_ID`` (``task_id``):
+    a process group id is not reused while a member lives, and the variable tells the task's
+    processes from anyone else's."""
     if started is None:
         return False
     now_started = process_start_time(pid)
-    if now_started is None or abs(now_started - started) > 0.01:
-        return False
-    return kill_group(pid)
+    if now_started is not None and abs(now_started - started) <= 0.01:
+        return kill_group(pid)
+    if now_started is not None or task_id is None:
+        return False  # the pid is someone else's now, or nothing says which processes are ours
+    return _kill_leftovers(pid, task_id) > 0
+
+
+def _kill_leftovers(pgid: int, task_id: str) -> int:
+    """SIGKILL the members of group ``pgid`` whose environment has ``VRM_TASK_ID=task_id``."""
+    killed = 0
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) != pgid or proc.environ().get("VRM_TASK_ID") != task_id:
+                continue
+            proc.kill()
+        except (psutil.Error, OSError):
+            continue
+        killed += 1
+    return killed
 
 
 class ProcessRun:

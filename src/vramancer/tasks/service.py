@@ -295,7 +295,7 @@ class TaskService:
             self._unlock()
             raise
         for orphan in orphans:
-            if kill_orphan(orphan.pid, orphan.pid_started):
+            if kill_orphan(orphan.pid, orphan.pid_started, orphan.task_id):
                 log.warning(
                     "killed leftover process group %d of task %s", orphan.pid, orphan.task_id
                 )
@@ -715,7 +715,7 @@ class TaskService:
                 active.stop()
         for orphan in orphans:
             if orphan.task_id not in self._active:
-                kill_orphan(orphan.pid, orphan.pid_started)
+                kill_orphan(orphan.pid, orphan.pid_started, orphan.task_id)
         self._publish([*promoted, *expired])
         await self._purge(now)
 
