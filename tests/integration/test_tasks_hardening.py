@@ -104,6 +104,21 @@ def test_a_batch_over_max_batch_is_refused_naming_the_setting(
     assert total(op) == before
 
 
+def test_single_fields_and_ids_are_bounded(clients: dict[str, httpx.Client]) -> None:
+    op = clients["op"]
+    long_env = {"type": "cmd", "cmd": ["sleep", "0"], "env": {"A": "x" * 40_000}}
+    r = op.post("/api/tasks/submit", json=long_env)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["fields"] == ["body.env.A"]
+    argv = {"type": "cmd", "cmd": ["sleep"] * 5000}
+    r = op.post("/api/tasks/submit", json=argv)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["fields"] == ["body.cmd"]
+    for path in (f"/api/tasks/{'x' * 129}/logs", f"/api/tasks/{'x' * 129}/cancel"):
+        method = op.post if path.endswith("cancel") else op.get
+        assert method(path).status_code == 422
+
+
 def test_a_million_item_batch_costs_neither_time_nor_memory(
     server: ServerProcess, clients: dict[str, httpx.Client]
 ) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from vramancer.api.deps import Operator, RuntimeDep, Viewer
 from vramancer.config import Role
@@ -36,6 +36,8 @@ from vramancer.tasks.model import (
 from vramancer.tasks.service import MAX_LOG_OFFSET
 
 router = APIRouter(prefix="/api/tasks", tags=["tasks"])
+#: A task id in a path: as long as a task id may be (``TASK_ID_PATTERN``, generated ids shorter).
+TaskIdPath = Annotated[str, Path(min_length=1, max_length=128)]
 
 
 def _check_role(specs: list[Any], principal: Viewer) -> None:
@@ -139,14 +141,14 @@ async def stats(rt: RuntimeDep) -> dict[str, Any]:
 
 
 @router.post("/{task_id}/cancel")
-async def cancel(task_id: str, rt: RuntimeDep, principal: Operator) -> dict[str, Any]:
+async def cancel(task_id: TaskIdPath, rt: RuntimeDep, principal: Operator) -> dict[str, Any]:
     """Cancel: at once when waiting; a running task is killed and ends ``cancelled``."""
     return _shown(await rt.tasks.cancel(task_id), principal)
 
 
 @router.get("/{task_id}/logs")
 async def logs(
-    task_id: str,
+    task_id: TaskIdPath,
     rt: RuntimeDep,
     max_bytes: Annotated[int | None, Query(ge=1, le=MAX_LOG_OFFSET)] = None,
     stdout_offset: Annotated[int, Query(ge=0, le=MAX_LOG_OFFSET)] = 0,
