@@ -1,7 +1,8 @@
 """What the model manager needs from the devices and the arbiter (Protocols).
 
-``devices.manager.DeviceManager`` and ``arbiter.arbiter.Arbiter`` satisfy them; unit tests may
-pass small doubles.
+``devices.manager.DeviceManager`` and ``arbiter.arbiter.Arbiter`` satisfy them. The manager
+uses every method (``state()`` for the room on a GPU, ``refresh_async()`` while memory comes
+back), so a test double implements the whole Protocol.
 """
 
 from __future__ import annotations

@@ -1,0 +1,171 @@
+"""Profiles (seed 002's execution modes): the profile in force, dry-run plans
+(``policy.plan_profile``: VRAM is freed first, then models load) and switches that run them
+step by step. On a failed step the rest is not run, the profile in force stays the previous
+one, and every model's state is what its backend really holds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+
+from vramancer.errors import BackendUnavailable, NotFound, VramancerError
+from vramancer.events import EventBus
+from vramancer.models import policy
+from vramancer.models.errors import ProfileSwitchFailed
+from vramancer.models.lifecycle import Lifecycle
+from vramancer.models.locks import Locks
+from vramancer.models.ports import DevicePort
+from vramancer.models.registry import IDLE
+from vramancer.models.room import GpuRoom
+from vramancer.models.table import ModelTable
+from vramancer.models.types import (
+    Placement,
+    PlanStep,
+    ProfilePlan,
+    StepAction,
+    StepResult,
+    StepStatus,
+    SwitchReport,
+)
+from vramancer.observability import tracing
+
+
+class Profiles:
+    def __init__(
+        self,
+        table: ModelTable,
+        profiles: Mapping[str, Mapping[str, Placement]],
+        *,
+        devices: DevicePort,
+        room: GpuRoom,
+        locks: Locks,
+        lifecycle: Lifecycle,
+        events: EventBus,
+    ) -> None:
+        self.table = table
+        self.profiles = profiles
+        self.devices = devices
+        self.room = room
+        self.locks = locks
+        self.lifecycle = lifecycle
+        self.events = events
+        self.current = IDLE
+        self.last_switch: SwitchReport | None = None
+        self._switch_lock = asyncio.Lock()
+        for name in profiles:
+            table.metrics.mode.labels(mode=name).set(1 if name == self.current else 0)
+
+    def placement(self, model: str) -> Placement | None:
+        """What the profile in force says about ``model`` (None: nothing)."""
+        return self.profiles.get(self.current, {}).get(model)
+
+    def as_strings(self) -> dict[str, dict[str, str]]:
+        return {
+            name: {model: str(p) for model, p in mapping.items()}
+            for name, mapping in self.profiles.items()
+        }
+
+    def plan(self, name: str) -> ProfilePlan:
+        """The steps a switch to ``name`` would take now (a dry run)."""
+        placements = self.profiles.get(name)
+        if placements is None:
+            raise NotFound(
+                f"no profile {name!r} (profiles: {', '.join(sorted(self.profiles))})",
+                profile=name,
+            )
+        views = self.table.views()
+        gpus = self.devices.snapshot().gpus
+        free = {g.index: self.room.room(g.index) for g in gpus}
+        return policy.plan_profile(name, placements, views, free)
+
+    async def switch(
+        self, name: str, progress: Callable[[StepResult], None] | None = None
+    ) -> SwitchReport:
+        """Reconcile to profile ``name`` (see the module docstring). ``progress`` is called
+        after each step."""
+        async with self._switch_lock:
+            plan = self.plan(name)
+            previous = self.current
+            started = time.perf_counter()
+            results: list[StepResult] = []
+            failed: int | None = None
+            with tracing.span("models.switch_profile", profile=name):
+                for i, step in enumerate(plan.steps):
+                    result = await self._run_step(step)
+                    results.append(result)
+                    if progress is not None:
+                        progress(result)
+                    if result.status is StepStatus.FAILED:
+                        failed = i
+                        break
+            results += [StepResult(s, StepStatus.PENDING) for s in plan.steps[len(results) :]]
+            report = SwitchReport(
+                profile=name,
+                previous=previous,
+                ok=failed is None,
+                steps=tuple(results),
+                duration_s=time.perf_counter() - started,
+                failed_step=failed,
+                notes=plan.notes,
+            )
+            self.last_switch = report
+            if failed is None:
+                self._set(name, report)
+            else:
+                self.events.publish(
+                    "profile_switch_failed",
+                    profile=name,
+                    previous=previous,
+                    failed_step=failed,
+                    step=plan.steps[failed].describe(),
+                    error=results[failed].error,
+                )
+            return report
+
+    async def set(self, name: str) -> SwitchReport:
+        """``switch`` that raises ``ProfileSwitchFailed`` (409) when a step fails."""
+        report = await self.switch(name)
+        if not report.ok:
+            step = report.steps[report.failed_step or 0]
+            error = ProfileSwitchFailed(
+                f"switch to profile {name!r} stopped at step {report.failed_step} "
+                f"({step.step.describe()}): {step.error}",
+                profile=name,
+                previous=report.previous,
+                failed_step=report.failed_step,
+                steps=[s.as_dict() for s in report.steps],
+            )
+            if step.error_code == BackendUnavailable.code:
+                error.http_status = BackendUnavailable.http_status  # a backend is down: 503
+            raise error
+        return report
+
+    def _set(self, name: str, report: SwitchReport) -> None:
+        previous, self.current = self.current, name
+        for mode in self.profiles:
+            self.table.metrics.mode.labels(mode=mode).set(1 if mode == name else 0)
+        self.events.publish(
+            "mode_changed",
+            previous=previous,
+            mode=name,
+            duration_s=round(report.duration_s, 6),
+            steps=[s.step.describe() for s in report.steps],
+        )
+
+    async def _run_step(self, step: PlanStep) -> StepResult:
+        entry = self.table.entries[step.model]
+        started = time.perf_counter()
+        try:
+            async with self.locks.quiesce(entry):
+                if step.action is StepAction.UNLOAD:
+                    async with self.locks.locked(entry):
+                        await self.lifecycle.unload_locked(entry, "profile")
+                else:
+                    assert step.device is not None
+                    async with self.locks.locked(entry, step.device):
+                        await self.lifecycle.place_locked(entry, step.device, "profile")
+        except VramancerError as exc:
+            elapsed = time.perf_counter() - started
+            return StepResult(step, StepStatus.FAILED, elapsed, exc.message, exc.code)
+        return StepResult(step, StepStatus.DONE, time.perf_counter() - started)

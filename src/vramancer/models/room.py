@@ -1,0 +1,197 @@
+"""Room on a GPU, as the telemetry and the arbiter see it, and the waits for memory to show
+as free again on a real GPU (drivers report freed memory some polls later).
+
+Room is the smaller of the telemetry's free memory and the arbiter's budget. For a load of
+priority ``rank`` it also counts what the arbiter would preempt for it: preemptible
+allocations of a strictly lower priority that are not managed models (tasks,
+``/v1/allocations``; models are evicted by the manager's own policy instead), so a
+user-facing model beats a background reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from vramancer.arbiter.types import Allocation
+from vramancer.devices.types import GpuSnapshot
+from vramancer.errors import InsufficientMemory, InvalidInput
+from vramancer.models import policy
+from vramancer.models.backends.base import Target
+from vramancer.models.entry import MODEL_OWNER, ModelEntry
+from vramancer.models.ports import ArbiterPort, DevicePort
+from vramancer.models.settings import GpuManagerSettings
+from vramancer.models.types import gpu_index
+from vramancer.units import MIB, format_size
+
+log = logging.getLogger(__name__)
+
+#: A freed GPU counts as recovered when this share of the freed bytes shows as free again.
+RECOVERED_SHARE = 0.9
+#: Other allocation holders a "not enough VRAM" message names.
+HOLDERS_SHOWN = 5
+
+
+def reclaimable(
+    allocations: Iterable[Allocation], device: str, rank: int | None
+) -> tuple[int, int]:
+    """Bytes the arbiter would preempt for a request of priority ``rank``: preemptible
+    allocations of a strictly lower priority that are not managed models; (those naming
+    ``device``, all of them). (0, 0) without a rank."""
+    if rank is None:
+        return 0, 0
+    on_device = anywhere = 0
+    for a in allocations:
+        is_model = (a.owner or "").startswith(MODEL_OWNER)
+        if a.preemptible and a.priority.rank < rank and not is_model:
+            anywhere += a.memory_bytes
+            on_device += a.memory_bytes if a.device == device else 0
+    return on_device, anywhere
+
+
+class GpuRoom:
+    def __init__(
+        self, gm: GpuManagerSettings, *, devices: DevicePort, arbiter: ArbiterPort
+    ) -> None:
+        self.gm = gm
+        self.devices = devices
+        self.arbiter = arbiter
+
+    def target(self, device: str) -> Target:
+        """Where ``device`` (``cpu`` / ``cuda:N``) puts a model's tensors."""
+        index = gpu_index(device)
+        if index is None:
+            return Target.cpu()
+        gpu = self.devices.snapshot().gpu(index)
+        if gpu is None:
+            raise InvalidInput(f"device {device} does not exist", field="device")
+        return Target(
+            device=device,
+            runs_on=gpu.torch_device,
+            simulated=gpu.simulated,
+            cuda_index=gpu.cuda_index,
+        )
+
+    def room(self, index: int, rank: int | None = None) -> int:
+        """Free bytes on GPU ``index`` (see the module docstring). On a real GPU the memory of
+        lower-priority holders naming it shows as used in the telemetry and comes back once
+        they stop (``wait_room`` waits for it); a simulated GPU's telemetry never had it."""
+        gpu = self.devices.snapshot().gpu(index)
+        free = gpu.memory_free_bytes if gpu is not None else 0
+        state = self.arbiter.state()
+        key = f"gpu:{index}"
+        on_device, anywhere = reclaimable(state.allocations, key, rank)
+        if gpu is not None and not gpu.simulated:
+            free += on_device
+        for usage in state.devices:
+            if usage.device == key:
+                free = min(free, usage.available_bytes + on_device)
+        if state.budget_bytes:
+            free = min(free, max(0, state.budget_bytes - state.allocated_bytes) + anywhere)
+        return free
+
+    def free_now(self, index: int | None) -> int:
+        """The telemetry's free memory on GPU ``index`` (0 for the CPU or a GPU gone)."""
+        if index is None:
+            return 0
+        gpu = self.devices.snapshot().gpu(index)
+        return gpu.memory_free_bytes if gpu is not None else 0
+
+    # ------------------------------------------------------------------ "no room"
+
+    def no_room(
+        self, entry: ModelEntry, device: str, decision: policy.NoRoom
+    ) -> InsufficientMemory:
+        """The 409 of a load that does not fit: free MB (now, without preempting anything),
+        needed MB, the models that could be unloaded, and the other arbiter allocations (tasks,
+        ``/v1/allocations``) that hold memory there."""
+        index = gpu_index(device)
+        free = max(0, self.room(index) if index is not None else decision.free_bytes)
+        needed_mb, free_mb = decision.needed_bytes // MIB, free // MIB
+        names = list(decision.unloadable)
+        hint = f"; unloading {', '.join(names)} could make room" if names else ""
+        held = self._other_holders(device)
+        if held:
+            shown = ", ".join(
+                f"{a.owner or a.id} {format_size(a.memory_bytes)} ({a.priority.value})"
+                for a in held[:HOLDERS_SHOWN]
+            )
+            more = f" and {len(held) - HOLDERS_SHOWN} more" if len(held) > HOLDERS_SHOWN else ""
+            hint += f"; other allocations hold memory: {shown}{more}"
+        return InsufficientMemory(
+            f"not enough VRAM on {device} for {entry.name}: needs {needed_mb} MB, "
+            f"{free_mb} MB free{hint}",
+            model=entry.name,
+            device=device,
+            needed_mb=needed_mb,
+            free_mb=free_mb,
+            requested_bytes=decision.needed_bytes,
+            available_bytes=free,
+            could_unload=names,
+            held_by=[
+                {
+                    "id": a.id,
+                    "owner": a.owner,
+                    "memory_bytes": a.memory_bytes,
+                    "priority": a.priority.value,
+                }
+                for a in held
+            ],
+        )
+
+    def _other_holders(self, device: str) -> list[Allocation]:
+        """Arbiter allocations that are not managed models and count against ``device``
+        (naming it, or no device: they count against the whole budget), biggest first."""
+        key = f"gpu:{gpu_index(device)}"
+        others = [
+            a
+            for a in self.arbiter.state().allocations
+            if a.device in (key, None) and not (a.owner or "").startswith(MODEL_OWNER)
+        ]
+        return sorted(others, key=lambda a: (-a.memory_bytes, a.seq))
+
+    # ------------------------------------------------------------------ waits on real GPUs
+
+    async def wait_recovered(self, index: int, before: int, freed: int) -> None:
+        """After an unload, poll telemetry until the freed VRAM shows as free (bounded)."""
+        short = await self._wait_free(index, before + int(freed * RECOVERED_SHARE))
+        if short is not None:
+            log.warning(
+                "cuda:%d: %s freed but only %s more free after %.1f s; going on",
+                index,
+                format_size(freed),
+                format_size(short.memory_free_bytes - before),
+                self.gm.vram_recovery_timeout_s,
+            )
+
+    async def wait_room(self, entry: ModelEntry, index: int, needed: int) -> None:
+        """Before a load on a real GPU: the holders the arbiter just preempted for it (a task
+        being stopped) may still hold their memory; poll until ``needed`` is free (bounded)."""
+        gpu = self.devices.snapshot().gpu(index)
+        if gpu is None or gpu.simulated or gpu.memory_free_bytes >= needed:
+            return
+        short = await self._wait_free(index, needed)
+        if short is not None:
+            log.warning(
+                "cuda:%d: %s needs %s but only %s is free after %.1f s; loading anyway",
+                index,
+                entry.name,
+                format_size(needed),
+                format_size(short.memory_free_bytes),
+                self.gm.vram_recovery_timeout_s,
+            )
+
+    async def _wait_free(self, index: int, goal: int) -> GpuSnapshot | None:
+        """Poll GPU ``index`` until ``goal`` bytes are free, at most ``vram_recovery_timeout_s``.
+        None when reached (or the GPU is gone); the last reading when the time ran out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.gm.vram_recovery_timeout_s
+        while True:
+            snap = await self.devices.refresh_async()
+            gpu = snap.gpu(index)
+            if gpu is None or gpu.memory_free_bytes >= goal:
+                return None
+            if loop.time() >= deadline:
+                return gpu
+            await asyncio.sleep(self.gm.vram_recovery_poll_s)
