@@ -1026,8 +1026,11 @@ class TieredStore:
             return
         if self._loop is not None:
             self._wake_loop()
-        else:
+            return
+        try:
             self.evict_cycle()
+        except InsufficientStorage as exc:  # what grew is stored; the cycle runs again later
+            log.warning("eviction cycle stopped: %s", exc.message)
 
     # ------------------------------------------------------------------ moves
 
@@ -1179,6 +1182,8 @@ class TieredStore:
                 self._after_growth(up)
         except CorruptBlock:
             log.exception("promotion of %r failed", entry.meta.id)
+        except InsufficientStorage as exc:  # the read itself succeeded
+            log.warning("promotion of %r skipped: %s", entry.meta.id, exc.message)
         finally:
             self._mover.release()
 
@@ -1202,6 +1207,9 @@ class TieredStore:
             )
         except CorruptBlock:
             log.exception("prefetch of %r failed", block_id)
+            return 0
+        except InsufficientStorage as exc:
+            log.warning("prefetch of %r skipped: %s", block_id, exc.message)
             return 0
         if moved:
             self._after_growth(target)

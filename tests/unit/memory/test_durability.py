@@ -362,6 +362,7 @@ def test_files_and_directories_are_private(tmp_path: Path) -> None:
     kit.store.put("a", rand(500, 1))
     kit.store.put("b", rand(500, 2))
     kit.store.demote("b", "L6")
+    kit.store.flush()  # the old copy of "b" is unlinked in the background
     data = tmp_path / "data"
     for tier in ("l5", "l6"):
         assert stat.S_IMODE((data / tier).stat().st_mode) == 0o700
@@ -380,3 +381,31 @@ def test_write_block_file_leaves_nothing_on_a_full_disk(
             )
         assert err.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_never_fails_a_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vramancer.memory import backends
+
+    kit = StoreKit(tmp_path / "data", make_settings(l4=4 * KIB, l5=64 * KIB))
+    kit.store.put("b", rand(3 * KIB, 2))
+    kit.store.demote("b", "L5")
+    kit.store.put("a", rand(3 * KIB, 1))
+    assert kit.store.locate("a") == "L4"
+    tries: list[Path] = []
+
+    def no_room(path: Path, *args: Any, **kwargs: Any) -> int:
+        tries.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(backends, "write_block_file", no_room)
+    for _ in range(20):
+        assert kit.store.get("b") == rand(3 * KIB, 2)
+        kit.clock.advance(0.01)
+    kit.store.run_pending()
+    assert tries, "no promotion tried to demote a block to the full disk"
+    with pytest.raises(InsufficientStorage):  # room in L4 needs the full disk
+        kit.store.put("c", rand(2 * KIB, 3))
+    assert "c" not in kit.store
+    kit.check_invariants()
+    assert kit.store.get("a") == rand(3 * KIB, 1)
+    assert kit.store.locate("b") == "L5"
