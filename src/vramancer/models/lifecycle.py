@@ -392,7 +392,8 @@ class Lifecycle:
             raise self.room.no_room(entry, device, decision)
 
     async def _yield_for_vlm(self, entry: ModelEntry, device: str) -> None:
-        """Seed property 6: before the VLM loads on a GPU, CLIP leaves it for the CPU."""
+        """Before the VLM loads on a GPU, CLIP leaves it (for the CPU when it can move there):
+        the VLM is the user-facing model, CLIP the cheap one to reload."""
         gm = self.gm
         if not gm.clip_yields_to_vlm or entry.name != gm.vlm_model or gm.clip_model is None:
             return

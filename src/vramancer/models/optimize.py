@@ -1,4 +1,4 @@
-"""``optimize`` for models (seed 001's ``optimize_resources``): the plan is
+"""``optimize`` for models (the resources orchestrator's optimize step): the plan is
 ``policy.plan_optimize`` (unload idle models, then on GPUs above ``pressure_ratio`` switch to
 smaller variants and unload the least recently used); this runs it and reports each step as a
 ``ModelAction`` (unloaded, switched, or failed with the reason)."""

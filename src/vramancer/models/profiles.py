@@ -1,4 +1,4 @@
-"""Profiles (seed 002's execution modes): the profile in force, dry-run plans
+"""Profiles (execution modes: which model goes where): the profile in force, dry-run plans
 (``policy.plan_profile``: VRAM is freed first, then models load) and switches that run them
 step by step. On a failed step the rest is not run, the profile in force stays the previous
 one, and every model's state is what its backend really holds."""

@@ -1,6 +1,6 @@
-"""The idle reaper: unloads every model idle for its timeout (its own, else the default;
-seed property 8). A model in use, being drained, or never-evict is left alone; one busy with
-another operation is looked at again on the next tick."""
+"""The idle reaper: unloads every model idle for its timeout (its own, else the
+``[gpu_manager]`` default). A model in use, being drained, or never-evict is left alone; one
+busy with another operation is looked at again on the next tick."""
 
 from __future__ import annotations
 
