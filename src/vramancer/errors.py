@@ -73,7 +73,7 @@ class InsufficientStorage(VramancerError):
     """The disk (or the file system of a tier) is full: a write was refused and undone.
 
     Raised for ``ENOSPC``, ``EDQUOT`` and ``EFBIG`` from block files and for SQLite's
-    "database or disk is full"; ``details`` may name the ``path`` and the ``tier``.
+    "database or disk is full"; ``details`` has ``where`` (the block or file being written).
     """
 
     code = "insufficient_storage"

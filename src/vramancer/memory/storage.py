@@ -54,7 +54,7 @@ def storage_error(exc: BaseException, where: str) -> InsufficientStorage:
     return InsufficientStorage(
         f"not enough disk space to write {where} ({reason}); free space or lower the tier's "
         "capacity. Nothing was changed.",
-        path=where,
+        where=where,
     )
 
 
