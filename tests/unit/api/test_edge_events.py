@@ -104,3 +104,16 @@ def test_stream_slots_cap_in_all_and_per_client() -> None:
     for key in ("a", "b", "c"):
         slots.give(key)
     assert len(slots) == 0 and slots.take("a") is None
+
+
+def test_an_event_is_formatted_once_for_every_stream() -> None:
+    from vramancer.events import Event
+
+    first = Event(kind="block_put", data={"id": "a"}, seq=7)
+    text = events.format_event(first)
+    assert events.format_event(first) is text  # the second stream reuses the message
+    other = Event(kind="block_put", data={"id": "b"}, seq=7)  # same seq, another bus
+    assert '"id":"b"' in events.format_event(other)
+    for seq in range(2 * events.QUEUE_EVENTS):  # the memory is bounded
+        events.format_event(Event(kind="k", seq=seq))
+    assert len(events._FORMATTED) <= events.QUEUE_EVENTS

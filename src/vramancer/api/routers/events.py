@@ -124,8 +124,10 @@ class _ShutdownWatch:
         self._stopping = False
         self._streams: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
-    def register(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Event]:
-        entry = (asyncio.get_running_loop(), asyncio.Event())
+    def register(
+        self, stop: asyncio.Event | None = None
+    ) -> tuple[asyncio.AbstractEventLoop, asyncio.Event]:
+        entry = (asyncio.get_running_loop(), stop if stop is not None else asyncio.Event())
         with self._lock:
             self._install_locked()
             self._streams.add(entry)
@@ -168,6 +170,25 @@ class _ShutdownWatch:
 
 _WATCH = _ShutdownWatch()
 
+#: Put in a stream's queue to wake it (it is never sent).
+_WAKE = Event(kind="")
+
+
+class _Stop(asyncio.Event):
+    """A stream's stop flag; setting it also wakes the stream waiting on its queue (one wait,
+    not a task per flag and queue for every event)."""
+
+    def __init__(self, queue: asyncio.Queue[Event]) -> None:
+        super().__init__()
+        self._queue = queue
+
+    def set(self) -> None:
+        super().set()
+        with contextlib.suppress(asyncio.QueueEmpty, asyncio.QueueFull):
+            if self._queue.full():
+                self._queue.get_nowait()
+            self._queue.put_nowait(_WAKE)
+
 
 def _parse_kinds(kinds: str | None) -> tuple[set[str], tuple[str, ...]]:
     """``a,b,task_*`` → exact kinds and prefixes."""
@@ -197,9 +218,25 @@ def _matcher(kinds: str | None) -> Callable[[Event], bool]:
 
 
 def format_event(event: Event) -> str:
-    """One SSE message: ``id``, ``event`` and a one-line JSON ``data`` field."""
+    """One SSE message: ``id``, ``event`` and a one-line JSON ``data`` field.
+
+    Every open stream sends the same event object: it is formatted once (the last
+    :data:`QUEUE_EVENTS` are remembered, by identity), not once per stream."""
+    key = id(event)
+    cached = _FORMATTED.get(key)
+    if cached is not None and cached[0] is event:
+        return cached[1]
     data = json.dumps(event.as_dict(), default=str, separators=(",", ":"))
-    return f"id: {event.seq}\nevent: {event.kind}\ndata: {data}\n\n"
+    text = f"id: {event.seq}\nevent: {event.kind}\ndata: {data}\n\n"
+    _FORMATTED[key] = (event, text)  # holding the event keeps its id from being reused
+    if len(_FORMATTED) > QUEUE_EVENTS:
+        with contextlib.suppress(RuntimeError, StopIteration):  # (another loop's thread)
+            _FORMATTED.pop(next(iter(_FORMATTED)), None)
+    return text
+
+
+#: id(event) -> (event, its message), oldest first. Streams run on one event loop.
+_FORMATTED: dict[int, tuple[Event, str]] = {}
 
 
 def _backlog(
@@ -223,8 +260,8 @@ async def _stream(
     bus = rt.events
     # Subscribe before reading the backlog so nothing falls in between.
     queue = bus.queue(maxsize=QUEUE_EVENTS)
-    entry = _WATCH.register()
-    stop = entry[1]
+    stop = _Stop(queue)
+    entry = _WATCH.register(stop)
     loop = asyncio.get_running_loop()
     streams = rt.metrics.gauge("vramancer_events_streams", "Open GET /v1/events streams.")
     streams.inc()
@@ -244,7 +281,7 @@ async def _stream(
                 )
                 return
             wait = min(RUNNING_CHECK_S, max(0.0, last_write + keepalive_s - loop.time()))
-            event = await _next(queue, stop, wait)
+            event = await _next(queue, wait)
             if event is not None and event.seq > sent and wanted(event):
                 last_write = loop.time()
                 yield format_event(event)
@@ -332,23 +369,17 @@ async def _aclose(iterator: Any) -> None:
             await aclose()
 
 
-async def _next(queue: asyncio.Queue[Event], stop: asyncio.Event, timeout: float) -> Event | None:
-    """The next event, or None after ``timeout`` or when ``stop`` is set."""
-    if not queue.empty():
-        return queue.get_nowait()
-    getter = asyncio.ensure_future(queue.get())
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        done, _ = await asyncio.wait(
-            {getter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        for task in (getter, stopper):
-            if not task.done():
-                task.cancel()
-    if getter in done:
-        return getter.result()
-    return None
+async def _next(queue: asyncio.Queue[Event], timeout: float) -> Event | None:
+    """The next event, or None after ``timeout`` or when woken (``_Stop``)."""
+    if queue.empty():
+        try:
+            async with asyncio.timeout(timeout):
+                event = await queue.get()
+        except TimeoutError:
+            return None
+    else:
+        event = queue.get_nowait()
+    return None if event is _WAKE else event
 
 
 @router.get(
