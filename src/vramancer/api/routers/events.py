@@ -274,11 +274,12 @@ async def _stream(
         last_write = loop.time()
         while not stop.is_set() and rt.running:
             if queue.full():
-                _dropped_total(rt).inc()
                 yield _dropped_message(
                     f"the client fell {QUEUE_EVENTS} events behind, so this stream was dropped; "
                     "reconnect with Last-Event-ID for the recent events it missed"
                 )
+                # (Counted once it went out: a write that times out is counted by the response.)
+                _dropped_total(rt).inc()
                 return
             wait = min(RUNNING_CHECK_S, max(0.0, last_write + keepalive_s - loop.time()))
             event = await _next(queue, wait)
