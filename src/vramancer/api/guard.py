@@ -109,10 +109,20 @@ def loopback_address(address: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1024)
 def host_name(value: str) -> str:
     """The name of a ``Host`` value or of an origin's authority, as ``allowed_hosts`` holds
     names: lower case, no port, no trailing dot, addresses in short form without brackets."""
+    if len(value) > MAX_HOST_CHARS:  # no name of this server; kept out of the cache
+        return value.lower()
+    return _host_name(value)
+
+
+#: Longer ``Host`` values name no server (a DNS name has at most 253 characters).
+MAX_HOST_CHARS = 300
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_name(value: str) -> str:
     value = value.strip().lower()
     if value.startswith("["):  # [::1]:8470
         value = value[1:].partition("]")[0]
@@ -148,6 +158,8 @@ class Gate:
 
     def named(self, name: str) -> bool:
         """``name`` is one of this server's names: loopback, or listed (``*`` lists all)."""
+        if len(name) > MAX_HOST_CHARS:
+            return "*" in self.hosts
         return (
             name == "localhost"
             or loopback_address(name)

@@ -267,3 +267,10 @@ async def test_request_sizes_given_as_strings_are_bounded(
         )
         assert response.status_code == 422
         assert response.json()["error"]["fields"] == ["body.memory"]
+
+
+async def test_a_huge_host_is_refused_and_quoted_short(settings_factory: SettingsFactory) -> None:
+    async with asgi_client(settings_factory()) as (client, _):
+        response = await client.get("/v1/devices", headers={"Host": "h" * 8000})
+        assert response.status_code == 400
+        assert len(response.content) < 1000
