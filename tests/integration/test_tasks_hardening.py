@@ -184,6 +184,48 @@ def test_task_env_is_hidden_from_viewers_and_secrets_from_all_but_admins(
     assert "t0ps3cret" not in clients["view"].get("/api/tasks/history").text
 
 
+def test_logs_and_command_text_are_the_owners_and_admins_only(
+    clients: dict[str, httpx.Client],
+) -> None:
+    secret = "s3cr3t-in-argv"
+    sub = clients["op"].post(
+        "/api/tasks/submit", json={"type": "shell", "shell": f"echo {secret}; echo err >&2"}
+    )
+    assert sub.status_code == 200, sub.text
+    task_id = sub.json()["task_id"]
+    assert wait_state(clients["op"], task_id)["state"] == "done"
+    logs = f"/api/tasks/{task_id}/logs"
+    for who in ("op", "adm"):  # the owner and an admin read the logs
+        r = clients[who].get(logs)
+        assert r.status_code == 200, r.text
+        assert (r.json()["stdout"], r.json()["stderr"]) == (f"{secret}\n", "err\n")
+    r = clients["view"].get(logs)  # another caller: 403, and nothing of the output
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "forbidden"
+    assert secret not in r.text
+    assert clients["view"].get(logs, params={"attempt": 1}).status_code == 403
+    # ... nor of the command, in status and history; the owner and admins see it.
+    status = clients["view"].get("/api/tasks/status", params={"task_id": task_id}).json()
+    assert status["spec"]["shell"] == "<redacted>"
+    assert (status["stdout_tail"], status["stderr_tail"]) == ("<redacted>", "<redacted>")
+    page = clients["view"].get("/api/tasks/history", params={"limit": 1000}).text
+    assert secret not in page
+    for who in ("op", "adm"):
+        shown = clients[who].get("/api/tasks/status", params={"task_id": task_id}).json()
+        assert secret in shown["spec"]["shell"] and shown["stdout_tail"] == f"{secret}\n"
+    # An operator is "another caller" for an admin's task, and cmd keeps its list shape.
+    mine = clients["adm"].post("/api/tasks/submit", json={"type": "cmd", "cmd": ["sleep", "0"]})
+    adm_task = mine.json()["task_id"]
+    wait_state(clients["adm"], adm_task)
+    assert clients["op"].get(f"/api/tasks/{adm_task}/logs").status_code == 403
+    seen = clients["op"].get("/api/tasks/status", params={"task_id": adm_task}).json()
+    assert seen["spec"]["cmd"] == ["<redacted>"]
+    # A viewer reads the logs of its own task; an unknown task stays 404.
+    noop = clients["view"].post("/api/tasks/submit", json={"type": "noop"}).json()["task_id"]
+    assert clients["view"].get(f"/api/tasks/{noop}/logs").status_code == 200
+    assert clients["view"].get("/api/tasks/nope/logs").status_code == 404
+
+
 def test_viewers_have_a_payload_limit_and_a_quota_of_queued_maintenance(
     clients: dict[str, httpx.Client],
 ) -> None:

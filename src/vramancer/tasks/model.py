@@ -75,14 +75,31 @@ def owner_of(token: str | None) -> str:
 
 
 class EnvView(StrEnum):
-    """How much of a task's ``env`` a status body shows."""
+    """How much of a task a status body shows: its ``env`` and, to other callers, its code."""
 
     #: Every value (admins).
     FULL = "full"
     #: Values of secret-looking names (``SECRET_ENV``) hidden (the task's owner).
     NO_SECRETS = "no_secrets"
-    #: Every value hidden, names kept (other callers).
+    #: Another caller's task (not an admin): every ``env`` value hidden (names kept), and so are
+    #: the command text (``cmd``, ``shell``, ``python``), the ``payload`` of a task that runs
+    #: code, and the output tails (``stdout_tail``, ``stderr_tail``: its logs are its owner's).
     NAMES = "names"
+
+
+#: Fields of a task body that hold the code it runs (hidden from other callers).
+CODE_FIELDS = ("cmd", "shell", "python")
+
+
+def redact_code(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` (a parsed task body) with its command text and, for a task that runs code, its
+    payload replaced by ``<redacted>`` (``cmd`` keeps its list shape: one hidden item)."""
+    for name in CODE_FIELDS:
+        if name in spec:
+            spec[name] = [REDACTED] if name == "cmd" else REDACTED
+    if "payload" in spec and not TaskType(spec["type"]).maintenance:
+        spec["payload"] = REDACTED
+    return spec
 
 
 def redact_env(env: dict[str, str], view: EnvView) -> dict[str, str]:
@@ -363,10 +380,14 @@ class TaskRecord:
 
     def as_dict(self, env: EnvView = EnvView.FULL) -> dict[str, Any]:
         """The status body of the API (``task_id``, ``state``, ``attempts``, ``device`` ...);
-        ``env`` says how much of the task's ``env`` it shows (``redact_env``)."""
+        ``env`` says how much of the task it shows (``redact_env``; ``EnvView.NAMES`` also
+        hides its code and output, ``redact_code``)."""
         spec = self.spec
         if spec.get("env"):
             spec["env"] = redact_env(spec["env"], env)
+        others = env is EnvView.NAMES
+        if others:
+            redact_code(spec)
         return {
             "task_id": self.task_id,
             "type": self.type.value,
@@ -393,8 +414,8 @@ class TaskRecord:
             "ready_at": self.ready_at,
             "owner": self.owner,
             "system": self.owner == SYSTEM_OWNER,
-            "stdout_tail": self.stdout_tail,
-            "stderr_tail": self.stderr_tail,
+            "stdout_tail": REDACTED if others and self.stdout_tail else self.stdout_tail,
+            "stderr_tail": REDACTED if others and self.stderr_tail else self.stderr_tail,
             "spec": spec,
         }
 

@@ -573,8 +573,13 @@ class TaskService:
         stdout_offset: int = 0,
         stderr_offset: int = 0,
         attempt: int | None = None,
+        reader: str | None = None,
     ) -> dict[str, Any]:
         """stdout and stderr of one attempt (default: the latest), from byte offsets (bounded).
+
+        ``reader``: the owner id (``owner_of``) of a caller who may read only its own tasks'
+        logs (None: any task's, an admin); another owner's task is ``Forbidden`` (403): a
+        task's output may hold what its command printed of its secrets.
 
         Each attempt has its own log files, so a retry does not hide why the previous attempt
         failed. ``stdout_next``/``stderr_next`` are the offsets to ask for next time (to follow
@@ -583,6 +588,11 @@ class TaskService:
         """
         _check_log_query(max_bytes, stdout_offset, stderr_offset)
         record = await self.status(task_id)
+        if reader is not None and record.owner != reader:
+            raise Forbidden(
+                f"the logs of task {task_id} are its owner's: only the caller that submitted "
+                "it and admins may read them"
+            )
         latest = max(record.attempts, 1)
         number = latest if attempt is None else attempt
         if not 1 <= number <= latest:

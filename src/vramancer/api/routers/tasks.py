@@ -12,7 +12,11 @@ task id of another caller's task is refused with 409 (``idempotency_key_taken``,
 viewer_max_queued`` maintenance tasks not ended (429 ``quota_exceeded``) and a payload of at
 most ``viewer_max_payload_bytes`` (422). Status and history show a task's ``env`` in full to
 admins, to its owner with secret-looking values (token, secret, password, key ...) hidden, and
-to other callers with every value hidden.
+to other callers with every value hidden; other callers (not admins) also see its command text
+(``cmd``, ``shell``, ``python``), the ``payload`` of a task that runs code and its output tails
+as ``<redacted>``. A task's logs (``/{id}/logs``) are readable by its owner and admins only:
+another caller gets 403 ``forbidden`` (not 404: status and history already show that the task
+exists, so hiding it there would only confuse).
 """
 
 from __future__ import annotations
@@ -150,6 +154,7 @@ async def cancel(task_id: TaskIdPath, rt: RuntimeDep, principal: Operator) -> di
 async def logs(
     task_id: TaskIdPath,
     rt: RuntimeDep,
+    principal: Viewer,
     max_bytes: Annotated[int | None, Query(ge=1, le=MAX_LOG_OFFSET)] = None,
     stdout_offset: Annotated[int, Query(ge=0, le=MAX_LOG_OFFSET)] = 0,
     stderr_offset: Annotated[int, Query(ge=0, le=MAX_LOG_OFFSET)] = 0,
@@ -157,11 +162,13 @@ async def logs(
 ) -> dict[str, Any]:
     """stdout and stderr of one attempt (default: the latest; bounded by ``[tasks]
     max_output_bytes``), from byte offsets; ``stdout_next``/``stderr_next`` continue (to follow
-    a running task)."""
+    a running task). Only the task's owner and admins may read them (403 for other callers)."""
+    admin = principal.role.allows(Role.ADMIN)
     return await rt.tasks.logs(
         task_id,
         max_bytes,
         stdout_offset=stdout_offset,
         stderr_offset=stderr_offset,
         attempt=attempt,
+        reader=None if admin else owner_of(principal.token),
     )
