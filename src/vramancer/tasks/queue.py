@@ -1,7 +1,9 @@
 """The task queue interface. The embedded default is SQLite (``sqlite_queue.SqliteQueue``); a
 distributed one (NATS JetStream work queue) implements the same Protocol.
 
-Semantics every implementation keeps:
+Semantics every implementation keeps (what becomes of a task after an outcome, a lost lease,
+a back-off or a cancel is decided by ``transitions.next_state``; a queue persists the
+``Transition`` it returns, under its own lease-token check):
 
 * ``submit`` is acknowledged only once durable; an idempotency key (or a given ``task_id``) that
   is already known returns the existing task (``created=False``) and stores nothing new when

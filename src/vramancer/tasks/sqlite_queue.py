@@ -46,7 +46,6 @@ from vramancer.errors import BackendUnavailable
 from vramancer.tasks.errors import IdempotencyKeyTaken, QuotaExceeded, TaskIdTaken
 from vramancer.tasks.model import (
     LEASED_STATES,
-    READY_STATES,
     Change,
     Grant,
     HistoryPage,
@@ -60,6 +59,7 @@ from vramancer.tasks.model import (
 )
 from vramancer.tasks.queue import Orphan, Purged
 from vramancer.tasks.settings import DEFAULT_MAX_LEASE_LOSSES, Synchronous
+from vramancer.tasks.transitions import TaskFacts, Transition, Trigger, next_state
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,52 @@ def _record(row: Sequence[Any]) -> TaskRecord:
         ready_at=row[28],
         owner=row[29],
     )
+
+
+#: The columns ``TaskFacts`` is read from, in its order.
+_FACTS = "state, attempts, max_retries, lease_losses, cancel_requested, not_before"
+_APPLY_SQL = (
+    "UPDATE tasks SET state = ?, attempts = ?, lease_losses = ?, cancel_requested = ?, "
+    "not_before = ?, ready_at = coalesce(?, ready_at), finished_at = coalesce(?, finished_at), "
+    "device = CASE WHEN ? THEN NULL ELSE device END, "
+    "worker = CASE WHEN ? THEN NULL ELSE worker END, "
+    "lease_expires = CASE WHEN ? THEN NULL ELSE lease_expires END, "
+    "error = coalesce(?, error), updated_at = ? WHERE id = ?"
+)
+
+
+def _facts(row: Sequence[Any]) -> TaskFacts:
+    state, attempts, max_retries, losses, cancel, not_before = row
+    return TaskFacts(TaskState(state), attempts, max_retries, losses, bool(cancel), not_before)
+
+
+def _apply(conn: sqlite3.Connection, task_id: str, t: Transition, now: float) -> None:
+    """Persist ``t`` (``next_state``'s decision): the queue decides nothing here. Leaving the
+    leased states gives the lease up."""
+    unleased = t.previous in LEASED_STATES and t.state not in LEASED_STATES
+    conn.execute(
+        _APPLY_SQL,
+        (
+            t.state,
+            t.attempts,
+            t.lease_losses,
+            t.cancel_requested,
+            t.not_before,
+            t.ready_at,
+            t.finished_at,
+            t.clear_device,
+            unleased,
+            unleased,
+            t.reason,
+            now,
+            task_id,
+        ),
+    )
+
+
+def _no_backoff(attempts: int) -> float:
+    """Only an attempt's error waits out a back-off; the other triggers never ask."""
+    raise AssertionError(f"no back-off applies here (attempts: {attempts})")
 
 
 def _chunks(items: Sequence[str], size: int = _CHUNK) -> Iterable[Sequence[str]]:
@@ -599,33 +645,26 @@ class SqliteQueue:
     async def cancel(self, task_id: str, now: float) -> tuple[TaskRecord | None, list[Change]]:
         def op(conn: sqlite3.Connection) -> tuple[TaskRecord | None, list[Change]]:
             row = conn.execute(
-                "SELECT state, attempts, device, type FROM tasks WHERE id = ?", (task_id,)
+                f"SELECT device, type, {_FACTS} FROM tasks WHERE id = ?", (task_id,)
             ).fetchone()
             if row is None:
                 return None, []
-            state = TaskState(row[0])
+            device, kind, *facts = row
+            t = next_state(_facts(facts), Trigger.CANCEL, now, _no_backoff)
             changes = []
-            if state in (*READY_STATES, TaskState.RETRY):
-                conn.execute(
-                    "UPDATE tasks SET state = 'cancelled', finished_at = ?, updated_at = ?, "
-                    "error = 'cancelled' WHERE id = ?",
-                    (now, now, task_id),
-                )
+            if not t.ignored:
+                _apply(conn, task_id, t, now)
+            if t.changed:
                 changes.append(
                     Change(
                         task_id,
-                        state,
-                        TaskState.CANCELLED,
-                        row[1],
-                        row[2],
-                        error="cancelled",
-                        type=TaskType(row[3]),
+                        t.previous,
+                        t.state,
+                        t.attempts,
+                        device,
+                        error=t.reason,
+                        type=TaskType(kind),
                     )
-                )
-            elif state in LEASED_STATES:
-                conn.execute(
-                    "UPDATE tasks SET cancel_requested = 1, updated_at = ? WHERE id = ?",
-                    (now, task_id),
                 )
             record = conn.execute(f"SELECT {_COLS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
             return _record(record), changes
@@ -635,15 +674,18 @@ class SqliteQueue:
     async def promote_due(self, now: float) -> list[Change]:
         def op(conn: sqlite3.Connection) -> list[Change]:
             rows = conn.execute(
-                "UPDATE tasks SET state = 'queued', ready_at = ?, updated_at = ?, "
-                "not_before = NULL WHERE state = 'retry' AND not_before <= ? "
-                "RETURNING id, attempts, type",
-                (now, now, now),
+                f"SELECT id, type, {_FACTS} FROM tasks WHERE state = 'retry' AND not_before <= ?",
+                (now,),
             ).fetchall()
-            return [
-                Change(r[0], TaskState.RETRY, TaskState.QUEUED, r[1], type=TaskType(r[2]))
-                for r in rows
-            ]
+            changes = []
+            for task_id, kind, *facts in rows:
+                t = next_state(_facts(facts), Trigger.DUE, now, _no_backoff)
+                if t.changed:
+                    _apply(conn, task_id, t, now)
+                    changes.append(
+                        Change(task_id, t.previous, t.state, t.attempts, type=TaskType(kind))
+                    )
+            return changes
 
         return await self._write(op, durable=False)
 
@@ -669,27 +711,27 @@ class SqliteQueue:
                 where += " AND lease_expires < ?"
                 params = (now,)
             rows = conn.execute(
-                f"SELECT id, state, attempts, device, pid, pid_started, cancel_requested, type, "
-                f"lease_losses FROM tasks WHERE {where}",
+                f"SELECT id, device, pid, pid_started, type, {_FACTS} FROM tasks WHERE {where}",
                 params,
             ).fetchall()
             changes, orphans = [], []
-            for task_id, state, attempts, device, pid, pid_started, cancel, kind, lost in rows:
-                new, error = _after_lost_lease(bool(cancel), lost + 1, max_lease_losses)
-                conn.execute(
-                    "UPDATE tasks SET state = ?, ready_at = ?, updated_at = ?, worker = NULL, "
-                    "lease_expires = NULL, error = ?, lease_losses = lease_losses + 1, "
-                    "finished_at = CASE WHEN ? THEN ? ELSE NULL END WHERE id = ?",
-                    (new, now, now, error, new.terminal, now, task_id),
+            for task_id, device, pid, pid_started, kind, *facts in rows:
+                t = next_state(
+                    _facts(facts),
+                    Trigger.LEASE_LOST,
+                    now,
+                    _no_backoff,
+                    max_lease_losses=max_lease_losses,
                 )
+                _apply(conn, task_id, t, now)
                 changes.append(
                     Change(
                         task_id,
-                        TaskState(state),
-                        new,
-                        attempts,
+                        t.previous,
+                        t.state,
+                        t.attempts,
                         device,
-                        error=error,
+                        error=t.reason,
                         type=TaskType(kind),
                     )
                 )
@@ -745,20 +787,6 @@ class SqliteQueue:
             return dict(conn.execute("SELECT key, mean_s FROM durations").fetchall())
 
         return await self._read(op)
-
-
-def _after_lost_lease(cancel: bool, losses: int, max_losses: int) -> tuple[TaskState, str]:
-    """Where a task goes when its lease is lost for the ``losses``-th time, and why."""
-    if cancel:
-        return TaskState.CANCELLED, "cancelled"
-    if losses >= max_losses:
-        return TaskState.FAILED, (
-            f"lease lost {losses} times: its worker or the daemon died while running it each "
-            f"time; not run again ([tasks] max_lease_losses = {max_losses})"
-        )
-    return TaskState.QUEUED, (
-        f"lease lost: worker gone; queued again (lease losses: {losses} of {max_losses})"
-    )
 
 
 def _known(
@@ -913,70 +941,45 @@ def _finish_one(
         if done is not None:
             return done
     row = conn.execute(
-        "SELECT state, attempts, max_retries, lease_token, cancel_requested, device, est_key, "
-        "type, lease_losses FROM tasks WHERE id = ?",
+        f"SELECT lease_token, device, est_key, type, {_FACTS} FROM tasks WHERE id = ?",
         (outcome.task_id,),
     ).fetchone()
     if row is None:
         return None
-    state, attempts, max_retries, token, cancel, device, est_key, kind, lost = row
-    if token != outcome.lease_token or TaskState(state) not in LEASED_STATES:
-        return None  # a stale or repeated report: the task already moved on
-    previous = TaskState(state)
-    not_before = None
-    attempts_after = attempts
-    if outcome.kind is OutcomeKind.RELEASED:
-        new = TaskState.CANCELLED if cancel else TaskState.QUEUED
-        attempts_after = attempts - 1
-    elif cancel or outcome.kind is OutcomeKind.CANCELLED:
-        new = TaskState.CANCELLED
-    elif outcome.kind is OutcomeKind.OK:
-        new = TaskState.DONE
-    elif attempts - lost <= max_retries:  # attempts whose lease was lost are not retries
-        new = TaskState.RETRY
-        not_before = now + retry_delay(attempts)
-    else:
-        new = TaskState.FAILED
-    terminal = new.terminal
+    token, device, est_key, kind, *facts = row
+    if token != outcome.lease_token:
+        return None  # a stale report: the task was leased again since
+    t = next_state(_facts(facts), Trigger.of(outcome.kind), now, retry_delay)
+    if t.ignored:
+        return None  # a repeated report: the task already moved on
+    _apply(conn, outcome.task_id, t, now)
     conn.execute(
-        "UPDATE tasks SET state = ?, attempts = ?, exit_code = ?, error = ?, stdout_tail = ?, "
-        "stderr_tail = ?, not_before = ?, worker = NULL, lease_expires = NULL, "
-        "finished_at = CASE WHEN ? THEN ? ELSE finished_at END, "
-        "ready_at = CASE WHEN ? THEN ? ELSE ready_at END, "
-        "device = CASE WHEN ? THEN NULL ELSE device END, updated_at = ? WHERE id = ?",
+        "UPDATE tasks SET exit_code = ?, error = ?, stdout_tail = ?, stderr_tail = ? WHERE id = ?",
         (
-            new,
-            attempts_after,
             outcome.exit_code,
             outcome.error,
             outcome.stdout_tail,
             outcome.stderr_tail,
-            not_before,
-            terminal,
-            now,
-            new is TaskState.QUEUED,
-            now,
-            new is TaskState.QUEUED,
-            now,
             outcome.task_id,
         ),
     )
     return Change(
         outcome.task_id,
-        previous,
-        new,
-        attempts_after,
+        t.previous,
+        t.state,
+        t.attempts,
         device,
         exit_code=outcome.exit_code,
         error=outcome.error,
         run_s=outcome.run_s if outcome.kind is not OutcomeKind.RELEASED else None,
         type=TaskType(kind),
-        estimate_key=est_key if new is TaskState.DONE else None,
+        estimate_key=est_key if t.state is TaskState.DONE else None,
     )
 
 
 def _finish_done(conn: sqlite3.Connection, outcome: Outcome, now: float) -> Change | None:
-    """The common case in one statement: a leased, not cancelled task ends done."""
+    """The common case in one statement: a leased, not cancelled task ends done (what
+    ``next_state`` decides for ``ok`` then, written without reading the task first)."""
     row = conn.execute(
         _DONE_SQL,
         (

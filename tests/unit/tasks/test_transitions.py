@@ -1,0 +1,132 @@
+"""The task state machine (``tasks/transitions.py``): exact transitions, injected times, no I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from vramancer.tasks.model import OutcomeKind, TaskState
+from vramancer.tasks.transitions import TaskFacts, Transition, Trigger, next_state
+
+NOW = 1000.0
+S = TaskState
+
+
+def backoff(attempts: int) -> float:
+    return 10.0 * attempts
+
+
+def running(**facts: object) -> TaskFacts:
+    base: dict[str, object] = {"state": S.RUNNING, "attempts": 1, "max_retries": 2}
+    base.update(facts)
+    return TaskFacts(**base)  # type: ignore[arg-type]
+
+
+def test_ok_ends_done() -> None:
+    assert next_state(running(), Trigger.OK, NOW, backoff) == Transition(
+        S.RUNNING, S.DONE, 1, 0, False, finished_at=NOW
+    )
+
+
+def test_an_error_retries_after_the_backoff_of_its_attempts() -> None:
+    t = next_state(running(attempts=2), Trigger.ERROR, NOW, backoff)
+    assert t == Transition(S.RUNNING, S.RETRY, 2, 0, False, not_before=NOW + 20.0)
+    assert t.changed
+
+
+def test_an_error_after_the_last_retry_fails() -> None:
+    t = next_state(running(attempts=3), Trigger.ERROR, NOW, backoff)
+    assert t == Transition(S.RUNNING, S.FAILED, 3, 0, False, finished_at=NOW)
+
+
+def test_lost_leases_are_not_counted_as_retries() -> None:
+    t = next_state(running(attempts=3, lease_losses=1), Trigger.ERROR, NOW, backoff)
+    assert t == Transition(S.RUNNING, S.RETRY, 3, 1, False, not_before=NOW + 30.0)
+
+
+def test_released_goes_back_to_the_queue_untried() -> None:
+    t = next_state(running(state=S.SCHEDULED, attempts=2), Trigger.RELEASED, NOW, backoff)
+    assert t == Transition(S.SCHEDULED, S.QUEUED, 1, 0, False, ready_at=NOW, clear_device=True)
+
+
+def test_released_while_a_cancel_was_asked_ends_cancelled() -> None:
+    t = next_state(running(cancel_requested=True), Trigger.RELEASED, NOW, backoff)
+    assert t == Transition(S.RUNNING, S.CANCELLED, 0, 0, True, finished_at=NOW)
+
+
+@pytest.mark.parametrize("outcome", [Trigger.OK, Trigger.ERROR, Trigger.CANCELLED])
+def test_a_cancel_asked_while_running_wins_over_how_it_ended(outcome: Trigger) -> None:
+    t = next_state(running(cancel_requested=True), outcome, NOW, backoff)
+    assert t == Transition(S.RUNNING, S.CANCELLED, 1, 0, True, finished_at=NOW)
+
+
+@pytest.mark.parametrize("state", [S.QUEUED, S.RETRY, S.DONE, S.FAILED, S.CANCELLED])
+def test_an_outcome_for_a_task_that_is_not_leased_changes_nothing(state: TaskState) -> None:
+    t = next_state(running(state=state), Trigger.OK, NOW, backoff)
+    assert t.ignored and not t.changed and t.state is state
+
+
+def test_a_lost_lease_queues_the_task_again_and_counts_the_loss() -> None:
+    t = next_state(running(), Trigger.LEASE_LOST, NOW, backoff, max_lease_losses=3)
+    assert t == Transition(
+        S.RUNNING,
+        S.QUEUED,
+        1,
+        1,
+        False,
+        ready_at=NOW,
+        reason="lease lost: worker gone; queued again (lease losses: 1 of 3)",
+    )
+
+
+def test_the_last_lost_lease_fails_the_task() -> None:
+    t = next_state(running(lease_losses=2), Trigger.LEASE_LOST, NOW, backoff, max_lease_losses=3)
+    assert (t.state, t.lease_losses, t.finished_at, t.ready_at) == (S.FAILED, 3, NOW, NOW)
+    assert t.reason is not None and t.reason.startswith("lease lost 3 times")
+    assert "max_lease_losses = 3" in t.reason
+
+
+def test_a_lost_lease_of_a_cancelled_task_ends_it_cancelled() -> None:
+    t = next_state(running(cancel_requested=True), Trigger.LEASE_LOST, NOW, backoff)
+    assert t == Transition(
+        S.RUNNING, S.CANCELLED, 1, 1, True, ready_at=NOW, finished_at=NOW, reason="cancelled"
+    )
+
+
+def test_a_due_retry_is_queued_and_a_back_off_not_over_waits() -> None:
+    retry = TaskFacts(S.RETRY, 1, 2, not_before=NOW)
+    assert next_state(retry, Trigger.DUE, NOW, backoff) == Transition(
+        S.RETRY, S.QUEUED, 1, 0, False, ready_at=NOW
+    )
+    assert next_state(retry, Trigger.DUE, NOW - 0.5, backoff).ignored
+
+
+@pytest.mark.parametrize("state", [S.QUEUED, S.WAITING_GPU])
+def test_cancel_ends_a_waiting_task_at_once(state: TaskState) -> None:
+    t = next_state(TaskFacts(state, 0), Trigger.CANCEL, NOW, backoff)
+    assert t == Transition(state, S.CANCELLED, 0, 0, False, finished_at=NOW, reason="cancelled")
+
+
+def test_cancel_of_a_task_in_back_off_keeps_when_it_was_due() -> None:
+    t = next_state(TaskFacts(S.RETRY, 1, not_before=NOW + 5), Trigger.CANCEL, NOW, backoff)
+    assert t == Transition(
+        S.RETRY, S.CANCELLED, 1, 0, False, not_before=NOW + 5, finished_at=NOW, reason="cancelled"
+    )
+
+
+def test_cancel_of_a_leased_task_marks_it_without_changing_its_state() -> None:
+    t = next_state(running(), Trigger.CANCEL, NOW, backoff)
+    assert t == Transition(S.RUNNING, S.RUNNING, 1, 0, True)
+    assert not t.ignored and not t.changed
+
+
+def test_cancel_of_an_ended_task_changes_nothing() -> None:
+    assert next_state(TaskFacts(S.DONE, 1), Trigger.CANCEL, NOW, backoff).ignored
+
+
+def test_every_outcome_kind_is_a_trigger() -> None:
+    assert {Trigger.of(kind) for kind in OutcomeKind} == {
+        Trigger.OK,
+        Trigger.ERROR,
+        Trigger.CANCELLED,
+        Trigger.RELEASED,
+    }
