@@ -31,16 +31,13 @@ import functools
 import hmac
 import ipaddress
 import json
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vramancer.config import Role
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Any]
-Send = Callable[[dict[str, Any]], Any]
-ASGIApp = Callable[[Scope, Receive, Send], Any]
+from vramancer.config import Role
 
 #: Routes anyone may call: liveness and the dashboard page (which holds no data).
 OPEN_PATHS = frozenset({"/healthz", "/"})

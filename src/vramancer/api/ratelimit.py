@@ -17,15 +17,11 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, MutableMapping
-from typing import Any
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vramancer.api.guard import bearer, body_announced, match_token, reply
-
-Scope = dict[str, Any]
-Receive = Callable[[], Any]
-Send = Callable[[dict[str, Any]], Any]
-ASGIApp = Callable[[Scope, Receive, Send], Any]
 
 _EXEMPT = frozenset({"/healthz"})
 #: (method, path prefix) of the routes whose body is raw bytes, limited by ``max_body``.
@@ -148,7 +144,7 @@ class BodyLimitMiddleware:
         over = False
         started = False
 
-        async def counted() -> Any:
+        async def counted() -> Message:
             nonlocal received, over
             message = await receive()
             if message.get("type") == "http.request":
@@ -158,7 +154,7 @@ class BodyLimitMiddleware:
                     raise BodyTooLarge
             return message
 
-        async def guarded(message: dict[str, Any]) -> None:
+        async def guarded(message: Message) -> None:
             nonlocal started
             if over:  # whatever the app answers to the interrupted read, the client gets a 413
                 if message.get("type") == "http.response.start" and not started:
@@ -190,9 +186,7 @@ def _client_key(scope: Scope, headers: dict[bytes, bytes], tokens: frozenset[str
     return "a:" + (client[0] if client else "unknown")
 
 
-def client_key(
-    scope: MutableMapping[str, Any], token: str | None, tokens: frozenset[str] | set[str]
-) -> str:
+def client_key(scope: Scope, token: str | None, tokens: frozenset[str] | set[str]) -> str:
     """The rate-limit key of a caller already resolved: its token if configured, else address."""
     if token is not None and token in tokens:
         return "t:" + token

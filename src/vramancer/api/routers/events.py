@@ -42,6 +42,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import Counter
+from starlette.types import Receive, Scope, Send
 
 from vramancer.api.deps import RuntimeDep, authenticate
 from vramancer.api.errors import error_response
@@ -323,14 +324,14 @@ class EventStreamResponse(StreamingResponse):
         self.write_timeout_s = write_timeout_s
         self.on_close = on_close
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await _aclose(self.body_iterator)
             self.on_close()
 
-    async def stream_response(self, send: Any) -> None:
+    async def stream_response(self, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
@@ -341,7 +342,7 @@ class EventStreamResponse(StreamingResponse):
                 return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _drop(self, send: Any) -> None:
+    async def _drop(self, send: Send) -> None:
         """The client read nothing for ``write_timeout_s``: stop feeding it, say so if the
         connection still takes it, else end without it (the server closes the connection)."""
         await _aclose(self.body_iterator)
@@ -353,7 +354,7 @@ class EventStreamResponse(StreamingResponse):
         await _write(send, _dropped_message(why).encode(), False, FAREWELL_TIMEOUT_S)
 
 
-async def _write(send: Any, body: bytes, more: bool, timeout_s: float) -> bool:
+async def _write(send: Send, body: bytes, more: bool, timeout_s: float) -> bool:
     """Send one body message; False when it did not go out within ``timeout_s``."""
     try:
         async with asyncio.timeout(timeout_s):
