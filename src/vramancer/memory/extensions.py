@@ -12,10 +12,9 @@ from typing import Any, Protocol, runtime_checkable
 
 @runtime_checkable
 class RuntimeEstimator(Protocol):
-    """Seconds a task is expected to run (seed 000 ``RuntimeEstimator.estimate(task)``).
-
-    The task scheduler orders work by it; ``tasks/estimator.py`` has the default (a moving
-    average of past run times per command).
+    """Seconds a task is expected to run (``estimate(task)``), kept for ``vramancer.memory``'s
+    exports. The task scheduler does not use this one: its Protocol, with ``observe`` too, and
+    the default (a moving average of past run times per command) are in ``tasks/estimator.py``.
     """
 
     def estimate(self, task: Any) -> float: ...

@@ -1,4 +1,4 @@
-"""Expected run time of a task (seed 000's ``RuntimeEstimator.estimate(task)`` extension point).
+"""Expected run time of a task: the ``RuntimeEstimator`` Protocol and its default.
 
 The dispatcher orders tasks of one priority by expected duration, shortest first. The default
 estimator learns per command (``TaskSpec.estimate_key``: the program and its first argument, the
@@ -11,11 +11,25 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
 
-from vramancer.memory.extensions import RuntimeEstimator
 from vramancer.tasks.model import TaskSpec
 
 __all__ = ["HistoryEstimator", "RuntimeEstimator"]
+
+
+@runtime_checkable
+class RuntimeEstimator(Protocol):
+    """Seconds a task is expected to run, learned from the run times of tasks that ended done.
+
+    The dispatcher orders tasks of one priority by ``estimate`` (shortest first); the service
+    calls ``observe`` once per task that ends done, with its ``TaskSpec.estimate_key`` and its
+    run time. An estimator that learns nothing makes ``observe`` do nothing.
+    """
+
+    def estimate(self, task: TaskSpec) -> float: ...
+
+    def observe(self, key: str, run_s: float) -> float | None: ...
 
 
 class HistoryEstimator:

@@ -1262,9 +1262,7 @@ class TaskService:
             if change.state is TaskState.DONE:
                 self._child(self._m_completed, "type", kind.value).inc()
                 if change.estimate_key and change.run_s is not None:
-                    observe = getattr(self.estimator, "observe", None)
-                    if observe is not None:
-                        observe(change.estimate_key, change.run_s)
+                    self.estimator.observe(change.estimate_key, change.run_s)
             elif change.state is TaskState.FAILED:
                 self._child(self._m_failed, "type", kind.value).inc()
             self.events.publish(

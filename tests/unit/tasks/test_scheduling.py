@@ -47,8 +47,8 @@ async def test_same_priority_runs_the_shortest_expected_first(
     fast = {"type": "cmd", "cmd": ["sh", "-c", f"echo fast >> {out}"]}
     # Teach the estimator: the python command took 50 s, sh 1 s.
     estimator = h.svc.estimator
-    estimator.observe("cmd:" + os.path.basename(PY) + " -c", 50.0)  # type: ignore[attr-defined]
-    estimator.observe("cmd:sh -c", 1.0)  # type: ignore[attr-defined]
+    estimator.observe("cmd:" + os.path.basename(PY) + " -c", 50.0)
+    estimator.observe("cmd:sh -c", 1.0)
     await h.svc.submit(slow)
     await h.svc.submit(fast)
     await h.svc.run_until_idle()
