@@ -27,7 +27,7 @@ import itertools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -49,6 +49,7 @@ from vramancer.arbiter.policy import (
     QualityTooLow,
     Usage,
     fit_to_budget,
+    headroom,
     plan_allocation,
     pressure_ratio,
 )
@@ -63,6 +64,7 @@ from vramancer.arbiter.types import (
     device_key,
 )
 from vramancer.clock import Clock, SystemClock
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import HostSnapshot, SystemSnapshot
 from vramancer.errors import InvalidInput, NotFound, VramancerError
 from vramancer.events import Event, EventBus
@@ -785,6 +787,36 @@ class Arbiter:
             raise InvalidInput(str(exc), field="device") from None
         with self._lock:
             return self._allocated_locked(key)
+
+    def headroom(
+        self,
+        device: DeviceId | None = None,
+        *,
+        priority: Priority | None = None,
+        spare: Callable[[Allocation], bool] | None = None,
+    ) -> int:
+        """Bytes a request naming ``device`` (None: the whole budget) could be granted now: a
+        dry run of the arbiter's own plan (``policy.headroom``), nothing is changed.
+
+        ``priority``: count what a request of that priority would preempt (strictly lower,
+        preemptible holders; nothing when ``[arbiter] preemption`` is off); None: the free
+        budget only. ``spare``: holders the caller does not count on (the model manager spares
+        models, which it evicts in its own order). A CPU, another node's GPU or a GPU the
+        arbiter does not know has no headroom.
+        """
+        if device is not None and (device.is_cpu or not device.is_local):
+            return 0
+        if not self.settings.preemption:
+            priority = None
+        with self._lock:
+            return headroom(
+                self._allocations.values(),
+                self._budget_locked(),
+                device=str(device) if device is not None else None,
+                priority=priority,
+                spare=spare,
+                usage=self._usage_locked(),
+            )
 
     def allocations(self) -> list[Allocation]:
         """Live allocations, oldest first."""

@@ -22,7 +22,7 @@ Preemption
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from vramancer.arbiter.types import Allocation, Priority, WorkloadType
@@ -227,14 +227,49 @@ class _Scope:
         return max(0, free)
 
 
+def may_preempt(priority: Priority, holder: Allocation) -> bool:
+    """The preemption rule: a request of ``priority`` may take ``holder``'s memory when the
+    holder is preemptible and of a strictly lower priority."""
+    return holder.preemptible and holder.priority.rank < priority.rank
+
+
 def eligible_victims(
     request: AllocationRequest, allocations: Iterable[Allocation]
 ) -> list[Allocation]:
     """Holders ``request`` may preempt, in preemption order (see :func:`victim_order`)."""
     if not request.preempt:
         return []
-    rank = request.priority.rank
-    return victim_order(a for a in allocations if a.preemptible and a.priority.rank < rank)
+    return victim_order(a for a in allocations if may_preempt(request.priority, a))
+
+
+def headroom(
+    allocations: Iterable[Allocation],
+    budget: Budget,
+    *,
+    device: str | None = None,
+    priority: Priority | None = None,
+    spare: Callable[[Allocation], bool] | None = None,
+    usage: Usage | None = None,
+) -> int:
+    """The most bytes :func:`plan_allocation` would grant a request naming ``device`` (or
+    none) at ``priority`` without a minimum quality: the free budget in the tighter of the
+    total and the device, plus what preempting every holder it may take would free there.
+
+    ``priority`` None: a request that preempts nobody. ``spare``: holders the caller does not
+    count on taking (they stay). A device outside the budget has no headroom.
+    """
+    held = list(allocations)
+    used = usage if usage is not None else Usage.of(held)
+    victims: list[Allocation] = []
+    if priority is not None:
+        victims = [a for a in held if may_preempt(priority, a) and (spare is None or not spare(a))]
+    room = budget.total_bytes - used.total_bytes + _sum_bytes(victims)
+    if device is not None:
+        if device not in budget.devices:
+            return 0
+        own = budget.devices[device] - used.devices.get(device, 0) + _sum_bytes(victims, device)
+        room = min(room, own)
+    return max(0, room)
 
 
 def plan_allocation(
