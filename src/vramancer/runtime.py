@@ -51,7 +51,6 @@ class Runtime:
         self.devices = DeviceManager(
             s.devices, events=self.events, metrics=self.metrics, clock=self.clock
         )
-        self.resources = ResourceOrchestrator(s.resources, self.devices, metrics=self.metrics)
         self.memory = TieredStore(
             s.memory,
             data_dir=s.data_dir,
@@ -83,7 +82,9 @@ class Runtime:
             metrics=self.metrics,
             clock=self.clock,
         )
-        self.resources.attach_models(self.models)
+        self.resources = ResourceOrchestrator(
+            s.resources, self.devices, metrics=self.metrics, models=self.models
+        )
         self.tasks = TaskService(
             s.tasks,
             data_dir=s.data_dir,

@@ -4,7 +4,8 @@ It reads the device manager's cached snapshot (never a driver), hands pure polic
 (:mod:`vramancer.resources.policy`) their inputs, and keeps the counters seed 001 lists
 (optimizations, models unloaded, memory reclaimed, average usage). ``optimize_resources`` runs
 the garbage collector, releases allocator caches (glibc ``malloc_trim``, torch CUDA/MPS caches
-when torch is already imported), and asks the attached model manager to free what it can.
+when torch is already imported), and asks the model manager (a :class:`ModelsOptimizer`, given
+at construction) to free what it can.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from vramancer.resources.policy import (
     decide_can_load,
     recommend_quantization,
 )
+from vramancer.resources.ports import ModelsOptimizer
 from vramancer.resources.settings import ResourcesSettings
 
 log = logging.getLogger(__name__)
@@ -63,12 +65,14 @@ class ResourceOrchestrator:
         devices: DeviceManager,
         *,
         metrics: Metrics,
+        models: ModelsOptimizer | None = None,
         platform_facts: PlatformFacts | None = None,
     ) -> None:
         self.settings = settings
         self.devices = devices
         self.metrics = metrics
-        self.models: Any = None
+        #: The model manager optimize_resources() asks to free memory; None: no models.
+        self.models = models
         #: Fixed facts for tests; None: gathered from each snapshot.
         self._facts = platform_facts
         self._lock = threading.Lock()
@@ -98,10 +102,6 @@ class ResourceOrchestrator:
             "resources_can_load_checks_total", "can_load_model() answers.", ("node", "result")
         )
         devices.on_refresh(self._sample)
-
-    def attach_models(self, models: Any) -> None:
-        """Give optimize_resources() the model manager (unload idle models, smaller variants)."""
-        self.models = models
 
     # -- seed 001 API ----------------------------------------------------------------------
 
@@ -211,9 +211,8 @@ class ResourceOrchestrator:
             before = await self._memory_state()
             actions = await asyncio.to_thread(release_caches)
             model_actions: list[ModelAction] = []
-            optimize = getattr(self.models, "optimize", None)
-            if optimize is not None:
-                model_actions = list(await optimize())
+            if self.models is not None:
+                model_actions = list(await self.models.optimize())
                 actions += [str(a) for a in model_actions]
             after = await self._memory_state()
         kinds = [a.kind for a in model_actions]

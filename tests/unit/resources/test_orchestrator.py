@@ -19,13 +19,17 @@ from vramancer.observability.metrics import Metrics
 from vramancer.resources.actions import ModelAction, ModelActionKind
 from vramancer.resources.orchestrator import ResourceOrchestrator, release_caches
 from vramancer.resources.platform import PlatformFacts
+from vramancer.resources.ports import ModelsOptimizer
 from vramancer.resources.settings import ResourcesSettings
 
 GIB = 1024**3
 
 
 def build(
-    simulated: list[dict[str, Any]] | None = None, facts: PlatformFacts | None = None, **res: Any
+    simulated: list[dict[str, Any]] | None = None,
+    facts: PlatformFacts | None = None,
+    models: ModelsOptimizer | None = None,
+    **res: Any,
 ) -> ResourceOrchestrator:
     devices = DeviceManager(
         DevicesSettings(backends=[], simulated=simulated or []),
@@ -34,7 +38,11 @@ def build(
         clock=ManualClock(),
     )
     return ResourceOrchestrator(
-        ResourcesSettings(**res), devices, metrics=devices.metrics, platform_facts=facts
+        ResourcesSettings(**res),
+        devices,
+        metrics=devices.metrics,
+        models=models,
+        platform_facts=facts,
     )
 
 
@@ -137,9 +145,8 @@ class FakeModels:
 
 
 async def test_optimize_runs_gc_and_asks_the_model_manager() -> None:
-    orch = build([{"name": "sim0", "memory": "24GiB"}])
     models = FakeModels([UNLOADED_CLIP, ModelAction(SWITCHED, "qwen", "switched qwen to q4")])
-    orch.attach_models(models)
+    orch = build([{"name": "sim0", "memory": "24GiB"}], models=models)
     result = await orch.optimize_resources()
     assert set(result) >= {"optimized", "actions_taken", "memory_before", "memory_after"}
     assert result["actions_taken"][0].startswith("gc: collected")
@@ -178,8 +185,7 @@ def _fixed_memory(orch: ResourceOrchestrator, rss_before: int, rss_after: int) -
 async def test_optimized_means_something_was_freed_or_done(
     freed: int, model_actions: list[ModelAction], optimized: bool, unloaded: int
 ) -> None:
-    orch = build([{"name": "sim0", "memory": "24GiB"}])
-    orch.attach_models(FakeModels(model_actions))
+    orch = build([{"name": "sim0", "memory": "24GiB"}], models=FakeModels(model_actions))
     _fixed_memory(orch, 100 * 1024 * 1024, 100 * 1024 * 1024 - freed)
     result = await orch.optimize_resources()
     assert result["optimized"] is optimized
@@ -187,9 +193,8 @@ async def test_optimized_means_something_was_freed_or_done(
     assert orch.get_metrics()["models_unloaded_total"] == unloaded
 
 
-async def test_optimize_without_a_model_manager_or_its_optimize() -> None:
-    orch = build()
-    orch.attach_models(object())  # a manager without optimize(): skipped
+async def test_optimize_without_a_model_manager() -> None:
+    orch = build()  # no models (the CLI's local reading): only the caches are released
     result = await orch.optimize_resources()
     assert all(not a.startswith("unload") for a in result["actions_taken"])
     assert isinstance(result["optimized"], bool)
