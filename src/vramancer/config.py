@@ -222,6 +222,16 @@ class Settings(BaseSettings):
             raise ValueError("\n  ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> Settings:
+        """What one section cannot check alone: ``[[models]]`` names are unique, and
+        ``[gpu_manager]`` and ``[profiles.*]`` name configured models and profiles. Each line
+        of the message names its key."""
+        problems = model_problems(self.models, self.gpu_manager, self.profiles)
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
     @property
     def peers(self) -> list[str]:
         return [p.strip() for p in self.ha_peers.split(",") if p.strip()]
@@ -254,6 +264,56 @@ class Settings(BaseSettings):
             raise ConfigError(format_validation_error(exc)) from None
         finally:
             _config_file.reset(token)
+
+
+#: The model manager's built-in profiles (seed 002's execution modes), present when
+#: ``[gpu_manager]`` names a VLM or CLIP model and ``builtin_profiles`` is on; ``idle`` always is.
+BUILTIN_PROFILES = ("idle", "recording", "autopilot")
+
+
+def model_problems(
+    models: list[ModelSpec], gm: GpuManagerSettings, profiles: ProfilesSettings
+) -> list[str]:
+    """One line per cross-section problem of the model sections, each naming its key."""
+    specs: dict[str, ModelSpec] = {}
+    problems: list[str] = []
+    for i, spec in enumerate(models):
+        if spec.name in specs:
+            problems.append(f"models.{i}.name: {spec.name!r} is declared twice")
+        specs[spec.name] = spec
+    known = ", ".join(sorted(specs)) or "none"
+    for key, value in (("vlm_model", gm.vlm_model), ("clip_model", gm.clip_model)):
+        if value is not None and value not in specs:
+            problems.append(
+                f"gpu_manager.{key}: {value!r} is not a configured model (models: {known})"
+            )
+    for profile, mapping in profiles.items():
+        problems += _profile_problems(profile, mapping, specs, known)
+    names = set(profiles) | {BUILTIN_PROFILES[0]}
+    if gm.builtin_profiles and (gm.vlm_model is not None or gm.clip_model is not None):
+        names.update(BUILTIN_PROFILES)
+    if gm.initial_profile is not None and gm.initial_profile not in names:
+        problems.append(
+            f"gpu_manager.initial_profile: {gm.initial_profile!r} is not a profile "
+            f"(profiles: {', '.join(sorted(names))})"
+        )
+    return problems
+
+
+def _profile_problems(
+    profile: str, mapping: Mapping[str, str], specs: Mapping[str, ModelSpec], known: str
+) -> list[str]:
+    problems = []
+    for model, placement in mapping.items():
+        found = specs.get(model)
+        if found is None:
+            problems.append(f"profiles.{profile}.{model}: not a configured model (models: {known})")
+        elif placement == "cpu" and "cpu" not in found.allowed_devices:
+            problems.append(
+                f"profiles.{profile}.{model}: 'cpu', but the model's allowed_devices "
+                f"{found.allowed_devices} exclude it"
+            )
+    return problems
 
 
 #: Top-level keys accepted for compatibility whose features are not built yet.

@@ -209,3 +209,72 @@ def test_serve_refuses_to_start_with_an_unbuilt_feature(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "HA replication is not built yet" in done.stderr
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            '[[models]]\nname = "a"\nbackend = "ollama"\n'
+            '[[models]]\nname = "a"\nbackend = "ollama"\n',
+            "models.1.name: 'a' is declared twice",
+        ),
+        (
+            '[gpu_manager]\nvlm_model = "ghost"\n',
+            "gpu_manager.vlm_model: 'ghost' is not a configured model",
+        ),
+        (
+            '[[models]]\nname = "a"\nbackend = "ollama"\n[gpu_manager]\nclip_model = "ghost"\n',
+            r"gpu_manager.clip_model: 'ghost' is not a configured model \(models: a\)",
+        ),
+        ('[profiles.p]\nghost = "gpu"\n', "profiles.p.ghost: not a configured model"),
+        (
+            '[[models]]\nname = "a"\nbackend = "ollama"\nallowed_devices = ["gpu"]\n'
+            '[profiles.p]\na = "cpu"\n',
+            r"profiles.p.a: 'cpu', but the model's allowed_devices \['gpu'\] exclude it",
+        ),
+        ('[gpu_manager]\ninitial_profile = "nope"\n', "initial_profile: 'nope' is not a profile"),
+        (
+            '[[models]]\nname = "v"\nbackend = "ollama"\n'
+            '[gpu_manager]\nvlm_model = "v"\nbuiltin_profiles = false\n'
+            'initial_profile = "recording"\n',
+            r"'recording' is not a profile \(profiles: idle\)",
+        ),
+    ],
+)
+def test_cross_section_problems_stop_loading_and_name_the_key(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.load(write(tmp_path, toml), data_dir=tmp_path)
+
+
+def test_every_cross_section_problem_is_listed_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load(data_dir=tmp_path, gpu_manager={"vlm_model": "v", "clip_model": "c"})
+    lines = str(info.value).splitlines()
+    assert any(line.strip().startswith("gpu_manager.vlm_model:") for line in lines)
+    assert any(line.strip().startswith("gpu_manager.clip_model:") for line in lines)
+
+
+def test_profiles_that_name_configured_models_load(tmp_path: Path) -> None:
+    s = Settings.load(
+        write(
+            tmp_path,
+            '[[models]]\nname = "v"\nbackend = "ollama"\n'
+            '[[models]]\nname = "c"\nbackend = "ollama"\n'
+            '[gpu_manager]\nvlm_model = "v"\nclip_model = "c"\ninitial_profile = "autopilot"\n'
+            '[profiles.mine]\nv = "gpu"\nc = "cpu"\n',
+        ),
+        data_dir=tmp_path,
+    )
+    assert s.gpu_manager.initial_profile == "autopilot" and set(s.profiles) == {"mine"}
+
+
+def test_the_builtin_profile_names_are_the_model_managers() -> None:
+    from vramancer.config import BUILTIN_PROFILES
+    from vramancer.models.registry import IDLE, builtin_profiles
+    from vramancer.models.settings import GpuManagerSettings
+
+    assert set(builtin_profiles(GpuManagerSettings(vlm_model="v"))) == set(BUILTIN_PROFILES)
+    assert BUILTIN_PROFILES[0] == IDLE

@@ -61,7 +61,7 @@ from vramancer.models.ports import ArbiterPort, DevicePort
 from vramancer.models.preemption import PreemptionInbox, Preemptions
 from vramancer.models.profiles import Profiles
 from vramancer.models.reaper import IdleReaper
-from vramancer.models.registry import all_profiles, validate_model_settings
+from vramancer.models.registry import all_profiles
 from vramancer.models.room import GpuRoom
 from vramancer.models.settings import ModelSpec
 from vramancer.models.table import ModelTable
@@ -103,7 +103,7 @@ class ModelManager:
         backend_factory: BackendFactory | None = None,
     ) -> None:
         self.settings = settings
-        self.specs = validate_model_settings(settings)
+        self.specs = {spec.name: spec for spec in settings.models}
         self.gm = gm = settings.gpu_manager
         self.devices = devices
         self.arbiter = arbiter

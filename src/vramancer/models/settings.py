@@ -2,7 +2,7 @@
 
 Every section forbids unknown keys so a typo stops start-up with a message naming the key.
 Cross-section checks (a profile naming a model that is not in ``[[models]]``) happen when the
-model manager is built, in :func:`vramancer.models.registry.validate_model_settings`.
+settings load, in ``Settings``' own validator (``vramancer.config.model_problems``).
 """
 
 from __future__ import annotations
