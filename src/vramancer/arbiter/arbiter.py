@@ -52,6 +52,7 @@ from vramancer.arbiter.policy import (
     headroom,
     plan_allocation,
     pressure_ratio,
+    reclaimable,
 )
 from vramancer.arbiter.settings import ArbiterSettings
 from vramancer.arbiter.types import (
@@ -816,6 +817,27 @@ class Arbiter:
                 priority=priority,
                 spare=spare,
                 usage=self._usage_locked(),
+            )
+
+    def reclaimable(
+        self,
+        device: DeviceId | None = None,
+        *,
+        priority: Priority | None,
+        spare: Callable[[Allocation], bool] | None = None,
+    ) -> int:
+        """Bytes a request of ``priority`` would preempt on ``device`` (None: anywhere), less
+        the ``spare``d holders; 0 when ``[arbiter] preemption`` is off. Part of ``headroom``."""
+        if device is not None and (device.is_cpu or not device.is_local):
+            return 0
+        if not self.settings.preemption:
+            return 0
+        with self._lock:
+            return reclaimable(
+                self._allocations.values(),
+                device=str(device) if device is not None else None,
+                priority=priority,
+                spare=spare,
             )
 
     def allocations(self) -> list[Allocation]:

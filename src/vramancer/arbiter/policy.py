@@ -242,6 +242,29 @@ def eligible_victims(
     return victim_order(a for a in allocations if may_preempt(request.priority, a))
 
 
+def _takeable(
+    allocations: Iterable[Allocation],
+    priority: Priority | None,
+    spare: Callable[[Allocation], bool] | None,
+) -> list[Allocation]:
+    if priority is None:
+        return []
+    return [a for a in allocations if may_preempt(priority, a) and (spare is None or not spare(a))]
+
+
+def reclaimable(
+    allocations: Iterable[Allocation],
+    *,
+    device: str | None = None,
+    priority: Priority | None = None,
+    spare: Callable[[Allocation], bool] | None = None,
+) -> int:
+    """Bytes held by the holders a request of ``priority`` may preempt (see
+    :func:`may_preempt`), less the ``spare``d ones: those naming ``device``, or all of them
+    when ``device`` is None. 0 without a priority."""
+    return _sum_bytes(_takeable(allocations, priority, spare), device)
+
+
 def headroom(
     allocations: Iterable[Allocation],
     budget: Budget,
@@ -260,9 +283,7 @@ def headroom(
     """
     held = list(allocations)
     used = usage if usage is not None else Usage.of(held)
-    victims: list[Allocation] = []
-    if priority is not None:
-        victims = [a for a in held if may_preempt(priority, a) and (spare is None or not spare(a))]
+    victims = _takeable(held, priority, spare)
     room = budget.total_bytes - used.total_bytes + _sum_bytes(victims)
     if device is not None:
         if device not in budget.devices:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from vramancer.arbiter.types import Allocation, Priority
+from vramancer.arbiter.types import Allocation
 from vramancer.errors import InsufficientMemory, VramancerError
 from vramancer.models.backends.base import LoadResult, Target
 from vramancer.models.entry import MODEL_OWNER, ModelEntry
@@ -40,7 +40,7 @@ class Booking:
     def _request(self, entry: ModelEntry, device: str, size: int) -> Allocation:
         return self.arbiter.request_allocation(
             self.table.limits.workload(entry),
-            Priority(entry.spec.priority),
+            entry.priority,
             size,
             device=f"gpu:{gpu_index(device)}",
             owner=f"{MODEL_OWNER}{entry.name}",

@@ -7,12 +7,11 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from vramancer.arbiter.types import Allocation, WorkloadType
+from vramancer.arbiter.types import Allocation, Priority, WorkloadType
 from vramancer.models.backends.base import ModelBackend, Target
 from vramancer.models.settings import GpuManagerSettings, ModelSpec
 from vramancer.models.types import CPU, BackendKind, ModelState
 
-RANK = {"background": 0, "normal": 1, "high": 2, "user_facing": 3}
 DEFAULT_WORKLOAD = {
     BackendKind.OLLAMA: WorkloadType.LLM,
     BackendKind.TORCH: WorkloadType.EMBEDDING,
@@ -56,8 +55,13 @@ class ModelEntry:
         return self.backend.kind
 
     @property
+    def priority(self) -> Priority:
+        return Priority(self.spec.priority)
+
+    @property
     def rank(self) -> int:
-        return RANK[self.spec.priority]
+        """The priority's rank (``Priority.rank``: background 0 ... user_facing 3)."""
+        return self.priority.rank
 
     @property
     def on_gpu(self) -> bool:

@@ -339,7 +339,7 @@ class Lifecycle:
             decision = policy.choose_evictions(
                 table.views_on(device, exclude=entry),
                 needed_bytes=needed,
-                free_bytes=room.room(index, entry.rank),
+                free_bytes=room.room(index, entry.priority),
                 priority_rank=entry.rank,
             )
             if isinstance(decision, policy.NoRoom):

@@ -90,7 +90,7 @@ class Placer:
         decision = policy.choose_evictions(
             self.table.views_on(gpu_device(index), exclude=entry),
             needed_bytes=view.vram_bytes,
-            free_bytes=self.room.room(index, entry.rank),
+            free_bytes=self.room.room(index, entry.priority),
             priority_rank=entry.rank,
         )
         return isinstance(decision, policy.Evict) or bool(decision.busy)

@@ -1,12 +1,13 @@
 """What the model manager needs from the devices and the arbiter (Protocols).
 
 ``devices.manager.DeviceManager`` and ``arbiter.arbiter.Arbiter`` satisfy them. The manager
-uses every method (``state()`` for the room on a GPU, ``refresh_async()`` while memory comes
+uses every method (``headroom()`` for the room on a GPU, ``refresh_async()`` while memory comes
 back), so a test double implements the whole Protocol.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from vramancer.arbiter.types import (
@@ -16,6 +17,7 @@ from vramancer.arbiter.types import (
     Priority,
     WorkloadType,
 )
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.manager import VramInfo
 from vramancer.devices.types import SystemSnapshot
 
@@ -62,3 +64,23 @@ class ArbiterPort(Protocol):
         ...
 
     def state(self) -> ArbiterState: ...
+
+    def headroom(
+        self,
+        device: DeviceId | None = None,
+        *,
+        priority: Priority | None = None,
+        spare: Callable[[Allocation], bool] | None = None,
+    ) -> int:
+        """Bytes a request of ``priority`` on ``device`` could be granted now (a dry run)."""
+        ...
+
+    def reclaimable(
+        self,
+        device: DeviceId | None = None,
+        *,
+        priority: Priority | None,
+        spare: Callable[[Allocation], bool] | None = None,
+    ) -> int:
+        """Bytes a request of ``priority`` would preempt on ``device``."""
+        ...

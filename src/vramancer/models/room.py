@@ -1,10 +1,10 @@
 """Room on a GPU, as the telemetry and the arbiter see it, and the waits for memory to show
 as free again on a real GPU (drivers report freed memory some polls later).
 
-Room is the smaller of the telemetry's free memory and the arbiter's budget. For a load of
-priority ``rank`` it also counts what the arbiter would preempt for it: preemptible
-allocations of a strictly lower priority that are not managed models (tasks,
-``/v1/allocations``; models are evicted by the manager's own policy instead), so a
+Room is the smaller of the telemetry's free memory and the arbiter's headroom
+(``Arbiter.headroom``, a dry run of its own plan). For a load of a given priority it also
+counts what the arbiter would preempt for it, sparing managed models (they are evicted by the
+manager's own policy instead): tasks and ``/v1/allocations`` of a lower priority, so a
 user-facing model beats a background reservation.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
 
-from vramancer.arbiter.types import Allocation
+from vramancer.arbiter.types import Allocation, Priority
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import GpuSnapshot
 from vramancer.errors import InsufficientMemory, InvalidInput
 from vramancer.models import policy
@@ -33,21 +33,9 @@ RECOVERED_SHARE = 0.9
 HOLDERS_SHOWN = 5
 
 
-def reclaimable(
-    allocations: Iterable[Allocation], device: str, rank: int | None
-) -> tuple[int, int]:
-    """Bytes the arbiter would preempt for a request of priority ``rank``: preemptible
-    allocations of a strictly lower priority that are not managed models; (those naming
-    ``device``, all of them). (0, 0) without a rank."""
-    if rank is None:
-        return 0, 0
-    on_device = anywhere = 0
-    for a in allocations:
-        is_model = (a.owner or "").startswith(MODEL_OWNER)
-        if a.preemptible and a.priority.rank < rank and not is_model:
-            anywhere += a.memory_bytes
-            on_device += a.memory_bytes if a.device == device else 0
-    return on_device, anywhere
+def is_model(allocation: Allocation) -> bool:
+    """An allocation of a managed model (the manager evicts those in its own order)."""
+    return (allocation.owner or "").startswith(MODEL_OWNER)
 
 
 class GpuRoom:
@@ -73,23 +61,17 @@ class GpuRoom:
             cuda_index=gpu.cuda_index,
         )
 
-    def room(self, index: int, rank: int | None = None) -> int:
-        """Free bytes on GPU ``index`` (see the module docstring). On a real GPU the memory of
-        lower-priority holders naming it shows as used in the telemetry and comes back once
-        they stop (``wait_room`` waits for it); a simulated GPU's telemetry never had it."""
+    def room(self, index: int, priority: Priority | None = None) -> int:
+        """Free bytes on GPU ``index`` (see the module docstring): the telemetry's free memory,
+        bounded by the arbiter's headroom there. On a real GPU the memory of lower-priority
+        holders naming it shows as used in the telemetry and comes back once they stop
+        (``wait_room`` waits for it); a simulated GPU's telemetry never had it."""
         gpu = self.devices.snapshot().gpu(index)
+        device = DeviceId(index)
         free = gpu.memory_free_bytes if gpu is not None else 0
-        state = self.arbiter.state()
-        key = f"gpu:{index}"
-        on_device, anywhere = reclaimable(state.allocations, key, rank)
-        if gpu is not None and not gpu.simulated:
-            free += on_device
-        for usage in state.devices:
-            if usage.device == key:
-                free = min(free, usage.available_bytes + on_device)
-        if state.budget_bytes:
-            free = min(free, max(0, state.budget_bytes - state.allocated_bytes) + anywhere)
-        return free
+        if gpu is not None and not gpu.simulated and priority is not None:
+            free += self.arbiter.reclaimable(device, priority=priority, spare=is_model)
+        return min(free, self.arbiter.headroom(device, priority=priority, spare=is_model))
 
     def free_now(self, index: int | None) -> int:
         """The telemetry's free memory on GPU ``index`` (0 for the CPU or a GPU gone)."""
@@ -147,7 +129,7 @@ class GpuRoom:
         others = [
             a
             for a in self.arbiter.state().allocations
-            if a.device in (key, None) and not (a.owner or "").startswith(MODEL_OWNER)
+            if a.device in (key, None) and not is_model(a)
         ]
         return sorted(others, key=lambda a: (-a.memory_bytes, a.seq))
 

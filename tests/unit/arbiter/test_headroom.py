@@ -122,3 +122,19 @@ def test_arbiter_headroom_without_preemption_or_for_other_devices(
     assert arbiter.headroom(DeviceId(3)) == 0
     assert arbiter.headroom(CPU) == 0
     assert arbiter.headroom(DeviceId(0, "other-node")) == 0
+
+
+def test_reclaimable_counts_what_the_priority_may_take(make_arbiter: MakeArbiter) -> None:
+    arbiter = make_arbiter(10 * GIB, 10 * GIB, usable_fraction=1.0)
+    arbiter.request_allocation(WorkloadType.OTHER, Priority.BACKGROUND, 2 * GIB, device="gpu:0")
+    arbiter.request_allocation(WorkloadType.OTHER, Priority.HIGH, 3 * GIB, device="gpu:0")
+    arbiter.request_allocation(
+        WorkloadType.OTHER, Priority.BACKGROUND, 1 * GIB, device="gpu:1", owner="keep"
+    )
+    gpu0 = DeviceId(0)
+    assert arbiter.reclaimable(gpu0, priority=None) == 0
+    assert arbiter.reclaimable(gpu0, priority=Priority.NORMAL) == 2 * GIB
+    assert arbiter.reclaimable(gpu0, priority=Priority.USER_FACING) == 5 * GIB
+    assert arbiter.reclaimable(priority=Priority.NORMAL) == 3 * GIB
+    spare_keep = arbiter.reclaimable(priority=Priority.NORMAL, spare=lambda a: a.owner == "keep")
+    assert spare_keep == 2 * GIB
