@@ -38,19 +38,25 @@ MIB = 1024**2
 GIB = 1024**3
 
 
+#: The longest size string accepted (``"18446744073709551615"`` with a unit fits many times).
+MAX_SIZE_CHARS = 64
+
+
 def parse_size(value: Any) -> int:
     """Return ``value`` as a whole number of bytes, or raise ``ValueError`` naming the form."""
     if isinstance(value, bool):
-        raise ValueError(f"expected {SIZE_FORM}, got {value!r}")
+        raise ValueError(f"expected {SIZE_FORM}, got {_short(value)}")
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"a size cannot be negative (got {value})")
         return _bounded(value, value)
     if isinstance(value, float):
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"expected {SIZE_FORM}, got {value!r}")
+            raise ValueError(f"expected {SIZE_FORM}, got {_short(value)}")
         return _bounded(int(value), value)
     if isinstance(value, str):
+        if len(value) > MAX_SIZE_CHARS:  # no size is written this long: refuse before parsing
+            raise ValueError(f"expected {SIZE_FORM}, got a string of {len(value)} characters")
         match = _SIZE_RE.match(value)
         if match:
             number, unit = match.groups()
@@ -62,7 +68,7 @@ def parse_size(value: Any) -> int:
                 if not math.isfinite(scaled):
                     raise ValueError(f"size {_short(value)} is too large (at most 8 EiB)")
                 return _bounded(int(scaled), value)
-    raise ValueError(f"expected {SIZE_FORM}, got {value!r}")
+    raise ValueError(f"expected {SIZE_FORM}, got {_short(value)}")
 
 
 def _bounded(n_bytes: int, given: Any) -> int:
@@ -98,7 +104,7 @@ def parse_param_count(value: str) -> int:
     match = _PARAMS_RE.match(value)
     if not match:
         raise ValueError(
-            f"expected a parameter count such as '7B', '350M' or '22000000', got {value!r}"
+            f"expected a parameter count such as '7B', '350M' or '22000000', got {_short(value)}"
         )
     number, suffix = match.groups()
     factor = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}[suffix.lower()]

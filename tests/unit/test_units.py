@@ -70,3 +70,14 @@ def test_format_and_param_counts() -> None:
     assert parse_param_count("350M") == 350_000_000
     with pytest.raises(ValueError, match="parameter count"):
         parse_param_count("seven")
+
+
+def test_a_huge_size_string_is_refused_without_being_echoed() -> None:
+    given = "9" * 1_000_000
+    with pytest.raises(ValueError) as info:
+        parse_size(given)
+    assert "1000000 characters" in str(info.value) and len(str(info.value)) < 200
+    with pytest.raises(ValueError) as info:
+        parse_size("x" * 65)
+    assert len(str(info.value)) < 200
+    assert parse_size(" " * 50 + "1GiB") == 1024**3
