@@ -40,8 +40,6 @@ from vramancer.errors import InvalidInput
 DEFAULT_HALF_LIFE_S = 60.0
 #: A block read from a slower tier is promoted when its hotness is at least this.
 DEFAULT_PROMOTE_THRESHOLD = 1.0
-#: Under pressure, a block whose hotness is at most this is demoted even before the tier is full.
-DEFAULT_DEMOTE_THRESHOLD = 0.25
 #: Share of a tier's bytes given to the recency window (W-TinyLFU's 1 %).
 DEFAULT_WINDOW_FRACTION = 0.01
 #: The eviction ranking decays counts with ``half_life × 2^x``; ghost hits move ``x`` within
@@ -175,7 +173,6 @@ class PolicyConfig:
 
     half_life_s: float = DEFAULT_HALF_LIFE_S
     promote_threshold: float = DEFAULT_PROMOTE_THRESHOLD
-    demote_threshold: float = DEFAULT_DEMOTE_THRESHOLD
     #: A tier above this used/capacity is under pressure (eviction runs, cold blocks go down).
     pressure_high: float = 0.9
     #: The eviction cycle frees down to this used/capacity.
@@ -1081,9 +1078,13 @@ class NoPrefetch:
 
 
 class PromotionPolicy:
-    """Thresholds: promote above the upper one, demote below the lower one under pressure."""
+    """When a block read in a slower tier moves up, and how much an eviction cycle frees.
 
-    def __init__(self, hotness: DecayedHotness, config: PolicyConfig) -> None:
+    Demotion has no threshold of its own: the eviction cycle demotes under pressure, in the
+    eviction index's order, and ``compress_cold`` moves L4 blocks at or under
+    ``memory.cold_threshold`` to disk."""
+
+    def __init__(self, hotness: HotnessModel, config: PolicyConfig) -> None:
         self._hotness = hotness
         self.config = config
 
@@ -1102,14 +1103,6 @@ class PromotionPolicy:
         if to_tier.used_bytes + block.size <= high * to_tier.capacity_bytes:
             return True
         return self._hotness.score(block, now) >= self.config.promote_threshold
-
-    def should_demote(self, block: BlockMeta, tier: TierView, now: float) -> bool:
-        """Whether a cold block should leave a tier under pressure before the tier is full."""
-        if block.pinned or block.readers > 0:
-            return False
-        if tier.pressure < (tier.pressure_high or self.config.pressure_high):
-            return False
-        return self._hotness.score(block, now) <= self.config.demote_threshold
 
     def bytes_to_free(self, tier: TierView, incoming_bytes: int = 0) -> int:
         """Bytes an eviction cycle must free (see :func:`bytes_to_free`), with the configured
@@ -1177,10 +1170,14 @@ class PolicyBundle:
 
     config: PolicyConfig
     hotness: DecayedHotness
-    placement: HotnessPlacement
+    placement: OrchestratorStrategy
     prefetcher: SequentialPrefetcher
     promotion: PromotionPolicy
     costs: ReloadCostModel
+    #: A hotness model from configuration (``memory.hotness_model``): it is told every hit and
+    #: its score decides promotions, warmup, compression and spill; the eviction indexes keep
+    #: ranking by ``hotness``. None: ``hotness`` does both.
+    scorer: HotnessModel | None = None
 
     def new_index(
         self, reload_latency: float = DEFAULT_RELOAD_LATENCY, tier: str | None = None
@@ -1197,14 +1194,22 @@ class PolicyBundle:
         )
 
     def on_put(self, block: BlockMeta) -> None:
-        """A block was written (before placement): learn the hint's write count."""
-        self.placement.observe_put(block)
+        """A block was written (before placement): a placement that learns from writes
+        (``observe_put``, as :class:`HotnessPlacement`) learns the hint's write count; a
+        strategy with only ``place`` is left alone."""
+        observe = getattr(self.placement, "observe_put", None)
+        if observe is not None:
+            observe(block)
 
     def on_read(self, block: BlockMeta, now: float) -> Sequence[str]:
         """A block is read: record the hit, learn, and return ids worth promoting ahead."""
         if block.hits <= 0.0:
-            self.placement.observe_first_read(block)
+            observe = getattr(self.placement, "observe_first_read", None)
+            if observe is not None:
+                observe(block)
         self.hotness.record_hit(block, now)
+        if self.scorer is not None:
+            self.scorer.record_hit(block, now)
         return self.prefetcher.observe(block.id, now)
 
     def should_promote(
@@ -1217,7 +1222,7 @@ def default_policy(settings: object | None = None) -> PolicyBundle:
     """The default policy, configured from a :class:`PolicyConfig`, or from ``MemorySettings``
     (or any object with the same
     attribute names; missing ones keep their defaults): ``half_life_s``, ``promote_threshold``,
-    ``cold_threshold`` (the demote threshold), ``pressure_high``, ``pressure_low``, and the
+    ``pressure_high``, ``pressure_low``, and the
     optional ``policy_window_fraction``, ``policy_adaptive_ranking``, ``reload_unit_bytes``,
     ``prefetch_depth``."""
     config = settings if isinstance(settings, PolicyConfig) else policy_config_from(settings)
@@ -1235,7 +1240,6 @@ def default_policy(settings: object | None = None) -> PolicyBundle:
 _SETTING_NAMES = {
     "half_life_s": "half_life_s",
     "promote_threshold": "promote_threshold",
-    "demote_threshold": "cold_threshold",
     "pressure_high": "pressure_high",
     "pressure_low": "pressure_low",
     "window_fraction": "policy_window_fraction",

@@ -17,6 +17,9 @@ from vramancer.memory.compression import CompressionSettings
 from vramancer.memory.regulator import RegulatorSettings
 from vramancer.units import Size
 
+#: ``package.module:attr`` (the attribute may be dotted).
+_DOTTED_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+
 
 class TierSettings(BaseModel):
     """One tier (``[memory.tiers.L4]``). ``capacity`` None: derived from the machine."""
@@ -86,6 +89,15 @@ class MemorySettings(BaseModel):
     durable_puts: bool = False
     #: Most pending promotions (prefetches) kept; older ones are dropped.
     max_pending_promotions: int = Field(default=1024, ge=1)
+    #: ``package.module:attr`` of an ``OrchestratorStrategy`` (``place(block, tiers, now)``)
+    #: replacing the default placement (``memory/plugins.py``). None: the default.
+    placement_strategy: str | None = Field(default=None, pattern=_DOTTED_PATH)
+    #: ``package.module:attr`` of a ``HotnessModel`` (``record_hit``, ``score``) deciding
+    #: promotions, warmup, compression and spill. None: the default decayed hit count.
+    hotness_model: str | None = Field(default=None, pattern=_DOTTED_PATH)
+    #: ``package.module:attr`` of a ``CompressionManager`` for L5/L6 block files. None: the
+    #: adaptive compression configured in ``[memory.compression]``.
+    compression_manager: str | None = Field(default=None, pattern=_DOTTED_PATH)
 
     @model_validator(mode="before")
     @classmethod

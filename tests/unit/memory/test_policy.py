@@ -155,19 +155,11 @@ def test_promotion_into_free_room_stays_under_the_tier_s_high_mark() -> None:
     assert policy.bytes_to_free(own_marks, incoming_bytes=200) == 501  # down to its own 0.5
 
 
-def test_demotion_below_the_lower_threshold_only_under_pressure() -> None:
-    config = PolicyConfig(demote_threshold=0.25, pressure_high=0.9)
-    hot = DecayedHotness(60.0)
-    policy = PromotionPolicy(hot, config)
-    b = block("a")
-    hot.record_hit(b, 0.0)
-    pressed = view("L4", 5.0, 1000, used=950)
-    relaxed = view("L4", 5.0, 1000, used=500)
-    assert not policy.should_demote(b, pressed, 60.0)  # 0.5
-    assert policy.should_demote(b, pressed, 120.0)  # 0.25
-    assert not policy.should_demote(b, relaxed, 120.0)
-    b.readers = 1
-    assert not policy.should_demote(b, pressed, 1000.0)
+def test_promotion_policy_has_no_demotion_threshold() -> None:
+    # Demotion is the eviction cycle's (index order, down to the low mark) and compress_cold's
+    # (memory.cold_threshold): no second, threshold-based demotion.
+    assert not hasattr(PromotionPolicy, "should_demote")
+    assert not hasattr(PolicyConfig(), "demote_threshold")
 
 
 def test_bytes_to_free_goes_down_to_the_low_watermark_once_above_the_high_one() -> None:
@@ -516,7 +508,6 @@ def test_default_policy_reads_memory_settings() -> None:
     bundle = default_policy(settings)
     assert bundle.hotness.half_life_s == 30.0
     assert bundle.config.promote_threshold == 3.0
-    assert bundle.config.demote_threshold == 0.1
     assert bundle.config.pressure_high == settings.pressure_high
     config = policy_config_from(settings, prefetch_depth=0)
     assert default_policy(config).prefetcher.depth == 0

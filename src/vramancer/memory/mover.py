@@ -1,0 +1,309 @@
+"""The tiered store's mover: it copies blocks between tiers and applies the planner's moves.
+
+Every method runs with the store's mover mutex held (``TieredStore._mover``), which serialises
+everything that moves data; the metadata lock (``StoreState.lock``) is taken only for
+bookkeeping, never across I/O. A plan (``memory/planner.py``) is applied move by move, each
+rechecked under the metadata lock just before its copy: a move whose block is gone, has moved,
+changed (replaced, pinned) or whose target no longer has room is **skipped**, never replanned
+here. The caller then checks the outcome it needed on the live state (the room for a put, the
+tier of a promoted block) and tries its next option, as it would without the skipped move.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from vramancer.clock import Clock
+from vramancer.events import EventBus
+from vramancer.memory.backends import FileHandle, Layout
+from vramancer.memory.catalog import BlockRow, Catalog
+from vramancer.memory.compression import CorruptBlock
+from vramancer.memory.metrics import Moved, StoreMetrics
+from vramancer.memory.planner import Move
+from vramancer.memory.policy import HotnessModel
+from vramancer.memory.state import Entry, Free, StoreState, Tier
+from vramancer.observability import tracing
+
+log = logging.getLogger("vramancer.memory.store")
+
+
+class Mover:
+    """Copies blocks between tiers (see the module docstring for the rules it keeps)."""
+
+    def __init__(
+        self,
+        state: StoreState,
+        *,
+        db: Callable[[], Catalog],
+        hotness: Callable[[], HotnessModel],
+        costs: Any,
+        clock: Clock,
+        metrics: StoreMetrics,
+        events: EventBus,
+    ) -> None:
+        self._state = state
+        self._db = db
+        self._hotness = hotness
+        #: The policy's learned reload costs (``observe(tier, size, seconds)``), if it has any.
+        self._costs = costs if costs is not None and hasattr(costs, "observe") else None
+        self._clock = clock
+        self._metrics = metrics
+        self._events = events
+        self._reap_queue: queue.Queue[Free | None] = queue.Queue()
+        self._reaper: threading.Thread | None = None
+
+    # -- plans -------------------------------------------------------------------------------
+
+    def apply(
+        self,
+        moves: Sequence[Move],
+        *,
+        allow_pinned: bool = False,
+        tolerate: tuple[type[BaseException], ...] = (),
+    ) -> int:
+        """Apply ``moves`` in order, each rechecked (skipped when it no longer holds); a
+        corrupt block stays where it is. Returns how many moved."""
+        moved = 0
+        blocks, by_name = self._state.blocks, self._state.by_name
+        for move in moves:
+            entry = blocks.get(move.block_id)
+            if entry is None or entry.meta.tier != move.source or entry.meta.size != move.size:
+                continue
+            try:
+                if self.relocate(
+                    entry, by_name[move.target], move.reason, allow_pinned=allow_pinned
+                ):
+                    moved += 1
+            except CorruptBlock:
+                log.exception("block %r is corrupted; it stays in %s", move.block_id, move.source)
+            except tolerate:
+                log.exception("could not move block %r (%s)", move.block_id, move.reason)
+        return moved
+
+    # -- one move ----------------------------------------------------------------------------
+
+    def relocate(
+        self,
+        entry: Entry,
+        target: Tier,
+        reason: str,
+        *,
+        value: Any = None,
+        owned: bool = False,
+        allow_pinned: bool = False,
+        read_s: float = 0.0,
+        prefetched: bool = False,
+    ) -> bool:
+        """Move ``entry`` to ``target``. Copies outside the metadata lock; the old copy is
+        freed after the switch, or when its last reader is done. Returns False (nothing done)
+        if the block changed meanwhile (deleted, replaced, pinned, already there) or the
+        target has no room for it.
+
+        ``value``: the block's data when the caller already read it (``read_s`` seconds, counted
+        in the move's time). ``prefetched``: a promotion ahead of the reader (the target's
+        index keeps it apart until its read comes)."""
+        state = self._state
+        meta = entry.meta
+        with state.lock:
+            if (
+                state.blocks.get(meta.id) is not entry
+                or (meta.pinned and not allow_pinned)
+                or meta.tier == target.name
+                or target.free < meta.size
+            ):
+                return False
+            source = state.by_name[meta.tier]
+            meta.readers += 1
+            handle = entry.handle
+        upward = target.spec.latency < source.spec.latency
+        start = time.perf_counter()
+        try:
+            new_handle = self._copy(entry, source, target, handle, value, owned, upward)
+        except BaseException:
+            self.release(entry)
+            raise
+        seconds = time.perf_counter() - start + read_s
+        now = self._clock.monotonic()
+        with state.lock:
+            meta.readers -= 1
+            state.account_out(source, entry)
+            entry.handle = new_handle
+            state.account_in(target, entry, now, prefetched=prefetched)
+            frees = state.retire(entry, source, handle)
+            self._metrics.count(meta.size, upward, reason)
+        self.free(frees)
+        self._report(Moved(meta.id, meta.size, source.name, target.name, reason, seconds, upward))
+        return True
+
+    def _copy(
+        self,
+        entry: Entry,
+        source: Tier,
+        target: Tier,
+        handle: Any,
+        value: Any,
+        owned: bool,
+        upward: bool,
+    ) -> Any:
+        """Read (unless ``value``), write into ``target`` and update the catalog; returns the
+        new handle (freed again if the catalog fails)."""
+        meta = entry.meta
+        layout = self._state.layout(entry)
+        name = "memory.promote" if upward else "memory.demote"
+        with tracing.span(name, block_id=meta.id, source=source.name, target=target.name):
+            if value is None:
+                value = source.backend.read(handle, layout, meta.id)
+                owned = source.is_disk
+            durable = meta.id in self._state.durable
+            new_handle = target.backend.write(
+                meta.id,
+                layout,
+                value,
+                owned=owned,
+                hint=meta.hint,
+                record=self.record(entry, layout, durable) if target.is_disk else None,
+            )
+            try:
+                if target.is_disk:
+                    # From volatile memory, a crash loses the block anyway: no fsync of
+                    # the row. Between L5 and L6 the old file goes away: durable.
+                    row = self.row(entry, self._clock.monotonic(), target, new_handle)
+                    self._db().upsert(row, durable=source.is_disk)
+                elif source.is_disk:
+                    self._db().delete(meta.id, durable=False)
+            except BaseException:
+                target.backend.free(new_handle)
+                raise
+        return new_handle
+
+    def _report(self, move: Moved) -> None:
+        """Metrics and one event per move, after the lock is released."""
+        kind = self._metrics.observe(move)
+        by_name = self._state.by_name
+        for name in (move.source, move.target):
+            self._metrics.publish(by_name[name])
+        # A move up is a reload from its source tier: what the eviction ranking of the tier
+        # above that one counts as the cost of evicting a block (moves down measure writes).
+        if move.upward and self._costs is not None:
+            with self._state.lock:
+                self._costs.observe(move.source, move.size, move.seconds)
+        self._events.publish(
+            kind,
+            id=move.block_id,
+            size=move.size,
+            source=move.source,
+            target=move.target,
+            reason=move.reason,
+            seconds=round(move.seconds, 6),
+        )
+
+    # -- records of blocks on disk -----------------------------------------------------------
+
+    def record(self, entry: Entry, layout: Layout, durable: bool) -> dict[str, Any]:
+        """What a block file says about its block (``blockfile.py``), to rebuild its row."""
+        meta = entry.meta
+        return {
+            "id": meta.id,
+            "size": meta.size,
+            "kind": layout.kind.value,
+            "dtype": layout.dtype,
+            "shape": list(layout.shape),
+            "itemsize": layout.itemsize,
+            "priority": meta.priority,
+            "hint": meta.hint,
+            "written": time.time_ns(),
+            "created": self._clock.time(),
+            "durable": durable,
+        }
+
+    def row(
+        self,
+        entry: Entry,
+        now: float,
+        tier: Tier | None = None,
+        handle: Any = None,
+        *,
+        durable: bool | None = None,
+    ) -> BlockRow:
+        """The catalog row of a block on disk (in ``tier`` at ``handle`` if given)."""
+        meta, layout = entry.meta, self._state.layout(entry)
+        handle = entry.handle if handle is None else handle
+        assert isinstance(handle, FileHandle)
+        return BlockRow(
+            id=meta.id,
+            size=meta.size,
+            tier=tier.name if tier is not None else meta.tier,
+            priority=meta.priority,
+            pinned=meta.pinned,
+            hint=meta.hint,
+            kind=layout.kind.value,
+            dtype=layout.dtype,
+            shape=layout.shape,
+            itemsize=layout.itemsize,
+            file=handle.path.name,
+            codec=handle.codec,
+            stored_size=handle.stored_size,
+            hits=self._hotness().score(meta, now),
+            created=self._clock.time(),
+            durable=meta.id in self._state.durable if durable is None else durable,
+        )
+
+    # -- readers and old copies --------------------------------------------------------------
+
+    def release(self, entry: Entry) -> None:
+        """A reader is done; the last one frees what was retired meanwhile."""
+        with self._state.lock:
+            frees = self._state.release(entry)
+        self.free(frees)
+
+    def free(self, frees: list[Free], *, now: bool = False) -> None:
+        """Free retired copies. Files are unlinked by a background thread (unless ``now``):
+        unlinking a large file takes milliseconds the mover need not wait for; names are
+        unique per stored version, so a late unlink never hits a newer copy."""
+        for tier, handle in frees:
+            if tier.is_disk and not now:
+                self._reap(tier, handle)
+                continue
+            try:
+                tier.backend.free(handle)
+            except OSError:
+                log.exception("could not free an old copy in %s", tier.name)
+
+    def _reap(self, tier: Tier, handle: Any) -> None:
+        with self._state.lock:
+            if self._reaper is None:
+                self._reaper = threading.Thread(
+                    target=self._reaper_loop, name="vramancer-memory-reaper", daemon=True
+                )
+                self._reaper.start()
+        self._reap_queue.put((tier, handle))
+
+    def _reaper_loop(self) -> None:
+        while True:
+            item = self._reap_queue.get()
+            try:
+                if item is None:
+                    return
+                tier, handle = item
+                tier.backend.free(handle)
+            except OSError:
+                log.exception("could not free an old copy")
+            finally:
+                self._reap_queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every retired copy has been freed (files unlinked)."""
+        if self._reaper is not None:
+            self._reap_queue.join()
+
+    def stop(self) -> None:
+        """Stop the reaper thread once it has freed what it was given."""
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            self._reap_queue.put(None)
+            reaper.join()
