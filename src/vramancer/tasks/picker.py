@@ -1,6 +1,6 @@
 """The device picker: a pure function of device views (telemetry + reservations) and a need.
 
-Seed 004's MAESTRO rules. A device is *eligible* for a task when its telemetry is fresh
+A device is *eligible* for a task when its telemetry is fresh
 (``heartbeat_ttl_s``, 15 s), it is not too hot (≤ 78 °C) or too busy (≤ 95 %), it has a free
 slot, and the task's VRAM need fits in its *available* bytes::
 
@@ -32,7 +32,8 @@ from vramancer.tasks.settings import PickerStrategy, TasksSettings
 from vramancer.units import format_size
 
 HOST = "host"
-#: Assumed utilization and temperature when a device does not report them (as the seed).
+#: Assumed utilization and temperature when a device does not report them (mid-range: such
+#: a device is neither preferred nor ruled out).
 UNKNOWN_BUSY = 0.5
 UNKNOWN_TEMPERATURE_CELSIUS = 60.0
 #: Score weights (lower is better): per unit of busy, per °C, stale telemetry, our load.

@@ -6,8 +6,9 @@ small doubles. Only these calls are used:
 * devices: ``snapshot() -> SystemSnapshot`` (the latest poll; never calls a driver);
 * arbiter: ``request_allocation(workload_type, priority, memory, *, device="gpu:N",
   owner=..., on_preempt=...)`` (raises ``InsufficientMemory`` or another ``Conflict``),
-  ``release_allocation(id)``, ``reserved_bytes(device | None) -> int``, ``budget`` (total and
-  per ``gpu:N`` bytes it may grant);
+  ``release_allocation(id)``, ``reserved_bytes(device | None) -> int``, ``headroom(device)``
+  (bytes a request naming that GPU could be granted now without preempting anyone; the
+  dispatcher's per-GPU room), ``budget`` (total and per ``gpu:N`` bytes it may grant);
 * memory: ``warmup(max_blocks) -> int``, ``compress_cold(max_blocks) -> int`` and
   ``maintain()`` (maintenance tasks; plain or async; a store without ``maintain`` makes
   ``rebalance`` do nothing);
@@ -23,6 +24,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from vramancer.arbiter.types import Allocation, PreemptCallback, Priority, WorkloadType
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import SystemSnapshot
 
 
@@ -53,6 +55,8 @@ class ArbiterPort(Protocol):
     def release_allocation(self, allocation_id: str) -> Any: ...
 
     def reserved_bytes(self, device: str | None = ...) -> int: ...
+
+    def headroom(self, device: DeviceId | None = ...) -> int: ...
 
     @property
     def budget(self) -> BudgetView: ...

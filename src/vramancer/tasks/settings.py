@@ -1,4 +1,4 @@
-"""Settings of the ``[tasks]`` section: the GPU task scheduler (seed 004 MAESTRO, seed 000).
+"""Settings of the ``[tasks]`` section: the GPU task scheduler.
 
 Every key is documented in ``docs/configuration.md`` (section ``## [tasks]``).
 """
@@ -55,7 +55,7 @@ class TasksSettings(BaseModel):
     host_slots: int = Field(default=2, ge=1, le=1024)
     #: ``spread`` or ``binpack``.
     picker: PickerStrategy = PickerStrategy.SPREAD
-    #: A device whose telemetry is older than this is not eligible (the seed's heartbeat TTL).
+    #: A device whose telemetry is older than this is not eligible (a heartbeat TTL).
     heartbeat_ttl_s: float = Field(default=15.0, gt=0)
     #: Telemetry older than this is stale: still eligible, but scored worse.
     stale_after_s: float = Field(default=5.0, gt=0)

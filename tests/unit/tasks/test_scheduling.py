@@ -286,9 +286,9 @@ async def test_a_user_task_makes_queued_maintenance_yield(make_harness: MakeHarn
         now=h.clock.time(),
         lease_s=30,
     )
-    h.svc._publish(changes)  # account the lease like the dispatcher would
+    h.svc.telemetry.publish(changes)  # account the lease like the dispatcher would
     await h.svc.submit({"type": "cmd", "cmd": ["true"]})
-    await h.svc._run_maintenance(leased)
+    await h.svc.lane.run(leased)
     states = [await h.state(s.task_id) for s in noops]
     assert states == [TaskState.QUEUED] * 5  # handed back, untouched
     assert [r.attempts for r in [await h.svc.status(s.task_id) for s in noops]] == [0] * 5

@@ -257,7 +257,7 @@ async def test_unseen_reservation_counts_as_used_until_the_driver_shows_it(
 
 
 async def test_visible_usage_of_a_task_is_not_counted_twice(make_harness: MakeHarness) -> None:
-    from vramancer.tasks.service import _Active, _visible_bytes
+    from vramancer.tasks.workers import Active, visible_bytes
 
     h = await make_harness()
     snapshot = h.devices.snapshot()
@@ -268,8 +268,8 @@ async def test_visible_usage_of_a_task_is_not_counted_twice(make_harness: MakeHa
     shown = replace(gpu, processes=(GpuProcess(pid=me, used_memory_bytes=3 * 1024**3),))
     snapshot = replace(snapshot, gpus=(shown,))
     record = None
-    active = _Active(record, "gpu:0", None, 4 * 1024**3, pgid=os.getpgid(me))  # type: ignore[arg-type]
-    assert _visible_bytes(snapshot, active) == 3 * 1024**3
+    active = Active(record, "gpu:0", None, 4 * 1024**3, pgid=os.getpgid(me))  # type: ignore[arg-type]
+    assert visible_bytes(snapshot, active) == 3 * 1024**3
 
 
 async def test_vram_no_gpu_can_grant_is_refused_at_submit(make_harness: MakeHarness) -> None:

@@ -1,4 +1,4 @@
-"""Routes for tasks (``/api/tasks/...``, CONTRACTS.md; seed 000's opportunistic scheduler).
+"""Routes for tasks (``/api/tasks/...``, CONTRACTS.md).
 
 Mounted behind the viewer role. ``cmd``, ``shell`` and ``python`` tasks run code on this
 machine, so submitting one needs the operator role (403 for a viewer, nothing queued); the
@@ -28,16 +28,16 @@ from fastapi import APIRouter, Path, Query
 from vramancer.api.deps import Operator, RuntimeDep, Viewer
 from vramancer.config import Role
 from vramancer.errors import Forbidden
+from vramancer.tasks.admission import needs_operator
+from vramancer.tasks.logs import MAX_LOG_OFFSET
 from vramancer.tasks.model import (
     EnvView,
     SubmitBatch,
     TaskRecord,
     TaskSpec,
     TaskState,
-    TaskType,
     owner_of,
 )
-from vramancer.tasks.service import MAX_LOG_OFFSET
 
 router = APIRouter(prefix="/api/tasks", tags=["tasks"])
 #: A task id in a path: as long as a task id may be (``TASK_ID_PATTERN``, generated ids shorter).
@@ -47,26 +47,14 @@ TaskIdPath = Annotated[str, Path(min_length=1, max_length=128)]
 def _check_role(specs: list[Any], principal: Viewer) -> None:
     if principal.role.allows(Role.OPERATOR):
         return
-    for i, spec in enumerate(specs):
-        kind = spec.type.value if isinstance(spec, TaskSpec) else _raw_type(spec)
-        if kind is not None and kind not in _MAINTENANCE:
-            where = f"tasks[{i}]: " if len(specs) > 1 else ""
-            raise Forbidden(
-                f"{where}{kind} tasks run code on this machine: they need the operator "
-                f"role; the caller has {principal.role.value}"
-            )
-
-
-_MAINTENANCE = frozenset(t.value for t in TaskType if t.maintenance)
-
-
-def _raw_type(item: Any) -> str | None:
-    """The ``type`` of a raw task body when it names a known kind (else validation says)."""
-    kind = item.get("type") if isinstance(item, dict) else None
-    return kind if isinstance(kind, str) and kind in _KINDS else None
-
-
-_KINDS = frozenset(t.value for t in TaskType)
+    first = needs_operator(specs)
+    if first is not None:
+        i, kind = first
+        where = f"tasks[{i}]: " if len(specs) > 1 else ""
+        raise Forbidden(
+            f"{where}{kind} tasks run code on this machine: they need the operator "
+            f"role; the caller has {principal.role.value}"
+        )
 
 
 def _viewer_only(principal: Viewer) -> bool:

@@ -1,0 +1,333 @@
+"""Local workers: one asyncio task per user task this daemon runs, from lease to outcome.
+
+A leased task gets its VRAM reserved in the arbiter (a refusal sends it back to the queue
+untried; a failure that waiting will not cure fails the attempt), then, when it names a model,
+``models.use(model)`` loads the model on demand and holds it against the idle reaper and
+eviction until the process ends (a model that cannot be loaded fails the attempt). The process
+(``launch.run_request``, ``runner.ProcessRun``) runs in its own session; its ``running`` mark
+commits while it runs. When it ends, its VRAM is given back, its scratch directory removed
+(unless ``keep_scratch``) and its outcome reported under its lease token, which the queue
+turns into the next state (``transitions.next_state``). A stop that is not the task's fault
+(shutdown, preemption) reports it released: queued again, not counted as a try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vramancer.arbiter.types import WorkloadType
+from vramancer.clock import Clock
+from vramancer.devices.types import SystemSnapshot
+from vramancer.errors import BackendUnavailable, Conflict
+from vramancer.errors import ShuttingDown as VramancerShuttingDown
+from vramancer.tasks.files import private_dir
+from vramancer.tasks.launch import model_env, run_request, scratch_dir
+from vramancer.tasks.model import Change, Outcome, OutcomeKind, TaskRecord
+from vramancer.tasks.picker import HOST, LocalLoad
+from vramancer.tasks.ports import ArbiterPort, ModelsPort
+from vramancer.tasks.queue import TaskQueue
+from vramancer.tasks.runner import ProcessRun, RunResult
+from vramancer.tasks.settings import TasksSettings
+from vramancer.tasks.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Active:
+    """A user task this daemon runs now."""
+
+    record: TaskRecord
+    device: str
+    cuda_index: int | None
+    vram_bytes: int
+    allocation_id: str | None = None
+    run: ProcessRun | None = None
+    pgid: int | None = None
+    #: A user asked to cancel it.
+    cancel: bool = False
+    #: Stopped for a reason that is not the task's fault (shutdown, preemption): requeue it.
+    release_reason: str | None = None
+    #: Its lease was taken back: whatever it reports is stale.
+    lost: bool = False
+    task: asyncio.Task[None] | None = None
+    #: ``VRM_MODEL*`` variables describing the held model (empty: the task names none).
+    model_env: dict[str, str] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        if self.run is not None:
+            self.run.cancel()
+
+
+class Workers:
+    """The user tasks this daemon runs; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: TasksSettings,
+        *,
+        data_dir: Path,
+        arbiter: ArbiterPort,
+        models: ModelsPort | None,
+        queue: TaskQueue,
+        clock: Clock,
+        telemetry: Telemetry,
+        backoff: Callable[[int], float],
+        poke: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.data_dir = data_dir
+        self.arbiter = arbiter
+        self.models = models
+        self.queue = queue
+        self.clock = clock
+        self.telemetry = telemetry
+        self.backoff = backoff
+        self.poke = poke
+        #: Absolute paths of ``allowed_commands`` (``admission.resolve_programs``, at start).
+        self.programs: Mapping[str, str] = {}
+        self.active: dict[str, Active] = {}
+
+    def loads(self, snapshot: SystemSnapshot) -> dict[str, LocalLoad]:
+        """Per device: our running tasks, the VRAM they reserved and the part of it the driver
+        does not show yet (the picker counts it as used)."""
+        local: dict[str, LocalLoad] = {}
+        for active in self.active.values():
+            load = local.get(active.device, LocalLoad())
+            unseen = max(0, active.vram_bytes - visible_bytes(snapshot, active))
+            local[active.device] = LocalLoad(
+                load.running + 1,
+                load.unseen_bytes + unseen,
+                load.reserved_bytes + active.vram_bytes,
+            )
+        return local
+
+    def running(self) -> list[asyncio.Task[None]]:
+        return [a.task for a in self.active.values() if a.task is not None]
+
+    def cancel(self, task_id: str) -> None:
+        """A user cancelled the task: stop its process (it then ends ``cancelled``)."""
+        active = self.active.get(task_id)
+        if active is not None:
+            active.cancel = True
+            active.stop()
+
+    def lost(self, task_id: str) -> None:
+        """Its lease was taken back: stop it; whatever it reports is stale."""
+        active = self.active.get(task_id)
+        if active is not None:
+            active.lost = True
+            active.stop()
+
+    def release_all(self, reason: str) -> None:
+        """Stop every task for ``reason`` (not their fault): each goes back to the queue."""
+        for active in list(self.active.values()):
+            active.release_reason = reason
+            active.stop()
+
+    async def launch(self, record: TaskRecord, cuda_index: int | None) -> bool:
+        """Reserve the leased task's VRAM and start its worker; False when it went back."""
+        device = record.device or HOST
+        active = Active(record, device, cuda_index, record.vram_bytes)
+        if record.vram_bytes > 0 and device != HOST:
+            try:
+                allocation = self.arbiter.request_allocation(
+                    WorkloadType.OTHER,
+                    record.priority,
+                    record.vram_bytes,
+                    device=device,
+                    owner=f"task:{record.task_id}",
+                    on_preempt=self._on_preempt(record.task_id),
+                )
+            except (Conflict, VramancerShuttingDown) as exc:
+                # No room after all (or the arbiter is stopping): back to the queue, untried.
+                outcome = record.outcome(
+                    OutcomeKind.RELEASED,
+                    error=f"waiting for a device: the arbiter refused: {exc.message}",
+                )
+                await self.finish(outcome, wake=False)
+                return False
+            except Exception as exc:  # a refusal that waiting will not cure: a failed try
+                log.exception("task %s: reserving its VRAM failed", record.task_id)
+                outcome = record.outcome(
+                    OutcomeKind.ERROR,
+                    error=f"cannot reserve {record.vram_bytes} bytes on {device}: {exc}",
+                )
+                await self.finish(outcome)
+                return False
+            active.allocation_id = allocation.id
+        self.active[record.task_id] = active
+        active.task = asyncio.create_task(self._execute(active), name=f"task-{record.task_id}")
+        return True
+
+    async def finish(self, outcome: Outcome, *, wake: bool = True) -> None:
+        """Report how an attempt ended; the queue decides what follows."""
+        try:
+            changes = await self.queue.finish(
+                [outcome], now=self.clock.time(), retry_delay=self.backoff
+            )
+        except Exception:
+            log.exception("recording the end of task %s failed", outcome.task_id)
+            return
+        self.telemetry.publish(changes)
+        if wake:
+            self.poke()
+
+    def _on_preempt(self, task_id: str) -> Any:
+        loop = asyncio.get_running_loop()
+
+        def preempted(_: Any) -> None:
+            def stop() -> None:
+                active = self.active.get(task_id)
+                if active is not None:
+                    active.allocation_id = None  # the arbiter took it back already
+                    active.release_reason = "preempted by a higher-priority allocation"
+                    active.stop()
+
+            loop.call_soon_threadsafe(stop)
+
+        return preempted
+
+    async def _execute(self, active: Active) -> None:
+        record = active.record
+        try:
+            outcome = await self._run_with_model(active)
+        except Exception as exc:
+            log.exception("task %s: internal error", record.task_id)
+            outcome = record.outcome(OutcomeKind.ERROR, error=f"internal error: {exc}")
+        finally:
+            self._release(active)
+            self.poke()  # a slot is free: the next task can start while this one is recorded
+        if not active.lost:
+            await self.finish(outcome)
+
+    async def _run_with_model(self, active: Active) -> Outcome:
+        """Run the process, inside ``models.use(model)`` when the task names a model: loaded
+        first (on demand), held against the reaper and eviction until the process ends. A model
+        that cannot be loaded (backend down, no VRAM ...) fails the attempt with the reason."""
+        record = active.record
+        name = record.spec.get("model")
+        if name is None:
+            return await self._run_process(active)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                if self.models is None:
+                    raise BackendUnavailable("this daemon has no model manager")
+                handle = await stack.enter_async_context(self.models.use(name))
+            except Exception as exc:
+                reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                return record.outcome(
+                    OutcomeKind.ERROR, error=f"model {name!r} could not be loaded: {reason}"
+                )
+            active.model_env = model_env(name, handle)
+            outcome = await self._run_process(active)
+        return outcome
+
+    async def _run_process(self, active: Active) -> Outcome:
+        record = active.record
+        private_dir(scratch_dir(self.data_dir, active.device, record.task_id))
+        request = run_request(
+            record,
+            record.task_spec(),
+            device=active.device,
+            cuda_index=active.cuda_index,
+            model_env=active.model_env,
+            settings=self.settings,
+            data_dir=self.data_dir,
+            programs=self.programs,
+            environ=os.environ,
+        )
+        run = ProcessRun(request)
+        try:
+            await run.start()
+        except OSError as exc:
+            return record.outcome(OutcomeKind.ERROR, error=f"cannot start {request.argv[0]}: {exc}")
+        active.run = run
+        active.pgid = run.pid
+        if active.cancel or active.release_reason or active.lost:
+            run.cancel()
+        # The running mark commits while the process runs; it is published as soon as it is
+        # committed, and always before the task's end (the writer keeps their order).
+        mark = asyncio.ensure_future(
+            self.queue.mark_running(
+                record.task_id,
+                record.lease_token,
+                pid=run.pid,
+                pid_started=run.started_at,
+                now=self.clock.time(),
+            )
+        )
+        mark.add_done_callback(self._publish_marked)
+        try:
+            result = await run.wait()
+        finally:
+            await asyncio.wait([mark])
+        return outcome_of(active, result)
+
+    def _publish_marked(self, mark: asyncio.Future[list[Change]]) -> None:
+        if mark.cancelled():
+            return
+        if mark.exception() is not None:
+            log.error("recording a task as running failed: %s", mark.exception())
+            return
+        self.telemetry.publish(mark.result())
+
+    def _release(self, active: Active) -> None:
+        self.active.pop(active.record.task_id, None)
+        if active.allocation_id is not None:
+            try:
+                self.arbiter.release_allocation(active.allocation_id)
+            except Exception:
+                log.exception("releasing the VRAM of task %s failed", active.record.task_id)
+            active.allocation_id = None
+        if not self.settings.keep_scratch:  # ours even when the task ran in its own cwd
+            scratch = scratch_dir(self.data_dir, active.device, active.record.task_id)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def outcome_of(active: Active, result: RunResult) -> Outcome:
+    """How the attempt ended: a stop that was not the task's fault is ``released``."""
+    record = active.record
+    if result.ok:
+        kind, error = OutcomeKind.OK, None
+    elif result.cancelled and active.release_reason and not active.cancel:
+        kind, error = OutcomeKind.RELEASED, active.release_reason
+    elif result.cancelled:
+        kind, error = OutcomeKind.CANCELLED, "cancelled"
+    else:
+        kind = OutcomeKind.ERROR
+        error = result.error or f"exit code {result.exit_code}"
+    return record.outcome(
+        kind,
+        exit_code=result.exit_code,
+        error=error,
+        stdout_tail=result.stdout_tail,
+        stderr_tail=result.stderr_tail,
+        run_s=result.run_s,
+    )
+
+
+def visible_bytes(snapshot: SystemSnapshot, active: Active) -> int:
+    """VRAM the driver shows for the task's process group on its GPU (0 when not visible)."""
+    if active.pgid is None or active.device == HOST:
+        return 0
+    index = int(active.device.partition(":")[2])
+    gpu = snapshot.gpu(index)
+    if gpu is None:
+        return 0
+    total = 0
+    for proc in gpu.processes:
+        try:
+            if os.getpgid(proc.pid) == active.pgid:
+                total += proc.used_memory_bytes or 0
+        except OSError:
+            continue
+    return total
