@@ -163,6 +163,24 @@ class StoreState:
             return self.deferred.pop(entry, [])
         return []
 
+    def describe(self, entry: Entry, hotness: float) -> dict[str, Any]:
+        """One block's metadata as the API shows it."""
+        meta = entry.meta
+        layout = self.layout(entry)
+        return {
+            "id": meta.id,
+            "size": meta.size,
+            "tier": meta.tier,
+            "pinned": meta.pinned,
+            "priority": meta.priority,
+            "hint": meta.hint,
+            "kind": layout.kind.value,
+            "dtype": layout.dtype,
+            "shape": list(layout.shape),
+            "compression": meta.compression,
+            "hotness": hotness,
+        }
+
     # -- snapshots for the planner (lock held) -----------------------------------------------
 
     def tier_states(
@@ -216,3 +234,23 @@ class StoreState:
             if keep(entry, by_name[meta.tier]):
                 views.append(BlockView(meta.id, meta.size, meta.tier, score(meta)))
         return views
+
+
+def tier_stats(tier: Tier) -> dict[str, Any]:
+    """One tier's figures as ``stats()`` shows them."""
+    ratio = tier.used / tier.stored if tier.stored else 1.0
+    return {
+        "name": tier.name,
+        "latency": tier.spec.latency,
+        "capacity_bytes": tier.capacity,
+        "target_capacity_bytes": tier.target,
+        "used_bytes": tier.used,
+        "free_bytes": tier.free,
+        "blocks": tier.blocks,
+        "pressure": round(tier.used / tier.capacity, 6) if tier.capacity else 0.0,
+        "stored_bytes": tier.stored,
+        "compression_ratio": round(ratio, 6),
+        "hits": tier.hits,
+        "path": str(tier.spec.path) if tier.spec.path else None,
+        "devices": list(tier.spec.devices),
+    }

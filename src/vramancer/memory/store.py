@@ -35,7 +35,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,7 +50,6 @@ from vramancer.errors import (
     ShuttingDown,
 )
 from vramancer.events import EventBus
-from vramancer.memory import planner
 from vramancer.memory.backends import DataKind, Layout, describe, raw_view
 from vramancer.memory.catalog import Catalog
 from vramancer.memory.catalog import check as check_catalog
@@ -65,11 +64,11 @@ from vramancer.memory.checks import (
     check_page,
     check_priority,
 )
-from vramancer.memory.compression import AdaptiveCompression, CompressionManager, CorruptBlock
+from vramancer.memory.compression import AdaptiveCompression, CompressionManager
 from vramancer.memory.metrics import StoreMetrics
 from vramancer.memory.mover import Mover
 from vramancer.memory.opening import build_tiers, load_blocks, report_recovery
-from vramancer.memory.planner import Candidate, Move, NoRoom
+from vramancer.memory.planning import Planning, tier_view
 from vramancer.memory.plugins import load_compression, load_policy
 from vramancer.memory.policy import (
     BlockMeta,
@@ -79,9 +78,9 @@ from vramancer.memory.policy import (
     TierView,
 )
 from vramancer.memory.settings import MemorySettings
-from vramancer.memory.state import Entry, Free, StoreState, Tier
+from vramancer.memory.state import Entry, Free, StoreState, Tier, tier_stats
 from vramancer.memory.storage import DataDirLock
-from vramancer.memory.tiers import CudaDevice, TierName, resolve_tiers
+from vramancer.memory.tiers import CudaDevice, resolve_tiers
 from vramancer.observability import tracing
 from vramancer.observability.metrics import Metrics
 
@@ -122,13 +121,6 @@ class StorePolicy(Protocol):
 
 #: A NumPy block (the hit path hands out a read-only view of it).
 _NUMPY = DataKind.NUMPY
-
-
-def _view(tier: Tier) -> TierView:
-    spec = tier.spec
-    return TierView(
-        tier.name, spec.latency, tier.target, tier.used, spec.pressure_high, spec.pressure_low
-    )
 
 
 class TieredStore:
@@ -190,6 +182,14 @@ class TieredStore:
             clock=clock,
             metrics=self._metrics,
             events=events,
+        )
+        self._plan = Planning(
+            state,
+            self._moves,
+            placement=lambda: self._policy.placement,
+            hotness=lambda: self._hotness,
+            settings=settings,
+            clock=clock,
         )
         # A damaged catalog is reported now, while the caller can still show a clean message
         # (``vramancer serve`` builds the runtime before it starts serving).
@@ -344,7 +344,7 @@ class TieredStore:
             promote = (
                 up is not None
                 and not meta.pinned
-                and self._policy.should_promote(meta, meta.tier, _view(up), now)
+                and self._policy.should_promote(meta, meta.tier, tier_view(up), now)
                 and (up.is_disk or block_id not in self._state.durable)
             )
             if ahead:
@@ -466,7 +466,7 @@ class TieredStore:
                 for tier in self._state.tiers:
                     need = tier.need(0, force=force)
                     if need > 0 and tier.lower:
-                        self._free_bytes(tier, need, reason="evict")
+                        self._plan.free_bytes(tier, need, reason="evict")
                     self._settle_capacity(tier)
             return self._evicted_since(before)
 
@@ -486,7 +486,7 @@ class TieredStore:
                 raise InvalidInput("bytes must not be negative", field="bytes")
             with tracing.span("memory.evict_cycle", tier=tier, force=True):
                 if need > 0 and state.lower:
-                    self._free_bytes(state, need, reason="evict")
+                    self._plan.free_bytes(state, need, reason="evict")
             return self._evicted_since(before)
 
     def _evicted_since(self, before: tuple[int, int]) -> dict[str, int]:
@@ -524,62 +524,22 @@ class TieredStore:
     def warmup(self, max_blocks: int = 64) -> int:
         """Promote the hottest blocks that sit below their best tier, where there is room
         (no eviction). Returns how many moved."""
-        now = self._clock.monotonic()
         with self._mover:
             self._require_open()
-            floor = self.settings.cold_threshold
-            with self._lock:
-                score = self._scorer(now)
-                views = self._state.block_views(
-                    lambda e, t: not e.meta.pinned and t.up is not None, score
-                )
-                tier_views = [_view(t) for t in self._state.tiers]
-                picked = [
-                    planner.BlockView(
-                        v.id, v.size, v.tier, v.score, self._targets(v.id, tier_views, now)
-                    )
-                    for v in planner.pick_hottest(views, max_blocks, floor)
-                ]
-                states = self._state.tier_states()
-            moves = planner.plan_warmup(states, picked, max_blocks=max_blocks, floor=floor)
-            return self._moves.apply(moves)
+            return self._plan.warmup(max_blocks)
 
     def compress_cold(self, max_blocks: int = 64) -> int:
         """Move the coldest L4 blocks (hotness at or under ``memory.cold_threshold``) to L5,
         compressed where it pays, where there is room. Returns how many moved."""
-        now = self._clock.monotonic()
-        host = TierName.L4.value
         with self._mover:
             self._require_open()
-            if host not in self._by_name:
-                return 0
-            with self._lock:
-                views = self._state.block_views(
-                    lambda e, t: t.name == host and not e.meta.pinned and e.meta.readers == 0,
-                    self._scorer(now),
-                )
-                states = self._state.tier_states()
-            moves = planner.plan_compress(
-                states,
-                views,
-                source=host,
-                max_blocks=max_blocks,
-                floor=self.settings.cold_threshold,
-            )
-            return self._moves.apply(moves)
+            return self._plan.compress(max_blocks)
 
     def spill(self) -> int:
         """Move every block of L1–L4 to L5/L6 where there is room (hottest first), so it
         survives a restart. Returns how many moved. Pinned blocks are spilled too."""
-        now = self._clock.monotonic()
         with self._mover:
-            with self._lock:
-                views = self._state.block_views(lambda e, t: not t.is_disk, self._scorer(now))
-                states = self._state.tier_states()
-            moves = planner.plan_spill(states, views)
-            return self._moves.apply(
-                moves, allow_pinned=True, tolerate=(CorruptBlock, OSError, InsufficientStorage)
-            )
+            return self._plan.spill()
 
     def set_capacity(self, tier: str, capacity_bytes: int) -> None:
         """Change a tier's budget. Shrinking demotes blocks until the tier fits; data is never
@@ -592,7 +552,7 @@ class TieredStore:
             with self._lock:
                 state.target = capacity_bytes
             if state.used > capacity_bytes and state.lower:
-                self._free_bytes(state, state.used - capacity_bytes, reason="capacity")
+                self._plan.free_bytes(state, state.used - capacity_bytes, reason="capacity")
             self._settle_capacity(state)
         self._events.publish(
             "tier_capacity_changed",
@@ -608,7 +568,7 @@ class TieredStore:
     def stats(self) -> dict[str, Any]:
         """Tiers (capacity, use, blocks, latency, compression) and move totals."""
         with self._lock:
-            tiers = [self._tier_stats(t) for t in self._state.tiers]
+            tiers = [tier_stats(t) for t in self._state.tiers]
             blocks = len(self._blocks)
             pinned = sum(1 for e in self._blocks.values() if e.meta.pinned)
             totals = dict(self._metrics.totals)
@@ -705,12 +665,12 @@ class TieredStore:
         """The tier a new block goes to (room made there), or ``InsufficientMemory``."""
         with self._lock:
             self._policy.on_put(meta)
-            views = [_view(t) for t in self._state.tiers]
+            views = [tier_view(t) for t in self._state.tiers]
         with tracing.span("orch.place_block", block_id=meta.id, size=meta.size) as span:
             order = self._policy.placement.place(meta, views, now)
             if durable:
-                order = self._disk_order(order, meta.size)
-            tier = self._room_for_new(meta, order)
+                order = self._plan.disk_order(order, meta.size)
+            tier = self._plan.room_for_new(meta, order)
             if span is not None:
                 span.set_attribute("tier", tier.name if tier else "none")
         if tier is None:
@@ -740,33 +700,6 @@ class TieredStore:
             tier.backend.free(entry.handle)
             raise
 
-    def _disk_order(self, order: Sequence[str], size: int) -> list[str]:
-        """The disk tiers of a placement ``order`` (all disk tiers, fastest first, if it names
-        none): where a durable put may land."""
-        disk = [n for n in order if n in self._by_name and self._by_name[n].is_disk]
-        if not disk:
-            disk = [t.name for t in self._state.tiers if t.is_disk and t.target >= size]
-        if not disk:
-            raise Conflict(
-                "a durable put needs a disk tier (L5 or L6) that can hold "
-                f"{size} bytes, and none is present",
-                requested_bytes=size,
-            )
-        return disk
-
-    def _room_for_new(self, meta: BlockMeta, order: Sequence[str]) -> Tier | None:
-        """The first tier of ``order`` that has room, after the planned demotions if needed.
-        A tier whose plan finds no room moves nothing; the next one is planned afresh."""
-        for name in order:
-            tier = self._by_name.get(name)
-            if tier is None or meta.size > tier.target:
-                continue
-            if tier.free >= meta.size:
-                return tier
-            if tier.lower and self._make_room(tier, meta.size, reason="room"):
-                return tier
-        return None
-
     def _after_growth(self, tier: Tier) -> None:
         """A tier grew: past its high mark, run (or wake) the eviction cycle."""
         if tier.used <= tier.spec.pressure_high * tier.target or not tier.lower:
@@ -781,143 +714,32 @@ class TieredStore:
 
     # ------------------------------------------------------------------ planned moves
 
-    def _free_bytes(self, tier: Tier, need: int, *, reason: str) -> int:
-        """Mover held: plan and apply the demotions (cascading) freeing ``need`` bytes of
-        ``tier``; returns how many moved."""
-        with self._lock:
-            states = self._state.tier_states({tier.name: need}, self._clock.monotonic())
-        return self._moves.apply(planner.plan_free(states, tier.name, need, reason=reason))
-
-    def _make_room(self, tier: Tier, size: int, *, reason: str) -> bool:
-        """Mover held: plan and apply the demotions after which ``size`` more bytes fit in
-        ``tier``; whether they fit (a plan with no room moves nothing)."""
-        with self._lock:
-            states = self._state.tier_states({tier.name: tier.need(size)}, self._clock.monotonic())
-        plan = planner.plan_room(states, tier.name, size, reason=reason)
-        if not isinstance(plan, NoRoom):
-            self._moves.apply(plan)
-        return tier.free >= size
-
-    def _plan_up(
-        self,
-        entry: Entry,
-        targets: Sequence[Tier],
-        *,
-        reason: str,
-        colder_than: float | None,
-        room_only: bool = False,
-    ) -> tuple[list[Move], Tier] | None:
-        """The room-making moves and the target of a promotion of ``entry`` into the first of
-        ``targets`` that fits (planner's ``plan_promotion``); None: no room."""
-        meta = entry.meta
-        with self._lock:
-            now = self._clock.monotonic()
-            needs = {
-                t.name: t.need(meta.size)
-                for t in targets
-                if not room_only and meta.size <= t.target
-            }
-            scorer = self._hotness if colder_than is not None else None
-            states = self._state.tier_states(needs, now, scorer)
-            source = meta.tier
-        plan = planner.plan_promotion(
-            states,
-            Candidate(meta.id, meta.size),
-            source,
-            [t.name for t in targets],
-            reason=reason,
-            colder_than=colder_than,
-            room_only=room_only,
-        )
-        if isinstance(plan, NoRoom):
-            return None
-        return plan[:-1], self._by_name[plan[-1].target]
-
     def _promote_after_read(self, entry: Entry, source: Tier, value: Any, read_s: float) -> None:
-        """Promote a block just read (we hold its value, read in ``read_s``: no second read).
-        Only if no other move is running; otherwise it is queued for the maintenance loop.
-        Only blocks colder than this one make room for it."""
+        """Promote a block just read (we hold its value: no second read), only if no other
+        move is running; otherwise it is queued for the maintenance loop."""
         if not self._mover.acquire(blocking=False):
             with self._lock:
                 self._queue([entry.meta.id], None, prefetched=False)
             return
         try:
-            up = source.up
-            if self._closed or up is None or entry.meta.tier != source.name:
-                return
-            score = self._hotness.score(entry.meta, self._clock.monotonic())
-            planned = self._plan_up(entry, [up], reason="hit", colder_than=score)
-            if planned is None:
-                return
-            self._moves.apply(planned[0])
-            if up.fits(entry.meta.size):
-                self._moves.relocate(
-                    entry, up, "hit", value=value, owned=source.is_disk, read_s=read_s
-                )
-                self._after_growth(up)
-        except CorruptBlock:
-            log.exception("promotion of %r failed", entry.meta.id)
-        except InsufficientStorage as exc:  # the read itself succeeded
-            log.warning("promotion of %r skipped: %s", entry.meta.id, exc.message)
+            if not self._closed:
+                target = self._plan.promote_read(entry, source, value, read_s)
+                if target is not None:
+                    self._after_growth(target)
         finally:
             self._mover.release()
 
     def _promote_queued(self, block_id: str, *, prefetched: bool) -> int:
-        """Promote a queued block (a prefetch, or a read whose promotion found the mover busy)
-        to the fastest tier with room for it, evicting only blocks colder than the promotion
-        threshold. Mover held."""
+        """Mover held: promote a queued block (a prefetch, or a read whose promotion found the
+        mover busy); returns 1 if it moved."""
         entry = self._blocks.get(block_id)
         if entry is None or entry.meta.pinned:
             return 0
-        try:
-            planned = self._plan_up(
-                entry,
-                self._upward_targets(entry),
-                reason="prefetch" if prefetched else "hit",
-                colder_than=self.settings.promote_threshold,
-            )
-            if planned is None:
-                return 0
-            self._moves.apply(planned[0])
-            target = planned[1]
-            moved = self._moves.relocate(
-                entry, target, "prefetch" if prefetched else "hit", prefetched=prefetched
-            )
-        except CorruptBlock:
-            log.exception("prefetch of %r failed", block_id)
+        target = self._plan.promote_queued(entry, prefetched=prefetched)
+        if target is None:
             return 0
-        except InsufficientStorage as exc:
-            log.warning("prefetch of %r skipped: %s", block_id, exc.message)
-            return 0
-        if moved:
-            self._after_growth(target)
-        return int(moved)
-
-    def _upward_targets(self, entry: Entry) -> list[Tier]:
-        """The tiers above the block's that placement accepts for it, in its order."""
-        now = self._clock.monotonic()
-        with self._lock:
-            views = [_view(t) for t in self._state.tiers]
-            names = self._targets(entry.meta.id, views, now)
-        return [self._by_name[n] for n in names]
-
-    def _targets(self, block_id: str, views: Sequence[TierView], now: float) -> tuple[str, ...]:
-        """Lock held: names of the tiers above the block's that placement accepts for it."""
-        entry = self._blocks[block_id]
-        current = self._by_name[entry.meta.tier]
-        order = self._policy.placement.place(entry.meta, views, now)
-        by_name = self._by_name
-        return tuple(
-            n
-            for n in order
-            if n in by_name
-            and by_name[n].spec.latency < current.spec.latency
-            and self._state.may_hold(entry, by_name[n])
-        )
-
-    def _scorer(self, now: float) -> Callable[[BlockMeta], float]:
-        score = self._hotness.score
-        return lambda meta: score(meta, now)
+        self._after_growth(target)
+        return 1
 
     # ------------------------------------------------------------------ explicit moves
 
@@ -930,11 +752,11 @@ class TieredStore:
                     raise Conflict(f"block {block_id!r} is pinned; unpin it to move it")
                 current = self._by_name[entry.meta.tier]
             if tier is not None:
-                target = self._explicit_target(entry, current, self._tier(tier), upward=upward)
+                target = self._plan.explicit_target(entry, current, self._tier(tier), upward=upward)
             elif upward:
-                target = self._explicit_up(entry, current)
+                target = self._plan.explicit_up(entry, current)
             else:
-                target = self._explicit_down(entry, current)
+                target = self._plan.explicit_down(entry, current)
             if target is None:
                 return current.name
             if not self._moves.relocate(entry, target, "explicit"):
@@ -942,69 +764,6 @@ class TieredStore:
             if upward:
                 self._after_growth(target)
             return target.name
-
-    def _explicit_target(
-        self, entry: Entry, current: Tier, target: Tier, *, upward: bool
-    ) -> Tier | None:
-        """``target`` checked (direction, durability, size) with room made in it."""
-        size = entry.meta.size
-        if target is current:
-            return None
-        if not self._state.may_hold(entry, target):
-            raise Conflict(
-                f"block {entry.meta.id!r} was put durably: it stays on a disk tier "
-                "(put it again without durable to let it move into memory)"
-            )
-        if (target.spec.latency < current.spec.latency) != upward:
-            way = "up" if upward else "down"
-            raise InvalidInput(f"{target.name} is not {way} from {current.name}", field="tier")
-        if size > target.target:
-            raise InsufficientMemory(
-                f"{target.name} cannot hold a block of {size} bytes",
-                requested_bytes=size,
-                available_bytes=target.free,
-            )
-        if target.free < size and target.lower:
-            self._make_room(target, size, reason="room")
-        if target.free < size:
-            raise InsufficientMemory(
-                f"no room in {target.name} for {size} bytes",
-                requested_bytes=size,
-                available_bytes=target.free,
-            )
-        return target
-
-    def _explicit_up(self, entry: Entry, current: Tier) -> Tier | None:
-        """The fastest tier above that placement accepts and that has room, else the tier just
-        above (room made there)."""
-        if current.up is None or not self._state.may_hold(entry, current.up):
-            return None
-        planned = self._plan_up(
-            entry, self._upward_targets(entry), reason="explicit", colder_than=None, room_only=True
-        )
-        if planned is not None:
-            return planned[1]
-        return self._explicit_target(entry, current, current.up, upward=True)
-
-    def _explicit_down(self, entry: Entry, current: Tier) -> Tier | None:
-        """The nearest tier below with room, room made there (cascading) if none has any."""
-        if not current.lower:
-            return None
-        meta = entry.meta
-        with self._lock:
-            states = self._state.tier_states(
-                {t.name: t.need(meta.size) for t in current.lower if t.free < meta.size},
-                self._clock.monotonic(),
-            )
-        plan = planner.plan_demotion(states, Candidate(meta.id, meta.size), current.name)
-        if isinstance(plan, NoRoom):
-            raise InsufficientMemory(
-                f"no tier below {current.name} has room for {meta.size} bytes",
-                requested_bytes=meta.size,
-                available_bytes=max(t.free for t in current.lower),
-            )
-        self._moves.apply(plan[:-1])
-        return self._by_name[plan[-1].target]
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -1086,36 +845,4 @@ class TieredStore:
         return self._catalog
 
     def _describe(self, entry: Entry, now: float) -> dict[str, Any]:
-        meta = entry.meta
-        layout = self._state.layout(entry)
-        return {
-            "id": meta.id,
-            "size": meta.size,
-            "tier": meta.tier,
-            "pinned": meta.pinned,
-            "priority": meta.priority,
-            "hint": meta.hint,
-            "kind": layout.kind.value,
-            "dtype": layout.dtype,
-            "shape": list(layout.shape),
-            "compression": meta.compression,
-            "hotness": round(self._hotness.score(meta, now), 6),
-        }
-
-    def _tier_stats(self, tier: Tier) -> dict[str, Any]:
-        ratio = tier.used / tier.stored if tier.stored else 1.0
-        return {
-            "name": tier.name,
-            "latency": tier.spec.latency,
-            "capacity_bytes": tier.capacity,
-            "target_capacity_bytes": tier.target,
-            "used_bytes": tier.used,
-            "free_bytes": tier.free,
-            "blocks": tier.blocks,
-            "pressure": round(tier.used / tier.capacity, 6) if tier.capacity else 0.0,
-            "stored_bytes": tier.stored,
-            "compression_ratio": round(ratio, 6),
-            "hits": tier.hits,
-            "path": str(tier.spec.path) if tier.spec.path else None,
-            "devices": list(tier.spec.devices),
-        }
+        return self._state.describe(entry, round(self._hotness.score(entry.meta, now), 6))
