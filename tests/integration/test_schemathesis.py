@@ -1,4 +1,6 @@
-"""A schemathesis run over the live server's OpenAPI schema: no request may get a 5xx.
+"""A schemathesis run over the live server's OpenAPI schema: no request may get a 5xx, and
+every answer must match the schema its route declares (``response_schema_conformance``: the
+response models of ``api/schemas.py``, and the error object of every 4xx).
 
 Every router is covered (whatever exists when this runs). The server has no tokens (loopback,
 every caller admin, so every route is reachable), rate limiting off, one simulated GPU, and
@@ -44,13 +46,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield proc
 
 
-def test_no_operation_answers_5xx(server: ServerProcess, tmp_path: Path) -> None:
+def test_no_operation_answers_5xx_or_off_schema(server: ServerProcess, tmp_path: Path) -> None:
     st = Path(sys.executable).with_name("st")
     cmd = [
         str(st) if st.exists() else "st",
         "run",
         f"{server.url}/openapi.json",
-        "--checks", "not_a_server_error",
+        "--checks", "not_a_server_error,response_schema_conformance",
         "--phases", "examples,coverage,fuzzing",
         "--max-examples", str(MAX_EXAMPLES),
         "--seed", "20261127",

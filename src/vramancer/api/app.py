@@ -32,6 +32,7 @@ from vramancer.api.routers import (
     tasks,
     web,
 )
+from vramancer.api.schemas import ERROR_RESPONSES
 from vramancer.config import Role, Settings
 from vramancer.runtime import Runtime
 
@@ -67,10 +68,10 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     )
     app.state.runtime = rt
     errors.install(app)
-    app.include_router(health.router)
+    app.include_router(health.router, responses=ERROR_RESPONSES)
     viewer = [Depends(require(Role.VIEWER))]
     for module in _PROTECTED:
-        app.include_router(module.router, dependencies=viewer)
+        app.include_router(module.router, dependencies=viewer, responses=ERROR_RESPONSES)
     app.include_router(web.router)
     s = rt.settings
     app.state.gate = Gate(s.auth.tokens, s.server.allowed_hosts)

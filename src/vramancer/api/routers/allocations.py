@@ -20,6 +20,7 @@ from fastapi import APIRouter, status
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from vramancer.api.deps import Operator, RuntimeDep
+from vramancer.api.schemas import AllocationList, AllocationOut, ArbiterOut, Released
 from vramancer.arbiter.errors import Preempted
 from vramancer.arbiter.types import Allocation, Priority, WorkloadType
 from vramancer.errors import Conflict, InvalidInput
@@ -83,7 +84,7 @@ def _public(allocation: Allocation) -> dict[str, Any]:
     return allocation.as_dict()
 
 
-@router.get("/v1/allocations")
+@router.get("/v1/allocations", response_model=AllocationList)
 async def list_allocations(rt: RuntimeDep) -> dict[str, Any]:
     """Live allocations, oldest first, with the budget they share."""
     state = rt.arbiter.state()
@@ -95,7 +96,7 @@ async def list_allocations(rt: RuntimeDep) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/allocations", status_code=status.HTTP_201_CREATED)
+@router.post("/v1/allocations", status_code=status.HTTP_201_CREATED, response_model=AllocationOut)
 async def request_allocation(
     body: AllocationBody, rt: RuntimeDep, principal: Operator
 ) -> dict[str, Any]:
@@ -123,13 +124,13 @@ async def request_allocation(
     return _public(allocation)
 
 
-@router.get("/v1/allocations/{allocation_id}")
+@router.get("/v1/allocations/{allocation_id}", response_model=AllocationOut)
 async def get_allocation(allocation_id: str, rt: RuntimeDep) -> dict[str, Any]:
     """One allocation; 409 ``preempted`` if it was taken, 404 if unknown."""
     return _public(rt.arbiter.get(allocation_id))
 
 
-@router.delete("/v1/allocations/{allocation_id}")
+@router.delete("/v1/allocations/{allocation_id}", response_model=Released)
 async def release_allocation(
     allocation_id: str, rt: RuntimeDep, principal: Operator
 ) -> dict[str, Any]:
@@ -153,7 +154,7 @@ async def release_allocation(
     return {"released": allocation_id}
 
 
-@router.get("/v1/arbiter")
+@router.get("/v1/arbiter", response_model=ArbiterOut)
 async def arbiter_state(rt: RuntimeDep) -> dict[str, Any]:
     """The arbiter's state (budget, pressure, qualities, per-GPU usage) and its counters."""
     return {"state": rt.arbiter.state().as_dict(), "stats": rt.arbiter.stats()}

@@ -7,18 +7,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 
 from vramancer.api.deps import RuntimeDep
+from vramancer.api.schemas import Device, DeviceList
 from vramancer.errors import NotFound
 
 router = APIRouter(tags=["devices"])
 
 
-@router.get("/v1/devices")
+@router.get("/v1/devices", response_model=DeviceList)
 async def list_devices(rt: RuntimeDep) -> dict[str, Any]:
     """Every GPU (real ones first, then simulated ones) and the host, as last polled."""
     return rt.devices.report()
 
 
-@router.get("/v1/devices/{index}")
+@router.get("/v1/devices/{index}", response_model=Device)
 async def get_device(
     rt: RuntimeDep, index: Annotated[int, Path(ge=0, le=1_000_000)]
 ) -> dict[str, Any]:

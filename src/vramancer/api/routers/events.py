@@ -47,6 +47,7 @@ from starlette.types import Receive, Scope, Send
 from vramancer.api.deps import RuntimeDep, authenticate
 from vramancer.api.errors import error_response
 from vramancer.api.ratelimit import client_key
+from vramancer.api.schemas import ErrorResponse
 from vramancer.errors import InvalidInput
 from vramancer.events import Event, EventBus
 from vramancer.runtime import Runtime
@@ -388,8 +389,14 @@ async def _next(queue: asyncio.Queue[Event], timeout: float) -> Event | None:
     "/v1/events",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"text/event-stream": {}}},
-        429: {"description": "Too many event streams are open (in all, or for this client)."},
+        200: {
+            "description": "Server-sent events, one per bus event, until the client leaves.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        429: {
+            "model": ErrorResponse,
+            "description": "Too many event streams are open (in all, or for this client).",
+        },
     },
 )
 async def events(

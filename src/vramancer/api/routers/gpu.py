@@ -14,11 +14,12 @@ from typing import Any
 from fastapi import APIRouter
 
 from vramancer.api.deps import RuntimeDep
+from vramancer.api.schemas import GpuStatus
 
 router = APIRouter(tags=["gpu"])
 
 
-@router.get("/v1/gpu/status")
+@router.get("/v1/gpu/status", response_model=GpuStatus)
 async def gpu_status(rt: RuntimeDep) -> dict[str, Any]:
     """The GPU resource manager's status; every field always has a value."""
     return rt.models.gpu_status().as_dict()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends, Response
 
 from vramancer._version import __version__
 from vramancer.api.deps import RuntimeDep, require
+from vramancer.api.schemas import Health
 from vramancer.config import Role
 from vramancer.observability.metrics import CONTENT_TYPE
 
@@ -15,16 +14,21 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz(rt: RuntimeDep) -> dict[str, Any]:
+async def healthz(rt: RuntimeDep) -> Health:
     """Liveness: the process answers and its runtime has started."""
-    return {"status": "ok" if rt.running else "starting", "version": __version__}
+    return Health(status="ok" if rt.running else "starting", version=__version__)
 
 
 @router.get(
     "/metrics",
     dependencies=[Depends(require(Role.VIEWER))],
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}}},
+    responses={
+        200: {
+            "description": "Prometheus text exposition (format 0.0.4).",
+            "content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+        }
+    },
 )
 async def metrics(rt: RuntimeDep) -> Response:
     """Prometheus text exposition of every ``vramancer_*`` metric."""

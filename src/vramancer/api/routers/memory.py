@@ -16,11 +16,20 @@ from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from vramancer.api.deps import Admin, Operator, RuntimeDep
+from vramancer.api.schemas import BlockDeleted, BlockPage, BlockStored, EvictReport, TierList
 from vramancer.errors import InvalidInput
 from vramancer.memory.store import MAX_LIST_OFFSET, MAX_PRIORITY, BlockTooLarge, check_block_id
 from vramancer.units import parse_size
 
 router = APIRouter(prefix="/v1/memory", tags=["memory"])
+
+#: The headers that describe a block read back (``GET /v1/memory/blocks/{id}``).
+_BLOCK_HEADERS = {
+    "X-VRM-Tier": "The tier the block is in after this read (a read may promote it).",
+    "X-VRM-Kind": "bytes, numpy or torch: how the bytes are rebuilt.",
+    "X-VRM-Dtype": "The element type (uint8 for plain bytes).",
+    "X-VRM-Shape": "The dimensions, comma-separated.",
+}
 
 
 def _finite_size(value: Any) -> int:
@@ -44,7 +53,7 @@ class EvictRequest(BaseModel):
     bytes: EvictSize | None = None
 
 
-@router.get("/tiers")
+@router.get("/tiers", response_model=TierList)
 async def list_tiers(rt: RuntimeDep) -> dict[str, Any]:
     """Each present tier: name, capacity, use, blocks, latency; and the move totals."""
     stats = rt.memory.stats()
@@ -52,7 +61,7 @@ async def list_tiers(rt: RuntimeDep) -> dict[str, Any]:
     return {"tiers": tiers, "totals": stats}
 
 
-@router.get("/blocks")
+@router.get("/blocks", response_model=BlockPage)
 async def list_blocks(
     rt: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -71,7 +80,18 @@ async def list_blocks(
     }
 
 
-@router.put("/blocks/{block_id:path}")
+@router.put(
+    "/blocks/{block_id:path}",
+    response_model=BlockStored,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
+)
 async def put_block(
     block_id: str,
     request: Request,
@@ -115,7 +135,22 @@ async def put_block(
     }
 
 
-@router.get("/blocks/{block_id:path}")
+@router.get(
+    "/blocks/{block_id:path}",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The block's bytes.",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "headers": {
+                name: {"description": what, "schema": {"type": "string"}}
+                for name, what in _BLOCK_HEADERS.items()
+            },
+        }
+    },
+)
 async def get_block(block_id: str, rt: RuntimeDep) -> Response:
     """The block's bytes; ``X-VRM-Tier``/``-Kind``/``-Dtype``/``-Shape`` describe it (the tier
     is where the block is after this read, which may have promoted it).
@@ -133,7 +168,7 @@ async def get_block(block_id: str, rt: RuntimeDep) -> Response:
     return Response(raw, media_type="application/octet-stream", headers=headers)
 
 
-@router.delete("/blocks/{block_id:path}")
+@router.delete("/blocks/{block_id:path}", response_model=BlockDeleted)
 async def delete_block(block_id: str, rt: RuntimeDep, _: Operator) -> dict[str, Any]:
     """Remove the block (404 if unknown). Works on a full disk: the file goes first."""
     check_block_id(block_id)
@@ -141,7 +176,7 @@ async def delete_block(block_id: str, rt: RuntimeDep, _: Operator) -> dict[str, 
     return {"id": block_id, "deleted": True}
 
 
-@router.post("/evict")
+@router.post("/evict", response_model=EvictReport)
 async def force_evict(rt: RuntimeDep, _: Admin, body: EvictRequest | None = None) -> dict[str, Any]:
     """Forced eviction (admin): free ``bytes`` from ``tier``, or a forced cycle everywhere."""
     request = body or EvictRequest()

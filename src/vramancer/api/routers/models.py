@@ -19,6 +19,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from vramancer.api.deps import Operator, RuntimeDep
+from vramancer.api.schemas import ModelInfo, ModelList
 
 router = APIRouter(tags=["models"])
 
@@ -40,7 +41,7 @@ class MigrateBody(BaseModel):
     device: str = Field(min_length=1, max_length=32)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelList)
 async def list_models(rt: RuntimeDep) -> dict[str, Any]:
     """Every managed model with its state and placement, the profile in force, degraded mode."""
     models = rt.models
@@ -52,13 +53,13 @@ async def list_models(rt: RuntimeDep) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/models/{name:path}/status")
+@router.get("/v1/models/{name:path}/status", response_model=ModelInfo)
 async def model_status(rt: RuntimeDep, name: str) -> dict[str, Any]:
     """One model (what ``list`` shows for it)."""
     return rt.models.status(name).as_dict()
 
 
-@router.post("/v1/models/{name:path}/load")
+@router.post("/v1/models/{name:path}/load", response_model=ModelInfo)
 async def load_model(
     rt: RuntimeDep, name: str, _: Operator, body: LoadBody | None = None
 ) -> dict[str, Any]:
@@ -67,13 +68,13 @@ async def load_model(
     return (await rt.models.ensure_loaded(name, device)).as_dict()
 
 
-@router.post("/v1/models/{name:path}/unload")
+@router.post("/v1/models/{name:path}/unload", response_model=ModelInfo)
 async def unload_model(rt: RuntimeDep, name: str, _: Operator) -> dict[str, Any]:
     """Unload ``name`` once its users are done; answers once it is unloaded."""
     return (await rt.models.ensure_unloaded(name)).as_dict()
 
 
-@router.post("/v1/models/{name:path}/migrate")
+@router.post("/v1/models/{name:path}/migrate", response_model=ModelInfo)
 async def migrate_model(
     rt: RuntimeDep, name: str, body: MigrateBody, _: Operator
 ) -> dict[str, Any]:

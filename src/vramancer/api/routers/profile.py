@@ -15,6 +15,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from vramancer.api.deps import Operator, RuntimeDep
+from vramancer.api.schemas import ProfilePlan, ProfileState, SwitchReport
 
 router = APIRouter(tags=["profile"])
 
@@ -27,7 +28,7 @@ class ProfileBody(BaseModel):
     dry_run: bool = False
 
 
-@router.get("/v1/profile")
+@router.get("/v1/profile", response_model=ProfileState)
 async def get_profile(rt: RuntimeDep) -> dict[str, Any]:
     """The profile in force, every profile's placements, and the last switch's report."""
     models = rt.models
@@ -39,7 +40,7 @@ async def get_profile(rt: RuntimeDep) -> dict[str, Any]:
     }
 
 
-@router.put("/v1/profile")
+@router.put("/v1/profile", response_model=SwitchReport | ProfilePlan)
 async def put_profile(rt: RuntimeDep, body: ProfileBody, _: Operator) -> dict[str, Any]:
     """Switch to profile ``name`` (or plan it with ``dry_run``)."""
     models = rt.models

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from vramancer.api.deps import Operator, RuntimeDep
+from vramancer.api.schemas import OptimizeResult, SystemResources
 from vramancer.resources.orchestrator import MAX_ESTIMATED_SIZE_MB
 
 router = APIRouter(tags=["system"])
@@ -46,13 +47,13 @@ class RecommendResponse(BaseModel):
     offload_kqv: bool | None
 
 
-@router.get("/v1/system/resources")
+@router.get("/v1/system/resources", response_model=SystemResources)
 async def system_resources(rt: RuntimeDep) -> dict[str, Any]:
     """CPU, RAM, swap and every GPU with pressure flags (seed 001 ``check_resources()``)."""
     return rt.resources.check_resources()
 
 
-@router.post("/v1/system/optimize")
+@router.post("/v1/system/optimize", response_model=OptimizeResult)
 async def system_optimize(rt: RuntimeDep, _: Operator) -> dict[str, Any]:
     """GC, allocator cache release and model-manager optimisation; operator role."""
     return await rt.resources.optimize_resources()
