@@ -5,6 +5,8 @@ The library never imports the API; the API maps these by their ``http_status`` a
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from typing import Any
 
 
@@ -84,3 +86,29 @@ class CatalogCorrupt(ConfigError):
     """The memory store's metadata database cannot be read; the message says how to recover."""
 
     code = "catalog_corrupt"
+
+
+#: ``errno`` values that mean "no room left to write": the disk, a quota, a file size limit.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or a quota, or a file size limit) is full: an ``OSError``
+    with one of :data:`FULL_ERRNOS`, or SQLite's "database or disk is full"."""
+    if isinstance(exc, OSError):
+        return exc.errno in FULL_ERRNOS
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+            "disk is full" in str(exc)
+        )
+    return False
+
+
+def disk_full_error(exc: BaseException, where: str) -> InsufficientStorage:
+    """The typed error for a full disk found while writing ``where``."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return InsufficientStorage(
+        f"not enough disk space to write {where} ({reason}); free space and try again. "
+        "Nothing was changed.",
+        where=where,
+    )

@@ -1,7 +1,9 @@
-"""Every error leaves the API as ``{"error": {"code", "message", ...}}`` with a 4xx (or 503)."""
+"""Every error leaves the API as ``{"error": {"code", "message", ...}}``: a 4xx, or 503 (a backend
+or the daemon unavailable), 504 (timeout), 507 (disk full)."""
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -9,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vramancer.errors import VramancerError
+from vramancer.errors import VramancerError, disk_full_error, is_disk_full
 
 
 def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
@@ -99,7 +101,17 @@ def _jsonable(value: Any) -> bool:
     return isinstance(value, str | int | float | bool | list | dict) or value is None
 
 
+async def _disk_full(request: Request, exc: Exception) -> JSONResponse:
+    """A full disk met outside the block store (the task queue's database, a task log) is a
+    JSON 507 like the store's own; any other I/O error stays a 500."""
+    if not is_disk_full(exc):
+        raise exc
+    return await _library(request, disk_full_error(exc, "the daemon's state"))
+
+
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(OSError, _disk_full)
+    app.add_exception_handler(sqlite3.Error, _disk_full)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(VramancerError, _library)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vramancer.arbiter.types import Priority
-from vramancer.errors import BackendUnavailable
+from vramancer.errors import BackendUnavailable, disk_full_error, is_disk_full
 from vramancer.tasks.errors import IdempotencyKeyTaken, QuotaExceeded, TaskIdTaken
 from vramancer.tasks.model import (
     LEASED_STATES,
@@ -340,7 +340,11 @@ class _GroupCommitWriter:
             log.exception("task queue commit failed")
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            error = BackendUnavailable(f"task queue database write failed: {exc}")
+            error: Exception = (
+                disk_full_error(exc, "the task queue")
+                if is_disk_full(exc)
+                else BackendUnavailable(f"task queue database write failed: {exc}")
+            )
             for _, future, _ in batch:
                 if future.running():
                     future.set_exception(error)
