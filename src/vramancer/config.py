@@ -266,7 +266,7 @@ class Settings(BaseSettings):
             _config_file.reset(token)
 
 
-#: The model manager's built-in profiles (seed 002's execution modes), present when
+#: The model manager's built-in profiles (``models/registry.py``), present when
 #: ``[gpu_manager]`` names a VLM or CLIP model and ``builtin_profiles`` is on; ``idle`` always is.
 BUILTIN_PROFILES = ("idle", "recording", "autopilot")
 

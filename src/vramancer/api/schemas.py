@@ -3,7 +3,7 @@
 The library builds most answers as plain dicts (``check_resources()``, ``devices.report()``,
 ``ModelStatus.as_dict()`` ...); the routes declare these models and FastAPI checks each answer
 against its model before sending it. Every field a route answers today is declared, in the
-order it is sent. Answers may gain fields (docs/CONTRACTS: add freely, rename nothing), so the
+order it is sent. Answers may gain fields (fields are added, never renamed or removed), so the
 models built from library dicts keep keys they do not declare (``extra="allow"``): a field a
 subsystem adds reaches the client unchanged, and is declared here when it is settled.
 
@@ -62,7 +62,7 @@ class Health(BaseModel):
     version: str
 
 
-# -- system (seed 001) ----------------------------------------------------------------------------
+# -- system ---------------------------------------------------------------------------------------
 
 
 class CpuInfo(Answer):
@@ -104,7 +104,7 @@ class Thresholds(Answer):
 
 
 class SystemResources(Answer):
-    """``GET /v1/system/resources``: seed 001 ``check_resources()``."""
+    """``GET /v1/system/resources``: ``ResourceOrchestrator.check_resources()``."""
 
     node: str
     taken_at: float
@@ -129,7 +129,7 @@ class Reclaimed(Answer):
 
 
 class OptimizeResult(Answer):
-    """``POST /v1/system/optimize``: seed 001 ``optimize_resources()``."""
+    """``POST /v1/system/optimize``: ``ResourceOrchestrator.optimize_resources()``."""
 
     optimized: bool
     actions_taken: list[str]
@@ -202,7 +202,7 @@ class DeviceList(Answer):
     devices: list[Device]
 
 
-# -- gpu (seed 002) -------------------------------------------------------------------------------
+# -- gpu ------------------------------------------------------------------------------------------
 
 
 class VramInfo(Answer):
@@ -214,7 +214,7 @@ class VramInfo(Answer):
 
 
 class GpuStatus(Answer):
-    """``GET /v1/gpu/status``: seed 002 ``GPUResourceStatus``."""
+    """``GET /v1/gpu/status``: ``ModelManager.gpu_status()`` (``GpuResourceStatus``)."""
 
     execution_mode: str
     vlm_state: str
@@ -320,8 +320,7 @@ class ModelList(Answer):
 
 
 class AllocationOut(Answer):
-    """One allocation (CONTRACTS: ``id``, ``workload_type``, ``priority``, ``memory_bytes``,
-    ``quality_target``, ``device``)."""
+    """One allocation (``Allocation.as_dict()``)."""
 
     id: str
     workload_type: str
