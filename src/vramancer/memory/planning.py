@@ -209,10 +209,10 @@ class Planning:
             return None
         meta = entry.meta
         with self._state.lock:
-            states = self._state.tier_states(
-                {t.name: t.need(meta.size) for t in current.lower if t.free < meta.size},
-                self._clock.monotonic(),
-            )
+            # Victims are looked up only when no tier below has the room already.
+            room = any(t.free >= meta.size for t in current.lower)
+            needs = {} if room else {t.name: t.need(meta.size) for t in current.lower}
+            states = self._state.tier_states(needs, self._clock.monotonic())
         plan = planner.plan_demotion(states, Candidate(meta.id, meta.size), current.name)
         if isinstance(plan, NoRoom):
             raise InsufficientMemory(
