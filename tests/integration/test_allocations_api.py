@@ -204,7 +204,16 @@ def test_bad_bodies_are_422_naming_the_field(
     assert client.get("/v1/allocations").json()["allocations"] == []
 
 
-@pytest.mark.parametrize("device", ["cuda:0", "gpu:9"])
+def test_a_torch_device_name_is_the_same_gpu(client: httpx.Client) -> None:
+    response = client.post(
+        "/v1/allocations", json={"workload_type": "llm", "memory": "1GiB", "device": "cuda:0"}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["device"] == "gpu:0"
+    assert client.delete(f"/v1/allocations/{response.json()['id']}").status_code == 200
+
+
+@pytest.mark.parametrize("device", ["tpu:0", "gpu:9", "cpu"])
 def test_bad_devices_are_422(client: httpx.Client, device: str) -> None:
     response = client.post(
         "/v1/allocations", json={"workload_type": "llm", "memory": "1GiB", "device": device}

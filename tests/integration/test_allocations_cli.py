@@ -67,6 +67,14 @@ def test_request_list_release_json(runner: CliRunner) -> None:
     assert "no allocation" in again.output and "404" in again.output
 
 
+def test_a_torch_device_name_is_the_same_gpu(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["alloc", "request", "llm", "1GiB", "--device", "cuda:0", "--json"])
+    assert result.exit_code == 0, result.output
+    granted = json.loads(result.stdout)
+    assert granted["device"] == "gpu:0"
+    assert runner.invoke(app, ["alloc", "release", granted["id"]]).exit_code == 0
+
+
 def test_no_room_is_a_clear_error(runner: CliRunner) -> None:
     result = runner.invoke(app, ["alloc", "request", "image", "100GiB"])
     assert result.exit_code == 1
@@ -80,6 +88,7 @@ def test_no_room_is_a_clear_error(runner: CliRunner) -> None:
         (["alloc", "request", "llm", "1GiB", "--min-quality", "1.5"], "--min-quality"),
         (["alloc", "request", "chat", "1GiB"], "workload_type"),
         (["alloc", "request", "llm", "1GiB", "--wait", "11"], "--wait"),
+        (["alloc", "request", "llm", "1GiB", "--device", "tpu:0"], "device"),
     ],
 )
 def test_bad_usage_names_the_field(runner: CliRunner, args: list[str], needle: str) -> None:

@@ -40,7 +40,6 @@ from vramancer.arbiter.errors import (
     ShuttingDown,
 )
 from vramancer.arbiter.policy import (
-    AllocationRequest,
     Budget,
     Grant,
     NoRoom,
@@ -57,12 +56,12 @@ from vramancer.arbiter.policy import (
 from vramancer.arbiter.settings import ArbiterSettings
 from vramancer.arbiter.types import (
     Allocation,
+    AllocationRequest,
     ArbiterState,
     DeviceUsage,
     PreemptCallback,
     Priority,
     WorkloadType,
-    device_key,
 )
 from vramancer.clock import Clock, SystemClock
 from vramancer.devices.ids import DeviceId
@@ -71,7 +70,7 @@ from vramancer.errors import InvalidInput, NotFound, VramancerError
 from vramancer.events import Event, EventBus
 from vramancer.observability import tracing
 from vramancer.observability.metrics import Metrics
-from vramancer.units import GIB, format_size, parse_size
+from vramancer.units import GIB, format_size
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +102,6 @@ class _Waiter:
     """An ``acquire`` call waiting for memory; resolved under the lock, woken on its loop."""
 
     request: AllocationRequest
-    owner: str | None
-    on_preempt: PreemptCallback | None
-    preemptible: bool
     seq: int
     loop: asyncio.AbstractEventLoop
     event: asyncio.Event
@@ -312,89 +308,31 @@ class Arbiter:
 
     # ------------------------------------------------------------------ requests
 
-    def _make_request(
-        self,
-        workload_type: WorkloadType | str,
-        priority: Priority | str,
-        memory: int | str,
-        min_quality: float | None,
-        device: str | int | None,
-        preempt: bool,
-    ) -> AllocationRequest:
-        """Validate the caller's values into a request; ``InvalidInput`` names the bad field."""
-        try:
-            kind = WorkloadType(workload_type)
-        except ValueError:
-            choices = ", ".join(w.value for w in WorkloadType)
-            raise InvalidInput(
-                f"workload_type must be one of {choices} (got {workload_type!r})",
-                field="workload_type",
-            ) from None
-        try:
-            prio = Priority(priority)
-        except ValueError:
-            choices = ", ".join(p.value for p in Priority)
-            raise InvalidInput(
-                f"priority must be one of {choices} (got {priority!r})", field="priority"
-            ) from None
-        try:
-            memory_bytes = parse_size(memory)
-        except ValueError as exc:
-            raise InvalidInput(f"memory: {exc}", field="memory") from None
-        try:
-            dev = device_key(device)
-        except ValueError as exc:
-            raise InvalidInput(str(exc), field="device") from None
-        if memory_bytes <= 0:
-            raise InvalidInput(f"memory must be positive (got {memory!r})", field="memory")
-        if min_quality is not None and not 0.0 < min_quality <= 1.0:
-            raise InvalidInput(
-                f"min_quality must be in (0, 1] (got {min_quality!r})", field="min_quality"
-            )
-        return AllocationRequest(
-            workload_type=kind,
-            priority=prio,
-            memory_bytes=memory_bytes,
-            min_quality=min_quality,
-            device=dev,
-            preempt=preempt and self.settings.preemption,
-        )
+    def _admit(self, request: AllocationRequest) -> AllocationRequest:
+        """The request as the arbiter plans it: no preemption when ``[arbiter] preemption`` is
+        off."""
+        if request.preempt and not self.settings.preemption:
+            return replace(request, preempt=False)
+        return request
 
     def _check_locked(self, request: AllocationRequest) -> Budget:
         if self._stopping:
             raise ShuttingDown("the arbiter is shutting down; no new allocations")
         budget = self._budget_locked()
-        if request.device is not None and request.device not in budget.devices:
+        name = request.device_name
+        if name is not None and name not in budget.devices:
             known = ", ".join(sorted(budget.devices)) or "none (no GPU detected)"
             raise InvalidInput(
-                f"device {request.device!r} is not a GPU the arbiter knows; known: {known}",
+                f"device {name!r} is not a GPU the arbiter knows; known: {known}",
                 field="device",
             )
         return budget
 
-    def request_allocation(
-        self,
-        workload_type: WorkloadType | str,
-        priority: Priority | str,
-        memory: int | str,
-        *,
-        min_quality: float | None = None,
-        device: str | int | None = None,
-        owner: str | None = None,
-        on_preempt: PreemptCallback | None = None,
-        preemptible: bool = True,
-        preempt: bool = True,
-    ) -> Allocation:
-        """Grant ``memory`` now (preempting strictly lower priorities if needed) or raise.
-
-        ``memory`` is bytes or a size string (``"4GiB"``). ``min_quality``: refuse rather than
-        run below it. ``device``: ``gpu:N`` (also checked against that GPU's budget).
-        ``on_preempt`` is called if this allocation is later taken; ``preemptible=False`` makes
-        it never a victim; ``preempt=False`` forbids this request from taking from others.
-        Raises ``InsufficientMemory``, ``InsufficientQuality``, ``ShuttingDown``, ``InvalidInput``.
-        Does not queue behind ``acquire`` waiters.
-        """
-        request = self._make_request(workload_type, priority, memory, min_quality, device, preempt)
+    def allocate(self, request: AllocationRequest) -> Allocation:
+        """Grant ``request`` now (preempting strictly lower priorities if needed) or raise
+        ``InsufficientMemory``, ``InsufficientQuality``, ``ShuttingDown``, or ``InvalidInput``
+        for a GPU the arbiter does not know. Does not queue behind ``acquire`` waiters."""
+        request = self._admit(request)
         effects = _Effects()
         with tracing.span(
             "arbiter.request",
@@ -414,44 +352,60 @@ class Arbiter:
                 )
                 if not isinstance(plan, Grant):
                     raise self._denial_locked(plan)
-                allocation = self._grant_locked(
-                    request, plan, owner, on_preempt, preemptible, effects
-                )
+                allocation = self._grant_locked(request, plan, effects)
             self._apply(effects)
             return allocation
 
-    async def acquire(
+    def request_allocation(
         self,
-        workload_type: WorkloadType | str,
-        priority: Priority | str,
-        memory: int | str,
+        workload_type: WorkloadType,
+        priority: Priority,
+        memory: int,
         *,
-        timeout_s: float | None = None,
         min_quality: float | None = None,
-        device: str | int | None = None,
+        device: DeviceId | str | None = None,
         owner: str | None = None,
         on_preempt: PreemptCallback | None = None,
         preemptible: bool = True,
         preempt: bool = True,
     ) -> Allocation:
-        """Like ``request_allocation`` but wait up to ``timeout_s`` (default
-        ``acquire_timeout_s``) for memory to free up, in line with other waiters.
+        """``allocate`` with the request's fields as arguments (``memory`` in bytes). A
+        ``device`` given as a string must be a device name (``gpu:N``): the task service
+        passes its GPUs' names."""
+        if isinstance(device, str):
+            device = DeviceId.parse_input(device)
+        return self.allocate(
+            AllocationRequest(
+                workload_type=workload_type,
+                priority=priority,
+                memory_bytes=memory,
+                min_quality=min_quality,
+                device=device,
+                preempt=preempt,
+                owner=owner,
+                preemptible=preemptible,
+                on_preempt=on_preempt,
+            )
+        )
+
+    async def acquire(
+        self, request: AllocationRequest, *, timeout_s: float | None = None
+    ) -> Allocation:
+        """Like ``allocate`` but wait up to ``timeout_s`` (default ``acquire_timeout_s``) for
+        memory to free up, in line with other waiters.
 
         A request that could never fit (bigger than the budget, or a quality unreachable even
         with the GPU empty) fails at once with ``InsufficientMemory`` / ``InsufficientQuality``.
         After the wait: ``ArbiterTimeout``; on stop: ``ShuttingDown``. Cancelling the caller
         never leaks a grant.
         """
-        request = self._make_request(workload_type, priority, memory, min_quality, device, preempt)
+        request = self._admit(request)
         timeout = self.settings.acquire_timeout_s if timeout_s is None else timeout_s
         if timeout < 0:
             raise InvalidInput(f"timeout_s cannot be negative (got {timeout_s})", field="timeout_s")
         loop = asyncio.get_running_loop()
         waiter = _Waiter(
             request=request,
-            owner=owner,
-            on_preempt=on_preempt,
-            preemptible=preemptible,
             seq=next(self._seq),
             loop=loop,
             event=asyncio.Event(),
@@ -495,7 +449,7 @@ class Arbiter:
                 raise waiter.error
             self._stats.timeouts += 1
             request = waiter.request
-            available = self._available_locked(request.device)
+            available = self._available_locked(request.device_name)
         self._m_denials.labels(reason="timeout").inc()
         raise ArbiterTimeout(
             f"waited {timeout:g} s for {format_size(request.memory_bytes)} of VRAM "
@@ -503,7 +457,7 @@ class Arbiter:
             timeout_s=timeout,
             requested_bytes=request.memory_bytes,
             available_bytes=available,
-            device=request.device,
+            device=request.device_name,
         )
 
     def _drop_waiter_locked(self, waiter: _Waiter) -> None:
@@ -513,14 +467,10 @@ class Arbiter:
 
     @asynccontextmanager
     async def reserve(
-        self,
-        workload_type: WorkloadType | str,
-        priority: Priority | str,
-        memory: int | str,
-        **kwargs: Any,
+        self, request: AllocationRequest, *, timeout_s: float | None = None
     ) -> AsyncIterator[Allocation]:
-        """``async with arbiter.reserve(...) as allocation:`` acquire, then always release."""
-        allocation = await self.acquire(workload_type, priority, memory, **kwargs)
+        """``async with arbiter.reserve(request) as allocation:`` acquire, then always release."""
+        allocation = await self.acquire(request, timeout_s=timeout_s)
         try:
             yield allocation
         finally:
@@ -549,13 +499,7 @@ class Arbiter:
     # ------------------------------------------------------------------ locked internals
 
     def _grant_locked(
-        self,
-        request: AllocationRequest,
-        plan: Grant,
-        owner: str | None,
-        on_preempt: PreemptCallback | None,
-        preemptible: bool,
-        effects: _Effects,
+        self, request: AllocationRequest, plan: Grant, effects: _Effects
     ) -> Allocation:
         seq = next(self._seq)
         allocation = Allocation(
@@ -564,18 +508,18 @@ class Arbiter:
             priority=request.priority,
             memory_bytes=request.memory_bytes,
             quality_target=plan.quality_target,
-            device=request.device,
-            owner=owner,
+            device=request.device_name,
+            owner=request.owner,
             created_at=self._clock.time(),
             seq=seq,
-            preemptible=preemptible,
+            preemptible=request.preemptible,
             min_quality=request.min_quality,
         )
         for victim in plan.victims:
             self._take_locked(victim, effects, by=allocation, reason="preempted")
         self._insert_locked(allocation)
-        if on_preempt is not None:
-            self._callbacks[allocation.id] = on_preempt
+        if request.on_preempt is not None:
+            self._callbacks[allocation.id] = request.on_preempt
         stats = self._stats
         stats.granted += 1
         stats.pressure_sum += plan.pressure_ratio
@@ -643,7 +587,7 @@ class Arbiter:
         blocked: set[str] = set()
         order = sorted(self._waiters, key=lambda w: (-w.request.priority.rank, w.seq))
         for waiter in order:
-            device = waiter.request.device
+            device = waiter.request.device_name
             if blocked_all or (device is not None and device in blocked):
                 continue
             plan = plan_allocation(
@@ -654,14 +598,7 @@ class Arbiter:
                 self._usage_locked(),
             )
             if isinstance(plan, Grant):
-                waiter.allocation = self._grant_locked(
-                    waiter.request,
-                    plan,
-                    waiter.owner,
-                    waiter.on_preempt,
-                    waiter.preemptible,
-                    effects,
-                )
+                waiter.allocation = self._grant_locked(waiter.request, plan, effects)
                 self._waiters.remove(waiter)
                 effects.wake.append(waiter)
             elif device is None:
@@ -758,36 +695,32 @@ class Arbiter:
 
     def recommended_quality(
         self,
-        workload_type: WorkloadType | str,
-        priority: Priority | str = Priority.NORMAL,
+        workload_type: WorkloadType,
+        priority: Priority = Priority.NORMAL,
         *,
-        device: str | int | None = None,
+        device: DeviceId | None = None,
     ) -> float:
         """The quality ``workload_type`` should run at now, at ``priority`` (default normal),
         under the current pressure (of ``device`` too, if named)."""
-        request = self._make_request(workload_type, priority, 1, None, device, False)
+        name = str(device) if device is not None else None
         with self._lock:
             budget = self._budget_locked()
             pressure = pressure_ratio(self._allocated_locked(), budget.total_bytes)
-            if request.device is not None:
+            if name is not None:
                 pressure = max(
                     pressure,
-                    pressure_ratio(
-                        self._allocated_locked(request.device),
-                        budget.devices.get(request.device, 0),
-                    ),
+                    pressure_ratio(self._allocated_locked(name), budget.devices.get(name, 0)),
                 )
-        return self.policy.quality(request.workload_type, request.priority, pressure)
+        return self.policy.quality(workload_type, priority, pressure)
 
-    def reserved_bytes(self, device: str | int | None = None) -> int:
-        """Bytes granted: on ``device`` (``gpu:N`` or an index: allocations naming it), or in
-        all when ``device`` is None. The tasks' device picker subtracts it from free VRAM."""
-        try:
-            key = device_key(device)
-        except ValueError as exc:
-            raise InvalidInput(str(exc), field="device") from None
+    def reserved_bytes(self, device: DeviceId | str | None = None) -> int:
+        """Bytes granted: on ``device`` (allocations naming it), or in all when ``device`` is
+        None. A string must be a device name (``gpu:N``): the task service passes its GPUs'
+        names."""
+        if isinstance(device, str):
+            device = DeviceId.parse_input(device)
         with self._lock:
-            return self._allocated_locked(key)
+            return self._allocated_locked(str(device) if device is not None else None)
 
     def headroom(
         self,

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from vramancer.arbiter.types import Allocation, Priority, WorkloadType
+from vramancer.arbiter.types import Allocation, AllocationRequest, Priority, WorkloadType
 
 #: Where, between ``pressure_low`` (0) and full pressure (1), each priority's quality starts to
 #: fall. Later knees for higher priorities: a person waiting gets full quality longest.
@@ -95,19 +95,6 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
-class AllocationRequest:
-    """A request to plan. ``device`` is ``gpu:N`` or ``None`` (counted against the total only)."""
-
-    workload_type: WorkloadType
-    priority: Priority
-    memory_bytes: int
-    min_quality: float | None = None
-    device: str | None = None
-    #: May this request take memory from strictly lower priorities?
-    preempt: bool = True
-
-
-@dataclass(frozen=True, slots=True)
 class Grant:
     """Grant the request at ``quality_target`` after preempting ``victims`` (often none)."""
 
@@ -169,11 +156,11 @@ class _Scope:
 
     def _after(self, freed: Sequence[Allocation]) -> tuple[int, int]:
         total = self.total_allocated - _sum_bytes(freed) + self.request.memory_bytes
-        if self.request.device is None:
+        if self.request.device_name is None:
             return total, 0
         device = (
             self.device_allocated
-            - _sum_bytes(freed, self.request.device)
+            - _sum_bytes(freed, self.request.device_name)
             + self.request.memory_bytes
         )
         return total, device
@@ -181,7 +168,7 @@ class _Scope:
     def pressure(self, freed: Sequence[Allocation]) -> float:
         total, device = self._after(freed)
         pressure = pressure_ratio(total, self.total_budget)
-        if self.request.device is not None:
+        if self.request.device_name is not None:
             pressure = max(pressure, pressure_ratio(device, self.device_budget))
         return pressure
 
@@ -193,7 +180,7 @@ class _Scope:
         total, device = self._after(freed)
         if total > self.total_budget:
             return False
-        return self.request.device is None or device <= self.device_budget
+        return self.request.device_name is None or device <= self.device_budget
 
     def quality_ok(self, quality: float) -> bool:
         minimum = self.request.min_quality
@@ -215,14 +202,14 @@ class _Scope:
 
     def useful(self, candidate: Allocation, freed: Sequence[Allocation]) -> bool:
         """Would preempting ``candidate`` help a constraint that is still violated?"""
-        device = self.request.device
+        device = self.request.device_name
         if device is None or candidate.device == device:
             return True
         return self.total_side_violated(freed)
 
     def available_bytes(self) -> int:
         free = self.total_budget - self.total_allocated
-        if self.request.device is not None:
+        if self.request.device_name is not None:
             free = min(free, self.device_budget - self.device_allocated)
         return max(0, free)
 
@@ -305,7 +292,7 @@ def plan_allocation(
     ``usage`` is ``Usage.of(allocations)`` when the caller already keeps the totals (it saves
     a pass over the allocations on the common path, where the request simply fits).
     """
-    device = request.device
+    device = request.device_name
     used = usage if usage is not None else Usage.of(allocations)
     scope = _Scope(
         request=request,
@@ -336,18 +323,20 @@ def plan_allocation(
 def _failure(scope: _Scope, candidates: Sequence[Allocation]) -> NoRoom | QualityTooLow:
     request = scope.request
     if not scope.memory_fits(candidates):
-        relevant = [c for c in candidates if request.device is None or c.device == request.device]
+        relevant = [
+            c for c in candidates if request.device_name is None or c.device == request.device_name
+        ]
         return NoRoom(
             requested_bytes=request.memory_bytes,
             available_bytes=scope.available_bytes(),
             reclaimable_bytes=_sum_bytes(relevant),
-            budget_bytes=scope.device_budget if request.device else scope.total_budget,
-            device=request.device,
+            budget_bytes=scope.device_budget if request.device_name else scope.total_budget,
+            device=request.device_name,
         )
     return QualityTooLow(
         minimum_quality=request.min_quality if request.min_quality is not None else 0.0,
         available_quality=scope.quality(candidates),
-        device=request.device,
+        device=request.device_name,
     )
 
 

@@ -7,11 +7,13 @@ the pure decisions in ``policy.py``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from vramancer.devices.ids import DeviceId
+from vramancer.errors import InvalidInput
 
 
 class WorkloadType(StrEnum):
@@ -45,32 +47,11 @@ class Priority(StrEnum):
 
 _RANK = {Priority.BACKGROUND: 0, Priority.NORMAL: 1, Priority.HIGH: 2, Priority.USER_FACING: 3}
 
-_DEVICE_RE = re.compile(r"^gpu:(\d+)$")
-
-
-def device_key(device: str | int | None) -> str | None:
-    """Normalise a device name to ``gpu:N`` (VRAMancer's GPU index), or ``None`` for "any".
-
-    Accepts ``"gpu:N"`` or an ``int`` index (the tasks' ``gpu`` pin). Raises ``ValueError``
-    naming the expected form otherwise.
-    """
-    if device is None:
-        return None
-    if isinstance(device, bool):
-        raise ValueError(f"device must be 'gpu:N' or a GPU index, got {device!r}")
-    if isinstance(device, int):
-        if device < 0:
-            raise ValueError(f"a GPU index cannot be negative (got {device})")
-        return f"gpu:{device}"
-    match = _DEVICE_RE.match(device.strip().lower())
-    if match is None:
-        raise ValueError(f"device must look like 'gpu:0' (VRAMancer's GPU index), got {device!r}")
-    return f"gpu:{int(match.group(1))}"
-
 
 @dataclass(frozen=True, slots=True)
 class Allocation:
-    """Memory granted by the arbiter. ``device`` is ``gpu:N`` (VRAMancer index) or ``None``.
+    """Memory granted by the arbiter. ``device`` is the GPU's name (``str(DeviceId)``:
+    ``gpu:N``) or ``None``.
 
     ``quality_target`` is the quality the holder should run at, decided at grant time from the
     memory pressure and the priority; ``Arbiter.recommended_quality`` gives the current value.
@@ -109,6 +90,46 @@ class Allocation:
 #: the thread of the preempting request, after the arbiter's lock is released; it must not block
 #: for long (schedule the unload / move to the CPU and return).
 PreemptCallback = Callable[[Allocation], None]
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationRequest:
+    """One request for VRAM, in typed values (the API and the CLI parse what users type).
+
+    ``device``: the GPU it must be on (also checked against that GPU's budget), or None (the
+    total budget only). ``min_quality``: refuse rather than run below it. ``preempt``: may it
+    take memory from strictly lower priorities. The holder's side: ``owner`` (shown in
+    listings and events), ``preemptible`` (False: never a victim), ``on_preempt`` (called if
+    the allocation is later taken).
+    """
+
+    workload_type: WorkloadType
+    priority: Priority
+    memory_bytes: int
+    min_quality: float | None = None
+    device: DeviceId | None = None
+    preempt: bool = True
+    owner: str | None = None
+    preemptible: bool = True
+    on_preempt: PreemptCallback | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes <= 0:
+            raise InvalidInput(f"memory must be positive (got {self.memory_bytes})", field="memory")
+        quality = self.min_quality
+        if quality is not None and not 0.0 < quality <= 1.0:
+            raise InvalidInput(
+                f"min_quality must be in (0, 1] (got {quality!r})", field="min_quality"
+            )
+        if self.device is not None and not isinstance(self.device, DeviceId):
+            raise TypeError(f"device must be a DeviceId, got {self.device!r}")
+        if self.device is not None and self.device.is_cpu:
+            raise InvalidInput("device must be a GPU (gpu:N), not the CPU", field="device")
+
+    @property
+    def device_name(self) -> str | None:
+        """``device``'s name (``gpu:N``), the key of the budget and of ``Allocation.device``."""
+        return str(self.device) if self.device is not None else None
 
 
 @dataclass(frozen=True, slots=True)

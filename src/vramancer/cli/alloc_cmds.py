@@ -15,6 +15,7 @@ from rich.table import Table
 from vramancer.arbiter.types import Priority, WorkloadType
 from vramancer.cli.common import JsonOpt, call, console, emit, fail
 from vramancer.cli.models_cmds import api_session
+from vramancer.devices.ids import DeviceId
 from vramancer.units import format_size, parse_size
 
 alloc_app = typer.Typer(
@@ -70,7 +71,9 @@ def request(
     min_quality: Annotated[
         float | None, typer.Option(help="Refuse rather than run below this quality (0-1].")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="A GPU: gpu:N.")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="A GPU: gpu:N (cuda:N is the same GPU).")
+    ] = None,
     owner: Annotated[str | None, typer.Option(help="Who holds it (shown in listings).")] = None,
     wait: Annotated[
         float, typer.Option(help="Seconds (at most 10) to wait for memory to free up (0: at once).")
@@ -89,6 +92,11 @@ def request(
         fail(f"--min-quality must be in (0, 1], got {min_quality}", code=2)
     if not 0 <= wait <= 10:
         fail(f"--wait must be between 0 and 10 seconds, got {wait}", code=2)
+    if device is not None:
+        try:
+            device = str(DeviceId.parse(device))
+        except ValueError as exc:
+            fail(str(exc), code=2)
     body: dict[str, Any] = {
         "workload_type": workload_type.value,
         "priority": priority.value,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from vramancer.errors import InvalidInput
+
 _LOCAL_RE = re.compile(r"^(?:(cpu)|(?:gpu|cuda):(\d+))$")
 #: A node name: what ``node_name`` allows (host-name characters).
 _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -53,6 +55,14 @@ class DeviceId:
         if match.group(1):
             return CPU
         return cls(int(match.group(2)), node if sep else None)
+
+    @classmethod
+    def parse_input(cls, text: str, field: str = "device") -> DeviceId:
+        """:meth:`parse` for a user's input: ``InvalidInput`` (422) naming ``field``."""
+        try:
+            return cls.parse(text)
+        except ValueError as exc:
+            raise InvalidInput(str(exc), field=field) from None
 
     @property
     def is_cpu(self) -> bool:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 
-from vramancer.arbiter.types import Allocation
+from vramancer.arbiter.types import Allocation, AllocationRequest
+from vramancer.devices.ids import DeviceId
 from vramancer.errors import InsufficientMemory, VramancerError
 from vramancer.models.backends.base import LoadResult, Target
 from vramancer.models.entry import MODEL_OWNER, ModelEntry
@@ -38,14 +39,16 @@ class Booking:
         self.inbox = inbox
 
     def _request(self, entry: ModelEntry, device: str, size: int) -> Allocation:
-        return self.arbiter.request_allocation(
-            self.table.limits.workload(entry),
-            entry.priority,
-            size,
-            device=f"gpu:{gpu_index(device)}",
-            owner=f"{MODEL_OWNER}{entry.name}",
-            on_preempt=self.inbox.callback(entry.name),
-            preemptible=not entry.spec.never_evict and entry.in_use == 0,
+        return self.arbiter.allocate(
+            AllocationRequest(
+                workload_type=self.table.limits.workload(entry),
+                priority=entry.priority,
+                memory_bytes=size,
+                device=DeviceId.parse(device),
+                owner=f"{MODEL_OWNER}{entry.name}",
+                on_preempt=self.inbox.callback(entry.name),
+                preemptible=not entry.spec.never_evict and entry.in_use == 0,
+            )
         )
 
     def book(self, entry: ModelEntry, device: str, needed: int) -> bool:
@@ -134,5 +137,5 @@ class Booking:
             self.devices.adjust_simulated(index, delta)
         except VramancerError as exc:
             log.warning(
-                "cannot account %s on simulated cuda:%d: %s", format_size(delta), index, exc.message
+                "cannot account %s on simulated gpu:%d: %s", format_size(delta), index, exc.message
             )

@@ -10,13 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from vramancer.arbiter.types import (
-    Allocation,
-    ArbiterState,
-    PreemptCallback,
-    Priority,
-    WorkloadType,
-)
+from vramancer.arbiter.types import Allocation, AllocationRequest, ArbiterState, Priority
 from vramancer.devices.ids import DeviceId
 from vramancer.devices.manager import VramInfo
 from vramancer.devices.types import SystemSnapshot
@@ -41,19 +35,7 @@ class DevicePort(Protocol):
 
 
 class ArbiterPort(Protocol):
-    def request_allocation(
-        self,
-        workload_type: WorkloadType,
-        priority: Priority,
-        memory: int,
-        *,
-        min_quality: float | None = None,
-        device: str | None = None,
-        owner: str | None = None,
-        on_preempt: PreemptCallback | None = None,
-        preemptible: bool = True,
-        preempt: bool = True,
-    ) -> Allocation:
+    def allocate(self, request: AllocationRequest) -> Allocation:
         """Grant now or raise ``InsufficientMemory``."""
         ...
 

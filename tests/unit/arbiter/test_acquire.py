@@ -10,12 +10,26 @@ import pytest
 from tests.unit.arbiter.conftest import MakeArbiter
 from vramancer.arbiter.arbiter import Arbiter
 from vramancer.arbiter.errors import ArbiterTimeout, InsufficientMemory, ShuttingDown
-from vramancer.arbiter.types import Allocation, Priority, WorkloadType
+from vramancer.arbiter.types import Allocation, AllocationRequest, Priority, WorkloadType
+from vramancer.devices.ids import DeviceId
 from vramancer.events import EventBus
 from vramancer.units import GIB
 
 LLM = WorkloadType.LLM
 BG, NORMAL, HIGH, UF = Priority.BACKGROUND, Priority.NORMAL, Priority.HIGH, Priority.USER_FACING
+
+
+def req(
+    kind: WorkloadType,
+    priority: Priority,
+    memory: int,
+    *,
+    device: int | None = None,
+    owner: str | None = None,
+) -> AllocationRequest:
+    """A request; ``device`` is a GPU index."""
+    gpu = DeviceId(device) if device is not None else None
+    return AllocationRequest(kind, priority, memory, device=gpu, owner=owner)
 
 
 async def settle() -> None:
@@ -27,7 +41,7 @@ async def settle() -> None:
 async def test_waits_until_memory_is_released() -> None:
     arbiter = Arbiter.for_vram_gb(10)
     holder = arbiter.request_allocation(LLM, NORMAL, 8 * GIB)
-    waiting = asyncio.create_task(arbiter.acquire(LLM, NORMAL, 4 * GIB, timeout_s=10))
+    waiting = asyncio.create_task(arbiter.acquire(req(LLM, NORMAL, 4 * GIB), timeout_s=10))
     await settle()
     assert not waiting.done()
     assert arbiter.state().waiters == 1
@@ -42,7 +56,7 @@ async def test_times_out_with_a_typed_error() -> None:
     arbiter = Arbiter.for_vram_gb(10)
     arbiter.request_allocation(LLM, NORMAL, 8 * GIB)
     with pytest.raises(ArbiterTimeout) as caught:
-        await arbiter.acquire(LLM, NORMAL, 4 * GIB, timeout_s=0.05)
+        await arbiter.acquire(req(LLM, NORMAL, 4 * GIB), timeout_s=0.05)
     assert caught.value.details == {
         "timeout_s": 0.05,
         "requested_bytes": 4 * GIB,
@@ -58,7 +72,7 @@ async def test_times_out_with_a_typed_error() -> None:
 async def test_a_request_that_can_never_fit_fails_at_once() -> None:
     arbiter = Arbiter.for_vram_gb(10)
     with pytest.raises(InsufficientMemory) as caught:
-        await asyncio.wait_for(arbiter.acquire(LLM, UF, 20 * GIB, timeout_s=60), 2)
+        await asyncio.wait_for(arbiter.acquire(req(LLM, UF, 20 * GIB), timeout_s=60), 2)
     assert caught.value.details["requested_bytes"] == 20 * GIB
     assert arbiter.state().waiters == 0
 
@@ -66,7 +80,7 @@ async def test_a_request_that_can_never_fit_fails_at_once() -> None:
 async def test_acquire_preempts_lower_priorities_without_waiting() -> None:
     arbiter = Arbiter.for_vram_gb(10)
     arbiter.request_allocation(LLM, BG, 9 * GIB)
-    granted = await asyncio.wait_for(arbiter.acquire(LLM, UF, 5 * GIB, timeout_s=0.01), 2)
+    granted = await asyncio.wait_for(arbiter.acquire(req(LLM, UF, 5 * GIB), timeout_s=0.01), 2)
     assert [a.id for a in arbiter.allocations()] == [granted.id]
 
 
@@ -74,12 +88,12 @@ async def test_waiters_are_served_by_priority_then_arrival_without_starvation() 
     bus = EventBus()
     arbiter = Arbiter.for_vram_gb(10, events=bus)
     holder = arbiter.request_allocation(LLM, UF, 9 * GIB, preemptible=False)
-    a = asyncio.create_task(arbiter.acquire(LLM, NORMAL, 6 * GIB, owner="A", timeout_s=10))
+    a = asyncio.create_task(arbiter.acquire(req(LLM, NORMAL, 6 * GIB, owner="A"), timeout_s=10))
     await settle()
-    b = asyncio.create_task(arbiter.acquire(LLM, HIGH, 6 * GIB, owner="B", timeout_s=10))
+    b = asyncio.create_task(arbiter.acquire(req(LLM, HIGH, 6 * GIB, owner="B"), timeout_s=10))
     await settle()
     # 1 GiB is free, but C queues behind A and B so that they do not starve
-    c = asyncio.create_task(arbiter.acquire(LLM, BG, 1 * GIB, owner="C", timeout_s=10))
+    c = asyncio.create_task(arbiter.acquire(req(LLM, BG, 1 * GIB, owner="C"), timeout_s=10))
     await settle()
     assert not any(t.done() for t in (a, b, c))
     arbiter.release_allocation(holder.id)
@@ -97,9 +111,9 @@ async def test_a_blocked_waiter_only_holds_back_its_own_device(make_arbiter: Mak
     arbiter = make_arbiter(10 * GIB, 10 * GIB)
     await arbiter.start()
     arbiter.request_allocation(LLM, UF, 9 * GIB, device="gpu:0", preemptible=False)
-    blocked = asyncio.create_task(arbiter.acquire(LLM, HIGH, 5 * GIB, device=0, timeout_s=10))
+    blocked = asyncio.create_task(arbiter.acquire(req(LLM, HIGH, 5 * GIB, device=0), timeout_s=10))
     await settle()
-    other = await asyncio.wait_for(arbiter.acquire(LLM, BG, 2 * GIB, device=1, timeout_s=1), 2)
+    other = await asyncio.wait_for(arbiter.acquire(req(LLM, BG, 2 * GIB, device=1), timeout_s=1), 2)
     assert other.device == "gpu:1"
     assert not blocked.done()
     blocked.cancel()
@@ -111,7 +125,7 @@ async def test_a_blocked_waiter_only_holds_back_its_own_device(make_arbiter: Mak
 async def test_cancelling_a_waiter_leaks_nothing() -> None:
     arbiter = Arbiter.for_vram_gb(10)
     holder = arbiter.request_allocation(LLM, NORMAL, 8 * GIB)
-    waiting = asyncio.create_task(arbiter.acquire(LLM, NORMAL, 4 * GIB, timeout_s=10))
+    waiting = asyncio.create_task(arbiter.acquire(req(LLM, NORMAL, 4 * GIB), timeout_s=10))
     await settle()
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -124,7 +138,7 @@ async def test_cancelling_a_waiter_leaks_nothing() -> None:
 async def test_cancelled_after_the_grant_gives_the_memory_back() -> None:
     arbiter = Arbiter.for_vram_gb(10)
     holder = arbiter.request_allocation(LLM, NORMAL, 8 * GIB)
-    waiting = asyncio.create_task(arbiter.acquire(LLM, NORMAL, 4 * GIB, timeout_s=10))
+    waiting = asyncio.create_task(arbiter.acquire(req(LLM, NORMAL, 4 * GIB), timeout_s=10))
     await settle()
     arbiter.release_allocation(holder.id)  # grants the waiter and schedules its wake-up ...
     waiting.cancel()  # ... which the cancellation overtakes
@@ -137,7 +151,7 @@ async def test_stop_fails_waiters_with_shutting_down() -> None:
     arbiter = Arbiter.for_vram_gb(10)
     await arbiter.start()
     arbiter.request_allocation(LLM, NORMAL, 8 * GIB)
-    waiting = asyncio.create_task(arbiter.acquire(LLM, NORMAL, 4 * GIB, timeout_s=10))
+    waiting = asyncio.create_task(arbiter.acquire(req(LLM, NORMAL, 4 * GIB), timeout_s=10))
     await settle()
     await arbiter.stop()
     with pytest.raises(ShuttingDown):
@@ -149,7 +163,7 @@ async def test_a_release_from_another_thread_wakes_the_waiter() -> None:
     holder = arbiter.request_allocation(LLM, NORMAL, 8 * GIB)
     timer = threading.Timer(0.05, arbiter.release_allocation, args=(holder.id,))
     timer.start()
-    granted = await asyncio.wait_for(arbiter.acquire(LLM, NORMAL, 4 * GIB, timeout_s=10), 5)
+    granted = await asyncio.wait_for(arbiter.acquire(req(LLM, NORMAL, 4 * GIB), timeout_s=10), 5)
     timer.join()
     assert arbiter.allocations() == [granted]
 
@@ -158,7 +172,7 @@ async def test_reserve_releases_on_exit_even_on_error() -> None:
     arbiter = Arbiter.for_vram_gb(10)
     seen: list[Allocation] = []
     with pytest.raises(RuntimeError):
-        async with arbiter.reserve(LLM, HIGH, "3GiB", owner="task:1") as allocation:
+        async with arbiter.reserve(req(LLM, HIGH, 3 * GIB, owner="task:1")) as allocation:
             seen.append(allocation)
             assert arbiter.reserved_bytes() == 3 * GIB
             raise RuntimeError("the task failed")

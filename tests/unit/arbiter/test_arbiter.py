@@ -16,8 +16,9 @@ from vramancer.arbiter.errors import (
     Preempted,
     ShuttingDown,
 )
-from vramancer.arbiter.types import Allocation, Priority, WorkloadType
+from vramancer.arbiter.types import Allocation, AllocationRequest, Priority, WorkloadType
 from vramancer.clock import ManualClock
+from vramancer.devices.ids import CPU, DeviceId
 from vramancer.events import Event, EventBus
 from vramancer.observability.metrics import Metrics
 from vramancer.units import GIB, MIB
@@ -56,7 +57,7 @@ async def test_given_budget_and_fraction_from_settings(make_arbiter: MakeArbiter
 def test_no_gpu_means_no_budget(make_arbiter: MakeArbiter) -> None:
     arbiter = make_arbiter()
     with pytest.raises(InsufficientMemory) as caught:
-        arbiter.request_allocation(LLM, NORMAL, "1GiB")
+        arbiter.request_allocation(LLM, NORMAL, GIB)
     assert caught.value.details["requested_bytes"] == GIB
     assert caught.value.details["available_bytes"] == 0
     assert caught.value.http_status == 409
@@ -85,14 +86,14 @@ async def test_device_budget_is_checked(make_arbiter: MakeArbiter) -> None:
     first = arbiter.request_allocation(LLM, NORMAL, 8 * GIB, device="gpu:0")
     assert first.device == "gpu:0"
     with pytest.raises(InsufficientMemory) as caught:
-        arbiter.request_allocation(LLM, NORMAL, 2 * GIB, device=0)
+        arbiter.request_allocation(LLM, NORMAL, 2 * GIB, device=DeviceId(0))
     assert caught.value.details["available_bytes"] == 1 * GIB
     assert caught.value.details["device"] == "gpu:0"
-    second = arbiter.request_allocation(LLM, NORMAL, 2 * GIB, device=1)
+    second = arbiter.request_allocation(LLM, NORMAL, 2 * GIB, device=DeviceId(1))
     assert second.device == "gpu:1"
     third = arbiter.request_allocation(LLM, NORMAL, 1 * GIB)  # no device: the total only
     assert arbiter.reserved_bytes("gpu:0") == 8 * GIB
-    assert arbiter.reserved_bytes(1) == 2 * GIB
+    assert arbiter.reserved_bytes(DeviceId(1)) == 2 * GIB
     assert arbiter.reserved_bytes() == 11 * GIB
     assert third.device is None
     with pytest.raises(errors.InvalidInput, match="gpu:5"):
@@ -105,41 +106,41 @@ async def test_device_budget_is_checked(make_arbiter: MakeArbiter) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"workload_type": "chat"}, "workload_type"),
-        ({"priority": "urgent"}, "priority"),
-        ({"memory": "lots"}, "memory"),
-        ({"memory": 0}, "memory"),
-        ({"memory": -5}, "memory"),
+        ({"memory_bytes": 0}, "memory"),
+        ({"memory_bytes": -5}, "memory"),
         ({"min_quality": 1.5}, "min_quality"),
         ({"min_quality": 0.0}, "min_quality"),
-        ({"device": "cuda:0"}, "device"),
+        ({"device": CPU}, "device"),
     ],
 )
-def test_bad_input_is_a_typed_error_naming_the_field(
-    make_arbiter: MakeArbiter, kwargs: dict[str, object], field: str
+def test_a_bad_request_is_a_typed_error_naming_the_field(
+    kwargs: dict[str, object], field: str
 ) -> None:
-    arbiter = make_arbiter(8 * GIB)
-    args: dict[str, object] = {"workload_type": "llm", "priority": "normal", "memory": GIB}
+    args: dict[str, object] = {"workload_type": LLM, "priority": NORMAL, "memory_bytes": GIB}
     args.update(kwargs)
     with pytest.raises(errors.InvalidInput) as caught:
-        arbiter.request_allocation(
-            args.pop("workload_type"),  # type: ignore[arg-type]
-            args.pop("priority"),  # type: ignore[arg-type]
-            args.pop("memory"),  # type: ignore[arg-type]
-            **args,  # type: ignore[arg-type]
-        )
+        AllocationRequest(**args)  # type: ignore[arg-type]
     assert caught.value.details["field"] == field
     assert caught.value.http_status == 422
+
+
+def test_a_device_name_that_is_no_device_is_a_422(make_arbiter: MakeArbiter) -> None:
+    arbiter = make_arbiter(8 * GIB)
+    with pytest.raises(errors.InvalidInput) as caught:
+        arbiter.request_allocation(LLM, NORMAL, GIB, device="tpu:0")
+    assert caught.value.details["field"] == "device"
     assert arbiter.allocations() == []
 
 
-def test_strings_are_accepted(make_arbiter: MakeArbiter) -> None:
+def test_device_names_in_any_input_form_answer_gpu_n(make_arbiter: MakeArbiter) -> None:
     arbiter = make_arbiter(8 * GIB)
-    granted = arbiter.request_allocation("embedding", "user_facing", "512MiB", device="GPU:0")
+    granted = arbiter.request_allocation(WorkloadType.EMBEDDING, UF, 512 * MIB, device="cuda:0")
     assert granted.workload_type is WorkloadType.EMBEDDING
-    assert granted.priority is UF
     assert granted.memory_bytes == 512 * MIB
     assert granted.device == "gpu:0"
+    typed = arbiter.allocate(AllocationRequest(LLM, NORMAL, MIB, device=DeviceId(0)))
+    assert typed.device == "gpu:0"
+    assert arbiter.reserved_bytes(DeviceId(0)) == arbiter.reserved_bytes("gpu:0") == 513 * MIB
 
 
 # --------------------------------------------------------------------------- preemption
@@ -269,7 +270,7 @@ async def test_requests_after_stop_are_refused(make_arbiter: MakeArbiter) -> Non
     assert caught.value.http_status == 503
     assert isinstance(caught.value, errors.ShuttingDown)
     with pytest.raises(ShuttingDown):
-        await arbiter.acquire(LLM, NORMAL, GIB, timeout_s=0.01)
+        await arbiter.acquire(AllocationRequest(LLM, NORMAL, GIB), timeout_s=0.01)
     arbiter.release_allocation(held.id)  # holders may still give memory back
     assert arbiter.state().shutting_down
     await arbiter.start()
@@ -365,7 +366,10 @@ def test_concurrent_threads_never_oversubscribe(make_arbiter: MakeArbiter) -> No
             priority = list(Priority)[(n + i) % 4]
             try:
                 held = arbiter.request_allocation(
-                    LLM, priority, (1 + (i % 5)) * 256 * MIB, device=[None, 0, 1][i % 3]
+                    LLM,
+                    priority,
+                    (1 + (i % 5)) * 256 * MIB,
+                    device=[None, DeviceId(0), DeviceId(1)][i % 3],
                 )
             except InsufficientMemory:
                 continue

@@ -75,8 +75,9 @@ def test_headroom_is_the_largest_request_the_plan_grants(
     asked = priority if priority is not None else Priority.BACKGROUND
 
     def plan(size: int) -> object:
+        gpu = DeviceId.parse(device) if device is not None else None
         request = AllocationRequest(
-            WorkloadType.OTHER, asked, size, None, device, preempt=priority is not None
+            WorkloadType.OTHER, asked, size, None, gpu, preempt=priority is not None
         )
         return plan_allocation(request, allocations, BUDGET, POLICY)
 

@@ -20,6 +20,7 @@ from vramancer.arbiter.policy import (
 )
 from vramancer.arbiter.settings import DEFAULT_MIN_QUALITY
 from vramancer.arbiter.types import Allocation, Priority, WorkloadType
+from vramancer.devices.ids import DeviceId
 from vramancer.units import GIB
 
 POLICY = QualityPolicy(DEFAULT_MIN_QUALITY, pressure_low=0.5)
@@ -55,7 +56,8 @@ def req(
     preempt: bool = True,
     kind: WorkloadType = WorkloadType.LLM,
 ) -> AllocationRequest:
-    return AllocationRequest(kind, priority, int(gib * GIB), min_quality, device, preempt)
+    gpu = DeviceId.parse(device) if device is not None else None
+    return AllocationRequest(kind, priority, int(gib * GIB), min_quality, gpu, preempt)
 
 
 def victim_ids(plan: object) -> list[str]:

@@ -22,6 +22,7 @@ from vramancer.arbiter.errors import InsufficientMemory, InsufficientQuality
 from vramancer.arbiter.settings import ArbiterSettings
 from vramancer.arbiter.types import Priority, WorkloadType
 from vramancer.clock import ManualClock
+from vramancer.devices.ids import DeviceId
 from vramancer.events import Event, EventBus
 from vramancer.observability.metrics import Metrics
 from vramancer.units import MIB
@@ -32,7 +33,7 @@ class Request:
     kind: WorkloadType
     priority: Priority
     mib: int
-    device: int | None
+    device: DeviceId | None
     min_quality: float | None
     preemptible: bool
 
@@ -47,7 +48,7 @@ requests = st.builds(
     kind=st.sampled_from(list(WorkloadType)),
     priority=st.sampled_from(list(Priority)),
     mib=st.integers(min_value=1, max_value=14).map(lambda n: n * 50),
-    device=st.one_of(st.none(), st.integers(min_value=0, max_value=1)),
+    device=st.one_of(st.none(), st.integers(min_value=0, max_value=1).map(DeviceId)),
     min_quality=st.one_of(st.none(), st.floats(min_value=0.3, max_value=1.0)),
     preemptible=st.booleans(),
 )

@@ -58,3 +58,12 @@ def test_invalid_values_are_refused() -> None:
         DeviceId(None, "node")
     with pytest.raises(ValueError):
         DeviceId(True)  # type: ignore[arg-type]
+
+
+def test_parse_input_is_a_422_naming_the_field() -> None:
+    from vramancer.errors import InvalidInput
+
+    assert DeviceId.parse_input("cuda:2") == DeviceId(2)
+    with pytest.raises(InvalidInput) as info:
+        DeviceId.parse_input("tpu:0", field="target")
+    assert info.value.details["field"] == "target"

@@ -1,8 +1,9 @@
 """Arbiter routes: ``/v1/allocations`` (list, request, release) and ``/v1/arbiter`` (state, stats).
 
 ``POST /v1/allocations`` body (CONTRACTS.md): ``{"workload_type", "priority", "memory": size,
-"min_quality"?: float, "device"?: "gpu:N"}``, plus the optional extensions ``owner``,
-``wait_s`` (wait up to that long for memory instead of failing at once) and ``preempt``.
+"min_quality"?: float, "device"?: "gpu:N"}`` (``cuda:N`` is read as ``gpu:N``), plus the
+optional extensions ``owner``, ``wait_s`` (wait up to that long for memory instead of failing
+at once) and ``preempt``.
 No room → 409 ``insufficient_memory`` with ``requested_bytes`` and ``available_bytes``.
 Requesting and releasing need the operator role; listing needs viewer.
 
@@ -22,7 +23,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from vramancer.api.deps import Operator, RuntimeDep
 from vramancer.api.schemas import AllocationList, AllocationOut, ArbiterOut, Released
 from vramancer.arbiter.errors import Preempted
-from vramancer.arbiter.types import Allocation, Priority, WorkloadType
+from vramancer.arbiter.types import Allocation, AllocationRequest, Priority, WorkloadType
+from vramancer.devices.ids import DeviceId
 from vramancer.errors import Conflict, InvalidInput
 from vramancer.units import Size
 
@@ -70,7 +72,8 @@ class AllocationBody(BaseModel):
     memory: Annotated[Size, BeforeValidator(_short_size)] = Field(gt=0)
     #: Refuse (409 insufficient_quality) rather than run below this quality.
     min_quality: float | None = Field(default=None, gt=0, le=1)
-    #: ``gpu:N`` (VRAMancer's GPU index); also checked against that GPU's budget.
+    #: ``gpu:N`` (VRAMancer's GPU index; ``cuda:N`` means the same GPU); also checked against
+    #: that GPU's budget.
     device: str | None = Field(default=None, max_length=32)
     #: Who holds it (shown in listings and ``preempted`` events).
     owner: str | None = Field(default=None, max_length=200)
@@ -107,20 +110,19 @@ async def request_allocation(
             "model manager and the task service",
             field="owner",
         )
-    kwargs: dict[str, Any] = {
-        "min_quality": body.min_quality,
-        "device": body.device,
-        "owner": body.owner if body.owner is not None else "api",
-        "preempt": body.preempt,
-    }
+    request = AllocationRequest(
+        workload_type=body.workload_type,
+        priority=body.priority,
+        memory_bytes=body.memory,
+        min_quality=body.min_quality,
+        device=DeviceId.parse_input(body.device) if body.device is not None else None,
+        preempt=body.preempt,
+        owner=body.owner if body.owner is not None else "api",
+    )
     if body.wait_s > 0:
-        allocation = await rt.arbiter.acquire(
-            body.workload_type, body.priority, body.memory, timeout_s=body.wait_s, **kwargs
-        )
+        allocation = await rt.arbiter.acquire(request, timeout_s=body.wait_s)
     else:
-        allocation = rt.arbiter.request_allocation(
-            body.workload_type, body.priority, body.memory, **kwargs
-        )
+        allocation = rt.arbiter.allocate(request)
     return _public(allocation)
 
 
