@@ -125,7 +125,7 @@ def check_lifecycle_events_are_streamed(server: ServerProcess) -> None:
     ]
     assert vlm[:2] == [("degraded_mode", True), ("degraded_mode", False)]
     loaded = [e for e in got if e["kind"] == "model_loaded" and e["data"]["model"] == VLM]
-    assert loaded and loaded[-1]["data"]["device"] == "cuda:0" and loaded[-1]["data"]["simulated"]
+    assert loaded and loaded[-1]["data"]["device"] == "gpu:0" and loaded[-1]["data"]["simulated"]
     unloaded = [e for e in got if e["kind"] == "model_unloaded" and e["data"]["model"] == VLM]
     assert unloaded[-1]["data"]["reason"] == "idle"
     idle = got[-1]["data"]

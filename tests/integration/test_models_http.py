@@ -134,7 +134,7 @@ def test_load_migrate_unload(op: httpx.Client, fake: FakeOllama) -> None:
     assert r.status_code == 200, r.text
     assert (r.json()["state"], r.json()["device"], r.json()["simulated"]) == (
         "loaded",
-        "cuda:0",
+        "gpu:0",
         True,
     )
     assert VLM in fake.loaded
@@ -143,14 +143,14 @@ def test_load_migrate_unload(op: httpx.Client, fake: FakeOllama) -> None:
     assert "10752" in json.dumps(gpus) or str(int(10.5 * GIB)) in json.dumps(gpus)
     r = op.post("/v1/models/clip/load", json={"device": "cpu"})
     assert r.json()["device"] == "cpu"
-    r = op.post("/v1/models/clip/migrate", json={"device": "cuda:0"})
+    r = op.post("/v1/models/clip/migrate", json={"device": "gpu:0"})
     assert r.status_code == 409  # 0.5 GiB does not fit beside the VLM under the 90 % budget
     assert r.json()["error"]["code"] == "insufficient_memory"
     r = op.post(f"/v1/models/{VLM}/unload")
     assert r.json()["state"] == "unloaded" and VLM not in fake.loaded
-    r = op.post("/v1/models/clip/migrate", json={"device": "cuda:0"})
-    assert (r.json()["device"], r.json()["runs_on"]) == ("cuda:0", "cpu")
-    assert op.get("/v1/gpu/status").json()["clip_device"] == "cuda:0"
+    r = op.post("/v1/models/clip/migrate", json={"device": "cuda:0"})  # torch's name: same GPU
+    assert (r.json()["device"], r.json()["runs_on"]) == ("gpu:0", "cpu")
+    assert op.get("/v1/gpu/status").json()["clip_device"] == "gpu:0"
 
 
 def test_profile_switches_reconcile(op: httpx.Client) -> None:
@@ -163,14 +163,14 @@ def test_profile_switches_reconcile(op: httpx.Client) -> None:
     assert models(op)[VLM]["state"] == "loaded" and models(op)["clip"]["device"] == "cpu"
     r = op.put("/v1/profile", json={"name": "autopilot"})
     assert [s["description"] for s in r.json()["steps"]] == [
-        f"unload {VLM} from cuda:0",
-        "move clip to cuda:0",
+        f"unload {VLM} from gpu:0",
+        "move clip to gpu:0",
     ]
     status = op.get("/v1/gpu/status").json()
     assert (status["execution_mode"], status["vlm_state"], status["clip_device"]) == (
         "autopilot",
         "unloaded",
-        "cuda:0",
+        "gpu:0",
     )
     assert op.get("/v1/profile").json()["last_switch"]["name"] == "autopilot"
 
@@ -178,7 +178,7 @@ def test_profile_switches_reconcile(op: httpx.Client) -> None:
 def test_errors_are_clear(op: httpx.Client, server: ServerProcess, fake: FakeOllama) -> None:
     r = op.post("/v1/models/nope/load")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    r = op.post("/v1/models/clip/migrate", json={"device": "cuda:9"})
+    r = op.post("/v1/models/clip/migrate", json={"device": "gpu:9"})
     assert r.status_code == 422 and "does not exist" in r.json()["error"]["message"]
     r = op.post("/v1/models/clip/migrate", json={"device": "tpu"})
     assert r.status_code == 422
@@ -247,13 +247,13 @@ def test_cli_models_and_profile(op: httpx.Client, server: ServerProcess) -> None
     listed = cli(server, "models", "list")
     assert listed.returncode == 0 and "clip" in listed.stdout and "loaded" in listed.stdout
     moved = cli(server, "models", "migrate", "clip", "cuda:0")
-    assert moved.returncode == 0 and "moved to cuda:0" in moved.stdout
+    assert moved.returncode == 0 and "moved to gpu:0" in moved.stdout
     switched = cli(server, "profile", "set", "recording", "--json")
     assert switched.returncode == 0, switched.stderr
     assert json.loads(switched.stdout)["ok"] is True
     shown = cli(server, "profile", "show")
     assert "profile in force: recording" in shown.stdout
-    bad = cli(server, "models", "migrate", "clip", "cuda:9")
+    bad = cli(server, "models", "migrate", "clip", "gpu:9")
     assert bad.returncode == 1 and "does not exist" in bad.stderr and "HTTP 422" in bad.stderr
 
 
@@ -286,7 +286,7 @@ def test_serve_refuses_a_profile_naming_an_unknown_model(tmp_path: Any) -> None:
 def test_a_models_allocation_cannot_be_released_by_hand(op: httpx.Client) -> None:
     """The model's booking is memory really in use: DELETE /v1/allocations refuses it and
     says how to free it; nobody may book under a model's or a task's name either."""
-    assert op.post("/v1/models/clip/load", json={"device": "cuda:0"}).status_code == 200
+    assert op.post("/v1/models/clip/load", json={"device": "gpu:0"}).status_code == 200
     (mine,) = [
         a for a in op.get("/v1/allocations").json()["allocations"] if a["owner"] == "model:clip"
     ]
@@ -295,7 +295,7 @@ def test_a_models_allocation_cannot_be_released_by_hand(op: httpx.Client) -> Non
     error = r.json()["error"]
     assert error["code"] == "managed_allocation" and error["owner"] == "model:clip"
     assert "POST /v1/models/clip/unload" in error["message"]
-    assert models(op)["clip"]["device"] == "cuda:0"  # still booked and loaded
+    assert models(op)["clip"]["device"] == "gpu:0"  # still booked and loaded
     body = {"workload_type": "embedding", "memory": "1GiB", "owner": "model:clip"}
     spoof = op.post("/v1/allocations", json=body)
     assert spoof.status_code == 422 and spoof.json()["error"]["field"] == "owner"

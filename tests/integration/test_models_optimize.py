@@ -91,7 +91,7 @@ def test_optimize_switches_to_the_smaller_variant(client: httpx.Client, fake: Fa
     assert r.status_code == 200, r.text
     report = r.json()
     assert (
-        f"switched {VLM} to smaller variant {SMALL} on cuda:0 (10.5 GiB -> 2.0 GiB)"
+        f"switched {VLM} to smaller variant {SMALL} on gpu:0 (10.5 GiB -> 2.0 GiB)"
         in report["actions_taken"]
     )
     assert report["optimized"] is True
@@ -113,7 +113,7 @@ def test_optimize_unloads_the_least_recently_used(client: httpx.Client, fake: Fa
     r = client.post("/v1/system/optimize")
     assert r.status_code == 200, r.text
     actions = r.json()["actions_taken"]
-    assert "unloaded a:6b from cuda:0 (least recently used, 6.5 GiB)" in actions
+    assert "unloaded a:6b from gpu:0 (least recently used, 6.5 GiB)" in actions
     assert not [a for a in actions if "b:4b" in a]  # 4 of 12 GiB after a: below the ratio
     state = {name: m["state"] for name, m in models(client).items()}
     assert (state["a:6b"], state["b:4b"]) == ("unloaded", "loaded")

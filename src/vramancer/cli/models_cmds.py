@@ -38,7 +38,11 @@ T = TypeVar("T")
 
 DeviceOpt = Annotated[
     str | None,
-    typer.Option("--device", "-d", help="cpu, cuda (any GPU) or cuda:N; default: VRAMancer picks."),
+    typer.Option(
+        "--device",
+        "-d",
+        help="cpu, gpu (any GPU) or gpu:N (cuda:N: the same GPU); default: VRAMancer picks.",
+    ),
 ]
 
 
@@ -154,11 +158,11 @@ def _render_models(data: dict[str, Any]) -> None:
 
 
 def _describe(m: dict[str, Any], verb: str, elapsed_s: float) -> str:
-    """One line for the model the server answered with: ``clip: moved to cuda:0 (simulated,
+    """One line for the model the server answered with: ``clip: moved to gpu:0 (simulated,
     runs on cpu) in 0.02 s``. The time is this command's, wait in the load queue included."""
     line = f"{m['name']}: {verb}"
     if m.get("device"):
-        line += f" on {m['device']}" if verb == "loaded" else ""
+        line += {"loaded": f" on {m['device']}", "moved": f" to {m['device']}"}.get(verb, "")
         if m.get("simulated"):
             line += f" (simulated, runs on {m['runs_on']})"
     return f"{line} in {elapsed_s:.2f} s"
@@ -211,7 +215,9 @@ def unload(name: str, json_out: JsonOpt = False) -> None:
 @models_app.command("migrate")
 def migrate(
     name: str,
-    device: Annotated[str, typer.Argument(help="cpu, cuda or cuda:N")],
+    device: Annotated[
+        str, typer.Argument(help="cpu, gpu (any GPU) or gpu:N (cuda:N: the same GPU)")
+    ],
     json_out: JsonOpt = False,
 ) -> None:
     """Move NAME to DEVICE (torch models move in place; others are reloaded there)."""
@@ -223,7 +229,7 @@ def migrate(
             json_out,
             _state_poller(poller, name),
         )
-    emit(data, json_out, _render_one(f"moved to {device}", started))
+    emit(data, json_out, _render_one("moved", started))
 
 
 def _render_profile(data: dict[str, Any]) -> None:

@@ -288,7 +288,7 @@ class ModelManager:
         return self._table.get(name).state is ModelState.LOADED
 
     def device(self, name: str) -> str:
-        """``cpu`` or ``cuda:N`` (seed property 12); ``cpu`` when the model is not on a GPU."""
+        """``cpu`` or ``gpu:N`` (seed property 12); ``cpu`` when the model is not on a GPU."""
         entry = self._table.get(name)
         if entry.state is ModelState.LOADED and entry.device is not None:
             return entry.device
@@ -370,8 +370,9 @@ class ModelManager:
     unload = ensure_unloaded
 
     async def migrate(self, name: str, device: str) -> ModelStatus:
-        """Put ``name`` on ``device`` (``cpu``, ``cuda``, ``cuda:N``): torch models move in
-        place, others are unloaded and loaded there; an unloaded model is loaded there."""
+        """Put ``name`` on ``device`` (``cpu``, ``gpu`` / ``cuda``, ``gpu:N`` / ``cuda:N``): torch
+        models move in place, others are unloaded and loaded there; an unloaded model is loaded
+        there."""
         entry = self._table.get(name)
         wanted = self._placer.validate_device(entry, device)
         target = self._placer.choose_target(entry, wanted)

@@ -39,7 +39,7 @@ class Placer:
         self.placement_of = placement_of
 
     def validate_device(self, entry: ModelEntry, device: str) -> str:
-        """``device`` normalised (``cpu``, ``gpu``, ``cuda:N``), if the model may go there."""
+        """``device`` normalised (``cpu``, ``gpu``, ``gpu:N``), if the model may go there."""
         gpus = [g.index for g in self.devices.snapshot().gpus]
         wanted = normalize_device(device, gpus)
         allowed = entry.spec.allowed_devices

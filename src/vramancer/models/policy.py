@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from vramancer.models.types import (
+    ANY_GPU,
     CPU,
     ModelState,
     Placement,
@@ -40,14 +41,14 @@ class ModelView:
     name: str
     backend: str
     state: ModelState
-    #: ``cpu`` / ``cuda:N`` when loaded, else None.
+    #: ``cpu`` / ``gpu:N`` when loaded, else None.
     device: str | None
     #: Memory it takes on a GPU.
     vram_bytes: int
     priority_rank: int = 1
     #: Can move between devices in place (torch ``.to()``); others unload and load again.
     can_move: bool = False
-    #: Allowed devices as configured: ``gpu``, ``cuda:N``, ``cpu``.
+    #: Allowed devices as configured: ``gpu``, ``gpu:N``, ``cpu``.
     allowed: tuple[str, ...] = ("gpu", CPU)
     pinned: str | None = None
     in_use: bool = False
@@ -77,12 +78,12 @@ class ModelView:
 
 
 def gpu_candidates(model: ModelView, gpu_indices: Sequence[int]) -> list[int]:
-    """GPUs the model may use, in preference order: the pinned one alone, else the ``cuda:N``
+    """GPUs the model may use, in preference order: the pinned one alone, else the ``gpu:N``
     named in ``allowed`` (in their order), else every GPU."""
     if model.pinned is not None:
         index = gpu_index(model.pinned)
         return [index] if index is not None and index in gpu_indices else []
-    named = [gpu_index(a) for a in model.allowed if a.startswith("cuda:")]
+    named = [gpu_index(a) for a in model.allowed if a not in (CPU, ANY_GPU)]
     ordered = [i for i in named if i is not None and i in gpu_indices]
     if "gpu" in model.allowed:
         ordered += [i for i in gpu_indices if i not in ordered]

@@ -47,7 +47,7 @@ class GpuRoom:
         self.arbiter = arbiter
 
     def target(self, device: str) -> Target:
-        """Where ``device`` (``cpu`` / ``cuda:N``) puts a model's tensors."""
+        """Where ``device`` (``cpu`` / ``gpu:N``) puts a model's tensors."""
         index = gpu_index(device)
         if index is None:
             return Target.cpu()
@@ -140,7 +140,7 @@ class GpuRoom:
         short = await self._wait_free(index, before + int(freed * RECOVERED_SHARE))
         if short is not None:
             log.warning(
-                "cuda:%d: %s freed but only %s more free after %.1f s; going on",
+                "gpu:%d: %s freed but only %s more free after %.1f s; going on",
                 index,
                 format_size(freed),
                 format_size(short.memory_free_bytes - before),
@@ -156,7 +156,7 @@ class GpuRoom:
         short = await self._wait_free(index, needed)
         if short is not None:
             log.warning(
-                "cuda:%d: %s needs %s but only %s is free after %.1f s; loading anyway",
+                "gpu:%d: %s needs %s but only %s is free after %.1f s; loading anyway",
                 index,
                 entry.name,
                 format_size(needed),

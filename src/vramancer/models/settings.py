@@ -12,30 +12,22 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from vramancer.models.types import read_device
 from vramancer.units import GIB, Size, parse_size
 
 Priority = Literal["background", "normal", "high", "user_facing"]
 BackendName = Literal["ollama", "torch", "process"]
 WorkloadName = Literal["llm", "image", "video", "embedding", "other"]
 
-#: ``cpu``, ``gpu`` (any GPU), ``cuda`` / ``cuda:N`` / ``gpu:N`` (one GPU, VRAMancer index).
-_DEVICE_RE = re.compile(r"^(cpu|gpu|cuda)(?::([0-9]+))?$")
 _PLACEMENT_FORMS = (
-    "'gpu', 'cpu', 'unloaded', 'cuda:N' or 'gpu_if_free:SIZE' (e.g. 'gpu_if_free:1GiB')"
+    "'gpu', 'cpu', 'unloaded', 'gpu:N' or 'gpu_if_free:SIZE' (e.g. 'gpu_if_free:1GiB')"
 )
 
 
 def check_device(value: str) -> str:
     """Accept a device name as written in config (``cpu``, ``gpu``, ``cuda``, ``cuda:0``,
-    ``gpu:1``) and return its canonical form: ``cpu``, ``gpu`` (any GPU) or ``cuda:N``."""
-    text = value.strip().lower()
-    match = _DEVICE_RE.match(text)
-    if not match or (match.group(1) == "cpu" and match.group(2) is not None):
-        raise ValueError(f"expected 'cpu', 'gpu', 'cuda' or 'cuda:N', got {value!r}")
-    kind, number = match.groups()
-    if kind == "cpu":
-        return "cpu"
-    return "gpu" if number is None else f"cuda:{int(number)}"
+    ``gpu:1``) and return its one form: ``cpu``, ``gpu`` (any GPU) or ``gpu:N``."""
+    return read_device(value)
 
 
 def check_placement(value: str) -> str:
@@ -50,8 +42,12 @@ def check_placement(value: str) -> str:
         except ValueError:
             raise ValueError(f"expected {_PLACEMENT_FORMS}, got {value!r}") from None
         return "gpu_if_free:" + size.strip()
-    if _DEVICE_RE.match(text) and text != "cpu":
-        return text
+    try:
+        device = read_device(text)
+    except ValueError:
+        device = "cpu"
+    if device != "cpu":
+        return device
     raise ValueError(f"expected {_PLACEMENT_FORMS}, got {value!r}")
 
 
@@ -124,9 +120,9 @@ class ModelSpec(BaseModel):
     workload_type: WorkloadName | None = None
     #: torch: ``module:function`` returning an ``nn.Module`` or a pipeline object.
     factory: str | None = None
-    #: Where the model may live, in order of preference: ``gpu``, ``cuda:N``, ``cpu``.
+    #: Where the model may live, in order of preference: ``gpu``, ``gpu:N``, ``cpu``.
     allowed_devices: list[DeviceName] = Field(default_factory=lambda: ["gpu", "cpu"])
-    #: Always load on this device (``cuda:N`` or ``cpu``).
+    #: Always load on this device (``gpu:N`` or ``cpu``).
     pinned_device: DeviceName | None = None
     #: Never unloaded to make room for another model, by the idle reaper or by optimize.
     never_evict: bool = False
@@ -164,7 +160,7 @@ class ModelSpec(BaseModel):
         if self.backend == "process" and self.smaller_variant:
             raise ValueError(f"model {self.name!r}: smaller_variant is not supported for 'process'")
         if self.pinned_device == "gpu":
-            raise ValueError(f"model {self.name!r}: pinned_device must name one device (cuda:N)")
+            raise ValueError(f"model {self.name!r}: pinned_device must name one device (gpu:N)")
         if not self.allowed_devices:
             raise ValueError(f"model {self.name!r}: allowed_devices cannot be empty")
         return self

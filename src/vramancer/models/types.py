@@ -1,19 +1,21 @@
 """Records of the model manager: states, device names, placements, statuses (all values).
 
-Device names are what users and seed 002 see: ``cpu`` or ``cuda:N`` where ``N`` is VRAMancer's
-GPU index (``GpuSnapshot.index``; the arbiter calls the same GPU ``gpu:N``). A model placed on a
-simulated GPU keeps ``device = "cuda:N"`` for accounting, and its ``runs_on`` says ``cpu``.
+Device names are ``DeviceId``'s (``devices/ids.py``): ``cpu`` or ``gpu:N`` where ``N`` is
+VRAMancer's GPU index (``GpuSnapshot.index``), the same name as in the arbiter and the tasks;
+``cuda:N`` is read as ``gpu:N``. A model placed on a simulated GPU keeps ``device = "gpu:N"``
+for accounting, and its ``runs_on`` (the torch device its tensors are on) says ``cpu``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from vramancer.devices.ids import CPU as CPU_ID
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.manager import VramInfo
 from vramancer.errors import InvalidInput
 from vramancer.units import parse_size
@@ -50,7 +52,7 @@ class PlacementKind(StrEnum):
 
     #: On a GPU (the pinned one, else the allowed GPU with the most free memory).
     GPU = "gpu"
-    #: On one named GPU (``cuda:N``).
+    #: On one named GPU (``gpu:N``).
     DEVICE = "device"
     #: Loaded on the CPU.
     CPU = "cpu"
@@ -82,56 +84,65 @@ class StepStatus(StrEnum):
     FAILED = "failed"
 
 
-CPU = "cpu"
-_DEVICE_RE = re.compile(r"^(cpu|gpu|cuda)(?::([0-9]+))?$")
+CPU = str(CPU_ID)
+#: Any GPU (the manager picks one); ``cuda`` means the same.
+ANY_GPU = "gpu"
 
 
 def gpu_device(index: int) -> str:
-    """The model-manager name of GPU ``index``: ``cuda:N``."""
-    return f"cuda:{index}"
+    """The name of GPU ``index``: ``gpu:N``."""
+    return str(DeviceId.gpu(index))
 
 
 def gpu_index(device: str | None) -> int | None:
-    """``cuda:N`` -> ``N``; ``cpu`` / None -> None."""
+    """``gpu:N`` (or ``cuda:N``) -> ``N``; ``cpu`` / None -> None."""
     if device is None or device == CPU:
         return None
-    return int(device.split(":", 1)[1])
+    return DeviceId.parse(device).index
 
 
-def arbiter_device(device: str) -> str:
-    """``cuda:N`` -> the arbiter's ``gpu:N``."""
-    return f"gpu:{gpu_index(device)}"
+def read_device(text: str) -> str:
+    """A device as a user or the config writes it (``cpu``, ``gpu`` / ``cuda`` for any GPU,
+    ``gpu:N``, ``cuda:N``) in its one form: ``cpu``, ``gpu`` or ``gpu:N``. ``ValueError``
+    names the forms."""
+    value = text.strip().lower()
+    if value in (ANY_GPU, "cuda"):
+        return ANY_GPU
+    try:
+        device = DeviceId.parse(value)
+    except ValueError:
+        raise ValueError(
+            f"device must be 'cpu', 'gpu' (any GPU), 'gpu:N' or 'cuda:N', got {text!r}"
+        ) from None
+    if not device.is_local:
+        raise ValueError(f"device {text!r}: a model runs on this node's devices only")
+    return str(device)
 
 
 def normalize_device(text: str, gpu_indices: tuple[int, ...] | list[int]) -> str:
     """Turn a user's device (``cpu``, ``cuda``, ``gpu``, ``cuda:1``, ``gpu:1``) into ``cpu``,
-    ``gpu`` (any GPU) or ``cuda:N``; ``InvalidInput`` names the form or the missing GPU."""
-    value = text.strip().lower()
-    match = _DEVICE_RE.match(value)
-    if not match or (match.group(1) == "cpu" and match.group(2) is not None):
-        raise InvalidInput(
-            f"device must be 'cpu', 'cuda' or 'cuda:N' (got {text!r})", field="device"
-        )
-    kind, number = match.groups()
-    if kind == "cpu":
+    ``gpu`` (any GPU) or ``gpu:N``; ``InvalidInput`` names the form or the missing GPU."""
+    try:
+        device = read_device(text)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field="device") from None
+    if device == CPU:
         return CPU
     if not gpu_indices:
         raise InvalidInput(
             f"device {text!r}: there is no GPU on this machine (CPU-only mode)", field="device"
         )
-    if number is None:
-        return "gpu"
-    index = int(number)
-    if index not in gpu_indices:
+    index = gpu_index(device) if device != ANY_GPU else None
+    if index is not None and index not in gpu_indices:
         known = ", ".join(gpu_device(i) for i in gpu_indices)
         raise InvalidInput(f"device {text!r} does not exist; GPUs: {known}", field="device")
-    return gpu_device(index)
+    return device
 
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """A profile's wish for one model (``gpu``, ``cpu``, ``unloaded``, ``cuda:N``,
-    ``gpu_if_free:1GiB``)."""
+    """A profile's wish for one model (``gpu``, ``cpu``, ``unloaded``, ``gpu:N`` (or
+    ``cuda:N``), ``gpu_if_free:1GiB``)."""
 
     kind: PlacementKind
     min_free_bytes: int = 0
@@ -152,11 +163,14 @@ class Placement:
             except ValueError as exc:
                 raise InvalidInput(f"placement {text!r}: {exc}") from None
             return cls(PlacementKind.GPU_IF_FREE, min_free_bytes=size)
-        match = _DEVICE_RE.match(value)
-        if match and match.group(2) is not None and match.group(1) != "cpu":
-            return cls(PlacementKind.DEVICE, device_index=int(match.group(2)))
+        try:
+            device = DeviceId.parse(value)
+        except ValueError:
+            device = CPU_ID
+        if device.is_gpu and device.is_local:
+            return cls(PlacementKind.DEVICE, device_index=device.index)
         raise InvalidInput(
-            f"placement must be gpu, cpu, unloaded, cuda:N or gpu_if_free:SIZE (got {text!r})"
+            f"placement must be gpu, cpu, unloaded, gpu:N or gpu_if_free:SIZE (got {text!r})"
         )
 
     def __str__(self) -> str:
@@ -190,7 +204,7 @@ class ModelStatus:
     name: str
     backend: BackendKind
     state: ModelState
-    #: ``cpu`` / ``cuda:N`` while loaded (or loading onto it); None when unloaded.
+    #: ``cpu`` / ``gpu:N`` while loaded (or loading onto it); None when unloaded.
     device: str | None
     #: Where tensors really are: ``cpu`` for a placement on a simulated GPU, else ``device``.
     runs_on: str | None
@@ -275,7 +289,7 @@ class PlanStep:
 
     action: StepAction
     model: str
-    #: Target device (``cpu`` / ``cuda:N``) for load and move; the device freed for unload.
+    #: Target device (``cpu`` / ``gpu:N``) for load and move; the device freed for unload.
     device: str | None
     reason: str = ""
 

@@ -32,7 +32,7 @@ def test_progress_polls_the_state_while_the_request_runs(monkeypatch: pytest.Mon
 
     def poll() -> str:
         polls.append(time.monotonic())
-        return "loading on cuda:0"
+        return "loading on gpu:0"
 
     assert models_cmds._with_progress("loading x", slow, False, poll) == {"state": "loaded"}
     assert len(polls) >= 3
@@ -53,14 +53,14 @@ def test_json_output_skips_the_spinner() -> None:
 
 
 def test_one_line_per_operation_says_what_happened() -> None:
-    sim = {"name": "clip", "device": "cuda:0", "simulated": True, "runs_on": "cpu"}
+    sim = {"name": "clip", "device": "gpu:0", "simulated": True, "runs_on": "cpu"}
     assert (
         models_cmds._describe(sim, "loaded", 1.234)
-        == "clip: loaded on cuda:0 (simulated, runs on cpu) in 1.23 s"
+        == "clip: loaded on gpu:0 (simulated, runs on cpu) in 1.23 s"
     )
     assert (
-        models_cmds._describe(sim, "moved to cuda:0", 0.02)
-        == "clip: moved to cuda:0 (simulated, runs on cpu) in 0.02 s"
+        models_cmds._describe(sim, "moved", 0.02)
+        == "clip: moved to gpu:0 (simulated, runs on cpu) in 0.02 s"
     )
     cpu = {"name": "clip", "device": "cpu", "simulated": False, "runs_on": "cpu"}
     assert models_cmds._describe(cpu, "loaded", 0.5) == "clip: loaded on cpu in 0.50 s"

@@ -59,16 +59,16 @@ async def test_load_and_unload_on_a_simulated_gpu_show_in_telemetry_and_arbiter(
         status = await m.ensure_loaded(VLM)
         assert (status.state, status.device, status.runs_on, status.simulated) == (
             ModelState.LOADED,
-            "cuda:0",
+            "gpu:0",
             "cpu",
             True,
         )
         assert status.used_vram_bytes == VLM_SIZE
         assert h.gpu_used() == VLM_SIZE
         assert owners(h) == {f"model:{VLM}": VLM_SIZE}
-        assert m.is_loaded(VLM) and m.device(VLM) == "cuda:0"
+        assert m.is_loaded(VLM) and m.device(VLM) == "gpu:0"
         loaded = h.of("model_loaded")[0].data
-        assert loaded["model"] == VLM and loaded["device"] == "cuda:0" and loaded["simulated"]
+        assert loaded["model"] == VLM and loaded["device"] == "gpu:0" and loaded["simulated"]
         status = await m.ensure_unloaded(VLM)
         assert status.state is ModelState.UNLOADED and status.device is None
         assert h.gpu_used() == 0
@@ -86,7 +86,7 @@ async def test_use_loads_on_demand_and_holds_against_the_idle_reaper(
     async with harness(settings) as h:
         m = h.models
         async with m.use(VLM) as handle:
-            assert handle.device == "cuda:0" and handle.endpoint == fake_ollama.url
+            assert handle.device == "gpu:0" and handle.endpoint == fake_ollama.url
             assert (handle.backend_model, handle.obj) == (VLM, None)
             assert m.status(VLM).in_use == 1
             h.clock.advance(1000)
@@ -135,18 +135,18 @@ async def test_torch_model_moves_between_cpu_and_a_simulated_gpu(fake_ollama: Fa
         await m.ensure_loaded(CLIP, "cpu")
         x = torch.ones(1, 16)
         before = m.handle(CLIP)(x).detach()
-        status = await m.migrate(CLIP, "cuda:0")
-        assert (status.device, status.runs_on, status.simulated) == ("cuda:0", "cpu", True)
+        status = await m.migrate(CLIP, "gpu:0")
+        assert (status.device, status.runs_on, status.simulated) == ("gpu:0", "cpu", True)
         assert h.gpu_used() == CLIP_BYTES
         assert owners(h) == {f"model:{CLIP}": CLIP_BYTES}
         assert torch.equal(m.handle(CLIP)(x).detach(), before)
         status = await m.migrate(CLIP, "cpu")
         assert status.device == "cpu" and h.gpu_used() == 0 and owners(h) == {}
-        assert h.of("model_migrated")[-1].data["from"] == "cuda:0"
+        assert h.of("model_migrated")[-1].data["from"] == "gpu:0"
         kinds = [e.data["event_type"] for e in h.of("resource_changed")]
         assert kinds == ["model_loaded", "device_changed", "device_changed"]
         with pytest.raises(InvalidInput, match="does not exist"):
-            await m.migrate(CLIP, "cuda:7")
+            await m.migrate(CLIP, "gpu:7")
         with pytest.raises(InvalidInput, match="device must be"):
             await m.migrate(CLIP, "tpu")
         with pytest.raises(NotFound, match="no managed model 'nope'"):
@@ -166,12 +166,12 @@ async def test_pipeline_objects_are_moved_and_reinitialised(fake_ollama: FakeOll
         await m.ensure_loaded("pipe", "cpu")
         pipe = m.handle("pipe")
         assert isinstance(pipe, tiny.Pipeline) and pipe.reinitialized == 1
-        await m.migrate("pipe", "cuda:0")
+        await m.migrate("pipe", "gpu:0")
         await m.migrate("pipe", "cpu")
         assert pipe.reinitialized == 3
         assert str(pipe.device) == "cpu"
         status = await m.ensure_loaded("dev")
-        assert status.device == "cuda:0" and status.runs_on == "cpu"
+        assert status.device == "gpu:0" and status.runs_on == "cpu"
         assert status.used_vram_bytes == 2 * 2 * 4 + 2 * 4  # measured: no vram configured
 
 
@@ -438,7 +438,7 @@ async def test_waiting_requests_are_served_grouped_by_model(fake_ollama: FakeOll
 async def test_arbiter_preemption_moves_clip_to_the_cpu(fake_ollama: FakeOllama) -> None:
     async with harness(seed_settings(fake_ollama.url)) as h:
         m = h.models
-        await m.ensure_loaded(CLIP, "cuda:0")
+        await m.ensure_loaded(CLIP, "gpu:0")
         budget = h.arbiter.state().budget_bytes
         grab = h.arbiter.request_allocation(
             WorkloadType.IMAGE, Priority.USER_FACING, budget, device="gpu:0", owner="diffusion"
@@ -460,7 +460,7 @@ async def test_loading_the_vlm_first_moves_clip_off_the_gpu(fake_ollama: FakeOll
     )
     async with harness(settings) as h:
         m = h.models
-        await m.ensure_loaded(CLIP, "cuda:0")
+        await m.ensure_loaded(CLIP, "gpu:0")
         await m.ensure_loaded(VLM)  # fits beside CLIP, but seed property 6 moves CLIP first
         assert m.device(CLIP) == "cpu"
         kinds = [e.kind for e in h.seen if e.kind in ("model_migrated", "model_loaded")]
@@ -475,18 +475,18 @@ async def test_pinned_and_allowed_devices(fake_ollama: FakeOllama) -> None:
             "simulated": [{"name": "s0", "memory": "12GiB"}, {"name": "s1", "memory": "12GiB"}],
         },
         models=[
-            ollama("small:1b", GIB, pinned_device="cuda:1"),
-            ollama("tiny:0.5b", 512 * MIB, allowed_devices=["cuda:1"]),
+            ollama("small:1b", GIB, pinned_device="gpu:1"),
+            ollama("tiny:0.5b", 512 * MIB, allowed_devices=["gpu:1"]),
             torch_model(CLIP, vram="100MiB", allowed_devices=["cpu"]),
         ],
     )
     async with harness(settings) as h:
         m = h.models
-        assert (await m.ensure_loaded("small:1b")).device == "cuda:1"
-        assert (await m.ensure_loaded("tiny:0.5b")).device == "cuda:1"
+        assert (await m.ensure_loaded("small:1b")).device == "gpu:1"
+        assert (await m.ensure_loaded("tiny:0.5b")).device == "gpu:1"
         assert (await m.ensure_loaded(CLIP)).device == "cpu"
-        with pytest.raises(InvalidInput, match="may not run on cuda:0"):
-            await m.migrate("tiny:0.5b", "cuda:0")
+        with pytest.raises(InvalidInput, match="may not run on gpu:0"):
+            await m.migrate("tiny:0.5b", "gpu:0")
         with pytest.raises(InvalidInput, match="may not run on cuda"):
             await m.migrate(CLIP, "cuda")
         assert h.gpu_used(1) == GIB + 512 * MIB and h.gpu_used(0) == 0
@@ -515,7 +515,7 @@ async def test_optimize_unloads_idle_models_and_switches_to_a_smaller_variant(
         ]
         assert str(actions[0]) == "unloaded clip from cpu (idle, 500.0 MiB)"
         assert str(actions[1]).startswith(
-            "switched qwen3-vl:8b to smaller variant small:1b on cuda:0"
+            "switched qwen3-vl:8b to smaller variant small:1b on gpu:0"
         )
         status = m.status(VLM)
         assert status.variant == "small:1b" and status.used_vram_bytes == GIB
@@ -539,7 +539,7 @@ async def test_cpu_only_machine_runs_everything_on_the_cpu(fake_ollama: FakeOlla
         assert fake_ollama.requests[-2].body["options"] == {"num_gpu": 0}
         assert (await m.ensure_loaded(CLIP)).runs_on == "cpu"
         with pytest.raises(InvalidInput, match="CPU-only"):
-            await m.migrate(CLIP, "cuda:0")
+            await m.migrate(CLIP, "gpu:0")
         status = m.gpu_status()
         assert status.cpu_only and status.vram.gpu_name == "none (CPU-only)"
         assert status.vram.total_mb == 0 and status.clip_device == "cpu"
@@ -573,7 +573,7 @@ async def test_models_ollama_already_has_are_adopted_and_external_unloads_notice
     async with harness(seed_settings(fake_ollama.url)) as h:
         m = h.models
         status = m.status(VLM)
-        assert status.state is ModelState.LOADED and status.device == "cuda:0"
+        assert status.state is ModelState.LOADED and status.device == "gpu:0"
         assert h.gpu_used() == VLM_SIZE and owners(h) == {f"model:{VLM}": VLM_SIZE}
         fake_ollama.loaded.clear()  # Ollama's own keep_alive expired
         h.clock.advance(30)
@@ -743,7 +743,7 @@ async def test_a_user_facing_model_preempts_a_background_reservation(
             on_preempt=lambda a: told.append(a.id),
         )
         status = await h.models.ensure_loaded(VLM)  # user_facing, 10.5 GiB of a 10.8 GiB budget
-        assert status.device == "cuda:0"
+        assert status.device == "gpu:0"
         assert told == [batch.id]
         assert owners(h) == {f"model:{VLM}": VLM_SIZE}
         event = h.of("preempted")[0].data
@@ -809,7 +809,7 @@ async def test_optimize_with_a_variant_ollama_lacks_keeps_the_full_model(
         assert (action.kind, action.model) == (ModelActionKind.FAILED, VLM)
         assert str(action).startswith("could not switch qwen3-vl:8b to qwen3-vl:2b: Ollama: model")
         status = m.status(VLM)
-        assert (status.state, status.device, status.variant) == (ModelState.LOADED, "cuda:0", None)
+        assert (status.state, status.device, status.variant) == (ModelState.LOADED, "gpu:0", None)
         assert set(fake_ollama.running()) == {VLM}
         assert owners(h) == {f"model:{VLM}": VLM_SIZE} and h.gpu_used() == VLM_SIZE
 
@@ -820,13 +820,13 @@ async def test_a_model_in_use_is_not_preempted_under_its_user(fake_ollama: FakeO
     async with harness(seed_settings(fake_ollama.url)) as h:
         m = h.models
         budget = h.arbiter.state().budget_bytes
-        async with m.use(CLIP, "cuda:0"):
+        async with m.use(CLIP, "gpu:0"):
             with pytest.raises(InsufficientMemory):
                 h.arbiter.request_allocation(
                     WorkloadType.IMAGE, Priority.USER_FACING, budget, device="gpu:0"
                 )
             await asyncio.sleep(0.05)
-            assert m.device(CLIP) == "cuda:0" and h.of("model_preempted") == []
+            assert m.device(CLIP) == "gpu:0" and h.of("model_preempted") == []
         grab = h.arbiter.request_allocation(
             WorkloadType.IMAGE, Priority.USER_FACING, budget, device="gpu:0"
         )

@@ -37,8 +37,8 @@ async def test_minilm_embeddings_agree_across_moves(
         assert 80 * 2**20 < status.vram_bytes < 100 * 2**20  # measured: 22.7 M float32 weights
         before = encode(m.handle("minilm"))
         assert before.shape == (3, 384)
-        status = await m.migrate("minilm", "cuda:0")
-        assert (status.device, status.runs_on, status.simulated) == ("cuda:0", "cpu", True)
+        status = await m.migrate("minilm", "gpu:0")
+        assert (status.device, status.runs_on, status.simulated) == ("gpu:0", "cpu", True)
         assert h.gpu_used() == status.used_vram_bytes == status.vram_bytes
         async with m.use("minilm") as handle:
             after_gpu = encode(handle.obj)

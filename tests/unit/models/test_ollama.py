@@ -13,7 +13,7 @@ from vramancer.models.backends.ollama import OllamaClient, OllamaModel
 from vramancer.models.errors import BackendError, ModelNotInBackend
 from vramancer.models.settings import ModelSpec, OllamaSettings
 
-GPU = Target("cuda:0", "cpu", simulated=True, cuda_index=None)
+GPU = Target("gpu:0", "cpu", simulated=True, cuda_index=None)
 
 
 def client_for(fake: FakeOllama, **kw: object) -> OllamaClient:

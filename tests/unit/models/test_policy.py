@@ -40,7 +40,7 @@ def test_placement_parse_every_form() -> None:
     assert Placement.parse("gpu") == Placement(PlacementKind.GPU)
     assert Placement.parse(" CPU ") == Placement(PlacementKind.CPU)
     assert Placement.parse("unloaded") == Placement(PlacementKind.UNLOADED)
-    assert Placement.parse("cuda:1") == Placement(PlacementKind.DEVICE, device_index=1)
+    assert Placement.parse("gpu:1") == Placement(PlacementKind.DEVICE, device_index=1)
     assert Placement.parse("gpu_if_free:1GiB") == Placement(PlacementKind.GPU_IF_FREE, GIB)
     with pytest.raises(InvalidInput, match="placement"):
         Placement.parse("gpu_if_free:lots")
@@ -49,7 +49,7 @@ def test_placement_parse_every_form() -> None:
 
 
 def test_placements_print_as_they_are_written_and_parse_back() -> None:
-    for text in ("gpu", "cpu", "unloaded", "cuda:1", "gpu_if_free:1GiB", "gpu_if_free:1536MiB"):
+    for text in ("gpu", "cpu", "unloaded", "gpu:1", "gpu_if_free:1GiB", "gpu_if_free:1536MiB"):
         assert str(Placement.parse(text)) == text
     odd = Placement(PlacementKind.GPU_IF_FREE, 1000)
     assert str(odd) == "gpu_if_free:1000" and Placement.parse(str(odd)) == odd
@@ -58,11 +58,11 @@ def test_placements_print_as_they_are_written_and_parse_back() -> None:
 def test_normalize_device_forms_and_errors() -> None:
     assert normalize_device("CPU", [0]) == "cpu"
     assert normalize_device("cuda", [0, 1]) == "gpu"
-    assert normalize_device("gpu:1", [0, 1]) == "cuda:1"
-    with pytest.raises(InvalidInput, match="does not exist; GPUs: cuda:0"):
-        normalize_device("cuda:3", [0])
+    assert normalize_device("gpu:1", [0, 1]) == "gpu:1"
+    with pytest.raises(InvalidInput, match="does not exist; GPUs: gpu:0"):
+        normalize_device("gpu:3", [0])
     with pytest.raises(InvalidInput, match="CPU-only"):
-        normalize_device("cuda:0", [])
+        normalize_device("gpu:0", [])
     with pytest.raises(InvalidInput, match="device must be"):
         normalize_device("mps", [0])
 
@@ -75,23 +75,23 @@ CLIP = view("clip", vram=512 * MIB, can_move=True)
 
 
 def test_recording_moves_clip_off_the_gpu_before_loading_the_vlm() -> None:
-    clip_on_gpu = view("clip", L, "cuda:0", vram=512 * MIB, can_move=True)
+    clip_on_gpu = view("clip", L, "gpu:0", vram=512 * MIB, can_move=True)
     plan = policy.plan_profile(
         "recording",
         {"vlm": Placement.parse("gpu"), "clip": Placement.parse("cpu")},
         {"vlm": VLM, "clip": clip_on_gpu},
         {0: 11 * GIB},
     )
-    assert steps(plan) == [("move", "clip", "cpu"), ("load", "vlm", "cuda:0")]
+    assert steps(plan) == [("move", "clip", "cpu"), ("load", "vlm", "gpu:0")]
 
 
 def test_autopilot_unloads_the_vlm_then_puts_clip_on_the_gpu_when_enough_is_freed() -> None:
-    vlm_on = view("vlm", L, "cuda:0", backend="ollama", vram=10 * GIB, priority_rank=3)
+    vlm_on = view("vlm", L, "gpu:0", backend="ollama", vram=10 * GIB, priority_rank=3)
     clip_cpu = view("clip", L, "cpu", vram=512 * MIB, can_move=True)
     placements = {"vlm": Placement.parse("unloaded"), "clip": Placement.parse("gpu_if_free:1GiB")}
     # 1 GiB free before; 11 GiB after the VLM is gone: CLIP goes to the GPU.
     plan = policy.plan_profile("autopilot", placements, {"vlm": vlm_on, "clip": clip_cpu}, {0: GIB})
-    assert steps(plan) == [("unload", "vlm", "cuda:0"), ("move", "clip", "cuda:0")]
+    assert steps(plan) == [("unload", "vlm", "gpu:0"), ("move", "clip", "gpu:0")]
     # Without the VLM to unload, 1 GiB free is not "more than 1 GiB": CLIP stays on the CPU.
     plan = policy.plan_profile("autopilot", placements, {"vlm": VLM, "clip": clip_cpu}, {0: GIB})
     assert steps(plan) == []
@@ -102,8 +102,8 @@ def test_autopilot_unloads_the_vlm_then_puts_clip_on_the_gpu_when_enough_is_free
 
 def test_every_freeing_step_comes_before_every_loading_step() -> None:
     models = {
-        "a": view("a", L, "cuda:0", vram=4 * GIB),
-        "b": view("b", L, "cuda:0", vram=4 * GIB, backend="ollama"),
+        "a": view("a", L, "gpu:0", vram=4 * GIB),
+        "b": view("b", L, "gpu:0", vram=4 * GIB, backend="ollama"),
         "c": view("c", vram=6 * GIB, priority_rank=2),
         "d": view("d", vram=GIB, priority_rank=0),
         "e": view("e", L, "cpu", can_move=True, vram=GIB),
@@ -113,16 +113,16 @@ def test_every_freeing_step_comes_before_every_loading_step() -> None:
         "b": Placement.parse("cpu"),
         "c": Placement.parse("gpu"),
         "d": Placement.parse("gpu"),
-        "e": Placement.parse("cuda:0"),
+        "e": Placement.parse("gpu:0"),
     }
     plan = policy.plan_profile("p", placements, models, {0: 0})
     assert steps(plan) == [
-        ("unload", "a", "cuda:0"),
-        ("unload", "b", "cuda:0"),
+        ("unload", "a", "gpu:0"),
+        ("unload", "b", "gpu:0"),
         ("load", "b", "cpu"),
-        ("load", "c", "cuda:0"),  # higher priority first
-        ("move", "e", "cuda:0"),
-        ("load", "d", "cuda:0"),
+        ("load", "c", "gpu:0"),  # higher priority first
+        ("move", "e", "gpu:0"),
+        ("load", "d", "gpu:0"),
     ]
 
 
@@ -134,7 +134,7 @@ def test_cpu_only_machine_puts_gpu_wishes_on_the_cpu_and_says_so() -> None:
 
 def test_plan_leaves_unnamed_models_alone_and_notes_unknown_ones() -> None:
     plan = policy.plan_profile(
-        "p", {"ghost": Placement.parse("gpu")}, {"clip": view("clip", L, "cuda:0")}, {0: 0}
+        "p", {"ghost": Placement.parse("gpu")}, {"clip": view("clip", L, "gpu:0")}, {0: 0}
     )
     assert plan.steps == ()
     assert plan.notes == ("ghost: not a managed model; ignored",)
@@ -147,18 +147,18 @@ def test_cpu_placement_for_a_gpu_only_model_is_a_note_not_a_step() -> None:
 
 
 def test_pinned_model_goes_to_its_gpu() -> None:
-    pinned = view("m", pinned="cuda:1", vram=GIB)
+    pinned = view("m", pinned="gpu:1", vram=GIB)
     plan = policy.plan_profile(
         "p", {"m": Placement.parse("gpu")}, {"m": pinned}, {0: 20 * GIB, 1: 0}
     )
-    assert steps(plan) == [("load", "m", "cuda:1")]
+    assert steps(plan) == [("load", "m", "gpu:1")]
 
 
 def test_pick_gpu_prefers_the_one_with_room() -> None:
     m = view("m", vram=4 * GIB)
     assert policy.pick_gpu(m, [0, 1], {0: 2 * GIB, 1: 8 * GIB}) == 1
     assert policy.pick_gpu(m, [0, 1], {0: 2 * GIB, 1: 3 * GIB}) == 0  # fits nowhere: first
-    only_1 = view("m", allowed=("cuda:1", "cpu"))
+    only_1 = view("m", allowed=("gpu:1", "cpu"))
     assert policy.gpu_candidates(only_1, [0, 1]) == [1]
     assert policy.pick_gpu(view("m", allowed=("cpu",)), [0], {0: GIB}) is None
 
@@ -168,10 +168,10 @@ def test_pick_gpu_prefers_the_one_with_room() -> None:
 
 def test_eviction_prefers_idle_then_low_priority_then_cheap() -> None:
     models = [
-        view("busy-recent", L, "cuda:0", vram=2 * GIB, idle_s=1, reload_cost_s=1),
-        view("idle", L, "cuda:0", vram=2 * GIB, idle_s=600, reload_cost_s=1),
-        view("low-prio", L, "cuda:0", vram=2 * GIB, idle_s=1, priority_rank=0, reload_cost_s=1),
-        view("expensive", L, "cuda:0", vram=2 * GIB, idle_s=1, reload_cost_s=50),
+        view("busy-recent", L, "gpu:0", vram=2 * GIB, idle_s=1, reload_cost_s=1),
+        view("idle", L, "gpu:0", vram=2 * GIB, idle_s=600, reload_cost_s=1),
+        view("low-prio", L, "gpu:0", vram=2 * GIB, idle_s=1, priority_rank=0, reload_cost_s=1),
+        view("expensive", L, "gpu:0", vram=2 * GIB, idle_s=1, reload_cost_s=50),
     ]
     first = policy.choose_evictions(models, needed_bytes=2 * GIB, free_bytes=0, priority_rank=2)
     assert first == Evict(("idle",), 2 * GIB)
@@ -186,10 +186,10 @@ def test_eviction_prefers_idle_then_low_priority_then_cheap() -> None:
 
 def test_eviction_never_takes_in_use_never_evict_or_higher_priority() -> None:
     models = [
-        view("used", L, "cuda:0", vram=4 * GIB, in_use=True),
-        view("sacred", L, "cuda:0", vram=4 * GIB, never_evict=True),
-        view("boss", L, "cuda:0", vram=4 * GIB, priority_rank=3),
-        view("small", L, "cuda:0", vram=GIB),
+        view("used", L, "gpu:0", vram=4 * GIB, in_use=True),
+        view("sacred", L, "gpu:0", vram=4 * GIB, never_evict=True),
+        view("boss", L, "gpu:0", vram=4 * GIB, priority_rank=3),
+        view("small", L, "gpu:0", vram=GIB),
     ]
     decision = policy.choose_evictions(
         models, needed_bytes=3 * GIB, free_bytes=GIB, priority_rank=1
@@ -203,7 +203,7 @@ def test_eviction_never_takes_in_use_never_evict_or_higher_priority() -> None:
 
 
 def test_eviction_is_empty_when_it_already_fits_and_drops_unneeded_victims() -> None:
-    models = [view("a", L, "cuda:0", vram=GIB, idle_s=100), view("b", L, "cuda:0", vram=8 * GIB)]
+    models = [view("a", L, "gpu:0", vram=GIB, idle_s=100), view("b", L, "gpu:0", vram=8 * GIB)]
     assert policy.choose_evictions(
         models, needed_bytes=GIB, free_bytes=GIB, priority_rank=1
     ) == Evict((), 0)
@@ -234,19 +234,19 @@ def test_next_group_never_starves_a_request_past_the_maximum_wait() -> None:
 
 def test_optimize_unloads_idle_then_relieves_pressure_with_variants_then_lru() -> None:
     models = [
-        view("idle", L, "cuda:0", vram=2 * GIB, idle_s=120),
+        view("idle", L, "gpu:0", vram=2 * GIB, idle_s=120),
         view(
             "big",
             L,
-            "cuda:0",
+            "gpu:0",
             vram=10 * GIB,
             idle_s=5,
             smaller_variant="big:q4",
             smaller_vram_bytes=5 * GIB,
         ),
-        view("old", L, "cuda:0", vram=4 * GIB, idle_s=30),
-        view("new", L, "cuda:0", vram=4 * GIB, idle_s=1),
-        view("used", L, "cuda:0", vram=GIB, idle_s=500, in_use=True),
+        view("old", L, "gpu:0", vram=4 * GIB, idle_s=30),
+        view("new", L, "gpu:0", vram=4 * GIB, idle_s=1),
+        view("used", L, "gpu:0", vram=GIB, idle_s=500, in_use=True),
         view("cpu", L, "cpu", vram=0, idle_s=90),
     ]
     gpus = {0: GpuUsage(used_bytes=21 * GIB, total_bytes=24 * GIB)}

@@ -64,7 +64,7 @@ async def test_process_starts_is_healthy_and_its_group_is_killed(
     async with harness(seed_settings(fake_ollama.url, models=[spec])) as h:
         m = h.models
         status = await m.ensure_loaded("srv")
-        assert status.state is ModelState.LOADED and status.device == "cuda:0"
+        assert status.state is ModelState.LOADED and status.device == "gpu:0"
         assert h.gpu_used() == 2 * 2**30
         pids = json.loads(info.read_text())
         assert pids["cuda"] == ""  # a simulated GPU: nothing may touch a real one

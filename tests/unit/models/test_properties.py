@@ -48,7 +48,7 @@ def examples(n: int) -> Any:
     )
 
 
-DEVICE_RE = re.compile(r"^(cpu|cuda:\d+)$")
+DEVICE_RE = re.compile(r"^(cpu|gpu:\d+)$")
 #: Errors a random request may legitimately get (no room for CLIP beside the VLM, a user that
 #: held a model past the wait); anything else fails the test.
 ALLOWED_ERRORS = (InsufficientMemory, ModelBusy)
@@ -158,11 +158,11 @@ def check_consistent(h: Harness, fake: FakeOllama) -> None:
         if s.state is ModelState.UNLOADED:
             assert s.device is None and s.used_vram_bytes == 0
         assert DEVICE_RE.match(m.device(s.name))  # property 12
-    on_gpu = sum(s.used_vram_bytes for s in statuses.values() if s.device == "cuda:0")
+    on_gpu = sum(s.used_vram_bytes for s in statuses.values() if s.device == "gpu:0")
     assert h.gpu_used() == on_gpu
     booked = {a.owner: a.memory_bytes for a in h.arbiter.state().allocations}
     expected = {
-        f"model:{s.name}": s.used_vram_bytes for s in statuses.values() if s.device == "cuda:0"
+        f"model:{s.name}": s.used_vram_bytes for s in statuses.values() if s.device == "gpu:0"
     }
     assert booked == expected
     assert set(fake.loaded) == ({VLM} if statuses[VLM].state is ModelState.LOADED else set())
@@ -183,7 +183,7 @@ Op = tuple[str, str]
 ops = st.one_of(
     st.tuples(st.just("switch"), st.sampled_from(["idle", "recording", "autopilot"])),
     st.tuples(st.sampled_from(["load", "unload", "use"]), st.sampled_from([VLM, CLIP])),
-    st.tuples(st.just("migrate"), st.sampled_from(["cpu", "cuda:0"])),
+    st.tuples(st.just("migrate"), st.sampled_from(["cpu", "gpu:0"])),
     st.tuples(st.just("idle"), st.sampled_from(["100", "400", "1000"])),
 )
 batches = st.lists(st.lists(ops, min_size=1, max_size=3), min_size=1, max_size=6)
@@ -231,7 +231,7 @@ def test_random_concurrent_requests_keep_every_invariant(
             assert overlap.worst <= 1  # property 13: one VRAM change per GPU at a time
             assert fake.max_concurrent_loads <= 1
             for event in h.of("model_unloaded"):
-                if event.data["model"] == VLM and event.data["device"] == "cuda:0":
+                if event.data["model"] == VLM and event.data["device"] == "gpu:0":
                     assert event.data["freed_bytes"] >= 8 * GIB  # property 4
 
     asyncio.run(scenario())
@@ -285,7 +285,7 @@ def test_profile_switches_follow_seed_002(
             h.events.subscribe(watch, "model_loaded")
             for mode in modes:
                 vlm_was_loaded = m.is_loaded(VLM)
-                clip_was_on_gpu = m.device(CLIP) == "cuda:0"
+                clip_was_on_gpu = m.device(CLIP) == "gpu:0"
                 used_before = h.gpu_used()
                 started = time.monotonic()
                 report = await m.switch_profile(mode)
@@ -299,7 +299,7 @@ def test_profile_switches_follow_seed_002(
                 assert m.profile == mode
                 if mode == "autopilot":
                     assert not m.is_loaded(VLM) and elapsed < 5  # property 1
-                    clip_on_gpu = m.device(CLIP) == "cuda:0"
+                    clip_on_gpu = m.device(CLIP) == "gpu:0"
                     assert m.is_loaded(CLIP)
                     # free VRAM with CLIP off the GPU, as the switch saw it
                     free_mb = m.gpu_status().vram.free_mb + (500 if clip_on_gpu else 0)
@@ -311,7 +311,7 @@ def test_profile_switches_follow_seed_002(
                         assert used_before - h.gpu_used() >= 8 * GIB - 500 * 2**20  # property 4
                 if mode == "recording":
                     assert m.is_loaded(VLM) and elapsed < 30  # property 2
-                    assert m.device(VLM) == "cuda:0" and m.device(CLIP) == "cpu"
+                    assert m.device(VLM) == "gpu:0" and m.device(CLIP) == "cpu"
                 if mode == "idle":
                     assert not m.is_loaded(VLM) and not m.is_loaded(CLIP)
                 check_consistent_external(h, fake, external_gib)
@@ -321,7 +321,7 @@ def test_profile_switches_follow_seed_002(
 
 
 def check_consistent_external(h: Harness, fake: FakeOllama, external_gib: float) -> None:
-    on_gpu = sum(s.used_vram_bytes for s in h.models.list_models() if s.device == "cuda:0")
+    on_gpu = sum(s.used_vram_bytes for s in h.models.list_models() if s.device == "gpu:0")
     assert h.gpu_used() == int(external_gib * GIB) + on_gpu
     assert set(fake.loaded) == ({VLM} if h.models.is_loaded(VLM) else set())
 
@@ -340,7 +340,7 @@ def test_clip_leaves_the_gpu_before_the_vlm_finishes_loading(
         async with harness(seed_settings(fake.url, models=_models(), devices=devices)) as h:
             m = h.models
             await m.switch_profile("autopilot")
-            assert m.device(CLIP) == "cuda:0"
+            assert m.device(CLIP) == "gpu:0"
             seen: list[str] = []
             h.events.subscribe(
                 lambda e: seen.append(m.device(CLIP)) if e.data["model"] == VLM else None,
@@ -363,7 +363,7 @@ def test_clip_leaves_the_gpu_before_the_vlm_finishes_loading(
 
 
 @examples(12)
-@given(moves=st.lists(st.sampled_from(["cpu", "cuda:0"]), min_size=1, max_size=5))
+@given(moves=st.lists(st.sampled_from(["cpu", "gpu:0"]), min_size=1, max_size=5))
 def test_outputs_agree_after_every_device_change(fake: FakeOllama, moves: list[str]) -> None:
     """Property 7 with a small model (the real MiniLM has its own test)."""
     fake.reset()
@@ -424,7 +424,7 @@ def _many_models() -> list[dict[str, Any]]:
     return [
         {"name": "a:2b", "backend": "ollama", "vram": 2 * GIB},
         {"name": "b:3b", "backend": "ollama", "vram": 3 * GIB, "priority": "high"},
-        {"name": "c:1b", "backend": "ollama", "vram": GIB, "allowed_devices": ["cuda:1", "cpu"]},
+        {"name": "c:1b", "backend": "ollama", "vram": GIB, "allowed_devices": ["gpu:1", "cpu"]},
         {"name": "t", "backend": "torch", "factory": "tests.unit.models.tiny:tiny", "vram": "1GiB"},
     ]
 
@@ -433,7 +433,7 @@ many_ops = st.lists(
     st.tuples(
         st.sampled_from(["load", "unload", "use", "to"]),
         st.sampled_from(["a:2b", "b:3b", "c:1b", "t"]),
-        st.sampled_from(["cpu", "cuda:0", "cuda:1"]),
+        st.sampled_from(["cpu", "gpu:0", "gpu:1"]),
     ),
     min_size=2,
     max_size=8,
@@ -481,7 +481,7 @@ def test_concurrent_operations_are_sequential_per_gpu(
             assert overlap.worst <= 1
             statuses = h.models.list_models()
             for index in (0, 1):
-                here = [s for s in statuses if s.device == f"cuda:{index}"]
+                here = [s for s in statuses if s.device == f"gpu:{index}"]
                 assert h.gpu_used(index) == sum(s.used_vram_bytes for s in here)
             booked = {a.owner: a.memory_bytes for a in h.arbiter.state().allocations}
             assert booked == {

@@ -173,13 +173,13 @@ async def test_the_next_load_waits_until_the_freed_vram_is_back() -> None:
     m = build(gpu, free_at_load)
     await m.start()
     try:
-        await m.ensure_loaded("a", "cuda:0")
+        await m.ensure_loaded("a", "gpu:0")
         unload = asyncio.create_task(m.ensure_unloaded("a"))
         await asyncio.sleep(0)
-        await asyncio.gather(unload, m.ensure_loaded("b", "cuda:0"))
+        await asyncio.gather(unload, m.ensure_loaded("b", "gpu:0"))
         assert gpu.polls >= 3  # it polled the telemetry until the memory came back
         assert free_at_load == [("a", TOTAL), ("b", TOTAL)]  # b never started on a full GPU
-        assert m.device("b") == "cuda:0" and m.state("a").value == "unloaded"
+        assert m.device("b") == "gpu:0" and m.state("a").value == "unloaded"
     finally:
         await m.stop()
 
@@ -189,7 +189,7 @@ async def test_the_wait_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
     m = build(gpu, [], vram_recovery_timeout_s=0.2)
     await m.start()
     try:
-        await m.ensure_loaded("a", "cuda:0")
+        await m.ensure_loaded("a", "gpu:0")
         loop = asyncio.get_running_loop()
         started = loop.time()
         with caplog.at_level(logging.WARNING, logger="vramancer.models.manager"):
@@ -225,8 +225,8 @@ async def test_a_preempted_task_is_waited_for_before_the_load() -> None:
             owner="task:t1",
             on_preempt=stop_task,
         )
-        status = await m.ensure_loaded("a", "cuda:0")  # normal beats background
-        assert status.device == "cuda:0" and len(told) == 1
+        status = await m.ensure_loaded("a", "gpu:0")  # normal beats background
+        assert status.device == "gpu:0" and len(told) == 1
         assert free_at_load == [("a", TOTAL)]  # not the 4 GiB free while the task still ran
     finally:
         await m.stop()

@@ -51,7 +51,7 @@ clip = "gpu_if_free:1GiB"
 """,
     )
     assert s.models[0].vram == int(10.5 * GIB)
-    assert s.models[1].allowed_devices == ["gpu", "cuda:1", "cpu"]  # canonical forms
+    assert s.models[1].allowed_devices == ["gpu", "gpu:1", "cpu"]  # canonical forms
     assert s.ollama.retry_interval_s == 30.0
     assert s.gpu_manager.max_load_retries == 3
     assert s.gpu_manager.load_timeout_s == 30.0

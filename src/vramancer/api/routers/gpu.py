@@ -1,7 +1,8 @@
 """``GET /v1/gpu/status``: seed 002's ``GPUResourceStatus``.
 
 ``execution_mode`` (the profile in force), ``vlm_state``, ``vlm_model``, ``clip_device``
-(``cpu`` / ``cuda:N``), ``vram`` (``total_mb``, ``used_mb``, ``free_mb``, ``gpu_name``,
+(``cpu`` / ``gpu:N``, as every answer names a device), ``vram`` (``total_mb``, ``used_mb``,
+``free_mb``, ``gpu_name``,
 ``gpu_utilization_percent`` of the VLM's GPU, else the first), ``idle_timeout_seconds``,
 ``last_vlm_request`` (ISO 8601 or null), ``degraded_mode``, ``degraded_reason``; plus
 ``cpu_only`` and ``simulated``.

@@ -3,7 +3,7 @@
 own suffix: a bare ``GET /v1/models/{name}`` would shadow ``GET /v1/models/recommend``.)
 
 A model: ``name``, ``backend``, ``state`` (unloaded, loading, loaded, unloading, error),
-``device`` (``cpu`` / ``cuda:N``, null when unloaded), ``runs_on``, ``simulated``,
+``device`` (``cpu`` / ``gpu:N``, null when unloaded), ``runs_on``, ``simulated``,
 ``last_used`` (ISO 8601) and more (see ``ModelStatus``). Errors: unknown model 404, bad device
 422, not enough VRAM 409 (free MB, needed MB, what could be unloaded, ``held_by`` the other
 allocations), backend down 503 with the reason, backend error 502, timeout 504. Model names
@@ -29,7 +29,8 @@ class LoadBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    #: ``cpu``, ``cuda`` (any GPU) or ``cuda:N``; none: the manager chooses.
+    #: ``cpu``, ``gpu`` (any GPU) or ``gpu:N`` (``cuda:N``: the same GPU); none: the manager
+    #: chooses.
     device: str | None = Field(default=None, min_length=1, max_length=32)
 
 
