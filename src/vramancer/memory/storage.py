@@ -1,8 +1,8 @@
 """Rules for the memory store's files, kept in one place.
 
-* Which errors mean "the disk is full" (:func:`storage_error`): ``ENOSPC``, ``EDQUOT``,
-  ``EFBIG`` and SQLite's "database or disk is full" become
-  :class:`~vramancer.errors.InsufficientStorage` (HTTP 507).
+* A full disk while writing (:func:`full_disk_as`) becomes
+  :class:`~vramancer.errors.InsufficientStorage` (HTTP 507); which errors mean "full" is the
+  kernel's rule, :func:`vramancer.errors.is_disk_full`.
 * What the store may remove (:func:`unlink_inside`): only a file whose resolved path is directly
   inside one of its tier directories. Nothing outside a tier directory is ever unlinked, whatever
   a catalog row says.
@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -23,12 +22,10 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from vramancer.errors import InsufficientStorage
+from vramancer.errors import disk_full_error, is_disk_full
 
 log = logging.getLogger(__name__)
 
-#: errno values that mean "no room to write this".
-FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 #: Mode of block files and of the catalog database.
 FILE_MODE = 0o600
 #: Mode of tier directories and of their ``quarantine/``.
@@ -37,35 +34,14 @@ DIR_MODE = 0o700
 QUARANTINE_DIR = "quarantine"
 
 
-def is_full(exc: BaseException) -> bool:
-    """Whether ``exc`` says the disk (or a size limit) is full."""
-    if isinstance(exc, OSError):
-        return exc.errno in FULL_ERRNOS
-    if isinstance(exc, sqlite3.Error):
-        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
-            "disk is full" in str(exc)
-        )
-    return False
-
-
-def storage_error(exc: BaseException, where: str) -> InsufficientStorage:
-    """The typed error for a full disk found while writing ``where``."""
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return InsufficientStorage(
-        f"not enough disk space to write {where} ({reason}); free space or lower the tier's "
-        "capacity. Nothing was changed.",
-        where=where,
-    )
-
-
 @contextlib.contextmanager
 def full_disk_as(where: str) -> Iterator[None]:
     """Turn a full-disk error inside the block into :class:`InsufficientStorage`."""
     try:
         yield
     except (OSError, sqlite3.Error) as exc:
-        if is_full(exc):
-            raise storage_error(exc, where) from exc
+        if is_disk_full(exc):
+            raise disk_full_error(exc, where) from exc
         raise
 
 
