@@ -1,19 +1,27 @@
-"""The VRAM arbiter (seed 003): who gets GPU memory, at what quality, and who yields.
+"""The VRAM arbiter: who gets GPU memory, at what quality, and who yields.
 
 Every model load (``models/``) and every task VRAM reservation (``tasks/``) asks here first, so
 the sum of what is granted never exceeds the budget: ``usable_fraction`` (0.9) of each GPU's
-memory, summed, or ``[arbiter] budget``. An allocation may name a device (``gpu:N``); it is then
-also checked against that GPU's own budget.
+memory, summed, or ``[arbiter] budget``. An allocation may name a device (a ``DeviceId``,
+answered as ``gpu:N``); it is then also checked against that GPU's own budget.
 
-* ``request_allocation`` decides at once: an :class:`Allocation` with a quality target, or a
+Every call takes typed values: one :class:`AllocationRequest` (what, at which priority, how
+many bytes, where, and the holder's owner, preemptibility and ``on_preempt``). Parsing what a
+user typed (sizes, enum names, device names) is the API's and the CLI's job.
+
+* ``allocate(request)`` decides at once: an :class:`Allocation` with a quality target, or a
   typed error (``InsufficientMemory`` with requested and available bytes,
   ``InsufficientQuality``, ``ShuttingDown``). A higher priority may preempt strictly lower ones:
   they lose their allocation at once, their ``on_preempt`` callback is called and a
   ``preempted`` event is published (the model manager unloads the model or moves it to the CPU).
-* ``await acquire(...)`` waits until memory frees up (``ArbiterTimeout`` after ``timeout_s``).
-  Waiters are served highest priority first, then first come; a waiter that cannot be served
-  holds back later ones on the same device so big requests do not starve.
+  ``request_allocation(...)`` is the same call with the request's fields as arguments.
+* ``await acquire(request)`` waits until memory frees up (``ArbiterTimeout`` after
+  ``timeout_s``). Waiters are served highest priority first, then first come; a waiter that
+  cannot be served holds back later ones on the same device so big requests do not starve.
 * ``release_allocation`` frees memory, serves waiters, and so restores quality.
+* ``headroom(device, priority=...)`` answers how much a request could be granted now, a dry run
+  of the same plan (``reclaimable`` is its preemptible part); callers never redo that
+  arithmetic from ``state()``.
 
 The decisions are pure functions in ``policy.py``; this class holds the state under one lock
 (any thread may call it) and performs the side effects (events, callbacks, metrics) after the
@@ -217,7 +225,7 @@ class Arbiter:
         clock: Clock | None = None,
         **settings: Any,
     ) -> Arbiter:
-        """An arbiter with a fixed budget of ``vram_gb`` GiB and no device detection (seed 003).
+        """An arbiter with a fixed budget of ``vram_gb`` GiB and no device detection.
 
         For library users and tests: ``Arbiter.for_vram_gb(24)`` hands out exactly 24 GiB.
         Extra keyword arguments are ``[arbiter]`` settings (``pressure_low``, ``min_quality`` ...).
@@ -839,7 +847,7 @@ class Arbiter:
         )
 
     def stats(self) -> dict[str, Any]:
-        """Counters since construction (seed 003 ``ArbiterStats``)."""
+        """Counters since construction: requests, grants, denials by reason, preemptions."""
         with self._lock:
             s = self._stats
             denied = s.denied_memory + s.denied_quality + s.timeouts

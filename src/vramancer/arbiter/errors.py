@@ -1,4 +1,4 @@
-"""Typed errors of the arbiter (seed 003 ``ArbiterError``), mapped to HTTP by their base class.
+"""Typed errors of the arbiter, mapped to HTTP by their base class.
 
 * ``InsufficientMemory`` (409, from ``vramancer.errors``): ``requested_bytes``,
   ``available_bytes`` (free now in the binding scope), ``reclaimable_bytes`` (what preempting

@@ -5,7 +5,7 @@ request and returns a plan value — :class:`Grant` (with a quality target and t
 preempt first, possibly none), :class:`NoRoom` or :class:`QualityTooLow`. The service in
 ``arbiter.py`` applies it.
 
-Quality (seed 003: LLMs run at 40–100 %, diffusion at 30–100 %)
+Quality (LLMs run at 40–100 %, diffusion at 30–100 % by default)
     ``pressure`` is allocated / budget after the grant, the larger of the whole budget's and the
     named device's. Each priority has a knee ``low_p = pressure_low + (1 - pressure_low) ×
     headroom_p``; up to it quality is 1.0, then it falls linearly to the workload type's minimum

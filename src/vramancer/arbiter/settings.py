@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from vramancer.arbiter.types import WorkloadType
 from vramancer.units import Size
 
-#: Lowest quality each workload type may be pushed to under pressure (seed 003: 0.4 LLM,
+#: Lowest quality each workload type may be pushed to under pressure (0.4 LLM,
 #: 0.3 diffusion). Embedding models are small and lose retrieval quality quickly when
 #: squeezed, so they stop at 0.5; "other" is opaque batch GPU work that cannot run at a
 #: reduced quality, so it always gets 1.0 (it runs fully or waits).

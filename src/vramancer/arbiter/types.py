@@ -1,4 +1,4 @@
-"""Arbiter records (seed 003): workload types, priorities, allocations, state.
+"""Arbiter records: workload types, priorities, allocations, state.
 
 Shared by ``models/`` (model loads) and ``tasks/`` (task VRAM reservations), which both ask the
 arbiter for memory. Everything here is a frozen value; the service lives in ``arbiter.py`` and
@@ -155,7 +155,7 @@ class DeviceUsage:
 
 @dataclass(frozen=True, slots=True)
 class ArbiterState:
-    """The arbiter at one instant (seed 003 ``ArbiterState``).
+    """The arbiter at one instant.
 
     ``qualities`` is the recommended quality per workload type at normal priority under the
     current pressure; ``active`` counts allocations per workload type.
