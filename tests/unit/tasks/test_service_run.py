@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from tests.unit.tasks.conftest import MakeHarness
 
+from vramancer.arbiter.types import Priority, WorkloadType
 from vramancer.devices.types import GpuProcess
 from vramancer.errors import Conflict, InvalidInput
 from vramancer.tasks.model import TaskState
@@ -326,7 +327,9 @@ async def test_a_preempted_task_is_stopped_and_queued_again_without_using_a_try(
     )
     await h.svc.run_once()
     await _until(lambda: h.transitions(sub.task_id)[-1] == "running")
-    model = h.arbiter.request_allocation("llm", "user_facing", "10GiB", device="gpu:0")
+    model = h.arbiter.request_allocation(
+        WorkloadType.LLM, Priority.USER_FACING, 10 * 2**30, device="gpu:0"
+    )
     await h.svc.drain(timeout_s=10)
     record = await h.svc.status(sub.task_id)
     assert record.state is TaskState.QUEUED
