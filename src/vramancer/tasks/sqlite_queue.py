@@ -38,6 +38,7 @@ import queue as stdqueue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,7 +60,15 @@ from vramancer.tasks.model import (
 )
 from vramancer.tasks.queue import Orphan, Purged
 from vramancer.tasks.settings import DEFAULT_MAX_LEASE_LOSSES, Synchronous
-from vramancer.tasks.transitions import TaskFacts, Transition, Trigger, next_state
+from vramancer.tasks.transitions import (
+    TaskFacts,
+    Transition,
+    Trigger,
+    next_state,
+    no_backoff,
+    sources,
+    step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +165,23 @@ _OVERDUE_MAINT_SQL = (
     "AND ready_at <= ? ORDER BY ready_at, seq LIMIT ?"
 )
 _OPEN_STATES = "('queued', 'waiting_gpu', 'retry', 'scheduled', 'running')"
+#: A lease (``next_state``'s ``LEASE`` step, a new attempt); ``{states}``: its guard.
 _LEASE_SQL = (
-    "UPDATE tasks SET state = ?, attempts = attempts + 1, lease_token = lease_token + 1, "
-    "lease_expires = ?, worker = ?, device = ?, scheduled_at = ?, "
-    "started_at = CASE WHEN ? THEN ? ELSE NULL END, exit_code = NULL, error = NULL, "
-    "pid = NULL, pid_started = NULL, updated_at = ? "
-    f"WHERE id = ? AND state IN ('queued', 'waiting_gpu') RETURNING {_COLS}, ready_at"
+    "UPDATE tasks SET state = ?, attempts = attempts + ?, not_before = ?, started_at = ?, "
+    "lease_token = lease_token + 1, lease_expires = ?, worker = ?, device = ?, scheduled_at = ?, "
+    "exit_code = NULL, error = NULL, pid = NULL, pid_started = NULL, updated_at = ? "
+    f"WHERE id = ? AND state IN ({{states}}) RETURNING {_COLS}"
+)
+#: The ``running`` mark (the ``START`` step) under the lease token.
+_START_SQL = (
+    "UPDATE tasks SET state = ?, attempts = attempts + ?, started_at = coalesce(?, started_at), "
+    "pid = ?, pid_started = ?, updated_at = ? WHERE id = ? AND lease_token = ? "
+    "AND state IN ({states}) RETURNING attempts, device, ready_at, type"
+)
+#: ``waiting_gpu`` with the dispatcher's reason (the ``WAIT`` step from the state it read).
+_WAIT_SQL = (
+    "UPDATE tasks SET state = ?, attempts = attempts + ?, error = ?, updated_at = ? "
+    "WHERE id = ? AND state = ? AND error IS NOT ? RETURNING attempts, type"
 )
 
 
@@ -230,10 +250,15 @@ def _facts(row: Sequence[Any]) -> TaskFacts:
     return TaskFacts(TaskState(state), attempts, max_retries, losses, bool(cancel), not_before)
 
 
+def _unleased(t: Transition) -> bool:
+    """Leaving the leased states gives the lease up (worker, expiry)."""
+    return t.previous in LEASED_STATES and t.state not in LEASED_STATES
+
+
 def _apply(conn: sqlite3.Connection, task_id: str, t: Transition, now: float) -> None:
     """Persist ``t`` (``next_state``'s decision): the queue decides nothing here. Leaving the
     leased states gives the lease up."""
-    unleased = t.previous in LEASED_STATES and t.state not in LEASED_STATES
+    unleased = _unleased(t)
     conn.execute(
         _APPLY_SQL,
         (
@@ -254,14 +279,27 @@ def _apply(conn: sqlite3.Connection, task_id: str, t: Transition, now: float) ->
     )
 
 
-def _no_backoff(attempts: int) -> float:
-    """Only an attempt's error waits out a back-off; the other triggers never ask."""
-    raise AssertionError(f"no back-off applies here (attempts: {attempts})")
+def _uniform(trigger: Trigger, now: float) -> tuple[tuple[TaskState, ...], Transition]:
+    """The guard and the transition of a count-free trigger written as one update: the states
+    ``step`` applies it to, which must all take the same step."""
+    states = sources(trigger, now)
+    steps = {replace(step(trigger, state, now), previous=states[0]) for state in states}
+    if len(steps) != 1:
+        raise AssertionError(f"{trigger}: not one step from {states}; write one per state")
+    return states, steps.pop()
+
+
+def _guarded(sql: str, states: Sequence[TaskState]) -> str:
+    return sql.format(states=", ".join("?" * len(states)))
 
 
 def _chunks(items: Sequence[str], size: int = _CHUNK) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+#: The lease step per ``Grant.running``.
+_LEASES = {False: Trigger.LEASE, True: Trigger.LEASE_RUNNING}
 
 
 class _GroupCommitWriter:
@@ -475,23 +513,27 @@ class SqliteQueue:
         if not grants:  # nothing to write: no transaction, no thread hop
             return [], []
 
+        steps = {running: _uniform(_LEASES[running], now) for running in (False, True)}
+
         def op(conn: sqlite3.Connection) -> tuple[list[TaskRecord], list[Change]]:
             leased: list[TaskRecord] = []
             changes: list[Change] = []
             for grant in grants:
-                state = TaskState.RUNNING if grant.running else TaskState.SCHEDULED
+                states, t = steps[grant.running]
                 row = conn.execute(
-                    _LEASE_SQL,
+                    _guarded(_LEASE_SQL, states),
                     (
-                        state,
+                        t.state,
+                        t.attempts,
+                        t.not_before,
+                        t.started_at,
                         now + lease_s,
                         worker,
                         grant.device,
                         now,
-                        grant.running,
-                        now,
                         now,
                         grant.task_id,
+                        *states,
                     ),
                 ).fetchone()
                 if row is None:
@@ -502,10 +544,10 @@ class SqliteQueue:
                     Change(
                         record.task_id,
                         grant.previous,
-                        state,
+                        t.state,
                         record.attempts,
                         grant.device,
-                        wait_s=max(0.0, now - row[-1]) if grant.running else None,
+                        wait_s=max(0.0, now - (record.ready_at or now)) if t.started_at else None,
                         type=record.type,
                     )
                 )
@@ -523,20 +565,30 @@ class SqliteQueue:
         pid_started: float | None,
         now: float,
     ) -> list[Change]:
+        states, t = _uniform(Trigger.START, now)
+
         def op(conn: sqlite3.Connection) -> list[Change]:
             row = conn.execute(
-                "UPDATE tasks SET state = 'running', pid = ?, pid_started = ?, started_at = ?, "
-                "updated_at = ? WHERE id = ? AND lease_token = ? AND state = 'scheduled' "
-                "RETURNING attempts, device, ready_at, type",
-                (pid, pid_started, now, now, task_id, lease_token),
+                _guarded(_START_SQL, states),
+                (
+                    t.state,
+                    t.attempts,
+                    t.started_at,
+                    pid,
+                    pid_started,
+                    now,
+                    task_id,
+                    lease_token,
+                    *states,
+                ),
             ).fetchone()
             if row is None:
                 return []
             return [
                 Change(
                     task_id,
-                    TaskState.SCHEDULED,
-                    TaskState.RUNNING,
+                    t.previous,
+                    t.state,
                     row[0],
                     row[1],
                     wait_s=max(0.0, now - row[2]),
@@ -552,21 +604,24 @@ class SqliteQueue:
         if not reasons:
             return []
 
+        steps = {seen: step(Trigger.WAIT, seen, now) for _, _, seen in reasons}
+
         def op(conn: sqlite3.Connection) -> list[Change]:
             changes = []
             for task_id, why, seen in reasons:
-                # ``seen``: the state the dispatcher read; a waiting task gets its new reason.
+                # ``seen``: the state the dispatcher read, the update's guard.
+                t = steps[seen]
+                if t.ignored:
+                    continue
                 row = conn.execute(
-                    "UPDATE tasks SET state = 'waiting_gpu', error = ?, updated_at = ? "
-                    "WHERE id = ? AND state = ? AND error IS NOT ? RETURNING attempts, type",
-                    (why, now, task_id, seen.value, why),
+                    _WAIT_SQL, (t.state, t.attempts, why, now, task_id, seen, why)
                 ).fetchone()
-                if row is not None and seen is TaskState.QUEUED:
+                if row is not None and t.changed:
                     changes.append(
                         Change(
                             task_id,
-                            TaskState.QUEUED,
-                            TaskState.WAITING_GPU,
+                            t.previous,
+                            t.state,
                             row[0],
                             error=why,
                             type=TaskType(row[1]),
@@ -635,10 +690,12 @@ class SqliteQueue:
     ) -> list[Change]:
         alpha = self.estimate_alpha
 
+        done = _uniform(Trigger.OK, now)
+
         def op(conn: sqlite3.Connection) -> list[Change]:
             changes = []
             for outcome in outcomes:
-                change = _finish_one(conn, outcome, now, retry_delay)
+                change = _finish_one(conn, outcome, now, retry_delay, done)
                 if change is not None:
                     changes.append(change)
             _learn(conn, changes, alpha)
@@ -654,7 +711,7 @@ class SqliteQueue:
             if row is None:
                 return None, []
             device, kind, *facts = row
-            t = next_state(_facts(facts), Trigger.CANCEL, now, _no_backoff)
+            t = next_state(_facts(facts), Trigger.CANCEL, now, no_backoff)
             changes = []
             if not t.ignored:
                 _apply(conn, task_id, t, now)
@@ -683,7 +740,7 @@ class SqliteQueue:
             ).fetchall()
             changes = []
             for task_id, kind, *facts in rows:
-                t = next_state(_facts(facts), Trigger.DUE, now, _no_backoff)
+                t = next_state(_facts(facts), Trigger.DUE, now, no_backoff)
                 if t.changed:
                     _apply(conn, task_id, t, now)
                     changes.append(
@@ -724,7 +781,7 @@ class SqliteQueue:
                     _facts(facts),
                     Trigger.LEASE_LOST,
                     now,
-                    _no_backoff,
+                    no_backoff,
                     max_lease_losses=max_lease_losses,
                 )
                 _apply(conn, task_id, t, now)
@@ -907,11 +964,13 @@ def _submit(
     return results, changes
 
 
+#: An attempt that ended ``ok`` (the ``OK`` step: no cancel asked) under its lease token.
 _DONE_SQL = (
-    "UPDATE tasks SET state = 'done', exit_code = ?, error = NULL, stdout_tail = ?, "
-    "stderr_tail = ?, not_before = NULL, worker = NULL, lease_expires = NULL, finished_at = ?, "
-    "updated_at = ? WHERE id = ? AND lease_token = ? AND cancel_requested = 0 "
-    "AND state IN ('scheduled', 'running') "
+    "UPDATE tasks SET state = ?, attempts = attempts + ?, not_before = ?, "
+    "finished_at = coalesce(?, finished_at), worker = CASE WHEN ? THEN NULL ELSE worker END, "
+    "lease_expires = CASE WHEN ? THEN NULL ELSE lease_expires END, exit_code = ?, error = NULL, "
+    "stdout_tail = ?, stderr_tail = ?, updated_at = ? WHERE id = ? AND lease_token = ? "
+    "AND cancel_requested = 0 AND state IN ({states}) "
     "RETURNING attempts, device, est_key, type, started_at IS NOT NULL"
 )
 
@@ -939,11 +998,12 @@ def _finish_one(
     outcome: Outcome,
     now: float,
     retry_delay: Callable[[int], float],
+    done: tuple[tuple[TaskState, ...], Transition],
 ) -> Change | None:
     if outcome.kind is OutcomeKind.OK:
-        done = _finish_done(conn, outcome, now)
-        if done is not None:
-            return done
+        change = _finish_done(conn, outcome, now, done)
+        if change is not None:
+            return change
     row = conn.execute(
         f"SELECT lease_token, device, est_key, type, {_FACTS} FROM tasks WHERE id = ?",
         (outcome.task_id,),
@@ -981,19 +1041,32 @@ def _finish_one(
     )
 
 
-def _finish_done(conn: sqlite3.Connection, outcome: Outcome, now: float) -> Change | None:
-    """The common case in one statement: a leased, not cancelled task ends done (what
-    ``next_state`` decides for ``ok`` then, written without reading the task first)."""
+def _finish_done(
+    conn: sqlite3.Connection,
+    outcome: Outcome,
+    now: float,
+    done: tuple[tuple[TaskState, ...], Transition],
+) -> Change | None:
+    """The common case in one statement: ``done`` (the ``OK`` step and its guard) written
+    without reading the task first; None: not applicable (cancel asked, stale, moved on)."""
+    states, t = done
+    unleased = _unleased(t)
     row = conn.execute(
-        _DONE_SQL,
+        _guarded(_DONE_SQL, states),
         (
+            t.state,
+            t.attempts,
+            t.not_before,
+            t.finished_at,
+            unleased,
+            unleased,
             outcome.exit_code,
             outcome.stdout_tail,
             outcome.stderr_tail,
             now,
-            now,
             outcome.task_id,
             outcome.lease_token,
+            *states,
         ),
     ).fetchone()
     if row is None:
@@ -1002,7 +1075,7 @@ def _finish_done(conn: sqlite3.Connection, outcome: Outcome, now: float) -> Chan
     return Change(
         outcome.task_id,
         TaskState.RUNNING if was_running else TaskState.SCHEDULED,
-        TaskState.DONE,
+        t.state,
         attempts,
         device,
         exit_code=outcome.exit_code,

@@ -14,11 +14,17 @@ same way, so the decisions live here, without I/O, and a queue only persists the
   daemon must not crash-loop it);
 * a back-off that is over (``due``): ``retry`` becomes ``queued``;
 * a user's cancel: a waiting task ends ``cancelled`` at once, a leased one is marked (its
-  worker stops it and reports ``cancelled``), an ended one stays as it is.
+  worker stops it and reports ``cancelled``), an ended one stays as it is;
+* the dispatcher's decisions: a lease hands a ready task (``queued``, ``waiting_gpu``) to a
+  worker as a new attempt, ``scheduled`` (or ``running`` at once for the in-process lane); the
+  ``running`` mark moves a ``scheduled`` task to ``running`` when its process started; a ready
+  task no device has room for waits, ``waiting_gpu`` (one already waiting only gets the new
+  reason).
 
-Which report is current (its lease token) is the queue's check: it owns the tokens.
-Leasing (``queued``/``waiting_gpu`` to ``scheduled``/``running``), the ``running`` mark and
-``waiting_gpu`` are guarded updates of one state each, left to the queue.
+Which report is current (its lease token) is the queue's check: it owns the tokens. The
+triggers in ``COUNT_FREE`` depend on the task's state (and, for ``ok``, its cancel mark) only,
+never on its counts: ``step`` gives their transition for every task in one state, so a queue
+may write it as one guarded update without reading the task first (its fast paths).
 """
 
 from __future__ import annotations
@@ -47,6 +53,14 @@ class Trigger(StrEnum):
     DUE = "due"
     #: A user asked to cancel the task.
     CANCEL = "cancel"
+    #: The dispatcher hands a ready task to a worker: a new attempt, ``scheduled``.
+    LEASE = "lease"
+    #: The same, ``running`` at once (the in-process lane starts it without a process).
+    LEASE_RUNNING = "lease_running"
+    #: The leased task's process started: the ``running`` mark.
+    START = "start"
+    #: No device has room for the ready task now: it waits, with the dispatcher's reason.
+    WAIT = "wait"
 
     @classmethod
     def of(cls, kind: OutcomeKind) -> Trigger:
@@ -81,10 +95,15 @@ class Transition:
     ready_at: float | None = None
     #: It ended now; None: unchanged.
     finished_at: float | None = None
+    #: It started running now; None: unchanged (cleared when ``leased``).
+    started_at: float | None = None
+    #: A new attempt under a new lease: the queue issues a fresh lease token and forgets the
+    #: previous attempt's exit code, error, process and start.
+    leased: bool = False
     #: Back to the queue untried: its device is forgotten.
     clear_device: bool = False
     #: The error it shows from now on when the transition gives one (lost lease, cancel);
-    #: None: the attempt's own error (outcomes) or unchanged.
+    #: None: the attempt's own error (outcomes), the dispatcher's reason (wait) or unchanged.
     reason: str | None = None
     #: Nothing happens (the trigger does not apply to the task's state): write nothing.
     ignored: bool = False
@@ -96,6 +115,17 @@ class Transition:
 
 
 Backoff = Callable[[int], float]
+
+#: The triggers whose transition depends on the task's state only (``ok`` also on its cancel
+#: mark: ``step`` assumes none was asked), never on its counts, and never changes the mark.
+COUNT_FREE = frozenset(
+    {Trigger.OK, Trigger.LEASE, Trigger.LEASE_RUNNING, Trigger.START, Trigger.WAIT}
+)
+
+
+def no_backoff(attempts: int) -> float:
+    """The ``backoff`` of the triggers that never wait one out (all but an attempt's error)."""
+    raise AssertionError(f"no back-off applies here (attempts: {attempts})")
 
 
 def next_state(
@@ -114,7 +144,23 @@ def next_state(
         return _due(task, now)
     if outcome is Trigger.CANCEL:
         return _cancel(task, now)
+    if outcome in _DISPATCH:
+        return _DISPATCH[outcome](task, now)
     return _ended(task, outcome, now, backoff)
+
+
+def step(trigger: Trigger, state: TaskState, now: float) -> Transition:
+    """The transition of a ``COUNT_FREE`` trigger for every task in ``state`` with no cancel
+    asked, whatever its counts: its ``attempts`` and ``lease_losses`` are what to add to the
+    task's (a queue writes it as one update guarded on the state, without reading the task)."""
+    if trigger not in COUNT_FREE:
+        raise ValueError(f"{trigger}: depends on the task's counts; read them for next_state")
+    return next_state(TaskFacts(state, 0), trigger, now, no_backoff)
+
+
+def sources(trigger: Trigger, now: float) -> tuple[TaskState, ...]:
+    """The states ``step(trigger, ...)`` applies to (not ignored): its update's guard."""
+    return tuple(s for s in TaskState if not step(trigger, s, now).ignored)
 
 
 def _stay(task: TaskFacts) -> Transition:
@@ -189,6 +235,42 @@ def _due(task: TaskFacts, now: float) -> Transition:
     if task.state is not TaskState.RETRY or task.not_before is None or task.not_before > now:
         return _stay(task)
     return replace(_to(task, TaskState.QUEUED, now), ready_at=now)
+
+
+def _lease(task: TaskFacts, now: float, *, running: bool = False) -> Transition:
+    if task.state not in READY_STATES:
+        return _stay(task)
+    state = TaskState.RUNNING if running else TaskState.SCHEDULED
+    started = now if running else None
+    return replace(
+        _to(task, state, now), attempts=task.attempts + 1, started_at=started, leased=True
+    )
+
+
+def _lease_running(task: TaskFacts, now: float) -> Transition:
+    return _lease(task, now, running=True)
+
+
+def _start(task: TaskFacts, now: float) -> Transition:
+    if task.state is not TaskState.SCHEDULED:
+        return _stay(task)
+    return replace(_to(task, TaskState.RUNNING, now), started_at=now)
+
+
+def _wait(task: TaskFacts, now: float) -> Transition:
+    if task.state is TaskState.QUEUED:
+        return _to(task, TaskState.WAITING_GPU, now)
+    if task.state is TaskState.WAITING_GPU:  # the dispatcher's new reason, no change of state
+        return replace(_stay(task), ignored=False)
+    return _stay(task)
+
+
+_DISPATCH: dict[Trigger, Callable[[TaskFacts, float], Transition]] = {
+    Trigger.LEASE: _lease,
+    Trigger.LEASE_RUNNING: _lease_running,
+    Trigger.START: _start,
+    Trigger.WAIT: _wait,
+}
 
 
 def _cancel(task: TaskFacts, now: float) -> Transition:

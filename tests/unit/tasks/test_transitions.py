@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from vramancer.tasks.model import OutcomeKind, TaskState
-from vramancer.tasks.transitions import TaskFacts, Transition, Trigger, next_state
+from vramancer.tasks.transitions import (
+    COUNT_FREE,
+    TaskFacts,
+    Transition,
+    Trigger,
+    next_state,
+    no_backoff,
+    sources,
+    step,
+)
 
 NOW = 1000.0
 S = TaskState
@@ -130,3 +139,96 @@ def test_every_outcome_kind_is_a_trigger() -> None:
         Trigger.CANCELLED,
         Trigger.RELEASED,
     }
+
+
+@pytest.mark.parametrize("state", [S.QUEUED, S.WAITING_GPU])
+def test_a_lease_starts_a_new_attempt_scheduled(state: TaskState) -> None:
+    t = next_state(TaskFacts(state, 2, 3, lease_losses=1), Trigger.LEASE, NOW, backoff)
+    assert t == Transition(state, S.SCHEDULED, 3, 1, False, leased=True)
+    assert t.changed
+
+
+def test_a_lease_of_the_in_process_lane_is_running_at_once() -> None:
+    t = next_state(TaskFacts(S.QUEUED, 0), Trigger.LEASE_RUNNING, NOW, backoff)
+    assert t == Transition(S.QUEUED, S.RUNNING, 1, 0, False, started_at=NOW, leased=True)
+
+
+@pytest.mark.parametrize("trigger", [Trigger.LEASE, Trigger.LEASE_RUNNING])
+@pytest.mark.parametrize("state", [S.SCHEDULED, S.RUNNING, S.RETRY, S.DONE, S.CANCELLED])
+def test_only_a_ready_task_is_leased(trigger: Trigger, state: TaskState) -> None:
+    assert next_state(TaskFacts(state, 1), trigger, NOW, backoff).ignored
+
+
+def test_the_running_mark_moves_a_scheduled_task_to_running() -> None:
+    t = next_state(running(state=S.SCHEDULED), Trigger.START, NOW, backoff)
+    assert t == Transition(S.SCHEDULED, S.RUNNING, 1, 0, False, started_at=NOW)
+
+
+@pytest.mark.parametrize("state", [S.QUEUED, S.RUNNING, S.RETRY, S.DONE, S.CANCELLED])
+def test_the_running_mark_of_a_task_not_scheduled_changes_nothing(state: TaskState) -> None:
+    assert next_state(running(state=state), Trigger.START, NOW, backoff).ignored
+
+
+def test_a_queued_task_without_room_waits() -> None:
+    t = next_state(TaskFacts(S.QUEUED, 1), Trigger.WAIT, NOW, backoff)
+    assert t == Transition(S.QUEUED, S.WAITING_GPU, 1, 0, False)
+    assert t.changed
+
+
+def test_a_waiting_task_only_gets_the_new_reason() -> None:
+    t = next_state(TaskFacts(S.WAITING_GPU, 1), Trigger.WAIT, NOW, backoff)
+    assert t == Transition(S.WAITING_GPU, S.WAITING_GPU, 1, 0, False)
+    assert not t.ignored and not t.changed
+
+
+@pytest.mark.parametrize("state", [S.SCHEDULED, S.RUNNING, S.RETRY, S.DONE, S.FAILED])
+def test_a_task_that_is_not_ready_does_not_wait(state: TaskState) -> None:
+    assert next_state(TaskFacts(state, 1), Trigger.WAIT, NOW, backoff).ignored
+
+
+def test_the_guards_of_the_count_free_triggers() -> None:
+    assert sources(Trigger.OK, NOW) == (S.SCHEDULED, S.RUNNING)
+    assert sources(Trigger.LEASE, NOW) == (S.QUEUED, S.WAITING_GPU)
+    assert sources(Trigger.LEASE_RUNNING, NOW) == (S.QUEUED, S.WAITING_GPU)
+    assert sources(Trigger.START, NOW) == (S.SCHEDULED,)
+    assert sources(Trigger.WAIT, NOW) == (S.QUEUED, S.WAITING_GPU)
+    assert step(Trigger.OK, S.RUNNING, NOW) == Transition(
+        S.RUNNING, S.DONE, 0, 0, False, finished_at=NOW
+    )
+
+
+@pytest.mark.parametrize("trigger", sorted(COUNT_FREE))
+@pytest.mark.parametrize("state", list(S))
+@pytest.mark.parametrize(("attempts", "losses"), [(0, 0), (1, 0), (3, 2), (7, 1)])
+def test_a_step_is_next_state_whatever_the_counts(
+    trigger: Trigger, state: TaskState, attempts: int, losses: int
+) -> None:
+    """What lets a queue write a count-free trigger as one update without reading the task:
+    adding the step's counts to the task's gives ``next_state``'s, and a cancel mark is kept
+    (``ok`` aside, whose guard requires none)."""
+    rel = step(trigger, state, NOW)
+    marks = [False] if trigger is Trigger.OK else [False, True]
+    for cancel in marks:
+        facts = TaskFacts(state, attempts, 1, lease_losses=losses, cancel_requested=cancel)
+        exact = next_state(facts, trigger, NOW, no_backoff)
+        shifted = Transition(
+            state,
+            rel.state,
+            attempts + rel.attempts,
+            losses + rel.lease_losses,
+            cancel,
+            not_before=rel.not_before,
+            ready_at=rel.ready_at,
+            finished_at=rel.finished_at,
+            started_at=rel.started_at,
+            leased=rel.leased,
+            clear_device=rel.clear_device,
+            reason=rel.reason,
+            ignored=rel.ignored,
+        )
+        assert exact == shifted
+
+
+def test_a_step_of_a_trigger_that_reads_the_counts_is_refused() -> None:
+    with pytest.raises(ValueError, match="counts"):
+        step(Trigger.ERROR, S.RUNNING, NOW)
