@@ -1,8 +1,9 @@
-"""Extension points of the memory subsystem that other subsystems implement (seed 000).
+"""Extension points of the memory subsystem that other subsystems implement.
 
-The store's own extension points live beside their defaults: ``OrchestratorStrategy``,
-``HotnessModel``, ``EvictionIndex`` and ``Prefetcher`` in ``memory/policy.py``,
-``CompressionManager`` in ``memory/compression.py``, ``FastInterface`` in ``memory/fastpath.py``.
+The store's own extension points live beside their defaults: ``OrchestratorStrategy`` in
+``memory/placement.py``, ``HotnessModel`` in ``memory/hotness.py``, ``EvictionIndex`` in
+``memory/eviction_index.py``, ``CompressionManager`` in ``memory/compression.py``,
+``FastInterface`` in ``memory/fastpath.py``.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ from vramancer.events import EventBus
 from vramancer.memory.backends import FileHandle, Layout
 from vramancer.memory.catalog import BlockRow, Catalog
 from vramancer.memory.compression import CorruptBlock
+from vramancer.memory.hotness import HotnessModel
 from vramancer.memory.metrics import Moved, StoreMetrics
 from vramancer.memory.planner import Move
-from vramancer.memory.policy import HotnessModel
 from vramancer.memory.state import Entry, Free, StoreState, Tier
 from vramancer.observability import tracing
 

@@ -18,8 +18,9 @@ from vramancer.memory.backends import (
 )
 from vramancer.memory.catalog import Catalog
 from vramancer.memory.compression import CompressionManager
+from vramancer.memory.eviction_index import EvictionIndex
 from vramancer.memory.metrics import StoreMetrics
-from vramancer.memory.policy import BlockMeta, EvictionIndex
+from vramancer.memory.records import BlockMeta
 from vramancer.memory.recovery import Reconciled, reconcile
 from vramancer.memory.state import Entry, StoreState, Tier
 from vramancer.memory.tiers import TierName, TierSpec

@@ -19,7 +19,7 @@ import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from vramancer.memory.policy import bytes_to_free
+from vramancer.memory.promotion import bytes_to_free
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,9 +17,11 @@ from vramancer.clock import Clock
 from vramancer.errors import Conflict, InsufficientMemory, InsufficientStorage, InvalidInput
 from vramancer.memory import planner
 from vramancer.memory.compression import CorruptBlock
+from vramancer.memory.hotness import HotnessModel
 from vramancer.memory.mover import Mover
+from vramancer.memory.placement import OrchestratorStrategy
 from vramancer.memory.planner import Candidate, Move, NoRoom
-from vramancer.memory.policy import BlockMeta, HotnessModel, OrchestratorStrategy, TierView
+from vramancer.memory.records import BlockMeta, TierView
 from vramancer.memory.settings import MemorySettings
 from vramancer.memory.state import Entry, StoreState, Tier
 from vramancer.memory.tiers import TierName

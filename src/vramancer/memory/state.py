@@ -14,8 +14,11 @@ from typing import Any
 
 from vramancer.errors import NotFound
 from vramancer.memory.backends import Layout, LayoutTable, TierBackend
+from vramancer.memory.eviction_index import EvictionIndex
+from vramancer.memory.hotness import HotnessModel
 from vramancer.memory.planner import BlockView, Candidate, TierState
-from vramancer.memory.policy import BlockMeta, EvictionIndex, HotnessModel, bytes_to_free
+from vramancer.memory.promotion import bytes_to_free
+from vramancer.memory.records import BlockMeta
 from vramancer.memory.tiers import DISK_TIERS, TierSpec
 
 

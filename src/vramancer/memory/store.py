@@ -65,18 +65,15 @@ from vramancer.memory.checks import (
     check_priority,
 )
 from vramancer.memory.compression import AdaptiveCompression, CompressionManager
+from vramancer.memory.eviction_index import EvictionIndex
+from vramancer.memory.hotness import HotnessModel
 from vramancer.memory.metrics import StoreMetrics
 from vramancer.memory.mover import Mover
 from vramancer.memory.opening import build_tiers, load_blocks, report_recovery
+from vramancer.memory.placement import OrchestratorStrategy
 from vramancer.memory.planning import Planning, tier_view
 from vramancer.memory.plugins import load_compression, load_policy
-from vramancer.memory.policy import (
-    BlockMeta,
-    EvictionIndex,
-    HotnessModel,
-    OrchestratorStrategy,
-    TierView,
-)
+from vramancer.memory.records import BlockMeta, TierView
 from vramancer.memory.settings import MemorySettings
 from vramancer.memory.state import Entry, Free, StoreState, Tier, tier_stats
 from vramancer.memory.storage import DataDirLock
