@@ -484,3 +484,97 @@ class EvictReport(Answer):
     tier: str | None
     moved: int
     bytes: int
+
+
+# -- tasks ----------------------------------------------------------------------------------------
+
+
+class Submitted(Answer):
+    """``POST /api/tasks/submit``: the task's id; ``created`` is false when the caller's own
+    idempotency key named a task it had already queued."""
+
+    task_id: str
+    created: bool
+
+
+class SubmittedBatch(Answer):
+    """``POST /api/tasks/submit_batch``: ids and ``created`` flags, in the order given."""
+
+    task_ids: list[str]
+    created: list[bool]
+
+
+class TaskStatus(Answer):
+    """One task as ``status``, ``history`` and ``cancel`` show it. ``spec`` is the body it was
+    submitted with (``env`` values, command text and output tails redacted as the caller's role
+    and ownership require); ``owner`` is who submitted it (``system`` for the daemon's own
+    maintenance)."""
+
+    task_id: str
+    type: str
+    state: str
+    attempts: int
+    max_retries: int
+    device: str | None
+    gpu: int | None
+    vram_bytes: int | None
+    model: str | None
+    priority: str
+    exit_code: int | None
+    error: str | None
+    timeout_s: float | None
+    estimate_s: float | None
+    submitted_at: float | None
+    scheduled_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    not_before: float | None
+    cancel_requested: bool
+    idempotency_key: str | None
+    lease_losses: int | None
+    ready_at: float | None
+    owner: str
+    system: bool
+    stdout_tail: str | None
+    stderr_tail: str | None
+    spec: dict[str, Any]
+
+
+class TaskHistory(Answer):
+    """``GET /api/tasks/history``: newest first; ``next_cursor`` (null on the last page) is
+    passed back as ``cursor``."""
+
+    tasks: list[TaskStatus]
+    next_cursor: str | None
+
+
+class MaintenanceWindow(Answer):
+    """What maintenance tasks wait for: ``reason`` is null when the machine is idle."""
+
+    waiting: int
+    idle: bool
+    reason: str | None
+    max_wait_s: float
+    auto_maintenance: bool
+
+
+class TaskStats(Answer):
+    """``GET /api/tasks/stats``: tasks per state, and the maintenance window."""
+
+    counts: dict[str, int]
+    maintenance: MaintenanceWindow
+
+
+class TaskLogs(Answer):
+    """``GET /api/tasks/{id}/logs``: one attempt's output from the offsets asked;
+    ``stdout_next`` / ``stderr_next`` are the offsets to continue from."""
+
+    task_id: str
+    state: str
+    attempts: int
+    attempt: int
+    stdout: str
+    stderr: str
+    truncated: bool
+    stdout_next: int
+    stderr_next: int

@@ -26,6 +26,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 
 from vramancer.api.deps import Operator, RuntimeDep, Viewer
+from vramancer.api.schemas import (
+    Submitted,
+    SubmittedBatch,
+    TaskHistory,
+    TaskLogs,
+    TaskStats,
+    TaskStatus,
+)
 from vramancer.config import Role
 from vramancer.errors import Forbidden
 from vramancer.tasks.admission import needs_operator
@@ -73,7 +81,7 @@ def _shown(record: TaskRecord, principal: Viewer) -> dict[str, Any]:
     return record.as_dict(_env_view(record, principal))
 
 
-@router.post("/submit")
+@router.post("/submit", response_model=Submitted)
 async def submit(spec: TaskSpec, rt: RuntimeDep, principal: Viewer) -> dict[str, Any]:
     """Queue one task; returns ``{"task_id", "created"}`` once it is durable."""
     _check_role([spec], principal)
@@ -83,7 +91,7 @@ async def submit(spec: TaskSpec, rt: RuntimeDep, principal: Viewer) -> dict[str,
     return {"task_id": result.task_id, "created": result.created}
 
 
-@router.post("/submit_batch")
+@router.post("/submit_batch", response_model=SubmittedBatch)
 async def submit_batch(body: SubmitBatch, rt: RuntimeDep, principal: Viewer) -> dict[str, Any]:
     """Queue many tasks in one transaction; any bad task refuses the whole batch. The list's
     length is checked against ``[tasks] max_batch`` before any item is validated."""
@@ -98,7 +106,7 @@ async def submit_batch(body: SubmitBatch, rt: RuntimeDep, principal: Viewer) -> 
     }
 
 
-@router.get("/status")
+@router.get("/status", response_model=TaskStatus)
 async def status(
     task_id: Annotated[str, Query(min_length=1, max_length=128)],
     rt: RuntimeDep,
@@ -108,7 +116,7 @@ async def status(
     return _shown(await rt.tasks.status(task_id), principal)
 
 
-@router.get("/history")
+@router.get("/history", response_model=TaskHistory)
 async def history(
     rt: RuntimeDep,
     principal: Viewer,
@@ -125,20 +133,20 @@ async def history(
     }
 
 
-@router.get("/stats")
+@router.get("/stats", response_model=TaskStats)
 async def stats(rt: RuntimeDep) -> dict[str, Any]:
     """Tasks per state, and what maintenance tasks wait for (``maintenance``: ``waiting``,
     ``idle``, ``reason``, ``max_wait_s``, ``auto_maintenance``)."""
     return {"counts": rt.tasks.counts(), "maintenance": rt.tasks.maintenance_window()}
 
 
-@router.post("/{task_id}/cancel")
+@router.post("/{task_id}/cancel", response_model=TaskStatus)
 async def cancel(task_id: TaskIdPath, rt: RuntimeDep, principal: Operator) -> dict[str, Any]:
     """Cancel: at once when waiting; a running task is killed and ends ``cancelled``."""
     return _shown(await rt.tasks.cancel(task_id), principal)
 
 
-@router.get("/{task_id}/logs")
+@router.get("/{task_id}/logs", response_model=TaskLogs)
 async def logs(
     task_id: TaskIdPath,
     rt: RuntimeDep,
