@@ -79,7 +79,7 @@ def test_cli_submit_with_model_loads_it_for_the_task(
     status = op.get("/api/tasks/status", params={"task_id": task_id}).json()
     assert (status["state"], status["model"]) == ("done", "clip")
     clip = op.get("/v1/models").json()["models"][0]
-    assert (clip["name"], clip["state"], clip["device"]) == ("clip", "loaded", "cuda:0")
+    assert (clip["name"], clip["state"], clip["device"]) == ("clip", "loaded", "gpu:0")
     bad = cli(server, "submit", "--model", "nope", "--json", "--", "true")
     assert bad.exit_code == 1
     assert "model" in bad.output and "nope" in bad.output

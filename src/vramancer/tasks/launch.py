@@ -114,7 +114,7 @@ def argv(spec: TaskSpec, programs: Mapping[str, str] | None = None) -> list[str]
 
 def model_env(name: str, handle: Any) -> dict[str, str]:
     """What a task learns of the model held for it: ``VRM_MODEL`` (its name),
-    ``VRM_MODEL_DEVICE`` (``cpu``, ``cuda:N``) and, for an Ollama model, ``VRM_MODEL_ENDPOINT``
+    ``VRM_MODEL_DEVICE`` (``cpu``, ``gpu:N``) and, for an Ollama model, ``VRM_MODEL_ENDPOINT``
     and ``VRM_MODEL_BACKEND`` (the tag to ask Ollama for)."""
     env = {"VRM_MODEL": name}
     for var, attr in (

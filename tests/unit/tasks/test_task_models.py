@@ -100,7 +100,7 @@ async def test_the_model_is_loaded_for_the_task_and_held_until_it_ends(tmp_path:
         record = await b.svc.status(sub.task_id)
         assert record.state is TaskState.DONE
         assert record.stdout_tail.strip() == f"clip on {models.device('clip')}"
-        assert models.device("clip") == "cuda:0"
+        assert models.device("clip") == "gpu:0"
         assert record.as_dict()["model"] == "clip"
         # Released when the task ended: idle from then on, reaped after its timeout.
         assert models.status("clip").in_use == 0
