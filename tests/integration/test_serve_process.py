@@ -112,7 +112,7 @@ def test_bad_input_gets_a_json_4xx_and_changes_nothing(server: ServerProcess) ->
 def test_can_load_and_resources_over_tcp(server: ServerProcess) -> None:
     with server.client("view") as client:
         yes = client.post("/v1/models/can-load", json={"model_id": "m", "estimated_size_mb": 8000})
-        assert yes.json()["can_load"] is True and yes.json()["device"] == "sim:0"
+        assert yes.json()["can_load"] is True and yes.json()["device"] == "gpu:0"
         gpus = client.get("/v1/system/resources").json()["gpus"]
         assert gpus[0]["memory_used_bytes"] == 4 * GIB and gpus[0]["simulated"] is True
 

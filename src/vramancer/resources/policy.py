@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import GpuSnapshot, SystemSnapshot
 from vramancer.resources.platform import PlatformFacts
 from vramancer.units import format_size
@@ -40,7 +41,7 @@ class LoadDecision:
     can_load: bool
     reason: str
     required_bytes: int
-    #: ``cuda:N``, ``mps``, ``sim:N`` (a simulated GPU) or ``cpu``; None when it fits nowhere.
+    #: ``gpu:N`` (the GPU's public name) or ``cpu``; None when it fits nowhere.
     device: str | None = None
     device_index: int | None = None
     #: Room left under the threshold on the chosen (or, when refused, the roomiest) device.
@@ -76,7 +77,9 @@ def host_headroom(snapshot: SystemSnapshot, threshold: float) -> int:
 
 
 def _device_name(gpu: GpuSnapshot) -> str:
-    return f"sim:{gpu.index}" if gpu.simulated else gpu.torch_device
+    """A GPU's public name (``gpu:N``), the same in every answer; simulated or not, NVIDIA,
+    AMD or Apple (the snapshot's ``torch_device`` keeps torch's own form)."""
+    return str(DeviceId.gpu(gpu.index))
 
 
 def decide_can_load(

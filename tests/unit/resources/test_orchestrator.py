@@ -64,15 +64,15 @@ def test_check_resources_reports_host_and_gpus_from_the_cached_snapshot() -> Non
 
 def test_custom_thresholds_apply() -> None:
     orch = build([{"name": "s", "memory": "10GiB"}], gpu_memory_threshold=0.5)
-    assert orch.can_load_model("m", 5 * 1024).device == "sim:0"
+    assert orch.can_load_model("m", 5 * 1024).device == "gpu:0"
     decision = orch.can_load_model("m", 5 * 1024 + 1)
-    assert decision.device != "sim:0"
+    assert decision.device != "gpu:0"
 
 
 def test_can_load_model_in_mib_and_counts_answers() -> None:
     orch = build([{"name": "sim0", "memory": "24GiB"}])
     yes = orch.can_load_model("mistral-7b", 14000)
-    assert yes.can_load and yes.device == "sim:0" and yes.required_bytes == 14000 * 1024**2
+    assert yes.can_load and yes.device == "gpu:0" and yes.required_bytes == 14000 * 1024**2
     host_bytes = orch.devices.snapshot().host.memory_total_bytes
     no = orch.can_load_model("huge", (host_bytes + 30 * GIB) / 1024**2)
     assert not no.can_load

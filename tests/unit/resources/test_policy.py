@@ -25,7 +25,7 @@ def test_fits_on_the_roomiest_gpu_under_its_threshold() -> None:
     snap = snapshot(gpu(0, 24 * GIB, 20 * GIB), gpu(1, 24 * GIB, 4 * GIB))
     decision = decide_can_load(snap, 10 * GIB, **THRESHOLDS)
     assert decision.can_load and bool(decision)
-    assert (decision.device, decision.device_index) == ("cuda:1", 1)
+    assert (decision.device, decision.device_index) == ("gpu:1", 1)
     assert decision.available_bytes == int(24 * GIB * 0.85) - 4 * GIB
     assert "GPU 1" in decision.reason and "85%" in decision.reason
     can, reason = decision
@@ -35,7 +35,7 @@ def test_fits_on_the_roomiest_gpu_under_its_threshold() -> None:
 def test_the_gpu_threshold_is_inclusive_and_then_host_ram_is_used() -> None:
     snap = snapshot(gpu(0, 100 * GIB, 0), host_total=110 * GIB, host_available=110 * GIB)
     exactly = int(100 * GIB * 0.85)
-    assert decide_can_load(snap, exactly, **THRESHOLDS).device == "cuda:0"
+    assert decide_can_load(snap, exactly, **THRESHOLDS).device == "gpu:0"
     over = decide_can_load(snap, exactly + 1, **THRESHOLDS)
     assert over.can_load and over.device == "cpu"  # 80% of 110 GiB host RAM = 88 GiB
     assert "no GPU has room" in over.reason
@@ -60,7 +60,7 @@ def test_gpus_in_error_and_simulated_devices() -> None:
         host_available=0,
     )
     decision = decide_can_load(snap, 20 * GIB, **THRESHOLDS)
-    assert (decision.device, decision.device_index) == ("sim:1", 1)
+    assert (decision.device, decision.device_index) == ("gpu:1", 1)
     assert not decide_can_load(snap, 21 * GIB, **THRESHOLDS).can_load
 
 
