@@ -20,7 +20,8 @@ from vramancer.tasks.model import (
     TaskState,
     TaskType,
 )
-from vramancer.tasks.sqlite_queue import _OVERDUE_SQL, SqliteQueue
+from vramancer.tasks.sqlite_queue import SqliteQueue
+from vramancer.tasks.sqlite_rows import OVERDUE_SQL
 
 T0 = 1_700_000_000.0
 
@@ -277,7 +278,7 @@ async def test_hot_queries_use_indexes_not_scans(queue: SqliteQueue) -> None:
     assert "USING INDEX tasks_state_seq (state=?)" in heartbeat
     since = plan("SELECT seq FROM tasks WHERE submitted_at >= ? ORDER BY submitted_at LIMIT 1", T0)
     assert "tasks_submitted" in since
-    overdue = plan(_OVERDUE_SQL, T0, 8)
+    overdue = plan(OVERDUE_SQL, T0, 8)
     assert "USING INDEX tasks_user_age (ready_at<?)" in overdue
     assert "TEMP B-TREE" not in overdue
     purge = plan(

@@ -1,0 +1,116 @@
+"""The SQLite queue's single writer: one thread owns the write connection and *group-commits*.
+
+Every operation waiting when it wakes runs inside one transaction (each in its own SAVEPOINT, so
+one failing operation does not undo the others), then a single COMMIT (one fsync) acknowledges
+them all. A commit is fsynced only when it holds a durable operation and the mode is FULL.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue as stdqueue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from vramancer.errors import BackendUnavailable, disk_full_error, is_disk_full
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: Operations committed together at most (one transaction, one fsync).
+GROUP_COMMIT_MAX = 512
+
+
+class GroupCommitWriter:
+    """A thread that runs write operations, many per transaction, and acknowledges after COMMIT."""
+
+    _STOP = object()
+
+    def __init__(self, conn: sqlite3.Connection, fsync: bool) -> None:
+        self._conn = conn
+        #: Whether durable operations are fsynced (``synchronous=FULL``).
+        self._fsync = fsync
+        self._synced_mode = fsync
+        self._queue: stdqueue.SimpleQueue[Any] = stdqueue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="vramancer-tasks-db", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, op: Callable[[sqlite3.Connection], T], durable: bool = True
+    ) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((op, future, durable))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(self._STOP)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < GROUP_COMMIT_MAX:
+                try:
+                    nxt = self._queue.get_nowait()
+                except stdqueue.Empty:
+                    break
+                if nxt is self._STOP:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _set_sync(self, durable: bool) -> None:
+        """fsync this commit only when it holds a durable operation (and the mode is FULL)."""
+        wanted = self._fsync and durable
+        if wanted != self._synced_mode:
+            self._conn.execute(f"PRAGMA synchronous={'FULL' if wanted else 'NORMAL'}")
+            self._synced_mode = wanted
+
+    def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any, bool]]) -> None:
+        conn = self._conn
+        results: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
+        try:
+            self._set_sync(any(durable for _, _, durable in batch))
+            conn.execute("BEGIN IMMEDIATE")
+            for op, future, _ in batch:
+                if not future.set_running_or_notify_cancel():
+                    continue
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((future, None, exc))
+                    continue
+                conn.execute("RELEASE op")
+                results.append((future, value, None))
+            conn.execute("COMMIT")
+        except Exception as exc:  # the commit itself failed (disk full, I/O error ...)
+            log.exception("task queue commit failed")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error: Exception = (
+                disk_full_error(exc, "the task queue")
+                if is_disk_full(exc)
+                else BackendUnavailable(f"task queue database write failed: {exc}")
+            )
+            for _, future, _ in batch:
+                if future.running():
+                    future.set_exception(error)
+            return
+        for future, value, failure in results:
+            if failure is not None:
+                future.set_exception(failure)
+            else:
+                future.set_result(value)
