@@ -22,7 +22,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "memory": KERNEL | {"devices"},
     "arbiter": KERNEL | {"devices"},
     "models": KERNEL | {"devices", "arbiter", "resources"},
-    "tasks": KERNEL | {"devices", "arbiter", "memory"},
+    # tasks reaches the memory store and the models through its ports (tasks/ports.py) only.
+    "tasks": KERNEL | {"devices", "arbiter"},
     "replication": KERNEL | {"devices", "memory"},
     # config imports each section's settings module (checked below), nothing else.
     "config": KERNEL | {"devices", "resources", "memory", "arbiter", "models", "tasks"},
