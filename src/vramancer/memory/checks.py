@@ -79,3 +79,15 @@ def check_capacity(capacity_bytes: object) -> int:
     if capacity_bytes < 0:
         raise InvalidInput("capacity_bytes must not be negative", field="capacity_bytes")
     return capacity_bytes
+
+
+def check_size(nbytes: int, max_block_size: int) -> None:
+    """A block's size: not empty, not over ``memory.max_block_size`` (:class:`BlockTooLarge`)."""
+    if nbytes == 0:
+        raise InvalidInput("a block cannot be empty", field="data")
+    if nbytes > max_block_size:
+        raise BlockTooLarge(
+            f"block of {nbytes} bytes is over memory.max_block_size ({max_block_size})",
+            requested_bytes=nbytes,
+            max_bytes=max_block_size,
+        )

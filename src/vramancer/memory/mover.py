@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vramancer.clock import Clock
+from vramancer.errors import InsufficientStorage
 from vramancer.events import EventBus
 from vramancer.memory.backends import FileHandle, Layout
 from vramancer.memory.catalog import BlockRow, Catalog
@@ -54,6 +55,8 @@ class Mover:
         self._clock = clock
         self._metrics = metrics
         self._events = events
+        #: Rows of deleted blocks that a full disk kept the catalog from removing (retried).
+        self.stale_rows: set[str] = set()
         self._reap_queue: queue.Queue[Free | None] = queue.Queue()
         self._reaper: threading.Thread | None = None
 
@@ -252,6 +255,28 @@ class Mover:
             created=self._clock.time(),
             durable=meta.id in self._state.durable if durable is None else durable,
         )
+
+    def forget_row(self, block_id: str) -> None:
+        """Remove a deleted block's row. A full disk only postpones it (the row names a file
+        that is gone, which a restart drops too): the delete still succeeds."""
+        try:
+            self._db().delete(block_id)
+        except InsufficientStorage:
+            log.warning("disk full: the catalog row of deleted block %r is removed later", block_id)
+            self.stale_rows.add(block_id)
+        else:
+            self.stale_rows.discard(block_id)
+
+    def retry_stale_rows(self) -> None:
+        """Remove the rows :meth:`forget_row` had to postpone (those of blocks put again since
+        are current: they stay)."""
+        blocks, by_name = self._state.blocks, self._state.by_name
+        for block_id in list(self.stale_rows):
+            entry = blocks.get(block_id)
+            if entry is not None and by_name[entry.meta.tier].is_disk:
+                self.stale_rows.discard(block_id)
+                continue
+            self.forget_row(block_id)
 
     # -- readers and old copies --------------------------------------------------------------
 

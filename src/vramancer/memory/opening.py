@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
+from vramancer.devices.types import SystemSnapshot
 from vramancer.events import EventBus
 from vramancer.memory.backends import (
     CudaBackend,
@@ -17,15 +19,53 @@ from vramancer.memory.backends import (
     TierBackend,
 )
 from vramancer.memory.catalog import Catalog
-from vramancer.memory.compression import CompressionManager
+from vramancer.memory.compression import AdaptiveCompression, CompressionManager
 from vramancer.memory.eviction_index import EvictionIndex
 from vramancer.memory.metrics import StoreMetrics
 from vramancer.memory.records import BlockMeta
 from vramancer.memory.recovery import Reconciled, reconcile
+from vramancer.memory.settings import MemorySettings
 from vramancer.memory.state import Entry, StoreState, Tier
-from vramancer.memory.tiers import TierName, TierSpec
+from vramancer.memory.storage import DataDirLock
+from vramancer.memory.tiers import CudaDevice, TierName, TierSpec, resolve_tiers
 
 log = logging.getLogger("vramancer.memory.store")
+
+
+def open_tiers(
+    settings: MemorySettings,
+    *,
+    data_dir: Path,
+    snapshot: SystemSnapshot,
+    cuda: list[CudaDevice] | None,
+    new_index: Callable[[float, str | None], EvictionIndex],
+    compression: CompressionManager | None,
+    metrics: StoreMetrics,
+) -> list[Tier]:
+    """The tiers present on this machine (``tiers.resolve_tiers``), built; ``compression``:
+    the store's manager, else the default :class:`AdaptiveCompression`."""
+    specs = resolve_tiers(settings, data_dir=data_dir, snapshot=snapshot, cuda=cuda)
+    return build_tiers(
+        specs,
+        new_index=new_index,
+        compression=compression or AdaptiveCompression(settings.compression),
+        fsync=settings.fsync,
+        metrics=metrics,
+    )
+
+
+def open_data_dir(
+    state: StoreState, data_dir: Path, *, fsync: bool, now: float
+) -> tuple[DataDirLock, Catalog, Reconciled]:
+    """Lock the data directory, open the catalog and load the blocks it and the block files
+    hold into ``state`` (its tiers set); the lock is released if that fails."""
+    lock = DataDirLock.acquire(data_dir)
+    try:
+        catalog = Catalog(data_dir / "memory.sqlite", fsync=fsync)
+        return lock, catalog, load_blocks(state, catalog, now)
+    except BaseException:
+        lock.release()
+        raise
 
 
 def build_tiers(

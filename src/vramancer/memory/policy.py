@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from vramancer.errors import InvalidInput
 from vramancer.memory.admission import DEFAULT_WINDOW_FRACTION
@@ -81,6 +81,7 @@ __all__ = [
     "PromotionPolicy",
     "ReloadCostModel",
     "SequentialPrefetcher",
+    "StorePolicy",
     "TierView",
     "bytes_to_free",
     "default_policy",
@@ -116,6 +117,26 @@ class PolicyConfig:
             raise InvalidInput("reload_unit_bytes must be positive", field="reload_unit_bytes")
         if self.prefetch_depth < 0:
             raise InvalidInput("prefetch_depth must not be negative", field="prefetch_depth")
+
+
+class StorePolicy(Protocol):
+    """What the store needs from a policy (:class:`PolicyBundle` is the default)."""
+
+    @property
+    def hotness(self) -> HotnessModel: ...
+
+    @property
+    def placement(self) -> OrchestratorStrategy: ...
+
+    def new_index(self, reload_latency: float, tier: str | None) -> EvictionIndex: ...
+
+    def on_put(self, block: BlockMeta) -> None: ...
+
+    def on_read(self, block: BlockMeta, now: float) -> Sequence[str]: ...
+
+    def should_promote(
+        self, block: BlockMeta, from_tier: TierView | str, to_tier: TierView, now: float
+    ) -> bool: ...
 
 
 @dataclass(slots=True)

@@ -30,27 +30,25 @@ file first, so it works on a full disk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from vramancer.clock import Clock
 from vramancer.devices.manager import DeviceManager
 from vramancer.errors import (
     Conflict,
-    InsufficientMemory,
     InsufficientStorage,
     InvalidInput,
     NotFound,
     ShuttingDown,
 )
 from vramancer.events import EventBus
-from vramancer.memory.backends import DataKind, Layout, describe, raw_view
+from vramancer.memory.backends import DataKind, describe, raw_view
 from vramancer.memory.catalog import Catalog
 from vramancer.memory.catalog import check as check_catalog
 from vramancer.memory.checks import (
@@ -63,21 +61,23 @@ from vramancer.memory.checks import (
     check_hint,
     check_page,
     check_priority,
+    check_size,
 )
-from vramancer.memory.compression import AdaptiveCompression, CompressionManager
-from vramancer.memory.eviction_index import EvictionIndex
+from vramancer.memory.compression import CompressionManager
 from vramancer.memory.hotness import HotnessModel
+from vramancer.memory.maintenance import MaintenanceLoop
 from vramancer.memory.metrics import StoreMetrics
 from vramancer.memory.mover import Mover
-from vramancer.memory.opening import build_tiers, load_blocks, report_recovery
-from vramancer.memory.placement import OrchestratorStrategy
+from vramancer.memory.opening import open_data_dir, open_tiers, report_recovery
 from vramancer.memory.planning import Planning, tier_view
 from vramancer.memory.plugins import load_compression, load_policy
-from vramancer.memory.records import BlockMeta, TierView
+from vramancer.memory.policy import StorePolicy
+from vramancer.memory.promotions import PendingPromotions
 from vramancer.memory.settings import MemorySettings
-from vramancer.memory.state import Entry, Free, StoreState, Tier, tier_stats
+from vramancer.memory.state import Entry, StoreState, Tier, tier_stats
 from vramancer.memory.storage import DataDirLock
-from vramancer.memory.tiers import CudaDevice, resolve_tiers
+from vramancer.memory.tiers import CudaDevice
+from vramancer.memory.writes import Writer
 from vramancer.observability import tracing
 from vramancer.observability.metrics import Metrics
 
@@ -94,26 +94,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class StorePolicy(Protocol):
-    """What the store needs from a policy (``memory.policy.PolicyBundle`` is the default)."""
-
-    @property
-    def hotness(self) -> HotnessModel: ...
-
-    @property
-    def placement(self) -> OrchestratorStrategy: ...
-
-    def new_index(self, reload_latency: float, tier: str | None) -> EvictionIndex: ...
-
-    def on_put(self, block: BlockMeta) -> None: ...
-
-    def on_read(self, block: BlockMeta, now: float) -> Sequence[str]: ...
-
-    def should_promote(
-        self, block: BlockMeta, from_tier: TierView | str, to_tier: TierView, now: float
-    ) -> bool: ...
 
 
 #: A NumPy block (the hit path hands out a read-only view of it).
@@ -157,18 +137,10 @@ class TieredStore:
         self._mover = threading.RLock()
         self._top: Tier | None = None
         self._catalog: Catalog | None = None
-        #: Blocks queued for promotion -> True for a prefetch (not read yet), False for a
-        #: block that was read (a promotion a busy mover could not take at once).
-        self._pending: dict[str, bool] = {}
         self._opened = False
         self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
-        self._wake_sent = False
-        self._task: asyncio.Task[None] | None = None
+        self._loop = MaintenanceLoop(self.maintain, settings.eviction_interval_s)
         self._misses = 0
-        #: Rows of deleted blocks that a full disk kept the catalog from removing (retried).
-        self._stale_rows: set[str] = set()
         self._dir_lock: DataDirLock | None = None
         self._metrics = StoreMetrics(metrics)
         self._moves = Mover(
@@ -188,6 +160,28 @@ class TieredStore:
             settings=settings,
             clock=clock,
         )
+        self._pending = PendingPromotions(
+            state,
+            self._mover,
+            self._plan,
+            limit=settings.max_pending_promotions,
+            top=lambda: self._top,
+            closed=lambda: self._closed,
+            after_growth=self._after_growth,
+            wake=self._loop.wake,
+        )
+        self._writer = Writer(
+            state,
+            self._moves,
+            self._plan,
+            policy=self._policy,
+            db=self._db,
+            metrics=self._metrics,
+            events=events,
+            clock=clock,
+            settings=settings,
+            after_growth=self._after_growth,
+        )
         # A damaged catalog is reported now, while the caller can still show a clean message
         # (``vramancer serve`` builds the runtime before it starts serving).
         check_catalog(self.data_dir / "memory.sqlite")
@@ -197,19 +191,11 @@ class TieredStore:
     async def start(self) -> None:
         """Resolve the tiers, recover the blocks on disk, start the maintenance loop."""
         await asyncio.to_thread(self.open)
-        if self._task is None:
-            self._loop = asyncio.get_running_loop()
-            self._wake = asyncio.Event()
-            self._task = asyncio.create_task(self._maintenance(), name="vramancer-memory")
+        self._loop.start()
 
     async def stop(self) -> None:
         """Stop the loop, spill volatile blocks to disk where room (if configured), close."""
-        task, self._task = self._task, None
-        self._loop = None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loop.stop()
         await asyncio.to_thread(self.close)
 
     def open(self) -> None:
@@ -217,28 +203,20 @@ class TieredStore:
         with self._mover:
             if self._opened:
                 return
-            specs = resolve_tiers(
+            tiers = open_tiers(
                 self.settings,
                 data_dir=self.data_dir,
                 snapshot=self._devices.snapshot(),
                 cuda=self._cuda,
-            )
-            tiers = build_tiers(
-                specs,
                 new_index=self._policy.new_index,
-                compression=self._compression or AdaptiveCompression(self.settings.compression),
-                fsync=self.settings.fsync,
+                compression=self._compression,
                 metrics=self._metrics,
             )
             self._state.set_tiers(tiers)
             self._top = tiers[0] if tiers else None
-            self._dir_lock = DataDirLock.acquire(self.data_dir)
-            try:
-                self._catalog = Catalog(self.data_dir / "memory.sqlite", fsync=self.settings.fsync)
-                found = load_blocks(self._state, self._catalog, self._clock.monotonic())
-            except BaseException:
-                self._dir_lock.release()
-                raise
+            self._dir_lock, self._catalog, found = open_data_dir(
+                self._state, self.data_dir, fsync=self.settings.fsync, now=self._clock.monotonic()
+            )
             report_recovery(found, self._metrics, self._events)
             self._opened = True
             self._closed = False
@@ -306,19 +284,11 @@ class TieredStore:
         check_priority(priority)
         check_hint(hint)
         layout, value = describe(data)
-        if layout.nbytes == 0:
-            raise InvalidInput("a block cannot be empty", field="data")
-        if layout.nbytes > self.settings.max_block_size:
-            raise BlockTooLarge(
-                f"block of {layout.nbytes} bytes is over memory.max_block_size "
-                f"({self.settings.max_block_size})",
-                requested_bytes=layout.nbytes,
-                max_bytes=self.settings.max_block_size,
-            )
+        check_size(layout.nbytes, self.settings.max_block_size)
         wanted = self.settings.durable_puts if durable is None else bool(durable)
         with self._mover:
             self._require_open()
-            return self._put(block_id, layout, value, priority, hint, durable=wanted)
+            return self._writer.put(block_id, layout, value, priority, hint, durable=wanted)
 
     def get(self, block_id: str) -> Any:
         """The block's data, byte-identical to what was put (``NotFound`` if unknown).
@@ -345,7 +315,7 @@ class TieredStore:
                 and (up.is_disk or block_id not in self._state.durable)
             )
             if ahead:
-                self._queue(ahead, block_id, prefetched=True)
+                self._pending.queue(ahead, block_id, prefetched=True)
             if not promote and tier.host:  # the hit path: no I/O, no copy
                 if entry.layout.kind is _NUMPY:
                     return entry.handle.view()
@@ -358,7 +328,7 @@ class TieredStore:
         finally:
             self._moves.release(entry)
         if promote:
-            self._promote_after_read(entry, tier, value, time.perf_counter() - start)
+            self._pending.after_read(entry, tier, value, time.perf_counter() - start)
         return value
 
     def read_bytes(self, block_id: str) -> tuple[bytes, dict[str, Any]]:
@@ -406,13 +376,13 @@ class TieredStore:
                 entry = self._state.entry(block_id)
                 tier = self._by_name[entry.meta.tier]
                 del self._blocks[block_id]
-                self._pending.pop(block_id, None)
+                self._pending.discard(block_id)
                 self._state.durable.discard(block_id)
                 frees = self._state.drop(entry, tier)
             # The file goes first: on a full disk its space is what lets the row go too.
             self._moves.free(frees, now=True)
             if tier.is_disk:
-                self._forget_row(block_id)
+                self._moves.forget_row(block_id)
             self._metrics.publish(tier)
         self._events.publish("block_deleted", id=block_id, tier=tier.name, size=entry.meta.size)
 
@@ -434,23 +404,14 @@ class TieredStore:
             check_block_id(block_id)
         with self._lock:
             known = [i for i in ids if i in self._blocks]
-            self._queue(known, None, prefetched=True)
-        if self._loop is None:
+            self._pending.queue(known, None, prefetched=True)
+        if not self._loop.running:
             self.run_pending()
         return len(known)
 
     def run_pending(self) -> int:
         """Promote the queued blocks (prefetches, promotions a busy get left); returns moves."""
-        with self._lock:
-            queued = list(self._pending.items())
-            self._pending.clear()
-        moved = 0
-        for block_id, prefetched in queued:
-            with self._mover:
-                if self._closed:
-                    break
-                moved += self._promote_queued(block_id, prefetched=prefetched)
-        return moved
+        return self._pending.run()
 
     def evict_cycle(self, *, force: bool = False) -> dict[str, int]:
         """One eviction cycle: every tier above its pressure mark (or over a shrunk budget; or
@@ -492,31 +453,11 @@ class TieredStore:
 
     def maintain(self) -> None:
         """One maintenance pass: queued promotions, then an eviction cycle."""
-        self._retry_stale_rows()
+        if self._moves.stale_rows:
+            with self._mover:
+                self._moves.retry_stale_rows()
         self.run_pending()
         self.evict_cycle()
-
-    def _forget_row(self, block_id: str) -> None:
-        """Mover held: remove a deleted block's row. A full disk only postpones it (the row
-        names a file that is gone, which a restart drops too): the delete still succeeds."""
-        try:
-            self._db().delete(block_id)
-        except InsufficientStorage:
-            log.warning("disk full: the catalog row of deleted block %r is removed later", block_id)
-            self._stale_rows.add(block_id)
-        else:
-            self._stale_rows.discard(block_id)
-
-    def _retry_stale_rows(self) -> None:
-        if not self._stale_rows:
-            return
-        with self._mover:
-            for block_id in list(self._stale_rows):
-                entry = self._blocks.get(block_id)
-                if entry is not None and self._by_name[entry.meta.tier].is_disk:
-                    self._stale_rows.discard(block_id)  # put again since: its row is current
-                    continue
-                self._forget_row(block_id)
 
     def warmup(self, max_blocks: int = 64) -> int:
         """Promote the hottest blocks that sit below their best tier, where there is room
@@ -603,140 +544,19 @@ class TieredStore:
             ]
         return page, total
 
-    # ------------------------------------------------------------------ put / placement
-
-    def _put(
-        self,
-        block_id: str,
-        layout: Layout,
-        value: Any,
-        priority: int,
-        hint: str | None,
-        *,
-        durable: bool,
-    ) -> PutReceipt:
-        now = self._clock.monotonic()
-        meta = BlockMeta(
-            id=block_id,
-            size=layout.nbytes,
-            tier="",
-            priority=priority,
-            hint=hint,
-            last_access=now,
-            created=now,
-        )
-        tier = self._place(meta, durable, now)
-        meta.tier = tier.name
-        entry = Entry(meta, self._state.layouts.share(layout), None)
-        entry.handle = tier.backend.write(
-            block_id,
-            layout,
-            value,
-            owned=False,
-            hint=hint,
-            record=self._moves.record(entry, layout, durable) if tier.is_disk else None,
-            durable=durable,
-        )
-        self._catalog_put(entry, tier, now, durable)
-        frees: list[Free] = []
-        with self._lock:
-            old = self._blocks.get(block_id)
-            old_tier = self._by_name[old.meta.tier] if old is not None else None
-            if old is not None and old_tier is not None:
-                frees = self._state.drop(old, old_tier)
-            self._blocks[block_id] = entry
-            if durable:
-                self._state.durable.add(block_id)
-            else:
-                self._state.durable.discard(block_id)
-            self._state.account_in(tier, entry, now)
-        self._moves.free(frees)
-        if old_tier is not None and old_tier is not tier:
-            self._metrics.publish(old_tier)
-        self._metrics.publish(tier)
-        self._events.publish("block_put", id=block_id, tier=tier.name, size=meta.size)
-        self._after_growth(tier)
-        return PutReceipt(tier.name, tier.is_disk and (durable or self.settings.fsync))
-
-    def _place(self, meta: BlockMeta, durable: bool, now: float) -> Tier:
-        """The tier a new block goes to (room made there), or ``InsufficientMemory``."""
-        with self._lock:
-            self._policy.on_put(meta)
-            views = [tier_view(t) for t in self._state.tiers]
-        with tracing.span("orch.place_block", block_id=meta.id, size=meta.size) as span:
-            order = self._policy.placement.place(meta, views, now)
-            if durable:
-                order = self._plan.disk_order(order, meta.size)
-            tier = self._plan.room_for_new(meta, order)
-            if span is not None:
-                span.set_attribute("tier", tier.name if tier else "none")
-        if tier is None:
-            with self._lock:
-                available = max((t.free for t in self._state.tiers), default=0)
-            raise InsufficientMemory(
-                f"no tier has room for a block of {meta.size} bytes",
-                requested_bytes=meta.size,
-                available_bytes=available,
-            )
-        return tier
-
-    def _catalog_put(self, entry: Entry, tier: Tier, now: float, durable: bool) -> None:
-        """The new copy's catalog row (or the old row gone, for a block leaving the disk
-        tiers); the new copy is freed if the catalog fails."""
-        block_id = entry.meta.id
-        with self._lock:
-            old = self._blocks.get(block_id)
-        try:
-            if tier.is_disk:
-                self._db().upsert(
-                    self._moves.row(entry, now, tier, durable=durable), force_sync=durable
-                )
-            elif old is not None and self._by_name[old.meta.tier].is_disk:
-                self._db().delete(block_id)
-        except BaseException:
-            tier.backend.free(entry.handle)
-            raise
+    # ------------------------------------------------------------------ growth
 
     def _after_growth(self, tier: Tier) -> None:
         """A tier grew: past its high mark, run (or wake) the eviction cycle."""
         if tier.used <= tier.spec.pressure_high * tier.target or not tier.lower:
             return
-        if self._loop is not None:
-            self._wake_loop()
+        if self._loop.running:
+            self._loop.wake()
             return
         try:
             self.evict_cycle()
         except InsufficientStorage as exc:  # what grew is stored; the cycle runs again later
             log.warning("eviction cycle stopped: %s", exc.message)
-
-    # ------------------------------------------------------------------ planned moves
-
-    def _promote_after_read(self, entry: Entry, source: Tier, value: Any, read_s: float) -> None:
-        """Promote a block just read (we hold its value: no second read), only if no other
-        move is running; otherwise it is queued for the maintenance loop."""
-        if not self._mover.acquire(blocking=False):
-            with self._lock:
-                self._queue([entry.meta.id], None, prefetched=False)
-            return
-        try:
-            if not self._closed:
-                target = self._plan.promote_read(entry, source, value, read_s)
-                if target is not None:
-                    self._after_growth(target)
-        finally:
-            self._mover.release()
-
-    def _promote_queued(self, block_id: str, *, prefetched: bool) -> int:
-        """Mover held: promote a queued block (a prefetch, or a read whose promotion found the
-        mover busy); returns 1 if it moved."""
-        entry = self._blocks.get(block_id)
-        if entry is None or entry.meta.pinned:
-            return 0
-        target = self._plan.promote_queued(entry, prefetched=prefetched)
-        if target is None:
-            return 0
-        self._after_growth(target)
-        return 1
 
     # ------------------------------------------------------------------ explicit moves
 
@@ -785,50 +605,6 @@ class TieredStore:
         with self._lock:
             tier.capacity = max(tier.target, tier.used)
         self._metrics.publish(tier)
-
-    def _queue(self, ids: Iterable[str], current: str | None, *, prefetched: bool) -> None:
-        """Lock held: queue blocks for promotion by the maintenance loop (``prefetched``: ahead
-        of their read; a block queued both ways counts as read)."""
-        top = self._top
-        limit = self.settings.max_pending_promotions
-        added = False
-        for block_id in ids:
-            if block_id == current:
-                continue
-            entry = self._blocks.get(block_id)
-            if entry is None or entry.meta.pinned or self._by_name[entry.meta.tier] is top:
-                continue
-            self._pending[block_id] = prefetched and self._pending.get(block_id, True)
-            added = True
-            if len(self._pending) > limit:
-                del self._pending[next(iter(self._pending))]
-        if added and self._loop is not None:
-            self._wake_loop()
-
-    def _wake_loop(self) -> None:
-        loop, wake = self._loop, self._wake
-        if loop is None or wake is None or self._wake_sent:
-            return
-        self._wake_sent = True
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(wake.set)
-
-    async def _maintenance(self) -> None:
-        """Periodic eviction cycle, and promotions queued by reads and prefetch hints."""
-        assert self._wake is not None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.eviction_interval_s)
-            self._wake.clear()
-            self._wake_sent = False
-            try:
-                await asyncio.to_thread(self.maintain)
-            except ShuttingDown:
-                return
-            except InsufficientStorage as exc:
-                log.warning("memory maintenance: %s", exc.message)
-            except Exception:
-                log.exception("memory maintenance failed")
 
     def _tier(self, name: str) -> Tier:
         tier = self._by_name.get(str(name).upper())
