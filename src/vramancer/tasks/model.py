@@ -1,6 +1,7 @@
 """The task model: what a user submits (``TaskSpec``), what the queue stores (``TaskRecord``).
 
-The body is the one in CONTRACTS.md ("Task body"), extended with ``python`` (``module:function``)
+The body: ``type``, ``cmd``/``shell``, ``env``, ``cwd``, GPU and VRAM, priority, retries and
+timeout, idempotency key and task id (``TaskSpec``'s fields), with ``python`` (``module:function``)
 and ``payload`` (free JSON: ``{"args": [...], "kwargs": {...}}`` for ``python`` tasks,
 ``{"max_blocks": N}`` for ``warmup``/``compress``) and ``model`` (a managed model the task
 needs, held loaded while it runs). Validation is strict (unknown fields,
@@ -177,7 +178,7 @@ LEASED_STATES = (TaskState.SCHEDULED, TaskState.RUNNING)
 
 
 class TaskSpec(BaseModel):
-    """A task as submitted (CONTRACTS.md "Task body"). Immutable once accepted."""
+    """A task as submitted (the task body). Immutable once accepted."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

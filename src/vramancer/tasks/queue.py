@@ -2,8 +2,9 @@
 distributed one (NATS JetStream work queue) implements the same Protocol.
 
 Semantics every implementation keeps (what becomes of a task after an outcome, a lost lease,
-a back-off or a cancel is decided by ``transitions.next_state``; a queue persists the
-``Transition`` it returns, under its own lease-token check):
+a back-off, a cancel, a lease, the ``running`` mark or a wait for a GPU is decided by
+``transitions.next_state``, or ``transitions.step`` for the triggers that do not read a task's
+counts; a queue persists the ``Transition`` it returns, under its own lease-token check):
 
 * ``submit`` is acknowledged only once durable; an idempotency key (or a given ``task_id``) that
   is already known returns the existing task (``created=False``) and stores nothing new when

@@ -1,4 +1,4 @@
-"""The task body (CONTRACTS.md "Task body") and its validation."""
+"""The task body (``TaskSpec``) and its validation."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 the real ``TaskService`` (SQLite, subprocesses), on one manual clock, workers driven by
 ``run_once()``.
 
-Issue 4: a model serving a task is loaded for it (on demand), never reaped or evicted while the
+What holds: a model serving a task is loaded for it (on demand), never reaped or evicted while the
 task runs, and reapable once it ended; an unknown model is refused at submit.
 """
 
