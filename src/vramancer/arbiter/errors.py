@@ -6,13 +6,14 @@
 * ``InsufficientQuality`` (409): the memory fits but not at the asked ``min_quality``.
 * ``Preempted`` (409): the allocation was taken by a higher-priority request.
 * ``ArbiterTimeout`` (504): ``acquire`` waited ``timeout_s`` and memory did not free up.
-* ``ShuttingDown`` (503): the arbiter is stopping; no new allocations.
+* ``ShuttingDown`` (503, from ``vramancer.errors``): the arbiter is stopping; no new
+  allocations.
 """
 
 from __future__ import annotations
 
 from vramancer import errors
-from vramancer.errors import InsufficientMemory
+from vramancer.errors import InsufficientMemory, ShuttingDown
 
 __all__ = [
     "ArbiterTimeout",
@@ -39,9 +40,3 @@ class ArbiterTimeout(errors.OperationTimeout):
     """``details``: ``timeout_s``, ``requested_bytes``, ``available_bytes``."""
 
     code = "arbiter_timeout"
-
-
-class ShuttingDown(errors.ShuttingDown):
-    """The arbiter has been stopped."""
-
-    code = "shutting_down"

@@ -116,10 +116,6 @@ def _route_missing(message: str) -> bool:
     return message.strip() == "Not Found"
 
 
-def api_or_fail() -> Api:
-    return Api()
-
-
 def call(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` and turn an unreachable server into a one-line error."""
     try:

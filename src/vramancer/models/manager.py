@@ -1,4 +1,4 @@
-"""``ModelManager``: the lifecycle of managed models (seed 002's GPU resource manager, generalised).
+"""``ModelManager``: the lifecycle of managed models (which model sits on which GPU, when).
 
 This module is the facade: it builds the collaborators below, owns start/stop and the
 background loop, and answers the public queries and operations by delegating.
@@ -7,7 +7,7 @@ Each model of ``[[models]]`` has a backend (Ollama, torch module, model-server p
 state (``UNLOADED -> LOADING -> LOADED -> UNLOADING``, ``ERROR``). The manager:
 
 * serialises VRAM-changing work: one lock per model and one per GPU; every load, unload or move
-  touching a GPU holds that GPU's lock (seed property 13), so two loads never race for VRAM;
+  touching a GPU holds that GPU's lock, so two loads never race for VRAM;
 * loads through the arbiter (an allocation with the model's VRAM and priority; ``on_preempt``
   moves the model to the CPU or unloads it), evicting idle, low-priority, cheap-to-reload models
   first when a GPU is full (:func:`policy.choose_evictions`), and after an unload waits until
@@ -17,7 +17,8 @@ state (``UNLOADED -> LOADING -> LOADED -> UNLOADING``, ``ERROR``). The manager:
 * times out and retries loads and unloads (``max_load_retries``), then marks the model ERROR
   and publishes ``model_error``;
 * unloads models idle for their timeout (``reap_once``), never one in use;
-* switches profiles (seed 002's execution modes) with a pure plan that frees VRAM first;
+* switches profiles (execution modes: which model goes where) with a pure plan that frees
+  VRAM first;
 * tracks Ollama's reachability: unreachable -> degraded mode with a reason, probed again every
   ``[ollama] retry_interval_s``; the other models keep working.
 
@@ -126,7 +127,7 @@ class ModelManager:
             table.metrics.export_state(entry)
         self._locks = locks = Locks(table)
         self._inbox = inbox = PreemptionInbox()
-        self._room = room = GpuRoom(gm, devices=devices, arbiter=arbiter)
+        room = GpuRoom(gm, devices=devices, arbiter=arbiter)
         self._booking = booking = Booking(table, arbiter=arbiter, devices=devices, inbox=inbox)
         self._health = health = BackendHealth(
             table,
@@ -288,7 +289,7 @@ class ModelManager:
         return self._table.get(name).state is ModelState.LOADED
 
     def device(self, name: str) -> str:
-        """``cpu`` or ``gpu:N`` (seed property 12); ``cpu`` when the model is not on a GPU."""
+        """``cpu`` or ``gpu:N``, never ``cuda:N``; ``cpu`` when the model is not on a GPU."""
         entry = self._table.get(name)
         if entry.state is ModelState.LOADED and entry.device is not None:
             return entry.device
@@ -319,9 +320,9 @@ class ModelManager:
         return self._health.degraded_reason
 
     def gpu_status(self) -> GpuResourceStatus:
-        """Seed 002 ``get_status()``: every field always has a valid value (property 5). The
-        VRAM is the VLM's GPU while it is on one, else the first GPU (the devices' own
-        ``get_vram_info``)."""
+        """The ``GET /v1/gpu/status`` answer: every field always has a valid value, also with no
+        GPU or no VLM configured. The VRAM is the VLM's GPU while it is on one, else the first GPU
+        (the devices' own ``get_vram_info``)."""
         vlm = self._entries.get(self.gm.vlm_model or "")
         snap = self.devices.snapshot()
         index = gpu_index(vlm.device) if vlm is not None and vlm.on_gpu else None
@@ -351,14 +352,12 @@ class ModelManager:
 
     async def ensure_loaded(self, name: str, device: str | None = None) -> ModelStatus:
         """Load ``name`` (on ``device`` if given) and return only once it is loaded
-        (seed property 10). Queued behind other loads of the same GPU."""
+        (never while it is still loading). Queued behind other loads of the same GPU."""
         entry = self._table.get(name)
         await self._holds.obtain(entry, device)
         self._table.touch(entry)  # a caller about to use the model: activity (last request)
         self._holds.release(entry)
         return self.status(name)  # no await since the hold: it is loaded right now
-
-    load = ensure_loaded
 
     async def ensure_unloaded(self, name: str) -> ModelStatus:
         """Unload ``name`` once its users are done; returns only when unloaded (property 11)."""
@@ -366,8 +365,6 @@ class ModelManager:
         async with self._locks.quiesce(entry), self._locks.locked(entry):
             await self._lifecycle.unload_locked(entry, "request")
         return self.status(name)
-
-    unload = ensure_unloaded
 
     async def migrate(self, name: str, device: str) -> ModelStatus:
         """Put ``name`` on ``device`` (``cpu``, ``gpu`` / ``cuda``, ``gpu:N`` / ``cuda:N``): torch
@@ -424,19 +421,21 @@ class ModelManager:
         return self._profiles.plan(name)
 
     async def switch_profile(
-        self, name: str, progress: Callable[[StepResult], None] | None = None
+        self,
+        name: str,
+        progress: Callable[[StepResult], None] | None = None,
+        *,
+        strict: bool = False,
     ) -> SwitchReport:
         """Reconcile to profile ``name``: VRAM is freed first, then models load. On a failed
         step the rest is not run, the profile in force stays the previous one, and every model's
-        state is what its backend really holds. ``progress`` is called after each step."""
-        return await self._profiles.switch(name, progress)
-
-    async def set_profile(self, name: str) -> SwitchReport:
-        """``switch_profile`` that raises ``ProfileSwitchFailed`` (409) when a step fails."""
-        return await self._profiles.set(name)
+        state is what its backend really holds. ``progress`` is called after each step. With
+        ``strict`` a failed step raises ``ProfileSwitchFailed`` (409; 503 when a backend is
+        down) instead of returning a report whose ``ok`` is false."""
+        return await self._profiles.switch(name, progress, strict=strict)
 
     async def optimize(self) -> list[ModelAction]:
-        """Seed 001 ``optimize_resources`` for models: unload idle models, then on GPUs above
+        """The models' part of ``POST /v1/system/optimize``: unload idle models, then on GPUs above
         ``pressure_ratio`` switch to smaller variants and unload the least recently used.
         Returns one record per step taken (unloaded, switched, or failed with the reason)."""
         return await self._optimizer.optimize()

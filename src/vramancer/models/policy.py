@@ -70,9 +70,6 @@ class ModelView:
     def allows_cpu(self) -> bool:
         return CPU in self.allowed
 
-    def allows_gpu(self, index: int) -> bool:
-        return "gpu" in self.allowed or gpu_device(index) in self.allowed
-
 
 # --------------------------------------------------------------------------- device choice
 

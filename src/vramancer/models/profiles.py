@@ -80,10 +80,22 @@ class Profiles:
         return policy.plan_profile(name, placements, views, free)
 
     async def switch(
-        self, name: str, progress: Callable[[StepResult], None] | None = None
+        self,
+        name: str,
+        progress: Callable[[StepResult], None] | None = None,
+        *,
+        strict: bool = False,
     ) -> SwitchReport:
         """Reconcile to profile ``name`` (see the module docstring). ``progress`` is called
-        after each step."""
+        after each step. ``strict``: a failed step raises ``ProfileSwitchFailed``."""
+        report = await self._switch(name, progress)
+        if strict and not report.ok:
+            raise _switch_failed(report)
+        return report
+
+    async def _switch(
+        self, name: str, progress: Callable[[StepResult], None] | None
+    ) -> SwitchReport:
         async with self._switch_lock:
             plan = self.plan(name)
             previous = self.current
@@ -123,24 +135,6 @@ class Profiles:
                 )
             return report
 
-    async def set(self, name: str) -> SwitchReport:
-        """``switch`` that raises ``ProfileSwitchFailed`` (409) when a step fails."""
-        report = await self.switch(name)
-        if not report.ok:
-            step = report.steps[report.failed_step or 0]
-            error = ProfileSwitchFailed(
-                f"switch to profile {name!r} stopped at step {report.failed_step} "
-                f"({step.step.describe()}): {step.error}",
-                profile=name,
-                previous=report.previous,
-                failed_step=report.failed_step,
-                steps=[s.as_dict() for s in report.steps],
-            )
-            if step.error_code == BackendUnavailable.code:
-                error.http_status = BackendUnavailable.http_status  # a backend is down: 503
-            raise error
-        return report
-
     def _set(self, name: str, report: SwitchReport) -> None:
         previous, self.current = self.current, name
         for mode in self.profiles:
@@ -169,3 +163,19 @@ class Profiles:
             elapsed = time.perf_counter() - started
             return StepResult(step, StepStatus.FAILED, elapsed, exc.message, exc.code)
         return StepResult(step, StepStatus.DONE, time.perf_counter() - started)
+
+
+def _switch_failed(report: SwitchReport) -> ProfileSwitchFailed:
+    """The 409 of a failed switch (503 when the failed step met a backend that is down)."""
+    step = report.steps[report.failed_step or 0]
+    error = ProfileSwitchFailed(
+        f"switch to profile {report.profile!r} stopped at step {report.failed_step} "
+        f"({step.step.describe()}): {step.error}",
+        profile=report.profile,
+        previous=report.previous,
+        failed_step=report.failed_step,
+        steps=[s.as_dict() for s in report.steps],
+    )
+    if step.error_code == BackendUnavailable.code:
+        error.http_status = BackendUnavailable.http_status  # a backend is down: 503
+    return error

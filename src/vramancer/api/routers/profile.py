@@ -1,5 +1,5 @@
-"""``GET /v1/profile`` and ``PUT /v1/profile`` (operator): the execution profile (seed 002's
-modes ``idle``, ``recording``, ``autopilot``, and any ``[profiles.NAME]``).
+"""``GET /v1/profile`` and ``PUT /v1/profile`` (operator): the execution profile (the
+built-in modes ``idle``, ``recording``, ``autopilot``, and any ``[profiles.NAME]``).
 
 ``PUT {"name": "autopilot"}`` reconciles the models (VRAM is freed first, then models load) and
 answers the steps it took. ``"dry_run": true`` answers the plan without running it. A step that
@@ -61,4 +61,4 @@ async def put_profile(rt: RuntimeDep, body: ProfileBody, _: Operator) -> dict[st
             ],
             "notes": list(plan.notes),
         }
-    return (await models.set_profile(body.name)).as_dict()
+    return (await models.switch_profile(body.name, strict=True)).as_dict()
