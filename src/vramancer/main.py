@@ -1,4 +1,5 @@
-"""``python -m vramancer.main --mode cli|serve`` (seed 000's lite entry point).
+"""``python -m vramancer.main --mode cli|serve`` (the entry point that needs no
+installed script).
 
 ``--mode cli [ARGS...]`` runs the ``vramancer`` CLI (``status`` when no arguments are given);
 ``--mode serve [ARGS...]`` runs ``vramancer serve``. Every other argument, ``--help`` included,

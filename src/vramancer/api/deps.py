@@ -1,6 +1,6 @@
 """Request dependencies: the runtime, and who is calling with which role.
 
-Bearer tokens map to roles (``[auth] tokens``). ``X-API-ROLE`` (seed 000) may narrow the
+Bearer tokens map to roles (``[auth] tokens``). ``X-API-ROLE`` may narrow the
 caller's role, never widen it. With no tokens configured every caller on this machine is admin
 (``vramancer serve`` then refuses to bind anything but loopback). The caller is resolved by the
 middleware of ``api/guard.py`` from the headers alone, before any body is read; the

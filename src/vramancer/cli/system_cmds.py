@@ -280,7 +280,7 @@ def recommend(
     embedded: EmbeddedOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Which quantization to use for MODEL on this machine, and why (seed 001's rules)."""
+    """Which quantization to use for MODEL on this machine, and why (memory, platform, GGUF)."""
     estimate = None
     gguf = False
     if file is not None:

@@ -56,7 +56,8 @@ _MIB = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class VramInfo:
-    """Seed 002's ``VRAMInfo`` for one GPU (MiB and percent, as the seed names them)."""
+    """One GPU's memory for ``/v1/gpu/status``' ``vram``: MiB and percent, the units that
+    answer has always used."""
 
     total_mb: int
     used_mb: int
@@ -157,7 +158,8 @@ class DeviceManager:
         return len(self._real_readings)
 
     def get_vram_info(self, index: int | None = None) -> VramInfo:
-        """Seed 002 ``get_vram_info()``: GPU ``index`` (default: the first); zeros when none."""
+        """The memory of GPU ``index`` (default: the first) from the latest snapshot; zeros when
+        there is no GPU."""
         snap = self.snapshot()
         gpu = snap.gpus[0] if index is None and snap.gpus else snap.gpu(index or 0)
         if gpu is None:
@@ -174,7 +176,7 @@ class DeviceManager:
         )
 
     def get_available_vram_mb(self, index: int | None = None) -> int:
-        """Seed 002 ``get_available_vram_mb()``."""
+        """Free memory of GPU ``index`` (default: the first) in MiB."""
         return self.get_vram_info(index).free_mb
 
     # -- subscriptions -------------------------------------------------------------------

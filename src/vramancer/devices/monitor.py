@@ -1,4 +1,4 @@
-"""VRAM monitor (seed 002 ``VRAMMonitor``): notice when a GPU's free memory moves.
+"""VRAM monitor: notice when a GPU's free memory moves.
 
 Each subscriber has a threshold and, per device, the free memory it was last told about (its
 baseline). A new snapshot fires the subscriber for every device whose free memory is more than

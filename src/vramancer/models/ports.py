@@ -30,7 +30,8 @@ class DevicePort(Protocol):
         ...
 
     def get_vram_info(self, index: int | None = None) -> VramInfo:
-        """Seed 002 ``VRAMInfo`` of GPU ``index`` (default: the first; zeros when none)."""
+        """The ``vram`` of ``/v1/gpu/status`` (MiB, percent) for GPU ``index`` (default: the
+        first; zeros when none)."""
         ...
 
 

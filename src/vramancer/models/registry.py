@@ -1,8 +1,8 @@
 """The registry of managed models and profiles (checked across sections by ``Settings``).
 
 ``[[models]]`` gives the models; ``[profiles.NAME]`` maps model names to placements; the
-built-in profiles reproduce seed 002's execution modes from ``[gpu_manager] vlm_model`` and
-``clip_model``:
+built-in profiles are the usual execution modes of a VLM beside a CLIP model, from
+``[gpu_manager] vlm_model`` and ``clip_model``:
 
 * ``idle`` - nothing needs the GPU: the VLM and CLIP are unloaded;
 * ``recording`` - the VLM on the GPU, CLIP on the CPU;
@@ -28,7 +28,7 @@ AUTOPILOT = "autopilot"
 
 
 def builtin_profiles(gm: GpuManagerSettings) -> dict[str, dict[str, Placement]]:
-    """Seed 002's modes for the models named in ``[gpu_manager]`` (empty when none is)."""
+    """The built-in modes for the models named in ``[gpu_manager]`` (empty when none is)."""
     if not gm.builtin_profiles or (gm.vlm_model is None and gm.clip_model is None):
         return {}
     idle: dict[str, Placement] = {}

@@ -167,7 +167,7 @@ class ModelSpec(BaseModel):
 
 
 class GpuManagerSettings(BaseModel):
-    """Seed 002's GPU resource manager: roles, timeouts, swap behaviour."""
+    """``[gpu_manager]``: which models play the VLM and CLIP roles, timeouts, swap behaviour."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -175,11 +175,12 @@ class GpuManagerSettings(BaseModel):
     vlm_model: str | None = None
     #: Managed model that plays the CLIP role.
     clip_model: str | None = None
-    #: Default idle timeout of every model (seed: 300 s).
+    #: Default idle timeout of every model (5 minutes).
     idle_timeout_s: float = Field(default=300.0, gt=0)
-    #: ``autopilot`` puts CLIP on the GPU only when more than this is free (seed: 1 GB).
+    #: ``autopilot`` puts CLIP on the GPU only when more than this is free.
     vram_threshold_for_clip_gpu: Size = GIB
-    #: Loading the VLM onto a GPU first moves CLIP off it (seed property 6).
+    #: Loading the VLM onto a GPU first moves CLIP off it to the CPU, even when both would fit:
+    #: the VLM is the bigger, user-facing model, and CLIP runs well enough on the CPU.
     clip_yields_to_vlm: bool = True
     max_load_retries: int = Field(default=3, ge=0, le=20)
     load_timeout_s: float = Field(default=30.0, gt=0)
@@ -198,7 +199,7 @@ class GpuManagerSettings(BaseModel):
     initial_profile: str | None = None
     #: ``optimize()`` unloads models idle for at least this long.
     optimize_idle_s: float = Field(default=60.0, ge=0)
-    #: ``optimize()`` acts on a GPU above this used/total ratio (seed 001: 0.85).
+    #: ``optimize()`` acts on a GPU above this used/total ratio.
     pressure_ratio: float = Field(default=0.85, gt=0, le=1)
     #: Load bandwidth assumed before any load was measured (bytes per second).
     default_load_bandwidth: Size = GIB

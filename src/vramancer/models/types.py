@@ -22,7 +22,7 @@ from vramancer.units import parse_size
 
 
 class ModelState(StrEnum):
-    """Lifecycle of a managed model (seed 002 ``ModelState``)."""
+    """Lifecycle of a managed model (the ``state`` of ``GET /v1/models``)."""
 
     #: Not in memory anywhere; the next use loads it.
     UNLOADED = "unloaded"
@@ -191,7 +191,7 @@ def _exact_size(size: int) -> str:
 
 
 def iso_time(wall: float | None) -> str | None:
-    """A wall-clock time as ISO 8601 in UTC (seed 002 reports datetimes), or None."""
+    """A wall-clock time as ISO 8601 in UTC (what the API reports), or None."""
     if wall is None:
         return None
     return dt.datetime.fromtimestamp(wall, tz=dt.UTC).isoformat()
@@ -253,7 +253,8 @@ class ModelStatus:
 
 @dataclass(frozen=True, slots=True)
 class GpuResourceStatus:
-    """Seed 002 ``GPUResourceStatus``, served at ``GET /v1/gpu/status``."""
+    """The GPU resource status (VLM state, CLIP device, VRAM, mode), served at
+    ``GET /v1/gpu/status``."""
 
     execution_mode: str
     vlm_state: ModelState

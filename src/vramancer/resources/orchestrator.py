@@ -1,7 +1,7 @@
-"""Seed 001's ``ResourceOrchestrator``: resource checks, can-load, quantization advice, optimize.
+"""``ResourceOrchestrator``: resource checks, can-load, quantization advice, optimize.
 
 It reads the device manager's cached snapshot (never a driver), hands pure policies
-(:mod:`vramancer.resources.policy`) their inputs, and keeps the counters seed 001 lists
+(:mod:`vramancer.resources.policy`) their inputs, and keeps the counters ``get_metrics`` reports
 (optimizations, models unloaded, memory reclaimed, average usage). ``optimize_resources`` runs
 the garbage collector, releases allocator caches (glibc ``malloc_trim``, torch CUDA/MPS caches
 when torch is already imported), and asks the model manager (a :class:`ModelsOptimizer`, given
@@ -103,7 +103,7 @@ class ResourceOrchestrator:
         )
         devices.on_refresh(self._sample)
 
-    # -- seed 001 API ----------------------------------------------------------------------
+    # -- public API ------------------------------------------------------------------------
 
     @property
     def memory_threshold(self) -> float:
@@ -127,7 +127,7 @@ class ResourceOrchestrator:
             return self._report
 
     def get_metrics(self) -> dict[str, Any]:
-        """Seed 001's counters: optimizations, models unloaded, memory reclaimed, averages."""
+        """The counters: optimizations, models unloaded, memory reclaimed, averages."""
         with self._lock:
             s = dict(self._stats)
             return {
@@ -182,8 +182,9 @@ class ResourceOrchestrator:
         *,
         gguf: bool = False,
     ) -> Recommendation:
-        """Seed 001's advice. The model's size comes from ``file`` (a GGUF/safetensors header),
-        else ``params`` (``7B``), else the model id (``Mistral-7B``); unknown is allowed.
+        """The quantization advice for ``model_id`` here. The model's size comes from ``file``
+        (a GGUF/safetensors header), else ``params`` (``7B``), else the model id
+        (``Mistral-7B``); unknown is allowed.
         ``gguf`` says the model is a GGUF build (also detected from ``file`` and the id)."""
         if not model_id or not model_id.strip():
             raise InvalidInput("model_id: must not be empty", field="model_id")
@@ -203,7 +204,7 @@ class ResourceOrchestrator:
     async def optimize_resources(self) -> dict[str, Any]:
         """GC, allocator cache release, then the model manager's own optimisation.
 
-        Returns seed 001's shape: ``optimized`` (something was freed or a model action was
+        Returns ``optimized`` (something was freed or a model action was
         taken), ``actions_taken``, ``memory_before`` and ``memory_after`` (bytes, by kind),
         plus ``reclaimed_bytes``.
         """

@@ -1,7 +1,7 @@
 """Platform facts: what the quantization advisor needs to know about this machine.
 
 :class:`PlatformFacts` is a frozen record so the advisor is a pure function and every branch of
-seed 001's rules is unit-tested anywhere. :func:`gather_platform_facts` builds it from a device
+its rules is unit-tested on any machine. :func:`gather_platform_facts` builds it from a device
 snapshot (never a driver call) plus cheap, cached import probes (MLX, Core ML).
 """
 

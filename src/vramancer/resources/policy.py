@@ -1,4 +1,4 @@
-"""Pure policies of seed 001: can a model be loaded, and which quantization to use.
+"""Pure resource policies: can a model be loaded, and which quantization to use.
 
 No I/O here: every function takes a frozen snapshot or :class:`PlatformFacts` and returns a
 decision record ("no room" is a value, not an exception), so each branch is unit-tested and the
@@ -16,16 +16,18 @@ from vramancer.devices.types import GpuSnapshot, SystemSnapshot
 from vramancer.resources.platform import PlatformFacts
 from vramancer.units import format_size
 
-#: Seed 001: MLX is chosen when available memory > required × this.
+#: MLX is chosen when available memory > required (f16) × this: its quantized conversions
+#: need well under the f16 size.
 MLX_MEMORY_FACTOR = 0.8
-#: Seed 001: on NVIDIA, int8 when free memory > required × this, else int4.
+#: On a GPU, int8 when free memory > required (f16) × this (int8 weights are about half of
+#: f16, plus room for the KV cache), else int4.
 CUDA_INT8_FACTOR = 0.6
 #: Model families mlx-lm runs (names are matched case-insensitively inside the model id).
 MLX_FAMILIES = (
     "mlx", "llama", "mistral", "mixtral", "qwen", "phi", "gemma", "starcoder", "deepseek",
     "olmo", "internlm", "minicpm", "cohere", "stablelm",
 )  # fmt: skip
-#: Seed 001's llama.cpp Metal defaults per Apple chip generation.
+#: llama.cpp Metal defaults per Apple chip generation (later chips offload more layers).
 METAL_GPU_LAYERS = {"M1": 24, "M2": 32}
 METAL_GPU_LAYERS_LATER = 48  # M3, M4 and later; also offload_kqv
 
@@ -34,7 +36,7 @@ METAL_GPU_LAYERS_LATER = 48  # M3, M4 and later; also offload_kqv
 class LoadDecision:
     """Whether a model of ``required_bytes`` fits now, where, and why (or why not).
 
-    Truthy when it fits (``if orchestrator.can_load_model(...)`` reads as in the seed) and
+    Truthy when it fits (``if orchestrator.can_load_model(...)`` reads naturally) and
     unpacks as ``can_load, reason = ...``.
     """
 
@@ -89,7 +91,7 @@ def decide_can_load(
     memory_threshold: float,
     gpu_memory_threshold: float,
 ) -> LoadDecision:
-    """Seed 001 ``can_load_model``: the roomiest GPU if the model keeps it under
+    """Whether a model fits now (``can_load_model``): the roomiest GPU if the model keeps it under
     ``gpu_memory_threshold``, else host RAM if it keeps it under ``memory_threshold``.
 
     Monotone: a larger model never fits where a smaller one did not, and more free memory
@@ -144,9 +146,9 @@ class Recommendation:
 
     method: str
     reason: str
-    #: ``apple_silicon``, ``gpu`` or ``cpu``: which of the seed's rule sets applied.
+    #: ``apple_silicon``, ``gpu`` or ``cpu``: which rule set applied.
     platform: str
-    #: The model's full-precision (f16) need, when known; the seed's "required memory".
+    #: The model's full-precision (f16) need, when known: what the rules compare with.
     required_bytes: int | None = None
     available_bytes: int | None = None
     n_gpu_layers: int | None = None
@@ -176,7 +178,7 @@ def is_gguf_model(model_id: str) -> bool:
 
 
 def metal_defaults(chip: str | None) -> tuple[int, bool]:
-    """Seed 001's llama.cpp Metal settings: M1 24 GPU layers, M2 32, M3/M4 and later 48 with
+    """llama.cpp Metal settings per chip: M1 24 GPU layers, M2 32, M3/M4 and later 48 with
     ``offload_kqv``. An unrecognised chip gets the M1 values (the safe side)."""
     if chip in METAL_GPU_LAYERS:
         return METAL_GPU_LAYERS[chip], False
@@ -192,7 +194,7 @@ def recommend_quantization(
     required_bytes: int | None,
     gguf: bool = False,
 ) -> Recommendation:
-    """Seed 001's quantization advice for ``model_id`` on the machine ``facts`` describes."""
+    """The quantization advice for ``model_id`` on the machine ``facts`` describes."""
     gguf = gguf or is_gguf_model(model_id)
     if facts.is_apple_silicon:
         return _recommend_apple(facts, model_id, required_bytes, gguf)

@@ -1,4 +1,4 @@
-"""Settings of the ``[resources]`` section (seed 001 thresholds)."""
+"""Settings of the ``[resources]`` section (the can-load and pressure thresholds)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``GET /v1/gpu/status``: seed 002's ``GPUResourceStatus``.
+"""``GET /v1/gpu/status``: the VLM/CLIP view of the GPUs (``GpuResourceStatus``).
 
 ``execution_mode`` (the profile in force), ``vlm_state``, ``vlm_model``, ``clip_device``
 (``cpu`` / ``gpu:N``, as every answer names a device), ``vram`` (``total_mb``, ``used_mb``,

@@ -1,4 +1,4 @@
-"""Seed 001's routes: ``/v1/system/resources``, ``/v1/system/optimize``, and the model advice
+"""Resource routes: ``/v1/system/resources``, ``/v1/system/optimize``, and the model advice
 routes ``/v1/models/can-load`` and ``/v1/models/recommend``.
 
 ``/v1/system/resources`` reads the cached snapshot only (no driver call on a request).
@@ -24,7 +24,7 @@ class CanLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model_id: str = Field(min_length=1, max_length=512, pattern=r"\S")
-    #: Expected size in MiB (seed 001's ``estimated_size_mb``).
+    #: Expected size in MiB.
     estimated_size_mb: float = Field(ge=0, le=MAX_ESTIMATED_SIZE_MB, allow_inf_nan=False)
 
 
@@ -49,7 +49,7 @@ class RecommendResponse(BaseModel):
 
 @router.get("/v1/system/resources", response_model=SystemResources)
 async def system_resources(rt: RuntimeDep) -> dict[str, Any]:
-    """CPU, RAM, swap and every GPU with pressure flags (seed 001 ``check_resources()``)."""
+    """CPU, RAM, swap and every GPU with pressure flags (``check_resources()``)."""
     return rt.resources.check_resources()
 
 
@@ -77,6 +77,6 @@ async def recommend(
         bool, Query(description="The model is a GGUF file (llama.cpp), whatever its name says")
     ] = False,
 ) -> RecommendResponse:
-    """Seed 001 quantization advice for this machine (size from ``params`` or the model id)."""
+    """Quantization advice for this machine (size from ``params`` or the model id)."""
     rec = rt.resources.recommend_quantization_method(model_id, params=params, gguf=gguf)
     return RecommendResponse(**rec.as_dict())

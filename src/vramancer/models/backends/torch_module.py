@@ -3,7 +3,7 @@ pipeline object, moved between ``cpu`` and ``cuda:N`` with ``.to()``.
 
 Pipelines: an object with ``.to()`` is moved with it; one without but with a ``.model`` (a
 Hugging Face pipeline) has its ``.model`` moved and its ``.device`` updated. After every move
-the pipeline is re-initialised: ``reinitialize_pipeline()`` (seed 002's name) or
+the pipeline is re-initialised: ``reinitialize_pipeline()`` or
 ``reinitialize()`` is called when the object has one. A factory that takes a ``device``
 argument is given the target device. Blocking work (import, weights, ``.to()``) runs in a
 worker thread. A placement on a simulated GPU runs on the CPU (``Target.runs_on``).
