@@ -2,6 +2,14 @@
 
 Config accepts an integer number of bytes or a string with a unit (``"512MiB"``, ``"24GiB"``,
 ``"1.5GB"``); see CONTRACTS.md. Everything inside VRAMancer counts bytes as ``int``.
+
+Why :func:`parse_size` and not pydantic's ``ByteSize``, which also reads decimal (``"1.5GB"``)
+and binary (``"512MiB"``) units: ours refuses what ``ByteSize`` lets through or explains
+poorly. It refuses sizes over 8 EiB (``ByteSize`` takes ``"10EiB"``, which overflows SQLite's
+and numpy's signed 64-bit integers), ``True`` (``ByteSize`` reads it as 1 byte), negative and
+infinite numbers, and strings longer than ``MAX_SIZE_CHARS`` before any parsing; and every
+refusal names the accepted form (``SIZE_FORM``) or the 8 EiB limit, where ``ByteSize`` says
+"could not parse value and unit". Nothing in VRAMancer uses ``ByteSize``.
 """
 
 from __future__ import annotations
