@@ -1,4 +1,4 @@
-"""``FastInterface.send/recv`` (seed 000 "Fastpath"): moving block bytes over a fast link.
+"""``FastInterface.send/recv``: moving block bytes over a fast link.
 
 A transfer between tiers or hosts may be delegated to an interface such as RDMA, io_uring or a
 USB4 link. Only the local-copy implementation exists today: it is the reference behaviour

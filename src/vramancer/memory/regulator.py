@@ -1,4 +1,5 @@
-"""Host-memory regulator (seed 004's "membrain" homeostasis, in VRAMancer's terms).
+"""Host-memory regulator: keeps the host's free memory between two marks by moving the L3/L4
+budgets (a homeostasis loop with hysteresis).
 
 The store's host tiers (L3 pinned, L4 pageable) take RAM that the rest of the machine may need.
 The regulator watches the host's MemAvailable and moves their capacity budgets:

@@ -66,7 +66,7 @@ class MemorySettings(BaseModel):
     derive: DeriveSettings = Field(default_factory=DeriveSettings)
     #: ``[memory.compression]``: codecs and thresholds of the adaptive compression (L5, L6).
     compression: CompressionSettings = Field(default_factory=CompressionSettings)
-    #: ``[memory.regulator]``: host-memory regulator of the L3/L4 budgets (seed 004 membrain).
+    #: ``[memory.regulator]``: host-memory regulator of the L3/L4 budgets (``regulator.py``).
     regulator: RegulatorSettings = Field(default_factory=RegulatorSettings)
     #: A tier whose used/capacity passes this is under pressure: the eviction cycle runs.
     pressure_high: float = Field(default=0.9, gt=0, le=1)

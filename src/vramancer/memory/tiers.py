@@ -39,7 +39,7 @@ class TierName(StrEnum):
     L6 = "L6"
 
 
-#: Relative latency of each tier (seed 000).
+#: Relative latency of each tier (L1 = 1): the unit of the reload cost the eviction index weighs.
 DEFAULT_LATENCY: dict[TierName, float] = {
     TierName.L1: 1.0,
     TierName.L2: 1.3,

@@ -1,4 +1,4 @@
-"""Memory policy (issue 3): hotness, promotion thresholds, eviction order, placement, prefetch.
+"""Memory policy: hotness, promotion thresholds, eviction order, placement, prefetch.
 
 Exact orders and exact numbers over a ManualClock; the index is driven through the same calls
 the store makes (add, touch, victims, remove).

@@ -1,4 +1,4 @@
-"""Properties of the memory policy (issue 3), checked by hypothesis.
+"""Properties of the memory policy, checked by hypothesis.
 
 * The eviction index stays consistent under any sequence of add / remove / touch / pin /
   readers / evict / re-add (ghost hits, ranking rebuilds) / clock steps.

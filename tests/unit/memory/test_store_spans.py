@@ -1,4 +1,4 @@
-"""``VRM_TRACING=1``: the store's moves leave the spans issue 3 names — ``orch.place_block``
+"""``VRM_TRACING=1``: the store's moves leave the tracing spans — ``orch.place_block``
 (put), ``memory.demote``, ``memory.promote`` and ``memory.evict_cycle`` — with their
 attributes. Own process: OpenTelemetry's tracer provider is set once per process."""
 

@@ -1,4 +1,4 @@
-"""The store drives the default policy as ``PolicyBundle`` documents it (issue 3).
+"""The store drives the default policy as ``PolicyBundle`` documents it.
 
 A recording policy wraps the real default policy and logs what the store asks of each tier's
 eviction index: which tier an index reloads from, ``add`` (plain or prefetched), ``touch``
