@@ -12,6 +12,7 @@ import contextlib
 import itertools
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import event as note_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -76,6 +77,7 @@ def check_budget(arbiter: Arbiter) -> None:
     assert arbiter.reserved_bytes() == state.allocated_bytes
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(operations)
 def test_random_sequences_keep_every_invariant(ops: list[Request | Release]) -> None:

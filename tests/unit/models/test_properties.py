@@ -1,4 +1,4 @@
-"""Seed 002's 13 correctness properties as hypothesis tests.
+"""The model manager's correctness properties as hypothesis tests.
 
 Random sequences of profile switches and of concurrent load / unload / use / migrate requests,
 with idle timeouts on a manual clock, over the real device manager (a simulated 12 GiB GPU), the
@@ -6,6 +6,10 @@ real arbiter, the fake Ollama server (the VLM, 10.5 GiB) and a small torch model
 After every batch the bookkeeping must agree: what the simulated GPU shows as used is what the
 loaded models account for, the arbiter holds exactly their allocations, and Ollama has loaded
 exactly what the manager says.
+
+These counters are the manager's own (it moves the simulated GPU's used memory itself), so they
+show consistency, not that memory is really freed: "unloading frees VRAM" is measured on what a
+(fake) NVIDIA GPU reports, in ``test_unload_frees.py``.
 """
 
 from __future__ import annotations
@@ -214,12 +218,14 @@ async def run_op(h: Harness, op: Op) -> None:
         pass
 
 
+@pytest.mark.slow
 @examples(20)
 @given(batches=batches)
 def test_random_concurrent_requests_keep_every_invariant(
     fake: FakeOllama, batches: list[list[Op]]
 ) -> None:
-    """Properties 5, 9, 10, 11, 12 and 13 under random concurrent requests."""
+    """Properties 5, 9, 10, 11, 12 and 13 under random concurrent requests (property 4,
+    unloading frees VRAM, is measured on the device in ``test_unload_frees.py``)."""
     fake.reset()
 
     async def scenario() -> None:
@@ -230,9 +236,6 @@ def test_random_concurrent_requests_keep_every_invariant(
                 check_consistent(h, fake)
             assert overlap.worst <= 1  # property 13: one VRAM change per GPU at a time
             assert fake.max_concurrent_loads <= 1
-            for event in h.of("model_unloaded"):
-                if event.data["model"] == VLM and event.data["device"] == "gpu:0":
-                    assert event.data["freed_bytes"] >= 8 * GIB  # property 4
 
     asyncio.run(scenario())
 
@@ -262,12 +265,13 @@ def _models() -> list[dict[str, Any]]:
 switches = st.lists(st.sampled_from(["idle", "recording", "autopilot"]), min_size=1, max_size=8)
 
 
+@pytest.mark.slow
 @examples(20)
 @given(modes=switches, external_gib=st.sampled_from([0.0, 1.0, 10.9, 11.2, 11.6]))
-def test_profile_switches_follow_seed_002(
+def test_profile_switches_follow_the_execution_modes(
     fake: FakeOllama, modes: list[str], external_gib: float
 ) -> None:
-    """Properties 1, 2, 3, 4 and 6 over random sequences of mode switches, with some VRAM
+    """Properties 1, 2, 3 and 6 over random sequences of mode switches, with some VRAM
     taken by another program: from 12 GiB free down to 0.4 GiB, so "more than 1 GB free" is
     sometimes false and the VLM sometimes cannot fit."""
     fake.reset()
@@ -284,9 +288,7 @@ def test_profile_switches_follow_seed_002(
 
             h.events.subscribe(watch, "model_loaded")
             for mode in modes:
-                vlm_was_loaded = m.is_loaded(VLM)
                 clip_was_on_gpu = m.device(CLIP) == "gpu:0"
-                used_before = h.gpu_used()
                 started = time.monotonic()
                 report = await m.switch_profile(mode)
                 elapsed = time.monotonic() - started
@@ -307,8 +309,6 @@ def test_profile_switches_follow_seed_002(
                         assert clip_on_gpu  # property 3
                     elif not clip_was_on_gpu:
                         assert not clip_on_gpu  # "gpu if more than 1 GB free": the CPU
-                    if vlm_was_loaded:
-                        assert used_before - h.gpu_used() >= 8 * GIB - 500 * 2**20  # property 4
                 if mode == "recording":
                     assert m.is_loaded(VLM) and elapsed < 30  # property 2
                     assert m.device(VLM) == "gpu:0" and m.device(CLIP) == "cpu"
@@ -362,6 +362,7 @@ def test_clip_leaves_the_gpu_before_the_vlm_finishes_loading(
 # --------------------------------------------------------------------------- property 7
 
 
+@pytest.mark.slow
 @examples(12)
 @given(moves=st.lists(st.sampled_from(["cpu", "gpu:0"]), min_size=1, max_size=5))
 def test_outputs_agree_after_every_device_change(fake: FakeOllama, moves: list[str]) -> None:
@@ -440,6 +441,7 @@ many_ops = st.lists(
 )
 
 
+@pytest.mark.slow
 @examples(15)
 @given(burst=many_ops)
 def test_concurrent_operations_are_sequential_per_gpu(
