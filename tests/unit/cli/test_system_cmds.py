@@ -93,7 +93,7 @@ def test_recommend_errors_name_the_field(env: dict[str, str], tmp_path: Path) ->
 def test_can_load_exit_codes(env: dict[str, str]) -> None:
     fits = runner.invoke(app, ["can-load", "m", "--size-mb", "1000", "--json"], env=env)
     assert fits.exit_code == 0, fits.output
-    assert json.loads(fits.stdout)["device"] == "sim:0"
+    assert json.loads(fits.stdout)["device"] == "gpu:0"
     huge = runner.invoke(app, ["can-load", "m", "--size-mb", "900000000"], env=env)
     assert huge.exit_code == 3 and "no" in huge.stdout
     negative = runner.invoke(app, ["can-load", "m", "--size-mb", "-1"], env=env)
