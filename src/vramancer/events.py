@@ -1,8 +1,10 @@
 """A typed in-process event bus.
 
-Subsystems publish :class:`Event` records (model loaded, block demoted, task finished ...).
-Subscribers are plain callbacks (called in the publisher's thread, errors logged and swallowed)
-or asyncio queues (for the SSE stream), fed thread-safely. A bounded ring keeps recent events.
+Subsystems publish one of the event classes of :mod:`vramancer.event_types` (model loaded,
+block demoted, task finished ...); the bus stamps it into an :class:`Event` with a sequence
+number and a timestamp. Subscribers are plain callbacks (called in the publisher's thread,
+errors logged and swallowed) or asyncio queues (for the SSE stream), fed thread-safely. A
+bounded ring keeps recent events.
 """
 
 from __future__ import annotations
@@ -14,25 +16,48 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
+
+from vramancer.event_types import BY_KIND, BusEvent, EventData
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[["Event"], None]
+#: A kind to filter on: its name (``model_loaded``) or its class (``ModelLoaded``).
+KindFilter = str | type[EventData] | None
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One thing that happened. ``kind`` is a short snake_case name, e.g. ``model_loaded``."""
+    """One thing that happened: ``payload`` (what), stamped with ``seq`` and ``timestamp``."""
 
-    kind: str
-    data: dict[str, Any] = field(default_factory=dict)
+    payload: BusEvent
     timestamp: float = 0.0
     seq: int = 0
 
+    @property
+    def kind(self) -> str:
+        """The payload's kind, a short snake_case name, e.g. ``model_loaded``."""
+        return self.payload.kind
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The payload's fields as the wire's ``data`` object."""
+        return self.payload.as_data()
+
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "seq": self.seq, "timestamp": self.timestamp, "data": self.data}
+
+
+def kind_name(kind: KindFilter) -> str | None:
+    """The name of a kind filter; a name that is no event kind raises ``ValueError``."""
+    if kind is None:
+        return None
+    name = kind if isinstance(kind, str) else kind.kind
+    if name not in BY_KIND:
+        raise ValueError(f"{name!r} is not an event kind (see vramancer.event_types)")
+    return name
 
 
 class EventBus:
@@ -46,9 +71,12 @@ class EventBus:
         self._lock = threading.Lock()
         self._clock = clock
 
-    def publish(self, kind: str, /, **data: Any) -> Event:
+    def publish(self, payload: BusEvent | str, /, **data: Any) -> Event:
+        if isinstance(payload, str):  # the old form: a kind and its fields, checked here
+            payload = cast(BusEvent, BY_KIND[payload](**data))
+        kind = payload.kind
         with self._lock:
-            event = Event(kind=kind, data=data, timestamp=self._clock(), seq=next(self._seq))
+            event = Event(payload, timestamp=self._clock(), seq=next(self._seq))
             self._recent.append(event)
             callbacks = list(self._callbacks)
             queues = list(self._queues)
@@ -65,9 +93,9 @@ class EventBus:
                 self._drop_queue(queue)
         return event
 
-    def subscribe(self, callback: Callback, kind: str | None = None) -> Callable[[], None]:
+    def subscribe(self, callback: Callback, kind: KindFilter = None) -> Callable[[], None]:
         """Call ``callback`` for every event (or only ``kind``). Returns an unsubscribe function."""
-        entry = (kind, callback)
+        entry = (kind_name(kind), callback)
         with self._lock:
             self._callbacks.append(entry)
 
@@ -88,9 +116,10 @@ class EventBus:
     def close_queue(self, queue: asyncio.Queue[Event]) -> None:
         self._drop_queue(queue)
 
-    def recent(self, limit: int = 100, kind: str | None = None) -> list[Event]:
+    def recent(self, limit: int = 100, kind: KindFilter = None) -> list[Event]:
+        name = kind_name(kind)
         with self._lock:
-            events = [e for e in self._recent if kind is None or e.kind == kind]
+            events = [e for e in self._recent if name is None or e.kind == name]
         return events[-limit:]
 
     def _drop_queue(self, queue: asyncio.Queue[Event]) -> None:

@@ -16,6 +16,7 @@ import logging
 from types import TracebackType
 from typing import Protocol
 
+from vramancer import event_types as ev
 from vramancer.arbiter.arbiter import Arbiter
 from vramancer.clock import Clock, SystemClock
 from vramancer.config import Settings
@@ -123,7 +124,7 @@ class Runtime:
             await self.stop()
             raise
         self.running = True
-        self.events.publish("runtime_started", node=self.settings.node_name)
+        self.events.publish(ev.RuntimeStarted(node=self.settings.node_name))
 
     async def stop(self) -> None:
         """Stop what was started, in reverse order; errors are logged, every part is stopped.

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jsonschema_rs
 import pytest
 
 from tests.helpers import ServerProcess, running_server
@@ -222,3 +223,34 @@ def test_a_signal_during_register_does_not_deadlock() -> None:
     thread.join(timeout=2)
     assert done == [True] and not thread.is_alive()
     assert watch._stopping
+
+
+def test_the_schema_route_describes_every_message_the_stream_sends(server: ServerProcess) -> None:
+    with server.client() as c:
+        response = c.get("/v1/events/schema")
+    assert response.status_code == 200
+    schema = response.json()
+    assert schema["media_type"] == "text/event-stream"
+    kinds = {k["kind"]: k["data"] for k in schema["kinds"]}
+    assert {"runtime_started", "allocation_granted", "preempted", "task_state"} <= kinds.keys()
+    assert "from" in kinds["model_migrated"]["properties"]  # the wire key, not the field name
+    validate = jsonschema_rs.Draft202012Validator(schema["message"]).validate
+    granted = allocate(server, "1GiB")
+    release_all(server)
+    url = server.url + "/v1/events?kinds=allocation_*,runtime_started&replay=1000"
+    with httpx.stream("GET", url, timeout=10) as response:
+        stream = messages(response.iter_lines())
+        got = []
+        for message in stream:
+            if "event" in message:
+                got.append(json.loads(message["data"]))
+                last = got[-1]
+                if last["kind"] == "allocation_released" and last["data"]["id"] == granted["id"]:
+                    break
+    assert got[0]["kind"] == "runtime_started"
+    for payload in got:
+        validate(payload)
+        assert list(payload["data"]) == list(kinds[payload["kind"]]["properties"])
+    jsonschema_rs.Draft202012Validator(schema["stream_dropped"]).validate(
+        {"kind": "stream_dropped", "reason": "slow_consumer", "message": "behind"}
+    )

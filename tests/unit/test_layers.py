@@ -13,7 +13,9 @@ from pathlib import Path
 import vramancer
 
 SRC = Path(vramancer.__file__).parent
-KERNEL = frozenset({"events", "units", "clock", "errors", "observability", "_version"})
+KERNEL = frozenset(
+    {"events", "event_types", "units", "clock", "errors", "observability", "_version"}
+)
 #: What each part of the package may import from the others (docs/architecture.md, "Layers").
 ALLOWED: dict[str, frozenset[str]] = {
     **{name: KERNEL for name in KERNEL},

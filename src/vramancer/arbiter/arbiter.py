@@ -40,6 +40,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from vramancer import event_types as ev
 from vramancer.arbiter.errors import (
     ArbiterTimeout,
     InsufficientMemory,
@@ -290,9 +291,9 @@ class Arbiter:
                 self._pump_locked(effects)
         if old is not None and old != budget:
             self._events.publish(
-                "arbiter_budget_changed",
-                budget_bytes=budget.total_bytes,
-                devices=dict(budget.devices),
+                ev.ArbiterBudgetChanged(
+                    budget_bytes=budget.total_bytes, devices=dict(budget.devices)
+                )
             )
         self._apply(effects)
         return budget
@@ -660,19 +661,23 @@ class Arbiter:
                 except Exception:
                     log.exception("on_preempt callback of %s failed", victim.id)
             self._events.publish(
-                "preempted",
-                allocation_id=victim.id,
-                owner=victim.owner,
-                workload_type=victim.workload_type.value,
-                priority=victim.priority.value,
-                memory_bytes=victim.memory_bytes,
-                device=victim.device,
-                **info,
+                ev.Preempted(
+                    allocation_id=victim.id,
+                    owner=victim.owner,
+                    workload_type=victim.workload_type.value,
+                    priority=victim.priority.value,
+                    memory_bytes=victim.memory_bytes,
+                    device=victim.device,
+                    reason=info["reason"],
+                    by=info["by"],
+                    by_priority=info["by_priority"],
+                    by_owner=info["by_owner"],
+                )
             )
         for allocation in effects.granted:
-            self._events.publish("allocation_granted", **allocation.as_dict())
+            self._events.publish(_allocation_event(ev.AllocationGranted, allocation))
         for allocation in effects.released:
-            self._events.publish("allocation_released", **allocation.as_dict())
+            self._events.publish(_allocation_event(ev.AllocationReleased, allocation))
         for waiter in effects.wake:
             if waiter is skip_wake:
                 continue
@@ -872,3 +877,20 @@ class Arbiter:
                 "waiters": len(self._waiters),
                 "uptime_s": max(0.0, self._clock.monotonic() - self._started_at),
             }
+
+
+def _allocation_event(
+    cls: type[ev.AllocationGranted] | type[ev.AllocationReleased], allocation: Allocation
+) -> ev.AllocationGranted | ev.AllocationReleased:
+    return cls(
+        id=allocation.id,
+        workload_type=allocation.workload_type.value,
+        priority=allocation.priority.value,
+        memory_bytes=allocation.memory_bytes,
+        quality_target=allocation.quality_target,
+        device=allocation.device,
+        owner=allocation.owner,
+        created_at=allocation.created_at,
+        preemptible=allocation.preemptible,
+        min_quality=allocation.min_quality,
+    )

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vramancer import event_types as ev
 from vramancer.clock import Clock
 from vramancer.devices.amd import open_amd
 from vramancer.devices.apple import AppleBackend
@@ -450,21 +451,34 @@ class DeviceManager:
                 change = "error" if gpu.error else "recovered"
             else:
                 continue
-            self.events.publish("device_changed", **_device_event(gpu, change))
+            self.events.publish(_device_event(gpu, change))
         for uuid in before.keys() - after.keys():
-            self.events.publish("device_changed", **_device_event(before[uuid], "removed"))
+            self.events.publish(_device_event(before[uuid], "removed"))
 
     def _publish_vram_change(self, change: VramChange) -> None:
-        self.events.publish("vram_changed", **change.as_dict())
+        self.events.publish(
+            ev.VramChanged(
+                index=change.index,
+                uuid=change.uuid,
+                name=change.name,
+                backend=change.backend,
+                simulated=change.simulated,
+                free_before_bytes=change.free_before_bytes,
+                free_after_bytes=change.free_after_bytes,
+                used_bytes=change.used_bytes,
+                total_bytes=change.total_bytes,
+                delta_free_bytes=change.delta_free_bytes,
+            )
+        )
 
 
-def _device_event(gpu: GpuSnapshot, change: str) -> dict[str, Any]:
-    return {
-        "change": change,
-        "index": gpu.index,
-        "uuid": gpu.uuid,
-        "name": gpu.name,
-        "backend": gpu.vendor.value,
-        "simulated": gpu.vendor is DeviceVendor.SIMULATED,
-        "error": gpu.error,
-    }
+def _device_event(gpu: GpuSnapshot, change: str) -> ev.DeviceChanged:
+    return ev.DeviceChanged(
+        change=change,
+        index=gpu.index,
+        uuid=gpu.uuid,
+        name=gpu.name,
+        backend=gpu.vendor.value,
+        simulated=gpu.vendor is DeviceVendor.SIMULATED,
+        error=gpu.error,
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from vramancer import event_types as ev
 from vramancer.clock import Clock
 from vramancer.errors import VramancerError
 from vramancer.events import EventBus
@@ -125,7 +126,7 @@ class BackendHealth:
             log.warning(
                 "%s unavailable, degraded mode: %s (retry every %g s)", backend, reason, retry_s
             )
-            self.events.publish("degraded_mode", backend=backend, degraded=True, reason=reason)
+            self.events.publish(ev.DegradedMode(backend=backend, degraded=True, reason=reason))
 
     def clear_degraded(self, backend: str) -> None:
         if self._degraded.pop(backend, None) is None:
@@ -135,7 +136,7 @@ class BackendHealth:
         for entry in self.table.values():  # "unreachable" no longer explains anything
             if entry.kind.value == backend and entry.state is ModelState.UNLOADED:
                 entry.error = None
-        self.events.publish("degraded_mode", backend=backend, degraded=False, reason=None)
+        self.events.publish(ev.DegradedMode(backend=backend, degraded=False, reason=None))
 
     def note_ok(self, entry: ModelEntry) -> None:
         """A load or unload went through: the model's server is reachable."""
@@ -175,12 +176,13 @@ class BackendHealth:
             model=entry.name, backend=entry.kind.value, reason="external"
         ).inc()
         self.events.publish(
-            "model_unloaded",
-            model=entry.name,
-            backend=entry.kind.value,
-            device=device,
-            reason="external",
-            freed_bytes=0,
+            ev.ModelUnloaded(
+                model=entry.name,
+                backend=entry.kind.value,
+                device=device,
+                reason="external",
+                freed_bytes=0,
+            )
         )
 
     def _adopt(self, entry: ModelEntry, seen: RunningModel) -> None:
@@ -202,13 +204,14 @@ class BackendHealth:
         table.touch(entry)
         table.set_state(entry, ModelState.LOADED, device=device, target=target)
         self.events.publish(
-            "model_loaded",
-            model=entry.name,
-            backend=entry.kind.value,
-            device=device,
-            runs_on=target.runs_on,
-            simulated=target.simulated,
-            duration_s=0.0,
-            vram_bytes=entry.used_bytes,
-            reason="adopted",
+            ev.ModelLoaded(
+                model=entry.name,
+                backend=entry.kind.value,
+                device=device,
+                runs_on=target.runs_on,
+                simulated=target.simulated,
+                duration_s=0.0,
+                vram_bytes=entry.used_bytes,
+                reason="adopted",
+            )
         )

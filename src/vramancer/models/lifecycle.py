@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from vramancer import event_types as ev
 from vramancer.errors import BackendUnavailable, OperationTimeout, VramancerError
 from vramancer.events import EventBus
 from vramancer.models import policy
@@ -126,18 +127,18 @@ class Lifecycle:
         table.metrics.load.labels(model=entry.name, backend=kind).observe(duration)
         table.metrics.loads.labels(model=entry.name, backend=kind, result="ok").inc()
         self.health.note_ok(entry)
-        details = {
-            "model": entry.name,
-            "backend": kind,
-            "device": device,
-            "runs_on": target.runs_on,
-            "simulated": target.simulated,
-            "duration_s": round(duration, 6),
-            "vram_bytes": entry.used_bytes,
-            "reason": reason,
-        }
-        self.events.publish("model_loaded", **details)
-        self.events.publish("resource_changed", event_type="model_loaded", details=details)
+        loaded = ev.ModelLoaded(
+            model=entry.name,
+            backend=kind,
+            device=device,
+            runs_on=target.runs_on,
+            simulated=target.simulated,
+            duration_s=round(duration, 6),
+            vram_bytes=entry.used_bytes,
+            reason=reason,
+        )
+        self.events.publish(loaded)
+        self.events.publish(ev.ResourceChanged(event_type=loaded.kind, details=loaded.as_data()))
 
     async def _load_failed(self, entry: ModelEntry, exc: VramancerError) -> None:
         """Leave a consistent state after a failed load: nothing accounted, and nothing left
@@ -158,7 +159,7 @@ class Lifecycle:
             return
         table.set_state(entry, ModelState.ERROR, device=None, target=None)
         self.events.publish(
-            "model_error", model=entry.name, operation="load", error=exc.message, code=exc.code
+            ev.ModelError(model=entry.name, operation="load", error=exc.message, code=exc.code)
         )
 
     # ------------------------------------------------------------------ unload
@@ -189,11 +190,9 @@ class Lifecycle:
                     self.health.set_degraded(entry.kind.value, exc.message)
                 table.set_state(entry, ModelState.ERROR)
                 self.events.publish(
-                    "model_error",
-                    model=entry.name,
-                    operation="unload",
-                    error=exc.message,
-                    code=exc.code,
+                    ev.ModelError(
+                        model=entry.name, operation="unload", error=exc.message, code=exc.code
+                    )
                 )
                 raise
         freed = entry.used_bytes
@@ -205,15 +204,17 @@ class Lifecycle:
             model=entry.name, backend=entry.kind.value, reason=reason
         ).inc()
         self.health.note_ok(entry)
-        details = {
-            "model": entry.name,
-            "backend": entry.kind.value,
-            "device": device,
-            "reason": reason,
-            "freed_bytes": freed,
-        }
-        self.events.publish("model_unloaded", **details)
-        self.events.publish("resource_changed", event_type="model_unloaded", details=details)
+        unloaded = ev.ModelUnloaded(
+            model=entry.name,
+            backend=entry.kind.value,
+            device=device,
+            reason=reason,
+            freed_bytes=freed,
+        )
+        self.events.publish(unloaded)
+        self.events.publish(
+            ev.ResourceChanged(event_type=unloaded.kind, details=unloaded.as_data())
+        )
         if index is not None and freed and target is not None and not target.simulated:
             await self.room.wait_recovered(index, before, freed)
 
@@ -250,7 +251,7 @@ class Lifecycle:
             entry.error = exc.message
             table.set_state(entry, ModelState.ERROR)
             self.events.publish(
-                "model_error", model=entry.name, operation="move", error=exc.message, code=exc.code
+                ev.ModelError(model=entry.name, operation="move", error=exc.message, code=exc.code)
             )
             raise
         duration = time.perf_counter() - started
@@ -261,17 +262,19 @@ class Lifecycle:
         table.set_state(entry, ModelState.LOADED, device=device, target=target)
         table.touch(entry)
         table.metrics.load.labels(model=entry.name, backend=entry.kind.value).observe(duration)
-        details = {
-            "model": entry.name,
-            "from": source,
-            "to": device,
-            "runs_on": target.runs_on,
-            "simulated": target.simulated,
-            "duration_s": round(duration, 6),
-            "reason": reason,
-        }
-        self.events.publish("model_migrated", **details)
-        self.events.publish("resource_changed", event_type="device_changed", details=details)
+        migrated = ev.ModelMigrated(
+            model=entry.name,
+            from_=source,
+            to=device,
+            runs_on=target.runs_on,
+            simulated=target.simulated,
+            duration_s=round(duration, 6),
+            reason=reason,
+        )
+        self.events.publish(migrated)
+        self.events.publish(
+            ev.ResourceChanged(event_type="device_changed", details=migrated.as_data())
+        )
         real_gpu = source_target is not None and not source_target.simulated
         if index is not None and old_used and real_gpu:
             await self.room.wait_recovered(index, before, old_used)

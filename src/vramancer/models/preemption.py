@@ -16,6 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from vramancer import event_types as ev
 from vramancer.arbiter.types import Allocation, PreemptCallback
 from vramancer.errors import InsufficientMemory, VramancerError
 from vramancer.events import EventBus
@@ -126,7 +127,7 @@ class Preemptions:
             return
         entry.allocation = None  # already taken by the arbiter: nothing to release
         self.events.publish(
-            "model_preempted", model=entry.name, device=entry.device, allocation_id=allocation_id
+            ev.ModelPreempted(model=entry.name, device=entry.device, allocation_id=allocation_id)
         )
         if entry.state is not ModelState.LOADED or not entry.on_gpu:
             return

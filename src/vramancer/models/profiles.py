@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 
+from vramancer import event_types as ev
 from vramancer.errors import BackendUnavailable, NotFound, VramancerError
 from vramancer.events import EventBus
 from vramancer.models import policy
@@ -126,12 +127,13 @@ class Profiles:
                 self._set(name, report)
             else:
                 self.events.publish(
-                    "profile_switch_failed",
-                    profile=name,
-                    previous=previous,
-                    failed_step=failed,
-                    step=plan.steps[failed].describe(),
-                    error=results[failed].error,
+                    ev.ProfileSwitchFailed(
+                        profile=name,
+                        previous=previous,
+                        failed_step=failed,
+                        step=plan.steps[failed].describe(),
+                        error=results[failed].error,
+                    )
                 )
             return report
 
@@ -140,11 +142,12 @@ class Profiles:
         for mode in self.profiles:
             self.table.metrics.mode.labels(mode=mode).set(1 if mode == name else 0)
         self.events.publish(
-            "mode_changed",
-            previous=previous,
-            mode=name,
-            duration_s=round(report.duration_s, 6),
-            steps=[s.step.describe() for s in report.steps],
+            ev.ModeChanged(
+                previous=previous,
+                mode=name,
+                duration_s=round(report.duration_s, 6),
+                steps=[s.step.describe() for s in report.steps],
+            )
         )
 
     async def _run_step(self, step: PlanStep) -> StepResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from vramancer import event_types as ev
 from vramancer.errors import VramancerError
 from vramancer.events import EventBus
 from vramancer.models.entry import ModelEntry
@@ -41,7 +42,7 @@ class IdleReaper:
             if await self._reap(entry, now, timeout):
                 reaped.append(entry.name)
                 self.events.publish(
-                    "idle_unload", model=entry.name, idle_s=round(idle_s, 3), idle_timeout_s=timeout
+                    ev.IdleUnload(model=entry.name, idle_s=round(idle_s, 3), idle_timeout_s=timeout)
                 )
         return reaped
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tests.promtext import metric_value
+from vramancer import event_types as ev
 from vramancer.api.routers import events
 from vramancer.config import Settings
 from vramancer.runtime import Runtime
@@ -27,7 +28,7 @@ async def test_a_client_that_falls_a_queue_behind_is_told_and_dropped(
         stream = events._stream(rt, lambda _e: True, 0, None, 15.0)
         assert "connected" in await anext(stream)
         for i in range(events.QUEUE_EVENTS + 10):
-            rt.events.publish("test_event", i=i)
+            rt.events.publish(ev.BlockPinned(id=f"b{i}"))
         await asyncio.sleep(0.1)  # the bus hands events over on the loop
         last = await anext(stream)
         assert last.startswith("event: stream_dropped\n")
@@ -39,12 +40,12 @@ async def test_a_client_that_falls_a_queue_behind_is_told_and_dropped(
 
 async def test_a_client_that_keeps_up_is_not_dropped(settings_factory: SettingsFactory) -> None:
     async with Runtime(settings_factory()) as rt:
-        stream = events._stream(rt, lambda e: e.kind == "test_event", 0, None, 15.0)
+        stream = events._stream(rt, lambda e: e.kind == "block_pinned", 0, None, 15.0)
         await anext(stream)
         got: list[str] = []
         total = 3 * events.QUEUE_EVENTS
         for i in range(total):
-            rt.events.publish("test_event", i=i)
+            rt.events.publish(ev.BlockPinned(id=f"b{i}"))
             if i % 50 == 49 or i == total - 1:
                 await asyncio.sleep(0.01)
                 while len(got) < i + 1:
@@ -109,11 +110,11 @@ def test_stream_slots_cap_in_all_and_per_client() -> None:
 def test_an_event_is_formatted_once_for_every_stream() -> None:
     from vramancer.events import Event
 
-    first = Event(kind="block_put", data={"id": "a"}, seq=7)
+    first = Event(ev.BlockPut(id="a", tier="RAM", size=1), seq=7)
     text = events.format_event(first)
     assert events.format_event(first) is text  # the second stream reuses the message
-    other = Event(kind="block_put", data={"id": "b"}, seq=7)  # same seq, another bus
+    other = Event(ev.BlockPut(id="b", tier="RAM", size=1), seq=7)  # same seq, another bus
     assert '"id":"b"' in events.format_event(other)
     for seq in range(2 * events.QUEUE_EVENTS):  # the memory is bounded
-        events.format_event(Event(kind="k", seq=seq))
+        events.format_event(Event(ev.BlockPinned(id="k"), seq=seq))
     assert len(events._FORMATTED) <= events.QUEUE_EVENTS

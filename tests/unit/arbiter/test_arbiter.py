@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.arbiter.conftest import FixedDevices, MakeArbiter
 from vramancer import errors
+from vramancer import event_types as ev
 from vramancer.arbiter.arbiter import Arbiter
 from vramancer.arbiter.errors import (
     InsufficientMemory,
@@ -280,6 +281,18 @@ async def test_requests_after_stop_are_refused(make_arbiter: MakeArbiter) -> Non
 # --------------------------------------------------------------------------- budget changes
 
 
+def _gpu_removed(index: int) -> ev.DeviceChanged:
+    return ev.DeviceChanged(
+        change="removed",
+        index=index,
+        uuid=f"GPU-{index}",
+        name=f"sim{index}",
+        backend="simulated",
+        simulated=True,
+        error=None,
+    )
+
+
 async def test_device_changed_refreshes_the_budget_and_preempts_what_no_longer_fits(
     make_arbiter: MakeArbiter, bus: EventBus
 ) -> None:
@@ -290,7 +303,7 @@ async def test_device_changed_refreshes_the_budget_and_preempts_what_no_longer_f
     small = arbiter.request_allocation(LLM, BG, 4 * GIB, device="gpu:0")
     gone = arbiter.request_allocation(LLM, HIGH, 2 * GIB, device="gpu:1")
     devices.gpu_bytes = [5 * GIB]  # gpu:1 vanished, gpu:0 now reports 5 GiB
-    bus.publish("device_changed", device="gpu:1")
+    bus.publish(_gpu_removed(1))
     assert [a.id for a in arbiter.allocations()] == [keep.id]
     preempted = kinds(bus, "preempted")
     assert [(e.data["allocation_id"], e.data["reason"]) for e in preempted] == [
@@ -299,7 +312,7 @@ async def test_device_changed_refreshes_the_budget_and_preempts_what_no_longer_f
     ]
     assert kinds(bus, "arbiter_budget_changed")[-1].data["budget_bytes"] == int(5 * GIB * 0.9)
     await arbiter.stop()
-    bus.publish("device_changed")  # unsubscribed: no refresh any more
+    bus.publish(_gpu_removed(1))  # unsubscribed: no refresh any more
     assert devices.calls == 2
 
 

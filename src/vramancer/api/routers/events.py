@@ -25,6 +25,9 @@ nothing for ``[server] event_stream_write_timeout_s``, the stream ends with one 
     data: {"kind": "stream_dropped", "reason": "slow_consumer", "message": "..."}
 
 and the client reconnects with ``Last-Event-ID`` to get what it missed from the recent events.
+
+``GET /v1/events/schema`` gives the JSON Schema of every event kind's ``data`` (one class per
+kind in :mod:`vramancer.event_types`), of a whole message, and of ``stream_dropped``.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import Counter
+from pydantic import Field
 from starlette.types import Receive, Scope, Send
 
+from vramancer import event_types
 from vramancer.api.deps import RuntimeDep, authenticate
 from vramancer.api.errors import error_response
 from vramancer.api.ratelimit import client_key
-from vramancer.api.schemas import ErrorResponse
+from vramancer.api.schemas import Answer, ErrorResponse
 from vramancer.errors import InvalidInput
 from vramancer.events import Event, EventBus
 from vramancer.runtime import Runtime
@@ -73,6 +78,21 @@ RETRY_AFTER_S = 5
 def _dropped_message(why: str) -> str:
     data = json.dumps({"kind": "stream_dropped", "reason": "slow_consumer", "message": why})
     return f"event: stream_dropped\ndata: {data}\n\n"
+
+
+#: The JSON Schema of the ``data`` line of the last message of a dropped stream.
+STREAM_DROPPED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "The stream's last message: the client did not keep up and was dropped; "
+    "reconnect with Last-Event-ID.",
+    "properties": {
+        "kind": {"const": "stream_dropped"},
+        "reason": {"type": "string", "enum": ["slow_consumer"]},
+        "message": {"type": "string"},
+    },
+    "required": ["kind", "reason", "message"],
+    "additionalProperties": False,
+}
 
 
 class StreamSlots:
@@ -172,8 +192,8 @@ class _ShutdownWatch:
 
 _WATCH = _ShutdownWatch()
 
-#: Put in a stream's queue to wake it (it is never sent).
-_WAKE = Event(kind="")
+#: Put in a stream's queue to wake it (never sent: a stream recognises it by identity).
+_WAKE = Event(event_types.RuntimeStarted(node=""), seq=-1)
 
 
 class _Stop(asyncio.Event):
@@ -385,12 +405,57 @@ async def _next(queue: asyncio.Queue[Event], timeout: float) -> Event | None:
     return None if event is _WAKE else event
 
 
+class EventKindSchema(Answer):
+    """One event kind: its SSE ``event:`` name and the JSON Schema of its ``data``."""
+
+    kind: str
+    description: str
+    data: dict[str, Any] = Field(description="JSON Schema of the message's data object.")
+
+
+class EventStreamSchema(Answer):
+    """What ``GET /v1/events`` sends."""
+
+    media_type: str = Field(description="The stream's media type.")
+    message: dict[str, Any] = Field(
+        description="JSON Schema of one message's data line (kind, seq, timestamp, data)."
+    )
+    kinds: list[EventKindSchema] = Field(description="Every event kind the bus publishes.")
+    stream_dropped: dict[str, Any] = Field(
+        description="JSON Schema of the data line of a dropped stream's last message."
+    )
+
+
+@functools.cache
+def _schema() -> EventStreamSchema:
+    return EventStreamSchema(
+        media_type="text/event-stream",
+        message=event_types.message_schema(),
+        kinds=[
+            EventKindSchema(
+                kind=cls.kind,
+                description=" ".join((cls.__doc__ or "").split()),
+                data=event_types.data_schema(cls),
+            )
+            for cls in event_types.EVENT_TYPES
+        ],
+        stream_dropped=STREAM_DROPPED_SCHEMA,
+    )
+
+
+@router.get("/v1/events/schema", response_model=EventStreamSchema)
+async def events_schema() -> EventStreamSchema:
+    """The JSON Schema of every event kind ``GET /v1/events`` may send."""
+    return _schema()
+
+
 @router.get(
     "/v1/events",
     response_class=StreamingResponse,
     responses={
         200: {
-            "description": "Server-sent events, one per bus event, until the client leaves.",
+            "description": "Server-sent events, one per bus event, until the client leaves; "
+            "each message's data line is described by GET /v1/events/schema.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
         429: {
