@@ -15,6 +15,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import cache
 from typing import Any
 
 from vramancer.tasks.model import (
@@ -112,12 +113,19 @@ def apply(conn: sqlite3.Connection, task_id: str, t: Transition, now: float) -> 
 
 def uniform(trigger: Trigger, now: float) -> Step:
     """The guard and the transition of a count-free trigger written as one update: the states
-    ``step`` applies it to, which must all take the same step."""
-    states = sources(trigger, now)
-    steps = {replace(step(trigger, state, now), previous=states[0]) for state in states}
+    ``step`` applies it to (which all take the same step), and that step at ``now``."""
+    states = _guard(trigger)
+    return states, step(trigger, states[0], now)
+
+
+@cache
+def _guard(trigger: Trigger) -> tuple[TaskState, ...]:
+    """``sources(trigger)``, once it is checked that they all take the same step."""
+    states = sources(trigger)
+    steps = {replace(step(trigger, state, 0.0), previous=states[0]) for state in states}
     if len(steps) != 1:
         raise AssertionError(f"{trigger}: not one step from {states}; write one per state")
-    return states, steps.pop()
+    return states
 
 
 def guarded(sql: str, states: Sequence[TaskState]) -> str:

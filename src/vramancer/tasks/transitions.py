@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from functools import cache
 
 from vramancer.tasks.model import LEASED_STATES, READY_STATES, OutcomeKind, TaskState
 from vramancer.tasks.settings import DEFAULT_MAX_LEASE_LOSSES
@@ -158,9 +159,11 @@ def step(trigger: Trigger, state: TaskState, now: float) -> Transition:
     return next_state(TaskFacts(state, 0), trigger, now, no_backoff)
 
 
-def sources(trigger: Trigger, now: float) -> tuple[TaskState, ...]:
-    """The states ``step(trigger, ...)`` applies to (not ignored): its update's guard."""
-    return tuple(s for s in TaskState if not step(trigger, s, now).ignored)
+@cache
+def sources(trigger: Trigger) -> tuple[TaskState, ...]:
+    """The states ``step(trigger, ...)`` applies to (not ignored): its update's guard. Whether a
+    count-free trigger applies depends on the task's state alone, not on the time."""
+    return tuple(s for s in TaskState if not step(trigger, s, 0.0).ignored)
 
 
 def _stay(task: TaskFacts) -> Transition:

@@ -187,11 +187,11 @@ def test_a_task_that_is_not_ready_does_not_wait(state: TaskState) -> None:
 
 
 def test_the_guards_of_the_count_free_triggers() -> None:
-    assert sources(Trigger.OK, NOW) == (S.SCHEDULED, S.RUNNING)
-    assert sources(Trigger.LEASE, NOW) == (S.QUEUED, S.WAITING_GPU)
-    assert sources(Trigger.LEASE_RUNNING, NOW) == (S.QUEUED, S.WAITING_GPU)
-    assert sources(Trigger.START, NOW) == (S.SCHEDULED,)
-    assert sources(Trigger.WAIT, NOW) == (S.QUEUED, S.WAITING_GPU)
+    assert sources(Trigger.OK) == (S.SCHEDULED, S.RUNNING)
+    assert sources(Trigger.LEASE) == (S.QUEUED, S.WAITING_GPU)
+    assert sources(Trigger.LEASE_RUNNING) == (S.QUEUED, S.WAITING_GPU)
+    assert sources(Trigger.START) == (S.SCHEDULED,)
+    assert sources(Trigger.WAIT) == (S.QUEUED, S.WAITING_GPU)
     assert step(Trigger.OK, S.RUNNING, NOW) == Transition(
         S.RUNNING, S.DONE, 0, 0, False, finished_at=NOW
     )
@@ -227,6 +227,13 @@ def test_a_step_is_next_state_whatever_the_counts(
             ignored=rel.ignored,
         )
         assert exact == shifted
+
+
+@pytest.mark.parametrize("trigger", sorted(COUNT_FREE))
+def test_whether_a_step_applies_does_not_depend_on_the_time(trigger: Trigger) -> None:
+    for state in S:
+        applies = {not step(trigger, state, now).ignored for now in (0.0, NOW, 1e9)}
+        assert applies == {state in sources(trigger)}
 
 
 def test_a_step_of_a_trigger_that_reads_the_counts_is_refused() -> None:
