@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vramancer import event_types as ev
 from vramancer.clock import Clock
 from vramancer.errors import InsufficientStorage
 from vramancer.events import EventBus
@@ -31,6 +32,11 @@ from vramancer.memory.state import Entry, Free, StoreState, Tier
 from vramancer.observability import tracing
 
 log = logging.getLogger("vramancer.memory.store")
+
+#: The event of a move, by the kind ``MemoryMetrics.observe`` names.
+_MOVE_EVENTS: dict[str, type[ev.BlockPromoted] | type[ev.BlockDemoted] | type[ev.BlockEvicted]] = {
+    cls.kind: cls for cls in (ev.BlockPromoted, ev.BlockDemoted, ev.BlockEvicted)
+}
 
 
 class Mover:
@@ -196,13 +202,14 @@ class Mover:
             with self._state.lock:
                 self._costs.observe(move.source, move.size, move.seconds)
         self._events.publish(
-            kind,
-            id=move.block_id,
-            size=move.size,
-            source=move.source,
-            target=move.target,
-            reason=move.reason,
-            seconds=round(move.seconds, 6),
+            _MOVE_EVENTS[kind](
+                id=move.block_id,
+                size=move.size,
+                source=move.source,
+                target=move.target,
+                reason=move.reason,
+                seconds=round(move.seconds, 6),
+            )
         )
 
     # -- records of blocks on disk -----------------------------------------------------------

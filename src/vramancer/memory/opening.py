@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from vramancer import event_types as ev
 from vramancer.devices.types import SystemSnapshot
 from vramancer.events import EventBus
 from vramancer.memory.backends import (
@@ -166,4 +167,4 @@ def report_recovery(found: Reconciled, metrics: StoreMetrics, events: EventBus) 
             "deleted just before a crash)",
             block_id,
         )
-        events.publish("block_lost", id=block_id, reason="file missing at start")
+        events.publish(ev.BlockLost(id=block_id, reason="file missing at start"))

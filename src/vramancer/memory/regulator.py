@@ -33,6 +33,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from vramancer import event_types as ev
 from vramancer.errors import VramancerError
 from vramancer.units import parse_size
 
@@ -421,15 +422,16 @@ class HostMemoryRegulator:
         for change in plan.changes:
             self.store.set_capacity(change.tier, change.new_bytes)
             self.events.publish(
-                BUDGET_EVENT,
-                tier=change.tier,
-                old_bytes=change.old_bytes,
-                new_bytes=change.new_bytes,
-                action=plan.action.value,
-                reason=plan.reason,
-                available_bytes=plan.available_bytes,
-                low_bytes=plan.low_bytes,
-                high_bytes=plan.high_bytes,
+                ev.MemoryBudgetChanged(
+                    tier=change.tier,
+                    old_bytes=change.old_bytes,
+                    new_bytes=change.new_bytes,
+                    action=plan.action.value,
+                    reason=plan.reason,
+                    available_bytes=plan.available_bytes,
+                    low_bytes=plan.low_bytes,
+                    high_bytes=plan.high_bytes,
+                )
             )
             if self._changes is not None:
                 self._changes.labels(tier=change.tier, action=plan.action.value).inc()

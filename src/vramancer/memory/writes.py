@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from vramancer import event_types as ev
 from vramancer.clock import Clock
 from vramancer.errors import InsufficientMemory
 from vramancer.events import EventBus
@@ -113,7 +114,7 @@ class Writer:
         if old_tier is not None and old_tier is not tier:
             self._metrics.publish(old_tier)
         self._metrics.publish(tier)
-        self._events.publish("block_put", id=block_id, tier=tier.name, size=meta.size)
+        self._events.publish(ev.BlockPut(id=block_id, tier=tier.name, size=meta.size))
         self._after_growth(tier)
         return PutReceipt(tier.name, tier.is_disk and (durable or self._settings.fsync))
 

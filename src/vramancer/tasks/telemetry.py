@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from vramancer import event_types as ev
 from vramancer.events import EventBus
 from vramancer.observability.metrics import Metrics
 from vramancer.tasks.model import READY_STATES, Change, TaskState, TaskType
@@ -95,15 +96,16 @@ class Telemetry:
             self._account(change)
             kind = change.type or TaskType.CMD
             self.events.publish(
-                "task_state",
-                task_id=change.task_id,
-                state=change.state.value,
-                previous=change.previous.value if change.previous else None,
-                attempts=change.attempts,
-                device=change.device,
-                exit_code=change.exit_code,
-                error=change.error,
-                type=kind.value,
+                ev.TaskStateChanged(
+                    task_id=change.task_id,
+                    state=change.state.value,
+                    previous=change.previous.value if change.previous else None,
+                    attempts=change.attempts,
+                    device=change.device,
+                    exit_code=change.exit_code,
+                    error=change.error,
+                    type=kind.value,
+                )
             )
             if change.state in _TERMINAL:
                 self._on_end(change.task_id)
