@@ -1,9 +1,12 @@
 """The tiered block store: real data in every tier, moved by hotness, never lost.
 
-``TieredStore`` is the executor of the pure policies in ``memory/policy.py`` (hotness,
+``TieredStore`` is the executor of the pure policies wired in ``memory/policy.py`` (hotness,
 placement, eviction order, promotion, prefetch): it holds the data in tier backends
 (``memory/backends.py``), keeps the accounting, moves blocks, persists the metadata of blocks
-on disk (``memory/catalog.py``) and reports every move (events, metrics, spans).
+on disk (``memory/catalog.py``) and reports every move (events, metrics, spans). This module
+is the public surface, the hit path and the locks; a put is written by ``memory/writes.py``,
+deferred promotions wait in ``memory/promotions.py``, the background loop is
+``memory/maintenance.py``.
 
 Concurrency. One lock (``_lock``) guards every piece of metadata: the block table, each tier's
 accounting and eviction index, the policies (which are not thread-safe). It is held only for
