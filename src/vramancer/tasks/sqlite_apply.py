@@ -128,7 +128,8 @@ def _guard(trigger: Trigger) -> tuple[TaskState, ...]:
     return states
 
 
-def guarded(sql: str, states: Sequence[TaskState]) -> str:
+@cache
+def guarded(sql: str, states: tuple[TaskState, ...]) -> str:
     """``sql`` with one placeholder per state of its guard."""
     return sql.format(states=", ".join("?" * len(states)))
 

@@ -176,7 +176,8 @@ class SqliteQueue:
     ) -> tuple[list[TaskRecord], list[Change]]:
         if not grants:  # nothing to write: no transaction, no thread hop
             return [], []
-        steps = {running: apply.uniform(trigger, now) for running, trigger in apply.LEASES.items()}
+        kinds = {grant.running for grant in grants}
+        steps = {running: apply.uniform(apply.LEASES[running], now) for running in kinds}
         return await self._write(
             lambda conn: apply.lease(conn, grants, steps, worker=worker, now=now, lease_s=lease_s),
             durable=False,
