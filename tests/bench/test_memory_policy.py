@@ -1,4 +1,5 @@
-"""The policy benchmark (bench/memory/policy.py): its simulator drives the real policy, its own
+"""Tests of the benchmark tools themselves (not of the library): the policy benchmark
+(bench/memory/policy.py): its simulator drives the real policy, its own
 baselines are right (Belady is an upper bound, LRU agrees with libCacheSim's), and the trace
 replay CLI prints the contracted JSON."""
 
@@ -25,7 +26,7 @@ from bench.memory.policy import (
 
 from vramancer.memory.policy import HotnessIndex
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def small_zipf() -> traces.Trace:
