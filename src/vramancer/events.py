@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from vramancer.event_types import BY_KIND, BusEvent, EventData
 
@@ -71,9 +71,11 @@ class EventBus:
         self._lock = threading.Lock()
         self._clock = clock
 
-    def publish(self, payload: BusEvent | str, /, **data: Any) -> Event:
-        if isinstance(payload, str):  # the old form: a kind and its fields, checked here
-            payload = cast(BusEvent, BY_KIND[payload](**data))
+    def publish(self, payload: BusEvent, /) -> Event:
+        """Stamp ``payload`` (one of :data:`~vramancer.event_types.BusEvent`) and hand it to
+        every subscriber; returns the stamped event."""
+        if not isinstance(payload, EventData):
+            raise TypeError(f"publish takes an event of vramancer.event_types, not {payload!r}")
         kind = payload.kind
         with self._lock:
             event = Event(payload, timestamp=self._clock(), seq=next(self._seq))

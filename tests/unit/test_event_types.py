@@ -67,3 +67,10 @@ def test_subscribers_filter_by_name_or_class_and_unknown_names_are_refused() -> 
         bus.subscribe(by_name.append, "block_pined")
     with pytest.raises(ValueError, match="not an event kind"):
         bus.recent(kind="nothing")
+
+
+def test_only_events_are_published() -> None:
+    bus = EventBus()
+    with pytest.raises(TypeError, match="publish takes an event"):
+        bus.publish("block_put")  # type: ignore[arg-type]
+    assert bus.recent() == []

@@ -249,7 +249,7 @@ class Arbiter:
         self.refresh_budget()
         if not self._unsubscribe:
             self._unsubscribe.append(
-                self._events.subscribe(self._on_device_changed, "device_changed")
+                self._events.subscribe(self._on_device_changed, ev.DeviceChanged)
             )
 
     async def stop(self) -> None:

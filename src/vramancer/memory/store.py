@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vramancer import event_types as ev
 from vramancer.clock import Clock
 from vramancer.devices.manager import DeviceManager
 from vramancer.errors import (
@@ -387,7 +388,7 @@ class TieredStore:
             if tier.is_disk:
                 self._moves.forget_row(block_id)
             self._metrics.publish(tier)
-        self._events.publish("block_deleted", id=block_id, tier=tier.name, size=entry.meta.size)
+        self._events.publish(ev.BlockDeleted(id=block_id, tier=tier.name, size=entry.meta.size))
 
     def promote(self, block_id: str, tier: str | None = None) -> str:
         """Move the block up: to ``tier`` or, if None, to the fastest tier the placement
@@ -496,10 +497,11 @@ class TieredStore:
                 self._plan.free_bytes(state, state.used - capacity_bytes, reason="capacity")
             self._settle_capacity(state)
         self._events.publish(
-            "tier_capacity_changed",
-            tier=state.name,
-            capacity_bytes=state.capacity,
-            target_capacity_bytes=state.target,
+            ev.TierCapacityChanged(
+                tier=state.name,
+                capacity_bytes=state.capacity,
+                target_capacity_bytes=state.target,
+            )
         )
 
     def capacity(self, tier: str) -> int:
@@ -598,7 +600,9 @@ class TieredStore:
                 on_disk = tier.is_disk
             if on_disk:
                 self._db().set_pinned(block_id, pinned)
-        self._events.publish("block_pinned" if pinned else "block_unpinned", id=block_id)
+        self._events.publish(
+            ev.BlockPinned(id=block_id) if pinned else ev.BlockUnpinned(id=block_id)
+        )
 
     def flush(self) -> None:
         """Wait until every retired copy has been freed (files unlinked)."""
