@@ -243,10 +243,14 @@ def _due(task: TaskFacts, now: float) -> Transition:
 def _lease(task: TaskFacts, now: float, *, running: bool = False) -> Transition:
     if task.state not in READY_STATES:
         return _stay(task)
-    state = TaskState.RUNNING if running else TaskState.SCHEDULED
-    started = now if running else None
-    return replace(
-        _to(task, state, now), attempts=task.attempts + 1, started_at=started, leased=True
+    return Transition(
+        task.state,
+        TaskState.RUNNING if running else TaskState.SCHEDULED,
+        task.attempts + 1,
+        task.lease_losses,
+        task.cancel_requested,
+        started_at=now if running else None,
+        leased=True,
     )
 
 
@@ -257,7 +261,14 @@ def _lease_running(task: TaskFacts, now: float) -> Transition:
 def _start(task: TaskFacts, now: float) -> Transition:
     if task.state is not TaskState.SCHEDULED:
         return _stay(task)
-    return replace(_to(task, TaskState.RUNNING, now), started_at=now)
+    return Transition(
+        task.state,
+        TaskState.RUNNING,
+        task.attempts,
+        task.lease_losses,
+        task.cancel_requested,
+        started_at=now,
+    )
 
 
 def _wait(task: TaskFacts, now: float) -> Transition:
