@@ -127,7 +127,7 @@ class ModelManager:
             table.metrics.export_state(entry)
         self._locks = locks = Locks(table)
         self._inbox = inbox = PreemptionInbox()
-        room = GpuRoom(gm, devices=devices, arbiter=arbiter)
+        room = GpuRoom(gm, devices=devices, arbiter=arbiter, clock=clock)
         self._booking = booking = Booking(table, arbiter=arbiter, devices=devices, inbox=inbox)
         self._health = health = BackendHealth(
             table,

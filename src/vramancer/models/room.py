@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from vramancer.arbiter.types import Allocation, Priority
+from vramancer.clock import Clock
 from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import GpuSnapshot
 from vramancer.errors import InsufficientMemory, InvalidInput
@@ -40,11 +42,13 @@ def is_model(allocation: Allocation) -> bool:
 
 class GpuRoom:
     def __init__(
-        self, gm: GpuManagerSettings, *, devices: DevicePort, arbiter: ArbiterPort
+        self, gm: GpuManagerSettings, *, devices: DevicePort, arbiter: ArbiterPort, clock: Clock
     ) -> None:
         self.gm = gm
         self.devices = devices
         self.arbiter = arbiter
+        #: Bounds the wait for freed memory (``vram_recovery_timeout_s``).
+        self.clock = clock
 
     def target(self, device: str) -> Target:
         """Where ``device`` (``cpu`` / ``gpu:N``) puts a model's tensors."""
@@ -167,13 +171,17 @@ class GpuRoom:
     async def _wait_free(self, index: int, goal: int) -> GpuSnapshot | None:
         """Poll GPU ``index`` until ``goal`` bytes are free, at most ``vram_recovery_timeout_s``.
         None when reached (or the GPU is gone); the last reading when the time ran out."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.gm.vram_recovery_timeout_s
+        timeout_s, poll_s = self.gm.vram_recovery_timeout_s, self.gm.vram_recovery_poll_s
+        deadline = self.clock.monotonic() + timeout_s
+        # The sleeps alone reach the timeout after this many polls: a bound that holds even on
+        # a clock that does not move (tests), and never comes first on the real one.
+        polls_left = math.ceil(timeout_s / poll_s) + 1
         while True:
             snap = await self.devices.refresh_async()
             gpu = snap.gpu(index)
             if gpu is None or gpu.memory_free_bytes >= goal:
                 return None
-            if loop.time() >= deadline:
+            polls_left -= 1
+            if self.clock.monotonic() >= deadline or polls_left <= 0:
                 return gpu
             await asyncio.sleep(self.gm.vram_recovery_poll_s)

@@ -58,7 +58,7 @@ async def test_can_load(settings_factory: SettingsFactory) -> None:
             "/v1/models/can-load", json={"model_id": "mistral-7b", "estimated_size_mb": 14000}
         )
         assert yes.status_code == 200
-        assert yes.json()["can_load"] is True and yes.json()["device"] == "sim:0"
+        assert yes.json()["can_load"] is True and yes.json()["device"] == "gpu:0"
         assert isinstance(yes.json()["reason"], str)
         no = await client.post(
             "/v1/models/can-load", json={"model_id": "x", "estimated_size_mb": 900_000_000}

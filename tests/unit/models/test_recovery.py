@@ -52,11 +52,14 @@ HOST = HostSnapshot(
 class LaggingGpu:
     """One real-looking GPU; memory released by a backend shows as free ``lag`` polls later."""
 
-    def __init__(self, lag: int | None) -> None:
+    def __init__(self, lag: int | None, clock: ManualClock | None = None) -> None:
         self.used = 0
         self.lag = lag  # None: never comes back
         self.pending: list[list[int]] = []  # [polls left, bytes]
         self.polls = 0
+        #: Each poll takes this long on ``clock`` (a driver read is not free).
+        self.clock = clock or ManualClock()
+        self.poll_cost_s = 0.05
 
     def release(self, size: int) -> None:
         if self.lag is not None:
@@ -77,6 +80,7 @@ class LaggingGpu:
 
     async def refresh_async(self) -> SystemSnapshot:
         self.polls += 1
+        self.clock.advance(self.poll_cost_s)
         for item in self.pending:
             item[0] -= 1
             if item[0] <= 0:
@@ -138,7 +142,7 @@ class CountingBackend:
 
 
 def build(gpu: LaggingGpu, free_at_load: list[tuple[str, int]], **gm: Any) -> ModelManager:
-    clock = ManualClock()
+    clock = gpu.clock
     events = EventBus(clock=clock.time)
     metrics = Metrics(node="test")
     factory = "tests.unit.models.tiny:tiny"
@@ -190,12 +194,13 @@ async def test_the_wait_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
     await m.start()
     try:
         await m.ensure_loaded("a", "gpu:0")
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        with caplog.at_level(logging.WARNING, logger="vramancer.models.manager"):
+        polls, started = gpu.polls, gpu.clock.monotonic()
+        with caplog.at_level(logging.WARNING, logger="vramancer.models.room"):
             await m.ensure_unloaded("a")
-        waited = loop.time() - started
-        assert 0.2 <= waited < 2.0
+        # one reading before the unload, then polls of 0.05 s each until 0.2 s have passed on
+        # the manager's clock, then no more
+        assert gpu.polls - polls == 1 + 4
+        assert gpu.clock.monotonic() - started == pytest.approx(0.25)
         assert "7.0 GiB freed but only 0 B more free after 0.2 s" in caplog.text
         assert m.state("a").value == "unloaded"
     finally:
