@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from vramancer import event_types as ev
 from vramancer.observability.metrics import Metrics
+
+#: The event each kind of move publishes.
+MoveEvent = type[ev.BlockPromoted] | type[ev.BlockDemoted] | type[ev.BlockEvicted]
 
 if TYPE_CHECKING:
     from vramancer.memory.state import Tier
@@ -97,20 +101,21 @@ class StoreMetrics:
             totals["evictions"] += 1
             self.evicted_bytes += size
 
-    def observe(self, move: Moved) -> str:
-        """A move's counters (after the locks); returns the kind of its event."""
+    def observe(self, move: Moved) -> MoveEvent:
+        """A move's counters (after the locks); returns the class of its event."""
+        event: MoveEvent
         if move.upward:
             self.promotions.labels(tier=move.target).inc()
-            kind = "block_promoted"
+            event = ev.BlockPromoted
         elif move.eviction:
             self.demotions.labels(tier=move.target).inc()
             self.evictions.labels(tier=move.source).inc()
-            kind = "block_evicted"
+            event = ev.BlockEvicted
         else:
             self.demotions.labels(tier=move.target).inc()
-            kind = "block_demoted"
+            event = ev.BlockDemoted
         self.moved.labels(tier=move.target).inc(move.size)
-        return kind
+        return event
 
     def evictions_so_far(self) -> tuple[int, int]:
         """(blocks evicted, bytes evicted) so far."""

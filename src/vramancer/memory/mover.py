@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vramancer import event_types as ev
 from vramancer.clock import Clock
 from vramancer.errors import InsufficientStorage
 from vramancer.events import EventBus
@@ -33,12 +32,8 @@ from vramancer.observability import tracing
 
 log = logging.getLogger("vramancer.memory.store")
 
+
 #: The event of a move, by the kind ``MemoryMetrics.observe`` names.
-_MOVE_EVENTS: dict[str, type[ev.BlockPromoted] | type[ev.BlockDemoted] | type[ev.BlockEvicted]] = {
-    cls.kind: cls for cls in (ev.BlockPromoted, ev.BlockDemoted, ev.BlockEvicted)
-}
-
-
 class Mover:
     """Copies blocks between tiers (see the module docstring for the rules it keeps)."""
 
@@ -192,7 +187,7 @@ class Mover:
 
     def _report(self, move: Moved) -> None:
         """Metrics and one event per move, after the lock is released."""
-        kind = self._metrics.observe(move)
+        event = self._metrics.observe(move)
         by_name = self._state.by_name
         for name in (move.source, move.target):
             self._metrics.publish(by_name[name])
@@ -202,7 +197,7 @@ class Mover:
             with self._state.lock:
                 self._costs.observe(move.source, move.size, move.seconds)
         self._events.publish(
-            _MOVE_EVENTS[kind](
+            event(
                 id=move.block_id,
                 size=move.size,
                 source=move.source,

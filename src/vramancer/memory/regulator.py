@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 
 #: The tiers that live in host memory, the only ones the regulator may resize.
 HOST_TIERS = ("L3", "L4")
-#: Event published for every budget change.
-BUDGET_EVENT = "memory_budget_changed"
 
 
 def _parse_mark(value: Any) -> int | float:
@@ -462,11 +460,7 @@ class HostMemoryRegulator:
             await asyncio.sleep(self.settings.interval_s)
 
 
-#: The name the issue gives the policy.
-plan = plan_budgets
-
 __all__ = [
-    "BUDGET_EVENT",
     "HOST_TIERS",
     "BudgetChange",
     "BudgetProfile",
@@ -478,7 +472,6 @@ __all__ = [
     "RegulatorPlan",
     "RegulatorSettings",
     "RegulatorState",
-    "plan",
     "plan_budgets",
     "resolve_mark",
     "zone_for",

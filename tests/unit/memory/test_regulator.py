@@ -17,9 +17,9 @@ from tests.unit.memory.store_support import make_settings as store_make_settings
 from vramancer.clock import ManualClock
 from vramancer.config import Settings
 from vramancer.devices.types import HostSnapshot, SystemSnapshot
+from vramancer.event_types import MemoryBudgetChanged
 from vramancer.events import EventBus
 from vramancer.memory.regulator import (
-    BUDGET_EVENT,
     BudgetChange,
     BudgetProfile,
     HostMemoryRegulator,
@@ -336,7 +336,7 @@ def test_tick_applies_the_plan_and_publishes_events() -> None:
     plan = regulator.tick()
     assert plan is not None and plan.action is RegulatorAction.SHRINK
     assert store.calls == [("L4", 5632 * MIB)]
-    [event] = events.recent(kind=BUDGET_EVENT)
+    [event] = events.recent(kind=MemoryBudgetChanged)
     assert event.data == {
         "tier": "L4",
         "old_bytes": 8 * GIB,
@@ -364,7 +364,7 @@ def test_tick_holds_without_calls_or_events() -> None:
     regulator, events, _ = make_regulator(store, HostDouble(3 * GIB), noon_clock())
     plan = regulator.tick()
     assert plan is not None and plan.action is RegulatorAction.HOLD
-    assert store.calls == [] and events.recent(kind=BUDGET_EVENT) == []
+    assert store.calls == [] and events.recent(kind=MemoryBudgetChanged) == []
 
 
 def test_disabled_or_without_host_tiers_does_nothing() -> None:
@@ -385,7 +385,7 @@ def test_night_profile_follows_the_injected_clock() -> None:
     plan = regulator.tick()
     assert plan is not None and plan.action is RegulatorAction.PROFILE
     assert store.calls == [("L4", 2 * GIB)]
-    assert [e.data["action"] for e in events.recent(kind=BUDGET_EVENT)] == ["profile"]
+    assert [e.data["action"] for e in events.recent(kind=MemoryBudgetChanged)] == ["profile"]
 
 
 def test_timezone_decides_the_hour() -> None:
@@ -471,7 +471,7 @@ def test_regulator_shrinks_and_restores_a_real_store_without_losing_blocks(
     for key, value in values.items():
         assert store.get(key) == value
     kit.check_invariants()
-    assert [e.data["new_bytes"] for e in kit.events.recent(kind=BUDGET_EVENT)] == [16 * KIB]
+    assert [e.data["new_bytes"] for e in kit.events.recent(kind=MemoryBudgetChanged)] == [16 * KIB]
 
     devices.available = 8 * GIB  # memory is back: after the cooldown, one step per tick
     kit.clock.advance(61)
