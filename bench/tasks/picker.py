@@ -18,6 +18,7 @@ import statistics
 import time
 from typing import Any
 
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import DeviceVendor, GpuSnapshot, HostSnapshot, SystemSnapshot
 from vramancer.tasks.picker import (
     DeviceView,
@@ -40,7 +41,7 @@ def random_views(rng: random.Random, n: int) -> list[DeviceView]:
         total = rng.choice([8, 12, 16, 24, 48, 80]) * GIB
         views.append(
             DeviceView(
-                device=f"gpu:{i}",
+                device=str(DeviceId.gpu(i)),
                 index=i,
                 total_bytes=total,
                 free_bytes=int(total * rng.uniform(0.0, 1.0)),
@@ -119,8 +120,8 @@ def measure(devices: int, decisions: int, runs: int, seed: int = 5) -> dict[str,
     spread = PickerPolicy()
     binpack = PickerPolicy(strategy=PickerStrategy.BINPACK)
     snapshot = _snapshot(rng, devices)
-    local = {f"gpu:{i}": LocalLoad(1, GIB) for i in range(0, devices, 3)}
-    grantable = {f"gpu:{i}": 20 * GIB for i in range(devices)}
+    local = {str(DeviceId.gpu(i)): LocalLoad(1, GIB) for i in range(0, devices, 3)}
+    grantable = {str(DeviceId.gpu(i)): 20 * GIB for i in range(devices)}
 
     def pick_spread(case: Any) -> Any:
         return pick(case[0], case[1], case[2], spread)

@@ -33,11 +33,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import SystemSnapshot
 from vramancer.errors import Forbidden, InvalidInput
 from vramancer.tasks.errors import PayloadTooLarge
 from vramancer.tasks.model import LOCAL_OWNER, NewTask, TaskSpec, TaskType
-from vramancer.tasks.picker import gpu_name
 from vramancer.tasks.settings import TasksSettings
 from vramancer.units import format_size
 
@@ -265,7 +265,7 @@ def check_devices(spec: TaskSpec, ctx: Context, where: str) -> None:
     budget = ctx.budgets()
     largest = max(
         (
-            min(g.memory_total_bytes, budget.get(gpu_name(g.index), g.memory_total_bytes))
+            min(g.memory_total_bytes, budget.get(str(DeviceId.gpu(g.index)), g.memory_total_bytes))
             for g in candidates
             if g is not None
         ),

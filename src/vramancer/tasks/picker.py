@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import SystemSnapshot
 from vramancer.tasks.settings import PickerStrategy, TasksSettings
 from vramancer.units import format_size
@@ -41,11 +42,6 @@ W_BUSY = 100.0
 W_TEMPERATURE = 0.5
 W_STALE = 30.0
 W_LOAD = 50.0
-
-
-def gpu_name(index: int) -> str:
-    """The device name tasks, the arbiter and metrics use for VRAMancer GPU ``index``."""
-    return f"gpu:{index}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +211,7 @@ def pick(
         if pin is None or view.index == pin
     ]
     if pin is not None and not reasons:
-        reasons.append((gpu_name(pin), "no such GPU"))
+        reasons.append((str(DeviceId.gpu(pin)), "no such GPU"))
     return NoRoom(tuple(reasons))
 
 
@@ -293,7 +289,7 @@ def build_views(
     """
     views = []
     for gpu in snapshot.gpus:
-        name = gpu_name(gpu.index)
+        name = str(DeviceId.gpu(gpu.index))
         load = local.get(name, LocalLoad())
         views.append(
             DeviceView(

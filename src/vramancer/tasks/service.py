@@ -71,7 +71,7 @@ from vramancer.tasks.model import (
     TaskSpec,
     TaskState,
 )
-from vramancer.tasks.picker import DeviceView, PickerPolicy, build_views, gpu_name
+from vramancer.tasks.picker import DeviceView, PickerPolicy, build_views
 from vramancer.tasks.ports import ArbiterPort, DevicesPort, MemoryPort, ModelsPort
 from vramancer.tasks.queue import TaskQueue
 from vramancer.tasks.runner import kill_orphan
@@ -529,10 +529,8 @@ class TaskService:
     def _grantable(self, snapshot: SystemSnapshot) -> dict[str, int]:
         """What the arbiter can still grant per GPU without preempting anyone (its
         ``headroom``: the per-GPU budget less its grants, bounded by what is left in all)."""
-        return {
-            gpu_name(gpu.index): self.arbiter.headroom(DeviceId.gpu(gpu.index))
-            for gpu in snapshot.gpus
-        }
+        devices = [DeviceId.gpu(gpu.index) for gpu in snapshot.gpus]
+        return {str(device): self.arbiter.headroom(device) for device in devices}
 
     async def _dispatch_user(self, now: float) -> int:
         if not self.telemetry.lane_count(False, READY_STATES):
