@@ -4,9 +4,9 @@ The runtime passes the real ``DeviceManager``, ``Arbiter`` and ``TieredStore``; 
 small doubles. Only these calls are used:
 
 * devices: ``snapshot() -> SystemSnapshot`` (the latest poll; never calls a driver);
-* arbiter: ``request_allocation(workload_type, priority, memory, *, device="gpu:N",
-  owner=..., on_preempt=...)`` (raises ``InsufficientMemory`` or another ``Conflict``),
-  ``release_allocation(id)``, ``reserved_bytes(device | None) -> int``, ``headroom(device)``
+* arbiter: ``allocate(AllocationRequest)`` (raises ``InsufficientMemory`` or another
+  ``Conflict``), ``release_allocation(id)``, ``reserved_bytes(DeviceId | None) -> int``,
+  ``headroom(DeviceId | None)``
   (bytes a request naming that GPU could be granted now without preempting anyone; the
   dispatcher's per-GPU room), ``budget`` (total and per ``gpu:N`` bytes it may grant);
 * memory: ``warmup(max_blocks) -> int``, ``compress_cold(max_blocks) -> int`` and
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from vramancer.arbiter.types import Allocation, PreemptCallback, Priority, WorkloadType
+from vramancer.arbiter.types import Allocation, AllocationRequest
 from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import SystemSnapshot
 
@@ -41,20 +41,11 @@ class BudgetView(Protocol):
 
 
 class ArbiterPort(Protocol):
-    def request_allocation(
-        self,
-        workload_type: WorkloadType,
-        priority: Priority,
-        memory: Any,
-        *,
-        device: str | None = ...,
-        owner: str | None = ...,
-        on_preempt: PreemptCallback | None = ...,
-    ) -> Allocation: ...
+    def allocate(self, request: AllocationRequest) -> Allocation: ...
 
     def release_allocation(self, allocation_id: str) -> Any: ...
 
-    def reserved_bytes(self, device: str | None = ...) -> int: ...
+    def reserved_bytes(self, device: DeviceId | None = ...) -> int: ...
 
     def headroom(self, device: DeviceId | None = ...) -> int: ...
 

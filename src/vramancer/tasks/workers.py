@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vramancer.arbiter.types import WorkloadType
+from vramancer.arbiter.types import AllocationRequest, PreemptCallback, WorkloadType
 from vramancer.clock import Clock
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import SystemSnapshot
 from vramancer.errors import BackendUnavailable, Conflict
 from vramancer.errors import ShuttingDown as VramancerShuttingDown
@@ -139,14 +140,15 @@ class Workers:
         active = Active(record, device, cuda_index, record.vram_bytes)
         if record.vram_bytes > 0 and device != HOST:
             try:
-                allocation = self.arbiter.request_allocation(
+                request = AllocationRequest(
                     WorkloadType.OTHER,
                     record.priority,
                     record.vram_bytes,
-                    device=device,
+                    device=DeviceId.parse_input(device),
                     owner=f"task:{record.task_id}",
                     on_preempt=self._on_preempt(record.task_id),
                 )
+                allocation = self.arbiter.allocate(request)
             except (Conflict, VramancerShuttingDown) as exc:
                 # No room after all (or the arbiter is stopping): back to the queue, untried.
                 outcome = record.outcome(
@@ -181,7 +183,7 @@ class Workers:
         if wake:
             self.poke()
 
-    def _on_preempt(self, task_id: str) -> Any:
+    def _on_preempt(self, task_id: str) -> PreemptCallback:
         loop = asyncio.get_running_loop()
 
         def preempted(_: Any) -> None:

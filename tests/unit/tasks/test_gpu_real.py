@@ -13,6 +13,7 @@ import pytest
 from vramancer.arbiter.arbiter import Arbiter
 from vramancer.arbiter.settings import ArbiterSettings
 from vramancer.clock import SystemClock
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.manager import DeviceManager
 from vramancer.devices.settings import DevicesSettings
 from vramancer.events import EventBus
@@ -82,7 +83,7 @@ async def test_a_task_sees_exactly_its_gpu(tmp_path: Path) -> None:
             }
         )
         await svc.run_once()
-        assert arbiter.reserved_bytes(f"gpu:{target.index}") == 256 * 1024**2
+        assert arbiter.reserved_bytes(DeviceId.gpu(target.index)) == 256 * 1024**2
         await svc.drain(timeout_s=120)
         record = await svc.status(sub.task_id)
         assert record.state is TaskState.DONE, (record.error, record.stderr_tail)
@@ -90,7 +91,7 @@ async def test_a_task_sees_exactly_its_gpu(tmp_path: Path) -> None:
         assert visible == str(target.cuda_index)
         assert count == "1"
         assert uuid == target.uuid
-        assert arbiter.reserved_bytes(f"gpu:{target.index}") == 0
+        assert arbiter.reserved_bytes(DeviceId.gpu(target.index)) == 0
     finally:
         await svc.stop()
         await arbiter.stop()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from tests.unit.tasks.conftest import MakeHarness
 
-from vramancer.arbiter.types import Priority, WorkloadType
+from vramancer.arbiter.types import AllocationRequest, Priority, WorkloadType
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import GpuProcess
 from vramancer.errors import Conflict, InvalidInput
 from vramancer.tasks.model import TaskState
@@ -227,7 +228,7 @@ async def test_vram_is_reserved_in_the_arbiter_while_the_task_runs(
     assert [(a.owner, a.memory_bytes, a.device) for a in allocations] == [
         (f"task:{sub.task_id}", 4 * 1024**3, "gpu:0")
     ]
-    assert h.arbiter.reserved_bytes("gpu:0") == 4 * 1024**3
+    assert h.arbiter.reserved_bytes(DeviceId.gpu(0)) == 4 * 1024**3
     await h.svc.cancel(sub.task_id)
     await h.svc.drain(timeout_s=10)
     assert h.arbiter.allocations() == []
@@ -327,8 +328,8 @@ async def test_a_preempted_task_is_stopped_and_queued_again_without_using_a_try(
     )
     await h.svc.run_once()
     await _until(lambda: h.transitions(sub.task_id)[-1] == "running")
-    model = h.arbiter.request_allocation(
-        WorkloadType.LLM, Priority.USER_FACING, 10 * 2**30, device="gpu:0"
+    model = h.arbiter.allocate(
+        AllocationRequest(WorkloadType.LLM, Priority.USER_FACING, 10 * 2**30, device=DeviceId(0))
     )
     await h.svc.drain(timeout_s=10)
     record = await h.svc.status(sub.task_id)
