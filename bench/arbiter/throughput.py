@@ -4,7 +4,7 @@
 
 * baseline: a lock, a dict and a sum — the least a correct VRAM accountant does (no priorities,
   quality, preemption, events or metrics);
-* vramancer: ``Arbiter.request_allocation`` + ``release_allocation`` with the same number of
+* vramancer: ``Arbiter.allocate`` + ``release_allocation`` with the same number of
   live allocations, and a preempting request (a user-facing request that takes one background
   holder, which is then given back so every round sees the same state).
 
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from vramancer.arbiter.arbiter import Arbiter
-from vramancer.arbiter.types import Priority, WorkloadType
+from vramancer.arbiter.types import AllocationRequest, Priority, WorkloadType
 from vramancer.units import GIB, MIB
 
 RUNS = 15
@@ -74,21 +74,23 @@ def measure(live: int) -> dict[str, float]:
 
     arbiter = Arbiter.for_vram_gb(64)
     for _ in range(live):
-        arbiter.request_allocation(WorkloadType.OTHER, Priority.BACKGROUND, size)
+        arbiter.allocate(AllocationRequest(WorkloadType.OTHER, Priority.BACKGROUND, size))
 
     def arbiter_op() -> None:
-        granted = arbiter.request_allocation(WorkloadType.LLM, Priority.NORMAL, size)
+        granted = arbiter.allocate(AllocationRequest(WorkloadType.LLM, Priority.NORMAL, size))
         arbiter.release_allocation(granted.id)
 
     full = Arbiter.for_vram_gb(1)
     per_holder = GIB // max(1, live)
     for _ in range(live):
-        full.request_allocation(WorkloadType.OTHER, Priority.BACKGROUND, per_holder)
+        full.allocate(AllocationRequest(WorkloadType.OTHER, Priority.BACKGROUND, per_holder))
 
     def preempt_op() -> None:
-        granted = full.request_allocation(WorkloadType.LLM, Priority.USER_FACING, per_holder)
+        granted = full.allocate(
+            AllocationRequest(WorkloadType.LLM, Priority.USER_FACING, per_holder)
+        )
         full.release_allocation(granted.id)
-        full.request_allocation(WorkloadType.OTHER, Priority.BACKGROUND, per_holder)
+        full.allocate(AllocationRequest(WorkloadType.OTHER, Priority.BACKGROUND, per_holder))
 
     baseline = _median_us(bare_op)
     plain = _median_us(arbiter_op)

@@ -40,7 +40,7 @@ async def settle() -> None:
 
 async def test_waits_until_memory_is_released() -> None:
     arbiter = Arbiter.for_vram_gb(10)
-    holder = arbiter.request_allocation(LLM, NORMAL, 8 * GIB)
+    holder = arbiter.allocate(AllocationRequest(LLM, NORMAL, 8 * GIB))
     waiting = asyncio.create_task(arbiter.acquire(req(LLM, NORMAL, 4 * GIB), timeout_s=10))
     await settle()
     assert not waiting.done()
@@ -54,7 +54,7 @@ async def test_waits_until_memory_is_released() -> None:
 
 async def test_times_out_with_a_typed_error() -> None:
     arbiter = Arbiter.for_vram_gb(10)
-    arbiter.request_allocation(LLM, NORMAL, 8 * GIB)
+    arbiter.allocate(AllocationRequest(LLM, NORMAL, 8 * GIB))
     with pytest.raises(ArbiterTimeout) as caught:
         await arbiter.acquire(req(LLM, NORMAL, 4 * GIB), timeout_s=0.05)
     assert caught.value.details == {
@@ -79,7 +79,7 @@ async def test_a_request_that_can_never_fit_fails_at_once() -> None:
 
 async def test_acquire_preempts_lower_priorities_without_waiting() -> None:
     arbiter = Arbiter.for_vram_gb(10)
-    arbiter.request_allocation(LLM, BG, 9 * GIB)
+    arbiter.allocate(AllocationRequest(LLM, BG, 9 * GIB))
     granted = await asyncio.wait_for(arbiter.acquire(req(LLM, UF, 5 * GIB), timeout_s=0.01), 2)
     assert [a.id for a in arbiter.allocations()] == [granted.id]
 
@@ -87,7 +87,7 @@ async def test_acquire_preempts_lower_priorities_without_waiting() -> None:
 async def test_waiters_are_served_by_priority_then_arrival_without_starvation() -> None:
     bus = EventBus()
     arbiter = Arbiter.for_vram_gb(10, events=bus)
-    holder = arbiter.request_allocation(LLM, UF, 9 * GIB, preemptible=False)
+    holder = arbiter.allocate(AllocationRequest(LLM, UF, 9 * GIB, preemptible=False))
     a = asyncio.create_task(arbiter.acquire(req(LLM, NORMAL, 6 * GIB, owner="A"), timeout_s=10))
     await settle()
     b = asyncio.create_task(arbiter.acquire(req(LLM, HIGH, 6 * GIB, owner="B"), timeout_s=10))
@@ -110,7 +110,7 @@ async def test_waiters_are_served_by_priority_then_arrival_without_starvation() 
 async def test_a_blocked_waiter_only_holds_back_its_own_device(make_arbiter: MakeArbiter) -> None:
     arbiter = make_arbiter(10 * GIB, 10 * GIB)
     await arbiter.start()
-    arbiter.request_allocation(LLM, UF, 9 * GIB, device="gpu:0", preemptible=False)
+    arbiter.allocate(AllocationRequest(LLM, UF, 9 * GIB, device=DeviceId(0), preemptible=False))
     blocked = asyncio.create_task(arbiter.acquire(req(LLM, HIGH, 5 * GIB, device=0), timeout_s=10))
     await settle()
     other = await asyncio.wait_for(arbiter.acquire(req(LLM, BG, 2 * GIB, device=1), timeout_s=1), 2)
@@ -124,7 +124,7 @@ async def test_a_blocked_waiter_only_holds_back_its_own_device(make_arbiter: Mak
 
 async def test_cancelling_a_waiter_leaks_nothing() -> None:
     arbiter = Arbiter.for_vram_gb(10)
-    holder = arbiter.request_allocation(LLM, NORMAL, 8 * GIB)
+    holder = arbiter.allocate(AllocationRequest(LLM, NORMAL, 8 * GIB))
     waiting = asyncio.create_task(arbiter.acquire(req(LLM, NORMAL, 4 * GIB), timeout_s=10))
     await settle()
     waiting.cancel()
@@ -137,7 +137,7 @@ async def test_cancelling_a_waiter_leaks_nothing() -> None:
 
 async def test_cancelled_after_the_grant_gives_the_memory_back() -> None:
     arbiter = Arbiter.for_vram_gb(10)
-    holder = arbiter.request_allocation(LLM, NORMAL, 8 * GIB)
+    holder = arbiter.allocate(AllocationRequest(LLM, NORMAL, 8 * GIB))
     waiting = asyncio.create_task(arbiter.acquire(req(LLM, NORMAL, 4 * GIB), timeout_s=10))
     await settle()
     arbiter.release_allocation(holder.id)  # grants the waiter and schedules its wake-up ...
@@ -150,7 +150,7 @@ async def test_cancelled_after_the_grant_gives_the_memory_back() -> None:
 async def test_stop_fails_waiters_with_shutting_down() -> None:
     arbiter = Arbiter.for_vram_gb(10)
     await arbiter.start()
-    arbiter.request_allocation(LLM, NORMAL, 8 * GIB)
+    arbiter.allocate(AllocationRequest(LLM, NORMAL, 8 * GIB))
     waiting = asyncio.create_task(arbiter.acquire(req(LLM, NORMAL, 4 * GIB), timeout_s=10))
     await settle()
     await arbiter.stop()
@@ -160,7 +160,7 @@ async def test_stop_fails_waiters_with_shutting_down() -> None:
 
 async def test_a_release_from_another_thread_wakes_the_waiter() -> None:
     arbiter = Arbiter.for_vram_gb(10)
-    holder = arbiter.request_allocation(LLM, NORMAL, 8 * GIB)
+    holder = arbiter.allocate(AllocationRequest(LLM, NORMAL, 8 * GIB))
     timer = threading.Timer(0.05, arbiter.release_allocation, args=(holder.id,))
     timer.start()
     granted = await asyncio.wait_for(arbiter.acquire(req(LLM, NORMAL, 4 * GIB), timeout_s=10), 5)

@@ -105,7 +105,9 @@ def test_arbiter_headroom_follows_grants_and_preemption(make_arbiter: MakeArbite
     gpu0 = DeviceId(0)
     assert arbiter.headroom(gpu0) == 10 * GIB
     assert arbiter.headroom() == 20 * GIB
-    arbiter.request_allocation(WorkloadType.OTHER, Priority.BACKGROUND, 6 * GIB, device="gpu:0")
+    arbiter.allocate(
+        AllocationRequest(WorkloadType.OTHER, Priority.BACKGROUND, 6 * GIB, device=DeviceId(0))
+    )
     assert arbiter.headroom(gpu0) == 4 * GIB
     assert arbiter.headroom(gpu0, priority=Priority.BACKGROUND) == 4 * GIB
     assert arbiter.headroom(gpu0, priority=Priority.USER_FACING) == 10 * GIB
@@ -118,7 +120,9 @@ def test_arbiter_headroom_without_preemption_or_for_other_devices(
     make_arbiter: MakeArbiter,
 ) -> None:
     arbiter = make_arbiter(10 * GIB, usable_fraction=1.0, preemption=False)
-    arbiter.request_allocation(WorkloadType.OTHER, Priority.BACKGROUND, 6 * GIB, device="gpu:0")
+    arbiter.allocate(
+        AllocationRequest(WorkloadType.OTHER, Priority.BACKGROUND, 6 * GIB, device=DeviceId(0))
+    )
     assert arbiter.headroom(DeviceId(0), priority=Priority.USER_FACING) == 4 * GIB
     assert arbiter.headroom(DeviceId(3)) == 0
     assert arbiter.headroom(CPU) == 0
@@ -127,10 +131,16 @@ def test_arbiter_headroom_without_preemption_or_for_other_devices(
 
 def test_reclaimable_counts_what_the_priority_may_take(make_arbiter: MakeArbiter) -> None:
     arbiter = make_arbiter(10 * GIB, 10 * GIB, usable_fraction=1.0)
-    arbiter.request_allocation(WorkloadType.OTHER, Priority.BACKGROUND, 2 * GIB, device="gpu:0")
-    arbiter.request_allocation(WorkloadType.OTHER, Priority.HIGH, 3 * GIB, device="gpu:0")
-    arbiter.request_allocation(
-        WorkloadType.OTHER, Priority.BACKGROUND, 1 * GIB, device="gpu:1", owner="keep"
+    arbiter.allocate(
+        AllocationRequest(WorkloadType.OTHER, Priority.BACKGROUND, 2 * GIB, device=DeviceId(0))
+    )
+    arbiter.allocate(
+        AllocationRequest(WorkloadType.OTHER, Priority.HIGH, 3 * GIB, device=DeviceId(0))
+    )
+    arbiter.allocate(
+        AllocationRequest(
+            WorkloadType.OTHER, Priority.BACKGROUND, 1 * GIB, device=DeviceId(1), owner="keep"
+        )
     )
     gpu0 = DeviceId(0)
     assert arbiter.reclaimable(gpu0, priority=None) == 0

@@ -21,7 +21,7 @@ from tests.unit.arbiter.conftest import FixedDevices
 from vramancer.arbiter.arbiter import Arbiter
 from vramancer.arbiter.errors import InsufficientMemory, InsufficientQuality
 from vramancer.arbiter.settings import ArbiterSettings
-from vramancer.arbiter.types import Priority, WorkloadType
+from vramancer.arbiter.types import AllocationRequest, Priority, WorkloadType
 from vramancer.clock import ManualClock
 from vramancer.devices.ids import DeviceId
 from vramancer.events import Event, EventBus
@@ -95,14 +95,16 @@ def test_random_sequences_keep_every_invariant(ops: list[Request | Release]) -> 
             continue
         before = {a.id for a in arbiter.allocations()}
         try:
-            granted = arbiter.request_allocation(
-                op.kind,
-                op.priority,
-                op.mib * MIB,
-                device=op.device,
-                min_quality=op.min_quality,
-                preemptible=op.preemptible,
-                on_preempt=lambda victim: called.append(victim.id),
+            granted = arbiter.allocate(
+                AllocationRequest(
+                    op.kind,
+                    op.priority,
+                    op.mib * MIB,
+                    device=op.device,
+                    min_quality=op.min_quality,
+                    preemptible=op.preemptible,
+                    on_preempt=lambda victim: called.append(victim.id),
+                )
             )
         except (InsufficientMemory, InsufficientQuality):
             assert {a.id for a in arbiter.allocations()} == before  # a refusal changes nothing
@@ -125,12 +127,14 @@ def test_releasing_restores_quality(setup: list[Request], probe: Request) -> Non
     arbiter = build()
     for op in setup:
         with contextlib.suppress(InsufficientMemory):
-            arbiter.request_allocation(op.kind, op.priority, op.mib * MIB, device=op.device)
+            arbiter.allocate(
+                AllocationRequest(op.kind, op.priority, op.mib * MIB, device=op.device)
+            )
     before = {(k, p): arbiter.recommended_quality(k, p) for k in WorkloadType for p in Priority}
     live_before = len(arbiter.allocations())
     try:
-        granted = arbiter.request_allocation(
-            probe.kind, probe.priority, probe.mib * MIB, device=probe.device
+        granted = arbiter.allocate(
+            AllocationRequest(probe.kind, probe.priority, probe.mib * MIB, device=probe.device)
         )
     except InsufficientMemory:
         return
@@ -154,7 +158,7 @@ def test_at_equal_pressure_higher_priority_never_gets_lower_quality(
     arbiter = build()
     for op in setup:
         with contextlib.suppress(InsufficientMemory):
-            arbiter.request_allocation(op.kind, op.priority, op.mib * MIB, preempt=False)
+            arbiter.allocate(AllocationRequest(op.kind, op.priority, op.mib * MIB, preempt=False))
     ordered = sorted(Priority, key=lambda p: p.rank)
     qualities = [arbiter.recommended_quality(kind, p) for p in ordered]
     assert qualities == sorted(qualities)
@@ -162,7 +166,7 @@ def test_at_equal_pressure_higher_priority_never_gets_lower_quality(
     for low, high in itertools.pairwise(ordered):
         a, b = build(), build()
         for arb in (a, b):
-            arb.request_allocation(WorkloadType.OTHER, Priority.USER_FACING, 900 * MIB)
-        q_low = a.request_allocation(kind, low, 300 * MIB, preempt=False).quality_target
-        q_high = b.request_allocation(kind, high, 300 * MIB, preempt=False).quality_target
+            arb.allocate(AllocationRequest(WorkloadType.OTHER, Priority.USER_FACING, 900 * MIB))
+        q_low = a.allocate(AllocationRequest(kind, low, 300 * MIB, preempt=False)).quality_target
+        q_high = b.allocate(AllocationRequest(kind, high, 300 * MIB, preempt=False)).quality_target
         assert q_high >= q_low

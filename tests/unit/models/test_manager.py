@@ -15,7 +15,8 @@ from tests.fakes.ollama import FakeOllama
 from tests.promtext import metric_value
 from tests.unit.models import tiny
 from tests.unit.models.conftest import CLIP, TINY, VLM, VLM_SIZE, harness, seed_settings
-from vramancer.arbiter.types import Priority, WorkloadType
+from vramancer.arbiter.types import AllocationRequest, Priority, WorkloadType
+from vramancer.devices.ids import DeviceId
 from vramancer.errors import (
     BackendUnavailable,
     InsufficientMemory,
@@ -440,8 +441,14 @@ async def test_arbiter_preemption_moves_clip_to_the_cpu(fake_ollama: FakeOllama)
         m = h.models
         await m.ensure_loaded(CLIP, "gpu:0")
         budget = h.arbiter.state().budget_bytes
-        grab = h.arbiter.request_allocation(
-            WorkloadType.IMAGE, Priority.USER_FACING, budget, device="gpu:0", owner="diffusion"
+        grab = h.arbiter.allocate(
+            AllocationRequest(
+                WorkloadType.IMAGE,
+                Priority.USER_FACING,
+                budget,
+                device=DeviceId(0),
+                owner="diffusion",
+            )
         )
         for _ in range(50):
             await asyncio.sleep(0.01)
@@ -735,12 +742,14 @@ async def test_a_user_facing_model_preempts_a_background_reservation(
     when the background one is a reservation (a task, /v1/allocations), not a model."""
     async with harness(seed_settings(fake_ollama.url)) as h:
         told: list[str] = []
-        batch = h.arbiter.request_allocation(
-            WorkloadType.OTHER,
-            Priority.BACKGROUND,
-            8 * GIB,
-            owner="batch",
-            on_preempt=lambda a: told.append(a.id),
+        batch = h.arbiter.allocate(
+            AllocationRequest(
+                WorkloadType.OTHER,
+                Priority.BACKGROUND,
+                8 * GIB,
+                owner="batch",
+                on_preempt=lambda a: told.append(a.id),
+            )
         )
         status = await h.models.ensure_loaded(VLM)  # user_facing, 10.5 GiB of a 10.8 GiB budget
         assert status.device == "gpu:0"
@@ -755,7 +764,9 @@ async def test_not_enough_vram_names_the_other_allocations_holding_it(
 ) -> None:
     """A reservation of the same priority cannot be preempted: the 409 says who holds what."""
     async with harness(seed_settings(fake_ollama.url)) as h:
-        h.arbiter.request_allocation(WorkloadType.LLM, Priority.USER_FACING, 9 * GIB, owner="chat")
+        h.arbiter.allocate(
+            AllocationRequest(WorkloadType.LLM, Priority.USER_FACING, 9 * GIB, owner="chat")
+        )
         with pytest.raises(InsufficientMemory) as info:
             await h.models.ensure_loaded(VLM)
         err = info.value
@@ -822,13 +833,15 @@ async def test_a_model_in_use_is_not_preempted_under_its_user(fake_ollama: FakeO
         budget = h.arbiter.state().budget_bytes
         async with m.use(CLIP, "gpu:0"):
             with pytest.raises(InsufficientMemory):
-                h.arbiter.request_allocation(
-                    WorkloadType.IMAGE, Priority.USER_FACING, budget, device="gpu:0"
+                h.arbiter.allocate(
+                    AllocationRequest(
+                        WorkloadType.IMAGE, Priority.USER_FACING, budget, device=DeviceId(0)
+                    )
                 )
             await asyncio.sleep(0.05)
             assert m.device(CLIP) == "gpu:0" and h.of("model_preempted") == []
-        grab = h.arbiter.request_allocation(
-            WorkloadType.IMAGE, Priority.USER_FACING, budget, device="gpu:0"
+        grab = h.arbiter.allocate(
+            AllocationRequest(WorkloadType.IMAGE, Priority.USER_FACING, budget, device=DeviceId(0))
         )
         for _ in range(50):
             await asyncio.sleep(0.01)

@@ -17,9 +17,10 @@ import pytest
 
 from tests.unit.models.conftest import FAST_GM
 from vramancer.arbiter.arbiter import Arbiter
-from vramancer.arbiter.types import Allocation, Priority, WorkloadType
+from vramancer.arbiter.types import Allocation, AllocationRequest, Priority, WorkloadType
 from vramancer.clock import ManualClock
 from vramancer.config import Settings
+from vramancer.devices.ids import DeviceId
 from vramancer.devices.manager import VramInfo
 from vramancer.devices.types import DeviceVendor, GpuSnapshot, HostSnapshot, SystemSnapshot
 from vramancer.events import EventBus
@@ -222,13 +223,15 @@ async def test_a_preempted_task_is_waited_for_before_the_load() -> None:
             told.append(allocation.id)
             gpu.release(8 * GIB)  # killed: the driver frees it a little later
 
-        m.arbiter.request_allocation(  # type: ignore[attr-defined]
-            WorkloadType.OTHER,
-            Priority.BACKGROUND,
-            8 * GIB,
-            device="gpu:0",
-            owner="task:t1",
-            on_preempt=stop_task,
+        m.arbiter.allocate(
+            AllocationRequest(
+                WorkloadType.OTHER,
+                Priority.BACKGROUND,
+                8 * GIB,
+                device=DeviceId(0),
+                owner="task:t1",
+                on_preempt=stop_task,
+            )
         )
         status = await m.ensure_loaded("a", "gpu:0")  # normal beats background
         assert status.device == "gpu:0" and len(told) == 1
