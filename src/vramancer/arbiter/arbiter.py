@@ -14,7 +14,6 @@ user typed (sizes, enum names, device names) is the API's and the CLI's job.
   ``InsufficientQuality``, ``ShuttingDown``). A higher priority may preempt strictly lower ones:
   they lose their allocation at once, their ``on_preempt`` callback is called and a
   ``preempted`` event is published (the model manager unloads the model or moves it to the CPU).
-  ``request_allocation(...)`` is the same call with the request's fields as arguments.
 * ``await acquire(request)`` waits until memory frees up (``ArbiterTimeout`` after
   ``timeout_s``). Waiters are served highest priority first, then first come; a waiter that
   cannot be served holds back later ones on the same device so big requests do not starve.
@@ -365,38 +364,6 @@ class Arbiter:
             self._apply(effects)
             return allocation
 
-    def request_allocation(
-        self,
-        workload_type: WorkloadType,
-        priority: Priority,
-        memory: int,
-        *,
-        min_quality: float | None = None,
-        device: DeviceId | str | None = None,
-        owner: str | None = None,
-        on_preempt: PreemptCallback | None = None,
-        preemptible: bool = True,
-        preempt: bool = True,
-    ) -> Allocation:
-        """``allocate`` with the request's fields as arguments (``memory`` in bytes). A
-        ``device`` given as a string must be a device name (``gpu:N``): the task service
-        passes its GPUs' names."""
-        if isinstance(device, str):
-            device = DeviceId.parse_input(device)
-        return self.allocate(
-            AllocationRequest(
-                workload_type=workload_type,
-                priority=priority,
-                memory_bytes=memory,
-                min_quality=min_quality,
-                device=device,
-                preempt=preempt,
-                owner=owner,
-                preemptible=preemptible,
-                on_preempt=on_preempt,
-            )
-        )
-
     async def acquire(
         self, request: AllocationRequest, *, timeout_s: float | None = None
     ) -> Allocation:
@@ -726,12 +693,9 @@ class Arbiter:
                 )
         return self.policy.quality(workload_type, priority, pressure)
 
-    def reserved_bytes(self, device: DeviceId | str | None = None) -> int:
+    def reserved_bytes(self, device: DeviceId | None = None) -> int:
         """Bytes granted: on ``device`` (allocations naming it), or in all when ``device`` is
-        None. A string must be a device name (``gpu:N``): the task service passes its GPUs'
-        names."""
-        if isinstance(device, str):
-            device = DeviceId.parse_input(device)
+        None."""
         with self._lock:
             return self._allocated_locked(str(device) if device is not None else None)
 
