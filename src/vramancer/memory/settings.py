@@ -15,10 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vramancer.memory.compression import CompressionSettings
 from vramancer.memory.regulator import RegulatorSettings
+from vramancer.plugins import DOTTED_PATH
 from vramancer.units import Size
 
 #: ``package.module:attr`` (the attribute may be dotted).
-_DOTTED_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+_DOTTED_PATH = DOTTED_PATH  # package.module:attr
 
 
 class TierSettings(BaseModel):

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from vramancer.tasks.model import TaskSpec
 
-__all__ = ["HistoryEstimator", "RuntimeEstimator"]
+__all__ = ["HistoryEstimator", "RuntimeEstimator", "as_runtime_estimator"]
 
 
 @runtime_checkable
@@ -62,3 +62,24 @@ class HistoryEstimator:
             new = run_s if old is None else old + self.alpha * (run_s - old)
             self._mean[key] = new
         return new
+
+
+class _LearnsNothing:
+    """An estimator that only estimates (the documented method): it is told no run times."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def estimate(self, task: TaskSpec) -> float:
+        return float(self.inner.estimate(task))
+
+    def observe(self, key: str, run_s: float) -> None:
+        return None
+
+
+def as_runtime_estimator(obj: Any) -> RuntimeEstimator:
+    """``obj`` as a :class:`RuntimeEstimator`: as it is when it also learns (``observe``),
+    else wrapped so that only ``estimate`` is required of an extension."""
+    if callable(getattr(obj, "observe", None)):
+        return cast(RuntimeEstimator, obj)
+    return _LearnsNothing(obj)

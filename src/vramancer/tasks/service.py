@@ -46,11 +46,12 @@ from vramancer.devices.types import SystemSnapshot
 from vramancer.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
 from vramancer.events import EventBus
 from vramancer.observability.metrics import Metrics
+from vramancer.plugins import load_object
 from vramancer.tasks import admission, logs
 from vramancer.tasks.admission import HIJACK_ENV, resolve_programs
 from vramancer.tasks.dispatch import RoundPlan
 from vramancer.tasks.errors import PayloadTooLarge
-from vramancer.tasks.estimator import HistoryEstimator, RuntimeEstimator
+from vramancer.tasks.estimator import HistoryEstimator, RuntimeEstimator, as_runtime_estimator
 from vramancer.tasks.files import (
     FILE_MODE,
     open_private,
@@ -135,6 +136,12 @@ class TaskService:
             synchronous=settings.synchronous,
             estimate_alpha=settings.estimate_alpha,
         )
+        if estimator is None and settings.runtime_estimator:
+            estimator = as_runtime_estimator(
+                load_object(
+                    settings.runtime_estimator, method="estimate", key="tasks.runtime_estimator"
+                )
+            )
         self._estimator_given = estimator
         self.estimator: RuntimeEstimator = estimator or HistoryEstimator(
             settings.default_estimate_s, settings.estimate_alpha

@@ -9,6 +9,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vramancer.plugins import DOTTED_PATH
 from vramancer.tasks.model import MAX_BATCH_HARD
 from vramancer.units import Size
 
@@ -124,6 +125,9 @@ class TasksSettings(BaseModel):
     default_estimate_s: float = Field(default=60.0, gt=0)
     #: Weight of the last run in the learned run time of a command (moving average).
     estimate_alpha: float = Field(default=0.3, gt=0, le=1)
+    #: A ``RuntimeEstimator`` (``estimate(task)``, ``observe(key, run_s)``) named by its dotted
+    #: path ``package.module:attr``, replacing the learned moving average. None: the default.
+    runtime_estimator: str | None = Field(default=None, pattern=DOTTED_PATH)
     #: Keep a task's scratch directory after it ends (default: removed).
     keep_scratch: bool = False
     #: ``full`` (fsync per commit) or ``normal``: see docs/configuration.md.

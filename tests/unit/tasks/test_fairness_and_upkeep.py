@@ -343,3 +343,35 @@ async def test_maintenance_waits_while_the_host_cpu_is_busy(make_harness: MakeHa
     h.refresh()
     await h.svc.run_until_idle()
     assert await h.state(noop.task_id) is TaskState.DONE
+
+
+async def test_a_configured_estimator_with_only_estimate_orders_the_queue(
+    make_harness: MakeHarness, tmp_path: Path
+) -> None:
+    """``[tasks] runtime_estimator`` names an estimator by dotted path; one that implements only
+    ``estimate`` works (it is told no run times) and orders one priority shortest first."""
+    h = await make_harness(
+        gpus=[],
+        host_slots=1,
+        runtime_estimator="tests.unit.tasks.estimator_support:ByLastArgument",
+    )
+    out = tmp_path / "order.txt"
+    for task_id, seconds in (("long", "0.3"), ("short", "0.1")):
+        cmd = ["sh", "-c", f"echo {task_id} >> {out}", seconds]
+        await h.svc.submit({"type": "cmd", "cmd": cmd, "task_id": task_id})
+    assert (await h.svc.status("long")).estimate_s == 0.3
+    await h.svc.run_until_idle()
+    assert out.read_text().split() == ["short", "long"]
+    assert (await h.svc.status("long")).state == TaskState.DONE
+
+
+def test_a_runtime_estimator_that_cannot_load_is_named() -> None:
+    from vramancer.errors import InvalidInput
+    from vramancer.plugins import load_object
+
+    with pytest.raises(InvalidInput, match=r"tasks.runtime_estimator: cannot load"):
+        load_object(
+            "tests.unit.tasks.estimator_support:Nope",
+            method="estimate",
+            key="tasks.runtime_estimator",
+        )
