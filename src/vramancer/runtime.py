@@ -22,13 +22,13 @@ from vramancer.clock import Clock, SystemClock
 from vramancer.config import Settings
 from vramancer.devices.manager import DeviceManager
 from vramancer.events import EventBus
+from vramancer.files import private_dir
 from vramancer.memory.regulator import HostMemoryRegulator
 from vramancer.memory.store import TieredStore
 from vramancer.models.manager import ModelManager
 from vramancer.observability import tracing
 from vramancer.observability.metrics import Metrics
 from vramancer.resources.orchestrator import ResourceOrchestrator
-from vramancer.tasks.files import private_dir
 from vramancer.tasks.service import TaskService
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,17 @@ import vramancer
 
 SRC = Path(vramancer.__file__).parent
 KERNEL = frozenset(
-    {"events", "event_types", "units", "clock", "errors", "plugins", "observability", "_version"}
+    {
+        "events",
+        "event_types",
+        "units",
+        "clock",
+        "errors",
+        "files",
+        "plugins",
+        "observability",
+        "_version",
+    }
 )
 #: What each part of the package may import from the others (docs/architecture.md, "Layers").
 ALLOWED: dict[str, frozenset[str]] = {

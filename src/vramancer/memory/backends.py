@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from vramancer.errors import InvalidInput
+from vramancer.files import private_dir
 from vramancer.memory.blockfile import BlockFile, read_block_file, write_block_file
 from vramancer.memory.compression import (
     Compressed,
@@ -35,7 +36,7 @@ from vramancer.memory.compression import (
     CorruptBlock,
     NoCompression,
 )
-from vramancer.memory.storage import full_disk_as, private_dir, unlink_inside
+from vramancer.memory.storage import full_disk_as, unlink_inside
 
 
 class DataKind(StrEnum):

@@ -37,8 +37,8 @@ from typing import Any
 
 import xxhash
 
+from vramancer.files import FILE_MODE, fsync_dir
 from vramancer.memory.compression import CorruptBlock
-from vramancer.memory.storage import FILE_MODE, fsync_dir
 
 _MAGIC = b"VRMF"
 _VERSION = 2

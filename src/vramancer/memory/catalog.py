@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vramancer.errors import CatalogCorrupt
-from vramancer.memory.storage import FILE_MODE, full_disk_as
+from vramancer.files import FILE_MODE
+from vramancer.memory.storage import full_disk_as
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (

@@ -8,8 +8,8 @@
   a catalog row says.
 * What happens to a file the store cannot account for (:func:`quarantine`): it is moved into
   ``quarantine/`` inside its tier directory, never deleted.
-* Modes: tier directories ``0700``, block files and the catalog ``0600`` (:func:`private_dir`,
-  :data:`FILE_MODE`).
+* Modes: tier directories ``0700``, block files and the catalog ``0600``: the kernel's rule for
+  every private file (:mod:`vramancer.files`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vramancer.errors import disk_full_error, is_disk_full
+from vramancer.files import FILE_MODE, private_dir
 
 log = logging.getLogger(__name__)
 
-#: Mode of block files and of the catalog database.
-FILE_MODE = 0o600
-#: Mode of tier directories and of their ``quarantine/``.
-DIR_MODE = 0o700
 #: Name of the directory, inside each tier directory, that holds quarantined files.
 QUARANTINE_DIR = "quarantine"
 
@@ -43,15 +40,6 @@ def full_disk_as(where: str) -> Iterator[None]:
         if is_disk_full(exc):
             raise disk_full_error(exc, where) from exc
         raise
-
-
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) if needed; the directory itself is made ``0700``."""
-    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    with contextlib.suppress(OSError):
-        if path.stat().st_mode & 0o077:
-            path.chmod(DIR_MODE)
-    return path
 
 
 def inside(path: Path, root: Path) -> bool:
@@ -96,15 +84,6 @@ def quarantine(path: Path, root: Path, reason: str) -> Path | None:
         return None
     log.warning("quarantined %s: %s (moved to %s)", path.name, reason, target)
     return target
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so the names created or removed in it are durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DataDirLock:

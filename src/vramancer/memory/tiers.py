@@ -16,8 +16,8 @@ from enum import StrEnum
 from pathlib import Path
 
 from vramancer.devices.types import SystemSnapshot
+from vramancer.files import private_dir
 from vramancer.memory.settings import MemorySettings, TierSettings
-from vramancer.memory.storage import private_dir
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import BinaryIO
 
 import psutil
 
-from vramancer.tasks.files import open_private, private_dir
+from vramancer.files import open_private, private_dir
 
 #: How long to wait for the pipes to close once the process group is gone.
 DRAIN_TIMEOUT_S = 1.0

@@ -45,14 +45,7 @@ from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import SystemSnapshot
 from vramancer.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
 from vramancer.events import EventBus
-from vramancer.observability.metrics import Metrics
-from vramancer.plugins import load_object
-from vramancer.tasks import admission, logs
-from vramancer.tasks.admission import HIJACK_ENV, resolve_programs
-from vramancer.tasks.dispatch import RoundPlan
-from vramancer.tasks.errors import PayloadTooLarge
-from vramancer.tasks.estimator import HistoryEstimator, RuntimeEstimator, as_runtime_estimator
-from vramancer.tasks.files import (
+from vramancer.files import (
     FILE_MODE,
     open_private,
     private_dir,
@@ -60,6 +53,13 @@ from vramancer.tasks.files import (
     tighten_tree,
     touch_private,
 )
+from vramancer.observability.metrics import Metrics
+from vramancer.plugins import load_object
+from vramancer.tasks import admission, logs
+from vramancer.tasks.admission import HIJACK_ENV, resolve_programs
+from vramancer.tasks.dispatch import RoundPlan
+from vramancer.tasks.errors import PayloadTooLarge
+from vramancer.tasks.estimator import HistoryEstimator, RuntimeEstimator, as_runtime_estimator
 from vramancer.tasks.launch import ENV_TASK_ID
 from vramancer.tasks.logs import MAX_LOG_OFFSET
 from vramancer.tasks.maintenance import AUTO_MAINTENANCE, MaintenanceLane

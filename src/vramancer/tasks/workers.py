@@ -29,7 +29,7 @@ from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import SystemSnapshot
 from vramancer.errors import BackendUnavailable, Conflict
 from vramancer.errors import ShuttingDown as VramancerShuttingDown
-from vramancer.tasks.files import private_dir
+from vramancer.files import private_dir
 from vramancer.tasks.launch import model_env, run_request, scratch_dir
 from vramancer.tasks.model import Change, Outcome, OutcomeKind, TaskRecord
 from vramancer.tasks.picker import HOST, LocalLoad

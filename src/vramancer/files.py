@@ -1,9 +1,10 @@
-"""Private files and directories: task bodies (their ``env``), logs and scratch space belong to
-the daemon's user alone.
+"""Private files and directories: the data directory holds task bodies (their ``env``), task
+logs and scratch space, stored blocks and their catalog, all the daemon's user's alone.
 
-Modes are set explicitly (``chmod`` after creation), so the result does not depend on the
-daemon's umask: directories 0700, files 0600. ``tighten`` fixes what an earlier version created
-too open (0755 / 0644).
+One rule for every subsystem: directories 0700, files 0600, set explicitly (``chmod`` after
+creation) so the result does not depend on the daemon's umask. ``tighten`` fixes what an
+earlier version created too open (0755 / 0644); ``fsync_dir`` makes the names created or
+removed in a directory durable.
 """
 
 from __future__ import annotations
@@ -78,3 +79,12 @@ def tighten_tree(root: Path) -> int:
         for name in files:
             fixed += tighten(Path(folder) / name, FILE_MODE)
     return fixed
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so the names created or removed in it are durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
