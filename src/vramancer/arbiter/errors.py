@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 from vramancer import errors
+from vramancer.arbiter.policy import NoRoom, QualityTooLow
 from vramancer.errors import InsufficientMemory, ShuttingDown
+from vramancer.units import format_size
 
 __all__ = [
     "ArbiterTimeout",
@@ -21,6 +23,7 @@ __all__ = [
     "InsufficientQuality",
     "Preempted",
     "ShuttingDown",
+    "denial",
 ]
 
 
@@ -40,3 +43,27 @@ class ArbiterTimeout(errors.OperationTimeout):
     """``details``: ``timeout_s``, ``requested_bytes``, ``available_bytes``."""
 
     code = "arbiter_timeout"
+
+
+def denial(plan: NoRoom | QualityTooLow) -> InsufficientMemory | InsufficientQuality:
+    """The error of a plan that does not grant: what was asked, what is available, where."""
+    if isinstance(plan, NoRoom):
+        where = f"on {plan.device}" if plan.device else "in the arbiter's budget"
+        return InsufficientMemory(
+            f"not enough VRAM: requested {format_size(plan.requested_bytes)}, "
+            f"{format_size(plan.available_bytes)} available {where} "
+            f"(budget {format_size(plan.budget_bytes)}, "
+            f"{format_size(plan.reclaimable_bytes)} held by lower priorities)",
+            requested_bytes=plan.requested_bytes,
+            available_bytes=plan.available_bytes,
+            reclaimable_bytes=plan.reclaimable_bytes,
+            budget_bytes=plan.budget_bytes,
+            device=plan.device,
+        )
+    return InsufficientQuality(
+        f"cannot reach quality {plan.minimum_quality:g}: at most "
+        f"{plan.available_quality:g} under the current memory pressure",
+        minimum_quality=plan.minimum_quality,
+        available_quality=plan.available_quality,
+        device=plan.device,
+    )
