@@ -129,7 +129,7 @@ class GpuRoom:
     def _other_holders(self, device: str) -> list[Allocation]:
         """Arbiter allocations that are not managed models and count against ``device``
         (naming it, or no device: they count against the whole budget), biggest first."""
-        key = f"gpu:{gpu_index(device)}"
+        key = str(DeviceId.parse(device))
         others = [
             a
             for a in self.arbiter.state().allocations
