@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from vramancer.memory.backends import DataKind
     from vramancer.memory.compression import CorruptBlock
-    from vramancer.memory.extensions import RuntimeEstimator
     from vramancer.memory.fastpath import FastInterface, LocalCopyInterface
     from vramancer.memory.settings import MemorySettings, TierSettings
     from vramancer.memory.store import BlockTooLarge, StorePolicy, TieredStore
@@ -29,7 +28,6 @@ _EXPORTS = {
     "CorruptBlock": "vramancer.memory.compression",
     "FastInterface": "vramancer.memory.fastpath",
     "LocalCopyInterface": "vramancer.memory.fastpath",
-    "RuntimeEstimator": "vramancer.memory.extensions",
     "MemorySettings": "vramancer.memory.settings",
     "TierSettings": "vramancer.memory.settings",
 }
@@ -41,7 +39,6 @@ __all__ = [
     "FastInterface",
     "LocalCopyInterface",
     "MemorySettings",
-    "RuntimeEstimator",
     "StorePolicy",
     "TierName",
     "TierSettings",
