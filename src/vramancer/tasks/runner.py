@@ -11,10 +11,16 @@ are private to the daemon's user (0600, in 0700 directories).
 On Linux a task process dies with the daemon: it is started with the parent-death signal set
 to SIGKILL (``prctl(PR_SET_PDEATHSIG)``), so a daemon that is SIGKILLed or crashes does not leave
 its tasks running until the next start. The signal follows the *thread* that started the
-process: tasks are started from the event loop's thread, which lives as long as the daemon. A
-daemon that died between the fork and the ``prctl`` is noticed (the parent pid changed) and the
-child kills itself. What the task itself started in the background does not get that signal;
-it stays in the task's process group, and the next start kills it (``kill_orphan``).
+process: tasks are started from the event loop's thread, which lives as long as the daemon.
+Where util-linux's ``setpriv`` is installed the task is started through it (``setpriv
+--pdeathsig KILL -- PROGRAM ...``, which sets the signal and then execs the program, same pid):
+a ``preexec_fn`` would make Python fork the whole daemon instead of using ``vfork``, which costs
+several milliseconds per task on a daemon that has torch loaded. The program is looked up first,
+as ``exec`` would (the task's ``PATH``, its ``cwd``), so a missing one is still an ``OSError``
+at start. Without ``setpriv`` a ``preexec_fn`` calls ``prctl``; a daemon that died between the
+fork and the ``prctl`` is noticed there (the parent pid changed) and the child kills itself.
+What the task itself started in the background does not get that signal; it stays in the
+task's process group, and the next start kills it (``kill_orphan``).
 """
 
 from __future__ import annotations
@@ -23,11 +29,15 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
+import functools
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -158,6 +168,58 @@ def die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+def _find_setpriv() -> str | None:
+    """util-linux's ``setpriv`` when it knows ``--pdeathsig`` (util-linux 2.33 and later)."""
+    if _PRCTL is None:
+        return None
+    path = shutil.which("setpriv")
+    if path is None:
+        return None
+    try:
+        probe = subprocess.run(
+            [path, "--pdeathsig", "KILL", "--", "true"], capture_output=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if probe.returncode == 0 else None
+
+
+@functools.cache
+def setpriv() -> str | None:
+    """The ``setpriv`` that starts tasks (looked up once, from the daemon's own ``PATH``)."""
+    return _find_setpriv()
+
+
+def find_program(program: str, env: Mapping[str, str], cwd: str | os.PathLike[str] | None) -> str:
+    """``program`` as ``exec`` would find it: a path (relative to ``cwd``) as it is, a bare name
+    on the task's ``PATH``; ``FileNotFoundError`` when there is no such executable."""
+    if os.sep in program:
+        found = os.path.join(cwd, program) if cwd is not None else program
+        if os.path.isfile(found) and os.access(found, os.X_OK):
+            return program
+    else:
+        base = os.fspath(cwd) if cwd is not None else os.getcwd()
+        # relative PATH entries (and an empty one: the working directory) are the task's cwd's
+        dirs = [os.path.join(base, d) for d in env.get("PATH", os.defpath).split(os.pathsep)]
+        hit = shutil.which(program, path=os.pathsep.join(dirs))
+        if hit is not None:
+            return hit
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+
+
+def dying_with_parent(
+    argv: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None
+) -> tuple[list[str], Callable[[], None] | None]:
+    """The argv and ``preexec_fn`` that start ``argv`` so that it dies with this process:
+    through ``setpriv`` where it is installed, else with a ``preexec_fn`` (see the module
+    docstring); as they are where the platform has no parent-death signal."""
+    wrapper = setpriv()
+    if wrapper is None:
+        return list(argv), die_with_parent()
+    program = find_program(argv[0], env, cwd)
+    return [wrapper, "--pdeathsig", "KILL", "--", program, *argv[1:]], None
+
+
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
     """Send ``sig`` to process group ``pgid``; False when the group no longer exists."""
     try:
@@ -225,15 +287,16 @@ class ProcessRun:
         """Start the process; raises ``OSError`` when it cannot (missing program, bad cwd)."""
         req = self.request
         self._t0 = time.monotonic()
+        argv, preexec = dying_with_parent(req.argv, req.env, req.cwd)
         self._proc = await asyncio.create_subprocess_exec(
-            *req.argv,
+            *argv,
             cwd=req.cwd,
             env=req.env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=die_with_parent(),
+            preexec_fn=preexec,
         )
         self.pid = self._proc.pid
         self.started_at = process_start_time(self._proc.pid)
