@@ -8,6 +8,7 @@ a user typed (``cuda:N`` is accepted too, where a torch device is meant, and mea
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -97,3 +98,10 @@ class DeviceId:
 
 #: The CPU.
 CPU = DeviceId()
+
+
+@functools.lru_cache(maxsize=1024)
+def gpu_name(index: int, node: str | None = None) -> str:
+    """``str(DeviceId.gpu(index, node))``, remembered: the name hot paths (the task picker's
+    views, every dispatch round) key their tables by."""
+    return str(DeviceId.gpu(index, node))

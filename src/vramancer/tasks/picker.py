@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from vramancer.devices.ids import DeviceId
+from vramancer.devices.ids import gpu_name
 from vramancer.devices.types import SystemSnapshot
 from vramancer.tasks.settings import PickerStrategy, TasksSettings
 from vramancer.units import format_size
@@ -211,7 +211,7 @@ def pick(
         if pin is None or view.index == pin
     ]
     if pin is not None and not reasons:
-        reasons.append((str(DeviceId.gpu(pin)), "no such GPU"))
+        reasons.append((gpu_name(pin), "no such GPU"))
     return NoRoom(tuple(reasons))
 
 
@@ -289,7 +289,7 @@ def build_views(
     """
     views = []
     for gpu in snapshot.gpus:
-        name = str(DeviceId.gpu(gpu.index))
+        name = gpu_name(gpu.index)
         load = local.get(name, LocalLoad())
         views.append(
             DeviceView(
