@@ -41,13 +41,17 @@ def run_once(tree: Path, command: list[str], timeout_s: float) -> dict[str, Any]
     return answer
 
 
-def numbers(answer: dict[str, Any]) -> dict[str, float]:
-    """The numeric top-level fields (booleans left out)."""
-    return {
-        k: float(v)
-        for k, v in answer.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+def numbers(answer: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric fields, nested ones named by their path (``operations.load.manager_ms``);
+    booleans and lists left out."""
+    found: dict[str, float] = {}
+    for key, value in answer.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found |= numbers(value, f"{name}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            found[name] = float(value)
+    return found
 
 
 def ab(
