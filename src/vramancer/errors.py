@@ -82,6 +82,13 @@ class InsufficientStorage(VramancerError):
     http_status = 507
 
 
+class DataDirInUse(ConfigError):
+    """Another process holds the data directory: two stores on one directory would take each
+    other's files for strays."""
+
+    code = "data_dir_in_use"
+
+
 class CatalogCorrupt(ConfigError):
     """The memory store's metadata database cannot be read; the message says how to recover."""
 

@@ -159,6 +159,28 @@ def test_a_corrupt_catalog_stops_serve_with_the_recovery_and_recover_works(
             assert c.get(f"/v1/memory/blocks/{key}").content == value, key
 
 
+def test_a_second_serve_on_the_same_data_directory_is_refused(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    server = server_factory(CONFIG)
+    with server.client() as c:
+        assert c.put("/v1/memory/blocks/keep", content=b"x" * 3000).status_code == 200
+    serve = [sys.executable, "-m", "vramancer.main", "--mode", "serve"]
+    done = subprocess.run(
+        [*serve, "--port", str(free_port()), "--config", str(server.config_path)],
+        env=server.env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    output = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 2, output
+    assert "another VRAMancer process is using the data directory" in output
+    assert "Traceback" not in output
+    with server.client() as c:  # the first goes on, its blocks untouched
+        assert c.get("/v1/memory/blocks/keep").content == b"x" * 3000
+
+
 @contextlib.contextmanager
 def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from vramancer.errors import disk_full_error, is_disk_full
+from vramancer.errors import DataDirInUse, disk_full_error, is_disk_full
 from vramancer.files import FILE_MODE, private_dir
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,15 @@ def quarantine(path: Path, root: Path, reason: str) -> Path | None:
     return target
 
 
+def in_use_message(data_dir: Path) -> str:
+    return (
+        f"another VRAMancer process is using the data directory {data_dir} (it holds "
+        f"{DataDirLock.NAME}); stop it first, or give this one its own data directory "
+        "(VRM_DATA_DIR): two daemons on one directory would take each other's block files for "
+        "strays"
+    )
+
+
 class DataDirLock:
     """An advisory lock (``<data_dir>/memory.lock``, ``flock``) held while a store has the data
     directory open, so ``vramancer memory recover`` does not rebuild under a running daemon."""
@@ -111,16 +120,23 @@ class DataDirLock:
 
     @classmethod
     def acquire(cls, data_dir: Path) -> DataDirLock:
-        """The lock; when another process holds it, a warning and a lock that holds nothing."""
+        """The lock; ``DataDirInUse`` when another process (or another store of this one) holds
+        it: a second store would reconcile, move and remove the first one's files."""
         found = cls.try_acquire(data_dir)
         if found is None:
-            log.warning(
-                "another process holds %s: two stores on one data directory see each other's "
-                "files as their own",
-                data_dir / cls.NAME,
-            )
-            return cls(None, data_dir / cls.NAME)
+            raise DataDirInUse(in_use_message(data_dir), path=str(data_dir))
         return found
+
+    @classmethod
+    def check_free(cls, data_dir: Path) -> None:
+        """Raise ``DataDirInUse`` now if the data directory is held (an early, clean refusal
+        before a server starts; :meth:`acquire` refuses again, race-free, at open)."""
+        if not (data_dir / cls.NAME).exists():
+            return
+        found = cls.try_acquire(data_dir)
+        if found is None:
+            raise DataDirInUse(in_use_message(data_dir), path=str(data_dir))
+        found.release()
 
     def release(self) -> None:
         fd, self.fd = self.fd, None

@@ -189,6 +189,7 @@ class TieredStore:
         # A damaged catalog is reported now, while the caller can still show a clean message
         # (``vramancer serve`` builds the runtime before it starts serving).
         check_catalog(self.data_dir / "memory.sqlite")
+        DataDirLock.check_free(self.data_dir)
 
     # ------------------------------------------------------------------ lifecycle
 

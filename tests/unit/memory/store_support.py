@@ -67,6 +67,13 @@ class StoreKit:
         store.open()
         return store
 
+    def crash(self) -> None:
+        """What the death of the store's process leaves: its files and catalog as they are, and
+        its lock on the data directory gone (the kernel drops a dead process's ``flock``)."""
+        lock = self.store._dir_lock
+        if lock is not None:
+            lock.release()
+
     def reopen(self) -> TieredStore:
         """Close the store (no spill unless configured) and open a new one on the same dir."""
         self.store.close()

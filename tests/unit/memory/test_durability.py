@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.unit.memory.store_support import StoreKit, make_settings
-from vramancer.errors import CatalogCorrupt, Conflict, InsufficientStorage
+from vramancer.errors import CatalogCorrupt, Conflict, DataDirInUse, InsufficientStorage
 from vramancer.memory import blockfile
 from vramancer.memory.blockfile import read_block_header, write_block_file
 from vramancer.memory.catalog import Catalog
@@ -339,6 +339,7 @@ def test_durable_put_lands_on_disk_and_survives_a_crash(tmp_path: Path) -> None:
     with pytest.raises(Conflict):
         kit.store.promote("safe", "L4")
     # a crash: no close, no spill; a new store opens the same directory
+    kit.crash()
     crashed = kit.new_store()
     assert crashed.get("safe") == rand(1000, 2)
     assert "plain" not in crashed
@@ -409,3 +410,21 @@ def test_a_full_disk_never_fails_a_read(tmp_path: Path, monkeypatch: pytest.Monk
     kit.check_invariants()
     assert kit.store.get("a") == rand(3 * KIB, 1)
     assert kit.store.locate("b") == "L5"
+
+
+def test_a_second_store_on_a_held_data_directory_is_refused_and_moves_nothing(
+    tmp_path: Path,
+) -> None:
+    """Two stores on one directory would take each other's in-flight files for strays: the
+    second is refused before it reconciles anything, and the first keeps its blocks."""
+    kit = StoreKit(tmp_path / "data")
+    kit.store.put("a", rand(1000, 1))
+    kit.store.demote("a", "L6")
+    tier_dir = tmp_path / "data" / "l6"
+    in_flight = tier_dir / ".in-flight.tmp"  # what a put of the first store is writing
+    in_flight.write_bytes(b"partial")
+    before = sorted(p.name for p in tier_dir.iterdir())
+    with pytest.raises(DataDirInUse, match="another VRAMancer process is using"):
+        kit.new_store()
+    assert sorted(p.name for p in tier_dir.iterdir()) == before
+    assert kit.store.get("a") == rand(1000, 1)
