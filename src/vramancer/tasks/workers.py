@@ -204,7 +204,12 @@ class Workers:
             outcome = await self._run_with_model(active)
         except Exception as exc:
             log.exception("task %s: internal error", record.task_id)
-            outcome = record.outcome(OutcomeKind.ERROR, error=f"internal error: {exc}")
+            # the message may quote the task's command: it stays in the daemon's log, since a
+            # task's error is shown to every caller and streamed with its events
+            outcome = record.outcome(
+                OutcomeKind.ERROR,
+                error=f"internal error ({type(exc).__name__}); see the daemon's log",
+            )
         finally:
             self._release(active)
             self.poke()  # a slot is free: the next task can start while this one is recorded
@@ -251,7 +256,9 @@ class Workers:
         try:
             await run.start()
         except OSError as exc:
-            return record.outcome(OutcomeKind.ERROR, error=f"cannot start {request.argv[0]}: {exc}")
+            # not the program's name: an error is shown to every caller, a command to its owner
+            reason = exc.strerror or type(exc).__name__
+            return record.outcome(OutcomeKind.ERROR, error=f"cannot start the program: {reason}")
         active.run = run
         active.pgid = run.pid
         if active.cancel or active.release_reason or active.lost:
