@@ -337,5 +337,10 @@ def recover(
             console.print(
                 f"{len(d['lost'])} rows named files that are gone: {', '.join(d['lost'])}"
             )
+        if d["left"]:
+            console.print(
+                f"{len(d['left'])} rows kept: their tier directory is empty "
+                "(is the disk mounted, the path right?)"
+            )
 
     emit(data, json_out, render)

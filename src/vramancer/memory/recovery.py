@@ -12,7 +12,9 @@ that also keeps what files cannot (pinned, hotness). At every start :func:`recon
    deleted, truncated, damaged or copied catalog loses nothing;
 4. moves into ``quarantine/`` (never deletes) the files it cannot account for: unreadable
    headers, version 1 files without their row, other copies of a block that has one;
-5. drops the rows whose file is gone (logged and reported as lost).
+5. drops the rows whose file is gone (logged and reported as lost), except in a tier whose
+   directory is empty (an unmounted disk, a moved path): those rows stay, unloaded, until the
+   files are back (reported as left).
 
 Only interrupted temporary files (``.*.tmp``, never a committed block) are removed. Every unlink
 is checked to be inside a tier directory (``storage.unlink_inside``).
@@ -74,6 +76,8 @@ class Reconciled:
     rows: list[BlockRow] = field(default_factory=list)
     adopted: int = 0
     lost: list[str] = field(default_factory=list)
+    #: Rows kept, not loaded: their tier's directory held none of its blocks' files.
+    left: list[str] = field(default_factory=list)
     quarantined: list[Quarantined] = field(default_factory=list)
     temporary_removed: int = 0
 
@@ -95,11 +99,12 @@ def reconcile(
         out.quarantined.append(Quarantined("row", "", unreadable.id or "?", unreadable.reason))
     roots = {name: path.resolve() for name, path in tiers.items()}
     claimed, missing = _claims(catalog, good, roots, out)
+    empty = {tier for tier, root in roots.items() if not _listing(root, dirs=True)}
     found = _scan(roots, claimed, out, progress)
     live = {row.id for row in claimed.values()}
     adopted = _choose(found, live, roots, out)
     kept = {row.id for row in adopted}
-    for row in missing:
+    for row in _not_in_empty_tiers(missing, empty, out):
         catalog.delete(row.id, durable=False)
         if row.id not in kept:
             out.lost.append(row.id)
@@ -107,6 +112,31 @@ def reconcile(
     out.adopted = len(adopted)
     out.rows = [*claimed.values(), *adopted]
     return out
+
+
+def _not_in_empty_tiers(
+    missing: list[BlockRow], empty: set[str], out: Reconciled
+) -> list[BlockRow]:
+    """The rows whose file is gone that may be dropped. A tier directory with nothing in it at
+    all (a disk not mounted yet, a moved or mistyped path) says nothing about its blocks: their
+    rows stay in the catalog, unloaded, until the files are back, for a block file of the old
+    format has no record to rebuild its row from."""
+    droppable = []
+    left: dict[str, int] = {}
+    for row in missing:
+        if row.tier in empty:
+            left[row.tier] = left.get(row.tier, 0) + 1
+            out.left.append(row.id)
+        else:
+            droppable.append(row)
+    for tier, count in sorted(left.items()):
+        log.error(
+            "tier %s: its directory is empty but the catalog lists %d block(s) there; they are "
+            "left in the catalog, not loaded (is the disk mounted, the path right?)",
+            tier,
+            count,
+        )
+    return droppable
 
 
 def _claims(
@@ -165,9 +195,10 @@ def _scan(
     return found
 
 
-def _listing(root: Path) -> list[Path]:
+def _listing(root: Path, *, dirs: bool = False) -> list[Path]:
+    """The files in ``root`` (and its directories too with ``dirs``), sorted."""
     try:
-        return sorted(p for p in root.iterdir() if not p.is_dir())
+        return sorted(p for p in root.iterdir() if dirs or not p.is_dir())
     except FileNotFoundError:
         return []
 
@@ -292,6 +323,7 @@ def rebuild(
         "bytes": sum(r.size for r in found.rows),
         "adopted": found.adopted,
         "lost": found.lost,
+        "left": found.left,
         "quarantined": [dataclasses.asdict(q) for q in found.quarantined],
         "temporary_removed": found.temporary_removed,
     }

@@ -428,3 +428,28 @@ def test_a_second_store_on_a_held_data_directory_is_refused_and_moves_nothing(
         kit.new_store()
     assert sorted(p.name for p in tier_dir.iterdir()) == before
     assert kit.store.get("a") == rand(1000, 1)
+
+
+def test_a_tier_directory_missing_for_one_start_loses_no_block(tmp_path: Path) -> None:
+    """A disk mounted late or a mistyped path: the tier's directory is there but holds none of
+    its files. Its rows stay in the catalog (a version 1 file has no other record), and the
+    blocks are all back once the directory is."""
+    kit = StoreKit(tmp_path / "data")
+    for i in range(3):
+        kit.store.put(f"b{i}", rand(1000, i))
+        kit.store.demote(f"b{i}", "L6")
+    kit.store.pin("b0")  # kept in its catalog row only: a rebuilt row would forget it
+    kit.store.close()
+    l6 = tmp_path / "data" / "l6"
+    away = tmp_path / "l6-away"
+    l6.rename(away)
+    kit.store = kit.new_store()  # starts with an empty l6/
+    assert all(f"b{i}" not in kit.store for i in range(3))
+    kit.store.close()
+    shutil.rmtree(l6)
+    away.rename(l6)
+    kit.store = kit.new_store()
+    for i in range(3):
+        assert kit.store.get(f"b{i}") == rand(1000, i)
+    assert kit.store.info("b0")["pinned"] is True
+    assert not (l6 / "quarantine").exists() or not any((l6 / "quarantine").iterdir())
