@@ -15,10 +15,10 @@ and a request may not take such an owner name (422).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from vramancer.api.deps import Operator, RuntimeDep
 from vramancer.api.schemas import AllocationList, AllocationOut, ArbiterOut, Released
@@ -51,15 +51,6 @@ def _managed(owner: str | None) -> tuple[str, str] | None:
 
 router = APIRouter(tags=["allocations"])
 
-#: A size given as a string ("4GiB") has at most this many characters.
-MAX_SIZE_CHARS = 64
-
-
-def _short_size(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > MAX_SIZE_CHARS:
-        raise ValueError(f"a size is at most {MAX_SIZE_CHARS} characters, such as 4GiB")
-    return value
-
 
 class AllocationBody(BaseModel):
     """A request for VRAM."""
@@ -69,7 +60,7 @@ class AllocationBody(BaseModel):
     workload_type: WorkloadType
     priority: Priority = Priority.NORMAL
     #: Bytes, or a size string such as "4GiB".
-    memory: Annotated[Size, BeforeValidator(_short_size)] = Field(gt=0)
+    memory: Size = Field(gt=0)
     #: Refuse (409 insufficient_quality) rather than run below this quality.
     min_quality: float | None = Field(default=None, gt=0, le=1)
     #: ``gpu:N`` (VRAMancer's GPU index; ``cuda:N`` means the same GPU); also checked against

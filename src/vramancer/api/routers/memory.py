@@ -13,13 +13,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from vramancer.api.deps import Admin, Operator, RuntimeDep
 from vramancer.api.schemas import BlockDeleted, BlockPage, BlockStored, EvictReport, TierList
 from vramancer.errors import InvalidInput
 from vramancer.memory.store import MAX_LIST_OFFSET, MAX_PRIORITY, BlockTooLarge, check_block_id
-from vramancer.units import parse_size
+from vramancer.units import Size
 
 router = APIRouter(prefix="/v1/memory", tags=["memory"])
 
@@ -32,16 +32,8 @@ _BLOCK_HEADERS = {
 }
 
 
-def _finite_size(value: Any) -> int:
-    """``units.parse_size``, with sizes too large for a number (``1e400``) refused as input."""
-    try:
-        return parse_size(value)
-    except OverflowError:
-        raise ValueError(f"size is too large (got {value!r:.40})") from None
-
-
-#: Bytes or a size string (``"512MiB"``), as ``units.Size``; an infinite size is a 422.
-EvictSize = Annotated[int, BeforeValidator(_finite_size)]
+#: Bytes or a size string (``"512MiB"``); an infinite or over-long size is a 422.
+EvictSize = Size
 
 
 class EvictRequest(BaseModel):
