@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -37,6 +38,18 @@ capacity = "16MiB"
 
 def rand(n: int, seed: int = 0) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def put_durably(c: httpx.Client, blocks: dict[str, bytes]) -> None:
+    for key, value in blocks.items():
+        r = c.put(f"/v1/memory/blocks/{key}", content=value, params={"durable": "true"})
+        assert r.status_code == 200, r.text
+
+
+def assert_blocks(c: httpx.Client, blocks: dict[str, bytes]) -> None:
+    """Every block reads back byte-identical."""
+    for key, value in blocks.items():
+        assert c.get(f"/v1/memory/blocks/{key}").content == value, key
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -93,8 +106,7 @@ def test_a_copied_data_directory_serves_every_block_and_spares_the_original(
     original.rename(moved)
     on_moved = server_factory(CONFIG, data_dir=moved)
     with on_moved.client() as c:
-        for key, value in blocks.items():
-            assert c.get(f"/v1/memory/blocks/{key}").content == value, key
+        assert_blocks(c, blocks)
 
 
 def test_a_bad_row_or_a_lost_catalog_loses_nothing(
@@ -103,15 +115,13 @@ def test_a_bad_row_or_a_lost_catalog_loses_nothing(
     server = server_factory(CONFIG)
     blocks = {f"r/{i}": rand(3000, i) for i in range(10)}
     with server.client() as c:
-        for key, value in blocks.items():
-            c.put(f"/v1/memory/blocks/{key}", content=value, params={"durable": "true"})
+        put_durably(c, blocks)
     server.stop()
     with sqlite3.connect(server.data_dir / "memory.sqlite") as db:
         db.execute("UPDATE blocks SET shape = 'not json' WHERE id = 'r/3'")
     again = server_factory(CONFIG, data_dir=server.data_dir)
     with again.client() as c:
-        for key, value in blocks.items():
-            assert c.get(f"/v1/memory/blocks/{key}").content == value, key
+        assert_blocks(c, blocks)
         metrics = c.get("/metrics").text
         assert 'vramancer_memory_quarantined_blocks_total{node="' in metrics
     again.kill()
@@ -119,8 +129,7 @@ def test_a_bad_row_or_a_lost_catalog_loses_nothing(
         (server.data_dir / name).unlink(missing_ok=True)
     third = server_factory(CONFIG, data_dir=server.data_dir)
     with third.client() as c:
-        for key, value in blocks.items():
-            assert c.get(f"/v1/memory/blocks/{key}").content == value, key
+        assert_blocks(c, blocks)
 
 
 def test_a_corrupt_catalog_stops_serve_with_the_recovery_and_recover_works(
@@ -129,8 +138,7 @@ def test_a_corrupt_catalog_stops_serve_with_the_recovery_and_recover_works(
     server = server_factory(CONFIG)
     blocks = {f"c/{i}": rand(4000, i) for i in range(25)}
     with server.client() as c:
-        for key, value in blocks.items():
-            c.put(f"/v1/memory/blocks/{key}", content=value, params={"durable": "true"})
+        put_durably(c, blocks)
     server.stop()
     db = server.data_dir / "memory.sqlite"
     raw = db.read_bytes()
@@ -155,8 +163,7 @@ def test_a_corrupt_catalog_stops_serve_with_the_recovery_and_recover_works(
     assert [p.name for p in server.data_dir.glob("memory.sqlite.aside-*")]
     again = server_factory(CONFIG, data_dir=server.data_dir)
     with again.client() as c:
-        for key, value in blocks.items():
-            assert c.get(f"/v1/memory/blocks/{key}").content == value, key
+        assert_blocks(c, blocks)
 
 
 def test_a_second_serve_on_the_same_data_directory_is_refused(
