@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.unit.tasks.records import make_record
 
 from vramancer.devices.types import DeviceVendor, GpuSnapshot, HostSnapshot, SystemSnapshot
 from vramancer.errors import Forbidden, InvalidInput
@@ -105,8 +106,7 @@ def test_which_tasks_need_the_operator_role() -> None:
 
 
 def _record(spec: TaskSpec) -> TaskRecord:
-    return TaskRecord(
-        task_id="t1",
+    return make_record(
         seq=1,
         type=spec.type,
         state=TaskState.SCHEDULED,
@@ -117,19 +117,8 @@ def _record(spec: TaskSpec) -> TaskRecord:
         timeout_s=30.0,
         estimate_s=1.0,
         estimate_key="k",
-        gpu=None,
-        vram_bytes=0,
         device="gpu:0",
         lease_token=1,
-        exit_code=None,
-        error=None,
-        submitted_at=0.0,
-        scheduled_at=None,
-        started_at=None,
-        finished_at=None,
-        not_before=None,
-        cancel_requested=False,
-        pid=None,
     )
 
 

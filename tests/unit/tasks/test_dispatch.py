@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from vramancer.arbiter.types import Priority
+from tests.unit.tasks.records import make_record
+
 from vramancer.tasks.dispatch import WAITING, RoundPlan
-from vramancer.tasks.model import Grant, TaskRecord, TaskState, TaskType
+from vramancer.tasks.model import Grant, TaskRecord, TaskState
 from vramancer.tasks.picker import DeviceView, PickerPolicy
 
 GIB = 1024**3
@@ -30,32 +31,7 @@ def gpu(index: int, total_gib: int, **kw: object) -> DeviceView:
 def task(
     task_id: str, vram_gib: int = 0, state: TaskState = TaskState.QUEUED, gpu: int | None = None
 ) -> TaskRecord:
-    return TaskRecord(
-        task_id=task_id,
-        seq=0,
-        type=TaskType.CMD,
-        state=state,
-        priority=Priority.NORMAL,
-        spec_json="{}",
-        attempts=0,
-        max_retries=0,
-        timeout_s=60.0,
-        estimate_s=60.0,
-        estimate_key="cmd:x",
-        gpu=gpu,
-        vram_bytes=vram_gib * GIB,
-        device=None,
-        lease_token=0,
-        exit_code=None,
-        error=None,
-        submitted_at=0.0,
-        scheduled_at=None,
-        started_at=None,
-        finished_at=None,
-        not_before=None,
-        cancel_requested=False,
-        pid=None,
-    )
+    return make_record(task_id=task_id, state=state, gpu=gpu, vram_bytes=vram_gib * GIB)
 
 
 def test_tasks_that_fit_are_granted_in_turn_and_the_others_wait_with_a_reason() -> None:
