@@ -266,19 +266,16 @@ def cancel(
     if not t.ignored:
         apply(conn, task_id, t, now)
     if t.changed:
-        changes.append(
-            Change(
-                task_id,
-                t.previous,
-                t.state,
-                t.attempts,
-                device,
-                error=t.reason,
-                type=TaskType(kind),
-            )
-        )
+        changes.append(transition_change(task_id, t, kind, device))
     record = conn.execute(f"SELECT {COLS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
     return to_record(record), changes
+
+
+def transition_change(task_id: str, t: Transition, kind: str, device: str | None = None) -> Change:
+    """The committed change of a transition that carries no outcome (its reason as error)."""
+    return Change(
+        task_id, t.previous, t.state, t.attempts, device, error=t.reason, type=TaskType(kind)
+    )
 
 
 def promote_due(conn: sqlite3.Connection, now: float) -> list[Change]:
@@ -291,7 +288,7 @@ def promote_due(conn: sqlite3.Connection, now: float) -> list[Change]:
         t = next_state(to_facts(facts), Trigger.DUE, now, no_backoff)
         if t.changed:
             apply(conn, task_id, t, now)
-            changes.append(Change(task_id, t.previous, t.state, t.attempts, type=TaskType(kind)))
+            changes.append(transition_change(task_id, t, kind))
     return changes
 
 
@@ -317,17 +314,7 @@ def expire_leases(
             max_lease_losses=max_lease_losses,
         )
         apply(conn, task_id, t, now)
-        changes.append(
-            Change(
-                task_id,
-                t.previous,
-                t.state,
-                t.attempts,
-                device,
-                error=t.reason,
-                type=TaskType(kind),
-            )
-        )
+        changes.append(transition_change(task_id, t, kind, device))
         if pid is not None:
             orphans.append(Orphan(task_id, pid, pid_started))
     return changes, orphans
