@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import ServerProcess, start_server
+from tests.natsserver import nats_server  # noqa: F401  (a fixture for the pool tests)
 from vramancer.config import Settings
 
 

@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -39,6 +40,8 @@ from vramancer.models.settings import (
     OllamaSettings,
     ProfilesSettings,
 )
+from vramancer.pool.settings import NatsSettings, default_node_name, node_name_problem
+from vramancer.replication.settings import MIN_SECRET_BYTES, HaRole, HaSettings
 from vramancer.resources.settings import ResourcesSettings
 from vramancer.tasks.settings import TasksSettings
 from vramancer.units import Size
@@ -178,18 +181,27 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Field(default_factory=_default_data_dir)
-    node_name: str = Field(default_factory=socket.gethostname)
+    #: This node's name in the pool (``NODE/gpu:N``); unique among the pool's nodes.
+    node_name: str = Field(default_factory=lambda: default_node_name(socket.gethostname()))
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     tracing: bool = False
     disable_rate_limit: bool = False
-    #: Reserved for HA replication, which is not built yet: turning it on stops start-up.
+    #: HA replication on (``VRM_HA_REPLICATION=1``): every acknowledged change is journaled
+    #: and shipped to ``ha_peers`` (see docs/ha.md).
     ha_replication: bool = False
-    #: Reserved for HA replication (``host1:8470,host2:8470``): setting it stops start-up.
-    ha_peers: str = ""
-    #: Reserved for HA replication (journal size before rotation): setting it stops start-up.
+    #: The peers' API addresses, ``host1:8470,host2:8470``.
+    ha_peers: str = Field(default="", max_length=4096)
+    #: Size of a journal segment before it rotates.
     ha_journal_max: Size = 64 * 1024 * 1024
-    #: Reserved for the pool of machines on NATS, not built yet: setting it stops start-up.
-    nats_url: str | None = None
+    #: The shared secret deltas are signed under (HKDF per UTC hour); at least 32 bytes.
+    ha_secret: SecretStr | None = None
+    #: The role this node starts in; a primary that finds a peer with a higher epoch starts
+    #: as a standby.
+    ha_role: HaRole = HaRole.PRIMARY
+    #: A write is acknowledged only once a peer holds it (``[ha] sync_timeout_s``).
+    ha_sync: bool = False
+    #: Alias of ``[nats] url`` (``VRM_NATS_URL``).
+    nats_url: str | None = Field(default=None, max_length=4096)
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -202,22 +214,45 @@ class Settings(BaseSettings):
     profiles: ProfilesSettings = Field(default_factory=dict)
     arbiter: ArbiterSettings = Field(default_factory=ArbiterSettings)
     tasks: TasksSettings = Field(default_factory=TasksSettings)
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    ha: HaSettings = Field(default_factory=HaSettings)
 
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
 
+    @field_validator("node_name")
+    @classmethod
+    def _node_name(cls, value: str) -> str:
+        problem = node_name_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @model_validator(mode="after")
-    def _refuse_unbuilt(self) -> Settings:
-        """Settings of features that do not exist yet are refused rather than silently ignored,
-        so nobody believes state is replicated or shared when it is not."""
-        problems = [
-            f"{key} (VRM_{key.upper()}): {what} is not built yet in this version; remove "
-            "this setting"
-            for key, what in _UNBUILT.items()
-            if key in self.model_fields_set and _is_set(getattr(self, key))
-        ]
+    def _nats_alias(self) -> Settings:
+        """``VRM_NATS_URL`` / ``nats_url`` is ``[nats] url`` when the section does not say."""
+        if self.nats_url and self.nats.url is None:
+            self.nats = self.nats.model_copy(update={"url": NatsSettings(url=self.nats_url).url})
+        return self
+
+    @model_validator(mode="after")
+    def _check_ha(self) -> Settings:
+        """HA on needs a secret of at least 32 bytes and well-formed peers."""
+        if not self.ha_replication:
+            return self
+        problems = []
+        secret = self.ha_secret.get_secret_value().encode() if self.ha_secret else b""
+        if len(secret) < MIN_SECRET_BYTES:
+            problems.append(
+                f"ha_secret (VRM_HA_SECRET): HA replication needs a secret of at least "
+                f"{MIN_SECRET_BYTES} bytes (got {len(secret)})"
+            )
+        for peer in self.peers:
+            host, _, port = peer.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                problems.append(f"ha_peers (VRM_HA_PEERS): {peer!r} is not host:port")
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
@@ -314,21 +349,6 @@ def _profile_problems(
                 f"{found.allowed_devices} exclude it"
             )
     return problems
-
-
-#: Top-level keys accepted for compatibility whose features are not built yet.
-_UNBUILT = {
-    "ha_replication": "HA replication",
-    "ha_peers": "HA replication",
-    "ha_journal_max": "HA replication (its journal)",
-    "nats_url": "the pool of machines on NATS JetStream",
-}
-
-
-def _is_set(value: object) -> bool:
-    """True for a value that asks for something: ``VRM_HA_REPLICATION=0`` or an empty
-    ``VRM_NATS_URL`` asks for nothing and stays accepted."""
-    return value not in (False, None, "")
 
 
 #: ``VRM_*`` variables that are not settings: the CLI's, and those VRAMancer sets for its tasks.

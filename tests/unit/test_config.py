@@ -167,48 +167,41 @@ def test_the_cli_and_task_variables_are_not_settings_and_not_errors(
     assert Settings.load().server.port == DEFAULT_PORT
 
 
-@pytest.mark.parametrize(
-    ("variable", "value", "feature"),
-    [
-        ("VRM_HA_REPLICATION", "1", "HA replication"),
-        ("VRM_HA_PEERS", "host1:8470", "HA replication"),
-        ("VRM_HA_JOURNAL_MAX", "1MiB", "HA replication (its journal)"),
-        ("VRM_NATS_URL", "nats://127.0.0.1:4222", "NATS JetStream"),
-    ],
-)
-def test_settings_of_features_not_built_yet_stop_start_up(
-    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, feature: str
-) -> None:
-    monkeypatch.setenv(variable, value)
+def test_ha_needs_a_long_secret_and_well_formed_peers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VRM_HA_REPLICATION", "1")
+    monkeypatch.setenv("VRM_HA_SECRET", "short")
+    monkeypatch.setenv("VRM_HA_PEERS", "host1:8470,nohost")
     with pytest.raises(ConfigError) as info:
         Settings.load()
     message = str(info.value)
-    assert variable in message and feature in message and "not built yet" in message
-
-
-def test_unbuilt_features_in_the_file_are_refused_and_their_off_values_accepted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    with pytest.raises(ConfigError, match=r"ha_replication \(VRM_HA_REPLICATION\)"):
-        Settings.load(write(tmp_path, "ha_replication = true\n"))
-    monkeypatch.setenv("VRM_HA_REPLICATION", "0")
-    monkeypatch.setenv("VRM_NATS_URL", "")
+    assert "ha_secret (VRM_HA_SECRET)" in message and "at least 32 bytes (got 5)" in message
+    assert "ha_peers (VRM_HA_PEERS): 'nohost' is not host:port" in message
+    monkeypatch.setenv("VRM_HA_SECRET", "s" * 32)
+    monkeypatch.setenv("VRM_HA_PEERS", "host1:8470, host2:8471")
+    monkeypatch.setenv("VRM_HA_ROLE", "standby")
     s = Settings.load()
-    assert s.ha_replication is False and not s.nats_url
+    assert s.peers == ["host1:8470", "host2:8471"] and s.ha_role == "standby"
+    assert "s" * 32 not in repr(s)  # the secret never shows in a dump
 
 
-def test_serve_refuses_to_start_with_an_unbuilt_feature(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
+def test_ha_off_needs_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VRM_HA_REPLICATION", "0")
+    s = Settings.load()
+    assert s.ha_replication is False and s.ha_secret is None
 
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("VRM_")}
-    env |= {"VRM_DATA_DIR": str(tmp_path / "data"), "VRM_HA_REPLICATION": "1"}
-    cmd = [str(Path(sys.executable).parent / "vramancer"), "serve", "--port", "0"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
-    assert "HA replication is not built yet" in done.stderr
-    assert not (tmp_path / "data").exists()
+
+def test_nats_url_alias_and_node_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VRM_NATS_URL", "nats://127.0.0.1:4222")
+    assert Settings.load().nats.url == "nats://127.0.0.1:4222"
+    # The section wins over the alias.
+    s = Settings.load(write(tmp_path, '[nats]\nurl = "nats://hub:4222,nats://hub2:4222"\n'))
+    assert s.nats.servers == ["nats://hub:4222", "nats://hub2:4222"]
+    monkeypatch.delenv("VRM_NATS_URL")
+    with pytest.raises(ConfigError, match=r"nats\.url: .*'http://hub' is not a NATS server"):
+        Settings.load(write(tmp_path, '[nats]\nurl = "http://hub"\n'))
+    with pytest.raises(ConfigError, match=r"node_name: 'a\.b' cannot name a node"):
+        Settings.load(write(tmp_path, 'node_name = "a.b"\n'))
+    assert Settings.load(write(tmp_path, 'node_name = "box-3090"\n')).node_name == "box-3090"
 
 
 @pytest.mark.parametrize(

@@ -36,17 +36,22 @@ ALLOWED: dict[str, frozenset[str]] = {
     "models": KERNEL | {"devices", "arbiter", "resources"},
     # tasks reaches the memory store and the models through its ports (tasks/ports.py) only.
     "tasks": KERNEL | {"devices", "arbiter"},
-    "replication": KERNEL | {"devices", "memory"},
+    # The pool (NATS JetStream) drives the task service's queue, picker and workers.
+    "pool": KERNEL | {"devices", "arbiter", "tasks"},
+    # Replication journals and applies the state of the services below it.
+    "replication": KERNEL | {"devices", "memory", "arbiter", "models", "tasks"},
     # config imports each section's settings module (checked below), nothing else.
-    "config": KERNEL | {"devices", "resources", "memory", "arbiter", "models", "tasks"},
+    "config": KERNEL
+    | {"devices", "resources", "memory", "arbiter", "models", "tasks", "pool", "replication"},
     "runtime": KERNEL
-    | {"config", "devices", "resources", "memory", "arbiter", "models", "tasks", "replication"},
+    | {"config", "devices", "resources", "memory", "arbiter", "models", "tasks", "replication"}
+    | {"pool"},
     "api": KERNEL
     | {"config", "runtime", "devices", "resources", "memory", "arbiter", "models", "tasks"}
-    | {"replication", "web"},
+    | {"replication", "pool", "web"},
     "cli": KERNEL
     | {"config", "runtime", "devices", "resources", "memory", "arbiter", "models", "tasks"}
-    | {"replication", "api"},
+    | {"replication", "pool", "api"},
     "web": frozenset(),
     "main": frozenset({"cli"}),
     "__init__": frozenset({"_version", "config", "runtime"}),

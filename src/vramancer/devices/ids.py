@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from vramancer.errors import InvalidInput
 
 _LOCAL_RE = re.compile(r"^(?:(cpu)|(?:gpu|cuda):(\d+))$")
-#: A node name: what ``node_name`` allows (host-name characters).
-_NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+#: A node name: what ``node_name`` allows (letters, digits, ``-``, ``_``: node names appear in
+#: NATS subjects and KV keys, where ``.`` separates tokens).
+NODE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+_NODE_RE = re.compile(NODE_NAME_PATTERN)
 FORMS = "'gpu:N', 'cuda:N', 'cpu' or 'NODE/gpu:N'"
 
 
@@ -98,6 +100,16 @@ class DeviceId:
 
 #: The CPU.
 CPU = DeviceId()
+
+
+def node_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a node of a pool, or None."""
+    if _NODE_RE.match(name):
+        return None
+    return (
+        f"{name!r} cannot name a node: 1 to 63 letters, digits, '-' or '_', starting with a "
+        "letter or digit (node names appear in NATS subjects)"
+    )
 
 
 @functools.lru_cache(maxsize=1024)

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vramancer.arbiter.types import Priority
+from vramancer.devices.ids import NODE_NAME_PATTERN
 from vramancer.units import Size
 
 #: Task ids given by callers: used in file names, so no slash and a bounded length.
@@ -215,6 +216,8 @@ class TaskSpec(BaseModel):
     #: A managed model (``[[models]]`` name) the task needs: loaded before its process starts
     #: and held (never reaped or evicted) until it ends.
     model: str | None = Field(default=None, min_length=1, max_length=MAX_MODEL_NAME)
+    #: Pin to this node of the pool (``node_name``); alone, this node.
+    node: str | None = Field(default=None, max_length=63, pattern=NODE_NAME_PATTERN)
 
     @field_validator("cmd")
     @classmethod
@@ -260,7 +263,9 @@ class TaskSpec(BaseModel):
                 raise ValueError(f"'{name}' is only for {kind.value} tasks (type is {self.type})")
         if self.type.maintenance:
             extra = [
-                n for n in ("gpu", "vram", "cwd", "env", "model") if getattr(self, n) is not None
+                n
+                for n in ("gpu", "vram", "cwd", "env", "model", "node")
+                if getattr(self, n) is not None
             ]
             if extra:
                 raise ValueError(
@@ -365,6 +370,8 @@ class TaskRecord:
     ready_at: float | None = None
     #: Who submitted it (``owner_of``), ``system`` for the daemon's own maintenance.
     owner: str = LOCAL_OWNER
+    #: The node of the pool its current (or last) attempt was leased to; None on one machine.
+    node: str | None = None
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -396,6 +403,7 @@ class TaskRecord:
             "attempts": self.attempts,
             "max_retries": self.max_retries,
             "device": self.device,
+            "node": self.node,
             "gpu": self.gpu,
             "vram_bytes": self.vram_bytes,
             "model": spec.get("model"),

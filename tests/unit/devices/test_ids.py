@@ -16,7 +16,7 @@ from vramancer.devices.ids import CPU, DeviceId
         ("cpu", CPU),
         ("CPU", CPU),
         ("box-1/gpu:2", DeviceId(2, "box-1")),
-        ("gpu-box.lan/cuda:1", DeviceId(1, "gpu-box.lan")),
+        ("gpu-box_lan/cuda:1", DeviceId(1, "gpu-box_lan")),
     ],
 )
 def test_parse_accepts_every_input_form(text: str, expected: DeviceId) -> None:
