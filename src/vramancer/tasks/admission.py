@@ -38,6 +38,7 @@ from vramancer.devices.types import SystemSnapshot
 from vramancer.errors import Forbidden, InvalidInput
 from vramancer.tasks.errors import PayloadTooLarge
 from vramancer.tasks.model import LOCAL_OWNER, NewTask, TaskSpec, TaskType
+from vramancer.tasks.ports import PoolPort
 from vramancer.tasks.settings import TasksSettings
 from vramancer.units import format_size
 
@@ -84,6 +85,10 @@ class Context:
     model_names: Callable[[], Sequence[str]] | None
     estimate: Callable[[TaskSpec], float]
     new_id: Callable[[], str] = new_task_id
+    #: This node's name (a task pinned to another node is refused without a pool).
+    node: str | None = None
+    #: The pool this daemon schedules over (None: this machine alone).
+    pool: PoolPort | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +255,15 @@ def check_model(
 
 def check_devices(spec: TaskSpec, ctx: Context, where: str) -> None:
     """A named GPU exists; the VRAM asked for fits what the arbiter may grant on one GPU."""
+    if ctx.pool is not None:
+        check_pool_devices(spec, ctx.pool, where)
+        return
+    if spec.node is not None and spec.node != ctx.node:
+        raise InvalidInput(
+            f"{where}node: no node {spec.node!r} (this daemon is not in a pool; its node is "
+            f"{ctx.node!r})",
+            field="node",
+        )
     snapshot = ctx.snapshot
     gpus = snapshot.gpus
     present = ", ".join(str(g.index) for g in gpus) or "none"
@@ -275,6 +289,29 @@ def check_devices(spec: TaskSpec, ctx: Context, where: str) -> None:
         raise InvalidInput(
             f"{where}the task needs {format_size(need)} of VRAM; no GPU here can grant that "
             f"much (largest: {format_size(largest)})",
+            field="vram",
+        )
+
+
+def check_pool_devices(spec: TaskSpec, pool: PoolPort, where: str) -> None:
+    """In a pool: a pinned node is known and not down; a named GPU exists on a live node (the
+    pinned one); the VRAM asked for fits one of those GPUs."""
+    if spec.node is not None:
+        problem = pool.node_problem(spec.node)
+        if problem is not None:
+            raise InvalidInput(f"{where}node: {problem}", field="node")
+    gpus = [g for g in pool.gpus() if spec.node is None or g.node == spec.node]
+    if spec.gpu is not None:
+        gpus = [g for g in gpus if g.index == spec.gpu]
+        if not gpus:
+            on = f"node {spec.node}" if spec.node else "any live node"
+            raise InvalidInput(f"{where}gpu {spec.gpu} does not exist on {on}", field="gpu")
+    need = spec.vram_bytes
+    largest = max((g.grantable_total_bytes for g in gpus), default=0)
+    if need > largest:
+        raise InvalidInput(
+            f"{where}the task needs {format_size(need)} of VRAM; no GPU of the pool's live "
+            f"nodes can grant that much (largest: {format_size(largest)})",
             field="vram",
         )
 

@@ -20,6 +20,15 @@ from dataclasses import dataclass, field
 from vramancer.tasks.model import Grant, TaskRecord, TaskState
 from vramancer.tasks.picker import DeviceView, PickerPolicy, Placement, assume, hold, pick
 
+
+def pinned_node(record: TaskRecord) -> str | None:
+    """The node a task's body pins it to (``"node"``), or None."""
+    if '"node"' not in record.spec_json:
+        return None
+    node = record.spec.get("node")
+    return node if isinstance(node, str) else None
+
+
 #: Prefix of the reason a waiting task shows (``error`` of its status).
 WAITING = "waiting for a device: "
 
@@ -36,6 +45,8 @@ class RoundPlan:
     #: ``(task_id, reason, state it was read in)`` for tasks that wait.
     waiting: list[tuple[str, str, TaskState]] = field(default_factory=list)
     offered: set[str] = field(default_factory=set)
+    #: The views are a pool's (``NODE/gpu:N``): a task's ``node`` pins it to that node.
+    pool: bool = False
 
     @property
     def free_slots(self) -> int:
@@ -53,7 +64,8 @@ class RoundPlan:
         it has waited longer than this (``starvation_s``): hold a device for it when it does
         not fit (the reason's text stays the same from round to round)."""
         self.offered.add(record.task_id)
-        decision = pick(self.views, record.vram_bytes, record.gpu, self.policy)
+        node = pinned_node(record) if self.pool else None
+        decision = pick(self.views, record.vram_bytes, record.gpu, self.policy, node)
         if isinstance(decision, Placement):
             self.views = assume(self.views, decision, record.vram_bytes)
             self.grants.append(Grant(record.task_id, decision.device, previous=record.state))
@@ -64,7 +76,7 @@ class RoundPlan:
         reason = WAITING + decision.message()
         if overdue_after_s is not None:
             self.views, held = hold(
-                self.views, record.vram_bytes, record.gpu, record.task_id, self.policy
+                self.views, record.vram_bytes, record.gpu, record.task_id, self.policy, node
             )
             if held is not None:
                 reason += f" ({held} is held for it: it has waited over {overdue_after_s:g} s)"

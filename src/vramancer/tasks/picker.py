@@ -67,6 +67,8 @@ class DeviceView:
     own_bytes: int = 0
     #: Held for this long-waiting task: no other task may start here.
     held_for: str | None = None
+    #: The node of the pool this device belongs to (None: this machine, no pool).
+    node: str | None = None
 
     @property
     def available_bytes(self) -> int:
@@ -183,15 +185,24 @@ def _fits(view: DeviceView, need_bytes: int, policy: PickerPolicy) -> bool:
     )
 
 
+def _pinned_out(view: DeviceView, pin: int | None, node: str | None) -> bool:
+    return (pin is not None and view.index != pin) or (node is not None and view.node != node)
+
+
 def pick(
-    views: Sequence[DeviceView], need_bytes: int, pin: int | None, policy: PickerPolicy
+    views: Sequence[DeviceView],
+    need_bytes: int,
+    pin: int | None,
+    policy: PickerPolicy,
+    node: str | None = None,
 ) -> Decision:
-    """Choose a device for a task needing ``need_bytes`` of VRAM, pinned to GPU ``pin`` or not."""
+    """Choose a device for a task needing ``need_bytes`` of VRAM, pinned to GPU ``pin`` (of
+    node ``node`` in a pool) or not."""
     best: DeviceView | None = None
     best_key: tuple[float, float, float, int] | None = None
     binpack = policy.strategy is PickerStrategy.BINPACK
     for order, view in enumerate(views):
-        if pin is not None and view.index != pin:
+        if _pinned_out(view, pin, node):
             continue
         if not _fits(view, need_bytes, policy):
             continue
@@ -208,9 +219,11 @@ def pick(
     reasons = [
         (view.device, ineligibility(view, need_bytes, policy) or "eligible")
         for view in views
-        if pin is None or view.index == pin
+        if not _pinned_out(view, pin, node)
     ]
-    if pin is not None and not reasons:
+    if node is not None and not reasons:
+        reasons.append((node, "no live GPU on this node" if pin is None else "no such GPU"))
+    elif pin is not None and not reasons:
         reasons.append((gpu_name(pin), "no such GPU"))
     return NoRoom(tuple(reasons))
 
@@ -251,11 +264,12 @@ def hold(
     pin: int | None,
     task_id: str,
     policy: PickerPolicy,
+    node: str | None = None,
 ) -> tuple[list[DeviceView], str | None]:
     """Hold for ``task_id`` (which fits nowhere now) the device it would get once our own tasks
     there have ended; returns the views and the held device (None: draining would not help)."""
     free = [v for v in views if v.held_for is None]
-    target = pick([drained(v) for v in free], need_bytes, pin, policy)
+    target = pick([drained(v) for v in free], need_bytes, pin, policy, node)
     if not isinstance(target, Placement):
         return list(views), None
     held = [replace(v, held_for=task_id) if v.device == target.device else v for v in views]

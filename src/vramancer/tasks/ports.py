@@ -12,6 +12,9 @@ small doubles. Only these calls are used:
 * memory: ``warmup(max_blocks) -> int``, ``compress_cold(max_blocks) -> int`` and
   ``maintain()`` (maintenance tasks; plain or async; a store without ``maintain`` makes
   ``rebalance`` do nothing);
+* pool (optional, ``pool/``): the pool of machines this daemon schedules over: the views of
+  every live node's GPUs, whether this daemon holds the dispatch lease, handing a leased task to
+  its node, the GPUs and nodes a submission may name, and another node's logs;
 * models (optional): ``names()`` (the managed models, to refuse an unknown ``model`` at submit)
   and ``use(name)``, an async context manager that loads the model on demand and holds it
   against the idle reaper and eviction until it exits (``ModelManager.use``).
@@ -19,13 +22,15 @@ small doubles. Only these calls are used:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from vramancer.arbiter.types import Allocation, AllocationRequest
 from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import SystemSnapshot
+from vramancer.tasks.model import TaskRecord
+from vramancer.tasks.picker import DeviceView
 
 
 class DevicesPort(Protocol):
@@ -65,3 +70,49 @@ class ModelsPort(Protocol):
     def names(self) -> list[str]: ...
 
     def use(self, name: str) -> AbstractAsyncContextManager[Any]: ...
+
+
+class PoolGpu(Protocol):
+    """A GPU of a live node, as admission sees it."""
+
+    @property
+    def node(self) -> str: ...
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def grantable_total_bytes(self) -> int:
+        """The most a task could ever be granted there (memory, bounded by its budget)."""
+        ...
+
+
+class PoolPort(Protocol):
+    #: This node's name.
+    node: str
+
+    def views(self, now: float) -> list[DeviceView]:
+        """Every live (``up``) node's GPUs as the picker sees them (``NODE/gpu:N``), with the
+        slots and VRAM of the tasks leased to them counted."""
+        ...
+
+    def may_dispatch(self) -> bool:
+        """This daemon holds the pool's dispatch lease (only one orchestrator dispatches)."""
+        ...
+
+    async def launch(self, record: TaskRecord) -> bool:
+        """Hand a task leased to a node over to that node; False when it could not be sent
+        (its lease then runs out and it is queued again)."""
+        ...
+
+    def gpus(self) -> Sequence[PoolGpu]:
+        """The GPUs of the live nodes (admission: a task must fit one)."""
+        ...
+
+    def node_problem(self, node: str) -> str | None:
+        """Why a task cannot be pinned to ``node`` (unknown, down), or None."""
+        ...
+
+    async def logs(self, record: TaskRecord, query: Mapping[str, Any]) -> dict[str, Any]:
+        """The logs of an attempt that ran on another node (``TaskService.logs``'s answer)."""
+        ...

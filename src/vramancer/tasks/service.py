@@ -66,6 +66,7 @@ from vramancer.tasks.maintenance import AUTO_MAINTENANCE, MaintenanceLane
 from vramancer.tasks.model import (
     LOCAL_OWNER,
     READY_STATES,
+    Grant,
     HistoryPage,
     Submitted,
     TaskRecord,
@@ -73,7 +74,7 @@ from vramancer.tasks.model import (
     TaskState,
 )
 from vramancer.tasks.picker import DeviceView, PickerPolicy, build_views
-from vramancer.tasks.ports import ArbiterPort, DevicesPort, MemoryPort, ModelsPort
+from vramancer.tasks.ports import ArbiterPort, DevicesPort, MemoryPort, ModelsPort, PoolPort
 from vramancer.tasks.queue import TaskQueue
 from vramancer.tasks.runner import kill_orphan
 from vramancer.tasks.settings import TasksSettings
@@ -121,8 +122,14 @@ class TaskService:
         queue: TaskQueue | None = None,
         estimator: RuntimeEstimator | None = None,
         models: ModelsPort | None = None,
+        pool: PoolPort | None = None,
+        node: str | None = None,
     ) -> None:
         self.settings = settings
+        #: The pool of machines this daemon schedules over (None: this machine alone).
+        self.pool = pool
+        #: This node's name (``node_name``).
+        self.node = node if node is not None else (pool.node if pool is not None else None)
         #: The model manager tasks may name a ``model`` of (None: tasks cannot).
         self.models = models
         self.data_dir = Path(data_dir)
@@ -210,10 +217,15 @@ class TaskService:
                 self.estimator = HistoryEstimator(
                     self.settings.default_estimate_s, self.settings.estimate_alpha, learned
                 )
-            changes, orphans = await self.queue.expire_leases(
-                self.clock.time(),
-                all_leases=True,
-                max_lease_losses=self.settings.max_lease_losses,
+            # A pool's leases belong to its nodes: they run out by time, never at a start.
+            changes, orphans = (
+                await self.queue.expire_leases(
+                    self.clock.time(),
+                    all_leases=True,
+                    max_lease_losses=self.settings.max_lease_losses,
+                )
+                if self.pool is None
+                else ([], [])
             )
         except BaseException:
             self._unlock()
@@ -320,6 +332,8 @@ class TaskService:
             budgets=lambda: self.arbiter.budget.devices,
             model_names=models.names if models is not None else None,
             estimate=self.estimator.estimate,
+            node=self.node,
+            pool=self.pool,
         )
         decision = admission.admit(specs, ctx, owner=owner, viewer=viewer)
         results, changes = await self.queue.submit(
@@ -387,6 +401,10 @@ class TaskService:
         logs.check_query(max_bytes, stdout_offset, stderr_offset)
         record = await self.status(task_id)
         logs.check_reader(record, reader)
+        if self.pool is not None and record.node not in (None, self.pool.node):
+            query = {"max_bytes": max_bytes, "stdout_offset": stdout_offset}
+            query |= {"stderr_offset": stderr_offset, "attempt": attempt}
+            return await self.pool.logs(record, query)
         return await logs.read_logs(
             self.data_dir,
             record,
@@ -493,6 +511,9 @@ class TaskService:
 
     async def _housekeep(self, now: float) -> None:
         self._last_housekeep = self.clock.monotonic()
+        if self.pool is not None:
+            await self._housekeep_pool(now)
+            return
         promoted, (expired, orphans) = await asyncio.gather(
             self.queue.promote_due(now),
             self.queue.expire_leases(now, max_lease_losses=self.settings.max_lease_losses),
@@ -502,6 +523,20 @@ class TaskService:
         for orphan in orphans:
             if orphan.task_id not in self.workers.active:
                 kill_orphan(orphan.pid, orphan.pid_started, orphan.task_id)
+        self.telemetry.publish([*promoted, *expired])
+        await self._purge(now)
+
+    async def _housekeep_pool(self, now: float) -> None:
+        """In a pool only the orchestrator holding the dispatch lease promotes back-offs and
+        takes back the leases of nodes that stopped renewing them; their processes run on
+        other hosts, so nothing is killed here (a node stops what it lost itself)."""
+        assert self.pool is not None
+        if not self.pool.may_dispatch():
+            return
+        promoted, (expired, _) = await asyncio.gather(
+            self.queue.promote_due(now),
+            self.queue.expire_leases(now, max_lease_losses=self.settings.max_lease_losses),
+        )
         self.telemetry.publish([*promoted, *expired])
         await self._purge(now)
 
@@ -539,12 +574,37 @@ class TaskService:
         devices = [DeviceId.gpu(gpu.index) for gpu in snapshot.gpus]
         return {str(device): self.arbiter.headroom(device) for device in devices}
 
+    def _round_plan(self, now: float) -> RoundPlan | None:
+        if self.pool is None:
+            return RoundPlan(self._views(self.devices.snapshot()), self.policy)
+        if not self.pool.may_dispatch():
+            return None
+        return RoundPlan(self.pool.views(now), self.policy, pool=True)
+
     async def _dispatch_user(self, now: float) -> int:
         if not self.telemetry.lane_count(False, READY_STATES):
             return 0
-        plan = RoundPlan(self._views(self.devices.snapshot()), self.policy)
-        if plan.free_slots == 0:
+        plan = self._round_plan(now)
+        if plan is None or plan.free_slots == 0:
             return 0
+        await self._offer_ready(plan, now)
+        if self.pool is not None:
+            return await self._hand_over(plan, now)
+        (leased, lease_changes), wait_changes = await asyncio.gather(
+            self.queue.lease(
+                plan.grants, worker=self.worker_id, now=now, lease_s=self.settings.lease_s
+            ),
+            self.queue.set_waiting(plan.waiting, now),
+        )
+        self.telemetry.publish([*lease_changes, *wait_changes])
+        started = 0
+        for record in leased:
+            if await self.workers.launch(record, plan.cuda.get(record.task_id)):
+                started += 1
+        return started
+
+    async def _offer_ready(self, plan: RoundPlan, now: float) -> None:
+        """Offer the plan the overdue tasks first, then the ready ones in dispatch order."""
         scan = self.settings.dispatch_scan
         page = min(scan, 8 + 2 * plan.free_slots)
         # Read only about what the free slots can take; read on when tasks did not fit.
@@ -570,17 +630,30 @@ class TaskService:
                 break
             page = min(scan - seen, 8 + 2 * plan.free_slots)
             candidates = await self.queue.ready(maintenance=False, limit=page, offset=seen)
-        (leased, lease_changes), wait_changes = await asyncio.gather(
-            self.queue.lease(
-                plan.grants, worker=self.worker_id, now=now, lease_s=self.settings.lease_s
-            ),
-            self.queue.set_waiting(plan.waiting, now),
+
+    async def _hand_over(self, plan: RoundPlan, now: float) -> int:
+        """A pool's round: lease each grant to its node (the node holds the lease and renews
+        it), then send the task to that node's work subject."""
+        pool = self.pool
+        assert pool is not None
+        by_node: dict[str, list[Grant]] = {}
+        for grant in plan.grants:
+            node = DeviceId.parse(grant.device).node or pool.node
+            by_node.setdefault(node, []).append(grant)
+        lease_s = self.settings.lease_s
+        leases = await asyncio.gather(
+            *(
+                self.queue.lease(grants, worker=node, now=now, lease_s=lease_s)
+                for node, grants in by_node.items()
+            )
         )
-        self.telemetry.publish([*lease_changes, *wait_changes])
+        self.telemetry.publish(await self.queue.set_waiting(plan.waiting, now))
         started = 0
-        for record in leased:
-            if await self.workers.launch(record, plan.cuda.get(record.task_id)):
-                started += 1
+        for records, changes in leases:
+            self.telemetry.publish(changes)
+            for record in records:
+                if await pool.launch(record):
+                    started += 1
         return started
 
     # ----------------------------------------------------------------------------- plumbing

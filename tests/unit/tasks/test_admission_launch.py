@@ -173,3 +173,67 @@ def test_the_host_sees_no_gpu_and_each_kind_has_its_argv() -> None:
     assert argv(py) == [sys.executable, "-m", "vramancer.tasks.pyrun", "m:f", '{"args":[1]}']
     with pytest.raises(InvalidInput):
         argv(TaskSpec(type=TaskType.NOOP))
+
+
+class _Gpu:
+    def __init__(self, node: str, index: int, gib: int) -> None:
+        self.node, self.index, self.grantable_total_bytes = node, index, gib * GIB
+
+
+class _Pool:
+    """A pool of two live nodes and one that is down (the admission side of ``PoolPort``)."""
+
+    node = "hub"
+
+    def gpus(self) -> list[_Gpu]:
+        return [_Gpu("box-3090", 0, 24), _Gpu("box-4090", 0, 24), _Gpu("box-4090", 1, 12)]
+
+    def node_problem(self, node: str) -> str | None:
+        if node == "old":
+            return "node 'old' is down (no heartbeat for 300 s)"
+        if node in ("box-3090", "box-4090"):
+            return None
+        return f"no node {node!r} in the pool"
+
+
+def pool_ctx() -> Context:
+    return Context(
+        settings=TasksSettings(),
+        programs={},
+        snapshot=SNAPSHOT,
+        budgets=lambda: {},
+        model_names=None,
+        estimate=lambda spec: 1.0,
+        node="hub",
+        pool=_Pool(),  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "match"),
+    [
+        ({"node": "nope"}, "node", "node: no node 'nope' in the pool"),
+        ({"node": "old"}, "node", "node: node 'old' is down"),
+        ({"vram": "30GiB"}, "vram", r"no GPU of the pool.s live nodes .*largest: 24.0 GiB"),
+        ({"node": "box-4090", "gpu": 1, "vram": "20GiB"}, "vram", "largest: 12.0 GiB"),
+        ({"node": "box-3090", "gpu": 1}, "gpu", "gpu 1 does not exist on node box-3090"),
+    ],
+)
+def test_a_pool_refuses_what_no_live_node_can_run(
+    body: dict[str, object], field: str, match: str
+) -> None:
+    with pytest.raises(InvalidInput, match=match) as info:
+        admit([{"type": "cmd", "cmd": ["true"], **body}], pool_ctx())
+    assert info.value.details["field"] == field
+
+
+def test_a_pool_admits_a_task_that_fits_a_node() -> None:
+    decision = admit([{"type": "cmd", "cmd": ["true"], "node": "box-4090", "gpu": 1}], pool_ctx())
+    assert decision.tasks[0].spec.node == "box-4090"
+    assert admit([{"type": "cmd", "cmd": ["true"], "vram": "24GiB"}], pool_ctx()).tasks
+
+
+def test_without_a_pool_only_this_node_may_be_named() -> None:
+    with pytest.raises(InvalidInput, match=r"node: no node 'other'.*not in a pool") as info:
+        admit([{"type": "cmd", "cmd": ["mytool"], "node": "other"}], ctx())
+    assert info.value.details["field"] == "node"

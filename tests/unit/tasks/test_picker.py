@@ -358,3 +358,17 @@ def test_properties_a_held_device_never_takes_another_task(
             assert before.held_for is None  # never steals another task's hold
             assert ineligibility(drained(before), need, policy) is None  # it would fit
             current = after
+
+
+def test_a_node_pin_only_considers_that_nodes_gpus() -> None:
+    views = [
+        gpu(0, device="a/gpu:0", node="a", free_gib=2),
+        gpu(0, device="b/gpu:0", node="b"),
+        gpu(1, device="b/gpu:1", node="b", temperature_celsius=90),
+    ]
+    decision = pick(views, GIB, None, SPREAD, "a")
+    assert isinstance(decision, Placement) and decision.device == "a/gpu:0"
+    assert pick(views, 0, 1, SPREAD, "b") == NoRoom((("b/gpu:1", "too hot (90 °C > 78 °C)"),))
+    assert pick(views, 0, None, SPREAD, "c") == NoRoom((("c", "no live GPU on this node"),))
+    free = pick(views, GIB, None, SPREAD)
+    assert isinstance(free, Placement) and free.device == "b/gpu:0"
