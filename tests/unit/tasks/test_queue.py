@@ -1,4 +1,9 @@
-"""The SQLite queue on its own: durability, leases, idempotent completion, order, paging."""
+"""The task queues on their own: durability, leases, idempotent completion, order, paging.
+
+The tests that go through the ``TaskQueue`` Protocol only run on both queues, the embedded
+``SqliteQueue`` and the pool's ``JetStreamQueue`` (on a real nats-server): the fixture
+``queue``. The SQLite-specific ones (files, query plans, group commit, migrations) take
+``sqlite_queue``."""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from vramancer.arbiter.types import Priority
+from tests.natsserver import NatsServer
+from tests.unit.pool.jsqueue_support import jetstream_queue
 from vramancer.tasks.model import (
     Grant,
     NewTask,
@@ -20,6 +27,7 @@ from vramancer.tasks.model import (
     TaskState,
     TaskType,
 )
+from vramancer.tasks.queue import TaskQueue
 from vramancer.tasks.sqlite_queue import SqliteQueue
 from vramancer.tasks.sqlite_rows import OVERDUE_SQL
 
@@ -59,14 +67,28 @@ def delay(attempts: int) -> float:
 
 
 @pytest.fixture
-async def queue(tmp_path: Path) -> AsyncIterator[SqliteQueue]:
+async def sqlite_queue(tmp_path: Path) -> AsyncIterator[SqliteQueue]:
     q = SqliteQueue(tmp_path / "tasks.sqlite")
     await q.open()
     yield q
     await q.close()
 
 
-async def lease_one(q: SqliteQueue, task_id: str, now: float = T0, worker: str = "w1") -> int:
+@pytest.fixture(params=["sqlite", "jetstream"])
+async def queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TaskQueue]:
+    """Each queue in turn, empty and open."""
+    if request.param == "sqlite":
+        q = SqliteQueue(tmp_path / "tasks.sqlite")
+        await q.open()
+        yield q
+        await q.close()
+        return
+    server: NatsServer = request.getfixturevalue("nats_server")
+    async with jetstream_queue(server.url) as js_queue:
+        yield js_queue
+
+
+async def lease_one(q: TaskQueue, task_id: str, now: float = T0, worker: str = "w1") -> int:
     leased, _ = await q.lease([Grant(task_id, "gpu:0")], worker=worker, now=now, lease_s=30)
     assert [r.task_id for r in leased] == [task_id]
     return leased[0].lease_token
@@ -92,7 +114,7 @@ async def test_acknowledged_tasks_survive_closing_and_reopening(tmp_path: Path) 
 
 
 async def test_ready_order_priority_then_expected_duration_then_submission(
-    queue: SqliteQueue,
+    queue: TaskQueue,
 ) -> None:
     await queue.submit(
         [
@@ -110,7 +132,7 @@ async def test_ready_order_priority_then_expected_duration_then_submission(
     assert [r.task_id for r in await queue.ready(maintenance=True, limit=10)] == ["noop"]
 
 
-async def test_idempotency_key_returns_the_first_task(queue: SqliteQueue) -> None:
+async def test_idempotency_key_returns_the_first_task(queue: TaskQueue) -> None:
     results, changes = await queue.submit([new("a", key="k"), new("b", key="k")], T0)
     assert [(r.task_id, r.created) for r in results] == [("a", True), ("a", False)]
     assert len(changes) == 1
@@ -119,7 +141,7 @@ async def test_idempotency_key_returns_the_first_task(queue: SqliteQueue) -> Non
     assert changes == []
 
 
-async def test_a_lease_is_exclusive_and_completion_is_idempotent(queue: SqliteQueue) -> None:
+async def test_a_lease_is_exclusive_and_completion_is_idempotent(queue: TaskQueue) -> None:
     await queue.submit([new("a")], T0)
     token = await lease_one(queue, "a")
     again, _ = await queue.lease([Grant("a", "gpu:1")], worker="w2", now=T0, lease_s=30)
@@ -138,7 +160,7 @@ async def test_a_lease_is_exclusive_and_completion_is_idempotent(queue: SqliteQu
     assert await queue.learned_durations() == {"cmd:true": 1.5}
 
 
-async def test_a_stale_lease_cannot_complete_the_new_attempt(queue: SqliteQueue) -> None:
+async def test_a_stale_lease_cannot_complete_the_new_attempt(queue: TaskQueue) -> None:
     await queue.submit([new("a")], T0)
     old = await lease_one(queue, "a", worker="w1")
     changes, orphans = await queue.expire_leases(T0 + 31)
@@ -154,7 +176,7 @@ async def test_a_stale_lease_cannot_complete_the_new_attempt(queue: SqliteQueue)
     assert record is not None and record.state is TaskState.SCHEDULED and record.attempts == 2
 
 
-async def test_heartbeat_keeps_a_lease_and_expiry_takes_it_back(queue: SqliteQueue) -> None:
+async def test_heartbeat_keeps_a_lease_and_expiry_takes_it_back(queue: TaskQueue) -> None:
     await queue.submit([new("a"), new("b")], T0)
     await lease_one(queue, "a", worker="w1")
     await lease_one(queue, "b", worker="w2")
@@ -165,7 +187,7 @@ async def test_heartbeat_keeps_a_lease_and_expiry_takes_it_back(queue: SqliteQue
     assert [c.task_id for c in changes] == ["a"]
 
 
-async def test_retry_with_backoff_then_failure(queue: SqliteQueue) -> None:
+async def test_retry_with_backoff_then_failure(queue: TaskQueue) -> None:
     await queue.submit([new("a", max_retries=1)], T0)
     token = await lease_one(queue, "a")
     err = Outcome("a", token, OutcomeKind.ERROR, exit_code=7, error="exit code 7")
@@ -182,7 +204,7 @@ async def test_retry_with_backoff_then_failure(queue: SqliteQueue) -> None:
     assert [(c.state, c.attempts, c.exit_code) for c in changes] == [(TaskState.FAILED, 2, 7)]
 
 
-async def test_released_goes_back_without_counting_an_attempt(queue: SqliteQueue) -> None:
+async def test_released_goes_back_without_counting_an_attempt(queue: TaskQueue) -> None:
     await queue.submit([new("a")], T0)
     token = await lease_one(queue, "a")
     changes = await queue.finish(
@@ -191,7 +213,7 @@ async def test_released_goes_back_without_counting_an_attempt(queue: SqliteQueue
     assert [(c.state, c.attempts) for c in changes] == [(TaskState.QUEUED, 0)]
 
 
-async def test_cancel_in_each_state(queue: SqliteQueue) -> None:
+async def test_cancel_in_each_state(queue: TaskQueue) -> None:
     await queue.submit([new("q"), new("r")], T0)
     record, changes = await queue.cancel("q", T0)
     assert record is not None and record.state is TaskState.CANCELLED
@@ -210,7 +232,7 @@ async def test_cancel_in_each_state(queue: SqliteQueue) -> None:
     assert await queue.cancel("missing", T0) == (None, [])
 
 
-async def test_restart_takes_back_every_lease_and_reports_processes(queue: SqliteQueue) -> None:
+async def test_restart_takes_back_every_lease_and_reports_processes(queue: TaskQueue) -> None:
     await queue.submit([new("a"), new("b"), new("c")], T0)
     token = await lease_one(queue, "a")
     await queue.mark_running("a", token, pid=4242, pid_started=123.0, now=T0)
@@ -224,7 +246,7 @@ async def test_restart_takes_back_every_lease_and_reports_processes(queue: Sqlit
     assert [(o.task_id, o.pid, o.pid_started) for o in orphans] == [("a", 4242, 123.0)]
 
 
-async def test_history_pages_newest_first_with_filters(queue: SqliteQueue) -> None:
+async def test_history_pages_newest_first_with_filters(queue: TaskQueue) -> None:
     await queue.submit([new(f"t{i:02d}") for i in range(25)], T0)
     await queue.submit([new(f"u{i:02d}") for i in range(5)], T0 + 100)
     token = await lease_one(queue, "t03")
@@ -249,8 +271,8 @@ async def test_history_pages_newest_first_with_filters(queue: SqliteQueue) -> No
     assert (await queue.history(state=None, since=T0 + 500, cursor=None, limit=3)).tasks == []
 
 
-async def test_hot_queries_use_indexes_not_scans(queue: SqliteQueue) -> None:
-    conn = sqlite3.connect(queue.path)
+async def test_hot_queries_use_indexes_not_scans(sqlite_queue: SqliteQueue) -> None:
+    conn = sqlite3.connect(sqlite_queue.path)
 
     def plan(sql: str, *params: object) -> str:
         rows = conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
@@ -292,12 +314,12 @@ async def test_hot_queries_use_indexes_not_scans(queue: SqliteQueue) -> None:
     conn.close()
 
 
-async def test_group_commit_keeps_concurrent_operations_apart(queue: SqliteQueue) -> None:
+async def test_group_commit_keeps_concurrent_operations_apart(sqlite_queue: SqliteQueue) -> None:
     """Many writers at once share transactions; one failing operation undoes only itself."""
     batches = [[new(f"b{i}-{j}") for j in range(20)] for i in range(20)]
     duplicate_id = [new("b0-0")]  # a given id already taken: returns the old, no error
     results = await asyncio.gather(
-        *(queue.submit(b, T0) for b in batches), queue.submit(duplicate_id, T0)
+        *(sqlite_queue.submit(b, T0) for b in batches), sqlite_queue.submit(duplicate_id, T0)
     )
     assert sum(len(changes) for _, changes in results) == 400
 
@@ -306,16 +328,18 @@ async def test_group_commit_keeps_concurrent_operations_apart(queue: SqliteQueue
         raise RuntimeError("boom")
 
     outcome = await asyncio.gather(
-        queue._write(failing), queue.submit([new("after")], T0), return_exceptions=True
+        sqlite_queue._write(failing),
+        sqlite_queue.submit([new("after")], T0),
+        return_exceptions=True,
     )
     assert isinstance(outcome[0], RuntimeError)
-    assert await queue.learned_durations() == {}  # the failed op's insert was rolled back
-    assert await queue.get("after") is not None
-    counts = await queue.counts()
+    assert await sqlite_queue.learned_durations() == {}  # the failed op's insert was rolled back
+    assert await sqlite_queue.get("after") is not None
+    counts = await sqlite_queue.counts()
     assert counts == {(False, TaskState.QUEUED): 401}
 
 
-async def test_run_times_fold_into_a_moving_average_per_command(queue: SqliteQueue) -> None:
+async def test_run_times_fold_into_a_moving_average_per_command(queue: TaskQueue) -> None:
     await queue.submit([new("a"), new("b"), new("c")], T0)
     tokens = {t: await lease_one(queue, t) for t in ("a", "b", "c")}
     await queue.finish(
@@ -330,7 +354,7 @@ async def test_run_times_fold_into_a_moving_average_per_command(queue: SqliteQue
     assert await queue.learned_durations() == {"cmd:true": pytest.approx(1.6)}  # 1 + 0.3 * 2
 
 
-async def test_a_task_that_keeps_losing_its_lease_ends_failed(queue: SqliteQueue) -> None:
+async def test_a_task_that_keeps_losing_its_lease_ends_failed(queue: TaskQueue) -> None:
     """A task whose worker dies every time (it kills the daemon) must not crash-loop it."""
     await queue.submit([new("crash"), new("cancelled")], T0)
     errors = []
@@ -360,7 +384,7 @@ async def test_a_task_that_keeps_losing_its_lease_ends_failed(queue: SqliteQueue
     assert [(c.task_id, c.state) for c in changes] == [("cancelled", TaskState.CANCELLED)]
 
 
-async def test_lost_leases_do_not_use_up_retries(queue: SqliteQueue) -> None:
+async def test_lost_leases_do_not_use_up_retries(queue: TaskQueue) -> None:
     await queue.submit([new("a", max_retries=1)], T0)
     await lease_one(queue, "a")
     await queue.expire_leases(T0 + 1, all_leases=True)  # attempt 1: lease lost
@@ -375,7 +399,7 @@ async def test_lost_leases_do_not_use_up_retries(queue: SqliteQueue) -> None:
     assert [(c.state, c.attempts) for c in changes] == [(TaskState.FAILED, 3)]
 
 
-async def test_overdue_lists_the_longest_waiting_ready_tasks(queue: SqliteQueue) -> None:
+async def test_overdue_lists_the_longest_waiting_ready_tasks(queue: TaskQueue) -> None:
     await queue.submit([new("old"), new("noop-old", kind=TaskType.NOOP)], T0)
     await queue.submit([new("mid")], T0 + 10)
     await queue.submit([new("new")], T0 + 20)
@@ -406,7 +430,7 @@ async def test_overdue_lists_the_longest_waiting_ready_tasks(queue: SqliteQueue)
 
 
 async def test_set_waiting_reports_the_change_once_and_refreshes_the_reason(
-    queue: SqliteQueue,
+    queue: TaskQueue,
 ) -> None:
     await queue.submit([new("a")], T0)
     first = await queue.set_waiting([("a", "gpu:0 too hot", TaskState.QUEUED)], T0)
@@ -427,7 +451,7 @@ async def test_set_waiting_reports_the_change_once_and_refreshes_the_reason(
 
 
 async def test_purge_deletes_old_ended_tasks_in_batches_never_the_newest(
-    queue: SqliteQueue,
+    queue: TaskQueue,
 ) -> None:
     await queue.submit([new(f"old{i}") for i in range(5)], T0)
     await queue.submit([new("old-waiting")], T0)
