@@ -129,6 +129,9 @@ class PoolConnection:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_error: str | None = None
+        #: A refusal of our credentials seen since the last connect: it outlives the socket
+        #: errors that follow it (the server closes the connection after refusing).
+        self._refusal: str | None = None
         self._outage_logged = False
         self._version: tuple[int, int, int] | None = None
         self._stopping = False
@@ -150,9 +153,11 @@ class PoolConnection:
 
     @property
     def last_error(self) -> str | None:
-        """The last failure seen (connecting, authenticating, a callback); None once connected
-        again."""
-        return self._last_error
+        """The last failure seen (connecting, authenticating, a callback); a refusal of the
+        credentials is kept over the socket errors that follow it. None once connected again."""
+        if self._refusal is not None and self._refusal != self._last_error:
+            return f"{self._refusal} (then {self._last_error})"
+        return self._refusal or self._last_error
 
     @property
     def server_version(self) -> tuple[int, int, int] | None:
@@ -181,7 +186,8 @@ class PoolConnection:
     def unavailable(self, doing: str | None = None) -> NatsUnavailable:
         """The error to raise while the servers cannot be reached."""
         where = ", ".join(self._settings.servers) or "(no [nats] url)"
-        reason = f": {self._last_error}" if self._last_error else ""
+        error = self.last_error
+        reason = f": {error}" if error else ""
         what = f"{doing}: " if doing else ""
         return NatsUnavailable(f"{what}NATS at {where} is not reachable{reason}", servers=where)
 
@@ -304,6 +310,7 @@ class PoolConnection:
             return
         self._version = _version_of(client)
         self._last_error = None
+        self._refusal = None
         self._outage_logged = False
         self._generation += 1
         self._ready.clear()
@@ -317,6 +324,12 @@ class PoolConnection:
 
     def _note_error(self, exc: BaseException) -> None:
         self._last_error = describe(exc)
+        refused = isinstance(exc, nats.errors.AuthorizationError) or (
+            "authorization" in self._last_error.lower()
+        )
+        if refused and self._refusal is None:
+            self._refusal = self._last_error
+            self._outage_logged = False
         if self._outage_logged:
             log.debug("NATS: %s", self._last_error)
         else:

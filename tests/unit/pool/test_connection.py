@@ -150,7 +150,7 @@ async def test_token_auth(nats_server: NatsServer, connect: Connect) -> None:
     await asyncio.sleep(0.3)
     assert wrong.state == "disconnected"
     assert "authorization" in (wrong.last_error or "").lower()
-    with pytest.raises(NatsUnavailable, match="(?i)authorization"):
+    with pytest.raises(NatsUnavailable, match=r"(?i)authorization"):
         _ = wrong.js
 
 
@@ -186,4 +186,4 @@ async def test_settings_that_cannot_work_are_refused_at_start(tmp_path: Path) ->
             await conn.start()
         await conn.stop()
     with pytest.raises(ConfigError, match=r"nats\.url"):
-        await PoolConnection(pool_settings(url) .model_copy(update={"url": None}), name="x").start()
+        await PoolConnection(pool_settings(url).model_copy(update={"url": None}), name="x").start()
