@@ -297,9 +297,12 @@ class PoolConnection:
                 raise
             except Exception as exc:
                 self._note_error(exc)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), 5)
                 await asyncio.sleep(self._settings.reconnect_wait_s)
                 self._client = Client()
                 self._jetstream = None
+                self._kvs.clear()
                 continue
             await self._on_up("connected")
             return

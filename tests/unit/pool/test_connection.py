@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -187,3 +189,55 @@ async def test_settings_that_cannot_work_are_refused_at_start(tmp_path: Path) ->
         await conn.stop()
     with pytest.raises(ConfigError, match=r"nats\.url"):
         await PoolConnection(pool_settings(url).model_copy(update={"url": None}), name="x").start()
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
+
+
+def _certificates(where: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, signed by the CA."""
+    files = {n: where / f"{n}.pem" for n in ("ca", "ca-key", "srv", "srv-key", "cli", "cli-key")}
+    key = ["-newkey", "rsa:2048", "-nodes"]
+    _openssl(
+        "req",
+        "-x509",
+        *key,
+        "-subj",
+        "/CN=vrm-ca",
+        "-days",
+        "2",
+        "-keyout",
+        files["ca-key"],
+        "-out",
+        files["ca"],
+    )
+    ext = where / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    ca = ["-CA", files["ca"], "-CAkey", files["ca-key"], "-CAcreateserial"]
+    for name in ("srv", "cli"):
+        csr = where / f"{name}.csr"
+        _openssl("req", *key, "-subj", f"/CN={name}", "-keyout", files[f"{name}-key"], "-out", csr)
+        _openssl(
+            "x509", "-req", "-in", csr, *ca, "-days", "2", "-extfile", ext, "-out", files[name]
+        )
+    return files
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make certificates")
+async def test_tls_with_a_client_certificate(
+    nats_server: NatsServer, connect: Connect, tmp_path: Path
+) -> None:
+    pem = _certificates(tmp_path)
+    nats_server.extra_args = ["--tlsverify", "--tlscacert", str(pem["ca"])]
+    nats_server.extra_args += ["--tlscert", str(pem["srv"]), "--tlskey", str(pem["srv-key"])]
+    nats_server.restart()
+    good = await connect(name="tls", tls_ca=pem["ca"], tls_cert=pem["cli"], tls_key=pem["cli-key"])
+    assert await good.wait_ready(10)
+    await (await good.kv(NODES_BUCKET)).put("x", b"1")
+
+    # The system's CAs do not know this server's certificate.
+    stranger = await connect(name="stranger", tls_cert=pem["cli"], tls_key=pem["cli-key"])
+    await eventually(lambda: stranger.last_error is not None, what="the refusal recorded")
+    assert not stranger.connected
+    assert "certificate" in (stranger.last_error or "").lower()
