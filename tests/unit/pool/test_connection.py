@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -241,3 +242,22 @@ async def test_tls_with_a_client_certificate(
     await eventually(lambda: stranger.last_error is not None, what="the refusal recorded")
     assert not stranger.connected
     assert "certificate" in (stranger.last_error or "").lower()
+
+
+async def test_nkey_seed(nats_server: NatsServer, connect: Connect, tmp_path: Path) -> None:
+    nkeys = pytest.importorskip("nkeys", reason="the nkeys package (nats extra) is not installed")
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    config = tmp_path / "nkey.conf"
+    config.write_text(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n')
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed + b"\n")
+    nats_server.extra_args = ["-c", str(config)]
+    nats_server.restart()
+
+    good = await connect(name="nkey", nkey_seed=seed_file)
+    assert await good.wait_ready(10)
+    anonymous = await connect(name="anonymous")
+    await eventually(lambda: anonymous.last_error is not None, what="the refusal recorded")
+    assert not anonymous.connected
+    assert "authorization" in (anonymous.last_error or "").lower()
