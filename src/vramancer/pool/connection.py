@@ -64,6 +64,8 @@ BUCKETS = (NODES_BUCKET, TASKS_BUCKET, POOL_BUCKET)
 DEAD_MAX_AGE_S = 7 * 86400.0
 #: The longest pause between two tries of a failing on-connect callback.
 MAX_RETRY_S = 30.0
+#: Unanswered pings (one per ``heartbeat_s``) after which the connection counts as lost.
+PINGS_OUTSTANDING = 3
 #: JetStream's error code for "stream name already in use" (a concurrent creation).
 _STREAM_NAME_IN_USE = 10058
 
@@ -263,6 +265,10 @@ class PoolConnection:
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": s.reconnect_wait_s,
             "connect_timeout": s.connect_timeout_s,
+            # A server that vanished without closing the socket (a host down, a partition) is
+            # noticed after PINGS_OUTSTANDING unanswered pings, not nats-py's default 4 minutes.
+            "ping_interval": max(1.0, s.heartbeat_s),
+            "max_outstanding_pings": PINGS_OUTSTANDING,
             "error_cb": self._on_error,
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
@@ -372,6 +378,7 @@ class PoolConnection:
             if not failed:
                 delay = self._settings.reconnect_wait_s
                 if not self._wake.is_set():
+                    self._last_error = None
                     self._ready.set()
                 continue
             with contextlib.suppress(TimeoutError):
@@ -456,10 +463,21 @@ class PoolConnection:
         js = self.js
         assert config.name is not None
         try:
-            await js.stream_info(config.name)
-            return
+            found = await js.stream_info(config.name)
         except nats.js.errors.NotFoundError:
-            pass
+            found = None
+        if found is not None:
+            have = (found.config.retention, found.config.subjects)
+            if have != (config.retention, config.subjects):
+                log.warning(
+                    "NATS: stream %s exists with retention %s and subjects %s (expected %s, %s); "
+                    "it is left as it is",
+                    config.name,
+                    *have,
+                    config.retention,
+                    config.subjects,
+                )
+            return
         try:
             await js.add_stream(config)
             log.info("NATS: created stream %s", config.name)

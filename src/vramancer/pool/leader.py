@@ -1,13 +1,16 @@
 """The dispatch lease: only one orchestrator of the pool dispatches tasks at a time.
 
 The lease is the key ``dispatch`` of the ``vrm_pool`` bucket, holding
-``{"holder": NAME, "expires_at": UNIX_SECONDS}``. Every write is a compare-and-set on the key's
-revision, so two orchestrators can never both write it from the same state:
+``{"holder": NAME, "expires_at": UNIX_SECONDS, "token": RANDOM}``. Every write is a
+compare-and-set on the key's revision, so two orchestrators never both write it from the same
+state:
 
 * absent (or deleted): ``create`` (fails if another got there first);
 * expired (``expires_at`` at or before this host's clock): ``update(last=its revision)``;
 * ours: renewed with ``update(last=our revision)``; a renewal that fails means another
-  orchestrator took it over (or NATS cannot be reached), and the lease is lost at once.
+  orchestrator took it over (or NATS cannot be reached), and the lease is lost at once (a
+  record this very object wrote, still there after such a failure, is taken back by the next
+  tick with a compare-and-set on its revision).
 
 :meth:`DispatchLease.tick` is called every ``ttl_s / 3`` or so by the dispatch loop, which
 dispatches only while :attr:`DispatchLease.held`. ``held`` also turns false by itself once the
@@ -26,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 
 import nats.errors
@@ -50,9 +54,14 @@ class LeaseRecord:
     holder: str
     #: Unix seconds (the holder's wall clock when it wrote it, plus ``ttl_s``).
     expires_at: float
+    #: Random per :class:`DispatchLease` object: a record of ours is taken back at once after a
+    #: failed renewal; one under our name but another token (two processes given the same
+    #: holder name) is waited out like anyone else's.
+    token: str = ""
 
     def to_json(self) -> bytes:
-        return json.dumps({"holder": self.holder, "expires_at": self.expires_at}).encode()
+        data = {"holder": self.holder, "expires_at": self.expires_at, "token": self.token}
+        return json.dumps(data).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | None) -> LeaseRecord | None:
@@ -70,7 +79,8 @@ class LeaseRecord:
             return None
         if not isinstance(expires, int | float) or not math.isfinite(expires):
             return None
-        return cls(holder, float(expires))
+        token = data.get("token", "")
+        return cls(holder, float(expires), token if isinstance(token, str) else "")
 
 
 class DispatchLease:
@@ -101,6 +111,7 @@ class DispatchLease:
         #: Monotonic time after which we no longer count on the lease without a renewal.
         self._valid_until = 0.0
         self._seen: str | None = None
+        self._token = secrets.token_hex(8)
 
     @property
     def held(self) -> bool:
@@ -130,7 +141,7 @@ class DispatchLease:
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return await self._write(kv, None)
         record = LeaseRecord.from_json(entry.value)
-        if record is not None and record.holder != self._holder:
+        if record is not None and record.token != self._token:
             self._seen = record.holder
             if record.expires_at > self._clock.time():
                 return False
@@ -139,7 +150,8 @@ class DispatchLease:
     async def _write(self, kv: KeyValue, last: int | None) -> bool:
         """Write our record: ``create`` (``last`` None) or compare-and-set on ``last``."""
         sent = self._clock.monotonic()
-        value = LeaseRecord(self._holder, self._clock.time() + self._ttl_s).to_json()
+        expires_at = self._clock.time() + self._ttl_s
+        value = LeaseRecord(self._holder, expires_at, self._token).to_json()
         try:
             if last is None:
                 revision = await kv.create(DISPATCH_KEY, value)

@@ -518,8 +518,10 @@ class Heartbeat:
         self._failing = True
 
     async def _loop(self) -> None:
+        # The first beat comes with the connection (the on-connect callback), or after one
+        # period when the servers cannot be reached: none is tried before the first connect.
         while True:
-            self._now.clear()
-            await self.beat()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._now.wait(), self._period_s)
+            self._now.clear()
+            await self.beat()

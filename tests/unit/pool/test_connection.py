@@ -139,6 +139,7 @@ async def test_a_failing_callback_is_logged_retried_and_never_drops_the_connecti
     assert after == [1]  # the one after it ran once, not again for the retry
     assert any("not yet" in r.getMessage() for r in caplog.records)
     assert await conn.wait_ready(5)
+    assert conn.last_error is None  # cleared once every callback has run
 
 
 async def test_token_auth(nats_server: NatsServer, connect: Connect) -> None:

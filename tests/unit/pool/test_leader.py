@@ -40,7 +40,8 @@ async def test_only_one_holds(connect: Connect) -> None:
     assert not await b.tick()
     kv = await conn.kv(POOL_BUCKET)
     record = LeaseRecord.from_json((await kv.get(DISPATCH_KEY)).value)
-    assert record == LeaseRecord("orch-a", clock.time() + TTL)
+    assert record is not None
+    assert (record.holder, record.expires_at) == ("orch-a", clock.time() + TTL)
 
 
 async def test_a_holder_that_stops_renewing_is_taken_over_after_the_ttl(
@@ -103,3 +104,16 @@ async def test_losing_nats_means_not_held(nats_server: NatsServer, connect: Conn
     assert await conn.wait_ready(10)
     # Its own record, written before the outage: taken back at once.
     assert await a.tick() and a.held
+
+
+async def test_a_second_process_under_the_same_name_waits_for_the_expiry(
+    connect: Connect,
+) -> None:
+    clock = ManualClock()
+    a, _, conn = await _leases(connect, clock)
+    twin = DispatchLease(conn, holder="orch-a", ttl_s=TTL, clock=clock, skew_s=1.0)
+    assert await a.tick()
+    assert not await twin.tick() and not twin.held
+    clock.advance(TTL)
+    assert await twin.tick() and twin.held
+    assert not await a.tick() and not a.held
