@@ -36,6 +36,7 @@ from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConf
 from nats.js.kv import KeyValue
 
 from vramancer.errors import BackendUnavailable, ConfigError
+from vramancer.pool.kvbucket import DEFAULT_MAX_VALUE
 from vramancer.pool.settings import NatsSettings
 from vramancer.pool.subjects import (
     DEAD_STREAM,
@@ -58,7 +59,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The pool's KV buckets (history 1 each: the latest value is all anyone reads).
+#: The pool's KV buckets (history 1 each: the latest value is all anyone reads; direct gets;
+#: values up to the task queue's ``DEFAULT_MAX_VALUE``).
 BUCKETS = (NODES_BUCKET, TASKS_BUCKET, POOL_BUCKET)
 #: Dead letters are kept this long (seconds).
 DEAD_MAX_AGE_S = 7 * 86400.0
@@ -448,6 +450,9 @@ class PoolConnection:
                 history=1,
                 storage=StorageType.FILE,
                 replicas=self._settings.replicas,
+                # The task queue's own settings (pool/kvbucket.py), whoever creates it first.
+                max_value_size=DEFAULT_MAX_VALUE,
+                direct=True,
             )
             try:
                 kv = await js.create_key_value(config)

@@ -19,6 +19,7 @@ from tests.natsserver import NatsServer
 from tests.unit.pool.conftest import eventually, pool_settings
 from vramancer.errors import ConfigError
 from vramancer.pool.connection import DEAD_MAX_AGE_S, NatsUnavailable, PoolConnection
+from vramancer.pool.kvbucket import DEFAULT_MAX_VALUE
 from vramancer.pool.subjects import (
     DEAD_STREAM,
     NODES_BUCKET,
@@ -58,7 +59,9 @@ async def test_a_server_down_at_start_is_waited_for_then_the_infra_is_created(
     for bucket in (NODES_BUCKET, TASKS_BUCKET, POOL_BUCKET):
         status = await (await conn.js.key_value(bucket)).status()
         assert status.history == 1, bucket
-        assert status.stream_info.config.storage == StorageType.FILE
+        config = status.stream_info.config
+        assert config.storage == StorageType.FILE and config.allow_direct
+        assert config.max_msg_size == DEFAULT_MAX_VALUE
 
     # Idempotent, here and from a second node.
     await conn.ensure_infra()
