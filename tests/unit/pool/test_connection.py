@@ -46,6 +46,7 @@ async def test_a_server_down_at_start_is_waited_for_then_the_infra_is_created(
     assert await conn.wait_ready(10)
     assert conn.state == "connected" and conn.last_error is None
     assert conn.server_version is not None and conn.server_version >= (2, 9, 0)
+    assert conn.server_at_least(2, 9) and not conn.server_at_least(99, 0)
 
     work = await conn.js.stream_info(WORK_STREAM)
     assert work.config.subjects == ["vrm.work.>"]
