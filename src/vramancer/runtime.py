@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from enum import StrEnum
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vramancer import event_types as ev
 from vramancer.arbiter.arbiter import Arbiter
 from vramancer.clock import Clock, SystemClock
 from vramancer.config import Settings
 from vramancer.devices.manager import DeviceManager
+from vramancer.errors import ConfigError
 from vramancer.events import EventBus
 from vramancer.files import private_dir
 from vramancer.memory.regulator import HostMemoryRegulator
@@ -31,6 +33,9 @@ from vramancer.observability.metrics import Metrics
 from vramancer.resources.orchestrator import ResourceOrchestrator
 from vramancer.tasks.service import TaskService
 
+if TYPE_CHECKING:
+    from vramancer.pool.node import PoolNode
+
 log = logging.getLogger(__name__)
 
 
@@ -40,11 +45,65 @@ class Component(Protocol):
     async def stop(self) -> None: ...
 
 
+class NodeRole(StrEnum):
+    """What this process is: ``vramancer serve`` (the API, and in a pool an orchestrator) or
+    ``vramancer worker`` (a node of a pool that only runs the tasks given to its GPUs)."""
+
+    SERVE = "serve"
+    WORKER = "worker"
+
+
+class _TasksPart:
+    """The task service, dispatching or not (a pool's worker only runs what it is given)."""
+
+    def __init__(self, tasks: TaskService, *, dispatch: bool) -> None:
+        self.tasks, self.dispatch = tasks, dispatch
+
+    async def start(self) -> None:
+        await self.tasks.start(dispatch=self.dispatch)
+
+    async def stop(self) -> None:
+        await self.tasks.stop()
+
+
+class _PoolWork:
+    """A pool node's heartbeat, worker and dispatch lease: started once the tasks are."""
+
+    def __init__(self, pool: PoolNode) -> None:
+        self.pool = pool
+
+    async def start(self) -> None:
+        await self.pool.start_work()
+
+    async def stop(self) -> None:
+        await self.pool.stop_work()
+
+
+def _pool_node() -> type[PoolNode]:
+    """``PoolNode``, imported only for a pool: nats-py is an extra (``vramancer[nats]``)."""
+    try:
+        from vramancer.pool.node import PoolNode
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("nats"):
+            raise
+        raise ConfigError(
+            "[nats] url is set but the NATS client is not installed: pip install 'vramancer[nats]'"
+        ) from None
+    return PoolNode
+
+
 class Runtime:
     """Owns the subsystems' lifecycle. Construct cheaply; ``start()`` does the I/O."""
 
-    def __init__(self, settings: Settings | None = None, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        clock: Clock | None = None,
+        role: NodeRole = NodeRole.SERVE,
+    ) -> None:
         self.settings = settings if settings is not None else Settings.load()
+        self.role = role
         self.clock: Clock = clock if clock is not None else SystemClock()
         s = self.settings
         self.events = EventBus(clock=self.clock.time)
@@ -86,6 +145,17 @@ class Runtime:
         self.resources = ResourceOrchestrator(
             s.resources, self.devices, metrics=self.metrics, models=self.models
         )
+        #: This node of a pool of machines (``[nats] url``); None: this machine alone.
+        self.pool: PoolNode | None = None
+        if s.nats.enabled or role is NodeRole.WORKER:
+            self.pool = _pool_node()(
+                s.nats,
+                s.tasks,
+                node=s.node_name,
+                orchestrator=role is NodeRole.SERVE,
+                clock=self.clock,
+                estimate_alpha=s.tasks.estimate_alpha,
+            )
         self.tasks = TaskService(
             s.tasks,
             data_dir=s.data_dir,
@@ -96,6 +166,10 @@ class Runtime:
             metrics=self.metrics,
             clock=self.clock,
             models=self.models,
+            queue=self.pool.queue if self.pool is not None else None,
+            pool=self.pool.scheduler if self.pool is not None else None,
+            node=s.node_name,
+            shared_queue=self.pool is not None,
         )
         self._components: list[Component] = [
             self.devices,
@@ -103,8 +177,16 @@ class Runtime:
             self.regulator,
             self.arbiter,
             self.models,
-            self.tasks,
         ]
+        if self.pool is None:
+            self._components.append(self.tasks)
+        else:
+            self.pool.attach(self.tasks, self.devices, self.arbiter)
+            self._components += [
+                self.pool,
+                _TasksPart(self.tasks, dispatch=role is NodeRole.SERVE),
+                _PoolWork(self.pool),
+            ]
         self._started: list[Component] = []
         self.running = False
 

@@ -21,6 +21,7 @@ from vramancer.api.guard import AuthMiddleware, Gate
 from vramancer.api.ratelimit import BodyLimitMiddleware, LimitsMiddleware, TokenBuckets
 from vramancer.api.routers import (
     allocations,
+    cluster,
     devices,
     events,
     gpu,
@@ -37,7 +38,18 @@ from vramancer.config import Role, Settings
 from vramancer.runtime import Runtime
 
 #: Routers that need at least the viewer role (each may ask for more per route).
-_PROTECTED = (system, devices, memory, models, gpu, profile, allocations, tasks, events)
+_PROTECTED = (
+    system,
+    devices,
+    cluster,
+    memory,
+    models,
+    gpu,
+    profile,
+    allocations,
+    tasks,
+    events,
+)
 
 
 def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:

@@ -60,6 +60,8 @@ class Health(BaseModel):
 
     status: Literal["ok", "starting"]
     version: str
+    #: In a pool: whether this daemon reaches its NATS servers (absent on one machine).
+    nats: Literal["connected", "disconnected"] | None = None
 
 
 # -- system ---------------------------------------------------------------------------------------
@@ -516,6 +518,8 @@ class TaskStatus(Answer):
     attempts: int
     max_retries: int
     device: str | None
+    #: The node of the pool its attempt was leased to (None on one machine).
+    node: str | None
     gpu: int | None
     vram_bytes: int | None
     model: str | None
@@ -578,3 +582,33 @@ class TaskLogs(Answer):
     truncated: bool
     stdout_next: int
     stderr_next: int
+
+
+# -- cluster --------------------------------------------------------------------------------------
+
+
+class ClusterDevice(Answer):
+    """A GPU of a node: ``NODE/gpu:N``."""
+
+    id: str
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    simulated: bool
+
+
+class ClusterNode(Answer):
+    """One node of ``GET /v1/cluster/nodes``."""
+
+    name: str
+    state: Literal["up", "stale", "down"]
+    #: Unix seconds.
+    last_heartbeat: float
+    devices: list[ClusterDevice]
+    running_tasks: int
+
+
+class ClusterNodes(Answer):
+    """``GET /v1/cluster/nodes``."""
+
+    nodes: list[ClusterNode]

@@ -59,7 +59,7 @@ class JsonLogFormatter(logging.Formatter):
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _configure_logging(level: str, as_json: bool) -> None:
+def configure_logging(level: str, as_json: bool) -> None:
     handler = logging.StreamHandler()
     if as_json:
         handler.setFormatter(JsonLogFormatter())
@@ -112,7 +112,7 @@ def serve(
                 f"({exc.strerror or exc})",
                 code=2,
             )
-    _configure_logging(level, json_out)
+    configure_logging(level, json_out)
     # With --json, uvicorn's loggers propagate to the root handler above instead of its own.
     log_config = None if json_out else uvicorn.config.LOGGING_CONFIG
     uvicorn.run(

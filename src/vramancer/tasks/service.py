@@ -124,10 +124,14 @@ class TaskService:
         models: ModelsPort | None = None,
         pool: PoolPort | None = None,
         node: str | None = None,
+        shared_queue: bool | None = None,
     ) -> None:
         self.settings = settings
         #: The pool of machines this daemon schedules over (None: this machine alone).
         self.pool = pool
+        #: The queue is shared by the nodes of a pool (a pool's orchestrator, or a worker): its
+        #: leases belong to their nodes and are never all taken back at a start.
+        self.shared_queue = pool is not None if shared_queue is None else shared_queue
         #: This node's name (``node_name``).
         self.node = node if node is not None else (pool.node if pool is not None else None)
         #: The model manager tasks may name a ``model`` of (None: tasks cannot).
@@ -224,7 +228,7 @@ class TaskService:
                     all_leases=True,
                     max_lease_losses=self.settings.max_lease_losses,
                 )
-                if self.pool is None
+                if not self.shared_queue
                 else ([], [])
             )
         except BaseException:

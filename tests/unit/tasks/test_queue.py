@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
-from vramancer.arbiter.types import Priority
 from tests.natsserver import NatsServer
 from tests.unit.pool.jsqueue_support import jetstream_queue
+
+from vramancer.arbiter.types import Priority
 from vramancer.tasks.model import (
     Grant,
     NewTask,

@@ -16,7 +16,8 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz")
 async def healthz(rt: RuntimeDep) -> Health:
     """Liveness: the process answers and its runtime has started."""
-    return Health(status="ok" if rt.running else "starting", version=__version__)
+    nats = rt.pool.conn.state if rt.pool is not None else None
+    return Health(status="ok" if rt.running else "starting", version=__version__, nats=nats)
 
 
 @router.get(
