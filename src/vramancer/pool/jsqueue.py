@@ -74,6 +74,8 @@ CONCURRENCY = 256
 CAS_TRIES = 32
 #: Seconds ``open``/``resync`` waits for the watcher to deliver the whole bucket.
 LOAD_TIMEOUT_S = 60.0
+#: Seconds between two tries of a ``resync`` that failed.
+RESYNC_RETRY_S = 0.25
 
 
 def facts(r: TaskRecord) -> TaskFacts:
@@ -219,11 +221,24 @@ class JetStreamQueue:
         await self._load()
         self._opened = True
 
-    async def resync(self) -> None:
+    async def resync(self, *, timeout_s: float = LOAD_TIMEOUT_S) -> None:
         """Watch the bucket anew and reload it (after a reconnect: the old watcher may have
-        missed writes). Reads answer from the previous copy until the new one is whole."""
-        await self.bucket.ensure()
-        await self._load()
+        missed writes). Reads answer from the previous copy until the new one is whole.
+
+        A server that just restarted answers JetStream requests only once it recovered its
+        streams: failed tries are repeated for up to ``timeout_s``. A connection lost again
+        (the ``BackendUnavailable`` of ``js()``) ends it at once: the next reconnect calls
+        it again."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                await self.bucket.ensure()
+                await self._load()
+                return
+            except QueueUnavailable:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+            await asyncio.sleep(RESYNC_RETRY_S)
 
     async def close(self) -> None:
         self._opened = False
@@ -429,7 +444,9 @@ class JetStreamQueue:
             held = self._mirror.keys.get(rec.idempotency_key(key))
             if held is not None:
                 self._same_owner(t, held[0].owner, by_key=True)
-                return held[0].task_id
+                if held[0].task_id in self._mirror.tasks:
+                    return held[0].task_id
+                # its task is not here (yet): the key's create settles it (``_key_taken``)
         if t.task_id in by_id:
             self._same_owner(t, by_id[t.task_id].task.owner, by_key=False)
             return by_id[t.task_id]
