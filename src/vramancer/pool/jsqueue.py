@@ -183,6 +183,8 @@ class _Slot:
     #: For a repeat of an earlier task of the same batch: that task's slot.
     same_as: _Slot | None = None
     created: bool = False
+    #: ``stored`` as its create writes it (encoded once, when planned).
+    data: bytes = b""
 
 
 class JetStreamQueue:
@@ -287,7 +289,10 @@ class JetStreamQueue:
                 loaded.set()
                 continue
             data = None if entry.operation in ("DEL", "PURGE") else (entry.value or b"")
-            self._apply(mirror, entry.key, Value(data, int(entry.revision or 0)), watched=True)
+            try:
+                self._apply(mirror, entry.key, Value(data, int(entry.revision or 0)), watched=True)
+            except Exception:  # one bad entry must not stop the copy from following the bucket
+                log.exception("bucket %s: entry %s not applied", self.bucket.name, entry.key)
 
     def _apply(self, mirror: TaskMirror, key: str, value: Value, *, watched: bool) -> None:
         """One entry of the bucket into ``mirror`` (from the watcher, or a read)."""
@@ -299,7 +304,7 @@ class JetStreamQueue:
                     mirror.delete_task(task_id, revision)
                     if watched:  # the watcher passed the delete: older puts are behind it
                         mirror.forget_delete(task_id, revision)
-                else:
+                elif mirror.revisions.get(task_id, 0) < revision:  # not one of our own writes
                     mirror.put_task(rec.decode_task(data, revision), revision)
             elif key.startswith(rec.KEY_PREFIX):
                 owner = None if data is None else rec.decode_key_owner(data)
@@ -424,7 +429,8 @@ class JetStreamQueue:
                 slot.existing = repeat
             else:
                 slot.stored = new_stored(t, now)
-                self._encode(slot.stored, with_seq=False)  # bounded before anything is written
+                # encoded (and bounded) before anything is written
+                slot.data = self._encode(slot.stored, with_seq=False)
                 if t.spec.idempotency_key is not None:
                     by_key[t.spec.idempotency_key] = slot
                 by_id[t.task_id] = slot
@@ -524,6 +530,7 @@ class JetStreamQueue:
             slot.stored, slot.existing = None, held.task_id
         elif held.task_id != slot.task.task_id:  # its task was never written: write it now
             slot.stored = renamed(slot.stored, held.task_id)
+            slot.data = self._encode(slot.stored, with_seq=False)
 
     async def _create_tasks(self, slots: Sequence[_Slot]) -> None:
         """Create the tasks of ``slots``; an id that exists already is a repeat of that task
@@ -532,7 +539,7 @@ class JetStreamQueue:
         async def create(slot: _Slot) -> None:
             assert slot.stored is not None
             key = rec.task_key(slot.stored.task_id)
-            data = self._encode(slot.stored, with_seq=False)
+            data = slot.data
             revision = await self.bucket.create(key, data, key)
             if revision is not None:
                 slot.stored = self._wrote_task(slot.stored, revision)
@@ -563,8 +570,9 @@ class JetStreamQueue:
         """Delete what a refused submission wrote (keys, then tasks), best effort."""
         for name, revision in keys:
             deleted = await self.bucket.delete(name, revision)
-            for mirror in self._mirrors():
-                mirror.put_key(name, None, deleted or revision + 1)
+            if deleted is not None:
+                for mirror in self._mirrors():
+                    mirror.put_key(name, None, deleted)
         for slot in slots:
             assert slot.stored is not None
             key = rec.task_key(slot.stored.task_id)
