@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.tasks.queue_support import T0, new
-from vramancer.pool.jsqueue import new_stored
+from vramancer.pool.jssubmit import new_stored
 from vramancer.pool.mirror import SortedKeys, TaskMirror
 from vramancer.tasks.model import TaskState
 

@@ -1,0 +1,248 @@
+"""The JetStream queue's store: the ``vrm_tasks`` bucket (``kvbucket.Bucket``), this
+orchestrator's copy of it (``mirror.TaskMirror``) kept current by a watcher and by the
+store's own writes, and the compare-and-set loop every change of a task goes through.
+
+A change is a decision on the task as read (``Decide``): the store writes what it returns
+under the key's revision; a write that loses (another orchestrator wrote the task first)
+re-reads the task and asks again, or gives up (``retry=False``). What the store wrote is held
+in the copy at once; the watcher's later delivery of it changes nothing (``TaskMirror``
+ignores revisions it has seen).
+
+The copy is loaded from a new watcher on ``open`` and on every ``resync`` (after a
+reconnect), while reads keep answering from the previous copy; this store's writes during a
+reload go to both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
+
+from vramancer.errors import Conflict
+from vramancer.pool import records as rec
+from vramancer.pool.kvbucket import DEFAULT_MAX_VALUE, Bucket, QueueUnavailable, Value
+from vramancer.pool.mirror import TaskMirror
+from vramancer.pool.records import StoredTask
+from vramancer.tasks.errors import PayloadTooLarge
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: A decision on a task as read: the task to write and what to answer, or None: write nothing.
+Decide = Callable[[StoredTask], "tuple[StoredTask, T] | None"]
+#: Writes in flight at once for one call (a batch of 100k tasks goes in slices).
+CONCURRENCY = 256
+#: Compare-and-set tries on one key before giving up (each lost to another writer).
+CAS_TRIES = 32
+#: Seconds ``open``/``resync`` waits for the watcher to deliver the whole bucket.
+LOAD_TIMEOUT_S = 60.0
+#: Seconds between two tries of a ``resync`` that failed.
+RESYNC_RETRY_S = 0.25
+
+
+async def bounded(calls: Iterable[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run ``calls`` at most ``CONCURRENCY`` at a time; their results in order."""
+    pending = list(calls)
+    results: list[T] = []
+    for start in range(0, len(pending), CONCURRENCY):
+        chunk = pending[start : start + CONCURRENCY]
+        results += await asyncio.gather(*(call() for call in chunk))
+    return results
+
+
+class TaskStore:
+    """The bucket and this orchestrator's copy of it (module docstring). ``js()`` gives the
+    current JetStream context."""
+
+    def __init__(
+        self,
+        js: Callable[[], JetStreamContext],
+        *,
+        bucket: str = "vrm_tasks",
+        replicas: int = 1,
+        clock_time: Callable[[], float] | None = None,
+        max_value: int = DEFAULT_MAX_VALUE,
+    ) -> None:
+        self.bucket = Bucket(js, bucket, replicas=replicas, max_value=max_value)
+        self._time = clock_time
+        self.mirror = TaskMirror()
+        #: The copy a ``resync`` is building (this store's writes go to both).
+        self._loading: TaskMirror | None = None
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self._opened = False
+        #: When the copy was last loaded whole (``clock_time``; None: never, or no clock).
+        self.synced_at: float | None = None
+
+    async def open(self) -> None:
+        """Create the bucket if missing and load every task."""
+        if self._opened:
+            return
+        await self.bucket.ensure()
+        await self._load()
+        self._opened = True
+
+    async def resync(self, *, timeout_s: float = LOAD_TIMEOUT_S) -> None:
+        """Watch the bucket anew and reload it (after a reconnect: the old watcher may have
+        missed writes). Reads answer from the previous copy until the new one is whole.
+
+        A server that just restarted answers JetStream requests only once it recovered its
+        streams: failed tries are repeated for up to ``timeout_s``. A connection lost again
+        (the ``BackendUnavailable`` of ``js()``) ends it at once: the next reconnect calls
+        it again."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                await self.bucket.ensure()
+                await self._load()
+                return
+            except QueueUnavailable:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+            await asyncio.sleep(RESYNC_RETRY_S)
+
+    async def close(self) -> None:
+        self._opened = False
+        await self._stop_watching(self._watcher, self._consumer)
+        self._watcher = self._consumer = None
+
+    async def _load(self) -> None:
+        fresh = TaskMirror()
+        loaded = asyncio.Event()
+        watcher = await self.bucket.watch()
+        consumer = asyncio.create_task(self._consume(watcher, fresh, loaded))
+        self._loading = fresh
+        try:
+            await asyncio.wait_for(loaded.wait(), LOAD_TIMEOUT_S)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            await self._stop_watching(watcher, consumer)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise QueueUnavailable(
+                f"the bucket {self.bucket.name} did not load within {LOAD_TIMEOUT_S:.0f}s"
+            ) from exc
+        finally:
+            self._loading = None
+        old = (self._watcher, self._consumer)
+        self.mirror, self._watcher, self._consumer = fresh, watcher, consumer
+        self.synced_at = None if self._time is None else self._time()
+        await self._stop_watching(*old)
+
+    @staticmethod
+    async def _stop_watching(
+        watcher: KeyValue.KeyWatcher | None, consumer: asyncio.Task[None] | None
+    ) -> None:
+        if consumer is not None:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+        if watcher is not None:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _consume(
+        self, watcher: KeyValue.KeyWatcher, mirror: TaskMirror, loaded: asyncio.Event
+    ) -> None:
+        async for entry in watcher:
+            if entry is None:
+                loaded.set()
+                continue
+            data = None if entry.operation in ("DEL", "PURGE") else (entry.value or b"")
+            try:
+                self._apply(mirror, entry.key, Value(data, int(entry.revision or 0)), watched=True)
+            except Exception:  # one bad entry must not stop the copy from following the bucket
+                log.exception("bucket %s: entry %s not applied", self.bucket.name, entry.key)
+
+    def _apply(self, mirror: TaskMirror, key: str, value: Value, *, watched: bool) -> None:
+        """One entry of the bucket into ``mirror`` (from the watcher, or a read)."""
+        data, revision = value.data, value.revision
+        try:
+            if key.startswith(rec.TASK_PREFIX):
+                task_id = rec.task_id_of(key)
+                if data is None:
+                    mirror.delete_task(task_id, revision)
+                    if watched:  # the watcher passed the delete: older puts are behind it
+                        mirror.forget_delete(task_id, revision)
+                elif mirror.revisions.get(task_id, 0) < revision:  # not one of our own writes
+                    mirror.put_task(rec.decode_task(data, revision), revision)
+            elif key.startswith(rec.KEY_PREFIX):
+                owner = None if data is None else rec.decode_key_owner(data)
+                mirror.put_key(key, owner, revision)
+            elif key.startswith(rec.DURATION_PREFIX):
+                duration = None if data is None else rec.decode_duration(data)
+                mirror.put_duration(key, duration, revision)
+        except (rec.BadRecord, ValueError) as exc:
+            log.warning("bucket %s: key %s skipped: %s", self.bucket.name, key, exc)
+
+    def mirrors(self) -> list[TaskMirror]:
+        return [self.mirror] if self._loading is None else [self.mirror, self._loading]
+
+    def wrote_task(self, stored: StoredTask, revision: int) -> StoredTask:
+        """Hold what this queue just wrote (``seq``: the create's revision when 0)."""
+        if stored.record.seq == 0:
+            stored = stored.with_record(seq=revision)
+        for mirror in self.mirrors():
+            mirror.put_task(stored, revision)
+        return stored
+
+    def encode(self, stored: StoredTask, *, with_seq: bool = True) -> bytes:
+        data = rec.encode_task(stored, with_seq=with_seq)
+        if len(data) > self.bucket.max_value:
+            raise PayloadTooLarge(
+                f"task {stored.task_id}: its record is {len(data)} bytes as stored; the bucket "
+                f"{self.bucket.name} takes at most {self.bucket.max_value}",
+                field="spec",
+            )
+        return data
+
+    async def read(self, task_id: str) -> tuple[StoredTask, int] | None:
+        """The task as the bucket holds it now (the copy is updated too)."""
+        value = await self.bucket.get(rec.task_key(task_id))
+        if value is None:
+            return None
+        for mirror in self.mirrors():
+            self._apply(mirror, rec.task_key(task_id), value, watched=False)
+        if value.data is None:
+            return None
+        return rec.decode_task(value.data, value.revision), value.revision
+
+    async def held(self, task_id: str) -> tuple[StoredTask, int] | None:
+        stored = self.mirror.get(task_id)
+        if stored is not None:
+            return stored, self.mirror.revisions[task_id]
+        return await self.read(task_id)
+
+    async def change(self, task_id: str, decide: Decide[T], *, retry: bool = True) -> T | None:
+        """Write ``decide(task)`` under a compare-and-set; on a lost one, read the task again
+        and decide again (``retry``), or give up. None: nothing written."""
+        current = await self.held(task_id)
+        for _ in range(CAS_TRIES):
+            if current is None:
+                return None
+            decided = decide(current[0])
+            if decided is None:
+                return None
+            stored, answer = decided
+            revision = await self.bucket.update(
+                rec.task_key(task_id), self.encode(stored), current[1]
+            )
+            if revision is not None:
+                self.wrote_task(stored, revision)
+                return answer
+            if not retry:
+                return None
+            current = await self.read(task_id)
+        raise Conflict(f"task {task_id} kept changing while being written; try again")
+
+    async def each(self, items: Iterable[tuple[str, Decide[T]]], *, retry: bool = True) -> list[T]:
+        """``change`` for several tasks at once; the answers of those written, in order."""
+        calls = [partial(self.change, task_id, decide, retry=retry) for task_id, decide in items]
+        return [answer for answer in await bounded(calls) if answer is not None]
