@@ -193,7 +193,9 @@ def main() -> None:
             f"{r['submit_ratio']:.2f}x)  lease {r['lease_us']:8.1f} "
             f"(empty {r['lease_empty_us']:8.1f}, {r['lease_ratio']:.2f}x)"
         )
-    print(f"JetStream: a new orchestrator loads the big bucket in {result['jetstream']['load_s']} s")
+    print(
+        f"JetStream: a new orchestrator loads the big bucket in {result['jetstream']['load_s']} s"
+    )
 
 
 if __name__ == "__main__":
