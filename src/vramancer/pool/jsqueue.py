@@ -140,9 +140,10 @@ class JetStreamQueue:
         """Create the bucket if missing and load every task."""
         await self.store.open()
 
-    async def resync(self) -> None:
-        """After a reconnect: watch the bucket anew and reload it (``TaskStore.resync``)."""
-        await self.store.resync()
+    async def resync(self, *, retry_s: float = 0.0) -> None:
+        """After a reconnect: watch the bucket anew and reload it (``TaskStore.resync``; the
+        pool's connection runs it as an on-connect callback)."""
+        await self.store.resync(retry_s=retry_s)
 
     async def close(self) -> None:
         await self.store.close()

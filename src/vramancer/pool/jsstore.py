@@ -79,6 +79,8 @@ class TaskStore:
         self._watcher: KeyValue.KeyWatcher | None = None
         self._consumer: asyncio.Task[None] | None = None
         self._opened = False
+        #: One load at a time (``open`` and an on-connect ``resync`` may meet).
+        self._load_lock = asyncio.Lock()
         #: When the copy was last loaded whole (``clock_time``; None: never, or no clock).
         self.synced_at: float | None = None
 
@@ -90,15 +92,16 @@ class TaskStore:
         await self._load()
         self._opened = True
 
-    async def resync(self, *, timeout_s: float = LOAD_TIMEOUT_S) -> None:
+    async def resync(self, *, retry_s: float = 0.0) -> None:
         """Watch the bucket anew and reload it (after a reconnect: the old watcher may have
         missed writes). Reads answer from the previous copy until the new one is whole.
 
         A server that just restarted answers JetStream requests only once it recovered its
-        streams: failed tries are repeated for up to ``timeout_s``. A connection lost again
-        (the ``BackendUnavailable`` of ``js()``) ends it at once: the next reconnect calls
-        it again."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        streams: failed tries are repeated for up to ``retry_s`` (none by default: the pool's
+        connection tries a failed on-connect callback again itself, and its callbacks must
+        not hold one another up). A connection lost again (the ``BackendUnavailable`` of
+        ``js()``) ends it at once: the next reconnect calls it again."""
+        deadline = asyncio.get_running_loop().time() + retry_s
         while True:
             try:
                 await self.bucket.ensure()
@@ -115,6 +118,10 @@ class TaskStore:
         self._watcher = self._consumer = None
 
     async def _load(self) -> None:
+        async with self._load_lock:
+            await self._load_once()
+
+    async def _load_once(self) -> None:
         fresh = TaskMirror()
         loaded = asyncio.Event()
         watcher = await self.bucket.watch()

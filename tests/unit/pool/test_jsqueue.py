@@ -16,6 +16,7 @@ from tests.unit.pool.jsqueue_support import NatsDown, Orchestrator, orchestrator
 from tests.unit.tasks.queue_support import T0, delay, new
 from vramancer.errors import BackendUnavailable
 from vramancer.pool import records as rec
+from vramancer.pool.connection import NatsUnavailable, PoolConnection
 from vramancer.pool.jsqueue import JetStreamQueue
 from vramancer.tasks.errors import IdempotencyKeyTaken, PayloadTooLarge, TaskIdTaken
 from vramancer.tasks.model import Grant, NewTask, Outcome, OutcomeKind, TaskState
@@ -232,7 +233,7 @@ async def test_the_queue_keeps_working_after_the_server_restarts(
     nats_server.restart()
     for o in (a, b):
         await eventually(lambda o=o: _connected(o))
-        await o.queue.resync()
+        await o.queue.resync(retry_s=30)
     await b.queue.submit([new("after")], T0 + 1)
     await sees(a.queue, "after")
     leased, _ = await a.queue.lease([Grant("after", "gpu:0")], worker="w", now=T0, lease_s=30)
@@ -264,7 +265,7 @@ async def test_while_the_server_is_down_reads_answer_and_writes_refuse(
     assert [r.task_id for r in await a.queue.ready(maintenance=False, limit=5)] == ["known"]
     nats_server.start()
     await eventually(lambda: _connected(a))
-    await a.queue.resync()
+    await a.queue.resync(retry_s=30)
     assert await a.queue.get("lost") is None
     record = await a.queue.get("known")
     assert record is not None and record.state is TaskState.QUEUED  # the cancel wrote nothing
@@ -272,3 +273,44 @@ async def test_while_the_server_is_down_reads_answer_and_writes_refuse(
 
 async def _disconnected(o: Orchestrator) -> bool:
     return o.link.nc is not None and not o.link.nc.is_connected
+
+
+async def test_on_the_pools_connection_the_queue_follows_restarts_and_outages(
+    nats_server: NatsServer, connect: Callable[..., Awaitable[PoolConnection]]
+) -> None:
+    """The owner's way: ``js`` from ``PoolConnection``, ``resync`` as an on-connect callback."""
+    conns = [await connect(name="o1"), await connect(name="o2")]
+    a, b = (JetStreamQueue(lambda c=c: c.js, clock_time=time.monotonic) for c in conns)
+    for conn, queue in zip(conns, (a, b), strict=True):
+        conn.on_connect(queue.resync)
+        assert await conn.wait_ready(10)
+    try:
+        await a.submit([new("one")], T0)
+        await sees(b, "one")
+        loaded = a.synced_at
+        assert loaded is not None
+        nats_server.stop()
+        await eventually(lambda: _down(conns[0]))
+        with pytest.raises(NatsUnavailable):
+            await a.submit([new("lost")], T0)
+        assert (await a.get("one")) is not None  # reads answer from the copy
+        nats_server.start()
+
+        async def submitted() -> bool:
+            try:
+                await b.submit([new("two")], T0 + 1)
+            except BackendUnavailable:
+                return False
+            return True
+
+        await eventually(submitted, timeout=20)
+        await sees(a, "two")
+        assert (a.synced_at or 0) > loaded  # reloaded by the on-connect callback
+        assert await a.get("lost") is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _down(conn: PoolConnection) -> bool:
+    return not conn.connected
