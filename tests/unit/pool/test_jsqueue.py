@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from tests.natsserver import NatsServer
-from tests.unit.pool.jsqueue_support import NatsDown, Orchestrator, orchestrator
+from tests.unit.pool.jsqueue_support import NatsDown, Orchestrator, eventually, orchestrator
 from tests.unit.tasks.queue_support import T0, delay, new
 from vramancer.errors import BackendUnavailable
 from vramancer.pool import records as rec
@@ -20,15 +20,6 @@ from vramancer.pool.connection import NatsUnavailable, PoolConnection
 from vramancer.pool.jsqueue import JetStreamQueue
 from vramancer.tasks.errors import IdempotencyKeyTaken, PayloadTooLarge, TaskIdTaken
 from vramancer.tasks.model import Grant, NewTask, Outcome, OutcomeKind, TaskState
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Wait until ``check()`` holds (the other orchestrator's watcher delivered)."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 async def sees(queue: JetStreamQueue, task_id: str, state: TaskState | None = None) -> None:
