@@ -65,6 +65,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Seconds a deleted key's marker stays in the stream (every watcher has delivered it by then;
+#: a stalled one restarts within seconds).
+MARKER_KEEP_S = 600.0
+
 
 def facts(r: TaskRecord) -> TaskFacts:
     """What the state machine reads of ``r``."""
@@ -121,11 +125,13 @@ class JetStreamQueue:
         estimate_alpha: float = 0.3,
         clock_time: Callable[[], float] | None = None,
         max_value: int = DEFAULT_MAX_VALUE,
+        marker_keep_s: float = MARKER_KEEP_S,
     ) -> None:
         self.store = TaskStore(
             js, bucket=bucket, replicas=replicas, clock_time=clock_time, max_value=max_value
         )
         self.estimate_alpha = estimate_alpha
+        self.marker_keep_s = marker_keep_s
 
     @property
     def bucket(self) -> Bucket:
@@ -467,9 +473,11 @@ class JetStreamQueue:
 
     async def purge(self, *, ended_before: float, limit: int) -> list[Purged]:
         """Delete up to ``limit`` tasks that ended before ``ended_before`` (and their
-        idempotency keys); never the newest task, as the embedded queue."""
+        idempotency keys); never the newest task, as the embedded queue. The delete markers
+        of keys deleted ``marker_keep_s`` ago or more go too (``TaskStore.sweep``)."""
         candidates = self.store.mirror.purgeable(ended_before, limit)
         found = await bounded(partial(self._purge_one, s) for s in candidates)
+        await self.store.sweep(older_than_s=self.marker_keep_s, limit=2 * limit)
         return [p for p in found if p is not None]
 
     async def _purge_one(self, s: StoredTask) -> Purged | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
@@ -171,6 +172,8 @@ class TaskStore:
     def _apply(self, mirror: TaskMirror, key: str, value: Value, *, watched: bool) -> None:
         """One entry of the bucket into ``mirror`` (from the watcher, or a read)."""
         data, revision = value.data, value.revision
+        if watched:
+            self._mark(mirror, key, revision, deleted=data is None)
         try:
             if key.startswith(rec.TASK_PREFIX):
                 task_id = rec.task_id_of(key)
@@ -188,6 +191,30 @@ class TaskStore:
                 mirror.put_duration(key, duration, revision)
         except (rec.BadRecord, ValueError) as exc:
             log.warning("bucket %s: key %s skipped: %s", self.bucket.name, key, exc)
+
+    def _now(self) -> float:
+        return time.monotonic() if self._time is None else self._time()
+
+    def _mark(self, mirror: TaskMirror, key: str, revision: int, *, deleted: bool) -> None:
+        """Remember when the watcher delivered a key's delete marker (``sweep``)."""
+        if deleted:
+            mirror.markers[key] = (revision, self._now())
+        else:
+            mirror.markers.pop(key, None)
+
+    async def sweep(self, *, older_than_s: float, limit: int) -> int:
+        """Remove up to ``limit`` delete markers this copy received ``older_than_s`` ago or
+        more: a deleted key leaves one in the stream, which every new copy would load again.
+        By then every watcher has delivered it; a key written again since keeps its value
+        (only the marker's revision and older go). The number removed."""
+        cut = self._now() - older_than_s
+        old = [(k, rev) for k, (rev, seen) in self.mirror.markers.items() if seen <= cut]
+        for key, revision in old[:limit]:
+            await self.bucket.forget(key, revision)
+            for mirror in self.mirrors():
+                if mirror.markers.get(key, (0, 0.0))[0] == revision:
+                    del mirror.markers[key]
+        return min(len(old), limit)
 
     def mirrors(self) -> list[TaskMirror]:
         return [self.mirror] if self._loading is None else [self.mirror, self._loading]

@@ -147,6 +147,8 @@ class TaskMirror:
         self.deleted: dict[str, int] = {}
         self.keys: dict[str, tuple[KeyOwner, int]] = {}
         self.durations: dict[str, tuple[Duration, int]] = {}
+        #: Keys whose latest entry is a delete marker: ``(its revision, when it was seen)``.
+        self.markers: dict[str, tuple[int, float]] = {}
         self.ready = {False: SortedKeys[tuple[int, int, int, str]](), True: SortedKeys()}
         self.age = {False: SortedKeys[tuple[float, int, str]](), True: SortedKeys()}
         self.by_seq = SortedKeys[tuple[int, str]]()

@@ -14,6 +14,7 @@ import pytest
 from tests.natsserver import NatsServer
 from tests.unit.pool.jsqueue_support import NatsDown, Orchestrator, eventually, orchestrator
 from tests.unit.tasks.queue_support import T0, delay, new
+from vramancer.clock import ManualClock
 from vramancer.errors import BackendUnavailable
 from vramancer.pool import records as rec
 from vramancer.pool.connection import NatsUnavailable, PoolConnection
@@ -203,6 +204,34 @@ async def test_purged_tasks_free_their_key_and_id(nats_server: NatsServer) -> No
         assert [(r.task_id, r.created) for r in results] == [("old", True)]
         record = await a.queue.get("old")
         assert record is not None and record.state is TaskState.QUEUED and record.attempts == 0
+
+
+async def test_delete_markers_leave_the_stream_once_old(nats_server: NatsServer) -> None:
+    """A purged task's key leaves a delete marker that every new copy would load again: the
+    markers go once every watcher has long delivered them."""
+    clock = ManualClock()
+    async with orchestrator(nats_server.url, clock_time=clock.monotonic, marker_keep_s=60) as a:
+        await a.queue.submit([new("old", key="nightly"), new("newest")], T0)
+        leased, _ = await a.queue.lease([Grant("old", "gpu:0")], worker="w", now=T0, lease_s=30)
+        ok = Outcome("old", leased[0].lease_token, OutcomeKind.OK)
+        await a.queue.finish([ok], now=T0 + 1, retry_delay=delay)
+        assert [p.task_id for p in await a.queue.purge(ended_before=T0 + 10, limit=10)] == ["old"]
+        keys = {rec.task_key("old"), rec.idempotency_key("nightly")}
+        await eventually(lambda: _markers(a.queue, keys))
+        assert await a.queue.purge(ended_before=T0 + 10, limit=10) == []
+        marker = await a.queue.bucket.get(rec.task_key("old"))
+        assert marker is not None and marker.data is None  # still there: seen just now
+        clock.advance(61)
+        await a.queue.purge(ended_before=T0 + 10, limit=10)
+        for key in keys:
+            assert await a.queue.bucket.get(key) is None  # no message of the key is left
+        assert await a.queue.bucket.get(rec.task_key("newest")) is not None
+        results, _ = await a.queue.submit([new("old", key="nightly")], T0 + 20)
+        assert [(r.task_id, r.created) for r in results] == [("old", True)]
+
+
+async def _markers(queue: JetStreamQueue, keys: set[str]) -> bool:
+    return keys <= set(queue.store.mirror.markers)
 
 
 async def test_a_record_over_the_buckets_value_size_is_refused(nats_server: NatsServer) -> None:
