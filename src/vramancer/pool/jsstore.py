@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
@@ -43,8 +44,8 @@ Decide = Callable[[StoredTask], "tuple[StoredTask, T] | None"]
 CONCURRENCY = 256
 #: Compare-and-set tries on one key before giving up (each lost to another writer).
 CAS_TRIES = 32
-#: Seconds ``open``/``resync`` waits for the watcher to deliver the whole bucket.
-LOAD_TIMEOUT_S = 60.0
+#: Seconds ``open``/``resync`` waits for the watcher's next entry while loading the bucket.
+LOAD_STALL_S = 30.0
 #: Seconds between two tries of a ``resync`` that failed.
 RESYNC_RETRY_S = 0.25
 
@@ -57,6 +58,14 @@ async def bounded(calls: Iterable[Callable[[], Awaitable[T]]]) -> list[T]:
         chunk = pending[start : start + CONCURRENCY]
         results += await asyncio.gather(*(call() for call in chunk))
     return results
+
+
+@dataclass
+class _Progress:
+    """A load under way: whether the whole bucket arrived, and when the last entry did."""
+
+    loaded: asyncio.Event
+    last: float
 
 
 class TaskStore:
@@ -124,25 +133,34 @@ class TaskStore:
 
     async def _load_once(self) -> None:
         fresh = TaskMirror()
-        loaded = asyncio.Event()
+        progress = _Progress(asyncio.Event(), asyncio.get_running_loop().time())
         watcher = await self.bucket.watch()
-        consumer = asyncio.create_task(self._consume(watcher, fresh, loaded))
+        consumer = asyncio.create_task(self._consume(watcher, fresh, progress))
         self._loading = fresh
         try:
-            await asyncio.wait_for(loaded.wait(), LOAD_TIMEOUT_S)
-        except (TimeoutError, asyncio.CancelledError) as exc:
+            await self._wait_loaded(progress)
+        except BaseException:
             await self._stop_watching(watcher, consumer)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise QueueUnavailable(
-                f"the bucket {self.bucket.name} did not load within {LOAD_TIMEOUT_S:.0f}s"
-            ) from exc
+            raise
         finally:
             self._loading = None
         old = (self._watcher, self._consumer)
         self.mirror, self._watcher, self._consumer = fresh, watcher, consumer
         self.synced_at = None if self._time is None else self._time()
         await self._stop_watching(*old)
+
+    async def _wait_loaded(self, progress: _Progress) -> None:
+        """Until the watcher has delivered the whole bucket: however long that takes while
+        entries keep coming (a large bucket), at most ``LOAD_STALL_S`` without one."""
+        loop = asyncio.get_running_loop()
+        while not progress.loaded.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(progress.loaded.wait(), 1.0)
+            if not progress.loaded.is_set() and loop.time() - progress.last > LOAD_STALL_S:
+                raise QueueUnavailable(
+                    f"the bucket {self.bucket.name} stopped loading: no entry for "
+                    f"{LOAD_STALL_S:.0f}s"
+                )
 
     @staticmethod
     async def _stop_watching(
@@ -157,11 +175,13 @@ class TaskStore:
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def _consume(
-        self, watcher: KeyValue.KeyWatcher, mirror: TaskMirror, loaded: asyncio.Event
+        self, watcher: KeyValue.KeyWatcher, mirror: TaskMirror, progress: _Progress
     ) -> None:
+        loop = asyncio.get_running_loop()
         async for entry in watcher:
+            progress.last = loop.time()
             if entry is None:
-                loaded.set()
+                progress.loaded.set()
                 continue
             data = None if entry.operation in ("DEL", "PURGE") else (entry.value or b"")
             try:
