@@ -48,8 +48,12 @@ def wait_ended(hub: ServerProcess, ids: list[str], timeout: float = 90.0) -> dic
     try:
         wait_for(check, timeout, interval=0.2, what=f"{len(ids)} tasks ended")
     except TimeoutError:
-        left = [status(hub, i) for i in ids if i not in ended][:5]
-        raise AssertionError(f"{len(ids) - len(ended)} tasks not ended, e.g. {left}") from None
+        left = [status(hub, i)["state"] for i in ids if i not in ended][:5]
+        stats = httpx.get(hub.url + "/api/tasks/stats", timeout=10).json()
+        nodes = httpx.get(hub.url + "/v1/cluster/nodes", timeout=10).json()
+        raise AssertionError(
+            f"{len(ids) - len(ended)} tasks not ended, e.g. {left}; stats {stats}; {nodes}"
+        ) from None
     return ended
 
 
@@ -134,6 +138,9 @@ def test_a_worker_killed_mid_task_its_task_runs_elsewhere_and_ends_done_once(
             if not cursor:
                 break
         assert Counter(t["task_id"] for t in history if t["state"] == "done") == Counter(ids)
+        # The orchestrator's counts (what its dispatcher reads) follow every node's writes.
+        counts = httpx.get(hub.url + "/api/tasks/stats", timeout=10).json()["counts"]
+        assert counts["done"] == 200 and counts["running"] == counts["queued"] == 0
         # Tasks that ran after the kill ran on box-b.
         assert any(b["node"] == "box-b" for b in ended.values())
 
@@ -156,6 +163,8 @@ def test_nats_restart_mid_run_loses_nothing_and_everyone_resubscribes(
         assert {b["state"] for b in ended.values()} == {"done"}
         names = set(out.read_text().split())
         assert names >= {f"a{i}" for i in range(20)} | {f"b{i}" for i in range(20)}
+        counts = httpx.get(hub.url + "/api/tasks/stats", timeout=10).json()["counts"]
+        assert counts["done"] == 40 and counts["scheduled"] == counts["running"] == 0
 
 
 def test_while_nats_is_down_submits_get_503_and_reads_answer(

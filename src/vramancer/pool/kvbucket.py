@@ -161,6 +161,13 @@ class Bucket:
             raise QueueUnavailable(f"deleting {key}: {exc}") from exc
         return int(ack.seq)
 
+    async def forget(self, key: str, revision: int) -> None:
+        """Remove ``key``'s messages up to ``revision`` from the stream (its delete marker),
+        never a later value."""
+        js = self._js()
+        with nats_errors(f"removing the delete marker of {key}"):
+            await js.purge_stream(self.stream, seq=revision + 1, subject=self.prefix + key)
+
     async def get(self, key: str) -> Value | None:
         """The latest value of ``key`` (``data`` None: deleted), or None: never written."""
         js = self._js()

@@ -33,34 +33,100 @@ ENDED_STATES = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
 
 
 class SortedKeys(Generic[K]):
-    """A sorted list of unique tuples (``bisect``: O(log n) search, a memmove to insert)."""
+    """A sorted collection of unique tuples, held as a list of sorted chunks of at most
+    ``2 * chunk`` items and the greatest item of each: adding or removing one is a bisection
+    and a move within one chunk, whatever the size (one sorted list would move up to every
+    item behind the change: 100k pointers for the task at the head of the queue)."""
 
-    __slots__ = ("items",)
+    __slots__ = ("_chunk", "_chunks", "_len", "_maxes")
 
-    def __init__(self) -> None:
-        self.items: list[K] = []
+    def __init__(self, chunk: int = 512) -> None:
+        self._chunk = chunk
+        self._chunks: list[list[K]] = []
+        self._maxes: list[K] = []
+        self._len = 0
 
     def add(self, item: K) -> None:
-        insort(self.items, item)
+        if not self._chunks:
+            self._chunks.append([item])
+            self._maxes.append(item)
+            self._len = 1
+            return
+        i = bisect_left(self._maxes, item)
+        if i == len(self._maxes):  # past the greatest: the last chunk grows
+            i -= 1
+            self._chunks[i].append(item)
+            self._maxes[i] = item
+        else:
+            insort(self._chunks[i], item)
+        self._len += 1
+        if len(self._chunks[i]) > 2 * self._chunk:
+            self._split(i)
+
+    def _split(self, i: int) -> None:
+        chunk = self._chunks[i]
+        tail = chunk[self._chunk :]
+        del chunk[self._chunk :]
+        self._chunks.insert(i + 1, tail)
+        self._maxes[i] = chunk[-1]
+        self._maxes.insert(i + 1, tail[-1])
 
     def discard(self, item: K) -> None:
-        i = bisect_left(self.items, item)
-        if i < len(self.items) and self.items[i] == item:
-            del self.items[i]
+        i = bisect_left(self._maxes, item)
+        if i == len(self._maxes):
+            return
+        chunk = self._chunks[i]
+        j = bisect_left(chunk, item)
+        if j == len(chunk) or chunk[j] != item:
+            return
+        del chunk[j]
+        self._len -= 1
+        if not chunk:
+            del self._chunks[i]
+            del self._maxes[i]
+        elif j == len(chunk):
+            self._maxes[i] = chunk[-1]
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self._len
+
+    def __iter__(self) -> Iterator[K]:
+        for chunk in self._chunks:
+            yield from chunk
+
+    def __reversed__(self) -> Iterator[K]:
+        for chunk in reversed(self._chunks):
+            yield from reversed(chunk)
+
+    def last(self) -> K | None:
+        return self._maxes[-1] if self._maxes else None
 
     def from_index(self, start: int) -> Iterator[K]:
-        return (self.items[i] for i in range(start, len(self.items)))
+        """The items from position ``start`` on (a walk over the chunks to find it)."""
+        for chunk in self._chunks:
+            if start >= len(chunk):
+                start -= len(chunk)
+                continue
+            yield from chunk[start:] if start else chunk
+            start = 0
 
     def below(self, bound: tuple[Any, ...]) -> Iterator[K]:
         """Items less than ``bound``, the greatest first."""
-        i = bisect_left(self.items, bound)
-        return (self.items[j] for j in range(i - 1, -1, -1))
+        i = bisect_left(self._maxes, bound)
+        if i < len(self._chunks):
+            chunk = self._chunks[i]
+            yield from reversed(chunk[: bisect_left(chunk, bound)])
+        for chunk in reversed(self._chunks[: min(i, len(self._chunks))]):
+            yield from reversed(chunk)
 
     def at_or_after(self, bound: tuple[Any, ...]) -> Iterator[K]:
-        return self.from_index(bisect_left(self.items, bound))
+        """Items greater than or equal to ``bound``, the least first."""
+        i = bisect_left(self._maxes, bound)
+        if i < len(self._chunks):
+            chunk = self._chunks[i]
+            yield from chunk[bisect_left(chunk, bound) :]
+        for chunk in self._chunks[i + 1 :]:
+            yield from chunk
 
 
 def _ready_key(s: StoredTask) -> tuple[int, int, int, str]:
@@ -81,6 +147,8 @@ class TaskMirror:
         self.deleted: dict[str, int] = {}
         self.keys: dict[str, tuple[KeyOwner, int]] = {}
         self.durations: dict[str, tuple[Duration, int]] = {}
+        #: Keys whose latest entry is a delete marker: ``(its revision, when it was seen)``.
+        self.markers: dict[str, tuple[int, float]] = {}
         self.ready = {False: SortedKeys[tuple[int, int, int, str]](), True: SortedKeys()}
         self.age = {False: SortedKeys[tuple[float, int, str]](), True: SortedKeys()}
         self.by_seq = SortedKeys[tuple[int, str]]()
@@ -211,7 +279,7 @@ class TaskMirror:
     def overdue(self, maintenance: bool, ready_before: float, limit: int) -> list[TaskRecord]:
         """Ready tasks of one lane ready at ``ready_before`` or earlier, longest waiting first."""
         ids: list[str] = []
-        for ready_at, _, task_id in self.age[maintenance].items:
+        for ready_at, _, task_id in self.age[maintenance]:
             if ready_at > ready_before or len(ids) >= limit:
                 break
             ids.append(task_id)
@@ -220,14 +288,14 @@ class TaskMirror:
     def open_tasks(self, owner: str, limit: int) -> list[TaskRecord]:
         """``owner``'s tasks not ended: the user lane, then maintenance, each by ``seq``."""
         lanes = (self.owner_open.get((owner, lane)) for lane in (False, True))
-        ids = (task_id for lane in lanes if lane is not None for _, task_id in lane.items)
+        ids = (task_id for lane in lanes if lane is not None for _, task_id in lane)
         return self.records(ids, limit)
 
     def open_maintenance(self, owner: str) -> int:
         return len(self.owner_open.get((owner, True), ()))
 
     def in_state(self, *states: TaskState) -> list[StoredTask]:
-        return [self.tasks[t] for state in states for _, t in self.by_state[state].items]
+        return [self.tasks[t] for state in states for _, t in self.by_state[state]]
 
     def held_by(self, worker: str) -> list[StoredTask]:
         return [self.tasks[t] for t in self.by_worker.get(worker, ())]
@@ -249,7 +317,7 @@ class TaskMirror:
             if found is None:
                 return HistoryPage([], None)
             first = found
-        items = index.below((bound,)) if bound is not None else reversed(index.items)
+        items = index.below((bound,)) if bound is not None else reversed(index)
         records: list[TaskRecord] = []
         more = False
         for seq, task_id in items:
@@ -267,14 +335,15 @@ class TaskMirror:
     def purgeable(self, ended_before: float, limit: int) -> list[StoredTask]:
         """Up to ``limit`` tasks that ended before ``ended_before``, by ``seq``; never the
         newest task (``seq`` bound: submitted before the cut-off, as the embedded queue)."""
-        if not self.by_seq.items:
+        newest = self.by_seq.last()
+        if newest is None:
             return []
-        bound = self.by_seq.items[-1][0]
+        bound = newest[0]
         first_recent = self.first_seq_since(ended_before)
         if first_recent is not None:
             bound = min(bound, first_recent)
         found: list[StoredTask] = []
-        ended = heapq.merge(*(self.by_state[s].items for s in ENDED_STATES))
+        ended = heapq.merge(*(iter(self.by_state[s]) for s in ENDED_STATES))
         for seq, task_id in ended:
             if seq >= bound or len(found) >= limit:
                 break

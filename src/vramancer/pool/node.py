@@ -80,7 +80,15 @@ class PoolNode:
         """Give the node the task service whose workers run its tasks, its devices and its
         arbiter (what it announces)."""
         self._tasks, self._devices, self._arbiter = tasks, devices, arbiter
-        self.queue.on_change = lambda change: tasks.telemetry.publish([change])
+        if self.orchestrator:
+            # Every change of the pool counts here once, as the shared bucket reports it.
+            telemetry = tasks.telemetry
+            telemetry.follow_store = True
+            self.queue.follow(
+                lambda change: telemetry.publish([change], observed=True),
+                lambda gone: telemetry.purged([gone], observed=True),
+                lambda: telemetry.reset(self.queue.store.mirror.count),
+            )
         self.worker = PoolWorker(
             self.conn,
             node=self.node,
@@ -129,11 +137,9 @@ class PoolNode:
         )
 
     async def _resync(self) -> None:
-        """After a (re)connection: reload the queue's copy (writes may have been missed) and
-        the task counts the dispatcher reads."""
+        """After a (re)connection: reload the queue's copy (writes may have been missed; the
+        changes missed reach the counts as one step each)."""
         await self.queue.resync()
-        if self._tasks is not None:
-            self._tasks.telemetry.reset(await self.queue.counts())
 
     # --------------------------------------------------------------------- lifecycle
 

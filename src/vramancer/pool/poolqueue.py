@@ -9,8 +9,9 @@ On top of ``JetStreamQueue`` (the ``TaskQueue`` itself):
   alive the lease of an attempt its previous process was running;
 * ``open`` that does not fail while NATS is unreachable: the copy starts empty and loads at the
   first connection (``resync``), so a daemon starts with its NATS servers down;
-* ``on_change``: every change of a task written by *another* process (seen by the watcher), so
-  this daemon's events, metrics, counts and waiters follow tasks it does not run itself.
+* ``follow``: every change of a task in the pool as the bucket delivers it (once per revision,
+  this process's own writes included), so an orchestrator's events, metrics, counts and waiters
+  follow every task of the pool, whoever wrote it.
 """
 
 from __future__ import annotations
@@ -20,12 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from vramancer.errors import BackendUnavailable
-from vramancer.pool import records as rec
 from vramancer.pool.jsqueue import JetStreamQueue
-from vramancer.pool.kvbucket import Value
-from vramancer.pool.mirror import TaskMirror
 from vramancer.pool.records import StoredTask
 from vramancer.tasks.model import LEASED_STATES, Change, TaskRecord
+from vramancer.tasks.queue import Purged
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +57,34 @@ def change_between(before: TaskRecord | None, after: TaskRecord) -> Change | Non
 class PoolQueue(JetStreamQueue):
     """See the module docstring."""
 
-    #: Hears of every task change another process wrote (after the copy holds it).
-    on_change: Callable[[Change], None] | None = None
+    def follow(
+        self,
+        changed: Callable[[Change], None],
+        deleted: Callable[[Purged], None],
+        loaded: Callable[[], None],
+    ) -> None:
+        """Hear of every task change and delete in the pool, from the bucket itself (exactly
+        once per revision, this process's own writes included), after ``loaded``: the first
+        whole load of the bucket (the starting point)."""
+        self.store.on_loaded = loaded
+
+        def heard(before: TaskRecord | None, after: TaskRecord | None) -> None:
+            if after is None:
+                if before is not None:
+                    deleted(
+                        Purged(
+                            before.task_id, before.attempts, before.type.maintenance, before.state
+                        )
+                    )
+                return
+            change = change_between(before, after)
+            if change is not None:
+                changed(change)
+
+        self.store.on_change = heard
 
     def leased(self) -> list[TaskRecord]:
-        return [s.record for s in self._mirror.in_state(*LEASED_STATES)]
+        return [s.record for s in self.store.mirror.in_state(*LEASED_STATES)]
 
     async def renew(self, leases: Sequence[tuple[str, int]], *, now: float, lease_s: float) -> int:
         """Extend the lease of each ``(task_id, lease_token)`` still held under that token."""
@@ -75,7 +97,8 @@ class PoolQueue(JetStreamQueue):
 
             return extend
 
-        return len(await self._each((task_id, extend_for(token)) for task_id, token in leases))
+        calls = ((task_id, extend_for(token)) for task_id, token in leases)
+        return len(await self.store.each(calls))
 
     async def open(self) -> None:
         try:
@@ -84,27 +107,3 @@ class PoolQueue(JetStreamQueue):
             log.warning(
                 "the pool's task queue is unreachable (%s): it loads when NATS answers", exc
             )
-
-    def _apply(self, mirror: TaskMirror, key: str, value: Value, *, watched: bool) -> None:
-        hook = self.on_change
-        notify = (
-            hook is not None
-            and watched
-            and mirror is self._mirror
-            and value.data is not None
-            and key.startswith(rec.TASK_PREFIX)
-        )
-        before = mirror.get(rec.task_id_of(key)) if notify else None
-        known = before is not None and mirror.revisions.get(before.task_id, 0) >= value.revision
-        super()._apply(mirror, key, value, watched=watched)
-        if not notify or known or hook is None:
-            return
-        after = mirror.get(rec.task_id_of(key))
-        if after is None:
-            return
-        change = change_between(before.record if before is not None else None, after.record)
-        if change is not None:
-            try:
-                hook(change)
-            except Exception:
-                log.exception("a task change listener failed")

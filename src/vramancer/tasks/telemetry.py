@@ -43,6 +43,8 @@ class Telemetry:
         self._observe = observe
         self._on_end = on_end
         self.counts: dict[tuple[bool, TaskState], int] = {}
+        #: Count only what the shared store reports (``publish``'s ``observed``).
+        self.follow_store = False
         self._children: dict[tuple[int, str], Any] = {}
         self._m_submitted = metrics.counter(
             "vramancer_tasks_submitted_total", "Tasks accepted into the queue.", ["type"]
@@ -88,9 +90,13 @@ class Telemetry:
             out[state.value] += n
         return out
 
-    def publish(self, changes: Sequence[Change]) -> None:
-        """Count, measure, announce: one ``task_state`` event per committed change."""
-        if not changes:
+    def publish(self, changes: Sequence[Change], *, observed: bool = False) -> None:
+        """Count, measure, announce: one ``task_state`` event per committed change.
+
+        With ``follow_store`` set (an orchestrator of a pool, whose queue is shared), only the
+        changes the shared store itself reports (``observed``) count: a change written here
+        is reported by the store too, and each must count once."""
+        if not changes or (self.follow_store and not observed):
             return
         for change in changes:
             self._account(change)
@@ -115,8 +121,10 @@ class Telemetry:
             self.lane_count(False, _DEPTH_STATES) + self.lane_count(True, _DEPTH_STATES)
         )
 
-    def purged(self, tasks: Sequence[Purged]) -> None:
+    def purged(self, tasks: Sequence[Purged], *, observed: bool = False) -> None:
         """Tasks the retention purge deleted leave the counts."""
+        if self.follow_store and not observed:
+            return
         for task in tasks:
             key = (task.maintenance, task.state)
             self.counts[key] = self.counts.get(key, 0) - 1
