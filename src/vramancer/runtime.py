@@ -155,6 +155,7 @@ class Runtime:
                 orchestrator=role is NodeRole.SERVE,
                 clock=self.clock,
                 estimate_alpha=s.tasks.estimate_alpha,
+                metrics=self.metrics,
             )
         self.tasks = TaskService(
             s.tasks,

@@ -34,6 +34,7 @@ EXPECTED_KEYS = {
     "/v1/models": "models",
     "/v1/memory/tiers": "tiers",
     "/api/tasks/history": "tasks",
+    "/v1/cluster/nodes": "nodes",
 }
 
 

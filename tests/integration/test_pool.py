@@ -3,7 +3,10 @@ orchestrators and ``vramancer worker`` nodes as processes, tasks as real subproc
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -15,7 +18,15 @@ import pytest
 
 from tests.helpers import ServerProcess, start_server
 from tests.natsserver import NatsServer
-from tests.poolprocs import node_states, pool, pool_toml, start_worker, wait_for, wait_nodes_up
+from tests.poolprocs import (
+    VRAMANCER,
+    node_states,
+    pool,
+    pool_toml,
+    start_worker,
+    wait_for,
+    wait_nodes_up,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -80,6 +91,39 @@ def test_tasks_spread_over_both_workers_and_say_where_they_ran(
         assert sorted(out.read_text().split()) == sorted(f"t{i}" for i in range(8))
         health = httpx.get(hub.url + "/healthz", timeout=10).json()
         assert health["nats"] == "connected"
+        metrics = httpx.get(hub.url + "/metrics", timeout=10).text
+        assert 'vramancer_pool_node_up{node="box-a"} 1.0' in metrics
+        assert 'vramancer_pool_gpu_memory_total_bytes{device="box-b/gpu:0",node="box-b"}' in metrics
+        view = subprocess.run(
+            [VRAMANCER, "status", "--json"],
+            env={**os.environ, "VRM_URL": hub.url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert view.returncode == 0, view.stderr
+        assert {n["name"] for n in json.loads(view.stdout)["pool"]} == {"hub", "box-a", "box-b"}
+
+
+def test_logs_come_from_the_node_that_ran_the_task_and_cancel_reaches_it(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    with pool(tmp_path, nats_server.url, {"box-a": 1}) as (hub, _):
+        code = "import sys; print('hello from the worker'); print('oops', file=sys.stderr)"
+        task_id = submit(hub, cmd=[sys.executable, "-c", code])
+        assert wait_ended(hub, [task_id])[task_id]["state"] == "done"
+        logs = httpx.get(f"{hub.url}/api/tasks/{task_id}/logs", timeout=30).json()
+        assert logs["stdout"] == "hello from the worker\n" and logs["stderr"] == "oops\n"
+        marker = tmp_path / "not-reached"
+        slow = f"import time; time.sleep(30); open({str(marker)!r}, 'w')"
+        long_id = submit(hub, cmd=[sys.executable, "-c", slow])
+        wait_for(lambda: status(hub, long_id)["state"] == "running", 30, what="running")
+        started = time.monotonic()
+        response = httpx.post(f"{hub.url}/api/tasks/{long_id}/cancel", timeout=30)
+        assert response.status_code == 200, response.text
+        body = wait_ended(hub, [long_id], timeout=30)[long_id]
+        assert body["state"] == "cancelled" and time.monotonic() - started < 15
+        assert not marker.exists()
 
 
 def test_a_node_pin_and_what_no_node_can_run_are_refused_at_submit(
@@ -337,3 +381,38 @@ def test_two_workers_on_two_hosts_over_their_own_links(
         if hub.proc.stdout:
             hub.proc.stdout.close()
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("shutil").which("chromium") is None, reason="no headless chromium on this machine"
+)
+def test_the_dashboard_shows_every_node_of_the_pool(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    with pool(tmp_path, nats_server.url, {"box-a": 1, "box-b": 2}) as (hub, _):
+        task_id = submit(hub, cmd=["true"], node="box-b")
+        wait_ended(hub, [task_id])
+        dom = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                "--dump-dom",
+                "--virtual-time-budget=4000",
+                hub.url + "/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=True,
+        ).stdout
+    section = dom[dom.index('id="pool-section"') : dom.index('<table id="models">')]
+    assert "hidden" not in section.split(">", 1)[0]
+    for text in ("box-a", "box-b/gpu:1", "3 nodes", ">up<"):
+        assert text in section, text
+    tasks = dom[dom.index('<table id="tasks">') :]
+    assert "box-b/gpu:0" in tasks

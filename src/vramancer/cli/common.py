@@ -78,6 +78,18 @@ class Api:
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs).json()
 
+    def get_if_served(self, path: str, **kwargs: Any) -> Any | None:
+        """``get``, or None when the server has no such route (an older version)."""
+        try:
+            response = self._client.get(path, **kwargs)
+        except httpx.TransportError:
+            return None
+        if response.status_code == 404 and _route_missing(_error_message(response).split(" (")[0]):
+            return None
+        if response.status_code >= 400:
+            fail(_error_message(response))
+        return response.json()
+
     def post(self, path: str, **kwargs: Any) -> Any:
         return self.request("POST", path, **kwargs).json()
 

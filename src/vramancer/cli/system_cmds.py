@@ -187,7 +187,44 @@ def status_view(data: dict[str, Any]) -> RenderableType:
     parts: list[RenderableType] = [table]
     if data.get("cpu_only"):
         parts.append(Text("CPU-only mode: no GPU found.", style="yellow"))
+    if data.get("pool"):
+        parts.append(pool_view(data["pool"]))
     return Group(*parts)
+
+
+def pool_view(nodes: list[dict[str, Any]]) -> RenderableType:
+    """The other nodes of the pool: state, heartbeat age, running tasks, each GPU's VRAM."""
+    table = Table(title="pool", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("node / device", min_width=16, overflow="fold")
+    table.add_column("memory", no_wrap=True)
+    table.add_column("used/total", no_wrap=True, justify="right")
+    table.add_column("state", no_wrap=True)
+    now = time.time()
+    colours = {"up": "green", "stale": "yellow", "down": "red"}
+    for node in nodes:
+        age = max(0.0, now - float(node.get("last_heartbeat") or now))
+        state = node.get("state", "?")
+        table.add_row(
+            f"[bold]{escape(node['name'])}[/]",
+            "",
+            "",
+            f"[{colours.get(state, 'white')}]{state}[/] {age:.0f}s ago · "
+            f"{node.get('running_tasks', 0)} running",
+        )
+        for dev in node.get("devices", []):
+            tag = " [dim](simulated)[/]" if dev.get("simulated") else ""
+            used, total = int(dev["memory_used_bytes"]), int(dev["memory_total_bytes"])
+            table.add_row(f"  {escape(dev['id'])}{tag}", _bar(used, total), _pair(used, total), "")
+    return table
+
+
+def with_pool(api: Api) -> dict[str, Any]:
+    """``/v1/devices``, and the pool's nodes (``pool``) when the server is in one."""
+    data: dict[str, Any] = dict(api.get("/v1/devices"))
+    nodes = (api.get_if_served("/v1/cluster/nodes") or {}).get("nodes", [])
+    if any(node.get("name") != data.get("node") for node in nodes):
+        data["pool"] = nodes
+    return data
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -197,9 +234,7 @@ def status(
     json_out: JsonOpt = False, embedded: EmbeddedOpt = False, config: ConfigOpt = None
 ) -> None:
     """Devices with VRAM bars, and host memory (from the server, or this machine)."""
-    data, source = _via_server_or_local(
-        embedded, config, lambda api: api.get("/v1/devices"), lambda here: here.report()
-    )
+    data, source = _via_server_or_local(embedded, config, with_pool, lambda here: here.report())
     data["source"] = source
     emit(data, json_out, lambda d: console.print(status_view(d)))
 
@@ -248,7 +283,7 @@ def _top_source(
         api = Api()
         try:
             api.get("/v1/devices")
-            return lambda: dict(call(lambda: api.get("/v1/devices"))), api.close
+            return lambda: dict(call(lambda: with_pool(api))), api.close
         except ServerUnreachable:
             api.close()
             err_console.print(

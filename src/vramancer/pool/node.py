@@ -18,10 +18,12 @@ from typing import Any
 from vramancer._version import __version__
 from vramancer.clock import Clock
 from vramancer.devices.ids import DeviceId
+from vramancer.observability.metrics import Metrics
 from vramancer.pool.connection import PoolConnection
 from vramancer.pool.messages import LogsRequest
+from vramancer.pool.metrics import PoolCollector
 from vramancer.pool.poolqueue import PoolQueue
-from vramancer.pool.registry import Heartbeat, NodeInfo, Registry, node_info
+from vramancer.pool.registry import Heartbeat, NodeInfo, Registry, node_info, node_state
 from vramancer.pool.scheduler import PoolScheduler
 from vramancer.pool.settings import NatsSettings
 from vramancer.pool.worker import PoolWorker
@@ -44,6 +46,7 @@ class PoolNode:
         orchestrator: bool,
         clock: Clock,
         estimate_alpha: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.tasks_settings = tasks_settings
@@ -68,6 +71,19 @@ class PoolNode:
                 node=node,
                 lease_ttl_s=settings.leader_lease_s,
                 clock=clock,
+            )
+        if orchestrator and metrics is not None:
+            metrics.registry.register(
+                PoolCollector(
+                    self.registry.nodes,
+                    lambda info, now: node_state(
+                        info,
+                        now,
+                        stale_after_s=settings.stale_after_s,
+                        down_after_s=settings.down_after_s,
+                    ),
+                    clock.time,
+                )
             )
         self.worker: PoolWorker | None = None
         self.heartbeat: Heartbeat | None = None
