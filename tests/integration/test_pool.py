@@ -416,3 +416,28 @@ def test_the_dashboard_shows_every_node_of_the_pool(
         assert text in section, text
     tasks = dom[dom.index('<table id="tasks">') :]
     assert "box-b/gpu:0" in tasks
+
+
+def test_a_node_never_runs_more_vram_than_its_gpu_has(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """24 GiB GPUs, four slots each, tasks of 10 GiB: at most two run at once on a GPU."""
+    with pool(tmp_path, nats_server.url, {"box-a": 1, "box-b": 1}, slots_per_device=4) as (hub, _):
+        out = tmp_path / "spans.txt"
+        line = "f\"{os.environ['VRM_TASK_ID']} {t0} {time.time()}\\n\""
+        code = (
+            "import os, time; t0 = time.time(); time.sleep(0.8); "
+            f"open({str(out)!r}, 'a').write({line})"
+        )
+        ids = [submit(hub, cmd=[sys.executable, "-c", code], vram="10GiB") for _ in range(10)]
+        ended = wait_ended(hub, ids, timeout=120)
+        assert {b["state"] for b in ended.values()} == {"done"}
+        spans = {}
+        for line in out.read_text().split("\n"):
+            if line:
+                task_id, start, end = line.split()
+                spans[task_id] = (float(start), float(end))
+        for node in ("box-a", "box-b"):
+            mine = [spans[t] for t, b in ended.items() if b["node"] == node]
+            most = max(sum(1 for s, e in mine if s <= start < e) for start, _ in mine)
+            assert most <= 2, (node, mine)
