@@ -114,6 +114,16 @@ def test_logs_come_from_the_node_that_ran_the_task_and_cancel_reaches_it(
         assert wait_ended(hub, [task_id])[task_id]["state"] == "done"
         logs = httpx.get(f"{hub.url}/api/tasks/{task_id}/logs", timeout=30).json()
         assert logs["stdout"] == "hello from the worker\n" and logs["stderr"] == "oops\n"
+        # The README's command, through the pool: follows the task to its end, with its output.
+        followed = subprocess.run(
+            [VRAMANCER, "submit", "--vram", "2GiB", "--wait", "--", sys.executable, "-c", code],
+            env={**os.environ, "VRM_URL": hub.url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert followed.returncode == 0, followed.stderr
+        assert "hello from the worker" in followed.stdout
         marker = tmp_path / "not-reached"
         slow = f"import time; time.sleep(30); open({str(marker)!r}, 'w')"
         long_id = submit(hub, cmd=[sys.executable, "-c", slow])
@@ -441,3 +451,41 @@ def test_a_node_never_runs_more_vram_than_its_gpu_has(
             mine = [spans[t] for t, b in ended.items() if b["node"] == node]
             most = max(sum(1 for s, e in mine if s <= start < e) for start, _ in mine)
             assert most <= 2, (node, mine)
+
+
+def test_poison_is_terminated_and_an_undeliverable_message_is_dead_lettered(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    import asyncio
+
+    import nats
+
+    async def scenario() -> tuple[int, list[tuple[bytes, str]]]:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await js.publish("vrm.work.box-a", b"not json", stream="VRM_WORK")
+        ghost = b'{"task_id":"no-such-task","lease_token":1,"device":"box-a/gpu:0"}'
+        await js.publish("vrm.work.box-a", ghost, stream="VRM_WORK")
+        dead: list[tuple[bytes, str]] = []
+        for _ in range(200):  # max_deliver (5) deliveries a second apart, then the dead letter
+            info = await js.stream_info("VRM_DEAD")
+            if info.state.messages:
+                msg = await js.get_msg("VRM_DEAD", seq=info.state.first_seq)
+                dead.append((msg.data or b"", (msg.headers or {}).get("Vrm-Reason", "")))
+                break
+            await asyncio.sleep(0.1)
+        work = await js.stream_info("VRM_WORK")
+        await nc.close()
+        return work.state.messages, dead
+
+    with pool(tmp_path, nats_server.url, {"box-a": 1}) as (hub, _):
+        left, dead = asyncio.run(scenario())
+        assert dead == [
+            (
+                b'{"task_id":"no-such-task","lease_token":1,"device":"box-a/gpu:0"}',
+                "delivered too many times",
+            )
+        ]
+        assert left == 0  # the poison was terminated, the ghost moved out
+        # The worker goes on: a real task still runs.
+        assert wait_ended(hub, [submit(hub, cmd=["true"])])
