@@ -489,3 +489,29 @@ def test_poison_is_terminated_and_an_undeliverable_message_is_dead_lettered(
         assert left == 0  # the poison was terminated, the ghost moved out
         # The worker goes on: a real task still runs.
         assert wait_ended(hub, [submit(hub, cmd=["true"])])
+
+
+def test_an_orchestrator_started_while_nats_is_down_starts_and_catches_up(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    nats_server.stop()
+    hub = start_server(tmp_path, pool_toml(nats_server.url, "hub"))
+    worker = None
+    try:
+        health = httpx.get(hub.url + "/healthz", timeout=10).json()
+        assert (health["status"], health["nats"]) == ("ok", "disconnected")
+        response = httpx.post(
+            hub.url + "/api/tasks/submit", json={"type": "cmd", "cmd": ["true"]}, timeout=30
+        )
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "nats_unavailable"
+        nats_server.start()
+        worker = start_worker(tmp_path, "box-a", pool_toml(nats_server.url, "box-a", gpus=1))
+        wait_nodes_up(hub, "box-a")
+        assert wait_ended(hub, [submit(hub, cmd=["true"])])
+    finally:
+        if worker is not None:
+            worker.kill()
+        hub.kill()
+        if hub.proc.stdout:
+            hub.proc.stdout.close()
