@@ -83,6 +83,12 @@ class PoolQueue(JetStreamQueue):
 
         self.store.on_change = heard
 
+    async def fresh(self, task_id: str) -> TaskRecord | None:
+        """The task as the bucket holds it now (read through; the copy is updated too): a
+        worker handed a lease its copy has not heard of yet reads it rather than wait."""
+        found = await self.store.read(task_id)
+        return found[0].record if found is not None else None
+
     def leased(self) -> list[TaskRecord]:
         return [s.record for s in self.store.mirror.in_state(*LEASED_STATES)]
 

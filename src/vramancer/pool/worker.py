@@ -60,6 +60,8 @@ NAK_DELAY_S = 1.0
 class SharedQueue(Protocol):
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
+    async def fresh(self, task_id: str) -> TaskRecord | None: ...
+
     async def renew(
         self, leases: Sequence[tuple[str, int]], *, now: float, lease_s: float
     ) -> int: ...
@@ -186,11 +188,14 @@ class PoolWorker:
             return
         try:
             record = await self.queue.get(dispatch.task_id)
+            if record is None or record.lease_token < dispatch.lease_token:
+                # The lease is written before the message: this copy has not heard of it yet.
+                record = await self.queue.fresh(dispatch.task_id)
         except VramancerError:
             await msg.nak(delay=NAK_DELAY_S)
             return
         if record is None:
-            await msg.nak(delay=NAK_DELAY_S)  # the lease is written before the message
+            await msg.nak(delay=NAK_DELAY_S)
             return
         if not self._current(record, dispatch.lease_token, TaskState.SCHEDULED):
             await msg.ack()  # an older lease's message: the task went elsewhere or ended
