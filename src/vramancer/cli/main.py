@@ -5,7 +5,15 @@ from __future__ import annotations
 import typer
 
 from vramancer._version import __version__
-from vramancer.cli import alloc_cmds, memory_cmds, models_cmds, serve, system_cmds, tasks_cmds
+from vramancer.cli import (
+    alloc_cmds,
+    journal_cmds,
+    memory_cmds,
+    models_cmds,
+    serve,
+    system_cmds,
+    tasks_cmds,
+)
 
 app = typer.Typer(
     name="vramancer",
@@ -37,6 +45,7 @@ memory_cmds.register(app)
 models_cmds.register(app)
 tasks_cmds.register(app)
 alloc_cmds.register(app)
+journal_cmds.register(app)
 
 
 def main() -> None:
