@@ -13,7 +13,6 @@ then the signature, then the hour window, and only then decompresses.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import re
@@ -144,7 +143,7 @@ def seal(delta: Delta, key: bytes, codec: Codec | None = None) -> bytes:
         len(kind),
     )
     signed = head + kind + body
-    return signed + hmac.new(key, signed, hashlib.sha256).digest()
+    return signed + hmac.digest(key, signed, "sha256")
 
 
 def read_frame(data: bytes | memoryview, offset: int = 0) -> Frame:
@@ -174,7 +173,7 @@ def read_frame(data: bytes | memoryview, offset: int = 0) -> Frame:
 def signature_ok(record: bytes | memoryview, frame: Frame, key: bytes, offset: int = 0) -> bool:
     """Whether the record's MAC matches ``key`` (constant-time comparison)."""
     end = offset + frame.length
-    mac = hmac.new(key, record[offset : end - MAC_BYTES], hashlib.sha256).digest()
+    mac = hmac.digest(key, record[offset : end - MAC_BYTES], "sha256")
     return hmac.compare_digest(mac, bytes(record[end - MAC_BYTES : end]))
 
 
