@@ -22,7 +22,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from vramancer.clock import Clock
-from vramancer.errors import ConfigError, Conflict, InvalidInput
+from vramancer.errors import ConfigError, Conflict, InvalidInput, ShuttingDown
 from vramancer.files import fsync_dir, open_private, private_dir
 from vramancer.observability.metrics import Metrics
 from vramancer.replication.delta import Delta, new_nonce, read_frame, seal
@@ -193,6 +193,10 @@ class Journal:
             epoch = frame.epoch
         return segment, epoch
 
+    def _check_open(self) -> None:
+        if self._fd is None:
+            raise ShuttingDown("the HA journal is not open")
+
     def _check_order(self, segment: _Segment) -> None:
         if self._segments and segment.first_seq <= self._segments[-1].last_seq:
             raise JournalCorrupt(
@@ -218,6 +222,7 @@ class Journal:
     def set_epoch(self, epoch: int) -> None:
         """Raise the epoch (a promotion, or a newer primary's); persisted before returning."""
         with self._lock:
+            self._check_open()
             if epoch < self.epoch:
                 raise OutOfSequence(f"epoch: {epoch} is older than the journal's {self.epoch}")
             if epoch != self.epoch:
@@ -227,6 +232,7 @@ class Journal:
     def append(self, kind: str, payload: bytes) -> Delta:
         """Journal a new delta: the next seq, this epoch, this hour, a fresh nonce."""
         with self._lock:
+            self._check_open()
             hour = hour_of(self.clock.time())
             delta = Delta(self.last_seq + 1, self.epoch, hour, new_nonce(), kind, payload)
             try:
@@ -239,6 +245,7 @@ class Journal:
     def append_record(self, record: bytes, delta: Delta) -> None:
         """Journal a record sealed elsewhere (a standby keeps the primary's seq and epoch)."""
         with self._lock:
+            self._check_open()
             if delta.seq != self.last_seq + 1:
                 raise OutOfSequence(
                     f"seq: {delta.seq} is not the next one ({self.last_seq + 1})",
@@ -260,7 +267,7 @@ class Journal:
         if current.size and current.size + len(record) > self.segment_max_bytes:
             self._rotate()
             current = self._segments[-1]
-        assert self._fd is not None, "journal is not open"
+        assert self._fd is not None
         try:
             view = memoryview(record)
             while view:
@@ -279,6 +286,7 @@ class Journal:
     def rotate(self) -> None:
         """Start a new segment now (nothing happens when the current one is empty)."""
         with self._lock:
+            self._check_open()
             if self._segments[-1].offsets:
                 self._rotate()
 
@@ -311,6 +319,7 @@ class Journal:
         Records after ``last_seq`` (a history the snapshot replaces) are dropped; older
         segments stay until released."""
         with self._lock:
+            self._check_open()
             if last_seq < 0:
                 raise InvalidInput(f"last_seq: must be >= 0, got {last_seq}")
             if epoch < self.epoch:
@@ -340,6 +349,7 @@ class Journal:
         """Delete the oldest segments whose every record has seq <= ``acked_seq`` (never the
         current one); the deleted paths."""
         with self._lock:
+            self._check_open()
             gone: list[Path] = []
             while len(self._segments) > 1 and self._segments[0].last_seq <= acked_seq:
                 segment = self._segments.pop(0)
@@ -376,6 +386,7 @@ class Journal:
         """Up to ``limit`` sealed records with seq > ``after_seq``, in order; ``Behind`` when
         some of them are no longer held."""
         with self._lock:
+            self._check_open()
             if after_seq >= self.last_seq:
                 return []
             index = self._check_held(after_seq)

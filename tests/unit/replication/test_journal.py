@@ -59,9 +59,9 @@ def test_torn_tail_is_cut_at_open_and_the_journal_goes_on(
     for _ in range(3):
         journal.append("k", PAYLOAD)
     segment = journal.segments()[-1]
+    record_len = len(journal.read_from(2, limit=1)[0])
     journal.close()
     whole = segment.path.stat().st_size
-    record_len = len(journal.read_from(2, limit=1)[0])
     os.truncate(segment.path, whole - record_len // 2)  # a crash in the middle of record 3
     again = make_journal()
     assert again.last_seq == 2
@@ -244,7 +244,7 @@ def test_verify_finds_a_flipped_byte(make_journal: JournalFactory) -> None:
         journal.append("k", PAYLOAD)
     assert journal.verify().ok
     path = journal.segments()[0].path
-    second = len(journal.read_from(0, limit=1)[0])
+    second = len(journal.read_from(0, limit=1)[0])  # record 2 starts where record 1 ends
     _flip(path, second + 100)  # inside record 2's payload
     report = journal.verify()
     assert not report.ok and report.records == 4
@@ -298,3 +298,12 @@ def test_bad_kind_or_payload_is_invalid_input(make_journal: JournalFactory) -> N
     with pytest.raises(InvalidInput, match="kind"):
         journal.append("has space", b"")
     assert journal.last_seq == 0
+
+
+def test_a_closed_journal_refuses_writes(make_journal: JournalFactory) -> None:
+    from vramancer.errors import ShuttingDown
+
+    journal = make_journal()
+    journal.close()
+    with pytest.raises(ShuttingDown, match="not open"):
+        journal.append("k", b"")
