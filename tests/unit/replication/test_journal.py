@@ -12,9 +12,11 @@ import pytest
 
 from tests.unit.replication.conftest import HOUR, JournalFactory
 from vramancer.clock import ManualClock
+from vramancer.errors import InvalidInput, ShuttingDown
 from vramancer.observability.metrics import Metrics
 from vramancer.replication.delta import Delta, open_record, read_frame, seal
 from vramancer.replication.journal import Behind, JournalCorrupt, OutOfSequence
+from vramancer.replication.journal_files import verify_directory
 from vramancer.replication.keys import KeyRing
 
 PAYLOAD = b'{"task": "t-1", "state": "running", "node": "n1"}' * 4
@@ -269,8 +271,6 @@ def test_verify_finds_a_gap_and_a_lower_epoch(
     with open(path, "ab") as fh:
         for delta in forged:
             fh.write(seal(delta, keyring.key(HOUR)))
-    from vramancer.replication.journal_files import verify_directory
-
     report = verify_directory(path.parent, keyring)
     assert [(p.seq, p.reason) for p in report.problems] == [(5, "gap"), (6, "epoch_decreased")]
     assert (report.first_seq, report.last_seq) == (1, 6)
@@ -292,8 +292,6 @@ def test_stats(make_journal: JournalFactory) -> None:
 
 
 def test_bad_kind_or_payload_is_invalid_input(make_journal: JournalFactory) -> None:
-    from vramancer.errors import InvalidInput
-
     journal = make_journal()
     with pytest.raises(InvalidInput, match="kind"):
         journal.append("has space", b"")
@@ -301,9 +299,29 @@ def test_bad_kind_or_payload_is_invalid_input(make_journal: JournalFactory) -> N
 
 
 def test_a_closed_journal_refuses_writes(make_journal: JournalFactory) -> None:
-    from vramancer.errors import ShuttingDown
-
     journal = make_journal()
     journal.close()
     with pytest.raises(ShuttingDown, match="not open"):
         journal.append("k", b"")
+
+
+def test_read_from_stops_at_a_snapshot_jump(make_journal: JournalFactory, keyring: KeyRing) -> None:
+    journal = make_journal()
+    for _ in range(3):
+        journal.append("k", PAYLOAD)
+    journal.reset(100, 1)
+    journal.append("k", b"after")
+    assert seqs(journal.read_from(1, limit=10), keyring) == [2, 3]  # not 101: 4..100 missing
+    with pytest.raises(Behind):
+        journal.read_from(3, limit=10)
+
+
+def test_verify_finds_a_repeated_seq(make_journal: JournalFactory, keyring: KeyRing) -> None:
+    journal = make_journal()
+    journal.append("k", PAYLOAD)
+    path = journal.segments()[0].path
+    journal.close()
+    with open(path, "ab") as fh:
+        fh.write(seal(Delta(1, 1, HOUR, os.urandom(16), "k", b"again"), keyring.key(HOUR)))
+    report = verify_directory(path.parent, keyring)
+    assert [(p.offset > 0, p.seq, p.reason) for p in report.problems] == [(True, 1, "repeat")]
