@@ -7,6 +7,7 @@ import typer
 from vramancer._version import __version__
 from vramancer.cli import (
     alloc_cmds,
+    journal_cmds,
     memory_cmds,
     models_cmds,
     pool_cmds,
@@ -46,6 +47,7 @@ models_cmds.register(app)
 tasks_cmds.register(app)
 alloc_cmds.register(app)
 pool_cmds.register(app)
+journal_cmds.register(app)
 
 
 def main() -> None:
