@@ -193,10 +193,17 @@ class TieredStore:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
-        """Resolve the tiers, recover the blocks on disk, start the maintenance loop."""
+    async def start(self, *, maintenance: bool = True) -> None:
+        """Resolve the tiers, recover the blocks on disk, start the maintenance loop
+        (``maintenance=False``: not yet; an HA standby moves no block until promoted)."""
         await asyncio.to_thread(self.open)
-        self._loop.start()
+        if maintenance:
+            self._loop.start()
+
+    def start_maintenance(self) -> None:
+        """Start the maintenance loop of a store started without it (idempotent)."""
+        if not self._loop.running:
+            self._loop.start()
 
     async def stop(self) -> None:
         """Stop the loop, spill volatile blocks to disk where room (if configured), close."""
@@ -348,6 +355,23 @@ class TieredStore:
                 if entry is not None
                 else {"id": block_id, "size": len(raw), "kind": layout.kind.value}
             )
+        return raw, info
+
+    def peek_bytes(self, block_id: str) -> tuple[bytes, dict[str, Any]]:
+        """The block's raw bytes and metadata without counting a hit or moving it (what HA
+        replication ships of a block on a disk tier). ``NotFound`` if unknown."""
+        with self._lock:
+            entry = self._state.entry(block_id)
+            tier = self._by_name[entry.meta.tier]
+            info = self._describe(entry, self._clock.monotonic())
+            entry.meta.readers += 1
+            handle = entry.handle
+        try:
+            value = tier.backend.read(handle, self._state.layout(entry), block_id)
+        finally:
+            self._moves.release(entry)
+        layout, _ = describe(value)
+        raw = value if isinstance(value, bytes) else bytes(raw_view(layout, value))
         return raw, info
 
     def locate(self, block_id: str) -> str:

@@ -311,6 +311,12 @@ class ModelManager:
     def last_switch(self) -> SwitchReport | None:
         return self._profiles.last_switch
 
+    def adopt_profile(self, name: str, last_switch: SwitchReport | None) -> None:
+        """Record ``name`` as the profile in force, and ``last_switch``, without running any
+        step: an HA standby keeps the primary's plan and loads no model (see docs/ha.md)."""
+        self._profiles.current = name
+        self._profiles.last_switch = last_switch
+
     @property
     def degraded(self) -> bool:
         return self._health.degraded
