@@ -30,6 +30,7 @@ from vramancer.memory.store import TieredStore
 from vramancer.models.manager import ModelManager
 from vramancer.observability import tracing
 from vramancer.observability.metrics import Metrics
+from vramancer.replication.service import HaService
 from vramancer.resources.orchestrator import ResourceOrchestrator
 from vramancer.tasks.service import TaskService
 
@@ -188,6 +189,21 @@ class Runtime:
                 _TasksPart(self.tasks, dispatch=role is NodeRole.SERVE),
                 _PoolWork(self.pool),
             ]
+        # HA replication (docs/ha.md), only when on: its service starts first (it decides the
+        # role) and a standby starts the memory store and the task service without their loops.
+        self.ha: HaService | None = None
+        if s.ha_replication:
+            self.ha = HaService(
+                s,
+                memory=self.memory,
+                tasks=self.tasks,
+                models=self.models,
+                arbiter=self.arbiter,
+                events=self.events,
+                metrics=self.metrics,
+                clock=self.clock,
+            )
+            self._components = self.ha.wrap(self._components)
         self._started: list[Component] = []
         self.running = False
 

@@ -18,6 +18,7 @@ from vramancer._version import __version__
 from vramancer.api import errors
 from vramancer.api.deps import require
 from vramancer.api.guard import AuthMiddleware, Gate
+from vramancer.api.ha_gate import HaMiddleware
 from vramancer.api.ratelimit import BodyLimitMiddleware, LimitsMiddleware, TokenBuckets
 from vramancer.api.routers import (
     allocations,
@@ -25,6 +26,7 @@ from vramancer.api.routers import (
     devices,
     events,
     gpu,
+    ha,
     health,
     memory,
     models,
@@ -49,6 +51,7 @@ _PROTECTED = (
     allocations,
     tasks,
     events,
+    ha,
 )
 
 
@@ -85,6 +88,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     for module in _PROTECTED:
         app.include_router(module.router, dependencies=viewer, responses=ERROR_RESPONSES)
     app.include_router(web.router)
+    app.include_router(ha.peer_router)
     s = rt.settings
     app.state.gate = Gate(s.auth.tokens, s.server.allowed_hosts)
     app.state.event_slots = events.StreamSlots(
@@ -97,6 +101,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     )
     # The last added runs first: the rate limit, then who is calling (from the headers
     # alone), then the body size of the route; only then may a route read the body.
+    app.add_middleware(HaMiddleware, runtime=rt)
     app.add_middleware(
         BodyLimitMiddleware, max_body=s.server.max_body, max_json_body=s.server.max_json_body
     )

@@ -25,7 +25,7 @@ from vramancer.api.guard import bearer, body_announced, match_token, reply
 
 _EXEMPT = frozenset({"/healthz"})
 #: (method, path prefix) of the routes whose body is raw bytes, limited by ``max_body``.
-RAW_BODY_ROUTES = (("PUT", "/v1/memory/blocks/"),)
+RAW_BODY_ROUTES = (("PUT", "/v1/memory/blocks/"), ("POST", "/v1/ha/deltas"))
 #: Buckets kept at most; past this, idle (refilled) buckets are dropped, then the oldest.
 MAX_CLIENTS = 100_000
 

@@ -612,3 +612,32 @@ class ClusterNodes(Answer):
     """``GET /v1/cluster/nodes``."""
 
     nodes: list[ClusterNode]
+
+
+class HaPeer(Answer):
+    """One peer as the primary sees it: its acknowledged seq, its lag in deltas, and whether
+    it is ``up`` (caught up), ``behind`` (catching up or getting a snapshot) or ``down``."""
+
+    address: str
+    acked_seq: int
+    lag: int
+    state: str
+
+
+class HaStatus(Answer):
+    """``GET /v1/ha/status``: replication on this node (``enabled`` false: the rest is empty)."""
+
+    enabled: bool
+    role: str | None
+    epoch: int
+    last_seq: int
+    journal_bytes: int
+    peers: list[HaPeer]
+
+
+class HaAck(Answer):
+    """``POST /v1/ha/deltas``: where the receiver stands after the batch."""
+
+    acked_seq: int
+    epoch: int
+    role: str

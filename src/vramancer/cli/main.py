@@ -7,6 +7,7 @@ import typer
 from vramancer._version import __version__
 from vramancer.cli import (
     alloc_cmds,
+    ha_cmds,
     journal_cmds,
     memory_cmds,
     models_cmds,
@@ -48,6 +49,7 @@ tasks_cmds.register(app)
 alloc_cmds.register(app)
 pool_cmds.register(app)
 journal_cmds.register(app)
+ha_cmds.register(app)
 
 
 def main() -> None:

@@ -205,6 +205,10 @@ class TieredStore:
         if not self._loop.running:
             self._loop.start()
 
+    async def stop_maintenance(self) -> None:
+        """Stop the maintenance loop, keep the store open (an HA node turning standby)."""
+        await self._loop.stop()
+
     async def stop(self) -> None:
         """Stop the loop, spill volatile blocks to disk where room (if configured), close."""
         await self._loop.stop()

@@ -161,6 +161,14 @@ class Applier:
         if entry.get("pinned"):
             store.pin(block_id)
 
+    def _block_ids(self) -> list[str]:
+        ids: list[str] = []
+        while True:
+            page, total = self.memory.list_blocks(limit=1000, offset=len(ids))
+            ids += [str(b["id"]) for b in page]
+            if not page or len(ids) >= total:
+                return ids
+
     def delete_block(self, block_id: str) -> None:
         self.replica.delete("blocks", block_id)
         with contextlib.suppress(NotFound):
@@ -176,8 +184,7 @@ class Applier:
         await sqlite_replica.replace_all(self._queue(), payload.get("tasks", []))
         blocks = payload.get("blocks", [])
         keep = {str(b["entry"]["id"]) for b in blocks}
-        listed, _ = await asyncio.to_thread(self.memory.list_blocks, limit=1000, offset=0)
-        stale = [b["id"] for b in listed if b["id"] not in keep]
+        stale = [b for b in await asyncio.to_thread(self._block_ids) if b not in keep]
         for block_id in stale:
             await asyncio.to_thread(self.delete_block, block_id)
         self.replica.clear("blocks")

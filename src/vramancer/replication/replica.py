@@ -62,12 +62,12 @@ class ReplicaState:
             )
 
     def delete(self, table: str, key: str) -> None:
-        _TABLES[table]  # noqa: B018 (a KeyError for a table that is not one)
+        _TABLES[table]
         with self._lock:
             self._db().execute(f"DELETE FROM {table} WHERE id = ?", (key,))
 
     def clear(self, table: str) -> None:
-        _TABLES[table]  # noqa: B018
+        _TABLES[table]
         with self._lock:
             self._db().execute(f"DELETE FROM {table}")
 
@@ -78,6 +78,6 @@ class ReplicaState:
         return [json.loads(row[0]) for row in rows]
 
     def count(self, table: str) -> int:
-        _TABLES[table]  # noqa: B018
+        _TABLES[table]
         with self._lock:
             return int(self._db().execute(f"SELECT count(*) FROM {table}").fetchone()[0])
