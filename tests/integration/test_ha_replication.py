@@ -158,3 +158,133 @@ def test_bad_replayed_stale_and_old_epoch_deltas_are_refused(
         for refused in ("flipped", "stale", "old-epoch"):
             assert s.get(f"/v1/memory/blocks/{refused}").status_code == 404
         assert s.get("/v1/ha/status").json()["last_seq"] == 1
+
+
+# ------------------------------------------------------------------------------ failover
+
+
+def test_sync_mode_keeps_every_acknowledged_submit_across_a_sigkill(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    primary, standby = make_pair(tmp_path, sync=True)
+    start(standby, server_factory)
+    start(primary, server_factory)
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def burst() -> None:
+        with primary.client() as c:
+            i = 0
+            while not stop.is_set():
+                try:
+                    r = c.post("/api/tasks/submit", json={"type": "cmd", "cmd": ["echo", str(i)]})
+                except httpx.HTTPError:
+                    return
+                if r.status_code < 300:
+                    acked.append(r.json()["task_id"])
+                i += 1
+
+    workers = [threading.Thread(target=burst) for _ in range(3)]
+    for w in workers:
+        w.start()
+    wait_for(lambda: len(acked) >= 60, 30, "submits to be acknowledged")
+    assert primary.server is not None
+    primary.server.kill(signal.SIGKILL)
+    stop.set()
+    for w in workers:
+        w.join(10)
+    with standby.client() as s:
+        promoted = s.post("/v1/ha/promote").json()
+        assert (promoted["role"], promoted["epoch"]) == ("primary", 2)
+        missing = [
+            t for t in acked if s.get("/api/tasks/status", params={"task_id": t}).status_code != 200
+        ]
+        assert not missing, f"{len(missing)} of {len(acked)} acknowledged tasks are missing"
+        # The promoted node runs them: it dispatches now.
+        wait_for(
+            lambda: s.get("/api/tasks/stats").json()["counts"]["done"] >= len(acked),
+            60,
+            "the promoted node to run the tasks",
+        )
+
+
+def test_sync_mode_without_a_peer_refuses_with_no_replica(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    primary, _ = make_pair(tmp_path, sync=True)  # the standby is never started
+    start(primary, server_factory)
+    with primary.client() as p:
+        r = p.post("/api/tasks/submit", json={"type": "cmd", "cmd": ["echo"]})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "no_replica"
+        assert p.get("/api/tasks/history").status_code == 200
+
+
+def test_old_primary_comes_back_as_standby_and_catches_up(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    primary, standby = make_pair(tmp_path)
+    start(standby, server_factory)
+    start(primary, server_factory)
+    with primary.client() as p, standby.client() as s:
+        before = submit_echo(p, 10, "before")
+        wait_for(lambda: ended(p, before), 30, "tasks to end")
+        wait_for(lambda: caught_up(p, s) and all_history(p) == all_history(s), 20, "replication")
+    assert primary.server is not None
+    primary.server.kill(signal.SIGKILL)
+    with standby.client() as s:
+        assert s.post("/v1/ha/promote").json()["epoch"] == 2
+        after = submit_echo(s, 10, "after")
+        s.put("/v1/memory/blocks/after", content=b"new", params={"durable": "true"})
+        wait_for(lambda: ended(s, before + after), 30, "tasks to end on the new primary")
+    start(primary, server_factory)  # still configured as primary
+    with primary.client() as p, standby.client() as s:
+        assert p.get("/v1/ha/status").json()["role"] == "standby"
+        wait_for(
+            lambda: caught_up(s, p) and views(p, before + after) == views(s, before + after),
+            30,
+            "the old primary to catch up",
+        )
+        assert p.get("/v1/ha/status").json()["epoch"] == 2
+        r = p.post("/api/tasks/submit", json={"type": "cmd", "cmd": ["echo"]})
+        assert (r.status_code, r.json()["error"]["primary"]) == (409, standby.address)
+        assert p.get("/v1/memory/blocks/after").content == b"new"
+
+
+# ------------------------------------------------------------------------------ rotation
+
+
+def segments(node: Node) -> list[int]:
+    """First seq of each journal segment on disk."""
+    return sorted(int(p.stem) for p in (node.data_dir / "ha-journal").glob("*.seg"))
+
+
+def test_no_segment_is_released_before_every_peer_acked_it(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    primary, standby = make_pair(tmp_path, VRM_HA_JOURNAL_MAX="8KiB")
+    start(standby, server_factory)
+    start(primary, server_factory)
+    with primary.client() as p, standby.client() as s:
+        ids = submit_echo(p, 50, "live")
+        wait_for(lambda: ended(p, ids) and caught_up(p, s), 30, "replication")
+        assert s.get("/v1/ha/status").json()["last_seq"] == p.get("/v1/ha/status").json()["last_seq"]
+    assert standby.server is not None
+    standby.server.kill(signal.SIGKILL)
+    with primary.client() as p:
+        held_from = segments(primary)[0]
+        acked = p.get("/v1/ha/status").json()["last_seq"]
+        for r in range(4):
+            ids += submit_echo(p, 50, f"down{r}")
+            assert p.post("/v1/ha/rotate").status_code == 200
+        wait_for(lambda: ended(p, ids), 60, "tasks to end")
+        held = segments(primary)
+        assert len(held) >= 5 and held[0] == held_from <= acked + 1
+        status = p.get("/v1/ha/status").json()
+        assert status["peers"][0]["state"] == "down"
+        assert status["peers"][0]["lag"] == status["last_seq"]
+    start(standby, server_factory)
+    with primary.client() as p, standby.client() as s:
+        wait_for(lambda: caught_up(p, s), 30, "the standby to catch up")
+        wait_for(lambda: len(segments(primary)) <= 2, 10, "acked segments to be released")
+        assert all_history(p) == all_history(s)
