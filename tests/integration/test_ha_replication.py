@@ -74,7 +74,9 @@ def ended(c: httpx.Client, ids: list[str]) -> bool:
     return counts["done"] + counts["failed"] + counts["cancelled"] >= len(ids)
 
 
-def test_standby_answers_as_the_primary_and_refuses_writes(tmp_path: Path, server_factory: Any) -> None:
+def test_standby_answers_as_the_primary_and_refuses_writes(
+    tmp_path: Path, server_factory: Any
+) -> None:
     primary, standby = make_pair(tmp_path)
     start(standby, server_factory)
     start(primary, server_factory)
@@ -135,7 +137,12 @@ def test_bad_replayed_stale_and_old_epoch_deltas_are_refused(
             )
 
         def rejected(reason: str) -> float:
-            return metric_value(s.get("/metrics").text, "vramancer_ha_deltas_rejected_total", reason=reason) or 0.0
+            return (
+                metric_value(
+                    s.get("/metrics").text, "vramancer_ha_deltas_rejected_total", reason=reason
+                )
+                or 0.0
+            )
 
         flipped = bytearray(record(1, block="flipped"))
         flipped[-40] ^= 0x01
@@ -256,7 +263,7 @@ def test_old_primary_comes_back_as_standby_and_catches_up(
 
 def segments(node: Node) -> list[int]:
     """First seq of each journal segment on disk."""
-    return sorted(int(p.stem) for p in (node.data_dir / "ha-journal").glob("*.seg"))
+    return sorted(int(p.stem) for p in (node.data_dir / "ha" / "journal").glob("*.seg"))
 
 
 def test_no_segment_is_released_before_every_peer_acked_it(
@@ -268,7 +275,9 @@ def test_no_segment_is_released_before_every_peer_acked_it(
     with primary.client() as p, standby.client() as s:
         ids = submit_echo(p, 50, "live")
         wait_for(lambda: ended(p, ids) and caught_up(p, s), 30, "replication")
-        assert s.get("/v1/ha/status").json()["last_seq"] == p.get("/v1/ha/status").json()["last_seq"]
+        assert (
+            s.get("/v1/ha/status").json()["last_seq"] == p.get("/v1/ha/status").json()["last_seq"]
+        )
     assert standby.server is not None
     standby.server.kill(signal.SIGKILL)
     with primary.client() as p:

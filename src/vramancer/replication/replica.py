@@ -1,5 +1,5 @@
 """What a standby holds of the primary that has no home in its own subsystems:
-``<data_dir>/ha-replica.sqlite``.
+``<data_dir>/ha/replica.sqlite``.
 
 * block entries whose bytes were not shipped (a block in a RAM tier, or ``[ha]
   replicate_data`` off): the standby knows the block exists and what it was, not its bytes;
@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from vramancer.files import touch_private
+from vramancer.files import private_dir, touch_private
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (id TEXT PRIMARY KEY, entry TEXT NOT NULL);
@@ -35,6 +35,7 @@ class ReplicaState:
     def open(self) -> None:
         if self._conn is not None:
             return
+        private_dir(self.path.parent)
         if not self.path.exists():
             touch_private(self.path)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

@@ -1,7 +1,7 @@
 """``HaService``: HA replication of one node, built by the runtime when ``ha_replication`` is on.
 
-It owns the journal (``<data_dir>/ha-journal``), the replica state of a standby
-(``<data_dir>/ha-replica.sqlite``), the role and epoch, and, by role:
+It owns the journal (``<data_dir>/ha/journal``), the replica state of a standby
+(``<data_dir>/ha/replica.sqlite``), the role and epoch, and, by role:
 
 * primary: ``Capture`` (every acknowledged change becomes a delta) and ``Shippers`` (one per
   peer); the task service dispatches and the memory store runs its maintenance;
@@ -41,6 +41,7 @@ from vramancer.replication.capture import (
     profile_state,
 )
 from vramancer.replication.journal import Journal
+from vramancer.replication.journal_files import journal_dir
 from vramancer.replication.keys import KeyRing
 from vramancer.replication.kinds import encode
 from vramancer.replication.receiver import Receiver
@@ -126,14 +127,14 @@ class HaService:
         secret = settings.ha_secret.get_secret_value().encode() if settings.ha_secret else b""
         self.keyring = KeyRing(secret)
         self.journal = Journal(
-            settings.data_dir / "ha-journal",
+            journal_dir(settings.data_dir),
             self.keyring,
             segment_max_bytes=int(settings.ha_journal_max),
             fsync=False,
             clock=clock,
             metrics=metrics,
         )
-        self.replica = ReplicaState(settings.data_dir / "ha-replica.sqlite")
+        self.replica = ReplicaState(settings.data_dir / "ha" / "replica.sqlite")
         self.role = settings.ha_role
         self.primary: str | None = None
         self.sync = settings.ha_sync

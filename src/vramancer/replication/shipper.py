@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 ADDRESS_HEADER = "X-VRM-HA-Address"
 #: Seconds between tries to reach a peer that is down, at most.
 MAX_BACKOFF_S = 2.0
+#: Bytes of records one request carries at most (at least one record is always sent).
+MAX_BATCH_BYTES = 32 * 1024 * 1024
 
 
 class PeerState(StrEnum):
@@ -89,6 +91,7 @@ class PeerShipper:
         self._on_newer_epoch = on_newer_epoch
         self._on_ack = on_ack
         self._own = own_address
+        self.lag_gauge: Any = None
         self.acked_seq: int | None = None
         self.peer_epoch = 0
         self.state = PeerState.DOWN
@@ -102,6 +105,8 @@ class PeerShipper:
     async def run(self) -> None:
         backoff = 0.05
         while True:
+            if self.lag_gauge is not None:
+                self.lag_gauge.set(self.view().lag)
             try:
                 sent = await self.round()
                 backoff = 0.05
@@ -140,6 +145,7 @@ class PeerShipper:
         if not records:
             self.state = PeerState.UP
             return False
+        records = _within(records, MAX_BATCH_BYTES)
         self.state = PeerState.BEHIND if self.view().lag > len(records) else PeerState.UP
         self._learn(await self._post(b"".join(records)))
         return True
@@ -223,6 +229,8 @@ class Shippers:
             "Deltas journaled that a peer has not acknowledged yet.",
             ["peer"],
         )
+        for peer in self.peers:
+            peer.lag_gauge = self._lag.labels(peer=peer.address)
         self._tasks: list[asyncio.Task[None]] = []
         self._ack = asyncio.Event()
 
@@ -273,3 +281,13 @@ class Shippers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ack.wait(), remaining)
         return True
+
+
+def _within(records: list[bytes], max_bytes: int) -> list[bytes]:
+    """The first records that fit in ``max_bytes`` together (the first one always)."""
+    total = 0
+    for i, record in enumerate(records):
+        total += len(record)
+        if total > max_bytes and i > 0:
+            return records[:i]
+    return records

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 
 from vramancer.api.deps import Admin, RuntimeDep
 from vramancer.api.schemas import ERROR_RESPONSES, HaAck, HaStatus
-from vramancer.errors import BackendUnavailable, InvalidInput
+from vramancer.errors import Conflict, InvalidInput
 from vramancer.replication.service import HaService
 from vramancer.replication.shipper import ADDRESS_HEADER
 
@@ -36,10 +36,16 @@ DISABLED: dict[str, Any] = {
 }
 
 
+class HaOff(Conflict):
+    """A replication route was called on a node where replication is off (409 ``ha_off``)."""
+
+    code = "ha_off"
+
+
 def _ha(rt: Any) -> HaService:
     ha: HaService | None = rt.ha
     if ha is None:
-        raise BackendUnavailable("HA replication is off (VRM_HA_REPLICATION=1 turns it on)")
+        raise HaOff("HA replication is off on this node (VRM_HA_REPLICATION=1 turns it on)")
     return ha
 
 
