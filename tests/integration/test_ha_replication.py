@@ -5,6 +5,7 @@ old primary come back as standby, and keeps journal segments until every peer ac
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -14,8 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from tests.integration.ha_helpers import (
+    CONFIG,
     SECRET,
     Node,
     all_blocks,
@@ -26,6 +29,7 @@ from tests.integration.ha_helpers import (
     wait_for,
 )
 from tests.promtext import metric_value
+from vramancer.cli.main import app
 from vramancer.replication.delta import Delta, new_nonce, seal
 from vramancer.replication.keys import hour_key, hour_of
 from vramancer.replication.kinds import DeltaKind, pack
@@ -81,7 +85,7 @@ def test_standby_answers_as_the_primary_and_refuses_writes(
     start(standby, server_factory)
     start(primary, server_factory)
     with primary.client() as p, standby.client() as s:
-        ids = mixed_changes(p, rounds=10)
+        ids = mixed_changes(p, rounds=6)
         wait_for(lambda: ended(p, ids), 60, "tasks to end")
 
         def same() -> bool:
@@ -92,8 +96,8 @@ def test_standby_answers_as_the_primary_and_refuses_writes(
         assert seen["profile"]["name"] == "quiet"
         assert seen["profile"]["last_switch"]["name"] == "quiet"
         assert {t["state"] for t in seen["status"]} == {"done"}
-        assert len(seen["history"]) == len(ids) == 200
-        assert len(seen["blocks"]) == 90
+        assert len(seen["history"]) == len(ids) == 120
+        assert len(seen["blocks"]) == 54
         assert s.get("/v1/memory/blocks/r0/b4").content == b"replaced"
         assert p.get("/v1/memory/blocks/r9/b9").content == s.get("/v1/memory/blocks/r9/b9").content
         for method, path, kwargs in [
@@ -228,7 +232,7 @@ def test_sync_mode_without_a_peer_refuses_with_no_replica(
 
 
 def test_old_primary_comes_back_as_standby_and_catches_up(
-    tmp_path: Path, server_factory: Any
+    tmp_path: Path, server_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     primary, standby = make_pair(tmp_path)
     start(standby, server_factory)
@@ -239,8 +243,15 @@ def test_old_primary_comes_back_as_standby_and_catches_up(
         wait_for(lambda: caught_up(p, s) and all_history(p) == all_history(s), 20, "replication")
     assert primary.server is not None
     primary.server.kill(signal.SIGKILL)
+    monkeypatch.setenv("VRM_URL", f"http://{standby.address}")
+    monkeypatch.delenv("VRM_API_TOKEN", raising=False)
+    promoted = CliRunner().invoke(app, ["ha", "promote", "--json"])
+    assert promoted.exit_code == 0, promoted.output
+    assert json.loads(promoted.output)["epoch"] == 2
     with standby.client() as s:
-        assert s.post("/v1/ha/promote").json()["epoch"] == 2
+        shown = CliRunner().invoke(app, ["ha", "status", "--json"])
+        assert json.loads(shown.output) == s.get("/v1/ha/status").json()
+        assert "role primary, epoch 2" in CliRunner().invoke(app, ["ha", "status"]).output
         after = submit_echo(s, 10, "after")
         s.put("/v1/memory/blocks/after", content=b"new", params={"durable": "true"})
         wait_for(lambda: ended(s, before + after), 30, "tasks to end on the new primary")
@@ -297,3 +308,44 @@ def test_no_segment_is_released_before_every_peer_acked_it(
         wait_for(lambda: caught_up(p, s), 30, "the standby to catch up")
         wait_for(lambda: len(segments(primary)) <= 2, 10, "acked segments to be released")
         assert all_history(p) == all_history(s)
+
+
+def test_turning_replication_on_ships_the_state_that_was_already_there(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    primary, standby = make_pair(tmp_path)
+    plain = server_factory(CONFIG, data_dir=primary.data_dir, port=primary.port)
+    with plain.client() as c:
+        ids = submit_echo(c, 20, "old")
+        wait_for(lambda: ended(c, ids), 30, "tasks to end")
+        c.put("/v1/memory/blocks/old", content=b"kept", params={"durable": "true"})
+    plain.stop()
+    start(standby, server_factory)
+    start(primary, server_factory)
+    with primary.client() as p, standby.client() as s:
+        wait_for(lambda: caught_up(p, s) and views(p, ids) == views(s, ids), 30, "the old state")
+        assert s.get("/v1/memory/blocks/old").content == b"kept"
+        assert len(all_history(s)) == 20
+
+
+@pytest.mark.slow
+def test_ten_thousand_mixed_changes_reach_the_standby(tmp_path: Path, server_factory: Any) -> None:
+    primary, standby = make_pair(tmp_path)
+    start(standby, server_factory)
+    start(primary, server_factory)
+    with primary.client() as p, standby.client() as s:
+        ids: list[str] = []
+        for r in range(20):  # 2000 tasks, each submitted, leased, running, done: 8000 changes
+            ids += submit_echo(p, 100, f"big{r}")
+            for b in range(50):  # 1000 puts, 200 deletes
+                p.put(
+                    f"/v1/memory/blocks/big{r}/{b}",
+                    content=os.urandom(64),
+                    params={"durable": "true"},
+                )
+            for b in range(0, 50, 5):
+                p.delete(f"/v1/memory/blocks/big{r}/{b}")
+        wait_for(lambda: ended(p, ids), 300, "tasks to end")
+        wait_for(lambda: caught_up(p, s) and all_history(p) == all_history(s), 120, "replication")
+        assert all_blocks(p) == all_blocks(s)
+        assert len(all_blocks(s)) == 800

@@ -150,6 +150,38 @@ class Capture:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
 
+    def pending(self) -> list[list[Any]]:
+        """What is marked and not yet journaled: ``[what, key, extra]`` each (kept across a
+        clean stop, marked again at the next start)."""
+        with self._lock:
+            return [[what, key, extra] for (what, key), extra in self._dirty.items()]
+
+    async def resync(self, *, everything: bool, pending: list[list[Any]]) -> int:
+        """Mark again what a previous run left unjournaled: ``pending`` after a clean stop;
+        ``everything`` (every task, block, the profile) after a crash, or when replication
+        was just turned on over existing state. Returns the marks made."""
+        for what, key, extra in pending:
+            self.mark(str(what), str(key), extra)
+        if not everything:
+            return len(pending)
+        queue = self.tasks.queue
+        task_ids = await sqlite_replica.all_ids(queue) if isinstance(queue, SqliteQueue) else []
+        for task_id in task_ids:
+            self.mark(_TASK, task_id)
+        block_ids = await asyncio.to_thread(self._block_ids)
+        for block_id in block_ids:
+            self.mark(_BLOCK, block_id)
+        self.mark(_PROFILE, "")
+        return len(pending) + len(task_ids) + len(block_ids) + 1
+
+    def _block_ids(self) -> list[str]:
+        ids: list[str] = []
+        while True:
+            page, total = self.memory.list_blocks(limit=1000, offset=len(ids))
+            ids += [str(b["id"]) for b in page]
+            if not page or len(ids) >= total:
+                return ids
+
     def _on_event(self, event: Event) -> None:
         payload = event.payload
         kind = event.kind

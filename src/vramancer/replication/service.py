@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
 from vramancer.arbiter.arbiter import Arbiter
 from vramancer.clock import Clock
-from vramancer.errors import Conflict
 from vramancer.events import EventBus
+from vramancer.files import open_private
 from vramancer.memory.store import TieredStore
 from vramancer.models.manager import ModelManager
 from vramancer.observability.metrics import Metrics
@@ -61,6 +64,8 @@ log = logging.getLogger(__name__)
 #: Bytes of block data a snapshot carries at most (hex-encoded in its JSON); blocks past it
 #: travel as entries only.
 SNAPSHOT_DATA_BYTES = 24 * 1024 * 1024
+#: Written at a clean stop (``<data_dir>/ha/stopped.json``): what capture had not journaled.
+STOP_FILE = "stopped.json"
 #: Seconds a peer is given to answer the start-up question.
 PROBE_TIMEOUT_S = 2.0
 
@@ -69,12 +74,6 @@ class Component(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
-
-
-class NotPrimary(Conflict):
-    """A write reached a standby (409 ``standby``; ``primary`` names the primary)."""
-
-    code = "standby"
 
 
 class _GatedMemory:
@@ -101,6 +100,20 @@ class _GatedTasks:
 
     async def stop(self) -> None:
         await self.tasks.stop()
+
+
+class _Resync:
+    """Last to start, first to stop: marks what an earlier run left unjournaled once every
+    subsystem is up (``HaService.resync``)."""
+
+    def __init__(self, ha: HaService) -> None:
+        self.ha = ha
+
+    async def start(self) -> None:
+        await self.ha.resync()
+
+    async def stop(self) -> None:
+        return None
 
 
 class HaService:
@@ -158,6 +171,8 @@ class HaService:
         self.shippers: Shippers | None = None
         self._transition = asyncio.Lock()
         self._started = False
+        #: What the previous run left (``stopped.json``); None: it did not stop cleanly.
+        self._left: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ composition
 
@@ -172,7 +187,7 @@ class HaService:
                 out.append(_GatedTasks(self.tasks, self))
             else:
                 out.append(component)
-        return out
+        return [*out, _Resync(self)]
 
     @property
     def is_primary(self) -> bool:
@@ -192,6 +207,7 @@ class HaService:
         """Open the journal and the replica state, decide the role, start its parts."""
         await asyncio.to_thread(self.journal.open)
         await asyncio.to_thread(self.replica.open)
+        self._left = await asyncio.to_thread(self._read_stop_file)
         peers = await self.probe()
         decided = start_role(self.settings.ha_role, self.journal.epoch, peers)
         self.role, self.primary = decided.role, decided.primary
@@ -208,7 +224,12 @@ class HaService:
         self._started = True
 
     async def stop(self) -> None:
+        """Stop; what capture had not journaled yet is kept in ``stopped.json`` (its absence at
+        the next start means a crash: everything is marked again)."""
+        was_primary = self.is_primary
         await self._stop_primary_parts()
+        pending = self.capture.pending() if was_primary else []
+        await asyncio.to_thread(self._write_stop_file, pending)
         await asyncio.to_thread(self.journal.close)
         await asyncio.to_thread(self.replica.close)
         self._started = False
@@ -234,6 +255,42 @@ class HaService:
         if self.shippers is not None:
             await self.shippers.close()
             self.shippers = None
+
+    async def resync(self) -> None:
+        """On a primary: mark again what the previous run left unjournaled (see
+        ``Capture.resync``)."""
+        left, self._left = self._left, None
+        if not self.is_primary:
+            return
+        everything = left is None
+        marks = await self.capture.resync(
+            everything=everything, pending=list(left.get("pending", [])) if left else []
+        )
+        if everything:
+            log.warning("HA replication: no clean stop recorded; re-journaling %d items", marks)
+
+    @property
+    def _stop_file(self) -> Path:
+        return self.settings.data_dir / "ha" / STOP_FILE
+
+    def _read_stop_file(self) -> dict[str, Any] | None:
+        path = self._stop_file
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        path.unlink(missing_ok=True)
+        return data if isinstance(data, dict) else None
+
+    def _write_stop_file(self, pending: list[list[Any]]) -> None:
+        path = self._stop_file
+        temporary = path.with_suffix(".tmp")
+        fd = open_private(temporary)
+        try:
+            os.write(fd, json.dumps({"pending": pending}).encode())
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
 
     async def probe(self) -> list[PeerStatus]:
         """Ask every peer where it stands (an empty ``POST /v1/ha/deltas``); silent peers are

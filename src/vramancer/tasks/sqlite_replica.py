@@ -50,6 +50,15 @@ async def all_rows(queue: SqliteQueue) -> list[Row]:
     return await queue._read(op)
 
 
+async def all_ids(queue: SqliteQueue) -> list[str]:
+    """Every task id, in ``seq`` order."""
+
+    def op(conn: sqlite3.Connection) -> list[str]:
+        return [row[0] for row in conn.execute("SELECT id FROM tasks ORDER BY seq")]
+
+    return await queue._read(op)
+
+
 async def upsert_rows(queue: SqliteQueue, rows: Sequence[Mapping[str, Any]]) -> int:
     """Write ``rows`` as they are (replacing a task of the same id, seq or idempotency key);
     columns this schema does not have are refused (``ValueError`` naming them)."""
