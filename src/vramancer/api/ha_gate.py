@@ -3,10 +3,12 @@
 * On a standby, every state-changing request (any method but GET, HEAD, OPTIONS) outside
   ``/v1/ha/`` is refused with 409 ``standby``, ``primary`` naming the primary's address.
 * On a primary in sync mode (``VRM_HA_SYNC=1``), a state-changing request that succeeded is
-  answered only once a peer holds every change made so far; when none confirms within
+  answered only once a peer holds every change made so far (a repeated submit that changed
+  nothing too: its task may be one no peer has confirmed yet); when none confirms within
   ``[ha] sync_timeout_s``, the answer is 503 ``no_replica`` instead. The change may then
   exist on this node (it was made, only not confirmed elsewhere): a client retries with the
   same idempotency key, or checks.
+* ``POST /v1/models/can-load`` changes nothing and is answered on a standby too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vramancer.api.guard import body_announced, reply
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Requests with a body that change nothing (answered on a standby too).
+READ_ONLY_POSTS = frozenset({"/v1/models/can-load"})
 HA_PREFIX = "/v1/ha/"
 
 
@@ -33,6 +37,7 @@ class HaMiddleware:
             or scope["type"] != "http"
             or scope.get("method") in READ_METHODS
             or scope["path"].startswith(HA_PREFIX)
+            or scope["path"] in READ_ONLY_POSTS
         ):
             await self.app(scope, receive, send)
             return
