@@ -349,3 +349,23 @@ def test_ten_thousand_mixed_changes_reach_the_standby(tmp_path: Path, server_fac
         wait_for(lambda: caught_up(p, s) and all_history(p) == all_history(s), 120, "replication")
         assert all_blocks(p) == all_blocks(s)
         assert len(all_blocks(s)) == 800
+
+
+def test_peers_authenticate_by_signature_when_tokens_are_configured(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    config = CONFIG + '[auth]\ntokens = { "adm-token-0123456789" = "admin" }\n'
+    primary, standby = make_pair(tmp_path, config=config)
+    start(standby, server_factory)
+    start(primary, server_factory)
+    assert primary.server is not None and standby.server is not None
+    with (
+        primary.server.client("adm-token-0123456789") as p,
+        standby.server.client("adm-token-0123456789") as s,
+    ):
+        assert p.put("/v1/memory/blocks/t", content=b"v", params={"durable": "true"}).is_success
+        wait_for(lambda: s.get("/v1/memory/blocks/t").content == b"v", 20, "the block")
+        assert p.get("/v1/ha/status").json()["peers"][0]["state"] == "up"
+        with standby.server.client() as anonymous:
+            assert anonymous.get("/v1/ha/status").status_code == 401
+            assert anonymous.put("/v1/memory/blocks/u", content=b"x").status_code == 401
