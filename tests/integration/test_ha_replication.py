@@ -369,3 +369,30 @@ def test_peers_authenticate_by_signature_when_tokens_are_configured(
         with standby.server.client() as anonymous:
             assert anonymous.get("/v1/ha/status").status_code == 401
             assert anonymous.put("/v1/memory/blocks/u", content=b"x").status_code == 401
+
+
+def test_a_replaced_primary_that_was_only_frozen_steps_down(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    primary, standby = make_pair(tmp_path)
+    start(standby, server_factory)
+    start(primary, server_factory)
+    assert primary.server is not None
+    with primary.client() as p, standby.client() as s:
+        before = submit_echo(p, 5, "before")
+        wait_for(lambda: ended(p, before) and caught_up(p, s), 30, "replication")
+        os.killpg(primary.server.proc.pid, signal.SIGSTOP)  # a cut link, as the standby sees it
+        try:
+            assert s.post("/v1/ha/promote").json()["epoch"] == 2
+            after = submit_echo(s, 5, "after")
+            wait_for(lambda: ended(s, before + after), 30, "tasks on the new primary")
+        finally:
+            os.killpg(primary.server.proc.pid, signal.SIGCONT)
+        wait_for(lambda: p.get("/v1/ha/status").json()["role"] == "standby", 20, "step down")
+        wait_for(
+            lambda: caught_up(s, p) and all_history(p) == all_history(s), 30, "the old primary"
+        )
+        assert p.get("/v1/ha/status").json()["epoch"] == 2
+        r = p.post("/api/tasks/submit", json={"type": "cmd", "cmd": ["echo"]})
+        assert (r.status_code, r.json()["error"]["primary"]) == (409, standby.address)
+        assert s.get("/v1/ha/status").json()["role"] == "primary"

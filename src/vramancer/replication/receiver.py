@@ -170,6 +170,16 @@ class Receiver:
             self.applied += len(accepted)
             return self.answer()
 
+    def newer_epoch(self, body: bytes) -> int | None:
+        """The epoch of the batch's first record when it is genuine (signature, hour) and newer
+        than this node's; None otherwise. A primary that gets one was replaced."""
+        try:
+            first = next(split_records(body))
+            delta = open_record(first, self.keyring, now_hour=hour_of(self.clock.time()))
+        except (DeltaError, StopIteration):
+            return None
+        return delta.epoch if delta.epoch > self.journal.epoch else None
+
     def _verify(self, body: bytes) -> list[tuple[bytes, Delta]]:
         try:
             records = list(split_records(body))

@@ -359,7 +359,13 @@ class HaService:
         await self.applier.apply(deltas)
 
     async def receive(self, body: bytes, advertised: str | None) -> dict[str, Any]:
-        """``POST /v1/ha/deltas``."""
+        """``POST /v1/ha/deltas``. A primary that receives genuine deltas of a newer epoch was
+        replaced: it steps down first, then takes them as a standby."""
+        if body and self.is_primary:
+            epoch = self.receiver.newer_epoch(body)
+            if epoch is not None:
+                sender = primary_address(advertised, self.peers) if advertised else None
+                await self.step_down(epoch, sender)
         answer = await self.receiver.receive(body)
         if body and advertised:
             self.primary = primary_address(advertised, self.peers)

@@ -41,6 +41,14 @@ MAX_BACKOFF_S = 2.0
 MAX_BATCH_BYTES = 32 * 1024 * 1024
 
 
+#: Refusals that only say where the peer stands: resume from its ``acked_seq`` at once.
+RESUME_CODES = frozenset({"replayed", "gap"})
+
+
+class Refusal(ValueError):
+    """A peer refused a batch for a reason a retry at once would not cure."""
+
+
 class PeerState(StrEnum):
     UP = "up"
     BEHIND = "behind"
@@ -114,7 +122,7 @@ class PeerShipper:
                 raise
             except (httpx.HTTPError, OSError, ValueError) as exc:
                 if self.state is not PeerState.DOWN:
-                    log.warning("HA peer %s is unreachable: %s", self.address, exc)
+                    log.warning("HA peer %s: %s", self.address, exc)
                 self.state = PeerState.DOWN
                 self.acked_seq = None
                 await asyncio.sleep(backoff)
@@ -162,6 +170,9 @@ class PeerShipper:
         self._learn(await self._post(record))
 
     async def _post(self, body: bytes) -> dict[str, Any]:
+        """Send ``body``; the peer's answer. A refusal other than ``replayed`` / ``gap`` (which
+        only say where to resume) is learnt from, then raised as ``Refusal``: the peer is
+        retried after a back-off rather than at once."""
         response = await self.client.post(
             f"http://{self.address}/v1/ha/deltas",
             content=body,
@@ -169,17 +180,20 @@ class PeerShipper:
             timeout=self.settings.peer_timeout_s,
         )
         data = response.json()
-        if response.status_code >= 400:
-            error = data.get("error", {}) if isinstance(data, dict) else {}
-            code = error.get("code")
-            if "acked_seq" not in error:
-                raise ValueError(f"peer {self.address} answered {response.status_code} {code}")
-            if code not in ("replayed", "gap", "stale_epoch", "not_standby"):
-                log.warning(
-                    "HA peer %s refused a batch: %s (%s)", self.address, code, error.get("message")
-                )
+        if response.status_code < 400:
+            return dict(data)
+        error = data.get("error", {}) if isinstance(data, dict) else {}
+        code = error.get("code")
+        if "acked_seq" not in error:
+            raise Refusal(f"peer {self.address} answered {response.status_code} {code}")
+        if code in RESUME_CODES:
             return dict(error)
-        return dict(data)
+        self._learn(error)
+        if code not in ("stale_epoch", "not_standby"):
+            log.warning(
+                "HA peer %s refused a batch: %s (%s)", self.address, code, error.get("message")
+            )
+        raise Refusal(f"peer {self.address} refused the batch: {code}")
 
     def _learn(self, answer: dict[str, Any]) -> None:
         acked = int(answer["acked_seq"])
