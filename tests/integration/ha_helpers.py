@@ -73,13 +73,20 @@ def start(node: Node, starter: Callable[..., ServerProcess]) -> Node:
     return node
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+def wait_for(
+    check: Callable[[], Any],
+    timeout: float = 20.0,
+    what: str = "condition",
+    on_timeout: Callable[[], None] | None = None,
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
+            if on_timeout is not None:
+                on_timeout()
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
 

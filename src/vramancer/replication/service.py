@@ -351,8 +351,10 @@ class HaService:
     def _append(self, deltas: Sequence[tuple[str, bytes]]) -> int:
         for kind, payload in deltas:
             self.journal.append(kind, payload)
-        if self.shippers is not None:
-            self.shippers.poke()
+        shippers = self.shippers
+        if shippers is not None:
+            shippers.views()  # the lag gauges follow the journal
+            shippers.poke()
         return self.journal.last_seq
 
     async def _apply(self, deltas: list[tuple[str, bytes]]) -> None:
@@ -415,6 +417,7 @@ class HaService:
             ],
             "primary": self.peers_primary(),
             "sync": self.sync,
+            "snapshots_sent": sum(p.snapshots for p in self.shippers.peers) if self.shippers else 0,
             "replica": {
                 "blocks_without_data": self.replica.count("blocks"),
                 "allocations": self.replica.count("allocations"),

@@ -100,14 +100,18 @@ class PeerShipper:
         self._on_ack = on_ack
         self._own = own_address
         self.lag_gauge: Any = None
+        #: The peer's acknowledged seq as of the last answer (None: not known since it was last
+        #: unreachable, so it holds back every segment release).
         self.acked_seq: int | None = None
+        #: The last acknowledged seq ever heard from it (what ``status`` shows while it is down).
+        self.last_acked = 0
         self.peer_epoch = 0
         self.state = PeerState.DOWN
         self.wake = asyncio.Event()
         self.snapshots = 0
 
     def view(self) -> PeerView:
-        acked = self.acked_seq or 0
+        acked = self.acked_seq if self.acked_seq is not None else self.last_acked
         return PeerView(self.address, acked, max(0, self.journal.last_seq - acked), self.state)
 
     async def run(self) -> None:
@@ -202,7 +206,7 @@ class PeerShipper:
             # Another primary of the same or a newer epoch: never overwrite it.
             self.peer_epoch = max(self.peer_epoch, self.journal.epoch + 1)
         advanced = self.acked_seq is None or acked > self.acked_seq
-        self.acked_seq = acked
+        self.acked_seq = self.last_acked = acked
         if advanced:
             self._on_ack()
 
@@ -246,9 +250,11 @@ class Shippers:
         for peer in self.peers:
             peer.lag_gauge = self._lag.labels(peer=peer.address)
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ack = asyncio.Event()
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._tasks = [
             asyncio.create_task(p.run(), name=f"ha-ship-{p.address}") for p in self.peers
         ]
@@ -266,8 +272,20 @@ class Shippers:
         await self.client.aclose()
 
     def poke(self) -> None:
+        """Wake every peer's loop (from any thread)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
         for peer in self.peers:
-            peer.wake.set()
+            if here is loop:
+                peer.wake.set()
+            else:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(peer.wake.set)
 
     def views(self) -> list[PeerView]:
         views = [p.view() for p in self.peers]
