@@ -416,3 +416,30 @@ def test_a_replaced_primary_that_was_only_frozen_steps_down(
         r = p.post("/api/tasks/submit", json={"type": "cmd", "cmd": ["echo"]})
         assert (r.status_code, r.json()["error"]["primary"]) == (409, standby.address)
         assert s.get("/v1/ha/status").json()["role"] == "primary"
+
+
+def test_ram_blocks_and_hand_allocations_are_recorded_not_served(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    gpu = '[devices]\nbackends = []\n[[devices.simulated]]\nname = "sim0"\nmemory = "24GiB"\n'
+    primary, standby = make_pair(tmp_path, config=CONFIG + gpu)
+    start(standby, server_factory)
+    start(primary, server_factory)
+    with primary.client() as p, standby.client() as s:
+        assert p.put("/v1/memory/blocks/ram", content=b"volatile").json()["tier"] != "L5"
+        granted = p.post("/v1/allocations", json={"workload_type": "llm", "memory": "1GiB"})
+        assert granted.status_code == 201, granted.text
+
+        def replica() -> dict[str, int]:
+            return dict(s.get("/v1/ha/status").json()["replica"])
+
+        wait_for(
+            lambda: replica() == {"blocks_without_data": 1, "allocations": 1}, 20, "the records"
+        )
+        assert s.get("/v1/memory/blocks/ram").status_code == 404  # RAM bytes never travel
+        assert s.get("/v1/allocations").json()["allocations"] == []  # recorded, not granted
+        assert p.delete(f"/v1/allocations/{granted.json()['id']}").status_code == 200
+        assert p.delete("/v1/memory/blocks/ram").status_code == 200
+        wait_for(
+            lambda: replica() == {"blocks_without_data": 0, "allocations": 0}, 20, "the removals"
+        )
