@@ -443,3 +443,29 @@ def test_ram_blocks_and_hand_allocations_are_recorded_not_served(
         wait_for(
             lambda: replica() == {"blocks_without_data": 0, "allocations": 0}, 20, "the removals"
         )
+
+
+def test_a_restarted_standby_keeps_the_primarys_running_tasks_running(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    primary, standby = make_pair(tmp_path)
+    start(standby, server_factory)
+    start(primary, server_factory)
+    with primary.client() as p:
+        task = p.post("/api/tasks/submit", json={"type": "cmd", "cmd": ["sleep", "20"]}).json()
+        params = {"task_id": task["task_id"]}
+        with standby.client() as s:
+            wait_for(
+                lambda: s.get("/api/tasks/status", params=params).json()["state"] == "running",
+                20,
+                "the task to run",
+            )
+        assert standby.server is not None
+        standby.server.kill(signal.SIGKILL)
+        start(standby, server_factory)
+        with standby.client() as s:
+            shown = s.get("/api/tasks/status", params=params).json()
+            assert shown == p.get("/api/tasks/status", params=params).json()
+            assert shown["state"] == "running"
+            assert s.get("/api/tasks/stats").json()["counts"]["running"] == 1
+        assert p.post(f"/api/tasks/{task['task_id']}/cancel").status_code == 200

@@ -173,6 +173,8 @@ class HaService:
         self._started = False
         #: What the previous run left (``stopped.json``); None: it did not stop cleanly.
         self._left: dict[str, Any] | None = None
+        #: A standby's leased task rows as replicated, put back once its queue is open.
+        self._leased: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ composition
 
@@ -221,6 +223,13 @@ class HaService:
         )
         if self.is_primary:
             self._start_primary_parts()
+        else:
+            # Opening the task queue takes back every lease and kills the processes they name
+            # (a daemon restarting after a crash); on a standby those leases and processes are
+            # the primary's: their pids are cleared first and their rows put back afterwards.
+            queue = self.tasks.queue
+            if isinstance(queue, SqliteQueue):
+                self._leased = await asyncio.to_thread(sqlite_replica.take_leased_rows, queue.path)
         self._started = True
 
     async def stop(self) -> None:
@@ -257,10 +266,16 @@ class HaService:
             self.shippers = None
 
     async def resync(self) -> None:
-        """On a primary: mark again what the previous run left unjournaled (see
-        ``Capture.resync``)."""
+        """Once every subsystem is up. On a primary: mark again what the previous run left
+        unjournaled (see ``Capture.resync``). On a standby: put back the primary's leased task
+        rows that opening the queue took back."""
         left, self._left = self._left, None
         if not self.is_primary:
+            leased, self._leased = self._leased, []
+            queue = self.tasks.queue
+            if leased and isinstance(queue, SqliteQueue):
+                await sqlite_replica.upsert_rows(queue, leased)
+                self.tasks.telemetry.reset(await queue.counts())
             return
         everything = left is None
         marks = await self.capture.resync(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from vramancer.tasks.sqlite_queue import SqliteQueue
@@ -57,6 +58,29 @@ async def all_ids(queue: SqliteQueue) -> list[str]:
         return [row[0] for row in conn.execute("SELECT id FROM tasks ORDER BY seq")]
 
     return await queue._read(op)
+
+
+def take_leased_rows(path: Path) -> list[Row]:
+    """The rows of leased tasks (``scheduled``, ``running``) in the database at ``path``, read
+    before the queue opens, their ``pid`` then cleared in the file: opening the queue takes
+    leases back and kills the processes they name, and on an HA standby those are the
+    primary's (perhaps on this very machine). None when there is no database yet."""
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        names = _columns(conn)
+        if not names:
+            return []
+        where = "WHERE state IN ('scheduled', 'running')"
+        rows = [
+            dict(zip(names, v, strict=True)) for v in conn.execute(f"SELECT * FROM tasks {where}")
+        ]
+        if rows:
+            conn.execute(f"UPDATE tasks SET pid = NULL, pid_started = NULL {where}")
+        return rows
+    finally:
+        conn.close()
 
 
 async def upsert_rows(queue: SqliteQueue, rows: Sequence[Mapping[str, Any]]) -> int:
