@@ -178,16 +178,16 @@ class ModelManager:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    async def start(self, *, initial_profile: bool = True) -> None:
         """Probe the backends' servers (degraded mode if down), adopt what they already have
         loaded, start the idle reaper / prober loop and apply ``initial_profile`` in the
-        background."""
+        background (``initial_profile=False``: not; an HA standby loads no model)."""
         self._inbox.loop = asyncio.get_running_loop()
         self._table.stopping = False
         await self.probe_backends(force=True)
         if self._runner is None:
             self._runner = asyncio.create_task(self._run(), name="vramancer-models")
-        if self.gm.initial_profile is not None:
+        if initial_profile and self.gm.initial_profile is not None:
             self._spawn(self._initial_profile(self.gm.initial_profile))
 
     async def _initial_profile(self, name: str) -> None:

@@ -102,6 +102,19 @@ class _GatedTasks:
         await self.tasks.stop()
 
 
+class _GatedModels:
+    """The model manager, started without its ``initial_profile`` on a standby."""
+
+    def __init__(self, models: ModelManager, ha: HaService) -> None:
+        self.models, self.ha = models, ha
+
+    async def start(self) -> None:
+        await self.models.start(initial_profile=self.ha.is_primary)
+
+    async def stop(self) -> None:
+        await self.models.stop()
+
+
 class _Resync:
     """Last to start, first to stop: marks what an earlier run left unjournaled once every
     subsystem is up (``HaService.resync``)."""
@@ -173,6 +186,7 @@ class HaService:
         self._started = False
         #: What the previous run left (``stopped.json``); None: it did not stop cleanly.
         self._left: dict[str, Any] | None = None
+        self._reconcile: asyncio.Task[None] | None = None
         #: A standby's leased task rows as replicated, put back once its queue is open.
         self._leased: list[dict[str, Any]] = []
 
@@ -187,6 +201,8 @@ class HaService:
                 out.append(_GatedMemory(self.memory, self))
             elif component is self.tasks:
                 out.append(_GatedTasks(self.tasks, self))
+            elif component is self.models:
+                out.append(_GatedModels(self.models, self))
             else:
                 out.append(component)
         return [*out, _Resync(self)]
@@ -339,7 +355,19 @@ class HaService:
             await self.tasks.stop()
             await self.tasks.start()
             self.memory.start_maintenance()
+            self._reconcile = asyncio.get_running_loop().create_task(self._apply_profile())
             return self.status()
+
+    async def _apply_profile(self) -> None:
+        """After a promotion: load what the replicated profile in force says."""
+        name = self.models.profile
+        try:
+            report = await self.models.switch_profile(name)
+        except Exception:
+            log.exception("HA promotion: applying profile %s failed", name)
+            return
+        if not report.ok:
+            log.warning("HA promotion: profile %s did not apply fully", name)
 
     async def step_down(self, epoch: int, primary: str | None) -> None:
         """A newer epoch exists: stop capturing and dispatching, wait for the new primary."""
