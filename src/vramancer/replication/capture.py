@@ -29,6 +29,7 @@ from vramancer.memory.store import TieredStore
 from vramancer.models.manager import ModelManager
 from vramancer.replication.kinds import DeltaKind, pack
 from vramancer.tasks import sqlite_replica
+from vramancer.tasks.queue import Purged
 from vramancer.tasks.service import TaskService
 from vramancer.tasks.sqlite_queue import SqliteQueue
 
@@ -113,8 +114,8 @@ class Capture:
         original = telemetry.purged
         self._purged_original = original
 
-        def purged(tasks: Sequence[Any]) -> None:
-            original(tasks)
+        def purged(tasks: Sequence[Purged], *, observed: bool = False) -> None:
+            original(tasks, observed=observed)
             for task in tasks:
                 self.mark(_TASK, task.task_id)
 
