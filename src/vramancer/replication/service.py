@@ -54,6 +54,7 @@ from vramancer.replication.settings import HaRole
 from vramancer.replication.shipper import Shippers
 from vramancer.tasks import sqlite_replica
 from vramancer.tasks.service import TaskService
+from vramancer.tasks.settings import Synchronous
 from vramancer.tasks.sqlite_queue import SqliteQueue
 
 if TYPE_CHECKING:
@@ -156,7 +157,8 @@ class HaService:
             journal_dir(settings.data_dir),
             self.keyring,
             segment_max_bytes=int(settings.ha_journal_max),
-            fsync=False,
+            # What an acknowledgement promises follows the task queue's: fsync'd with "full".
+            fsync=settings.tasks.synchronous is Synchronous.FULL,
             clock=clock,
             metrics=metrics,
         )
@@ -392,8 +394,7 @@ class HaService:
     # ------------------------------------------------------------------ journal I/O
 
     def _append(self, deltas: Sequence[tuple[str, bytes]]) -> int:
-        for kind, payload in deltas:
-            self.journal.append(kind, payload)
+        self.journal.append_many(deltas)
         shippers = self.shippers
         if shippers is not None:
             shippers.views()  # the lag gauges follow the journal
