@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import ServerProcess, start_server
+from tests.helpers import ServerProcess, start_server, toml_value
 
 VRAMANCER = str(Path(sys.executable).parent / "vramancer")
 
@@ -39,10 +39,12 @@ def pool_toml(
     lease_s: float = 2.0,
     slots_per_device: int = 1,
     extra: str = "",
+    nats: dict[str, Any] | None = None,
 ) -> str:
-    """A node's config: its name, the NATS server, short timers, ``gpus`` simulated GPUs."""
+    """A node's config: its name, the NATS server, short timers, ``gpus`` simulated GPUs;
+    ``nats``: more keys of ``[nats]``."""
     lines = [f'node_name = "{node}"', "", "[nats]", f'url = "{nats_url}"']
-    lines += [f"{k} = {v}" for k, v in FAST.items()]
+    lines += [f"{k} = {toml_value(v)}" for k, v in {**FAST, **(nats or {})}.items()]
     lines += ["", "[tasks]", f"lease_s = {lease_s}", f"slots_per_device = {slots_per_device}"]
     lines += ["dispatch_interval_s = 0.05", "backoff_base_s = 0.1", "auto_maintenance = false"]
     for i in range(gpus):

@@ -108,7 +108,9 @@ def test_tasks_spread_over_both_workers_and_say_where_they_ran(
 def test_logs_come_from_the_node_that_ran_the_task_and_cancel_reaches_it(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
-    with pool(tmp_path, nats_server.url, {"box-a": 1}) as (hub, _):
+    # Reply subjects under a prefix of their own (what per-user NATS permissions need).
+    inbox = {"inbox_prefix": "_INBOX_pooltest"}
+    with pool(tmp_path, nats_server.url, {"box-a": 1}, nats=inbox) as (hub, _):
         code = "import sys; print('hello from the worker'); print('oops', file=sys.stderr)"
         task_id = submit(hub, cmd=[sys.executable, "-c", code])
         assert wait_ended(hub, [task_id])[task_id]["state"] == "done"
@@ -515,3 +517,19 @@ def test_an_orchestrator_started_while_nats_is_down_starts_and_catches_up(
         hub.kill()
         if hub.proc.stdout:
             hub.proc.stdout.close()
+
+
+def test_a_task_that_ends_while_nats_is_down_is_recorded_once_it_returns(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    with pool(tmp_path, nats_server.url, {"box-a": 1}, lease_s=3.0) as (hub, _):
+        out = tmp_path / "ran.txt"
+        task_id = submit(hub, cmd=append_cmd(out, "ran", 1.5))
+        wait_for(lambda: status(hub, task_id)["state"] == "running", 30, what="running")
+        nats_server.stop()
+        time.sleep(4.5)  # the task ends meanwhile; its lease has run out by the clock
+        nats_server.start()
+        body = wait_ended(hub, [task_id], timeout=60)[task_id]
+        assert (body["state"], body["attempts"], body["lease_losses"]) == ("done", 1, 0)
+        time.sleep(2.0)
+        assert out.read_text().split() == ["ran"]  # it ran once

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vramancer.cli.common import Api, ConfigOpt, JsonOpt, emit, fail, load_settings
+from vramancer.cli.common import Api, ConfigOpt, JsonOpt, call, emit, fail, load_settings
 from vramancer.cli.serve import LOG_LEVELS, configure_logging
 from vramancer.errors import ConfigError
 from vramancer.units import format_size
@@ -75,7 +75,7 @@ async def _run_worker(settings: Any) -> None:
 
 def nodes(json_out: JsonOpt = False) -> None:
     """Every node of the pool: state, GPUs, heartbeat age, running tasks."""
-    data = Api().get("/v1/cluster/nodes")
+    data = call(lambda: Api().get("/v1/cluster/nodes"))
     emit(data, json_out, _render_nodes)
 
 

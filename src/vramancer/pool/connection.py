@@ -275,6 +275,7 @@ class PoolConnection:
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
             "closed_cb": self._on_closed,
+            "inbox_prefix": s.inbox_prefix,
         }
         if s.token:
             options["token"] = s.token

@@ -70,6 +70,7 @@ class PoolNode:
                 settings,
                 node=node,
                 lease_ttl_s=settings.leader_lease_s,
+                task_lease_s=tasks_settings.lease_s,
                 clock=clock,
             )
         if orchestrator and metrics is not None:
@@ -96,6 +97,7 @@ class PoolNode:
         """Give the node the task service whose workers run its tasks, its devices and its
         arbiter (what it announces)."""
         self._tasks, self._devices, self._arbiter = tasks, devices, arbiter
+        tasks.workers.retry_unavailable = True
         if self.orchestrator:
             # Every change of the pool counts here once, as the shared bucket reports it.
             telemetry = tasks.telemetry

@@ -54,6 +54,7 @@ class PoolScheduler:
         *,
         node: str,
         lease_ttl_s: float,
+        task_lease_s: float,
         clock: Clock,
     ) -> None:
         self.node = node
@@ -63,7 +64,10 @@ class PoolScheduler:
         self.settings = settings
         self.clock = clock
         self.lease = DispatchLease(conn, holder=node, ttl_s=lease_ttl_s, clock=clock)
+        self.task_lease_s = task_lease_s
         self._loop: asyncio.Task[None] | None = None
+        #: When the connection last came up (monotonic); None: not since start.
+        self._connected_at: float | None = None
 
     # --------------------------------------------------------------------- PoolPort
 
@@ -79,6 +83,17 @@ class PoolScheduler:
 
     def may_dispatch(self) -> bool:
         return self.conn.connected and self.lease.held
+
+    def may_take_back(self) -> bool:
+        since = self._connected_at
+        return (
+            self.may_dispatch()
+            and since is not None
+            and self.clock.monotonic() - since >= self.task_lease_s
+        )
+
+    async def _connected(self) -> None:
+        self._connected_at = self.clock.monotonic()
 
     async def launch(self, record: TaskRecord) -> bool:
         if record.node is None or record.device is None:
@@ -145,6 +160,7 @@ class PoolScheduler:
     # --------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
+        self.conn.on_connect(self._connected)
         self._loop = asyncio.create_task(self._keep_lease(), name="pool-dispatch-lease")
 
     async def stop(self) -> None:

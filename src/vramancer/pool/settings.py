@@ -57,6 +57,9 @@ class NatsSettings(BaseModel):
     max_deliver: int = Field(default=5, ge=1, le=1000)
     #: Replicas of the pool's streams and buckets (1 on a single server; 3 on a cluster).
     replicas: int = Field(default=1, ge=1, le=5)
+    #: Prefix of this node's reply subjects (``_INBOX``); give each NATS user its own (e.g.
+    #: ``_INBOX_box3090``) and allow it only that, so no user reads another's replies.
+    inbox_prefix: str = Field(default="_INBOX", pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
     @field_validator("url")
     @classmethod

@@ -250,8 +250,11 @@ class PoolWorker:
         """Acknowledge ended tasks, keep running ones alive, stop cancelled or lost ones."""
         alive: list[tuple[str, int]] = []
         for task_id, held in list(self.held.items()):
+            if task_id in self.workers.recording:
+                alive.append((task_id, held.lease_token))  # ended; its outcome is on its way
+                continue
             if task_id not in self.workers.active:
-                del self.held[task_id]
+                del self.held[task_id]  # its outcome is recorded (or fenced): done with it
                 with contextlib.suppress(Exception):
                     await held.msg.ack()
                 continue

@@ -301,6 +301,12 @@ def check_pool_devices(spec: TaskSpec, pool: PoolPort, where: str) -> None:
         if problem is not None:
             raise InvalidInput(f"{where}node: {problem}", field="node")
     gpus = [g for g in pool.gpus() if spec.node is None or g.node == spec.node]
+    if not gpus:
+        where_to = f"node {spec.node} has" if spec.node else "the pool's live nodes have"
+        raise InvalidInput(
+            f"{where}{where_to} no GPU: a pool runs tasks on its nodes' GPUs",
+            field="node" if spec.node else "tasks",
+        )
     if spec.gpu is not None:
         gpus = [g for g in gpus if g.index == spec.gpu]
         if not gpus:

@@ -100,6 +100,12 @@ class PoolPort(Protocol):
         """This daemon holds the pool's dispatch lease (only one orchestrator dispatches)."""
         ...
 
+    def may_take_back(self) -> bool:
+        """Leases that ran out may be taken back now: this daemon dispatches and has been
+        connected for a lease period (after an outage the nodes were cut off too: they get
+        that long to renew what they hold and record what ended)."""
+        ...
+
     async def launch(self, record: TaskRecord) -> bool:
         """Hand a task leased to a node over to that node; False when it could not be sent
         (its lease then runs out and it is queued again)."""

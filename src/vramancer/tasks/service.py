@@ -66,6 +66,7 @@ from vramancer.tasks.maintenance import AUTO_MAINTENANCE, MaintenanceLane
 from vramancer.tasks.model import (
     LOCAL_OWNER,
     READY_STATES,
+    Change,
     Grant,
     HistoryPage,
     Submitted,
@@ -211,6 +212,7 @@ class TaskService:
             return
         self._programs = resolve_programs(self.settings.allowed_commands)
         self.workers.programs = self._programs
+        self.workers.closing = False
         await asyncio.to_thread(self._private_files)
         self._lock()
         try:
@@ -537,10 +539,12 @@ class TaskService:
         assert self.pool is not None
         if not self.pool.may_dispatch():
             return
-        promoted, (expired, _) = await asyncio.gather(
-            self.queue.promote_due(now),
-            self.queue.expire_leases(now, max_lease_losses=self.settings.max_lease_losses),
-        )
+        promoted = await self.queue.promote_due(now)
+        expired: list[Change] = []
+        if self.pool.may_take_back():
+            expired, _ = await self.queue.expire_leases(
+                now, max_lease_losses=self.settings.max_lease_losses
+            )
         self.telemetry.publish([*promoted, *expired])
         await self._purge(now)
 

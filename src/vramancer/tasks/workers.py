@@ -41,6 +41,11 @@ from vramancer.tasks.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+#: Seconds before asking an unreachable queue again to record an outcome (doubling, up to the
+#: second figure).
+FINISH_RETRY_S = 0.25
+FINISH_RETRY_MAX_S = 2.0
+
 
 @dataclass
 class Active:
@@ -96,6 +101,12 @@ class Workers:
         #: Absolute paths of ``allowed_commands`` (``admission.resolve_programs``, at start).
         self.programs: Mapping[str, str] = {}
         self.active: dict[str, Active] = {}
+        #: Tasks that ended and whose outcome is being recorded.
+        self.recording: set[str] = set()
+        #: Keep asking a queue that cannot be reached to record an outcome (a pool's).
+        self.retry_unavailable = False
+        #: The daemon is stopping: outcomes are not retried any more.
+        self.closing = False
 
     def loads(self, snapshot: SystemSnapshot) -> dict[str, LocalLoad]:
         """Per device: our running tasks, the VRAM they reserved and the part of it the driver
@@ -130,6 +141,7 @@ class Workers:
 
     def release_all(self, reason: str) -> None:
         """Stop every task for ``reason`` (not their fault): each goes back to the queue."""
+        self.closing = True
         for active in list(self.active.values()):
             active.release_reason = reason
             active.stop()
@@ -171,17 +183,41 @@ class Workers:
         return True
 
     async def finish(self, outcome: Outcome, *, wake: bool = True) -> None:
-        """Report how an attempt ended; the queue decides what follows."""
+        """Report how an attempt ended; the queue decides what follows.
+
+        With ``retry_unavailable`` (a pool's shared queue), a queue that cannot be reached is
+        asked again until it answers or the daemon stops: the outcome is not dropped (its task
+        would run again). Meanwhile the task is in ``recording``."""
+        self.recording.add(outcome.task_id)
         try:
-            changes = await self.queue.finish(
-                [outcome], now=self.clock.time(), retry_delay=self.backoff
-            )
-        except Exception:
-            log.exception("recording the end of task %s failed", outcome.task_id)
+            changes = await self._record(outcome)
+        finally:
+            self.recording.discard(outcome.task_id)
+        if changes is None:
             return
         self.telemetry.publish(changes)
         if wake:
             self.poke()
+
+    async def _record(self, outcome: Outcome) -> list[Change] | None:
+        delay = FINISH_RETRY_S
+        while True:
+            try:
+                return await self.queue.finish(
+                    [outcome], now=self.clock.time(), retry_delay=self.backoff
+                )
+            except BackendUnavailable as exc:
+                if not self.retry_unavailable or self.closing:
+                    log.error("recording the end of task %s failed: %s", outcome.task_id, exc)
+                    return None
+                log.warning(
+                    "task %s ended; recording it waits for the queue (%s)", outcome.task_id, exc
+                )
+            except Exception:
+                log.exception("recording the end of task %s failed", outcome.task_id)
+                return None
+            await asyncio.sleep(delay)
+            delay = min(FINISH_RETRY_MAX_S, delay * 2)
 
     def _on_preempt(self, task_id: str) -> PreemptCallback:
         loop = asyncio.get_running_loop()

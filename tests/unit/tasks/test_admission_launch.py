@@ -189,6 +189,8 @@ class _Pool:
         return [_Gpu("box-3090", 0, 24), _Gpu("box-4090", 0, 24), _Gpu("box-4090", 1, 12)]
 
     def node_problem(self, node: str) -> str | None:
+        if node == "hub":
+            return None  # an orchestrator without GPUs of its own
         if node == "old":
             return "node 'old' is down (no heartbeat for 300 s)"
         if node in ("box-3090", "box-4090"):
@@ -217,6 +219,7 @@ def pool_ctx() -> Context:
         ({"vram": "30GiB"}, "vram", r"no GPU of the pool.s live nodes .*largest: 24.0 GiB"),
         ({"node": "box-4090", "gpu": 1, "vram": "20GiB"}, "vram", "largest: 12.0 GiB"),
         ({"node": "box-3090", "gpu": 1}, "gpu", "gpu 1 does not exist on node box-3090"),
+        ({"node": "hub"}, "node", "node hub has no GPU: a pool runs tasks on its nodes' GPUs"),
     ],
 )
 def test_a_pool_refuses_what_no_live_node_can_run(
