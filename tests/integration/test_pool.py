@@ -118,7 +118,8 @@ def test_logs_come_from_the_node_that_ran_the_task_and_cancel_reaches_it(
         assert logs["stdout"] == "hello from the worker\n" and logs["stderr"] == "oops\n"
         # The README's command, through the pool: follows the task to its end, with its output.
         followed = subprocess.run(
-            [VRAMANCER, "submit", "--vram", "2GiB", "--wait", "--", sys.executable, "-c", code],
+            [VRAMANCER, "submit", "--vram", "2GiB", "--node", "box-a", "--wait", "--"]
+            + [sys.executable, "-c", code],
             env={**os.environ, "VRM_URL": hub.url},
             capture_output=True,
             text=True,

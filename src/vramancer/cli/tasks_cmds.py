@@ -58,6 +58,9 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
 def submit(
     command: Annotated[list[str], typer.Argument(help="The command and its arguments, after --.")],
     gpu: Annotated[int | None, typer.Option(help="Pin to this GPU (index).", min=0)] = None,
+    node: Annotated[
+        str | None, typer.Option(help="Pin to this node of the pool (vramancer nodes).")
+    ] = None,
     vram: Annotated[str | None, typer.Option(help="VRAM it needs, e.g. 4GiB.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds before it is killed.")] = None,
     retries: Annotated[int | None, typer.Option(help="Retries after a failure.", min=0)] = None,
@@ -90,6 +93,7 @@ def submit(
             fail(f"--vram: {exc}", code=2)
     options = {
         "gpu": gpu,
+        "node": node,
         "timeout": timeout,
         "max_retries": retries,
         "priority": priority,
