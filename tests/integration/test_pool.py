@@ -117,9 +117,9 @@ def test_logs_come_from_the_node_that_ran_the_task_and_cancel_reaches_it(
         logs = httpx.get(f"{hub.url}/api/tasks/{task_id}/logs", timeout=30).json()
         assert logs["stdout"] == "hello from the worker\n" and logs["stderr"] == "oops\n"
         # The README's command, through the pool: follows the task to its end, with its output.
+        argv = [VRAMANCER, "submit", "--vram", "2GiB", "--node", "box-a", "--wait", "--"]
         followed = subprocess.run(
-            [VRAMANCER, "submit", "--vram", "2GiB", "--node", "box-a", "--wait", "--"]
-            + [sys.executable, "-c", code],
+            [*argv, sys.executable, "-c", code],
             env={**os.environ, "VRM_URL": hub.url},
             capture_output=True,
             text=True,
