@@ -22,6 +22,7 @@ from vramancer.api.ha_gate import HaMiddleware
 from vramancer.api.ratelimit import BodyLimitMiddleware, LimitsMiddleware, TokenBuckets
 from vramancer.api.routers import (
     allocations,
+    apidocs,
     cluster,
     devices,
     events,
@@ -52,6 +53,7 @@ _PROTECTED = (
     tasks,
     events,
     ha,
+    apidocs,
 )
 
 
@@ -80,6 +82,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         version=__version__,
         description="GPU and memory orchestrator for self-hosted AI workloads.",
         lifespan=lifespan,
+        # ``/docs`` is served by ``routers/apidocs.py`` from files in the package (no CDN).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.runtime = rt
     errors.install(app)
