@@ -7,6 +7,7 @@ import typer
 from vramancer._version import __version__
 from vramancer.cli import (
     alloc_cmds,
+    completion_cmds,
     ha_cmds,
     journal_cmds,
     memory_cmds,
@@ -22,7 +23,6 @@ app = typer.Typer(
     help="VRAMancer: decides which models, jobs and data blocks live in which memory, and when.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 
 
@@ -50,6 +50,7 @@ alloc_cmds.register(app)
 pool_cmds.register(app)
 journal_cmds.register(app)
 ha_cmds.register(app)
+completion_cmds.register(app)
 
 
 def main() -> None:
