@@ -7,7 +7,7 @@ completions, see docs/operations.md). The script calls ``vramancer`` back with
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import typer
 from typer._completion_shared import get_completion_script
@@ -16,7 +16,7 @@ from typer._completion_shared import get_completion_script
 COMPLETE_VAR = "_VRAMANCER_COMPLETE"
 
 
-class Shell(str, Enum):
+class Shell(StrEnum):
     """Shells a completion script can be printed for."""
 
     BASH = "bash"

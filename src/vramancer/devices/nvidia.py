@@ -88,7 +88,10 @@ class NvidiaBackend:
         """Initialise NVML and list the GPUs; ``None`` when there is no driver or no GPU."""
         nvml = nvml if nvml is not None else load_pynvml()
         if nvml is None:
-            log.debug("nvidia-ml-py is not installed; NVIDIA GPUs are not probed")
+            log.debug(
+                "nvidia-ml-py is not installed; NVIDIA GPUs are not probed "
+                "(pip install 'vramancer[gpu]')"
+            )
             return None
         try:
             query(nvml, "nvmlInit")

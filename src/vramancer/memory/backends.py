@@ -176,7 +176,10 @@ def _import_torch() -> Any:
     try:
         import torch
     except ImportError as exc:  # a torch block read back where torch is gone
-        raise CorruptBlock("this block holds a torch tensor and torch is not installed") from exc
+        raise CorruptBlock(
+            "this block holds a torch tensor and torch is not installed "
+            "(pip install 'vramancer[torch]')"
+        ) from exc
     return torch
 
 

@@ -90,6 +90,7 @@ def cuda_devices(snapshot: SystemSnapshot) -> list[CudaDevice]:
     try:
         import torch
     except ImportError:
+        log.info("torch is not installed: no GPU memory tiers (pip install 'vramancer[torch]')")
         return []
     try:
         if not torch.cuda.is_available():

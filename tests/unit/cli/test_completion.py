@@ -46,7 +46,11 @@ def test_bash_script_is_valid_bash_and_completes_vramancer(tmp_path: Path) -> No
 def test_the_scripts_callback_completes_command_names() -> None:
     """What the bash function asks for: ``vramancer se<TAB>`` offers ``serve``."""
     proc = run(
-        env={"_VRAMANCER_COMPLETE": "complete_bash", "COMP_WORDS": "vramancer se", "COMP_CWORD": "1"}
+        env={
+            "_VRAMANCER_COMPLETE": "complete_bash",
+            "COMP_WORDS": "vramancer se",
+            "COMP_CWORD": "1",
+        }
     )
     assert proc.returncode == 0, proc.stderr
     assert "serve" in proc.stdout.split()

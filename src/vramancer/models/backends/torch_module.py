@@ -38,8 +38,9 @@ def resolve_factory(path: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        hint = " (pip install 'vramancer[torch]')" if exc.name == "torch" else ""
         raise BackendError(
-            f"torch factory {path!r}: cannot import {module_name!r}: {exc}"
+            f"torch factory {path!r}: cannot import {module_name!r}: {exc}{hint}"
         ) from None
     target: Any = module
     for part in attr.split("."):
