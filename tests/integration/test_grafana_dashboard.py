@@ -1,7 +1,7 @@
 """deploy/grafana/vramancer.json: every metric a panel (or a dashboard variable) queries is one
 a real ``vramancer serve`` exports on ``/metrics``. The pool's metrics exist only on a pool's
-orchestrator (``[nats] url``); those are checked against the names ``pool/metrics.py``
-registers instead."""
+orchestrator (``[nats] url``) and the HA ones only with replication configured; those are
+checked against the names ``pool/metrics.py`` and ``replication/*.py`` register instead."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "vramancer.json"
-POOL_METRICS_SOURCE = ROOT / "src" / "vramancer" / "pool" / "metrics.py"
+#: Sources of the metrics a plain ``vramancer serve`` does not export, by name prefix.
+REGISTERED_ELSEWHERE = {
+    "vramancer_pool_": [ROOT / "src" / "vramancer" / "pool" / "metrics.py"],
+    "vramancer_ha_": sorted((ROOT / "src" / "vramancer" / "replication").glob("*.py")),
+}
 CONFIG = """
 [devices]
 backends = []
@@ -49,6 +53,7 @@ REQUIRED = [
     ("Memory tiers", "vramancer_memory_tier_used_bytes"),
     ("Models loaded", "vramancer_model_state"),
     ("Pool nodes", "vramancer_pool_node_up"),
+    ("HA replication", "vramancer_ha_journal_size_bytes"),
 ]
 
 
@@ -93,8 +98,12 @@ def family(name: str, families: set[str]) -> str:
     return name
 
 
-def pool_names() -> set[str]:
-    return set(_METRIC.findall(POOL_METRICS_SOURCE.read_text()))
+def registered_elsewhere(name: str) -> bool:
+    """A pool or HA metric that the code registers (by its name in the registering module)."""
+    for prefix, sources in REGISTERED_ELSEWHERE.items():
+        if name.startswith(prefix):
+            return any(f'"{name}"' in path.read_text() for path in sources)
+    return False
 
 
 def test_the_dashboard_has_the_panels_asked_for() -> None:
@@ -114,8 +123,9 @@ def test_every_queried_metric_is_exported(server: ServerProcess) -> None:
         page = client.get("/metrics")
     assert page.status_code == 200
     live = live_names(page.text)
-    pool = pool_names()
-    assert "vramancer_pool_node_up" in pool  # the source parse found the pool's names
+    assert registered_elsewhere("vramancer_pool_node_up")  # the sources are found
+    assert registered_elsewhere("vramancer_ha_journal_size_bytes")
+    assert not registered_elsewhere("vramancer_pool_node_upp")
     queried: dict[str, set[str]] = {}
     for title, exprs in {**panel_queries(), "variables": variable_queries()}.items():
         for expr in exprs:
@@ -124,7 +134,7 @@ def test_every_queried_metric_is_exported(server: ServerProcess) -> None:
     missing = {
         name: titles
         for name, titles in queried.items()
-        if name not in live and not (name.startswith("vramancer_pool_") and name in pool)
+        if name not in live and not registered_elsewhere(name)
     }
     assert missing == {}
     # The simulated GPU and the configured model have samples, not only a family line.
