@@ -254,6 +254,22 @@ class VramancerSide:
             found.append((float(stamp.read_text()) - submitted) * 1000)
         return found
 
+    def anomalies(self) -> dict[str, Any]:
+        """Untimed, after the rounds: tasks whose lease ran out (their dispatch was lost and
+        they were queued again) and the longest wait from submit to start, over every task."""
+        assert self.client is not None
+        lost, longest, cursor = 0, 0.0, None
+        while True:
+            params: dict[str, Any] = {"limit": 1000} | ({"cursor": cursor} if cursor else {})
+            page = self.client.get("/api/tasks/history", params=params).json()
+            for task in page["tasks"]:
+                lost += int((task.get("lease_losses") or 0) > 0)
+                if task["started_at"] is not None and task["submitted_at"] is not None:
+                    longest = max(longest, task["started_at"] - task["submitted_at"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return {"tasks_with_lost_lease": lost, "longest_wait_s": round(longest, 2)}
+
     def teardown(self) -> None:
         if self.client is not None:
             self.client.close()
@@ -366,6 +382,7 @@ def measure_level(
                 for s in sides
                 if isinstance(s, VramancerSide)
             }
+        result["anomalies"] = {s.name: s.anomalies() for s in sides if isinstance(s, VramancerSide)}
     for name, values in runs.items():
         result[name] = {
             "tasks_per_s": round(statistics.median(values), 1),
