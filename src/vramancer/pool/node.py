@@ -27,9 +27,11 @@ from vramancer.pool.registry import Heartbeat, NodeInfo, Registry, node_info, no
 from vramancer.pool.scheduler import PoolScheduler
 from vramancer.pool.settings import NatsSettings
 from vramancer.pool.worker import PoolWorker
+from vramancer.tasks.model import LEASED_STATES, Change
 from vramancer.tasks.ports import ArbiterPort, DevicesPort
 from vramancer.tasks.service import TaskService
 from vramancer.tasks.settings import TasksSettings
+from vramancer.tasks.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ class PoolNode:
             telemetry = tasks.telemetry
             telemetry.follow_store = True
             self.queue.follow(
-                lambda change: telemetry.publish([change], observed=True),
+                lambda change: self._heard(telemetry, change),
                 lambda gone: telemetry.purged([gone], observed=True),
                 lambda: telemetry.reset(self.queue.store.mirror.count),
             )
@@ -120,6 +122,13 @@ class PoolNode:
             clock=self.clock,
         )
         self.heartbeat = Heartbeat(self.registry, self.info, self.settings.heartbeat_s)
+
+    def _heard(self, telemetry: Telemetry, change: Change) -> None:
+        """A change of the pool: count it; a task that left a node or became ready may let
+        the dispatcher start another at once (not at its next interval)."""
+        telemetry.publish([change], observed=True)
+        if self._tasks is not None and change.state not in LEASED_STATES:
+            self._tasks.wake()
 
     def info(self) -> NodeInfo:
         """This node as the registry shows it (what the heartbeat announces)."""

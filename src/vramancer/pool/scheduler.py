@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from vramancer.clock import Clock
 from vramancer.errors import BackendUnavailable
-from vramancer.pool.connection import PoolConnection
+from vramancer.pool.connection import NatsUnavailable, PoolConnection
 from vramancer.pool.leader import DispatchLease
 from vramancer.pool.messages import Dispatch, LogsRequest
 from vramancer.pool.registry import Registry
@@ -119,6 +119,12 @@ class PoolScheduler:
         return True
 
     def gpus(self) -> Sequence[PoolGpu]:
+        """The live nodes' GPUs; while NATS cannot be reached, ``NatsUnavailable`` (503): what
+        the registry last said may be stale, and nothing could be queued anyway."""
+        if not self.conn.connected:
+            raise NatsUnavailable(
+                f"the pool's NATS servers cannot be reached ({self.conn.last_error or 'no answer'})"
+            )
         s = self.settings
         return pool_gpus(
             self.registry.nodes(),

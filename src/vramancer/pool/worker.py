@@ -107,6 +107,9 @@ class PoolWorker:
         self._ctl: Any = None
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
+        #: Set when one of this node's running tasks frees its slot.
+        self._slot_free = asyncio.Event()
+        workers.on_slot_free.append(self._slot_free.set)
 
     # --------------------------------------------------------------------- lifecycle
 
@@ -162,9 +165,11 @@ class PoolWorker:
 
     async def _pull_loop(self) -> None:
         while not self._stopping:
+            self._slot_free.clear()
             psub, free = self._psub, self.free_slots()
             if psub is None or free == 0 or not self.conn.connected:
-                await asyncio.sleep(0.1)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_free.wait(), 0.1)
                 continue
             try:
                 msgs = await psub.fetch(free, timeout=1.0)

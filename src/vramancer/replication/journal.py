@@ -256,23 +256,32 @@ class Journal:
 
     def append_record(self, record: bytes, delta: Delta) -> None:
         """Journal a record sealed elsewhere (a standby keeps the primary's seq and epoch)."""
+        self.append_records([(record, delta)])
+
+    def append_records(self, items: Sequence[tuple[bytes, Delta]]) -> None:
+        """``append_record`` for a batch received in order: one fsync for all of it (with
+        ``fsync``), as ``append_many`` on a primary."""
         with self._lock:
             self._check_open()
-            if delta.seq != self.last_seq + 1:
-                raise OutOfSequence(
-                    f"seq: {delta.seq} is not the next one ({self.last_seq + 1})",
-                    last_seq=self.last_seq,
-                )
-            if delta.epoch < self.epoch:
-                raise OutOfSequence(
-                    f"epoch: {delta.epoch} is older than the journal's {self.epoch}"
-                )
-            frame = read_frame(record)
-            if (frame.length, frame.seq, frame.epoch) != (len(record), delta.seq, delta.epoch):
-                raise InvalidInput("record: does not hold the delta given with it")
-            if delta.epoch > self.epoch:
-                self.set_epoch(delta.epoch)
-            self._write(record)
+            for record, delta in items:
+                self._check_next(record, delta)
+                if delta.epoch > self.epoch:
+                    self.set_epoch(delta.epoch)
+                self._write(record, sync=False)
+            if items and self.fsync and self._fd is not None:
+                os.fsync(self._fd)
+
+    def _check_next(self, record: bytes, delta: Delta) -> None:
+        if delta.seq != self.last_seq + 1:
+            raise OutOfSequence(
+                f"seq: {delta.seq} is not the next one ({self.last_seq + 1})",
+                last_seq=self.last_seq,
+            )
+        if delta.epoch < self.epoch:
+            raise OutOfSequence(f"epoch: {delta.epoch} is older than the journal's {self.epoch}")
+        frame = read_frame(record)
+        if (frame.length, frame.seq, frame.epoch) != (len(record), delta.seq, delta.epoch):
+            raise InvalidInput("record: does not hold the delta given with it")
 
     def _write(self, record: bytes, *, sync: bool = True) -> None:
         current = self._segments[-1]

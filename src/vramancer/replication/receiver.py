@@ -208,12 +208,18 @@ class Receiver:
         return accepted
 
     def _journal(self, accepted: list[tuple[bytes, Delta]]) -> None:
+        """Journal the batch in order: runs of plain deltas with one fsync each, a snapshot
+        resetting the journal where it comes."""
+        run: list[tuple[bytes, Delta]] = []
         for record, delta in accepted:
             if delta.kind == DeltaKind.SNAPSHOT:
+                self.journal.append_records(run)
+                run = []
                 self.journal.reset(delta.seq, delta.epoch)
             else:
-                self.journal.append_record(record, delta)
+                run.append((record, delta))
             self.nonces.add(delta.nonce, delta.hour)
+        self.journal.append_records(run)
 
 
 def _explain(reason: Reason, delta: Delta, expected: int, epoch: int) -> str:

@@ -486,6 +486,9 @@ class TaskService:
         assert self._wake is not None
         while not self._stopping:
             started = 0
+            # Cleared before the round, not after: a wake-up that comes during the round
+            # (a submission, a task that ended) starts the next one at once.
+            self._wake.clear()
             try:
                 now = self.clock.time()
                 since = self.clock.monotonic() - self._last_housekeep
@@ -498,7 +501,6 @@ class TaskService:
                 log.exception("task dispatch round failed")
             if started:
                 continue
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.dispatch_interval_s)
 
@@ -676,6 +678,10 @@ class TaskService:
     def _poke(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    def wake(self) -> None:
+        """Run a dispatch round now (something changed that may let a task start)."""
+        self._poke()
 
     def _require_started(self) -> None:
         if not self._started:

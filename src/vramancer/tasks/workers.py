@@ -103,6 +103,8 @@ class Workers:
         self.active: dict[str, Active] = {}
         #: Tasks that ended and whose outcome is being recorded.
         self.recording: set[str] = set()
+        #: Called when a running task's slot is free again (a pool's worker pulls more work).
+        self.on_slot_free: list[Callable[[], None]] = []
         #: Keep asking a queue that cannot be reached to record an outcome (a pool's).
         self.retry_unavailable = False
         #: The daemon is stopping: outcomes are not retried any more.
@@ -249,6 +251,8 @@ class Workers:
         finally:
             self._release(active)
             self.poke()  # a slot is free: the next task can start while this one is recorded
+            for listener in self.on_slot_free:
+                listener()
         if not active.lost:
             await self.finish(outcome)
 
