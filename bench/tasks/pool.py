@@ -49,14 +49,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from tests.helpers import free_port, wait_http
 from tests.natsserver import NatsServer, nats_server_binary
 
 from bench.tasks.compare_common import DONE_KEY, QUEUE_NAME, REDIS_URL_ENV
-from bench.tasks.compare_redis import REPO_ROOT, RedisServer, stop_process, wait_counter
+
+if TYPE_CHECKING:
+    from bench.tasks.compare_redis import RedisServer
+
+#: The repository root (the Celery workers import the benchmark's app from it).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: Task slots per worker (per simulated GPU): the total concurrency is twice the worker count.
 SLOTS_PER_WORKER = 2
@@ -315,11 +320,15 @@ class CelerySide:
         t0 = time.perf_counter()
         for _ in range(n):
             run_true.delay()
+        from bench.tasks.compare_redis import wait_counter  # the bench extra: redis
+
         wait_counter(self.redis.client, n, ROUND_TIMEOUT_S, self._alive)
         return time.perf_counter() - t0
 
     def teardown(self) -> None:
         for proc in self.procs.procs:
+            from bench.tasks.compare_redis import stop_process
+
             stop_process(proc)
         self.procs.kill_all()
 
@@ -398,6 +407,8 @@ def measure_level(
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     levels = []
     with tempfile.TemporaryDirectory(prefix="vrm-bench-pool-") as tmp:
+        from bench.tasks.compare_redis import RedisServer  # the bench extra: redis
+
         redis_server = RedisServer(Path(tmp))
         try:
             for workers in args.workers:
