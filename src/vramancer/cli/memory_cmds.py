@@ -1,8 +1,9 @@
-"""CLI commands: ``vramancer memory tiers|blocks|put|get|evict`` (talk to a running server)
+"""CLI commands: ``vramancer memory tiers|blocks|put|get|delete|evict`` (talk to a running server)
 and ``vramancer memory recover`` (offline: rebuilds the catalog of a stopped store).
 
-``put`` reads a file (or stdin with ``-``) and ``get`` writes a file (or stdout); both show a
-progress bar for large blocks when the terminal is interactive.
+``put`` reads a file (or stdin with ``-``) and ``get`` writes a file (created 0600, never over
+an existing one without ``--force``) or stdout, but not a terminal: binary bytes there would
+garble it. Both show a progress bar for large blocks when the terminal is interactive.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 from urllib.parse import quote
 
 import httpx
@@ -37,7 +38,8 @@ from vramancer.memory.tiers import TierName, tier_dir
 from vramancer.units import format_size, parse_size
 
 memory_app = typer.Typer(
-    help="Tiered block store: tiers, blocks, put, get, evict, recover.", no_args_is_help=True
+    help="Tiered block store: tiers, blocks, put, get, delete, evict, recover.",
+    no_args_is_help=True,
 )
 
 #: Blocks at least this big get a progress bar.
@@ -204,41 +206,97 @@ def _client() -> httpx.Client:
     return httpx.Client(base_url=_url(), headers=headers, timeout=600.0)
 
 
+#: Where ``get`` writes when it has no ``--output`` (or ``-o -``).
+STDOUT = "-"
+
+
+def _response_error(response: httpx.Response) -> str:
+    """The API's one-line error message for a failed answer (already read)."""
+    try:
+        message = str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = response.text or response.reason_phrase
+    return f"{message} (HTTP {response.status_code})"
+
+
+def _check_output(output: str, force: bool, json_out: bool) -> None:
+    """Refuse, before any request, a destination ``get`` must not write to."""
+    if output == STDOUT:
+        if json_out:
+            fail("--json prints the block's metadata, so it needs --output FILE for the bytes")
+        if sys.stdout.isatty():
+            fail("refusing to write block bytes to a terminal: use -o FILE or a pipe", code=2)
+    elif os.path.lexists(output) and not force:
+        fail(f"--output: {output} already exists (add --force to overwrite it)", code=2)
+
+
+def _open_output(output: str, force: bool) -> BinaryIO:
+    """The file ``get`` writes, readable by its owner only (0600). Without ``force`` it must
+    not exist yet (checked again here, at creation, not only before the request)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(output, flags, 0o600)
+    except FileExistsError:
+        fail(f"--output: {output} already exists (add --force to overwrite it)", code=2)
+    except OSError as exc:
+        fail(f"--output: cannot write {output}: {exc.strerror}")
+    if force:
+        os.fchmod(fd, 0o600)  # an overwritten file keeps its old mode otherwise
+    return os.fdopen(fd, "wb")
+
+
+def _copy_body(response: httpx.Response, sink: BinaryIO, block_id: str) -> int:
+    """Stream the answer's bytes into ``sink``; the number of bytes written."""
+    total = int(response.headers.get("content-length", "0")) or None
+    written = 0
+    with _progress(total, "get") as progress:
+        task = progress.add_task(f"get {block_id}", total=total)
+        for chunk in response.iter_bytes(CHUNK_BYTES):
+            sink.write(chunk)
+            written += len(chunk)
+            progress.update(task, advance=len(chunk))
+    sink.flush()
+    return written
+
+
+def _write_to_file(response: httpx.Response, output: str, force: bool, block_id: str) -> int:
+    """Write the answer's bytes into the file ``output``; a failed copy removes the file."""
+    with _open_output(output, force) as sink:
+        try:
+            return _copy_body(response, sink, block_id)
+        except BaseException:
+            sink.close()
+            Path(output).unlink(missing_ok=True)
+            raise
+
+
 @memory_app.command("get")
 def get(
     block_id: Annotated[str, typer.Argument(help="Block id.")],
     output: Annotated[
-        str, typer.Option("--output", "-o", help="File to write, or - for stdout.")
-    ] = "-",
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            help="File to write (created 0600), or - for stdout (a pipe, not a terminal).",
+        ),
+    ] = STDOUT,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite --output if it already exists.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write a block's bytes to a file (or stdout)."""
-    if json_out and output == "-":
-        fail("--json prints the block's metadata, so it needs --output FILE for the bytes")
-    written = 0
+    """Write a block's bytes to a file (or to stdout when it is a pipe or a file)."""
+    _check_output(output, force, json_out)
     try:
         with _client() as client, client.stream("GET", _block_path(block_id)) as response:
             if response.status_code >= 400:
                 response.read()
-                try:
-                    message = response.json()["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    message = response.text
-                fail(f"{message} (HTTP {response.status_code})")
-            total = int(response.headers.get("content-length", "0")) or None
-            sink = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
-            try:
-                with _progress(total, "get") as progress:
-                    task = progress.add_task(f"get {block_id}", total=total)
-                    for chunk in response.iter_bytes(CHUNK_BYTES):
-                        sink.write(chunk)
-                        written += len(chunk)
-                        progress.update(task, advance=len(chunk))
-            finally:
-                if sink is not sys.stdout.buffer:
-                    sink.close()
-                else:
-                    sink.flush()
+                fail(_response_error(response))
+            if output == STDOUT:
+                written = _copy_body(response, sys.stdout.buffer, block_id)
+            else:
+                written = _write_to_file(response, output, force, block_id)
             meta = {
                 "id": block_id,
                 "size": written,
@@ -248,12 +306,30 @@ def get(
             }
     except httpx.TransportError as exc:
         fail(f"cannot reach VRAMancer at {_url()} ({exc.__class__.__name__})")
-    if output != "-":
+    if output != STDOUT:
         emit(
             meta,
             json_out,
             lambda d: err_console.print(f"wrote {d['size']} bytes of {d['id']} to {d['output']}"),
         )
+
+
+@memory_app.command("delete")
+def delete(
+    block_id: Annotated[str, typer.Argument(help="Block id.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove a block from the store (operator role)."""
+    try:
+        with _client() as client:
+            response = client.delete(_block_path(block_id))
+    except httpx.TransportError as exc:
+        fail(f"cannot reach VRAMancer at {_url()} ({exc.__class__.__name__})")
+    if response.status_code == 404:
+        fail(f"no block {block_id!r} to delete (HTTP 404)")
+    if response.status_code >= 400:
+        fail(f"cannot delete {block_id!r}: {_response_error(response)}")
+    emit(response.json(), json_out, lambda d: console.print(f"deleted {d['id']}"))
 
 
 @memory_app.command("evict")
