@@ -32,7 +32,9 @@ def test_a_failed_start_shows_no_command_text_to_other_callers(tmp_path: Path) -
         task_id = op.post("/api/tasks/submit", json=body).json()["task_id"]
         owner_view = wait_state(op, task_id)
         assert owner_view["state"] == "failed"
-        assert owner_view["error"] == "cannot start the program: No such file or directory"
+        assert owner_view["error"] == (
+            "cannot start the program: No such file or directory; not retried"
+        )
         status = view.get("/api/tasks/status", params={"task_id": task_id}).text
         history = view.get("/api/tasks/history").text
         for seen in (status, history):

@@ -474,8 +474,12 @@ class OutcomeKind(StrEnum):
 
     #: Exit code 0 (or the maintenance job returned): the task is done.
     OK = "ok"
-    #: Non-zero exit, timeout, or a start failure: retry or fail per the retry policy.
+    #: Non-zero exit, timeout, or a start failure a later try may not meet (no memory to
+    #: fork ...): retry or fail per the retry policy.
     ERROR = "error"
+    #: A failure no retry can cure (the program is missing or cannot be executed, its working
+    #: directory does not exist): the task fails at once, whatever retries it has left.
+    FATAL = "fatal"
     #: Killed because a user cancelled it.
     CANCELLED = "cancelled"
     #: Never started (the arbiter had no room after all): back to the queue, not counted.

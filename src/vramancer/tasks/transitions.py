@@ -4,11 +4,12 @@ Every queue (the embedded SQLite one, a distributed one) decides what happens to
 same way, so the decisions live here, without I/O, and a queue only persists the
 ``Transition`` it is given. What decides:
 
-* an attempt's outcome (``ok``, ``error``, ``cancelled``, ``released``), for a leased task: a
-  released task (it never ran: no room after all, shutdown, preemption) goes back to the queue
-  and the attempt is not counted; a cancel asked while it ran wins over how it ended; an error
-  is retried after ``backoff(attempts)`` seconds while ``attempts - lease_losses`` is at most
-  ``max_retries`` (attempts whose lease was lost are not the task's fault), else it fails;
+* an attempt's outcome (``ok``, ``error``, ``fatal``, ``cancelled``, ``released``), for a leased
+  task: a released task (it never ran: no room after all, shutdown, preemption) goes back to
+  the queue and the attempt is not counted; a cancel asked while it ran wins over how it ended;
+  an error is retried after ``backoff(attempts)`` seconds while ``attempts - lease_losses`` is
+  at most ``max_retries`` (attempts whose lease was lost are not the task's fault), else it
+  fails; a fatal error (one no retry can cure: the program cannot be started) fails at once;
 * a lost lease (its worker or daemon died): queued again, or cancelled when a cancel was asked,
   or failed once the lease was lost ``max_lease_losses`` times (a task that keeps killing its
   daemon must not crash-loop it);
@@ -42,10 +43,11 @@ CANCELLED = "cancelled"
 
 
 class Trigger(StrEnum):
-    """What happens to a task. The first four are an attempt's ``OutcomeKind``."""
+    """What happens to a task. The first five are an attempt's ``OutcomeKind``."""
 
     OK = "ok"
     ERROR = "error"
+    FATAL = "fatal"
     CANCELLED = "cancelled"
     RELEASED = "released"
     #: The lease was taken back (expired, or held by a daemon that is gone).
@@ -191,7 +193,7 @@ def _to(task: TaskFacts, state: TaskState, now: float) -> Transition:
 
 
 def _ended(task: TaskFacts, outcome: Trigger, now: float, backoff: Backoff) -> Transition:
-    """An attempt ended (``OK``, ``ERROR``, ``CANCELLED``, ``RELEASED``)."""
+    """An attempt ended (``OK``, ``ERROR``, ``FATAL``, ``CANCELLED``, ``RELEASED``)."""
     if task.state not in LEASED_STATES:
         return _stay(task)  # a late or repeated report: the task moved on
     if outcome is Trigger.RELEASED:
@@ -207,7 +209,7 @@ def _ended(task: TaskFacts, outcome: Trigger, now: float, backoff: Backoff) -> T
         return _to(task, TaskState.CANCELLED, now)
     if outcome is Trigger.OK:
         return _to(task, TaskState.DONE, now)
-    if task.attempts - task.lease_losses <= task.max_retries:
+    if outcome is Trigger.ERROR and task.attempts - task.lease_losses <= task.max_retries:
         return replace(_to(task, TaskState.RETRY, now), not_before=now + backoff(task.attempts))
     return _to(task, TaskState.FAILED, now)
 

@@ -5,16 +5,20 @@ untried; a failure that waiting will not cure fails the attempt), then, when it 
 ``models.use(model)`` loads the model on demand and holds it against the idle reaper and
 eviction until the process ends (a model that cannot be loaded fails the attempt). The process
 (``launch.run_request``, ``runner.ProcessRun``) runs in its own session; its ``running`` mark
-commits while it runs. When it ends, its VRAM is given back, its scratch directory removed
-(unless ``keep_scratch``) and its outcome reported under its lease token, which the queue
-turns into the next state (``transitions.next_state``). A stop that is not the task's fault
-(shutdown, preemption) reports it released: queued again, not counted as a try.
+commits while it runs. A process that cannot be started for a reason no retry can cure (a
+missing or non-executable program, a working directory that does not exist) reports a
+``fatal`` outcome: the task fails at once instead of using its retries. When it ends, its VRAM
+is given back, its scratch directory removed (unless ``keep_scratch``) and its outcome reported
+under its lease token, which the queue turns into the next state (``transitions.next_state``).
+A stop that is not the task's fault (shutdown, preemption) reports it released: queued again,
+not counted as a try.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -296,9 +300,8 @@ class Workers:
         try:
             await run.start()
         except OSError as exc:
-            # not the program's name: an error is shown to every caller, a command to its owner
-            reason = exc.strerror or type(exc).__name__
-            return record.outcome(OutcomeKind.ERROR, error=f"cannot start the program: {reason}")
+            kind, error = start_failure(exc, request.cwd)
+            return record.outcome(kind, error=error)
         active.run = run
         active.pgid = run.pid
         if active.cancel or active.release_reason or active.lost:
@@ -340,6 +343,33 @@ class Workers:
         if not self.settings.keep_scratch:  # ours even when the task ran in its own cwd
             scratch = scratch_dir(self.data_dir, active.device, active.record.task_id)
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+#: ``errno`` values of a failed start that no retry can cure: the program is missing or cannot
+#: be executed, or the working directory does not exist.
+PERMANENT_START_ERRORS = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EACCES,
+        errno.ENOEXEC,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+    }
+)
+
+
+def start_failure(exc: OSError, cwd: str | os.PathLike[str]) -> tuple[OutcomeKind, str]:
+    """The outcome kind and error of a start that raised ``exc``: ``fatal`` when no retry can
+    cure it (``PERMANENT_START_ERRORS``), else ``error``. The error names neither the program
+    nor its arguments (it is shown to every caller, the command only to its owner)."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.filename is not None and os.fspath(exc.filename) == os.fspath(cwd):
+        reason = f"its working directory: {reason}"
+    if exc.errno in PERMANENT_START_ERRORS:
+        return OutcomeKind.FATAL, f"cannot start the program: {reason}; not retried"
+    return OutcomeKind.ERROR, f"cannot start the program: {reason}"
 
 
 def outcome_of(active: Active, result: RunResult) -> Outcome:

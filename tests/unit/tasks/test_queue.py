@@ -168,6 +168,22 @@ async def test_retry_with_backoff_then_failure(queue: TaskQueue) -> None:
     assert [(c.state, c.attempts, c.exit_code) for c in changes] == [(TaskState.FAILED, 2, 7)]
 
 
+async def test_a_fatal_error_fails_at_once_with_retries_left(queue: TaskQueue) -> None:
+    await queue.submit([new("a", max_retries=2)], T0)
+    token = await lease_one(queue, "a")
+    why = "cannot start the program: No such file or directory; not retried"
+    fatal = Outcome("a", token, OutcomeKind.FATAL, error=why)
+    changes = await queue.finish([fatal], now=T0 + 1, retry_delay=delay)
+    assert [(c.previous, c.state, c.attempts, c.error) for c in changes] == [
+        (TaskState.SCHEDULED, TaskState.FAILED, 1, why)
+    ]
+    record = await queue.get("a")
+    assert record is not None
+    assert (record.state, record.error, record.not_before) == (TaskState.FAILED, why, None)
+    assert record.finished_at == T0 + 1
+    assert await queue.promote_due(T0 + 1000) == []
+
+
 async def test_released_goes_back_without_counting_an_attempt(queue: TaskQueue) -> None:
     await queue.submit([new("a")], T0)
     token = await lease_one(queue, "a")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sys
 import time
@@ -15,7 +16,8 @@ from vramancer.arbiter.types import AllocationRequest, Priority, WorkloadType
 from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import GpuProcess
 from vramancer.errors import Conflict, InvalidInput
-from vramancer.tasks.model import TaskState
+from vramancer.tasks.model import OutcomeKind, TaskState
+from vramancer.tasks.workers import start_failure
 
 PY = sys.executable
 
@@ -179,7 +181,76 @@ async def test_a_program_that_does_not_exist_fails_with_the_reason(
     await h.svc.run_until_idle()
     record = await h.svc.status(sub.task_id)
     assert record.state is TaskState.FAILED
-    assert record.error == "cannot start the program: No such file or directory"
+    assert record.error == "cannot start the program: No such file or directory; not retried"
+
+
+async def test_a_program_that_cannot_start_fails_at_once_while_an_exit_1_is_retried(
+    make_harness: MakeHarness,
+) -> None:
+    h = await make_harness(backoff_base_s=10.0)
+    missing = await h.svc.submit({"type": "cmd", "cmd": ["/no/such/binary"], "max_retries": 2})
+    exits_1 = await h.svc.submit({"type": "cmd", "cmd": [PY, "-c", "exit(1)"], "max_retries": 2})
+    await h.svc.run_until_idle()
+    record = await h.svc.status(missing.task_id)
+    assert record.state is TaskState.FAILED
+    assert record.attempts == 1
+    assert record.not_before is None
+    assert record.error == "cannot start the program: No such file or directory; not retried"
+    assert h.transitions(missing.task_id) == ["queued", "scheduled", "failed"]
+    assert h.metric("vramancer_tasks_failed_total", type="cmd") == 1
+    other = await h.svc.status(exits_1.task_id)
+    assert other.state is TaskState.RETRY
+    assert other.attempts == 1
+    assert other.error == "exit code 1"
+    h.clock.advance(10.0)
+    h.refresh()
+    await h.svc.run_until_idle()
+    assert (await h.svc.status(exits_1.task_id)).attempts == 2  # tried again
+    assert (await h.svc.status(missing.task_id)).attempts == 1  # not tried again
+
+
+def test_a_start_failure_a_later_try_may_not_meet_is_retried() -> None:
+    exc = OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+    assert start_failure(exc, "/tmp") == (
+        OutcomeKind.ERROR,
+        f"cannot start the program: {os.strerror(errno.EAGAIN)}",
+    )
+    missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/secret/prog")
+    kind, error = start_failure(missing, "/tmp")
+    assert kind is OutcomeKind.FATAL
+    assert "/secret" not in error  # the error is shown to every caller
+
+
+async def test_a_file_that_is_not_executable_fails_at_once(
+    make_harness: MakeHarness, tmp_path: Path
+) -> None:
+    h = await make_harness()
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    sub = await h.svc.submit({"type": "cmd", "cmd": [str(script)], "max_retries": 2})
+    await h.svc.run_until_idle()
+    record = await h.svc.status(sub.task_id)
+    assert record.state is TaskState.FAILED
+    assert record.attempts == 1
+    assert record.error is not None
+    assert record.error.startswith("cannot start the program: ")
+    assert record.error.endswith("; not retried")
+
+
+async def test_a_working_directory_that_does_not_exist_fails_at_once(
+    make_harness: MakeHarness, tmp_path: Path
+) -> None:
+    h = await make_harness()
+    gone = tmp_path / "gone"
+    sub = await h.svc.submit({"type": "shell", "shell": "true", "cwd": str(gone), "max_retries": 2})
+    await h.svc.run_until_idle()
+    record = await h.svc.status(sub.task_id)
+    assert record.state is TaskState.FAILED
+    assert record.attempts == 1
+    assert record.error == (
+        "cannot start the program: its working directory: No such file or directory; not retried"
+    )
 
 
 async def test_output_is_bounded(make_harness: MakeHarness) -> None:

@@ -47,6 +47,17 @@ def test_an_error_after_the_last_retry_fails() -> None:
     assert t == Transition(S.RUNNING, S.FAILED, 3, 0, False, finished_at=NOW)
 
 
+@pytest.mark.parametrize("state", [S.SCHEDULED, S.RUNNING])
+def test_a_fatal_error_fails_at_once_with_retries_left(state: TaskState) -> None:
+    t = next_state(running(state=state, attempts=1, max_retries=2), Trigger.FATAL, NOW, backoff)
+    assert t == Transition(state, S.FAILED, 1, 0, False, finished_at=NOW)
+
+
+def test_a_fatal_error_of_a_task_with_a_cancel_asked_ends_cancelled() -> None:
+    t = next_state(running(cancel_requested=True), Trigger.FATAL, NOW, backoff)
+    assert t == Transition(S.RUNNING, S.CANCELLED, 1, 0, True, finished_at=NOW)
+
+
 def test_lost_leases_are_not_counted_as_retries() -> None:
     t = next_state(running(attempts=3, lease_losses=1), Trigger.ERROR, NOW, backoff)
     assert t == Transition(S.RUNNING, S.RETRY, 3, 1, False, not_before=NOW + 30.0)
@@ -68,9 +79,12 @@ def test_a_cancel_asked_while_running_wins_over_how_it_ended(outcome: Trigger) -
     assert t == Transition(S.RUNNING, S.CANCELLED, 1, 0, True, finished_at=NOW)
 
 
+@pytest.mark.parametrize("outcome", [Trigger.OK, Trigger.FATAL])
 @pytest.mark.parametrize("state", [S.QUEUED, S.RETRY, S.DONE, S.FAILED, S.CANCELLED])
-def test_an_outcome_for_a_task_that_is_not_leased_changes_nothing(state: TaskState) -> None:
-    t = next_state(running(state=state), Trigger.OK, NOW, backoff)
+def test_an_outcome_for_a_task_that_is_not_leased_changes_nothing(
+    state: TaskState, outcome: Trigger
+) -> None:
+    t = next_state(running(state=state), outcome, NOW, backoff)
     assert t.ignored and not t.changed and t.state is state
 
 
@@ -136,6 +150,7 @@ def test_every_outcome_kind_is_a_trigger() -> None:
     assert {Trigger.of(kind) for kind in OutcomeKind} == {
         Trigger.OK,
         Trigger.ERROR,
+        Trigger.FATAL,
         Trigger.CANCELLED,
         Trigger.RELEASED,
     }
