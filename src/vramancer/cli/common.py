@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from urllib.parse import urlsplit
 
 import httpx
 import typer
@@ -25,7 +26,20 @@ from vramancer.errors import ConfigError
 console = Console()
 err_console = Console(stderr=True)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+#: Whether the command now running was given ``--json`` (then ``fail`` prints JSON). Set by
+#: the ``--json`` option itself, which every command that has it parses before it runs.
+_json_errors = False
+
+
+def _note_json(value: bool) -> bool:
+    global _json_errors
+    _json_errors = bool(value)
+    return value
+
+
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print machine-readable JSON.", callback=_note_json)
+]
 ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="TOML configuration file (default: $VRM_CONFIG)."),
@@ -34,9 +48,38 @@ ConfigOpt = Annotated[
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``error: message`` on stderr and exit. The message is plain text: brackets in it
-    (``[auth] tokens``, a list) are printed as they are, not read as rich markup."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    (``[auth] tokens``, a list) are printed as they are, not read as rich markup.
+
+    When the command line asked for ``--json``, the error is printed as
+    ``{"error": {"message": ...}}`` instead, so scripts can read it."""
+    if _json_errors:
+        sys.stderr.write(json.dumps({"error": {"message": message}}) + "\n")
+        sys.stderr.flush()
+    else:
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def server_url(value: str | None = None) -> str:
+    """The server's base URL: ``value``, else ``VRM_URL``, else the default.
+
+    ``HOST:PORT`` without a scheme means ``http://HOST:PORT``; another scheme than http or
+    https, or a value that is not a URL, is a configuration error (exit code 2) naming VRM_URL.
+    """
+    raw = (value or os.environ.get("VRM_URL") or DEFAULT_URL).strip()
+    url = raw if "://" in raw else f"http://{raw}"
+    try:
+        parts = urlsplit(url)
+        valid = bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # a port that is not a number in range, a broken [IPv6] host
+        valid = False
+    if valid and parts.scheme not in ("http", "https"):
+        why = f"scheme {parts.scheme!r} is not http or https"
+    elif not valid:
+        why = "not a URL"
+    else:
+        return url.rstrip("/")
+    fail(f"VRM_URL: {why} (got {raw!r}; expected e.g. http://127.0.0.1:8470)", code=2)
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
@@ -58,7 +101,7 @@ class Api:
     """A small synchronous client for the VRAMancer HTTP API."""
 
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0):
-        self.url = (url or os.environ.get("VRM_URL") or DEFAULT_URL).rstrip("/")
+        self.url = server_url(url)
         token = token or os.environ.get("VRM_API_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)

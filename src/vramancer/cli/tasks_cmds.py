@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from contextlib import closing
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 from urllib.parse import quote
 
 import typer
@@ -112,7 +112,21 @@ def submit(
             return
         if not json_out:
             console.print(task_id, highlight=False)
-        _follow(api, task_id, json_out)
+        try:
+            _follow(api, task_id, json_out)
+        except KeyboardInterrupt:
+            _detached(task_id)
+
+
+def _detached(task_id: str) -> NoReturn:
+    """Ctrl-C stops following, not the task: say so, and how to stop it; exit 130 (SIGINT)."""
+    sys.stderr.write(
+        f"\nstopped following; task {task_id} still runs on the server "
+        f"(follow it again with `vramancer watch {task_id}`, "
+        f"stop it with `vramancer tasks cancel {task_id}`)\n"
+    )
+    sys.stderr.flush()
+    raise typer.Exit(130)
 
 
 def watch(
@@ -246,6 +260,8 @@ def logs(
     def render(d: dict[str, Any]) -> None:
         sys.stdout.write(d["stdout"])
         sys.stderr.write(d["stderr"])
+        if not d["stdout"] and not d["stderr"]:
+            err_console.print("[dim](no output)[/]")
         if d["truncated"]:
             err_console.print("[dim](output truncated)[/]")
 
