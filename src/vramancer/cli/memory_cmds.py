@@ -30,8 +30,8 @@ from vramancer.cli.common import (
     err_console,
     fail,
     load_settings,
+    server_url,
 )
-from vramancer.config import DEFAULT_URL
 from vramancer.errors import VramancerError
 from vramancer.memory.recovery import rebuild
 from vramancer.memory.tiers import TierName, tier_dir
@@ -197,7 +197,7 @@ def _request(method: str, path: str, **kwargs: Any) -> Any:
 
 
 def _url() -> str:
-    return (os.environ.get("VRM_URL") or DEFAULT_URL).rstrip("/")
+    return server_url()
 
 
 def _client() -> httpx.Client:
