@@ -1,7 +1,10 @@
-"""Celery app of the comparison: one no-op task; ``task_postrun`` counts finished tasks."""
+"""Celery app of the task benchmarks: a no-op task (the queue comparison) and one that runs
+``true`` as a process (the pool benchmark, as a ``cmd`` task of VRAMancer does);
+``task_postrun`` counts finished tasks in Redis."""
 
 from __future__ import annotations
 
+import subprocess
 from typing import Any
 
 import redis
@@ -25,6 +28,12 @@ _conn: redis.Redis | None = None
 def noop() -> None:
     """Does nothing: the benchmark measures the queue, not the work."""
     return None
+
+
+@app.task(name="bench.true")  # type: ignore[untyped-decorator]
+def run_true() -> None:
+    """Spawn ``true`` and wait for it: the same work as a ``cmd`` task ``["true"]``."""
+    subprocess.run(["true"], check=True)
 
 
 @task_postrun.connect  # type: ignore[untyped-decorator]

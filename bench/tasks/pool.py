@@ -300,7 +300,7 @@ class CelerySide:
         self.redis.client.flushall()
         os.environ[REDIS_URL_ENV] = self.redis.url
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
-        argv = [CELERY, "-A", "bench.tasks.pool_celery_app", "worker", "--pool=prefork"]
+        argv = [CELERY, "-A", "bench.tasks.compare_celery_app", "worker", "--pool=prefork"]
         argv += [f"--concurrency={self.concurrency}", "--loglevel=WARNING", "--without-gossip"]
         argv += ["--without-mingle", "-Q", QUEUE_NAME]
         with contextlib.chdir(REPO_ROOT):
@@ -314,7 +314,7 @@ class CelerySide:
                 raise RuntimeError(f"celery worker exited with {proc.returncode}:\n{log}")
 
     def run_once(self, n: int) -> float:
-        from bench.tasks.pool_celery_app import run_true
+        from bench.tasks.compare_celery_app import run_true
 
         self.redis.client.set(DONE_KEY, 0)
         t0 = time.perf_counter()
