@@ -127,7 +127,7 @@ class Api:
             response = self._client.get(path, **kwargs)
         except httpx.TransportError:
             return None
-        if response.status_code == 404 and _route_missing(_error_message(response).split(" (")[0]):
+        if response.status_code == 404 and _route_missing(_message_of(response)):
             return None
         if response.status_code >= 400:
             fail(_error_message(response))
@@ -150,12 +150,17 @@ class ServerUnreachable(Exception):
     """No server answered at VRM_URL (commands with an embedded fallback catch this)."""
 
 
-def _error_message(response: httpx.Response) -> str:
+def _message_of(response: httpx.Response) -> str:
+    """The ``error.message`` of an error body, or the body's text."""
     try:
         err = response.json().get("error", {})
-        message = err.get("message") or response.text
+        return str(err.get("message") or response.text)
     except (ValueError, AttributeError):
-        message = response.text or response.reason_phrase
+        return response.text or response.reason_phrase
+
+
+def _error_message(response: httpx.Response) -> str:
+    message = _message_of(response)
     status = response.status_code
     if status == 401:
         hint = "set VRM_API_TOKEN" if "authorization" not in response.request.headers else ""

@@ -10,18 +10,16 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from vramancer.devices.ids import NODE_NAME_PATTERN, node_name_problem
+from vramancer.devices.ids import node_name_problem
 
 __all__ = ["NatsSettings", "default_node_name", "node_name_problem"]
-
-_NODE_NAME = re.compile(NODE_NAME_PATTERN)
 
 
 def default_node_name(hostname: str) -> str:
     """A node name from a host name: its first label, other characters turned into ``-``."""
     first = hostname.split(".", 1)[0] or "node"
     cleaned = re.sub(r"[^A-Za-z0-9_-]", "-", first)[:63]
-    return cleaned if _NODE_NAME.match(cleaned) else "node-" + cleaned.strip("-_")[:58]
+    return cleaned if node_name_problem(cleaned) is None else "node-" + cleaned.strip("-_")[:58]
 
 
 class NatsSettings(BaseModel):
