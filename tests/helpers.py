@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,29 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | N
         except httpx.TransportError:
             time.sleep(0.05)
     raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def wait_for(
+    check: Callable[[], Any],
+    timeout: float = 30.0,
+    what: str = "",
+    interval: float = 0.05,
+    on_timeout: Callable[[], None] | None = None,
+) -> Any:
+    """Poll ``check`` until it returns something truthy (a server not answering yet counts as
+    not yet); after ``timeout``, run ``on_timeout`` (a diagnostic) and raise ``TimeoutError``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            last = check()
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            if on_timeout is not None:
+                on_timeout()
+            raise TimeoutError(f"{what or check} not true within {timeout}s (last: {last!r})")
+        time.sleep(interval)
 
 
 def toml_value(value: Any) -> str:

@@ -8,15 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.helpers import ServerProcess, start_server, toml_value
+from tests.helpers import ServerProcess, start_server, toml_value, wait_for
 
 VRAMANCER = str(Path(sys.executable).parent / "vramancer")
 
@@ -110,21 +109,6 @@ def start_worker(
             argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     return WorkerProcess(name, proc, data_dir, log_path, argv, env)
-
-
-def wait_for(
-    check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = ""
-) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.TransportError):
-            last = check()
-            if last:
-                return last
-        time.sleep(interval)
-    raise TimeoutError(f"{what or check} not true within {timeout}s (last: {last!r})")
 
 
 def node_states(server: ServerProcess) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,24 +70,6 @@ def start(node: Node, starter: Callable[..., ServerProcess]) -> Node:
     env = {k: v for k, v in node.env.items() if not k.startswith("_")}
     node.server = starter(node.env["_CONFIG"], env=env, data_dir=node.data_dir, port=node.port)
     return node
-
-
-def wait_for(
-    check: Callable[[], Any],
-    timeout: float = 20.0,
-    what: str = "condition",
-    on_timeout: Callable[[], None] | None = None,
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            if on_timeout is not None:
-                on_timeout()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def caught_up(primary: httpx.Client, standby: httpx.Client) -> bool:

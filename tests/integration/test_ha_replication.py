@@ -17,6 +17,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from tests.helpers import wait_for
 from tests.integration.ha_helpers import (
     CONFIG,
     SECRET,
@@ -26,7 +27,6 @@ from tests.integration.ha_helpers import (
     caught_up,
     make_pair,
     start,
-    wait_for,
 )
 from tests.promtext import metric_value
 from vramancer.cli.main import app

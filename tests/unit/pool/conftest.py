@@ -4,8 +4,9 @@ stops what it started, and ``eventually`` for what happens in the background."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,10 +22,18 @@ def pool_settings(url: str, **overrides: Any) -> NatsSettings:
     return NatsSettings(**(values | overrides))
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    """Wait until ``check()`` holds; fail naming ``what`` after ``timeout`` seconds."""
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, what: str = ""
+) -> None:
+    """Wait until ``check()`` (plain or awaited) holds; fail naming ``what`` after ``timeout``
+    seconds."""
     deadline = time.monotonic() + timeout
-    while not check():
+    while True:
+        held = check()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout}s: {what or check}")
         await asyncio.sleep(0.02)

@@ -4,9 +4,7 @@ current context, or ``NatsDown``, a ``BackendUnavailable``, while the link is do
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -78,12 +76,3 @@ async def jetstream_queue(url: str, **kwargs: Any) -> AsyncIterator[JetStreamQue
     """``orchestrator``'s queue alone."""
     async with orchestrator(url, **kwargs) as o:
         yield o.queue
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Wait until ``check()`` holds (the other orchestrator's watcher delivered)."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s")
-        await asyncio.sleep(0.02)

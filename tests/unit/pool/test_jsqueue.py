@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from tests.natsserver import NatsServer
-from tests.unit.pool.jsqueue_support import NatsDown, Orchestrator, eventually, orchestrator
+from tests.unit.pool.conftest import eventually
+from tests.unit.pool.jsqueue_support import NatsDown, Orchestrator, orchestrator
 from tests.unit.tasks.queue_support import T0, delay, new
 from vramancer.clock import ManualClock
 from vramancer.errors import BackendUnavailable

@@ -8,7 +8,8 @@ import asyncio
 import random
 
 from tests.natsserver import NatsServer
-from tests.unit.pool.jsqueue_support import eventually, orchestrator
+from tests.unit.pool.conftest import eventually
+from tests.unit.pool.jsqueue_support import orchestrator
 from tests.unit.tasks.queue_support import T0, delay, new
 from vramancer.pool.jsqueue import JetStreamQueue
 from vramancer.tasks.model import Change, Grant, Outcome, OutcomeKind, TaskRecord, TaskState
