@@ -5,13 +5,12 @@ without network access draws the list of operations."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 
+from tests.browser import chromium, dump_dom
 from tests.helpers import ServerProcess, running_server
 
 pytestmark = pytest.mark.integration
@@ -65,11 +64,7 @@ def test_the_page_and_its_files_need_a_viewer_token(server: ServerProcess) -> No
             assert client.get(path).status_code == 401, path
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(_chromium() is None, reason="no headless chromium on this machine")
+@pytest.mark.skipif(chromium() is None, reason="no headless chromium on this machine")
 def test_a_browser_without_network_draws_the_operations(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -77,29 +72,12 @@ def test_a_browser_without_network_draws_the_operations(
     blank; the DOM must hold Swagger UI's operation blocks for the API's paths."""
     tmp = tmp_path_factory.mktemp("apidocs-browser")
     with running_server(tmp) as proc:
-        chromium = _chromium()
-        assert chromium is not None
-        out = subprocess.run(
-            [
-                chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-                f"--user-data-dir={tmp / 'profile'}",
-                "--dump-dom",
-                "--virtual-time-budget=8000",
-                proc.url + "/docs",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=90,
-            check=True,
-        ).stdout
+        out = dump_dom(
+            proc.url + "/docs",
+            tmp / "profile",
+            budget_ms=8000,
+            extra=("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",),
+        )
     assert 'class="swagger-ui' in out
     operations = re.findall(r'class="opblock opblock-(get|post|put|delete|patch)', out)
     assert len(operations) >= 10, out[-2000:]

@@ -4,12 +4,11 @@ and every API path the page's script reads answers 200 with the shape the script
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
+from tests.browser import chromium, dump_dom
 from tests.helpers import ServerProcess, running_server
 
 pytestmark = pytest.mark.integration
@@ -96,12 +95,8 @@ def test_the_script_reads_the_keys_the_routes_return(server: ServerProcess) -> N
         assert f"d.{key}" in html, key
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_chromium() is None, reason="no headless chromium on this machine")
+@pytest.mark.skipif(chromium() is None, reason="no headless chromium on this machine")
 def test_a_browser_draws_the_devices_tiers_and_tasks(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -112,28 +107,7 @@ def test_a_browser_draws_the_devices_tiers_and_tasks(
         with proc.client() as client:
             task = client.post("/api/tasks/submit", json={"type": "noop"}).json()["task_id"]
         profile = tmp_path_factory.mktemp("chromium-profile")
-        chromium = _chromium()
-        assert chromium is not None
-        out = subprocess.run(
-            [
-                chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                f"--user-data-dir={profile}",
-                "--dump-dom",
-                "--virtual-time-budget=4000",
-                proc.url + "/",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=90,
-            check=True,
-        ).stdout
+        out = dump_dom(proc.url + "/", profile)
     devices = _table(out, "devices")
     assert "Simulated GPU sim0" in devices and "simulated" in devices
     assert "6.0 GiB / 24.0 GiB" in devices

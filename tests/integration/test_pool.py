@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.browser import chromium, dump_dom
 from tests.helpers import ServerProcess, start_server
 from tests.natsserver import NatsServer
 from tests.poolprocs import (
@@ -397,32 +398,14 @@ def test_two_workers_on_two_hosts_over_their_own_links(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    __import__("shutil").which("chromium") is None, reason="no headless chromium on this machine"
-)
+@pytest.mark.skipif(chromium() is None, reason="no headless chromium on this machine")
 def test_the_dashboard_shows_every_node_of_the_pool(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
     with pool(tmp_path, nats_server.url, {"box-a": 1, "box-b": 2}) as (hub, _):
         task_id = submit(hub, cmd=["true"], node="box-b")
         wait_ended(hub, [task_id])
-        dom = subprocess.run(
-            [
-                "chromium",
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                f"--user-data-dir={tmp_path / 'chromium'}",
-                "--dump-dom",
-                "--virtual-time-budget=4000",
-                hub.url + "/",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=90,
-            check=True,
-        ).stdout
+        dom = dump_dom(hub.url + "/", tmp_path / "chromium")
     section = dom[dom.index('id="pool-section"') : dom.index('<table id="models">')]
     assert "hidden" not in section.split(">", 1)[0]
     for text in ("box-a", "box-b/gpu:1", "3 nodes", ">up<"):
