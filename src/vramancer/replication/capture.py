@@ -98,7 +98,6 @@ class Capture:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
-        self._purged_original: Callable[..., Any] | None = None
         #: Last seq appended by a flush.
         self.last_seq = 0
         self.enabled = True
@@ -110,25 +109,20 @@ class Capture:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._unsubscribe = self.events.subscribe(self._on_event)
-        telemetry = self.tasks.telemetry
-        original = telemetry.purged
-        self._purged_original = original
-
-        def purged(tasks: Sequence[Purged], *, observed: bool = False) -> None:
-            original(tasks, observed=observed)
-            for task in tasks:
-                self.mark(_TASK, task.task_id)
-
-        telemetry.purged = purged  # type: ignore[method-assign]
+        self.tasks.telemetry.purge_listeners.append(self._purged)
         self._runner = asyncio.create_task(self._run(), name="ha-capture")
+
+    def _purged(self, tasks: Sequence[Purged]) -> None:
+        for task in tasks:
+            self.mark(_TASK, task.task_id)
 
     async def stop(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        if self._purged_original is not None:
-            self.tasks.telemetry.purged = self._purged_original  # type: ignore[method-assign]
-            self._purged_original = None
+        listeners = self.tasks.telemetry.purge_listeners
+        if self._purged in listeners:
+            listeners.remove(self._purged)
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):

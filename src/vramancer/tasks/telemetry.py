@@ -45,6 +45,8 @@ class Telemetry:
         self.counts: dict[tuple[bool, TaskState], int] = {}
         #: Count only what the shared store reports (``publish``'s ``observed``).
         self.follow_store = False
+        #: Called with every batch of purged tasks (HA replication journals their deletion).
+        self.purge_listeners: list[Callable[[Sequence[Purged]], None]] = []
         self._children: dict[tuple[int, str], Any] = {}
         self._m_submitted = metrics.counter(
             "vramancer_tasks_submitted_total", "Tasks accepted into the queue.", ["type"]
@@ -122,7 +124,10 @@ class Telemetry:
         )
 
     def purged(self, tasks: Sequence[Purged], *, observed: bool = False) -> None:
-        """Tasks the retention purge deleted leave the counts."""
+        """Tasks the retention purge deleted leave the counts (``purge_listeners`` hear of
+        every purge reported here)."""
+        for listener in self.purge_listeners:
+            listener(tasks)
         if self.follow_store and not observed:
             return
         for task in tasks:
