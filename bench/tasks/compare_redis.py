@@ -1,9 +1,10 @@
 """The Redis-backed competitors: a private ``redis-server``; Celery, RQ, huey and Dramatiq runners.
 
 Each runner starts its framework's own worker command (the one its docs tell users to run) with
-two worker processes, warms it up, then per run: zero the done counter, submit ``n`` no-op tasks
-the way a user would (bulk where the framework has a bulk call), and poll the counter until it
-reaches ``n``.
+two worker processes, warms it up, then per run: empty the done list, submit ``n`` tasks doing
+the run's work (``compare_common.Work``) the way a user would (bulk where the framework has a
+bulk call), and poll the list's length until it reaches ``n``. A latency sample submits one task
+that marks its start and blocks on the done list (``BLPOP``) until it ends.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 
 import redis
 
-from bench.tasks.compare_common import DONE_KEY, QUEUE_NAME, REDIS_URL_ENV
+from bench.tasks.compare_common import DONE_KEY, QUEUE_NAME, REDIS_URL_ENV, STARTED_KEY, now
+from bench.tasks.cpu import ProcessCpu
 
 #: Worker processes per competitor: every system gets the same concurrency.
 WORKERS = 2
@@ -98,6 +100,10 @@ class RedisServer:
                     raise RuntimeError("redis-server did not start; see redis.log") from None
                 time.sleep(0.02)
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def version(self) -> str:
         info: dict[str, Any] = self.client.info("server")
         return str(info.get("redis_version", "?"))
@@ -114,6 +120,8 @@ class RunResult:
     n: int
     submit_s: float
     total_s: float
+    #: CPU seconds (user + system) of every process involved, children included.
+    cpu_s: float = 0.0
 
     @property
     def tasks_per_s(self) -> float:
@@ -123,12 +131,24 @@ class RunResult:
     def submit_per_s(self) -> float:
         return self.n / self.submit_s
 
+    @property
+    def cpu_ms_per_task(self) -> float:
+        return self.cpu_s / self.n * 1000
+
+
+@dataclass
+class LatencySample:
+    """One task alone: from the submit call to its start, and to the moment its end is seen."""
+
+    to_start_s: float
+    to_done_s: float
+
 
 def wait_counter(client: redis.Redis, n: int, timeout_s: float, alive: Callable[[], None]) -> None:
-    """Poll the done counter until it reaches ``n``; ``alive`` raises if the workers died."""
+    """Poll the done list until it holds ``n`` entries; ``alive`` raises if the workers died."""
     deadline = time.monotonic() + timeout_s
     while True:
-        done = int(client.get(DONE_KEY) or 0)
+        done = int(client.llen(DONE_KEY))
         if done >= n:
             return
         if time.monotonic() > deadline:
@@ -160,7 +180,7 @@ class RedisCompetitor:
         """Extra environment for the worker processes."""
         return {}
 
-    def submit(self, n: int) -> None:
+    def submit(self, n: int, work: str, mark: bool = False) -> None:
         raise NotImplementedError
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -182,19 +202,41 @@ class RedisCompetitor:
                     start_new_session=True,
                 )
             )
-        self.server.client.set(DONE_KEY, 0)
-        self.submit(WARMUP_TASKS)
-        wait_counter(self.server.client, WARMUP_TASKS, READY_TIMEOUT_S, self._alive)
+        self.server.client.delete(DONE_KEY, STARTED_KEY)
+        for work in ("noop", "true", "python"):  # imports of every kind, before any timing
+            self.submit(WARMUP_TASKS // 3, work)
+        wait_counter(self.server.client, 3 * (WARMUP_TASKS // 3), READY_TIMEOUT_S, self._alive)
 
-    def run_once(self, n: int) -> RunResult:
-        """Submit ``n`` no-op tasks, wait for all of them; return the timings."""
-        self.server.client.set(DONE_KEY, 0)
+    def run_once(self, n: int, work: str) -> RunResult:
+        """Submit ``n`` tasks doing ``work``, wait for all of them; return the timings."""
+        self.server.client.delete(DONE_KEY, STARTED_KEY)
+        cpu = ProcessCpu([self.server.pid, *(p.pid for p in self._procs)])
         t0 = time.perf_counter()
-        self.submit(n)
+        self.submit(n, work)
         t1 = time.perf_counter()
         wait_counter(self.server.client, n, self.timeout_s, self._alive)
         t2 = time.perf_counter()
-        return RunResult(n=n, submit_s=t1 - t0, total_s=t2 - t0)
+        return RunResult(n=n, submit_s=t1 - t0, total_s=t2 - t0, cpu_s=cpu.used_s())
+
+    def latency_once(self, work: str) -> LatencySample:
+        """One task alone, marked at its start; its end is awaited with ``BLPOP``."""
+        client = self.server.client
+        client.delete(DONE_KEY, STARTED_KEY)
+        t0 = now()
+        self.submit(1, work, mark=True)
+        popped = client.blpop([DONE_KEY], timeout=self.timeout_s)
+        seen = now()
+        if popped is None:
+            self._alive()
+            raise TimeoutError(f"one {work} task not done after {self.timeout_s:.0f}s")
+        started = client.lpop(STARTED_KEY)
+        to_start = float(started) - t0 if started is not None else float("nan")
+        return LatencySample(to_start_s=to_start, to_done_s=seen - t0)
+
+    def latency(self, work: str, samples: int) -> list[LatencySample]:
+        """``samples`` tasks one after the other (after one untimed task)."""
+        self.latency_once(work)
+        return [self.latency_once(work) for _ in range(samples)]
 
     def teardown(self) -> None:
         for proc in self._procs:
@@ -240,11 +282,11 @@ class CeleryRunner(RedisCompetitor):
             ]
         ]
 
-    def submit(self, n: int) -> None:
-        from bench.tasks.compare_celery_app import noop
+    def submit(self, n: int, work: str, mark: bool = False) -> None:
+        from bench.tasks.compare_celery_app import work as task
 
         for _ in range(n):
-            noop.delay()
+            task.delay(work, mark)
 
 
 class RqRunner(RedisCompetitor):
@@ -269,14 +311,17 @@ class RqRunner(RedisCompetitor):
             for i in range(WORKERS)
         ]
 
-    def submit(self, n: int) -> None:
+    def submit(self, n: int, work: str, mark: bool = False) -> None:
         from rq import Callback, Queue
 
-        from bench.tasks.compare_rq_app import count_done, noop
+        from bench.tasks.compare_rq_app import record_done
+        from bench.tasks.compare_rq_app import work as job
 
         queue = Queue(QUEUE_NAME, connection=self.server.client)
-        on_success = Callback(count_done)
-        queue.enqueue_many([Queue.prepare_data(noop, on_success=on_success) for _ in range(n)])
+        on_success = Callback(record_done)
+        queue.enqueue_many(
+            [Queue.prepare_data(job, args=(work, mark), on_success=on_success) for _ in range(n)]
+        )
 
 
 class HueyRunner(RedisCompetitor):
@@ -298,11 +343,11 @@ class HueyRunner(RedisCompetitor):
             ]
         ]
 
-    def submit(self, n: int) -> None:
-        from bench.tasks.compare_huey_app import noop
+    def submit(self, n: int, work: str, mark: bool = False) -> None:
+        from bench.tasks.compare_huey_app import work as task
 
         for _ in range(n):
-            noop()
+            task(work, mark)
 
 
 class DramatiqRunner(RedisCompetitor):
@@ -331,11 +376,11 @@ class DramatiqRunner(RedisCompetitor):
             ]
         ]
 
-    def submit(self, n: int) -> None:
-        from bench.tasks.compare_dramatiq_app import noop
+    def submit(self, n: int, work: str, mark: bool = False) -> None:
+        from bench.tasks.compare_dramatiq_app import work as actor
 
         for _ in range(n):
-            noop.send()
+            actor.send(work, mark)
 
 
 COMPETITORS: dict[str, type[RedisCompetitor]] = {

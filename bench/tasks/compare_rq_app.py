@@ -1,4 +1,4 @@
-"""RQ side of the comparison: the no-op job function and its ``on_success`` counter."""
+"""RQ side of the comparison: the job function and its ``on_success`` recorder."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ from typing import Any
 
 import redis
 
-from bench.tasks.compare_common import DONE_KEY
+from bench.tasks.compare_common import DONE_KEY, STARTED_KEY, do_work, now, redis_url
 
 
-def noop() -> None:
-    """Does nothing: the benchmark measures the queue, not the work."""
-    return None
+def work(kind: str, mark: bool = False) -> None:
+    """One task of the benchmark: ``kind`` is a ``Work`` value."""
+    if mark:
+        redis.Redis.from_url(redis_url()).rpush(STARTED_KEY, now())
+    do_work(kind)
 
 
-def count_done(job: Any, connection: redis.Redis, result: Any, *args: Any, **kwargs: Any) -> None:
-    """RQ ``on_success`` callback: one ``INCR`` per finished job."""
-    connection.incr(DONE_KEY)
+def record_done(job: Any, connection: redis.Redis, result: Any, *args: Any, **kwargs: Any) -> None:
+    """RQ ``on_success`` callback: one ``RPUSH`` per finished job."""
+    connection.rpush(DONE_KEY, now())

@@ -9,6 +9,10 @@ Both use the library the way a user would:
   ``VRM_DISABLE_RATE_LIMIT=1``), ``POST /api/tasks/submit_batch``, then polling
   ``GET /api/tasks/stats`` until every task is done.
 
+The work of a task (``compare_common.Work``) is a ``noop`` task, a ``cmd`` task ``["true"]`` or
+a ``python`` task calling ``bench.tasks.compare_common:pyfunc``; ``cmd`` and ``python`` tasks run
+on the CPU-only host's ``host_slots`` (2 by default: the competitors' two worker processes).
+
 ``noop`` is a maintenance task: VRAMancer runs it in-process, in batches, only after the devices
 were idle for ``[tasks] maintenance_idle_s`` (5 s by default), while the host CPU is not busier
 than ``maintenance_max_cpu_ratio`` (0.9), and never ahead of a user task. The benchmark sets
@@ -26,7 +30,9 @@ from typing import Any
 
 import httpx
 
-from bench.tasks.compare_redis import RunResult
+from bench.tasks.compare_common import Work, now
+from bench.tasks.compare_redis import REPO_ROOT, LatencySample, RunResult
+from bench.tasks.cpu import ProcessCpu
 from vramancer import Runtime, Settings
 from vramancer.tasks.settings import Synchronous, TasksSettings
 
@@ -61,8 +67,21 @@ def _describe_durability(synchronous: Synchronous) -> str:
     )
 
 
-def _noop_specs(n: int) -> list[dict[str, Any]]:
-    return [{"type": "noop"} for _ in range(n)]
+def _spec(work: str) -> dict[str, Any]:
+    """The task body doing ``work``, as a user would submit it."""
+    if work == Work.TRUE.value:
+        return {"type": "cmd", "cmd": ["true"]}
+    if work == Work.PYTHON.value:
+        return {
+            "type": "python",
+            "python": "bench.tasks.compare_common:pyfunc",
+            "cwd": str(REPO_ROOT),
+        }
+    return {"type": "noop"}
+
+
+def _specs(n: int, work: str) -> list[dict[str, Any]]:
+    return [_spec(work) for _ in range(n)]
 
 
 def _chunks(n: int, size: int) -> list[int]:
@@ -83,21 +102,40 @@ class EmbeddedRunner:
         self.batch = min(batch or self.tasks_settings.max_batch, self.tasks_settings.max_batch)
         self.durability = _describe_durability(self.tasks_settings.synchronous)
         self.concurrency = (
-            "in-process maintenance runner of the daemon: one asyncio task running leased "
-            f"noop batches of up to {self.tasks_settings.maintenance_batch} in turn "
-            "(noop never takes a worker slot)"
+            f"{self.tasks_settings.host_slots} host slots (a process per cmd/python task; "
+            "python forks from the warm runner); noop: the in-process maintenance runner, "
+            f"leased batches of up to {self.tasks_settings.maintenance_batch}"
         )
         self._runs = itertools.count()
 
     def setup(self) -> None:
-        self.run_once(WARMUP_TASKS)  # imports, SQLite and pydantic warm-up
+        self.run_once(WARMUP_TASKS, Work.NOOP.value)  # imports, SQLite and pydantic warm-up
 
     def teardown(self) -> None:
         return None
 
-    def run_once(self, n: int) -> RunResult:
+    def run_once(self, n: int, work: str) -> RunResult:
         data_dir = self.workdir / f"vramancer-embedded-{next(self._runs)}"
-        return asyncio.run(self._run(n, data_dir))
+        return asyncio.run(self._run(n, work, data_dir))
+
+    def latency(self, work: str, samples: int) -> list[LatencySample]:
+        """``samples`` tasks one at a time through one fresh runtime (after a warm-up task)."""
+        data_dir = self.workdir / f"vramancer-latency-{next(self._runs)}"
+        return asyncio.run(self._latency(work, samples, data_dir))
+
+    async def _latency(self, work: str, samples: int, data_dir: Path) -> list[LatencySample]:
+        result: list[LatencySample] = []
+        async with Runtime(self._settings(data_dir)) as rt:
+            for i in range(samples + 1):
+                t0 = now()
+                spec = await rt.tasks.submit(_spec(work))
+                await rt.tasks.wait([spec.task_id], timeout_s=self.timeout_s)
+                seen = now()
+                record = await rt.tasks.status(spec.task_id)
+                started = record.started_at if record.started_at is not None else float("nan")
+                if i:  # the first one warms the runtime up
+                    result.append(LatencySample(to_start_s=started - t0, to_done_s=seen - t0))
+        return result
 
     def _settings(self, data_dir: Path) -> Settings:
         return Settings(
@@ -106,21 +144,23 @@ class EmbeddedRunner:
             disable_rate_limit=True,
         )
 
-    async def _run(self, n: int, data_dir: Path) -> RunResult:
+    async def _run(self, n: int, work: str, data_dir: Path) -> RunResult:
         async with Runtime(self._settings(data_dir)) as rt:
-            warm = await rt.tasks.submit_batch(_noop_specs(WARMUP_TASKS))
+            warm = await rt.tasks.submit_batch(_specs(WARMUP_TASKS, work))
             await rt.tasks.wait([s.task_id for s in warm], timeout_s=self.timeout_s)
+            cpu = ProcessCpu([])
             t0 = time.perf_counter()
             ids: list[str] = []
             for size in _chunks(n, self.batch):
-                ids.extend(s.task_id for s in await rt.tasks.submit_batch(_noop_specs(size)))
+                ids.extend(s.task_id for s in await rt.tasks.submit_batch(_specs(size, work)))
             t1 = time.perf_counter()
             await rt.tasks.wait(ids, timeout_s=self.timeout_s)
             t2 = time.perf_counter()
+            cpu_s = cpu.used_s()
             done = rt.tasks.counts()["done"]
             if done != n + WARMUP_TASKS:
                 raise RuntimeError(f"expected {n + WARMUP_TASKS} tasks done, counted {done}")
-        return RunResult(n=n, submit_s=t1 - t0, total_s=t2 - t0)
+        return RunResult(n=n, submit_s=t1 - t0, total_s=t2 - t0, cpu_s=cpu_s)
 
 
 class HttpRunner:
@@ -138,8 +178,8 @@ class HttpRunner:
         self.batch = min(batch or self.tasks_settings.max_batch, self.tasks_settings.max_batch)
         self.durability = _describe_durability(self.tasks_settings.synchronous)
         self.concurrency = (
-            "vramancer serve (1 uvicorn process): the daemon's in-process maintenance runner, "
-            f"leased noop batches of up to {self.tasks_settings.maintenance_batch}"
+            f"vramancer serve (1 uvicorn process), {self.tasks_settings.host_slots} host slots; "
+            "noop: the in-process maintenance runner"
         )
         self._server: Any = None
         self._client: httpx.Client | None = None
@@ -153,7 +193,7 @@ class HttpRunner:
             self.workdir, config, env={"VRM_DISABLE_RATE_LIMIT": "1"}, timeout=60
         )
         self._client = httpx.Client(base_url=self._server.url, timeout=self.timeout_s)
-        self.run_once(WARMUP_TASKS)
+        self.run_once(WARMUP_TASKS, Work.NOOP.value)
 
     def teardown(self) -> None:
         if self._client is not None:
@@ -163,13 +203,14 @@ class HttpRunner:
             if self._server.proc.stdout:
                 self._server.proc.stdout.close()
 
-    def run_once(self, n: int) -> RunResult:
-        assert self._client is not None
+    def run_once(self, n: int, work: str) -> RunResult:
+        assert self._client is not None and self._server is not None
         client = self._client
+        cpu = ProcessCpu([self._server.proc.pid])
         t0 = time.perf_counter()
         ids: list[str] = []
         for size in _chunks(n, self.batch):
-            answer = client.post("/api/tasks/submit_batch", json={"tasks": _noop_specs(size)})
+            answer = client.post("/api/tasks/submit_batch", json={"tasks": _specs(size, work)})
             answer.raise_for_status()
             ids.extend(answer.json()["task_ids"])
         t1 = time.perf_counter()
@@ -178,8 +219,9 @@ class HttpRunner:
         self._done_before += n
         if len(ids) != n:
             raise RuntimeError(f"submitted {n} tasks, got {len(ids)} ids back")
+        cpu_s = cpu.used_s()
         self._check_done(client, ids)
-        return RunResult(n=n, submit_s=t1 - t0, total_s=t2 - t0)
+        return RunResult(n=n, submit_s=t1 - t0, total_s=t2 - t0, cpu_s=cpu_s)
 
     def _wait_done(self, client: httpx.Client, total: int) -> None:
         deadline = time.monotonic() + self.timeout_s

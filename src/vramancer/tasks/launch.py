@@ -85,6 +85,9 @@ def run_request(
         tail_bytes=settings.output_tail_bytes,
         stdout_path=out_path,
         stderr_path=err_path,
+        python=(spec.python, dumps(spec.payload or {}))
+        if spec.type is TaskType.PYTHON and spec.python
+        else None,
     )
 
 

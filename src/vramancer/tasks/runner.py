@@ -31,6 +31,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import logging
 import os
 import shutil
 import signal
@@ -45,6 +46,9 @@ from typing import BinaryIO
 import psutil
 
 from vramancer.files import open_private, private_dir
+from vramancer.tasks.warm import WarmProcess, WarmRunner, WarmUnavailable
+
+log = logging.getLogger(__name__)
 
 #: How long to wait for the pipes to close once the process group is gone.
 DRAIN_TIMEOUT_S = 1.0
@@ -62,6 +66,8 @@ class RunRequest:
     tail_bytes: int
     stdout_path: Path
     stderr_path: Path
+    #: ``(module:function, payload JSON)`` of a ``python`` task: what a warm runner needs.
+    python: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,13 +277,17 @@ def _kill_leftovers(pgid: int, task_id: str) -> int:
 
 
 class ProcessRun:
-    """One task process. ``await start()``, then ``await wait()``; ``cancel()`` from anywhere."""
+    """One task process. ``await start()``, then ``await wait()``; ``cancel()`` from anywhere.
 
-    def __init__(self, request: RunRequest) -> None:
+    With a ``warm`` runner a ``python`` task is forked from it (``tasks/warm.py``) instead of
+    starting an interpreter; everything after the start is the same."""
+
+    def __init__(self, request: RunRequest, warm: WarmRunner | None = None) -> None:
         self.request = request
+        self.warm = warm
         self.pid: int | None = None
         self.started_at: float | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | WarmProcess | None = None
         self._cancel = asyncio.Event()
         self._t0 = 0.0
         self._out = _Capture(request.stdout_path, request.max_output_bytes, request.tail_bytes)
@@ -287,6 +297,15 @@ class ProcessRun:
         """Start the process; raises ``OSError`` when it cannot (missing program, bad cwd)."""
         req = self.request
         self._t0 = time.monotonic()
+        if self.warm is not None and req.python is not None:
+            try:
+                self._proc = await self.warm.spawn(req)
+            except WarmUnavailable as exc:
+                log.debug("python task started cold: %s", exc)
+            else:
+                self.pid = self._proc.pid
+                self.started_at = process_start_time(self._proc.pid)
+                return
         argv, preexec = dying_with_parent(req.argv, req.env, req.cwd)
         self._proc = await asyncio.create_subprocess_exec(
             *argv,

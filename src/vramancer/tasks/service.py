@@ -81,6 +81,7 @@ from vramancer.tasks.runner import kill_orphan
 from vramancer.tasks.settings import TasksSettings
 from vramancer.tasks.sqlite_queue import SqliteQueue
 from vramancer.tasks.telemetry import TIME_BUCKETS, Telemetry
+from vramancer.tasks.warm import WarmUnavailable
 from vramancer.tasks.workers import Workers
 
 __all__ = [
@@ -252,6 +253,14 @@ class TaskService:
                 asyncio.create_task(self._dispatch_loop(), name="tasks-dispatch"),
                 asyncio.create_task(self._heartbeat_loop(), name="tasks-heartbeat"),
             ]
+            if self.workers.warm is not None and self.settings.warm_preload:
+                self._loops.append(asyncio.create_task(self._start_warm(), name="tasks-warm"))
+
+    async def _start_warm(self) -> None:
+        """Start the warm runner now, so the first ``python`` task finds its imports done."""
+        assert self.workers.warm is not None
+        with contextlib.suppress(WarmUnavailable):  # logged by the runner; tasks start cold
+            await self.workers.warm.start()
 
     async def stop(self) -> None:
         """Stop dispatching; running tasks are stopped and queued again (not counted as tries)."""
@@ -266,6 +275,8 @@ class TaskService:
         self._loops = []
         self.workers.release_all("daemon stopping")
         await self.drain(timeout_s=self.settings.kill_grace_s + 5)
+        if self.workers.warm is not None:
+            await self.workers.warm.stop()
         await self.queue.close()
         self._unlock()
         self._started = False

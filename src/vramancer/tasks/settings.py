@@ -50,6 +50,15 @@ class TasksSettings(BaseModel):
     #: only when ``python`` is listed.
     allowed_commands: list[str] = Field(default_factory=list)
 
+    #: ``python`` tasks fork from a warm runner (an interpreter that has imported
+    #: ``warm_preload`` already) instead of starting an interpreter each: milliseconds instead of
+    #: the interpreter's start and the imports. Each task keeps its own process and group.
+    warm_python: bool = True
+    #: Modules the warm runner imports once at its start (``torch``, ``mypackage.train``). It
+    #: must not initialise CUDA (importing torch does not); a preloaded module's code is the one
+    #: of the runner's start: restart the daemon after changing it.
+    warm_preload: list[str] = Field(default_factory=list, max_length=64)
+
     #: Tasks that may run at the same time on one GPU.
     slots_per_device: int = Field(default=1, ge=1, le=1024)
     #: Tasks that may run at the same time on the host of a machine without GPUs.

@@ -42,6 +42,7 @@ from vramancer.tasks.queue import TaskQueue
 from vramancer.tasks.runner import ProcessRun, RunResult
 from vramancer.tasks.settings import TasksSettings
 from vramancer.tasks.telemetry import Telemetry
+from vramancer.tasks.warm import WarmRunner
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,10 @@ class Workers:
         self.poke = poke
         #: Absolute paths of ``allowed_commands`` (``admission.resolve_programs``, at start).
         self.programs: Mapping[str, str] = {}
+        #: Forks ``python`` tasks when ``[tasks] warm_python`` is on (``tasks/warm.py``).
+        self.warm = (
+            WarmRunner(data_dir / "run", settings.warm_preload) if settings.warm_python else None
+        )
         self.active: dict[str, Active] = {}
         #: Tasks that ended and whose outcome is being recorded.
         self.recording: set[str] = set()
@@ -296,7 +301,7 @@ class Workers:
             programs=self.programs,
             environ=os.environ,
         )
-        run = ProcessRun(request)
+        run = ProcessRun(request, self.warm)
         try:
             await run.start()
         except OSError as exc:

@@ -1,0 +1,204 @@
+"""The daemon's side of the warm Python runner (``tasks/zygote.py``): start it, hand it tasks.
+
+``WarmRunner.spawn(request)`` asks the runner to fork a ``python`` task and answers a
+``WarmProcess``: the same face as an ``asyncio.subprocess.Process`` for ``ProcessRun`` (``pid``,
+``stdout``, ``stderr``, ``wait()``, ``returncode``), so timeouts, cancel, the process-group kill
+and output capture are the cold path's. The runner starts with the first ``python`` task (or at
+the task service's start, ``prestart``), lives in ``<data_dir>/run/`` (a private directory), dies
+with the daemon (the parent-death signal and the end of its standard input) and is started again
+after it died. When it cannot be used, ``spawn`` raises ``WarmUnavailable`` and the task starts
+cold, as ``python -m vramancer.tasks.pyrun``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vramancer.files import private_dir
+
+if TYPE_CHECKING:
+    from vramancer.tasks.runner import RunRequest
+
+log = logging.getLogger(__name__)
+
+#: How long the runner may take to import its modules and listen (``import torch``: seconds).
+START_TIMEOUT_S = 120.0
+#: After a failed start, tasks start cold for this long before the runner is tried again.
+RETRY_AFTER_S = 60.0
+
+
+class WarmUnavailable(Exception):
+    """The warm runner cannot take this task; start it cold."""
+
+
+async def _pipe_reader(fd: int) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    await loop.connect_read_pipe(lambda: protocol, os.fdopen(fd, "rb", 0))
+    return reader
+
+
+class WarmProcess:
+    """A task process forked by the warm runner (not a child of the daemon)."""
+
+    def __init__(
+        self,
+        pid: int,
+        control: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        stdout: asyncio.StreamReader,
+        stderr: asyncio.StreamReader,
+    ) -> None:
+        self.pid = pid
+        self.stdout: asyncio.StreamReader | None = stdout
+        self.stderr: asyncio.StreamReader | None = stderr
+        self.returncode: int | None = None
+        self._control = control
+        self._writer = writer
+
+    async def wait(self) -> int:
+        """The exit code (``-SIGNAL`` when killed), once the runner reports the end."""
+        if self.returncode is None:
+            line = await self._control.readline()
+            self._writer.close()
+            try:
+                self.returncode = int(json.loads(line)["exit"])
+            except (ValueError, KeyError, TypeError):
+                # the runner died with the task: its children die with it (parent-death signal)
+                self.returncode = -9
+        return self.returncode
+
+
+class WarmRunner:
+    """One warm runner for this daemon (no CUDA state in it, so it serves every GPU)."""
+
+    def __init__(self, run_dir: Path, preload: Sequence[str]) -> None:
+        self.run_dir = run_dir
+        self.preload = list(preload)
+        self.socket_path = run_dir / "warm-python.sock"
+        self._proc: asyncio.subprocess.Process | None = None
+        self._starting: asyncio.Lock | None = None
+        #: ``time.monotonic()`` of the last failed start, and why it failed.
+        self._failed: tuple[float, str] | None = None
+
+    async def start(self) -> None:
+        """Start the runner unless it runs; raises ``WarmUnavailable`` when it cannot start."""
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._proc is not None and self._proc.returncode is None:
+                return
+            if self._failed is not None and time.monotonic() - self._failed[0] < RETRY_AFTER_S:
+                raise WarmUnavailable(self._failed[1])
+            try:
+                self._proc = await self._launch()
+            except WarmUnavailable as exc:
+                self._failed = (time.monotonic(), str(exc))
+                log.warning("%s; python tasks start cold for %g s", exc, RETRY_AFTER_S)
+                raise
+            self._failed = None
+
+    async def _launch(self) -> asyncio.subprocess.Process:
+        from vramancer.tasks.runner import dying_with_parent
+
+        private_dir(self.run_dir)
+        argv = [sys.executable, "-m", "vramancer.tasks.zygote", str(self.socket_path)]
+        argv, preexec = dying_with_parent([*argv, *self.preload], os.environ, None)
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+        assert proc.stdout is not None
+        try:
+            ready = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
+        except TimeoutError:
+            ready = b""
+        if ready.strip() != b"ready":
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise WarmUnavailable(
+                f"the warm Python runner did not start (exit {proc.returncode}; "
+                f"[tasks] warm_preload = {self.preload!r})"
+            )
+        log.info("warm Python runner started (pid %d, preloaded: %s)", proc.pid, self.preload)
+        return proc
+
+    async def spawn(self, request: RunRequest) -> WarmProcess:
+        """Fork ``request`` (a ``python`` task) from the runner."""
+        if request.python is None:
+            raise WarmUnavailable("not a python task")
+        if not request.cwd.is_dir():  # what exec would say for a missing working directory
+            raise FileNotFoundError(2, "No such file or directory", str(request.cwd))
+        await self.start()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            reader, writer = await self._send(request, [out_w, err_w])
+        except OSError as exc:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise WarmUnavailable(f"warm runner unreachable: {exc}") from exc
+        os.close(out_w)
+        os.close(err_w)
+        answer = _parse(await reader.readline())
+        stdout, stderr = await _pipe_reader(out_r), await _pipe_reader(err_r)
+        if "pid" not in answer:
+            writer.close()
+            raise WarmUnavailable(str(answer.get("error", "the warm runner did not answer")))
+        return WarmProcess(int(answer["pid"]), reader, writer, stdout, stderr)
+
+    async def _send(
+        self, request: RunRequest, fds: list[int]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        assert request.python is not None
+        target, payload = request.python
+        line = json.dumps(
+            {"target": target, "payload": payload, "cwd": str(request.cwd), "env": request.env}
+        ).encode()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(5.0)
+            sock.connect(str(self.socket_path))
+            socket.send_fds(sock, [line + b"\n"], fds)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return await asyncio.open_unix_connection(sock=sock)
+
+    async def stop(self) -> None:
+        """Stop the runner (closing its standard input ends it; its tasks die with it)."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
