@@ -21,11 +21,19 @@ at start. Without ``setpriv`` a ``preexec_fn`` calls ``prctl``; a daemon that di
 fork and the ``prctl`` is noticed there (the parent pid changed) and the child kills itself.
 What the task itself started in the background does not get that signal; it stays in the
 task's process group, and the next start kills it (``kill_orphan``).
+
+Processes are started from one thread of their own (``in_spawner``), not from the event loop:
+forking (even ``vfork``) and the scratch directory's creation and removal block their caller
+for a millisecond or more per task, which the event loop then spends on nothing else. That thread
+lives as long as the daemon (an idle worker of a one-thread pool waits for work, it never
+exits), so the parent-death signal holds. Its end is noticed through a ``pidfd`` on the event
+loop (Linux 5.3 and later), else by a thread that waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -37,11 +45,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, Any, BinaryIO, TypeVar
 
 import psutil
 
@@ -49,6 +58,17 @@ from vramancer.files import open_private, private_dir
 from vramancer.tasks.warm import WarmProcess, WarmRunner, WarmUnavailable
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: The one thread that starts task processes and makes and removes their scratch directories.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vrm-spawn")
+
+
+async def in_spawner(func: Callable[..., _T], *args: Any) -> _T:
+    """``func(*args)`` on the spawner thread (in order with every other call there)."""
+    return await asyncio.get_running_loop().run_in_executor(_SPAWNER, func, *args)
+
 
 #: How long to wait for the pipes to close once the process group is gone.
 DRAIN_TIMEOUT_S = 1.0
@@ -276,6 +296,102 @@ def _kill_leftovers(pgid: int, task_id: str) -> int:
     return killed
 
 
+class SpawnedProcess:
+    """A task process started on the spawner thread, seen from the event loop: the face of an
+    ``asyncio.subprocess.Process`` that ``ProcessRun`` uses."""
+
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        stdout: asyncio.StreamReader,
+        stderr: asyncio.StreamReader,
+    ) -> None:
+        self.pid = popen.pid
+        self.stdout: asyncio.StreamReader | None = stdout
+        self.stderr: asyncio.StreamReader | None = stderr
+        self.returncode: int | None = None
+        self._popen = popen
+        self._exited = _watch_exit(popen)
+
+    async def wait(self) -> int:
+        if self.returncode is None:
+            await asyncio.shield(self._exited)
+            self.returncode = self._popen.wait()  # already ended: reaps it at once
+        return self.returncode
+
+
+def _watch_exit(popen: subprocess.Popen[bytes]) -> asyncio.Future[None]:
+    """A future done when ``popen`` has ended (not yet reaped, with a ``pidfd``)."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def done() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):  # no pidfd here: a thread waits for it instead
+        threading.Thread(
+            target=lambda: (popen.wait(), loop.call_soon_threadsafe(done)),
+            name=f"vrm-wait-{popen.pid}",
+            daemon=True,
+        ).start()
+        return exited
+
+    def readable() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        done()
+
+    loop.add_reader(pidfd, readable)
+    return exited
+
+
+async def _read_pipe(pipe: IO[bytes]) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    await loop.connect_read_pipe(lambda: protocol, pipe)
+    return reader
+
+
+def _popen(req: RunRequest) -> tuple[subprocess.Popen[bytes], float | None]:
+    """On the spawner thread: start the process, read its start time."""
+    argv, preexec = dying_with_parent(req.argv, req.env, req.cwd)
+    popen = subprocess.Popen(
+        argv,
+        cwd=req.cwd,
+        env=req.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=preexec,
+    )
+    return popen, process_start_time(popen.pid)
+
+
+def _kill_started(starting: asyncio.Future[tuple[subprocess.Popen[bytes], float | None]]) -> None:
+    if not starting.cancelled() and starting.exception() is None:
+        popen = starting.result()[0]
+        kill_group(popen.pid)
+        threading.Thread(target=popen.wait, daemon=True).start()  # reap it
+
+
+async def spawn(req: RunRequest) -> tuple[SpawnedProcess, float | None]:
+    """Start ``req``'s process from the spawner thread; ``OSError`` when it cannot start."""
+    starting = asyncio.get_running_loop().run_in_executor(_SPAWNER, _popen, req)
+    try:
+        popen, started = await asyncio.shield(starting)
+    except asyncio.CancelledError:  # it starts anyway, on the thread: it must not live on
+        starting.add_done_callback(_kill_started)
+        raise
+    assert popen.stdout is not None and popen.stderr is not None
+    stdout, stderr = await _read_pipe(popen.stdout), await _read_pipe(popen.stderr)
+    return SpawnedProcess(popen, stdout, stderr), started
+
+
 class ProcessRun:
     """One task process. ``await start()``, then ``await wait()``; ``cancel()`` from anywhere.
 
@@ -287,7 +403,7 @@ class ProcessRun:
         self.warm = warm
         self.pid: int | None = None
         self.started_at: float | None = None
-        self._proc: asyncio.subprocess.Process | WarmProcess | None = None
+        self._proc: SpawnedProcess | WarmProcess | None = None
         self._cancel = asyncio.Event()
         self._t0 = 0.0
         self._out = _Capture(request.stdout_path, request.max_output_bytes, request.tail_bytes)
@@ -306,19 +422,8 @@ class ProcessRun:
                 self.pid = self._proc.pid
                 self.started_at = process_start_time(self._proc.pid)
                 return
-        argv, preexec = dying_with_parent(req.argv, req.env, req.cwd)
-        self._proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=req.cwd,
-            env=req.env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=preexec,
-        )
+        self._proc, self.started_at = await spawn(req)
         self.pid = self._proc.pid
-        self.started_at = process_start_time(self._proc.pid)
 
     def cancel(self) -> None:
         self._cancel.set()

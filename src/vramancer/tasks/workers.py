@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -39,7 +40,7 @@ from vramancer.tasks.model import Change, Outcome, OutcomeKind, TaskRecord
 from vramancer.tasks.picker import HOST, LocalLoad
 from vramancer.tasks.ports import ArbiterPort, ModelsPort
 from vramancer.tasks.queue import TaskQueue
-from vramancer.tasks.runner import ProcessRun, RunResult
+from vramancer.tasks.runner import ProcessRun, RunResult, in_spawner
 from vramancer.tasks.settings import TasksSettings
 from vramancer.tasks.telemetry import Telemetry
 from vramancer.tasks.warm import WarmRunner
@@ -259,9 +260,12 @@ class Workers:
             )
         finally:
             self._release(active)
+            # started here so that it happens even when this coroutine is cancelled
+            scratch_removed = asyncio.ensure_future(self._remove_scratch(active))
             self.poke()  # a slot is free: the next task can start while this one is recorded
             for listener in self.on_slot_free:
                 listener()
+        await scratch_removed
         if not active.lost:
             await self.finish(outcome)
 
@@ -289,7 +293,7 @@ class Workers:
 
     async def _run_process(self, active: Active) -> Outcome:
         record = active.record
-        private_dir(scratch_dir(self.data_dir, active.device, record.task_id))
+        await in_spawner(private_dir, scratch_dir(self.data_dir, active.device, record.task_id))
         request = run_request(
             record,
             record.task_spec(),
@@ -345,9 +349,13 @@ class Workers:
             except Exception:
                 log.exception("releasing the VRAM of task %s failed", active.record.task_id)
             active.allocation_id = None
-        if not self.settings.keep_scratch:  # ours even when the task ran in its own cwd
+
+    async def _remove_scratch(self, active: Active) -> None:
+        """The attempt's scratch directory goes (ours even when the task ran in its own cwd),
+        on the spawner thread: in order with the next attempt's creation of it."""
+        if not self.settings.keep_scratch:
             scratch = scratch_dir(self.data_dir, active.device, active.record.task_id)
-            shutil.rmtree(scratch, ignore_errors=True)
+            await in_spawner(functools.partial(shutil.rmtree, scratch, ignore_errors=True))
 
 
 #: ``errno`` values of a failed start that no retry can cure: the program is missing or cannot
