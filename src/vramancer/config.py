@@ -33,6 +33,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from vramancer.arbiter.settings import ArbiterSettings
 from vramancer.devices.settings import DevicesSettings
 from vramancer.errors import ConfigError
+from vramancer.fastpath.settings import FastpathSettings
 from vramancer.memory.settings import MemorySettings
 from vramancer.models.settings import (
     GpuManagerSettings,
@@ -216,6 +217,7 @@ class Settings(BaseSettings):
     tasks: TasksSettings = Field(default_factory=TasksSettings)
     nats: NatsSettings = Field(default_factory=NatsSettings)
     ha: HaSettings = Field(default_factory=HaSettings)
+    fastpath: FastpathSettings = Field(default_factory=FastpathSettings)
 
     @field_validator("data_dir")
     @classmethod

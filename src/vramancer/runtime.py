@@ -24,6 +24,7 @@ from vramancer.config import Settings
 from vramancer.devices.manager import DeviceManager
 from vramancer.errors import ConfigError
 from vramancer.events import EventBus
+from vramancer.fastpath.service import FastpathService
 from vramancer.files import private_dir
 from vramancer.memory.regulator import HostMemoryRegulator
 from vramancer.memory.store import TieredStore
@@ -78,6 +79,23 @@ class _PoolWork:
 
     async def stop(self) -> None:
         await self.pool.stop_work()
+
+
+class _FastpathPart:
+    """The fastpath's server and probes; while it runs, the memory store asks it for the blocks
+    this node does not hold."""
+
+    def __init__(self, fastpath: FastpathService, memory: TieredStore) -> None:
+        self.fastpath, self.memory = fastpath, memory
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.fastpath.start)
+        self.memory.remote = self.fastpath.fetch
+        self.memory.remote_keep = self.fastpath.settings.keep_fetched
+
+    async def stop(self) -> None:
+        self.memory.remote = None
+        await asyncio.to_thread(self.fastpath.stop)
 
 
 def _pool_node() -> type[PoolNode]:
@@ -173,9 +191,20 @@ class Runtime:
             node=s.node_name,
             shared_queue=self.pool is not None,
         )
+        #: Blocks between nodes (``[fastpath] port``); None: off.
+        self.fastpath: FastpathService | None = None
+        if s.fastpath.port is not None:
+            self.fastpath = FastpathService(
+                s.fastpath,
+                source=self.memory,
+                max_put_bytes=s.memory.max_block_size,
+                metrics=self.metrics,
+                clock=self.clock,
+            )
         self._components: list[Component] = [
             self.devices,
             self.memory,
+            *([_FastpathPart(self.fastpath, self.memory)] if self.fastpath is not None else []),
             self.regulator,
             self.arbiter,
             self.models,

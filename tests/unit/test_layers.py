@@ -40,12 +40,15 @@ ALLOWED: dict[str, frozenset[str]] = {
     "pool": KERNEL | {"devices", "arbiter", "tasks"},
     # Replication journals and applies the state of the services below it.
     "replication": KERNEL | {"devices", "memory", "arbiter", "models", "tasks"},
+    # The fastpath: block bytes between nodes, served from and stored into the memory store.
+    "fastpath": KERNEL | {"memory"},
     # config imports each section's settings module (checked below), nothing else.
     "config": KERNEL
-    | {"devices", "resources", "memory", "arbiter", "models", "tasks", "pool", "replication"},
+    | {"devices", "resources", "memory", "arbiter", "models", "tasks", "pool", "replication"}
+    | {"fastpath"},
     "runtime": KERNEL
     | {"config", "devices", "resources", "memory", "arbiter", "models", "tasks", "replication"}
-    | {"pool"},
+    | {"pool", "fastpath"},
     "api": KERNEL
     | {"config", "runtime", "devices", "resources", "memory", "arbiter", "models", "tasks"}
     | {"replication", "pool", "web"},

@@ -614,6 +614,26 @@ class ClusterNodes(Answer):
     nodes: list[ClusterNode]
 
 
+class FastpathLink(Answer):
+    peer: str
+    interface: str
+    latency_s: float | None
+    bandwidth_bytes_per_s: float | None
+    measured_at: float
+    error: str | None
+    best: bool
+
+
+class FastpathReport(Answer):
+    """``GET /v1/fastpath``."""
+
+    enabled: bool
+    address: str | None
+    interfaces: list[str]
+    peers: list[str]
+    links: list[FastpathLink]
+
+
 class HaPeer(Answer):
     """One peer as the primary sees it: its acknowledged seq, its lag in deltas, and whether
     it is ``up`` (caught up), ``behind`` (catching up or getting a snapshot) or ``down``."""

@@ -77,6 +77,35 @@ class BlockHeader:
     record: dict[str, Any] | None
 
 
+@dataclass(frozen=True, slots=True)
+class PayloadRegion:
+    """Where a block file's payload lies, from its header (not verified: a reader checks the
+    bytes against ``checksum``)."""
+
+    offset: int
+    length: int
+    codec: str
+    itemsize: int
+    raw_size: int
+    checksum: int
+
+
+def payload_region(fd: int, what: str) -> PayloadRegion:
+    """The payload's place in the open block file ``fd``; ``CorruptBlock`` for a bad header."""
+    head = os.pread(fd, HEADER_SIZE, 0)
+    if len(head) < V1_HEADER_SIZE or head[:4] != _MAGIC:
+        raise CorruptBlock(f"{what}: not a VRAMancer block file")
+    if head[4] == 1:
+        _, _, codec, itemsize, raw, length, digest = _HEADER_V1.unpack(head[:V1_HEADER_SIZE])
+        offset = V1_HEADER_SIZE
+    elif head[4] == _VERSION and len(head) == HEADER_SIZE:
+        _, _, codec, itemsize, raw, length, digest, _, _ = _HEADER.unpack(head)
+        offset = HEADER_SIZE
+    else:
+        raise CorruptBlock(f"{what}: not a VRAMancer block file")
+    return PayloadRegion(offset, length, _codec(codec), itemsize, raw, digest)
+
+
 def checksum(data: bytes | bytearray | memoryview) -> int:
     """xxh3-64 of ``data``."""
     return int(xxhash.xxh3_64_intdigest(data))

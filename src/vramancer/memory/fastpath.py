@@ -1,9 +1,10 @@
 """``FastInterface.send/recv``: moving block bytes over a fast link.
 
-A transfer between tiers or hosts may be delegated to an interface such as RDMA, io_uring or a
-USB4 link. Only the local-copy implementation exists today: it is the reference behaviour
-(byte-identical data, one copy) and the baseline any real interface is measured against. Each
-transfer's latency goes to ``vramancer_fastpath_interface_latency_seconds{interface}``.
+A transfer between tiers or hosts is delegated to an interface. This module holds the protocol
+and the in-process local copy: the reference behaviour (byte-identical data, one copy) and the
+baseline the others are measured against; the interfaces that reach other nodes (TCP, shared
+memory) are in ``vramancer.fastpath``. Each transfer's latency goes to
+``vramancer_fastpath_interface_latency_seconds{interface}``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Protocol, runtime_checkable
 from vramancer.errors import NotFound
 from vramancer.observability.metrics import Metrics
 
-_LATENCY_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
+#: The latency histogram every interface reports to (label ``interface``).
+LATENCY_METRIC = "vramancer_fastpath_interface_latency_seconds"
+LATENCY_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
 
 
 @runtime_checkable
@@ -30,7 +33,7 @@ class FastInterface(Protocol):
         """Send the bytes of ``block_id``; returns the number of bytes sent."""
         ...
 
-    def recv(self, block_id: str, peer: str | None = None) -> bytes:
+    def recv(self, block_id: str, peer: str | None = None) -> bytes | bytearray:
         """Receive the bytes sent for ``block_id``; ``NotFound`` if none are waiting."""
         ...
 
@@ -45,10 +48,10 @@ class LocalCopyInterface:
         self._lock = threading.Lock()
         self._latency = (
             metrics.histogram(
-                "vramancer_fastpath_interface_latency_seconds",
+                LATENCY_METRIC,
                 "Seconds one fastpath transfer took, per interface.",
                 ["interface"],
-                buckets=_LATENCY_BUCKETS,
+                buckets=LATENCY_BUCKETS,
             ).labels(interface=self.name)
             if metrics is not None
             else None

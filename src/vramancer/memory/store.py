@@ -33,11 +33,13 @@ file first, so it works on a full disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +48,14 @@ from vramancer.clock import Clock
 from vramancer.devices.manager import DeviceManager
 from vramancer.errors import (
     Conflict,
+    InsufficientMemory,
     InsufficientStorage,
     InvalidInput,
     NotFound,
     ShuttingDown,
 )
 from vramancer.events import EventBus
-from vramancer.memory.backends import DataKind, describe, raw_view
+from vramancer.memory.backends import DataKind, FileHandle, describe, raw_view
 from vramancer.memory.catalog import Catalog
 from vramancer.memory.catalog import check as check_catalog
 from vramancer.memory.checks import (
@@ -68,6 +71,7 @@ from vramancer.memory.checks import (
     check_size,
 )
 from vramancer.memory.compression import CompressionManager
+from vramancer.memory.exports import BlockExport, from_bytes, from_file
 from vramancer.memory.hotness import HotnessModel
 from vramancer.memory.maintenance import MaintenanceLoop
 from vramancer.memory.metrics import StoreMetrics
@@ -145,6 +149,11 @@ class TieredStore:
         self._closed = False
         self._loop = MaintenanceLoop(self.maintain, settings.eviction_interval_s)
         self._misses = 0
+        #: Fetches a block from the other nodes (given by the runtime: the fastpath); None: a
+        #: block this node does not hold is ``NotFound``.
+        self.remote: Callable[[str], bytes | bytearray] | None = None
+        #: Keep a block fetched from a peer in this node's tiers.
+        self.remote_keep = True
         self._dir_lock: DataDirLock | None = None
         self._metrics = StoreMetrics(metrics)
         self._moves = Mover(
@@ -307,11 +316,20 @@ class TieredStore:
             return self._writer.put(block_id, layout, value, priority, hint, durable=wanted)
 
     def get(self, block_id: str) -> Any:
-        """The block's data, byte-identical to what was put (``NotFound`` if unknown).
+        """The block's data, byte-identical to what was put (``NotFound`` if unknown here and,
+        with a ``remote``, on every peer).
 
         Records a hit; may promote the block (and prefetch the ones predicted next). Bytes come
         back as ``bytes``, arrays read-only, tensors shared (treat them as read-only).
         """
+        try:
+            return self._get_local(block_id)
+        except NotFound:
+            if self.remote is None:
+                raise
+        return self._get_remote(block_id)
+
+    def _get_local(self, block_id: str) -> Any:
         now = self._clock.monotonic()
         with self._lock:
             entry = self._blocks.get(block_id)
@@ -347,6 +365,16 @@ class TieredStore:
             self._pending.after_read(entry, tier, value, time.perf_counter() - start)
         return value
 
+    def _get_remote(self, block_id: str) -> Any:
+        """A block this node does not hold, from a peer (``remote``, the fastpath), kept here
+        when ``remote_keep`` (as ``put`` would); ``NotFound`` when no peer has it either."""
+        assert self.remote is not None
+        data = self.remote(block_id)
+        if self.remote_keep:
+            with contextlib.suppress(InsufficientMemory, InsufficientStorage, Conflict):
+                self.put(block_id, data)
+        return data
+
     def read_bytes(self, block_id: str) -> tuple[bytes, dict[str, Any]]:
         """The block's raw bytes (as ``get``, so it counts as a hit) and its metadata."""
         value = self.get(block_id)
@@ -377,6 +405,18 @@ class TieredStore:
         layout, _ = describe(value)
         raw = value if isinstance(value, bytes) else bytes(raw_view(layout, value))
         return raw, info
+
+    def export(self, block_id: str) -> BlockExport:
+        """The block as it leaves this node (``memory/exports.py``); ``NotFound`` if unknown.
+        Close the export once sent."""
+        fd = None
+        with self._lock:
+            handle = self._state.entry(block_id).handle
+            if isinstance(handle, FileHandle) and handle.codec == "none":
+                with contextlib.suppress(OSError):
+                    fd = os.open(handle.path, os.O_RDONLY | os.O_CLOEXEC)
+        export = from_file(fd, f"block {block_id!r}") if fd is not None else None
+        return export if export is not None else from_bytes(self.peek_bytes(block_id)[0])
 
     def locate(self, block_id: str) -> str:
         """Name of the tier holding the block."""

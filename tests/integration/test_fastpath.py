@@ -1,0 +1,45 @@
+"""Two ``vramancer serve`` processes on loopback with the fastpath on: a block stored on one is
+read through the other's HTTP API, byte-identical, and ``GET /v1/fastpath`` shows the links."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.helpers import free_port, running_server, wait_for
+
+
+def _config(port: int, peers: list[str]) -> str:
+    listed = ", ".join(f'"{p}"' for p in peers)
+    return f"[fastpath]\nport = {port}\npeers = [{listed}]\nprobe_ttl_s = 1.0\n"
+
+
+def test_a_block_put_on_one_node_is_read_through_the_other(tmp_path: Path) -> None:
+    port_a, port_b = free_port(), free_port()
+    data = os.urandom(2 << 20)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    with (
+        running_server(tmp_path / "a", _config(port_a, [])) as a,
+        running_server(tmp_path / "b", _config(port_b, [f"127.0.0.1:{port_a}"])) as b,
+        a.client() as ca,
+        b.client() as cb,
+    ):
+        assert ca.put("/v1/memory/blocks/shared%2Fweights", content=data).status_code < 300
+        assert cb.get("/v1/memory/blocks/nowhere").status_code == 404
+        got = cb.get("/v1/memory/blocks/shared%2Fweights")
+        assert got.status_code == 200 and got.content == data
+        listed = cb.get("/v1/memory/blocks").json()
+        assert "shared/weights" in [x["id"] for x in listed["items"]]  # kept on b
+
+        def measured() -> list[dict[str, object]]:
+            report = cb.get("/v1/fastpath").json()
+            return [x for x in report["links"] if x["best"]]
+
+        best = wait_for(measured, timeout=20)
+        assert best[0]["peer"] == f"127.0.0.1:{port_a}"
+        assert best[0]["interface"] in ("tcp", "shm")
+        assert ca.get("/v1/fastpath").json()["address"] == f"127.0.0.1:{port_a}"
+        metrics = cb.get("/metrics").text
+        assert "vramancer_fastpath_interface_bandwidth_bytes_per_second{" in metrics
+        assert 'vramancer_fastpath_interface_latency_seconds_count{interface="tcp"' in metrics
