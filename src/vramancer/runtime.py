@@ -85,11 +85,17 @@ class _FastpathPart:
     """The fastpath's server and probes; while it runs, the memory store asks it for the blocks
     this node does not hold."""
 
-    def __init__(self, fastpath: FastpathService, memory: TieredStore) -> None:
-        self.fastpath, self.memory = fastpath, memory
+    def __init__(
+        self, fastpath: FastpathService, memory: TieredStore, pool: PoolNode | None, node: str
+    ) -> None:
+        self.fastpath, self.memory, self.pool, self.node = fastpath, memory, pool, node
 
     async def start(self) -> None:
+        if self.pool is not None:  # the pool's nodes are peers; this one announces itself
+            self.fastpath.discover = self.pool.fastpath_peers
         await asyncio.to_thread(self.fastpath.start)
+        if self.pool is not None:
+            self.pool.fastpath_address = self.fastpath.advertised(self.node)
         self.memory.remote = self.fastpath.fetch
         self.memory.remote_keep = self.fastpath.settings.keep_fetched
 
@@ -204,7 +210,7 @@ class Runtime:
         self._components: list[Component] = [
             self.devices,
             self.memory,
-            *([_FastpathPart(self.fastpath, self.memory)] if self.fastpath is not None else []),
+            *self._fastpath_part(),
             self.regulator,
             self.arbiter,
             self.models,
@@ -235,6 +241,11 @@ class Runtime:
             self._components = self.ha.wrap(self._components)
         self._started: list[Component] = []
         self.running = False
+
+    def _fastpath_part(self) -> list[Component]:
+        if self.fastpath is None:
+            return []
+        return [_FastpathPart(self.fastpath, self.memory, self.pool, self.settings.node_name)]
 
     async def start(self) -> None:
         """Create the data directory (0700: it holds task bodies with their ``env``, logs and

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.helpers import free_port, running_server, wait_for
+from tests.helpers import free_port, running_server, start_server, wait_for
+from tests.natsserver import NatsServer
+from tests.poolprocs import pool_toml
 
 
 def _config(port: int, peers: list[str]) -> str:
@@ -43,3 +45,35 @@ def test_a_block_put_on_one_node_is_read_through_the_other(tmp_path: Path) -> No
         metrics = cb.get("/metrics").text
         assert "vramancer_fastpath_interface_bandwidth_bytes_per_second{" in metrics
         assert 'vramancer_fastpath_interface_latency_seconds_count{interface="tcp"' in metrics
+
+
+def test_in_a_pool_nodes_find_each_others_fastpath_without_configured_peers(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    port_a, port_b = free_port(), free_port()
+    data = os.urandom(1 << 20)
+    configs = {
+        name: pool_toml(nats_server.url, name, extra=f"\n[fastpath]\nport = {port}\n")
+        for name, port in (("hub-a", port_a), ("hub-b", port_b))
+    }
+    a = start_server(tmp_path, configs["hub-a"], data_dir=tmp_path / "hub-a")
+    b = start_server(tmp_path, configs["hub-b"], data_dir=tmp_path / "hub-b")
+    try:
+        with a.client() as ca, b.client() as cb:
+
+            def announced() -> bool:
+                nodes = cb.get("/v1/cluster/nodes").json()["nodes"]
+                return {n["name"]: n.get("fastpath") for n in nodes}.get("hub-a") == (
+                    f"127.0.0.1:{port_a}"
+                )
+
+            wait_for(announced, timeout=30)
+            assert ca.put("/v1/memory/blocks/pool%2Fdata", content=data).status_code < 300
+            got = cb.get("/v1/memory/blocks/pool%2Fdata")
+            assert got.status_code == 200 and got.content == data
+            assert f"127.0.0.1:{port_a}" in cb.get("/v1/fastpath").json()["peers"]
+    finally:
+        for server in (a, b):
+            server.stop()
+            if server.proc.stdout:
+                server.proc.stdout.close()

@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from vramancer.clock import Clock
@@ -64,6 +65,8 @@ class FastpathService:
             ["interface", "peer"],
         )
         self.server: FastpathServer | None = None
+        #: More peers, asked at each use (a pool's nodes announce theirs); set by the runtime.
+        self.discover: Callable[[], list[str]] | None = None
         self._stop = threading.Event()
         self._prober: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -72,11 +75,29 @@ class FastpathService:
     def address(self) -> str | None:
         return self.server.address if self.server is not None else None
 
+    def advertised(self, node_name: str) -> str | None:
+        """The address other nodes reach this one at (``[fastpath] advertise``)."""
+        if self.server is None:
+            return None
+        if self.settings.advertise:
+            return self.settings.advertise
+        host, port = split_address(self.server.address)
+        if host in ("0.0.0.0", "::"):
+            host = node_name
+        return f"{host}:{port}"
+
+    def peers(self) -> list[str]:
+        """The configured peers, then the discovered ones (each once, never this node)."""
+        found = list(self.settings.peers)
+        if self.discover is not None:
+            found += self.discover()
+        return [p for p in dict.fromkeys(found) if p != self.address]
+
     def start(self) -> None:
         self.server = FastpathServer(self.settings, self.source, self.max_put_bytes)
         self.server.start()
         log.info("fastpath: serving blocks on %s", self.server.address)
-        if self.settings.peers:
+        if self.settings.peers or self.discover is not None:
             self._prober = threading.Thread(
                 target=self._probe_loop, name="vrm-fastpath-probe", daemon=True
             )
@@ -95,7 +116,7 @@ class FastpathService:
         failed (no partial block is ever returned)."""
         errors: list[str] = []
         with self._lock:
-            order = self.links.peers_by_speed(list(self.settings.peers))
+            order = self.links.peers_by_speed(self.peers())
             chosen = {peer: self.links.best(peer) for peer in order}
         for peer in order:
             link = chosen[peer]  # not measured yet: TCP
@@ -113,7 +134,7 @@ class FastpathService:
     # -- probing -------------------------------------------------------------------------
     def _probe_loop(self) -> None:
         while not self._stop.is_set():
-            for peer in self.settings.peers:
+            for peer in self.peers():
                 if self._stop.is_set():
                     return
                 self.probe(peer)
@@ -172,12 +193,13 @@ class FastpathService:
         """``GET /v1/fastpath``."""
         with self._lock:
             rows = self.links.rows()
-            best = {p: self.links.best(p) for p in self.settings.peers}
+            peers = self.peers()
+            best = {p: self.links.best(p) for p in peers}
         return {
             "enabled": True,
             "address": self.address,
             "interfaces": ["tcp", "shm", "local"],
-            "peers": list(self.settings.peers),
+            "peers": peers,
             "links": [
                 {
                     "peer": x.peer,

@@ -14,8 +14,12 @@ class FastpathSettings(BaseModel):
     port: int | None = Field(default=None, ge=0, le=65535)
     #: Address it listens on. Anything but loopback needs a ``secret``.
     host: str = Field(default="127.0.0.1", max_length=255)
+    #: ``host:port`` the other nodes reach this one at, announced in a pool's heartbeats;
+    #: default: ``host:port``, or the node's name when ``host`` is every address (``0.0.0.0``).
+    advertise: str | None = Field(default=None, max_length=255)
     #: The other nodes' fastpath addresses (``host:port``), asked in the order of the link
-    #: table (fastest first) for a block this node does not hold.
+    #: table (fastest first) for a block this node does not hold. In a pool, the addresses
+    #: the live nodes announce are added.
     peers: list[str] = Field(default_factory=list, max_length=256)
     #: Shared by every node of the pool (``VRM_FASTPATH__SECRET``): a connection proves it with
     #: an HMAC of the server's nonce. Without it, only loopback connections are served.

@@ -23,7 +23,7 @@ from vramancer.pool.connection import PoolConnection
 from vramancer.pool.messages import LogsRequest
 from vramancer.pool.metrics import PoolCollector
 from vramancer.pool.poolqueue import PoolQueue
-from vramancer.pool.registry import Heartbeat, NodeInfo, Registry, node_info, node_state
+from vramancer.pool.registry import Heartbeat, NodeInfo, NodeState, Registry, node_info, node_state
 from vramancer.pool.scheduler import PoolScheduler
 from vramancer.pool.settings import NatsSettings
 from vramancer.pool.worker import PoolWorker
@@ -94,6 +94,8 @@ class PoolNode:
         self._devices: DevicesPort | None = None
         self._arbiter: ArbiterPort | None = None
         self._started_at = clock.time()
+        #: This node's fastpath ``host:port`` to announce (set by the runtime), or None.
+        self.fastpath_address: str | None = None
 
     def attach(self, tasks: TaskService, devices: DevicesPort, arbiter: ArbiterPort) -> None:
         """Give the node the task service whose workers run its tasks, its devices and its
@@ -151,7 +153,18 @@ class PoolNode:
             host_slots=self.tasks_settings.host_slots,
             version=__version__,
             orchestrator=self.orchestrator,
+            fastpath=self.fastpath_address,
         )
+
+    def fastpath_peers(self) -> list[str]:
+        """The fastpath addresses the other live nodes announce."""
+        return [
+            info.fastpath
+            for info in self.registry.nodes()
+            if info.fastpath is not None
+            and info.name != self.node
+            and self.registry.state(info.name) is not NodeState.DOWN
+        ]
 
     async def _local_logs(self, request: LogsRequest) -> dict[str, Any]:
         assert self._tasks is not None

@@ -122,6 +122,8 @@ class NodeInfo:
     version: str
     #: The node also runs an orchestrator (``vramancer serve``), not only ``vramancer worker``.
     orchestrator: bool
+    #: ``host:port`` of the node's fastpath (its blocks), None when it has none.
+    fastpath: str | None = None
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -157,6 +159,7 @@ class NodeInfo:
             "host_slots": self.host_slots,
             "version": self.version,
             "orchestrator": self.orchestrator,
+            "fastpath": self.fastpath,
         }
 
 
@@ -230,7 +233,17 @@ def _node_from(f: _Fields) -> NodeInfo:
         host_slots=f.count("host_slots"),
         version=f.text("version"),
         orchestrator=f.flag("orchestrator"),
+        fastpath=_address(f.data.get("fastpath")),
     )
+
+
+def _address(value: object) -> str | None:
+    """An announced ``host:port`` (absent in entries of older nodes)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > _MAX_TEXT or ":" not in value:
+        raise ValueError("node.fastpath: expected host:port")
+    return value
 
 
 def _device_from(f: _Fields, node: str) -> NodeDevice:
@@ -283,6 +296,7 @@ def node_info(
     host_slots: int,
     version: str,
     orchestrator: bool,
+    fastpath: str | None = None,
 ) -> NodeInfo:
     """The entry ``node`` announces from its latest device snapshot. ``grantable`` is keyed by
     the local name ``gpu:N``; a GPU missing there has nothing grantable (0)."""
@@ -316,6 +330,7 @@ def node_info(
         host_slots=host_slots,
         version=version[:_MAX_TEXT],
         orchestrator=orchestrator,
+        fastpath=fastpath,
     )
 
 
