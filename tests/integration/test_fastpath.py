@@ -3,6 +3,7 @@ read through the other's HTTP API, byte-identical, and ``GET /v1/fastpath`` show
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -42,6 +43,23 @@ def test_a_block_put_on_one_node_is_read_through_the_other(tmp_path: Path) -> No
         assert best[0]["peer"] == f"127.0.0.1:{port_a}"
         assert best[0]["interface"] in ("tcp", "shm")
         assert ca.get("/v1/fastpath").json()["address"] == f"127.0.0.1:{port_a}"
+        # a task on b that names a block only a holds reads it as a file
+        assert ca.put("/v1/memory/blocks/data%2Fshard-7", content=data[:4096]).status_code < 300
+        body = {
+            "type": "shell",
+            "shell": 'sha256sum < "$VRM_BLOCKS_DIR/data%2Fshard-7"',
+            "blocks": ["data/shard-7"],
+        }
+        task_id = cb.post("/api/tasks/submit", json=body).json()["task_id"]
+
+        def ended() -> dict[str, object] | None:
+            status = cb.get("/api/tasks/status", params={"task_id": task_id}).json()
+            return status if status["state"] in ("done", "failed") else None
+
+        status = wait_for(ended, timeout=30)
+        assert status["state"] == "done", status
+        logs = cb.get(f"/api/tasks/{task_id}/logs").json()
+        assert logs["stdout"].split()[0] == hashlib.sha256(data[:4096]).hexdigest()
         metrics = cb.get("/metrics").text
         assert "vramancer_fastpath_interface_bandwidth_bytes_per_second{" in metrics
         assert 'vramancer_fastpath_interface_latency_seconds_count{interface="tcp"' in metrics

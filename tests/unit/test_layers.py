@@ -18,6 +18,7 @@ KERNEL = frozenset(
         "events",
         "event_types",
         "units",
+        "blockids",
         "clock",
         "errors",
         "files",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from vramancer.blockids import BLOCK_ID_RE
 from vramancer.errors import InvalidInput
 
 #: Allowed block ids: letters, digits and ``. _ : / -``, 1 to 256 characters.
-BLOCK_ID_RE = re.compile(r"[A-Za-z0-9._:/-]{1,256}")
 #: Allowed hints: printable ASCII without control characters, at most 128 characters.
 HINT_RE = re.compile(r"[\x20-\x7e]{1,128}")
 MAX_PRIORITY = 1000

@@ -7,7 +7,8 @@
 * environment: the daemon's own, less its ``VRM_*`` variables (its API token ...), then the
   task's ``env``, then what the task always gets and cannot override: ``VRM_TASK_ID``,
   ``VRM_TASK_ATTEMPT``, ``VRM_DEVICE`` (``gpu:N`` or ``host``), ``VRM_SCRATCH_DIR``,
-  ``CUDA_VISIBLE_DEVICES`` and, when it names a model, ``VRM_MODEL*``;
+  ``CUDA_VISIBLE_DEVICES``, when it names a model ``VRM_MODEL*`` and, when it names blocks,
+  ``VRM_BLOCKS_DIR`` (``tasks/blocks.py``);
 * ``CUDA_VISIBLE_DEVICES`` is the GPU's CUDA index for a real CUDA GPU (with
   ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, the order NVML and the device manager number GPUs in), and
   the empty string on a simulated GPU or the host (the task must not touch a GPU it was not
@@ -27,6 +28,7 @@ from typing import Any
 
 from vramancer.errors import InvalidInput
 from vramancer.tasks.admission import dumps
+from vramancer.tasks.blocks import ENV_BLOCKS_DIR, blocks_dir
 from vramancer.tasks.logs import log_paths
 from vramancer.tasks.model import TaskRecord, TaskSpec, TaskType
 from vramancer.tasks.runner import RunRequest
@@ -70,6 +72,8 @@ def run_request(
         }
     )
     env.update(model_env)
+    if spec.blocks:
+        env[ENV_BLOCKS_DIR] = str(blocks_dir(scratch))
     if cuda_index is not None:
         # cuda_index is NVML's (PCI bus) order; CUDA's default order is fastest first.
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"

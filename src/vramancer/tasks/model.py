@@ -22,6 +22,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vramancer.arbiter.types import Priority
+from vramancer.blockids import BLOCK_ID_PATTERN
 from vramancer.devices.ids import NODE_NAME_PATTERN
 from vramancer.units import Size
 
@@ -44,6 +45,8 @@ MAX_ARG_CHARS = 128 * 1024
 MAX_ENV_VARS = 256
 MAX_ENV_NAME = 256
 MAX_ENV_VALUE = 32 * 1024
+#: Blocks one task may name (``blocks``).
+MAX_TASK_BLOCKS = 64
 #: Longest ``python`` target (``module:function``) and ``cwd``.
 MAX_PY_TARGET = 512
 MAX_PATH_CHARS = 4096
@@ -218,6 +221,12 @@ class TaskSpec(BaseModel):
     model: str | None = Field(default=None, min_length=1, max_length=MAX_MODEL_NAME)
     #: Pin to this node of the pool (``node_name``); alone, this node.
     node: str | None = Field(default=None, max_length=63, pattern=NODE_NAME_PATTERN)
+    #: Blocks of the memory store the task reads: brought to the node that runs it (from a
+    #: peer over the fastpath when another node holds them) and written as files under
+    #: ``$VRM_BLOCKS_DIR`` before its process starts.
+    blocks: list[Annotated[str, Field(pattern=f"^{BLOCK_ID_PATTERN}$")]] | None = Field(
+        default=None, min_length=1, max_length=MAX_TASK_BLOCKS
+    )
 
     @field_validator("cmd")
     @classmethod
@@ -264,7 +273,7 @@ class TaskSpec(BaseModel):
         if self.type.maintenance:
             extra = [
                 n
-                for n in ("gpu", "vram", "cwd", "env", "model", "node")
+                for n in ("gpu", "vram", "cwd", "env", "model", "node", "blocks")
                 if getattr(self, n) is not None
             ]
             if extra:

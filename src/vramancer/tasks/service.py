@@ -57,6 +57,7 @@ from vramancer.observability.metrics import Metrics
 from vramancer.plugins import load_object
 from vramancer.tasks import admission, logs
 from vramancer.tasks.admission import HIJACK_ENV, resolve_programs
+from vramancer.tasks.blocks import BlockReader
 from vramancer.tasks.dispatch import RoundPlan
 from vramancer.tasks.errors import PayloadTooLarge
 from vramancer.tasks.estimator import HistoryEstimator, RuntimeEstimator, as_runtime_estimator
@@ -178,6 +179,7 @@ class TaskService:
             telemetry=self.telemetry,
             backoff=self.retry_delay,
             poke=self._poke,
+            blocks=memory if isinstance(memory, BlockReader) else None,
         )
         self.lane = MaintenanceLane(
             settings,

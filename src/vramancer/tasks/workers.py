@@ -35,6 +35,7 @@ from vramancer.devices.types import SystemSnapshot
 from vramancer.errors import BackendUnavailable, Conflict
 from vramancer.errors import ShuttingDown as VramancerShuttingDown
 from vramancer.files import private_dir
+from vramancer.tasks.blocks import BlockMissing, BlockReader, materialize
 from vramancer.tasks.launch import model_env, run_request, scratch_dir
 from vramancer.tasks.model import Change, Outcome, OutcomeKind, TaskRecord
 from vramancer.tasks.picker import HOST, LocalLoad
@@ -94,8 +95,11 @@ class Workers:
         telemetry: Telemetry,
         backoff: Callable[[int], float],
         poke: Callable[[], None],
+        blocks: BlockReader | None = None,
     ) -> None:
         self.settings = settings
+        #: Where the blocks a task names come from (the memory store), None: no store here.
+        self.blocks = blocks
         self.data_dir = data_dir
         self.arbiter = arbiter
         self.models = models
@@ -293,10 +297,19 @@ class Workers:
 
     async def _run_process(self, active: Active) -> Outcome:
         record = active.record
-        await in_spawner(private_dir, scratch_dir(self.data_dir, active.device, record.task_id))
+        spec = record.task_spec()
+        scratch = scratch_dir(self.data_dir, active.device, record.task_id)
+        await in_spawner(private_dir, scratch)
+        if spec.blocks:
+            try:
+                if self.blocks is None:
+                    raise BlockMissing("this node has no memory store to read blocks from")
+                await materialize(self.blocks, list(spec.blocks), scratch)
+            except BlockMissing as exc:
+                return record.outcome(OutcomeKind.ERROR, error=str(exc))
         request = run_request(
             record,
-            record.task_spec(),
+            spec,
             device=active.device,
             cuda_index=active.cuda_index,
             model_env=active.model_env,
