@@ -246,7 +246,8 @@ def _render_profile(data: dict[str, Any]) -> None:
 
 def _render_switch(report: dict[str, Any]) -> None:
     if not report["steps"]:
-        console.print(f"every model is already where [bold]{report['name']}[/] wants it")
+        if not report.get("notes"):  # else the notes say why nothing moves
+            console.print(f"every model is already where [bold]{report['name']}[/] wants it")
     else:
         table = Table("#", "step", "status", "time", "error")
         for i, step in enumerate(report["steps"]):

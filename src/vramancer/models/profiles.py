@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from vramancer import event_types as ev
 from vramancer.errors import BackendUnavailable, NotFound, VramancerError
@@ -17,7 +18,7 @@ from vramancer.models.errors import ProfileSwitchFailed
 from vramancer.models.lifecycle import Lifecycle
 from vramancer.models.locks import Locks
 from vramancer.models.ports import DevicePort
-from vramancer.models.registry import IDLE
+from vramancer.models.registry import IDLE, empty_profile_note
 from vramancer.models.room import GpuRoom
 from vramancer.models.table import ModelTable
 from vramancer.models.types import (
@@ -78,7 +79,10 @@ class Profiles:
         views = self.table.views()
         gpus = self.devices.snapshot().gpus
         free = {g.index: self.room.room(g.index) for g in gpus}
-        return policy.plan_profile(name, placements, views, free)
+        plan = policy.plan_profile(name, placements, views, free)
+        if not placements:
+            return replace(plan, notes=(*plan.notes, empty_profile_note(name)))
+        return plan
 
     async def switch(
         self,

@@ -9,7 +9,9 @@ built-in profiles are the usual execution modes of a VLM beside a CLIP model, fr
 * ``autopilot`` - the VLM unloaded, CLIP on the GPU when more than
   ``vram_threshold_for_clip_gpu`` (1 GiB) is free, else on the CPU.
 
-A profile in the config with a built-in's name replaces it.
+They exist whenever ``builtin_profiles`` is on, even before ``[gpu_manager]`` names a model:
+then they place nothing, and switching to one is a valid switch that moves nothing (its plan
+says why). A profile in the config with a built-in's name replaces it.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ AUTOPILOT = "autopilot"
 
 
 def builtin_profiles(gm: GpuManagerSettings) -> dict[str, dict[str, Placement]]:
-    """The built-in modes for the models named in ``[gpu_manager]`` (empty when none is)."""
-    if not gm.builtin_profiles or (gm.vlm_model is None and gm.clip_model is None):
+    """The built-in modes for the models named in ``[gpu_manager]`` (none when
+    ``builtin_profiles`` is off; modes that place nothing when no model is named)."""
+    if not gm.builtin_profiles:
         return {}
     idle: dict[str, Placement] = {}
     recording: dict[str, Placement] = {}
@@ -45,6 +48,18 @@ def builtin_profiles(gm: GpuManagerSettings) -> dict[str, dict[str, Placement]]:
             PlacementKind.GPU_IF_FREE, min_free_bytes=gm.vram_threshold_for_clip_gpu
         )
     return {IDLE: idle, RECORDING: recording, AUTOPILOT: autopilot}
+
+
+def empty_profile_note(name: str) -> str:
+    """What a plan of a profile that places no model says: nothing moves, and for a built-in
+    profile, how to give it models."""
+    note = f"profile {name!r} places no model, so nothing moves"
+    if name in (IDLE, RECORDING, AUTOPILOT):
+        note += (
+            "; the built-in profiles place the models named by [gpu_manager] vlm_model and "
+            "clip_model (see docs/configuration.md)"
+        )
+    return note
 
 
 def all_profiles(settings: Settings) -> dict[str, dict[str, Placement]]:

@@ -552,6 +552,23 @@ async def test_cpu_only_machine_runs_everything_on_the_cpu(fake_ollama: FakeOlla
         assert status.vram.total_mb == 0 and status.clip_device == "cpu"
 
 
+async def test_builtin_profiles_without_models_switch_and_say_nothing_moves(
+    fake_ollama: FakeOllama,
+) -> None:
+    async with harness(seed_settings(fake_ollama.url, models=[])) as h:
+        m = h.models
+        assert m.profiles() == {"idle": {}, "recording": {}, "autopilot": {}}
+        plan = m.plan_profile("recording")
+        assert plan.steps == () and len(plan.notes) == 1
+        assert "places no model" in plan.notes[0] and "[gpu_manager] vlm_model" in plan.notes[0]
+        report = await m.switch_profile("recording", strict=True)
+        assert report.ok and report.steps == () and report.notes == plan.notes
+        assert (m.profile, report.previous) == ("recording", "idle")
+        assert [e.data["mode"] for e in h.of("mode_changed")] == ["recording"]
+        with pytest.raises(NotFound, match="no profile 'recordnig'"):
+            m.plan_profile("recordnig")
+
+
 async def test_gpu_status_has_every_field(fake_ollama: FakeOllama) -> None:
     async with harness(seed_settings(fake_ollama.url)) as h:
         m = h.models

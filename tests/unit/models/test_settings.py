@@ -105,7 +105,8 @@ def test_builtin_profiles_follow_seed_002() -> None:
         "v": Placement(PlacementKind.UNLOADED),
         "c": Placement(PlacementKind.UNLOADED),
     }
-    assert builtin_profiles(GpuManagerSettings()) == {}
+    # Without a VLM or CLIP model named, the built-in modes exist and place nothing.
+    assert builtin_profiles(GpuManagerSettings()) == {"idle": {}, "recording": {}, "autopilot": {}}
     assert builtin_profiles(GpuManagerSettings(vlm_model="v", builtin_profiles=False)) == {}
 
 
