@@ -1,7 +1,8 @@
 """VRAMancer: decides which models, jobs and data blocks live in which memory, and when.
 
-The public entry points are :class:`Runtime` (the composition root) and :class:`Settings`.
-They are imported lazily so that ``import vramancer`` stays cheap for the CLI.
+The public entry points are :class:`Runtime` (the composition root, VRAMancer inside your
+program), :class:`Settings`, and :class:`Client` (a running daemon over HTTP). They are imported
+lazily so that ``import vramancer`` stays cheap for the CLI.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 from vramancer._version import __version__
 
 if TYPE_CHECKING:
+    from vramancer.client import Client
     from vramancer.config import Settings
     from vramancer.runtime import Runtime
 
-__all__ = ["Runtime", "Settings", "__version__"]
+__all__ = ["Client", "Runtime", "Settings", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,6 +24,10 @@ def __getattr__(name: str) -> Any:
         from vramancer.runtime import Runtime
 
         return Runtime
+    if name == "Client":
+        from vramancer.client import Client
+
+        return Client
     if name == "Settings":
         from vramancer.config import Settings
 

@@ -55,10 +55,12 @@ ALLOWED: dict[str, frozenset[str]] = {
     | {"replication", "pool", "web"},
     "cli": KERNEL
     | {"config", "runtime", "devices", "resources", "memory", "arbiter", "models", "tasks"}
-    | {"replication", "pool", "api"},
+    | {"replication", "pool", "api", "client"},
+    # The daemon's HTTP client: plain HTTP, the kernel only (cheap to import).
+    "client": KERNEL,
     "web": frozenset(),
     "main": frozenset({"cli"}),
-    "__init__": frozenset({"_version", "config", "runtime"}),
+    "__init__": frozenset({"_version", "config", "runtime", "client"}),
 }
 
 

@@ -13,14 +13,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
-from urllib.parse import urlsplit
 
 import httpx
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vramancer.config import DEFAULT_URL, Settings
+from vramancer import client
+from vramancer.client import error_message
+from vramancer.config import Settings
 from vramancer.errors import ConfigError
 
 console = Console()
@@ -61,25 +62,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def server_url(value: str | None = None) -> str:
-    """The server's base URL: ``value``, else ``VRM_URL``, else the default.
-
-    ``HOST:PORT`` without a scheme means ``http://HOST:PORT``; another scheme than http or
-    https, or a value that is not a URL, is a configuration error (exit code 2) naming VRM_URL.
-    """
-    raw = (value or os.environ.get("VRM_URL") or DEFAULT_URL).strip()
-    url = raw if "://" in raw else f"http://{raw}"
+    """The server's base URL: ``value``, else ``VRM_URL``, else the default
+    (``vramancer.client.server_url``); a bad one is a configuration error (exit code 2)."""
     try:
-        parts = urlsplit(url)
-        valid = bool(parts.hostname) and (parts.port is None or parts.port > 0)
-    except ValueError:  # a port that is not a number in range, a broken [IPv6] host
-        valid = False
-    if valid and parts.scheme not in ("http", "https"):
-        why = f"scheme {parts.scheme!r} is not http or https"
-    elif not valid:
-        why = "not a URL"
-    else:
-        return url.rstrip("/")
-    fail(f"VRM_URL: {why} (got {raw!r}; expected e.g. http://127.0.0.1:8470)", code=2)
+        return client.server_url(value)
+    except ConfigError as exc:
+        fail(exc.message, code=2)
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
@@ -127,7 +115,7 @@ class Api:
             response = self._client.get(path, **kwargs)
         except httpx.TransportError:
             return None
-        if response.status_code == 404 and _route_missing(_message_of(response)):
+        if response.status_code == 404 and _route_missing(error_message(response)):
             return None
         if response.status_code >= 400:
             fail(_error_message(response))
@@ -150,17 +138,8 @@ class ServerUnreachable(Exception):
     """No server answered at VRM_URL (commands with an embedded fallback catch this)."""
 
 
-def _message_of(response: httpx.Response) -> str:
-    """The ``error.message`` of an error body, or the body's text."""
-    try:
-        err = response.json().get("error", {})
-        return str(err.get("message") or response.text)
-    except (ValueError, AttributeError):
-        return response.text or response.reason_phrase
-
-
 def _error_message(response: httpx.Response) -> str:
-    message = _message_of(response)
+    message = error_message(response)
     status = response.status_code
     if status == 401:
         hint = "set VRM_API_TOKEN" if "authorization" not in response.request.headers else ""

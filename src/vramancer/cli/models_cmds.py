@@ -132,6 +132,10 @@ def _size(n: int | None) -> str:
 
 
 def _render_models(data: dict[str, Any]) -> None:
+    if not data["models"]:
+        console.print("no managed models: add [[models]] to the configuration", markup=False)
+        console.print(f"profile: [bold]{data['profile']}[/]")
+        return
     table = Table(
         "name", "backend", "state", "device", "runs on", "VRAM", "priority", "last used", "in use"
     )
