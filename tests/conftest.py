@@ -2,40 +2,25 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import ServerProcess, start_server
+from tests.helpers import ServerProcess, has_nvidia_gpu, start_server
 from tests.natsserver import nats_server  # noqa: F401  (a fixture for the pool tests)
 from vramancer.config import Settings
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """GPU tests run only where an NVIDIA GPU answers."""
-    if _has_nvidia_gpu():
+    if has_nvidia_gpu():
         return
     skip = pytest.mark.skip(reason="no NVIDIA GPU on this machine")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def _has_nvidia_gpu() -> bool:
-    if shutil.which("nvidia-smi") is None:
-        return False
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        count = int(pynvml.nvmlDeviceGetCount())
-        pynvml.nvmlShutdown()
-        return count > 0
-    except Exception:
-        return False
 
 
 @pytest.fixture

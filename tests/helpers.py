@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -153,3 +154,18 @@ def running_server(tmp: Path, config_text: str = "", **kwargs: Any) -> Iterator[
         server.kill()
         if server.proc.stdout:
             server.proc.stdout.close()
+
+
+def has_nvidia_gpu() -> bool:
+    """Whether an NVIDIA GPU answers through NVML here."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = int(pynvml.nvmlDeviceGetCount())
+        pynvml.nvmlShutdown()
+        return count > 0
+    except Exception:
+        return False

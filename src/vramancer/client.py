@@ -109,6 +109,17 @@ def error_of(response: httpx.Response) -> VramancerError:
     return error
 
 
+def task_workdir(cwd: str | None = None, scratch: bool = False) -> str | None:
+    """The ``cwd`` to send with a task: ``cwd`` made absolute, else the current directory
+    (``python train.py`` typed here means this directory's train.py); None with ``scratch``
+    (the daemon then runs it in an empty scratch directory). It must exist where the task runs."""
+    if scratch:
+        if cwd is not None:
+            raise InvalidInput("give cwd or scratch, not both", field="cwd")
+        return None
+    return os.path.abspath(cwd or os.getcwd())
+
+
 class Client:
     """A synchronous client of one daemon: ``url`` (default ``VRM_URL``), bearer ``token``
     (default ``VRM_API_TOKEN``). Use it in a ``with`` block, or call :meth:`close`."""
@@ -191,14 +202,18 @@ class Client:
 
     # -- tasks -------------------------------------------------------------------------------
 
-    def submit(self, *command: str, **fields: Any) -> str:
-        """Queue ``command`` (program and arguments) as a task; its id. ``fields`` are the task
-        body's (``vram="4GiB"``, ``gpu=0``, ``model="clip"``, ``timeout=600``, ``env={...}``,
-        ``cwd``, ``priority``, ``max_retries``, ``idempotency_key`` ...)."""
+    def submit(
+        self, *command: str, cwd: str | None = None, scratch: bool = False, **fields: Any
+    ) -> str:
+        """Queue ``command`` (program and arguments) as a task; its id. It runs in ``cwd``
+        (default: the current directory; ``scratch=True``: an empty one the daemon makes).
+        ``fields`` are the task body's (``vram="4GiB"``, ``gpu=0``, ``model="clip"``,
+        ``timeout=600``, ``env={...}``, ``priority``, ``max_retries``, ``idempotency_key`` ...)."""
         if not command:
             raise InvalidInput("submit: give the command to run, e.g. submit('python', 'x.py')")
-        body = {"type": "cmd", "cmd": list(command)}
-        body.update({k: v for k, v in fields.items() if v is not None})
+        body = {"type": "cmd", "cmd": list(command), "cwd": task_workdir(cwd, scratch)}
+        body.update(fields)
+        body = {k: v for k, v in body.items() if v is not None}
         result: dict[str, Any] = self.request("POST", "/api/tasks/submit", json=body)
         return str(result["task_id"])
 

@@ -94,3 +94,17 @@ def test_no_daemon_and_a_bad_url_say_what_to_do(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("VRM_URL")
     assert server_url() == DEFAULT_URL
     assert f"http://{ServerSettings().host}:{DEFAULT_PORT}" == DEFAULT_URL
+
+
+def test_a_task_runs_in_the_current_directory_unless_told_otherwise(
+    server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    pwd = (sys.executable, "-c", "import os; print(os.getcwd())")
+    with Client(server.url, "op") as vrm:
+        here = vrm.run(*pwd, timeout_s=60)
+        assert vrm.logs(here["task_id"])["stdout"] == f"{tmp_path}\n"
+        scratch = vrm.run(*pwd, scratch=True, timeout_s=60)
+        assert vrm.logs(scratch["task_id"])["stdout"].rstrip().endswith(scratch["task_id"])
+        with pytest.raises(InvalidInput, match="cwd or scratch"):
+            vrm.submit(*pwd, cwd="/tmp", scratch=True)

@@ -304,6 +304,25 @@ def test_cli_submit_options_and_cancel(server: ServerProcess, op: httpx.Client) 
     assert "operator role" in refused.output
 
 
+def test_cli_submit_runs_in_the_directory_it_is_typed_in(
+    server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "train.sh").write_text('echo "in $PWD"\n')
+    monkeypatch.chdir(tmp_path / "job")
+    here = cli(server, "submit", "--wait", "--", "sh", "train.sh")
+    assert here.exit_code == 0, here.output
+    assert here.stdout.splitlines()[1:] == [f"in {tmp_path / 'job'}"]
+    monkeypatch.chdir(tmp_path)
+    given = cli(server, "submit", "--cwd", "job", "--wait", "--", "sh", "train.sh")
+    assert given.stdout.splitlines()[1:] == [f"in {tmp_path / 'job'}"], given.output
+    scratch = cli(server, "submit", "--scratch", "--wait", "--", "sh", "-c", 'echo "$PWD"')
+    task_id, where = scratch.stdout.splitlines()
+    assert (Path(where).name, Path(where).parents[1]) == (task_id, server.data_dir / "scratch")
+    both = cli(server, "submit", "--scratch", "--cwd", "/tmp", "--", "true")
+    assert both.exit_code == 2 and "--scratch and --cwd" in both.output
+
+
 def test_cli_validate_passes_against_the_server(server: ServerProcess) -> None:
     result = cli(server, "validate", "--timeout", "30")
     assert result.exit_code == 0, result.output

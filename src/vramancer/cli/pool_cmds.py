@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from typing import Annotated, Any
@@ -15,6 +16,8 @@ from vramancer.cli.common import Api, ConfigOpt, JsonOpt, call, emit, fail, load
 from vramancer.cli.serve import LOG_LEVELS, configure_logging
 from vramancer.errors import ConfigError
 from vramancer.units import format_size
+
+log = logging.getLogger(__name__)
 
 
 def worker(
@@ -67,10 +70,13 @@ async def _run_worker(settings: Any) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await rt.start()
+    gpus = len(rt.devices.snapshot().gpus)
+    log.info("worker %s is in the pool with %d GPU(s); Ctrl-C stops it", settings.node_name, gpus)
     try:
         await stop.wait()
     finally:
         await rt.stop()
+        log.info("worker %s left the pool", settings.node_name)
 
 
 def nodes(json_out: JsonOpt = False) -> None:

@@ -1,6 +1,7 @@
 """CLI commands for tasks: ``submit``, ``watch``, ``tasks list|cancel|logs``, ``validate``.
 
-They talk to a running server (``VRM_URL``, ``VRM_API_TOKEN``)::
+They talk to a running server (``VRM_URL``, ``VRM_API_TOKEN``). A submitted command runs in
+the directory it was submitted from unless ``--cwd`` or ``--scratch`` says otherwise::
 
     vramancer submit --gpu 0 --vram 4GiB --timeout 600 --retries 1 --wait -- python train.py
     vramancer watch 3f2a...          # follow state and output until the task ends
@@ -24,6 +25,8 @@ from rich.table import Column, Table
 
 from vramancer.cli.common import Api, JsonOpt, call, console, emit, err_console, fail
 from vramancer.cli.tasks_validate import run_validation
+from vramancer.client import task_workdir
+from vramancer.errors import InvalidInput
 from vramancer.units import format_size, parse_size
 
 tasks_app = typer.Typer(help="GPU tasks: list, cancel, logs.", no_args_is_help=True)
@@ -55,6 +58,13 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _workdir(cwd: str | None, scratch: bool) -> str | None:
+    try:
+        return task_workdir(cwd, scratch)
+    except InvalidInput:
+        fail("--scratch and --cwd: give one of them", code=2)
+
+
 def submit(
     command: Annotated[list[str], typer.Argument(help="The command and its arguments, after --.")],
     gpu: Annotated[int | None, typer.Option(help="Pin to this GPU (index).", min=0)] = None,
@@ -69,7 +79,19 @@ def submit(
     ] = None,
     shell: Annotated[bool, typer.Option("--shell", help="Run COMMAND with sh -c.")] = False,
     env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE (repeat).")] = None,
-    cwd: Annotated[str | None, typer.Option(help="Working directory (absolute).")] = None,
+    cwd: Annotated[
+        str | None,
+        typer.Option(
+            help="Working directory (default: the current one; it must exist where the task runs)."
+        ),
+    ] = None,
+    scratch: Annotated[
+        bool,
+        typer.Option(
+            "--scratch",
+            help="Run in an empty scratch directory the daemon makes (removed at the end).",
+        ),
+    ] = False,
     key: Annotated[str | None, typer.Option("--key", help="Idempotency key.")] = None,
     model: Annotated[
         str | None,
@@ -97,7 +119,7 @@ def submit(
         "timeout": timeout,
         "max_retries": retries,
         "priority": priority,
-        "cwd": cwd,
+        "cwd": _workdir(cwd, scratch),
         "idempotency_key": key,
         "model": model,
     }
