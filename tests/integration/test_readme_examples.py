@@ -41,7 +41,8 @@ import vramancer
 from tests.helpers import free_port, has_nvidia_gpu, wait_for, wait_http
 from tests.natsserver import NatsServer
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# A daemon, a dozen CLI processes and a task: more than the default 120 s on a busy machine.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
