@@ -1,1 +1,1 @@
-"""Benchmarks of the HTTP API and the daemon's idle cost (issue 2)."""
+"""Benchmarks of the HTTP API and the daemon's idle cost."""

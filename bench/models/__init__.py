@@ -1,1 +1,1 @@
-"""Benchmarks of the model manager (issue 4): orchestration overhead, profile switches, GPU."""
+"""Benchmarks of the model manager: orchestration overhead, profile switches, GPU."""

@@ -11,7 +11,7 @@ The same work done two ways in one process, alternating, medians of ``--runs``:
   tensors stay on the CPU, so both do the same tensor work: the difference is the manager);
 * unload: dropping the model + ``gc.collect()``, against ``ModelManager.ensure_unloaded``.
 
-Target (issue 4): manager ≤ 1.05 × direct + 2 ms for each operation.
+Target: manager ≤ 1.05 × direct + 2 ms for each operation.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``python -m bench.models.profile_switch [--cycles 10] [--load-delay-ms 0 50] [--json]``
 
-Seed 002's set-up: a simulated 12 GiB GPU, the VLM (10.5 GiB) on the fake Ollama server (a
+The recording set-up: a simulated 12 GiB GPU, the VLM (10.5 GiB) on the fake Ollama server (a
 real HTTP server in this process; ``--load-delay-ms`` makes its loads take that long, as a real
 one takes seconds) and the real MiniLM as CLIP. The switch alternates recording -> autopilot
 (unload the VLM, CLIP to the GPU) and autopilot -> recording (CLIP to the CPU, load the VLM).

@@ -1,1 +1,1 @@
-"""Benchmarks of the task scheduler (issue 5)."""
+"""Benchmarks of the task scheduler."""

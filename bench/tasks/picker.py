@@ -1,11 +1,11 @@
-"""Device choice among 16 GPUs: microseconds per decision (issue 5 target: at most 50 µs).
+"""Device choice among 16 GPUs: microseconds per decision (target: at most 50 µs).
 
 ``python -m bench.tasks.picker [--devices 16] [--decisions 20000] [--runs 5] [--json]``
 
 Each decision is ``pick(views, need, pin, policy)`` over 16 device views with random telemetry
 (some too hot, too busy, stale or full), a random VRAM need and now and then a pin, for both
 strategies; ``pick + assume`` (one dispatch-round step) and ``build_views`` from a snapshot are
-timed too. The baseline beside it is the seed's MAESTRO choice (filter by heartbeat, temperature
+timed too. The baseline beside it is a MAESTRO-style choice (filter by heartbeat, temperature
 and busy, then ``min`` by score, no VRAM accounting), run on the same inputs. Medians of runs.
 """
 
@@ -58,7 +58,7 @@ def random_views(rng: random.Random, n: int) -> list[DeviceView]:
 
 
 def seed_maestro(views: list[DeviceView]) -> str | None:
-    """The seed's ``pick_gpu``: heartbeat/temperature/busy filter, then lowest score."""
+    """A MAESTRO-style ``pick_gpu``: heartbeat/temperature/busy filter, then lowest score."""
     best, best_score = None, 0.0
     for v in views:
         if v.age_s > 15 or (v.temperature_celsius or 0) > 78 or (v.utilization_ratio or 0) > 0.95:

@@ -2,7 +2,7 @@
 
 ``python -m bench.tasks.scale [--sizes 1000,10000,100000,1000000] [--samples 100] [--json]``
 
-Issue 5 target: with 1,000,000 tasks queued, submit and lease stay within 2x of an empty queue
+Target: with 1,000,000 tasks queued, submit and lease stay within 2x of an empty queue
 (indexes, not scans) and a history page costs the same at any depth.
 
 One ``SqliteQueue`` is filled step by step (batches of 10,000 in one transaction each, mixed

@@ -1,5 +1,5 @@
 """Per-task overhead of the scheduler: ``n`` ``cmd`` tasks running ``true`` against spawning
-``true`` ``n`` times directly (issue 5 target: at most 10 ms of overhead per task).
+``true`` ``n`` times directly (target: at most 10 ms of overhead per task).
 
 ``python -m bench.tasks.spawn [--n 1000] [--runs 3] [--json]``
 

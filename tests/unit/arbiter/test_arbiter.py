@@ -69,7 +69,7 @@ def test_for_vram_gb_gives_exactly_that_budget() -> None:
     arbiter = Arbiter.for_vram_gb(24)
     assert arbiter.state().budget_bytes == 24 * GIB
     assert arbiter.budget.devices == {}
-    # seed 003's quality balancing example
+    # the quality-balancing example: two workloads share one GPU
     llm = arbiter.allocate(AllocationRequest(LLM, HIGH, 10 * GIB))
     assert llm.quality_target == 1.0
     image = arbiter.allocate(AllocationRequest(IMAGE, NORMAL, 8 * GIB))

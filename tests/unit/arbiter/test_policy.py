@@ -90,7 +90,7 @@ def test_knees_are_later_for_higher_priorities() -> None:
 
 
 def test_seed_003_example_high_llm_beats_normal_diffusion() -> None:
-    """Seed 003: 24 GB, a 10 GB high LLM then an 8 GB normal image: LLM quality ≥ image's."""
+    """24 GB, a 10 GB high LLM then an 8 GB normal image: LLM quality ≥ image's."""
     pressure = pressure_ratio(18 * GIB, 24 * GIB)
     llm = POLICY.quality(WorkloadType.LLM, HIGH, pressure)
     image = POLICY.quality(WorkloadType.IMAGE, NORMAL, pressure)

@@ -202,7 +202,7 @@ def test_serve_names_a_metrics_port_it_cannot_use(tmp_path: Path) -> None:
 
 
 def test_the_lite_install_runs_without_torch_or_the_gpu_extras(env: dict[str, str]) -> None:
-    """Seed 000 "Build Lite": ``python -m vramancer.main --mode cli`` with torch, nvidia-ml-py,
+    """The lite build: ``python -m vramancer.main --mode cli`` with torch, nvidia-ml-py,
     nats-py, gguf and safetensors absent (imports of them fail, as when not installed)."""
     script = (
         "import sys\n"

