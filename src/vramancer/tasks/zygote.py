@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
+import gc
 import importlib
 import json
 import os
@@ -39,13 +41,24 @@ MAX_REQUEST_BYTES = 1024 * 1024
 _PR_SET_PDEATHSIG = 1
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once in the runner (``find_library`` may run ``ldconfig``: a
+    process per call), so a forked task finds it loaded."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
 def _die_with_parent() -> None:
     """SIGKILL this process when its parent exits (Linux), as the daemon's tasks do."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _task_sys_path(cwd: str, env: dict[str, str], base: list[str]) -> list[str]:
@@ -176,8 +189,14 @@ def main(argv: list[str]) -> int:
         return 2
     _die_with_parent()
     path, modules = argv[0], argv[1:]
+    # What every child runs (and asyncio, which it imports) is imported once here, not per task.
+    importlib.import_module("vramancer.tasks.pyrun")
     for name in modules:
         importlib.import_module(name)
+    _libc()
+    # Objects imported so far stay out of the collector's generations: a forked task's
+    # collections then do not touch (and copy) the runner's pages.
+    gc.freeze()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
