@@ -9,13 +9,14 @@ interleaved (raw, fastpath, raw ...):
   client ``recv_into``s a buffer it allocates for the transfer (a received block needs fresh
   memory: that is the same work on both sides); no framing, no checksum, nothing stored. The
   figure with one buffer allocated before timing and reused (``raw_reused``, what ``iperf``
-  does) is printed beside it;
+  does) is measured too;
 * **fastpath**: ``TcpInterface.recv`` of a block of that size held by a real memory store on a
   disk tier, uncompressed (the server ``sendfile``s it from the block file, in the page cache
   after the first run), greeting, framing and the xxh3-64 check included, ending with the
-  block's ``bytes``.
+  block's ``bytes``; and ``TcpInterface.recv_into`` of the same block into one buffer allocated
+  before timing and reused, beside ``raw_reused`` (the same work again: no fresh memory).
 
-Figures: the median of each side's MB/s and their ratio (target >= 0.8).
+Figures: the median of each side's MB/s and both ratios (target >= 0.8 for each).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def measure(mib: int, runs: int) -> dict[str, Any]:
     raw_s: list[float] = []
     reused_s: list[float] = []
     fast_s: list[float] = []
+    fast_reused_s: list[float] = []
     reused = bytearray(size)
     with tempfile.TemporaryDirectory(prefix="vrm-bench-fastpath-") as tmp:
         store = _store(Path(tmp), size)
@@ -125,22 +127,27 @@ def measure(mib: int, runs: int) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 client.recv("bench/block", service.address)
                 fast_s.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                client.recv_into("bench/block", reused, service.address)
+                fast_reused_s.append(time.perf_counter() - t0)
         finally:
             service.stop()
             store.close()
     raw_mbs = statistics.median(size / s / 1e6 for s in raw_s)
     reused_mbs = statistics.median(size / s / 1e6 for s in reused_s)
     fast_mbs = statistics.median(size / s / 1e6 for s in fast_s)
+    fast_reused_mbs = statistics.median(size / s / 1e6 for s in fast_reused_s)
     return {
         "block_mib": mib,
         "runs": runs,
         "raw_mb_per_s_median": round(raw_mbs),
         "raw_reused_buffer_mb_per_s_median": round(reused_mbs),
         "fastpath_tcp_mb_per_s_median": round(fast_mbs),
-        "ratio_to_reused_buffer": round(fast_mbs / reused_mbs, 3),
+        "fastpath_tcp_reused_buffer_mb_per_s_median": round(fast_reused_mbs),
         "ratio": round(fast_mbs / raw_mbs, 3),
+        "ratio_reused_buffers": round(fast_reused_mbs / reused_mbs, 3),
         "target_ratio": TARGET_RATIO,
-        "meets_target": fast_mbs / raw_mbs >= TARGET_RATIO,
+        "meets_target": min(fast_mbs / raw_mbs, fast_reused_mbs / reused_mbs) >= TARGET_RATIO,
         "raw_runs_s": [round(s, 4) for s in raw_s],
         "fastpath_runs_s": [round(s, 4) for s in fast_s],
         "machine": f"{platform.machine()} {platform.node()} ({os.cpu_count()} CPUs)",
@@ -161,9 +168,10 @@ def main() -> None:
     print(
         f"{args.mib} MiB over loopback: raw {result['raw_mb_per_s_median']} MB/s, fastpath TCP "
         f"{result['fastpath_tcp_mb_per_s_median']} MB/s -> {result['ratio']} "
-        f"(target >= {TARGET_RATIO}) {'OK' if result['meets_target'] else 'MISSED'}; raw into a "
-        f"reused buffer {result['raw_reused_buffer_mb_per_s_median']} MB/s -> "
-        f"{result['ratio_to_reused_buffer']}"
+        f"; into a reused buffer: raw {result['raw_reused_buffer_mb_per_s_median']} MB/s, "
+        f"fastpath {result['fastpath_tcp_reused_buffer_mb_per_s_median']} MB/s -> "
+        f"{result['ratio_reused_buffers']} (target >= {TARGET_RATIO} for both) "
+        f"{'OK' if result['meets_target'] else 'MISSED'}"
     )
 
 

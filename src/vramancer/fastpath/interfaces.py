@@ -14,6 +14,7 @@ import contextlib
 import socket
 import struct
 import time
+from collections.abc import Callable
 from multiprocessing import shared_memory
 
 import xxhash
@@ -33,7 +34,7 @@ from vramancer.fastpath.frames import (
     unpack_answer_head,
 )
 from vramancer.fastpath.server import buffer, untracked
-from vramancer.fastpath.sockets import blocking_with_timeout, proof, recv_exact
+from vramancer.fastpath.sockets import blocking_with_timeout, proof, recv_exact, recv_exact_into
 from vramancer.memory.blockfile import checksum
 from vramancer.memory.fastpath import LATENCY_BUCKETS, LATENCY_METRIC
 from vramancer.observability.metrics import Metrics
@@ -135,6 +136,33 @@ class TcpInterface(_PeerInterface):
 
     def recv(self, block_id: str, peer: str | None = None) -> bytearray:
         """The block's bytes, in the buffer they arrived in (no copy)."""
+        got: list[bytearray] = []
+
+        def fresh(length: int) -> memoryview:
+            got.append(bytearray(length))
+            return memoryview(got[0])
+
+        self._get(block_id, peer, fresh)
+        return got[0]
+
+    def recv_into(self, block_id: str, out: bytearray | memoryview, peer: str | None = None) -> int:
+        """The block's bytes written at the start of ``out`` (memory the caller reuses, as a
+        receive buffer or a tier's slot); answers the block's length. ``out`` too small → a
+        ``FastpathError`` before any byte is read; a bad checksum → ``FastpathError`` (``out``
+        then holds bytes that must not be used)."""
+        target = memoryview(out).cast("B")
+
+        def into(length: int) -> memoryview:
+            if length > len(target):
+                raise FastpathError(
+                    f"block {block_id!r} is {length} bytes, the buffer {len(target)}"
+                )
+            return target[:length]
+
+        return self._get(block_id, peer, into)
+
+    def _get(self, block_id: str, peer: str | None, into: Callable[[int], memoryview]) -> int:
+        """One ``GET``: the block's bytes into ``into(length)``, checked; answers the length."""
         start = time.perf_counter()
         conn = self.connect(peer)
         try:
@@ -142,13 +170,13 @@ class TcpInterface(_PeerInterface):
             if answer.status is Status.NOT_FOUND:
                 raise NotFound(f"no block {block_id!r} on {peer}")
             digest = xxhash.xxh3_64()
-            data = recv_exact(sock, answer.length, f"block {block_id!r}", digest)
+            recv_exact_into(sock, into(answer.length), f"block {block_id!r}", digest)
         finally:
             conn.close()
         if digest.intdigest() != answer.checksum:
             raise FastpathError(f"block {block_id!r} from {conn.peer}: checksum mismatch, not kept")
         self._observe(start)
-        return data
+        return answer.length
 
     def send(
         self, block_id: str, data: bytes | bytearray | memoryview, peer: str | None = None

@@ -13,7 +13,7 @@ from vramancer.fastpath.errors import FastpathError
 from vramancer.fastpath.frames import AUTH_SIZE
 
 #: Size of one read into a preallocated buffer.
-_CHUNK = 8 * 1024 * 1024
+_CHUNK = 1024 * 1024
 
 
 def blocking_with_timeout(sock: socket.socket, timeout_s: float) -> None:
@@ -33,7 +33,15 @@ def recv_exact(
     """Exactly ``n`` bytes, or ``FastpathError`` naming how many came before the peer left;
     ``digest`` (an ``xxhash`` hasher) is fed each piece as it arrives, still in the cache."""
     buf = bytearray(n)
-    view = memoryview(buf)
+    recv_exact_into(sock, memoryview(buf), what, digest)
+    return buf
+
+
+def recv_exact_into(
+    sock: socket.socket, view: memoryview, what: str = "data", digest: Any | None = None
+) -> None:
+    """Fill ``view`` exactly from ``sock`` (as :func:`recv_exact`, into memory the caller owns)."""
+    n = len(view)
     got = 0
     while got < n:
         try:
@@ -49,7 +57,6 @@ def recv_exact(
         if digest is not None:
             digest.update(view[got : got + k])
         got += k
-    return buf
 
 
 def send_file(sock: socket.socket, fd: int, offset: int, length: int) -> None:

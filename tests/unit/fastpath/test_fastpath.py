@@ -96,6 +96,25 @@ def test_a_block_comes_back_byte_identical_over_tcp_and_shared_memory(
             interface.recv("nope", a.address)
 
 
+def test_recv_into_fills_a_reused_buffer_and_refuses_one_too_small(pair: tuple[Node, Node]) -> None:
+    a, _ = pair
+    first, second = os.urandom(3 << 20), os.urandom(1 << 20)
+    a.store.put("w/first", first, durable=True)
+    a.store.put("w/second", second, durable=True)
+    buf = bytearray(4 << 20)
+    tcp = TcpInterface()
+    assert tcp.recv_into("w/first", buf, a.address) == len(first)
+    assert bytes(buf[: len(first)]) == first
+    assert tcp.recv_into("w/second", buf, a.address) == len(second)
+    assert bytes(buf[: len(second)]) == second
+    small = bytearray(1000)
+    with pytest.raises(FastpathError, match="is 1048576 bytes, the buffer 1000"):
+        tcp.recv_into("w/second", small, a.address)
+    assert small == bytearray(1000)
+    with pytest.raises(NotFound):
+        tcp.recv_into("nope", buf, a.address)
+
+
 def test_get_of_a_block_held_by_a_peer_fetches_it_and_keeps_it_here(
     pair: tuple[Node, Node],
 ) -> None:
