@@ -39,9 +39,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vramancer.config import Role
 
-#: Routes anyone may call: liveness, the dashboard page (which holds no data), and the HA
-#: peer route, whose records carry their own signatures (``api/routers/ha.py``).
-OPEN_PATHS = frozenset({"/healthz", "/", "/v1/ha/deltas"})
+#: Routes anyone may call: liveness, the dashboard page and its script and style (which hold no
+#: data), and the HA peer route, whose records carry their own signatures (``api/routers/ha.py``).
+OPEN_PATHS = frozenset({"/healthz", "/", "/dashboard.js", "/dashboard.css", "/v1/ha/deltas"})
 #: Where the middleware leaves the caller for the dependencies.
 PRINCIPAL_KEY = "vramancer.principal"
 #: Methods that change state, refused from another origin.
