@@ -291,7 +291,8 @@ async function loadDevices() {
 function waitingReason(t) {
   const reason = t.waiting_reason ?? t.wait_reason ?? t.reason ?? null;
   if (reason) return reason;
-  if (t.state === "retry" && t.error) return t.error;
+  // A task not running yet carries why in its error ("waiting for a device: gpu:0: needs ...").
+  if (t.error && !ENDED.has(t.state) && t.state !== "running") return t.error;
   if (t.not_before && !ENDED.has(t.state) && t.state !== "running") return "not before " + clock(t.not_before);
   return null;
 }
