@@ -253,6 +253,13 @@ def test_an_operator_watches_and_acts_from_the_page(
         row.get_by_role("button", name="Copy").click()
         assert page.evaluate("navigator.clipboard.readText()") == sleeper
 
+        # A task that cannot start says why in its row.
+        body = {"type": "cmd", "cmd": ["true"], "vram": "20GiB", "gpu": 0}
+        big = client.post("/api/tasks/submit", json=body).json()["task_id"]
+        waiting = page.locator(f'#tasks tr[data-task="{big}"] td.s-waiting_gpu .reason')
+        waiting.filter(has_text="needs 20.0 GiB").wait_for()
+        client.post(f"/api/tasks/{big}/cancel")
+
         # Logs of the finished task, in a dialog.
         wait_for(lambda: task_state(client, echo) == "done", timeout=30)
         page.locator(f'#tasks tr[data-task="{echo}"]').get_by_role("button", name="Logs").click()
