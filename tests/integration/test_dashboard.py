@@ -367,3 +367,41 @@ def test_a_viewer_sees_the_buttons_disabled_and_an_operator_token_enables_them(
         cancel.click()
         confirm(page, f"Cancel task {task}?")
         wait_for(lambda: task_state(op, task) == "cancelled", timeout=30)
+
+
+@pytest.mark.slow
+def test_the_gpu_panel_shows_the_holders_and_split_a_server_reports(
+    server: ServerProcess, open_page: Callable[[str], Any]
+) -> None:
+    """A server that reports ``memory_reserved_bytes``, ``memory_external_bytes`` and
+    ``holders`` per device is shown as reported (nothing derived)."""
+    holders = [
+        {"kind": "external", "id": "4242", "name": "Xorg", "owner": "gdm", "bytes": 3 * GIB,
+         "since": None, "pid": 4242},
+        {"kind": "allocation", "id": "alloc-9", "name": "batch embeddings", "owner": "notebook",
+         "bytes": GIB, "since": time.time() - 90, "pid": None},
+    ]  # fmt: skip
+
+    def add_holders(route: Any) -> None:
+        response = route.fetch()
+        body = response.json()
+        for device in body["devices"]:
+            device.update(memory_reserved_bytes=GIB, memory_external_bytes=3 * GIB)
+            device["holders"] = holders
+        route.fulfill(response=response, json=body)
+
+    page = open_page(server.url)
+    page.route("**/v1/devices", add_holders)
+    page.locator("#token").fill("view")
+    page.locator("#token").dispatch_event("change")
+    gpu = page.locator('.gpu[data-gpu="0"]')
+    external = gpu.locator('tr[data-kind="external"][data-id="4242"]')
+    external.wait_for()
+    assert re.search(r"Xorg\s+gdm\s+3\.0 GiB", external.inner_text()), external.inner_text()
+    allocation = gpu.locator('tr[data-kind="allocation"][data-id="alloc-9"]').inner_text()
+    assert re.search(r"batch embeddings\s+notebook\s+1\.0 GiB\s+1 min \d+ s", allocation), (
+        allocation
+    )
+    legend = gpu.locator(".legend").inner_text()
+    assert "reserved by VRAMancer 1.0 GiB" in legend and "external 3.0 GiB" in legend, legend
+    assert "≈" not in legend and "from allocations" not in legend
