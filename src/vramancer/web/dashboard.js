@@ -185,9 +185,16 @@ function deriveHolders(g) {
     out.push({ kind: "task", id: t.task_id, name: taskLabel(t), owner: t.owner, bytes: t.vram_bytes, since: t.started_at, pid: null });
   }
   for (const p of g.processes || []) {
-    out.push({ kind: "external", id: String(p.pid), name: p.name || "pid " + p.pid, owner: null, bytes: p.used_memory_bytes, since: null, pid: p.pid });
+    out.push({ kind: "external", id: "pid:" + p.pid, name: p.name || "pid " + p.pid, owner: null, bytes: p.used_memory_bytes || 0, since: null, pid: p.pid });
   }
-  return out;
+  // External memory (used minus reserved, the server's own rule) no listed process explains.
+  const reserved = out.filter((x) => x.kind !== "external").reduce((sum, x) => sum + (x.bytes || 0), 0);
+  const listed = out.filter((x) => x.kind === "external").reduce((sum, x) => sum + x.bytes, 0);
+  const unexplained = Math.max(0, (g.memory_used_bytes || 0) - reserved) - listed;
+  if (unexplained > 0) {
+    out.push({ kind: "external", id: "unattributed", name: "in use outside VRAMancer, not reported per process", owner: null, bytes: unexplained, since: null, pid: null });
+  }
+  return out.sort((x, y) => (y.bytes || 0) - (x.bytes || 0));
 }
 function memoryOf(g, holders) {
   const used = g.memory_used_bytes || 0, total = g.memory_total_bytes || 0;
@@ -257,8 +264,8 @@ function gpuCard(g) {
   const legend = h("div", { class: "legend" },
     h("span", { class: "used" }, h("i"), "used (driver) ", h("b", null, size(mem.used)), " of " + size(mem.total) + " (" + pct(mem.total ? mem.used / mem.total : null) + ")"),
     h("span", { class: "res" }, h("i"), "reserved by VRAMancer ", h("b", null, size(mem.reserved))),
-    h("span", { class: "ext", title: mem.derived ? "used (driver) minus reserved: this server does not report external use per GPU" : "memory held by processes VRAMancer does not manage" },
-      h("i"), mem.derived ? "external ≈ " : "external ", h("b", null, size(mem.external))),
+    h("span", { class: "ext", title: mem.derived ? "used (driver) minus reserved by VRAMancer" : "used (driver) that no VRAMancer reservation explains" },
+      h("i"), "external ", h("b", null, size(mem.external))),
     h("span", { class: "free" }, h("i"), "free " + size(Math.max(0, mem.total - mem.used))),
     mem.derived ? h("span", { class: "muted", title: "this server does not report reservations per GPU: summed from its allocations" }, "(reserved: from allocations)") : null);
   const holderTable = h("table", { class: "holders" },
