@@ -270,6 +270,18 @@ def test_an_operator_watches_and_acts_from_the_page(
         page.locator("#logs-stdout").filter(has_text="hello from the task").wait_for()
         assert "attempt 1 of 1" in page.locator("#logs-meta").inner_text()
         page.locator("#logs-close").click()
+        # A running task's logs are followed while the dialog is open.
+        script = "echo first line; sleep 2; echo second line; sleep 120"
+        body = {"type": "cmd", "cmd": ["sh", "-c", script]}
+        talker = client.post("/api/tasks/submit", json=body).json()["task_id"]
+        wait_for(lambda: task_state(client, talker) == "running", timeout=30)
+        page.locator(f'#tasks tr[data-task="{talker}"]').get_by_role("button", name="Logs").click()
+        page.locator("#logs-stdout").filter(has_text="first line").wait_for()
+        page.locator("#logs-stdout").filter(has_text="second line").wait_for()
+        assert "following" in page.locator("#logs-meta").inner_text()
+        assert page.locator("#logs-stdout").inner_text().count("first line") == 1
+        page.locator("#logs-close").click()
+        client.post(f"/api/tasks/{talker}/cancel")
 
         # Cancel: saying no changes nothing; saying yes cancels (checked through the API).
         row.get_by_role("button", name="Cancel").click()

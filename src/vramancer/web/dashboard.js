@@ -481,24 +481,46 @@ async function copyId(id, button) {
   button.textContent = "Copied";
   setTimeout(() => { button.textContent = "Copy"; }, 1500);
 }
-let logsTask = null;
-async function showLogs(id) {
-  logsTask = id;
+// The logs dialog follows a task: it reads on from the offsets the last answer gave, every 2 s
+// while the task has not ended, and keeps the last LOG_KEEP characters of each stream.
+const LOG_KEEP = 256 * 1024;
+let logs = null; // {id, stdout, stderr (offsets), attempt, timer}
+function showLogs(id) {
+  if (logs) clearTimeout(logs.timer);
+  logs = { id, stdout: 0, stderr: 0, attempt: null, timer: null };
   $("logs-title").textContent = "Logs of task " + id;
   $("logs-meta").textContent = "loading…";
+  $("logs-stdout").textContent = ""; $("logs-stderr").textContent = "";
   if (!$("logs").open) $("logs").showModal();
+  return followLogs(logs);
+}
+function appendLog(el, text) {
+  if (!text) return;
+  const all = el.textContent + text;
+  el.textContent = all.length > LOG_KEEP ? "…" + all.slice(-LOG_KEEP) : all;
+}
+async function followLogs(cur) {
+  let d;
   try {
-    const d = await api("/api/tasks/" + encodeURIComponent(id) + "/logs?max_bytes=65536");
-    $("logs-meta").textContent = "attempt " + d.attempt + " of " + d.attempts + " · " + d.state + (d.truncated ? " · truncated to the last 64 KiB" : "");
-    $("logs-stdout").textContent = d.stdout || "(empty)";
-    $("logs-stderr").textContent = d.stderr || "(empty)";
+    for (let pages = 0; pages < 16; pages++) {
+      const query = "?max_bytes=65536&stdout_offset=" + cur.stdout + "&stderr_offset=" + cur.stderr + (cur.attempt ? "&attempt=" + cur.attempt : "");
+      d = await api("/api/tasks/" + encodeURIComponent(cur.id) + "/logs" + query);
+      if (logs !== cur) return;
+      cur.attempt = d.attempt; cur.stdout = d.stdout_next; cur.stderr = d.stderr_next;
+      appendLog($("logs-stdout"), d.stdout); appendLog($("logs-stderr"), d.stderr);
+      if (!d.truncated) break;
+    }
   } catch (e) {
-    $("logs-meta").textContent = "cannot read the logs: " + e.message;
-    $("logs-stdout").textContent = ""; $("logs-stderr").textContent = "";
+    if (logs === cur) $("logs-meta").textContent = "cannot read the logs: " + e.message;
+    return;
   }
+  const running = !ENDED.has(d.state);
+  $("logs-meta").textContent = "attempt " + d.attempt + " of " + d.attempts + " · " + d.state + (running ? " · following" : "");
+  if (running && $("logs").open) cur.timer = setTimeout(() => { if (logs === cur) followLogs(cur); }, 2000);
 }
 $("logs-close").addEventListener("click", () => $("logs").close());
-$("logs-refresh").addEventListener("click", () => { if (logsTask) showLogs(logsTask); });
+$("logs").addEventListener("close", () => { if (logs) clearTimeout(logs.timer); logs = null; });
+$("logs-refresh").addEventListener("click", () => { if (logs) showLogs(logs.id); });
 $("profile-switch").addEventListener("click", switchProfile);
 document.addEventListener("click", (e) => {
   const button = e.target.closest("button[data-act]");
