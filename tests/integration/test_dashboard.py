@@ -379,6 +379,11 @@ def test_a_viewer_sees_the_buttons_disabled_and_an_operator_token_enables_them(
         page.locator("#token").fill(OP)
         page.locator("#token").dispatch_event("change")
         page.locator("#role").filter(has_text="operator").wait_for()
+        # 15 newer tasks: the running one stays listed (and cancellable).
+        batch = {"tasks": [{"type": "cmd", "cmd": ["true"]} for _ in range(15)]}
+        newer = op.post("/api/tasks/submit_batch", json=batch).json()["task_ids"]
+        wait_for(lambda: all(task_state(op, t) == "done" for t in newer), timeout=60)
+        page.locator("#tasks-note").filter(has_text="1 older running").wait_for()
         wait_for(lambda: cancel.is_enabled())
         cancel.click()
         confirm(page, f"Cancel task {task}?")

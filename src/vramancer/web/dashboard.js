@@ -323,8 +323,12 @@ function taskRow(t) {
     h("td", { class: "acts" }, acts));
 }
 async function loadTasks() {
-  const d = await api("/api/tasks/history?limit=15");
-  state.tasks = d.tasks || [];
+  // The latest 15, and every running task (an old one would fall off the latest 15).
+  const [d, running] = await Promise.all([api("/api/tasks/history?limit=15"), api("/api/tasks/history?state=running&limit=100")]);
+  const latest = new Set((d.tasks || []).map((t) => t.task_id));
+  const older = (running.tasks || []).filter((t) => !latest.has(t.task_id));
+  state.tasks = older.concat(d.tasks || []);
+  $("tasks-note").textContent = "latest 15" + (older.length ? " and " + older.length + " older running" : "");
   table("tasks", [["task", "w-l"], ["type", "w-xs"], ["command"], ["VRAM", "w-s num"], ["state", "w-l"], ["device", "w-s"], ["when", "w-m"], ["", "w-acts"]],
     state.tasks.map(taskRow), "no task yet");
 }
