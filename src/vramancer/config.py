@@ -42,6 +42,7 @@ from vramancer.models.settings import (
     ProfilesSettings,
 )
 from vramancer.pool.settings import NatsSettings, default_node_name, node_name_problem
+from vramancer.release.settings import ReleaseSettings
 from vramancer.replication.settings import MIN_SECRET_BYTES, HaRole, HaSettings
 from vramancer.resources.settings import ResourcesSettings
 from vramancer.tasks.settings import TasksSettings
@@ -218,6 +219,7 @@ class Settings(BaseSettings):
     nats: NatsSettings = Field(default_factory=NatsSettings)
     ha: HaSettings = Field(default_factory=HaSettings)
     fastpath: FastpathSettings = Field(default_factory=FastpathSettings)
+    release: ReleaseSettings = Field(default_factory=ReleaseSettings)
 
     @field_validator("data_dir")
     @classmethod

@@ -31,6 +31,7 @@ from vramancer.memory.store import TieredStore
 from vramancer.models.manager import ModelManager
 from vramancer.observability import tracing
 from vramancer.observability.metrics import Metrics
+from vramancer.release.layout import Releases, deploy_dir
 from vramancer.replication.service import HaService
 from vramancer.resources.orchestrator import ResourceOrchestrator
 from vramancer.tasks.service import TaskService
@@ -196,6 +197,7 @@ class Runtime:
             pool=self.pool.scheduler if self.pool is not None else None,
             node=s.node_name,
             shared_queue=self.pool is not None,
+            releases=Releases(deploy_dir(s.release, s.data_dir)),
         )
         #: Blocks between nodes (``[fastpath] port``); None: off.
         self.fastpath: FastpathService | None = None

@@ -43,19 +43,21 @@ ALLOWED: dict[str, frozenset[str]] = {
     "replication": KERNEL | {"devices", "memory", "arbiter", "models", "tasks"},
     # The fastpath: block bytes between nodes, served from and stored into the memory store.
     "fastpath": KERNEL | {"memory"},
+    # The release agent: git -> candidate -> tests (as a task) -> atomic switch.
+    "release": KERNEL | {"devices", "arbiter", "tasks", "client"},
     # config imports each section's settings module (checked below), nothing else.
     "config": KERNEL
     | {"devices", "resources", "memory", "arbiter", "models", "tasks", "pool", "replication"}
-    | {"fastpath"},
+    | {"fastpath", "release"},
     "runtime": KERNEL
     | {"config", "devices", "resources", "memory", "arbiter", "models", "tasks", "replication"}
-    | {"pool", "fastpath"},
+    | {"pool", "fastpath", "release"},
     "api": KERNEL
     | {"config", "runtime", "devices", "resources", "memory", "arbiter", "models", "tasks"}
-    | {"replication", "pool", "web"},
+    | {"replication", "pool", "web", "release"},
     "cli": KERNEL
     | {"config", "runtime", "devices", "resources", "memory", "arbiter", "models", "tasks"}
-    | {"replication", "pool", "api", "client"},
+    | {"replication", "pool", "api", "client", "release"},
     # The daemon's HTTP client: plain HTTP, the kernel only (cheap to import).
     "client": KERNEL,
     "web": frozenset(),

@@ -13,6 +13,7 @@ from vramancer.cli import (
     memory_cmds,
     models_cmds,
     pool_cmds,
+    release_cmds,
     serve,
     system_cmds,
     tasks_cmds,
@@ -50,6 +51,7 @@ alloc_cmds.register(app)
 pool_cmds.register(app)
 journal_cmds.register(app)
 ha_cmds.register(app)
+release_cmds.register(app)
 completion_cmds.register(app)
 
 

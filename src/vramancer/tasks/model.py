@@ -47,6 +47,8 @@ MAX_ENV_NAME = 256
 MAX_ENV_VALUE = 32 * 1024
 #: Blocks one task may name (``blocks``).
 MAX_TASK_BLOCKS = 64
+#: What a task's ``release`` may name: a link of the release directory, or a release.
+RELEASE_PATTERN = r"^(current|candidate|[0-9]{8}T[0-9]{6}Z-[0-9a-f]{7,40})$"
 #: Longest ``python`` target (``module:function``) and ``cwd``.
 MAX_PY_TARGET = 512
 MAX_PATH_CHARS = 4096
@@ -227,6 +229,10 @@ class TaskSpec(BaseModel):
     blocks: list[Annotated[str, Field(pattern=f"^{BLOCK_ID_PATTERN}$")]] | None = Field(
         default=None, min_length=1, max_length=MAX_TASK_BLOCKS
     )
+    #: Run in a release's checkout (``current``, ``candidate`` or a release's name, see
+    #: docs/release.md) instead of ``cwd``: resolved when the task starts, so a release
+    #: accepted later never changes the code under a running task.
+    release: str | None = Field(default=None, max_length=64, pattern=RELEASE_PATTERN)
 
     @field_validator("cmd")
     @classmethod
@@ -270,10 +276,12 @@ class TaskSpec(BaseModel):
                 raise ValueError(f"a {kind.value} task needs '{name}'")
             if self.type is not kind and given:
                 raise ValueError(f"'{name}' is only for {kind.value} tasks (type is {self.type})")
+        if self.cwd is not None and self.release is not None:
+            raise ValueError("give cwd or release, not both (a release is its own directory)")
         if self.type.maintenance:
             extra = [
                 n
-                for n in ("gpu", "vram", "cwd", "env", "model", "node", "blocks")
+                for n in ("gpu", "vram", "cwd", "env", "model", "node", "blocks", "release")
                 if getattr(self, n) is not None
             ]
             if extra:

@@ -15,6 +15,9 @@ small doubles. Only these calls are used:
 * pool (optional, ``pool/``): the pool of machines this daemon schedules over: the views of
   every live node's GPUs, whether this daemon holds the dispatch lease, handing a leased task to
   its node, the GPUs and nodes a submission may name, and another node's logs;
+* releases (optional, ``release/``): ``checkout(name)``, the real directory of the release a
+  task names (``current``, ``candidate`` or a release), resolved when the task starts
+  (``NotFound`` when there is none);
 * models (optional): ``names()`` (the managed models, to refuse an unknown ``model`` at submit)
   and ``use(name)``, an async context manager that loads the model on demand and holds it
   against the idle reaper and eviction until it exits (``ModelManager.use``).
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any, Protocol
 
 from vramancer.arbiter.types import Allocation, AllocationRequest
@@ -64,6 +68,10 @@ class MemoryPort(Protocol):
     def compress_cold(self, max_blocks: int) -> int | Awaitable[int]: ...
 
     def maintain(self) -> Awaitable[None] | None: ...
+
+
+class ReleasesPort(Protocol):
+    def checkout(self, name: str) -> Path: ...
 
 
 class ModelsPort(Protocol):

@@ -76,7 +76,14 @@ from vramancer.tasks.model import (
     TaskState,
 )
 from vramancer.tasks.picker import DeviceView, PickerPolicy, build_views
-from vramancer.tasks.ports import ArbiterPort, DevicesPort, MemoryPort, ModelsPort, PoolPort
+from vramancer.tasks.ports import (
+    ArbiterPort,
+    DevicesPort,
+    MemoryPort,
+    ModelsPort,
+    PoolPort,
+    ReleasesPort,
+)
 from vramancer.tasks.queue import TaskQueue
 from vramancer.tasks.runner import kill_orphan
 from vramancer.tasks.settings import TasksSettings
@@ -128,6 +135,7 @@ class TaskService:
         pool: PoolPort | None = None,
         node: str | None = None,
         shared_queue: bool | None = None,
+        releases: ReleasesPort | None = None,
     ) -> None:
         self.settings = settings
         #: The pool of machines this daemon schedules over (None: this machine alone).
@@ -180,6 +188,7 @@ class TaskService:
             backoff=self.retry_delay,
             poke=self._poke,
             blocks=memory if isinstance(memory, BlockReader) else None,
+            releases=releases,
         )
         self.lane = MaintenanceLane(
             settings,

@@ -32,14 +32,14 @@ from vramancer.arbiter.types import AllocationRequest, PreemptCallback, Workload
 from vramancer.clock import Clock
 from vramancer.devices.ids import DeviceId
 from vramancer.devices.types import SystemSnapshot
-from vramancer.errors import BackendUnavailable, Conflict
+from vramancer.errors import BackendUnavailable, Conflict, VramancerError
 from vramancer.errors import ShuttingDown as VramancerShuttingDown
 from vramancer.files import private_dir
 from vramancer.tasks.blocks import BlockMissing, BlockReader, materialize
 from vramancer.tasks.launch import model_env, run_request, scratch_dir
 from vramancer.tasks.model import Change, Outcome, OutcomeKind, TaskRecord
 from vramancer.tasks.picker import HOST, LocalLoad
-from vramancer.tasks.ports import ArbiterPort, ModelsPort
+from vramancer.tasks.ports import ArbiterPort, ModelsPort, ReleasesPort
 from vramancer.tasks.queue import TaskQueue
 from vramancer.tasks.runner import ProcessRun, RunResult, in_spawner
 from vramancer.tasks.settings import TasksSettings
@@ -96,8 +96,11 @@ class Workers:
         backoff: Callable[[int], float],
         poke: Callable[[], None],
         blocks: BlockReader | None = None,
+        releases: ReleasesPort | None = None,
     ) -> None:
         self.settings = settings
+        #: Where a task's ``release`` is resolved (None: tasks cannot name one).
+        self.releases = releases
         #: Where the blocks a task names come from (the memory store), None: no store here.
         self.blocks = blocks
         self.data_dir = data_dir
@@ -307,6 +310,16 @@ class Workers:
                 await materialize(self.blocks, list(spec.blocks), scratch)
             except BlockMissing as exc:
                 return record.outcome(OutcomeKind.ERROR, error=str(exc))
+        if spec.release is not None:
+            try:
+                if self.releases is None:
+                    raise BackendUnavailable("this daemon has no release directory")
+                where = self.releases.checkout(spec.release)
+            except VramancerError as exc:
+                return record.outcome(
+                    OutcomeKind.ERROR, error=f"release {spec.release!r}: {exc.message}"
+                )
+            spec = spec.model_copy(update={"cwd": str(where)})
         request = run_request(
             record,
             spec,
