@@ -33,6 +33,7 @@ from vramancer.api.routers import (
     memory,
     models,
     profile,
+    release,
     system,
     tasks,
     web,
@@ -56,6 +57,7 @@ _PROTECTED = (
     events,
     ha,
     apidocs,
+    release,
 )
 
 

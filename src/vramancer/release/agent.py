@@ -155,7 +155,7 @@ class ReleaseAgent:
 
     # -- git ----------------------------------------------------------------------------------
 
-    def _repo(self) -> str:
+    def require_repo(self) -> str:
         if self.settings.repo is None:
             raise NoRepository("[release] repo is not set: the agent has no repository to follow")
         return self.settings.repo
@@ -182,12 +182,12 @@ class ReleaseAgent:
     def head(self) -> str:
         """The commit at the head of the followed branch, as the repository says now."""
         branch = self.settings.branch
-        out = self._git("ls-remote", "--", self._repo(), f"refs/heads/{branch}")
+        out = self._git("ls-remote", "--", self.require_repo(), f"refs/heads/{branch}")
         for line in out.splitlines():
             sha, _, ref = line.partition("\t")
             if ref == f"refs/heads/{branch}":
                 return sha
-        raise GitFailed(f"branch {branch!r} is not in {self._repo()}")
+        raise GitFailed(f"branch {branch!r} is not in {self.require_repo()}")
 
     def moved(self) -> str | None:
         """The head commit when no release was made of it yet (what ``watch`` prepares)."""
@@ -207,7 +207,7 @@ class ReleaseAgent:
     def prepare(self, *, force: bool = False) -> Outcome:
         """Clone the branch's head into a new release, build and test it; it becomes the
         candidate when both passed (a failed one only with ``force``)."""
-        repo = self._repo()
+        repo = self.require_repo()
         with self._lock("prepare"):
             self.layout.clean_temps()
             commit = self.head()
