@@ -48,6 +48,7 @@ NOT_CORE = {
     "celery",
     "redis",
     "types-psutil",
+    "mcp",
 }
 #: The extra each optional feature is installed with.
 EXTRAS = {
@@ -55,6 +56,7 @@ EXTRAS = {
     "torch": {"torch"},
     "nats": {"nats-py"},
     "otel": {"opentelemetry-sdk"},
+    "mcp": {"mcp"},
 }
 #: Modules of the extras: ``vramancer serve`` must start without any of them. (FastAPI itself
 #: depends on opentelemetry-api; the SDK and the exporter are what ``[otel]`` adds.)
@@ -66,6 +68,7 @@ OPTIONAL_MODULES = (
     "nats",
     "opentelemetry.sdk",
     "opentelemetry.exporter",
+    "mcp",
 )
 _NAME = re.compile(r"^[A-Za-z0-9._-]+")
 _EXTRA_REF = re.compile(r"vramancer\[([A-Za-z0-9_,\s-]+)\]")

@@ -10,6 +10,7 @@ from vramancer.cli import (
     completion_cmds,
     ha_cmds,
     journal_cmds,
+    mcp_server,
     memory_cmds,
     models_cmds,
     pool_cmds,
@@ -52,6 +53,7 @@ pool_cmds.register(app)
 journal_cmds.register(app)
 ha_cmds.register(app)
 release_cmds.register(app)
+mcp_server.register(app)
 completion_cmds.register(app)
 
 
