@@ -19,7 +19,10 @@ INSTALLED = "/usr/local/bin/vramancer"
 EXEC = {
     "vramancer.service": f"ExecStart={INSTALLED} serve",
     "vramancer-worker.service": f"ExecStart={INSTALLED} worker --config /etc/vramancer/worker.toml",
+    "vramancer-release.service": f"ExecStart={INSTALLED} release watch --once",
 }
+#: Units without a command of their own (copied as they are).
+PLAIN = ("vramancer-release.timer",)
 VRAMANCER = Path(sys.executable).with_name("vramancer")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
@@ -48,6 +51,10 @@ def copies(tmp_path: Path) -> list[Path]:
         path = tmp_path / name
         path.write_text(text.replace(INSTALLED, str(VRAMANCER)))
         out.append(path)
+    for name in PLAIN:
+        path = tmp_path / name
+        path.write_text((UNITS / name).read_text())
+        out.append(path)
     return out
 
 
@@ -57,7 +64,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     paths = copies(tmp_path)
     proc = verify(paths)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert complaints(proc, list(EXEC)) == [], proc.stdout + proc.stderr
+    assert complaints(proc, [*EXEC, *PLAIN]) == [], proc.stdout + proc.stderr
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
