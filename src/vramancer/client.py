@@ -208,10 +208,13 @@ class Client:
         """Queue ``command`` (program and arguments) as a task; its id. It runs in ``cwd``
         (default: the current directory; ``scratch=True``: an empty one the daemon makes).
         ``fields`` are the task body's (``vram="4GiB"``, ``gpu=0``, ``model="clip"``,
-        ``timeout=600``, ``env={...}``, ``priority``, ``max_retries``, ``idempotency_key`` ...)."""
+        ``timeout=600``, ``env={...}``, ``priority``, ``max_retries``, ``idempotency_key``,
+        ``release="current"`` (run in that release's checkout) ...)."""
         if not command:
             raise InvalidInput("submit: give the command to run, e.g. submit('python', 'x.py')")
-        body = {"type": "cmd", "cmd": list(command), "cwd": task_workdir(cwd, scratch)}
+        # a task that names a release runs in its checkout (``release="current"``)
+        where = None if fields.get("release") and cwd is None else task_workdir(cwd, scratch)
+        body = {"type": "cmd", "cmd": list(command), "cwd": where}
         body.update(fields)
         body = {k: v for k, v in body.items() if v is not None}
         result: dict[str, Any] = self.request("POST", "/api/tasks/submit", json=body)

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +16,7 @@ import pytest
 
 from tests.gitrepo import BUILD, TEST, GitRepo
 from tests.helpers import ServerProcess, start_server, toml_value, wait_for
+from vramancer.client import Client
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +98,7 @@ def finished(api: httpx.Client, task_id: str) -> dict[str, Any]:
 def test_release_over_http(
     world: tuple[ServerProcess, GitRepo], clients: dict[str, httpx.Client]
 ) -> None:
-    _, repo = world
+    server, repo = world
     viewer, op, adm = clients["view"], clients["op"], clients["adm"]
     repo.commit(passing=True, version="v1")
 
@@ -143,6 +148,18 @@ def test_release_over_http(
     # rollback to a named release; nothing to reject
     back = adm.post("/v1/release/rollback", json={"confirm": True, "release": first["name"]})
     assert back.status_code == 200 and back.json()["release"] == first["name"]
+    with Client(server.url, "op") as vrm:  # the library's client, from any directory
+        ran = vrm.run("cat", "version.txt", release="current", timeout_s=60)
+        assert ran["state"] == "done" and vrm.logs(ran["task_id"])["stdout"] == "v1\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VRM_")}
+    env |= {"VRM_URL": server.url, "VRM_API_TOKEN": "op"}
+    cli = subprocess.run(
+        [sys.executable, "-m", "vramancer.main", "--mode", "cli", "submit", "--release",
+         "current", "--json", "--", "cat", "version.txt"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert finished(op, json.loads(cli.stdout)["task_id"])["state"] == "done"
     nothing = adm.post("/v1/release/reject", json={"confirm": True})
     assert nothing.status_code == 409 and nothing.json()["error"]["code"] == "release_refused"
     bad = adm.post("/v1/release/rollback", json={"confirm": True, "release": "../../etc"})

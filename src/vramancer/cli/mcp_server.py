@@ -31,7 +31,7 @@ def _guarded(client: Client, fn: Callable[[Client], Any], needs: str) -> Any:
     except Forbidden as exc:
         raise ToolError(
             f"the VRAMancer daemon refused this (HTTP {exc.http_status}): {exc.message}. "
-            f"This tool needs a {needs} token in VRM_API_TOKEN."
+            f"This tool needs {needs} token in VRM_API_TOKEN."
         ) from None
     except VramancerError as exc:
         raise ToolError(f"VRAMancer: {exc.message}") from None
@@ -53,20 +53,20 @@ def build_server(client: Client) -> Any:
         def get(c: Client) -> dict[str, Any]:
             return {"health": c.health(), "resources": c.resources()}
 
-        result: dict[str, Any] = _guarded(client, get, "viewer")
+        result: dict[str, Any] = _guarded(client, get, "a viewer")
         return result
 
     @server.tool(annotations=reads)
     def list_models() -> dict[str, Any]:
         """The models VRAMancer manages, with their state (loaded, unloaded ...), device and
         VRAM. Reads only."""
-        return {"models": _guarded(client, lambda c: c.models(), "viewer")}
+        return {"models": _guarded(client, lambda c: c.models(), "a viewer")}
 
     @server.tool(annotations=reads)
     def list_tasks(state: str | None = None, limit: int = 20) -> dict[str, Any]:
         """The newest tasks first (``state``: only those in it: queued, running, done, failed,
         cancelled ...; ``limit``: at most this many, 1 to 1000). Reads only."""
-        return {"tasks": _guarded(client, lambda c: c.tasks(state, limit=limit), "viewer")}
+        return {"tasks": _guarded(client, lambda c: c.tasks(state, limit=limit), "a viewer")}
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False))
     def submit_task(
@@ -101,14 +101,16 @@ def build_server(client: Client) -> Any:
             task_id = c.request("POST", "/api/tasks/submit", json=body)["task_id"]
             return c.task(task_id)
 
-        result: dict[str, Any] = _guarded(client, submit, "operator")
+        result: dict[str, Any] = _guarded(client, submit, "an operator")
         return result
 
     @server.tool(annotations=reads)
     def task_logs(task_id: str) -> dict[str, Any]:
         """The stdout and stderr of a task's latest attempt, and its state (only the task's
         owner's token or an admin's may read them). Reads only."""
-        result: dict[str, Any] = _guarded(client, lambda c: c.logs(task_id), "owner or admin")
+        result: dict[str, Any] = _guarded(
+            client, lambda c: c.logs(task_id), "the task owner's or an admin's"
+        )
         return result
 
     @server.tool(annotations=reads)
@@ -117,7 +119,7 @@ def build_server(client: Client) -> Any:
         accepted, and each release's commit, build and test results. Reads only (accepting a
         release is left to a person: ``vramancer release accept``)."""
         result: dict[str, Any] = _guarded(
-            client, lambda c: c.request("GET", "/v1/release"), "viewer"
+            client, lambda c: c.request("GET", "/v1/release"), "a viewer"
         )
         return result
 

@@ -93,6 +93,13 @@ def submit(
         ),
     ] = False,
     key: Annotated[str | None, typer.Option("--key", help="Idempotency key.")] = None,
+    release: Annotated[
+        str | None,
+        typer.Option(
+            "--release",
+            help="Run in a release's checkout: current, candidate or a release (docs/release.md).",
+        ),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="A managed model it needs: loaded first, held while it runs."),
@@ -119,7 +126,8 @@ def submit(
         "timeout": timeout,
         "max_retries": retries,
         "priority": priority,
-        "cwd": _workdir(cwd, scratch),
+        "cwd": None if release is not None and cwd is None else _workdir(cwd, scratch),
+        "release": release,
         "idempotency_key": key,
         "model": model,
     }
