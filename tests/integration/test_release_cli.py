@@ -108,3 +108,37 @@ def test_without_a_repository_the_agent_says_so(
     assert done.returncode == 1 and "[release] repo is not set" in done.stderr
     status = json.loads(vrm(env, "status", "--json").stdout)
     assert status["configured"] is False and status["releases"] == []
+
+
+def on_a_terminal(env: dict[str, str], answer: str, *args: str) -> tuple[int, str]:
+    """Run ``vramancer release ARGS`` with a terminal on stdin, answering ``answer``."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vramancer.main", "--mode", "cli", "release", *args],
+            env=env,
+            stdin=secondary,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.write(primary, answer.encode())
+        _, err = proc.communicate(timeout=120)
+        return proc.returncode, err
+    finally:
+        os.close(primary)
+        os.close(secondary)
+
+
+def test_accept_asks_on_a_terminal(setup: tuple[GitRepo, dict[str, str], Path]) -> None:
+    repo, env, deploy = setup
+    repo.commit(passing=True, version="v1")
+    assert vrm(env, "prepare").returncode == 0
+    code, err = on_a_terminal(env, "n\n", "accept")
+    assert code == 1 and "accept will:" in err and "point current at" in err
+    assert "accept not done" in err and not (deploy / "current").exists()
+    code, err = on_a_terminal(env, "y\n", "accept")
+    assert code == 0, err
+    assert version(deploy) == "v1"
