@@ -266,3 +266,31 @@ def test_releases_port_resolves_now(repo: GitRepo, tmp_path: Path) -> None:
         releases.checkout("20200101T000000Z-abcdef0")
     assert (agent.layout.release_dir(str(first)) / MARKER).is_file()
     assert isinstance(agent.layout, Layout)
+
+
+def test_status_shows_a_prepare_in_progress(repo: GitRepo, tmp_path: Path) -> None:
+    """While the build runs, status says which release is building and who holds the lock;
+    a second agent is refused meanwhile."""
+    gate = tmp_path / "go"
+    repo.commit(passing=True, version="v1")
+    build = f"while [ ! -e {gate} ]; do sleep 0.05; done"
+    agent = agent_for(repo, tmp_path, ManualClock(), build=build)
+    result: list[object] = []
+    worker = threading.Thread(target=lambda: result.append(agent.prepare()))
+    worker.start()
+    try:
+        for _ in range(400):
+            status = agent.status()
+            if status["releases"] and status["releases"][0]["state"] == "building":
+                break
+            threading.Event().wait(0.05)
+        assert status["releases"][0]["state"] == "building"
+        assert status["releases"][0]["pid"] == os.getpid()
+        assert status["busy"]["action"] == "prepare"
+        with pytest.raises(Conflict, match=r"\(prepare\)"):
+            agent.act("accept")
+    finally:
+        gate.touch()
+        worker.join(timeout=60)
+    assert agent.status()["releases"][0]["state"] == "passed"
+    assert agent.status()["busy"] is None
