@@ -184,3 +184,38 @@ def test_task_release_field(clients: dict[str, httpx.Client]) -> None:
     ended = finished(op, task_id)
     assert ended["state"] == "failed"
     assert "release 'candidate'" in ended["error"] and "no candidate release" in ended["error"]
+
+
+def test_a_daemon_stopping_kills_its_prepare(tmp_path: Path) -> None:
+    """SIGTERM while a prepare builds: the build (in its own session) is killed, the release
+    is recorded failed, and the daemon exits."""
+    repo = GitRepo(tmp_path / "repo")
+    repo.commit(passing=True, version="v1")
+    pidfile = tmp_path / "build.pid"
+    text = (
+        "[release]\n"
+        f"repo = {toml_value(str(repo.path))}\n"
+        f"dir = {toml_value(str(tmp_path / 'deploy'))}\n"
+        f"build = {toml_value(f'echo $$ > {pidfile}; exec sleep 120')}\n"
+    )
+    server = start_server(tmp_path, text)
+    try:
+        with server.client() as api:
+            assert api.post("/v1/release/prepare").status_code == 202
+            wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=60)
+            status = api.get("/v1/release").json()
+            assert status["releases"][0]["state"] == "building"
+            assert status["job"]["running"] is True and status["busy"]["action"] == "prepare"
+            busy = api.post("/v1/release/prepare")
+            assert busy.status_code == 409
+        build_pid = int(pidfile.read_text())
+        server.stop()
+        assert server.proc.returncode is not None
+    finally:
+        server.kill()
+        if server.proc.stdout:
+            server.proc.stdout.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(build_pid, 0)
+    result = json.loads(next((tmp_path / "deploy" / "releases").glob("*/result.json")).read_text())
+    assert result["state"] == "failed" and "the agent stopped" in result["error"]

@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         try:
             yield
         finally:
+            await release.stop_background(app)
             if owns_runtime:
                 await rt.stop()
 

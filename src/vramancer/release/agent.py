@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -102,6 +103,8 @@ class ReleaseAgent:
         self.clock = clock or SystemClock()
         self.tester = tester
         self.environ = os.environ if environ is None else environ
+        #: Set to stop a prepare under way (its running step is killed; the release fails).
+        self.stop_event = threading.Event()
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -273,10 +276,17 @@ class ReleaseAgent:
                 if self.tester is None:
                     raise Conflict("[release] vram is set but no daemon runs the test as a task")
                 result = self.tester.run(
-                    command, cwd=checkout, vram=self.settings.vram, timeout_s=timeout, log=log
+                    command,
+                    cwd=checkout,
+                    vram=self.settings.vram,
+                    timeout_s=timeout,
+                    log=log,
+                    stop=self.stop_event,
                 )
             else:
-                result = run_shell(command, cwd=checkout, env=env, log=log, timeout_s=timeout)
+                result = run_shell(
+                    command, cwd=checkout, env=env, log=log, timeout_s=timeout, stop=self.stop_event
+                )
             setattr(record, step, result)
             if not result.ok:
                 record.state, record.pid = ReleaseState.FAILED, None

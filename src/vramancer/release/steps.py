@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -35,10 +36,25 @@ def step_env(environ: Mapping[str, str], release: str, checkout: Path) -> dict[s
     return env
 
 
+#: How often a running step looks at its stop event.
+POLL_S = 0.2
+
+
+class Stopped(Exception):
+    """The agent was asked to stop (its daemon is shutting down): the step was killed."""
+
+
 def run_shell(
-    command: str, *, cwd: Path, env: Mapping[str, str], log: Path, timeout_s: float
+    command: str,
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    log: Path,
+    timeout_s: float,
+    stop: threading.Event | None = None,
 ) -> StepResult:
-    """Run ``command`` with ``sh -c`` in ``cwd``; stdout and stderr go to ``log``."""
+    """Run ``command`` with ``sh -c`` in ``cwd``; stdout and stderr go to ``log``. ``stop``
+    set: the step's process group is killed and ``Stopped`` raised."""
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with open(log, "ab") as out:
@@ -57,7 +73,7 @@ def run_shell(
         except OSError as exc:
             return StepResult(error=f"could not start: {exc}")
         try:
-            code = proc.wait(timeout=timeout_s)
+            code = _wait(proc, started + timeout_s, stop)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             out.write(f"\n[killed after {timeout_s:g} s]\n".encode())
@@ -70,6 +86,18 @@ def run_shell(
             _kill_group(proc)
             raise
     return StepResult(exit_code=code, duration_s=round(time.monotonic() - started, 3))
+
+
+def _wait(proc: subprocess.Popen[bytes], deadline: float, stop: threading.Event | None) -> int:
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, 0)
+        try:
+            return proc.wait(timeout=min(left, POLL_S))
+        except subprocess.TimeoutExpired:
+            if stop is not None and stop.is_set():
+                raise Stopped("the agent is stopping") from None
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -87,7 +115,14 @@ class TaskTester(Protocol):
     """Runs the test step as a VRAMancer task needing ``vram`` bytes on a GPU."""
 
     def run(
-        self, command: str, *, cwd: Path, vram: int, timeout_s: float, log: Path
+        self,
+        command: str,
+        *,
+        cwd: Path,
+        vram: int,
+        timeout_s: float,
+        log: Path,
+        stop: threading.Event | None = None,
     ) -> StepResult: ...
 
 
@@ -107,7 +142,16 @@ class ClientTester:
     def __init__(self, client: Any) -> None:
         self.client = client
 
-    def run(self, command: str, *, cwd: Path, vram: int, timeout_s: float, log: Path) -> StepResult:
+    def run(
+        self,
+        command: str,
+        *,
+        cwd: Path,
+        vram: int,
+        timeout_s: float,
+        log: Path,
+        stop: threading.Event | None = None,
+    ) -> StepResult:
         started = time.monotonic()
         task_id = self.client.request(
             "POST",
@@ -140,12 +184,28 @@ class ServiceTester:
         self.tasks = tasks
         self.loop = loop
 
-    def run(self, command: str, *, cwd: Path, vram: int, timeout_s: float, log: Path) -> StepResult:
+    def run(
+        self,
+        command: str,
+        *,
+        cwd: Path,
+        vram: int,
+        timeout_s: float,
+        log: Path,
+        stop: threading.Event | None = None,
+    ) -> StepResult:
         started = time.monotonic()
         future: Future[tuple[str, Any, dict[str, Any]]] = asyncio.run_coroutine_threadsafe(
             self._run(command, cwd, vram, timeout_s), self.loop
         )
-        task_id, record, logs = future.result()
+        while True:
+            try:
+                task_id, record, logs = future.result(timeout=POLL_S)
+                break
+            except TimeoutError:
+                if stop is not None and stop.is_set():
+                    future.cancel()
+                    raise Stopped("the agent is stopping") from None
         _write_task_log(log, command, task_id, logs)
         return StepResult(
             exit_code=record.exit_code,

@@ -294,3 +294,33 @@ def test_status_shows_a_prepare_in_progress(repo: GitRepo, tmp_path: Path) -> No
         worker.join(timeout=60)
     assert agent.status()["releases"][0]["state"] == "passed"
     assert agent.status()["busy"] is None
+
+
+def test_stopping_the_agent_kills_the_running_step(repo: GitRepo, tmp_path: Path) -> None:
+    repo.commit(passing=True, version="v1")
+    pidfile = tmp_path / "build.pid"
+    agent = agent_for(repo, tmp_path, ManualClock(), build=f"echo $$ > {pidfile}; exec sleep 60")
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            agent.prepare()
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    for _ in range(400):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        threading.Event().wait(0.05)
+    build_pid = int(pidfile.read_text())
+    agent.stop_event.set()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert [type(e).__name__ for e in errors] == ["Stopped"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(build_pid, 0)
+    record = agent.status()["releases"][0]
+    assert record["state"] == "failed" and "the agent stopped" in record["error"]
+    assert agent.status()["candidate"] is None and agent.status()["busy"] is None

@@ -121,6 +121,7 @@ class PrepareStarted(BaseModel):
 @dataclass
 class _Job:
     started_at: float
+    agent: ReleaseAgent
     task: asyncio.Task[None] | None = None
     finished_at: float | None = None
     release: str | None = None
@@ -165,7 +166,7 @@ async def prepare(
     if holder is not None:
         raise Conflict(f"another release agent is at work: {describe_holder(holder)}")
     force = body.force if body is not None else False
-    new = _Job(started_at=time.time())
+    new = _Job(started_at=time.time(), agent=agent)
 
     async def run() -> None:
         try:
@@ -183,6 +184,15 @@ async def prepare(
     new.task = asyncio.create_task(run(), name="release-prepare")
     request.app.state.release_job = new
     return {"started": True, "status": "/v1/release"}
+
+
+async def stop_background(app: Any, timeout_s: float = 10.0) -> None:
+    """At shutdown: a prepare under way is stopped (its step killed, the release failed)."""
+    job: _Job | None = getattr(app.state, "release_job", None)
+    if job is None or job.task is None or job.task.done():
+        return
+    job.agent.stop_event.set()
+    await asyncio.wait([job.task], timeout=timeout_s)
 
 
 async def _act(rt: Any, action: str, body: ActionBody | None) -> dict[str, Any]:
