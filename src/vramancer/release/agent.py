@@ -10,6 +10,7 @@ the candidate when both passed; ``accept`` makes the candidate current; ``reject
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 import time
@@ -62,6 +63,14 @@ class GitFailed(VramancerError):
 
     code = "git_failed"
     http_status = 502
+
+
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+
+
+def shown_repo(repo: str | None) -> str | None:
+    """``repo`` as status shows it: a password or token in a URL is hidden."""
+    return _USERINFO.sub(r"\1<redacted>@", repo) if repo else repo
 
 
 def release_name(when: float, commit: str) -> str:
@@ -119,11 +128,13 @@ class ReleaseAgent:
             record = self.layout.read(info.name)
             entry: dict[str, Any] = record.as_dict() if record else {"name": info.name}
             entry["stale"] = info.stale
+            if "repo" in entry:
+                entry["repo"] = shown_repo(entry["repo"])
             entry["path"] = str(self.layout.release_dir(info.name))
             releases.append(entry)
         return {
             "configured": self.settings.repo is not None,
-            "repo": self.settings.repo,
+            "repo": shown_repo(self.settings.repo),
             "branch": self.settings.branch,
             "dir": str(self.layout.root),
             "current": view.current,
@@ -179,7 +190,7 @@ class ReleaseAgent:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise GitFailed(f"git {args[0]}: {exc}") from None
         if proc.returncode != 0:
-            raise GitFailed(f"git {args[0]} failed: {proc.stderr.strip()[-2000:]}")
+            raise GitFailed(f"git {args[0]} failed: {shown_repo(proc.stderr.strip()[-2000:])}")
         return proc.stdout
 
     def head(self) -> str:
@@ -190,7 +201,7 @@ class ReleaseAgent:
             sha, _, ref = line.partition("\t")
             if ref == f"refs/heads/{branch}":
                 return sha
-        raise GitFailed(f"branch {branch!r} is not in {self.require_repo()}")
+        raise GitFailed(f"branch {branch!r} is not in {shown_repo(self.require_repo())}")
 
     def moved(self) -> str | None:
         """The head commit when no release was made of it yet (what ``watch`` prepares)."""

@@ -324,3 +324,14 @@ def test_stopping_the_agent_kills_the_running_step(repo: GitRepo, tmp_path: Path
     record = agent.status()["releases"][0]
     assert record["state"] == "failed" and "the agent stopped" in record["error"]
     assert agent.status()["candidate"] is None and agent.status()["busy"] is None
+
+
+def test_status_hides_a_token_in_the_repository_url(tmp_path: Path) -> None:
+    from vramancer.release.agent import shown_repo
+
+    url = "https://me:ghp_secret@github.com/me/app.git"
+    settings = ReleaseSettings(repo=url, dir=tmp_path / "deploy")
+    status = ReleaseAgent(settings, tmp_path).status()
+    assert status["repo"] == "https://<redacted>@github.com/me/app.git"
+    assert shown_repo("/srv/git/app") == "/srv/git/app"
+    assert shown_repo("git@github.com:me/app.git") == "git@github.com:me/app.git"
