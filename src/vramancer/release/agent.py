@@ -206,12 +206,7 @@ class ReleaseAgent:
     def moved(self) -> str | None:
         """The head commit when no release was made of it yet (what ``watch`` prepares)."""
         head = self.head()
-        for name in self.layout.names():
-            if name.endswith("-" + head[:7]):
-                record = self.layout.read(name)
-                if record is not None and record.commit == head:
-                    return None
-        return head
+        return head if policy.plan_prepare(self.view(), head).ok else None
 
     # -- actions ------------------------------------------------------------------------------
 

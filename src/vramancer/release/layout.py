@@ -107,7 +107,14 @@ class Layout:
                 continue
             stale = record.state.in_progress and not (record.pid is not None and alive(record.pid))
             infos.append(
-                ReleaseInfo(name, record.state, record.accepted_at, record.forced, stale=stale)
+                ReleaseInfo(
+                    name,
+                    record.state,
+                    record.accepted_at,
+                    record.forced,
+                    stale=stale,
+                    commit=record.commit,
+                )
             )
         return DeployView(tuple(infos), self.target("current"), self.target("candidate"))
 

@@ -73,6 +73,16 @@ def _usable(release: ReleaseInfo, force: bool) -> str | None:
     )
 
 
+def plan_prepare(view: DeployView, head: str) -> Plan:
+    """Whether the branch's head ``head`` needs a new release (what ``watch`` asks): refused
+    when a release of that commit exists already (whatever its state: a failed one is not
+    tried again until the branch moves or a person runs ``prepare``)."""
+    made = next((r for r in reversed(view.releases) if r.commit == head), None)
+    if made is not None:
+        return Plan("prepare", refused=f"{head[:12]} is release {made.name} already")
+    return Plan("prepare", notes=(f"the branch moved to {head[:12]}",))
+
+
 def plan_candidate(view: DeployView, name: str, *, force: bool = False) -> Plan:
     """After prepare: a passed release becomes the candidate (a failed one only with force)."""
     release = view.get(name)

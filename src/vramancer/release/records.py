@@ -99,6 +99,8 @@ class ReleaseInfo:
     forced: bool = False
     #: Its preparing process is gone (an in-progress state with no live agent).
     stale: bool = False
+    #: The commit it holds.
+    commit: str = ""
 
 
 @dataclass(frozen=True)

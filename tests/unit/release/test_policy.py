@@ -8,6 +8,7 @@ from vramancer.release.policy import (
     StepKind,
     plan_accept,
     plan_candidate,
+    plan_prepare,
     plan_prune,
     plan_reject,
     plan_rollback,
@@ -84,3 +85,10 @@ def test_prune_keeps_the_newest_current_candidate_and_work_in_progress() -> None
         stale.releases[0].name,
         stale.releases[1].name,
     ]
+
+
+def test_prepare_only_for_a_commit_not_released_yet() -> None:
+    v = view(rel(1, commit="a" * 40), rel(2, F, commit="b" * 40))
+    assert plan_prepare(v, "c" * 40).ok
+    assert "already" in str(plan_prepare(v, "b" * 40).refused)
+    assert not plan_prepare(v, "a" * 40).ok
