@@ -111,6 +111,14 @@ def test_release_over_http(
     assert first["test"]["gpu"] == "gpu:0" and first["test"]["task_id"]
     assert first["build"]["exit_code"] == 0
 
+    logs = op.get("/v1/release/logs", params={"release": first["name"], "step": "test"})
+    assert logs.status_code == 200, logs.text
+    assert logs.json()["release"] == first["name"] and "tests pass" in logs.json()["test"]
+    assert "build" not in logs.json() or logs.json()["build"] is None
+    assert viewer.get("/v1/release/logs").status_code == 403
+    assert op.get("/v1/release/logs", params={"release": "../x"}).status_code == 422
+    assert op.get("/v1/release/logs", params={"step": "deploy"}).status_code == 422
+
     # accept: admin only, and only with {"confirm": true}
     assert op.post("/v1/release/accept", json={"confirm": True}).status_code == 403
     for body in (None, {}, {"confirm": False}):

@@ -145,7 +145,9 @@ def logs(
 
     def render(d: dict[str, str]) -> None:
         for name, text in d.items():
-            console.rule(name)
+            if name == "release":
+                continue
+            console.rule(f"{d['release']}: {name}")
             sys.stdout.write(text)
             sys.stdout.flush()
 

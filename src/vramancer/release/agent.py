@@ -97,6 +97,16 @@ class Outcome:
         }
 
 
+def _tail(path: Path, max_bytes: int | None) -> str:
+    try:
+        with open(path, "rb") as fh:
+            if max_bytes is not None:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - max_bytes))
+            return fh.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 class ReleaseAgent:
     def __init__(
         self,
@@ -143,16 +153,18 @@ class ReleaseAgent:
             "releases": releases,
         }
 
-    def logs(self, release: str | None = None, step: str | None = None) -> dict[str, str]:
+    def logs(
+        self, release: str | None = None, step: str | None = None, *, max_bytes: int | None = None
+    ) -> dict[str, str]:
         """The build and test logs (``step``: only that one) of ``release`` (default: the
-        candidate, else the newest release)."""
+        candidate, else the newest release), with ``release``: the release's name.
+        ``max_bytes``: only the end of each log."""
         if step is not None and step not in STEPS:
             raise InvalidInput(f"step must be build or test (got {step!r})", field="step")
         name = self._name(release)
-        out = {}
+        out = {"release": name}
         for which in (step,) if step else STEPS:
-            path = self.layout.log(name, which)
-            out[which] = path.read_text(errors="replace") if path.exists() else ""
+            out[which] = _tail(self.layout.log(name, which), max_bytes)
         return out
 
     def _name(self, release: str | None) -> str:

@@ -2,6 +2,8 @@
 
 * ``GET /v1/release`` (viewer): current, candidate, every release's result, the agent at work
   and this daemon's background prepare (``job``).
+* ``GET /v1/release/logs?release=&step=`` (operator): the end of a release's build and test
+  logs.
 * ``POST /v1/release/prepare`` (operator): starts a prepare in the background (202); its
   progress shows in ``GET /v1/release`` (the release's ``state``: cloning, building, testing,
   then passed or failed). 409 while another prepare or agent is at work.
@@ -15,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from vramancer.api.deps import Admin, Operator, RuntimeDep
@@ -26,6 +28,7 @@ from vramancer.release.agent import ReleaseAgent
 from vramancer.release.layout import describe_holder, read_holder
 from vramancer.release.records import RELEASE_NAME
 from vramancer.release.steps import ServiceTester
+from vramancer.tasks.model import RELEASE_PATTERN
 
 router = APIRouter(prefix="/v1/release", tags=["release"])
 
@@ -150,6 +153,33 @@ async def get_release(rt: RuntimeDep, request: Request) -> dict[str, Any]:
     job: _Job | None = getattr(request.app.state, "release_job", None)
     status["job"] = job.view() if job is not None else None
     return status
+
+
+class ReleaseLogs(BaseModel):
+    #: The release whose logs these are.
+    release: str
+    build: str | None = None
+    test: str | None = None
+
+
+#: The end of each log a ``GET /v1/release/logs`` answers at most.
+LOG_TAIL_BYTES = 1024 * 1024
+
+
+@router.get("/logs", response_model=ReleaseLogs)
+async def get_logs(
+    rt: RuntimeDep,
+    _: Operator,
+    release: Annotated[
+        str | None,
+        Query(max_length=64, pattern=RELEASE_PATTERN),
+    ] = None,
+    step: Annotated[Literal["build", "test"] | None, Query()] = None,
+) -> dict[str, str]:
+    """The end (1 MiB at most) of a release's build and test logs (default: the candidate,
+    else the newest). Operator: a build's output may show more than a viewer should see."""
+    agent = _agent(rt)
+    return await asyncio.to_thread(agent.logs, release, step, max_bytes=LOG_TAIL_BYTES)
 
 
 @router.post("/prepare", response_model=PrepareStarted, status_code=202)
