@@ -183,6 +183,9 @@ class JetStreamQueue:
         stored = self.store.mirror.get(task_id)
         return None if stored is None else stored.record
 
+    async def ids_with_prefix(self, prefix: str, *, limit: int) -> list[str]:
+        return self.store.mirror.ids_with_prefix(prefix, limit)
+
     async def states(self, task_ids: Sequence[str]) -> dict[str, TaskState]:
         found = {}
         for task_id in task_ids:

@@ -23,6 +23,7 @@ import heapq
 from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any, Generic, TypeVar
 
 from vramancer.pool.records import Duration, KeyOwner, StoredTask
@@ -262,6 +263,10 @@ class TaskMirror:
 
     def get(self, task_id: str) -> StoredTask | None:
         return self.tasks.get(task_id)
+
+    def ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Up to ``limit`` ids that start with ``prefix`` (a scan of the ids in memory)."""
+        return sorted(islice((t for t in self.tasks if t.startswith(prefix)), limit))
 
     def records(self, ids: Iterator[str], limit: int) -> list[TaskRecord]:
         found: list[TaskRecord] = []

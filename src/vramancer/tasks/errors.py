@@ -29,3 +29,10 @@ class QuotaExceeded(VramancerError):
 
     code = "quota_exceeded"
     http_status = 429
+
+
+class AmbiguousTaskId(Conflict):
+    """A shortened task id that is the start of more than one task's id; ``candidates`` lists
+    some of them."""
+
+    code = "ambiguous_task_id"

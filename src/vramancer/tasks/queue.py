@@ -129,6 +129,10 @@ class TaskQueue(Protocol):
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
+    async def ids_with_prefix(self, prefix: str, *, limit: int) -> list[str]:
+        """Up to ``limit`` ids of tasks that start with ``prefix``, in id order (``task_ids``)."""
+        ...
+
     async def states(self, task_ids: Sequence[str]) -> dict[str, TaskState]:
         """The state of each known task among ``task_ids`` (unknown ones are left out)."""
         ...

@@ -55,7 +55,7 @@ from vramancer.files import (
 )
 from vramancer.observability.metrics import Metrics
 from vramancer.plugins import load_object
-from vramancer.tasks import admission, logs
+from vramancer.tasks import admission, logs, task_ids
 from vramancer.tasks.admission import HIJACK_ENV, resolve_programs
 from vramancer.tasks.blocks import BlockReader
 from vramancer.tasks.dispatch import RoundPlan
@@ -376,10 +376,8 @@ class TaskService:
     # ----------------------------------------------------------------------------- queries
 
     async def status(self, task_id: str) -> TaskRecord:
-        record = await self.queue.get(task_id)
-        if record is None:
-            raise NotFound(f"no task {task_id!r}")
-        return record
+        """The task ``task_id`` names: its full id or a unique start of it (``task_ids``)."""
+        return await task_ids.find(self.queue, task_id)
 
     async def history(
         self,
@@ -399,7 +397,9 @@ class TaskService:
         return await self.queue.history(state=state, since=since, cursor=cursor, limit=limit)
 
     async def cancel(self, task_id: str) -> TaskRecord:
-        """Cancel a task: at once when it waits; a running one is killed (then ``cancelled``)."""
+        """Cancel a task: at once when it waits; a running one is killed (then ``cancelled``).
+        ``task_id``: its full id or a unique start of it (``task_ids``)."""
+        task_id = (await self.status(task_id)).task_id
         record, changes = await self.queue.cancel(task_id, self.clock.time())
         if record is None:
             raise NotFound(f"no task {task_id!r}")

@@ -60,6 +60,7 @@ from vramancer.tasks.sqlite_rows import (
 )
 from vramancer.tasks.sqlite_submit import submit
 from vramancer.tasks.sqlite_writer import GroupCommitWriter
+from vramancer.tasks.task_ids import prefix_bounds
 from vramancer.tasks.transitions import Trigger, step
 
 T = TypeVar("T")
@@ -308,6 +309,18 @@ class SqliteQueue:
         def op(conn: sqlite3.Connection) -> TaskRecord | None:
             row = conn.execute(f"SELECT {COLS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
             return None if row is None else to_record(row)
+
+        return await self._read(op)
+
+    async def ids_with_prefix(self, prefix: str, *, limit: int) -> list[str]:
+        low, high = prefix_bounds(prefix)
+
+        def op(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT id FROM tasks WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+                (low, high, limit),
+            )
+            return [task_id for (task_id,) in rows]
 
         return await self._read(op)
 

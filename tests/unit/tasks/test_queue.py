@@ -510,3 +510,23 @@ async def test_a_database_of_the_first_schema_is_migrated(tmp_path: Path) -> Non
     indexes = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert "tasks_user_age" in indexes and "tasks_ready_age" not in indexes
     check.close()
+
+
+async def test_ids_with_a_prefix_are_bounded_and_in_order(queue: TaskQueue) -> None:
+    ids = ["job-a1", "job-a2", "job-a3", "job-b1", "jobz", "other"]
+    await queue.submit([new(task_id) for task_id in reversed(ids)], T0)
+    assert await queue.ids_with_prefix("job-a", limit=10) == ["job-a1", "job-a2", "job-a3"]
+    assert len(await queue.ids_with_prefix("job-", limit=2)) == 2
+    assert await queue.ids_with_prefix("job-b1", limit=10) == ["job-b1"]
+    assert await queue.ids_with_prefix("JOB-", limit=10) == []  # ids are case-sensitive
+    assert await queue.ids_with_prefix("nothing", limit=10) == []
+
+
+async def test_the_prefix_query_uses_the_id_index(sqlite_queue: SqliteQueue) -> None:
+    conn = sqlite3.connect(sqlite_queue.path)
+    rows = conn.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM tasks WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+        ("abcd", "abce", 11),
+    ).fetchall()
+    plan = " | ".join(str(r[-1]) for r in rows)
+    assert "USING COVERING INDEX" in plan and "TEMP B-TREE" not in plan, plan
