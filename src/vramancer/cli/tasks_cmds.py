@@ -24,6 +24,7 @@ import typer
 from rich.table import Column, Table
 
 from vramancer.cli.common import Api, JsonOpt, call, console, emit, err_console, fail
+from vramancer.cli.parsing import CommandAfterDashes
 from vramancer.cli.tasks_validate import run_validation
 from vramancer.client import task_workdir
 from vramancer.errors import InvalidInput
@@ -38,7 +39,7 @@ _TERMINAL = {"done", "failed", "cancelled"}
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root vramancer app."""
-    app.command("submit")(submit)
+    app.command("submit", cls=CommandAfterDashes)(submit)
     app.command("watch")(watch)
     app.command("validate")(validate)
     app.add_typer(tasks_app, name="tasks")
@@ -160,7 +161,9 @@ def _detached(task_id: str) -> NoReturn:
 
 
 def watch(
-    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    task_id: Annotated[
+        str, typer.Argument(help="The task id, or its first characters (at least 4, unique).")
+    ],
     json_out: JsonOpt = False,
 ) -> None:
     """Follow a task's state and output until it ends."""
@@ -174,7 +177,8 @@ def _follow(api: Api, task_id: str, json_out: bool) -> None:
     attempt = -1
     state = ""
     while True:
-        status = call(lambda: api.get("/api/tasks/status", params={"task_id": task_id}))
+        status = _status(api, task_id)
+        task_id = status["task_id"]  # the full id, when a shortened one was given
         if status["state"] != state:
             state = status["state"]
             if not json_out:
@@ -196,6 +200,11 @@ def _follow(api: Api, task_id: str, json_out: bool) -> None:
     if state == "done":
         return
     raise typer.Exit(status.get("exit_code") or 1)
+
+
+def _status(api: Api, task_id: str) -> dict[str, Any]:
+    status: dict[str, Any] = call(lambda: api.get("/api/tasks/status", params={"task_id": task_id}))
+    return status
 
 
 def _print_new_output(api: Api, task_id: str, attempt: int, offsets: dict[str, int]) -> None:
@@ -265,7 +274,9 @@ def list_tasks(
 
 @tasks_app.command("cancel")
 def cancel(
-    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    task_id: Annotated[
+        str, typer.Argument(help="The task id, or its first characters (at least 4, unique).")
+    ],
     json_out: JsonOpt = False,
 ) -> None:
     """Cancel a task (a running one is killed)."""
@@ -276,7 +287,9 @@ def cancel(
 
 @tasks_app.command("logs")
 def logs(
-    task_id: Annotated[str, typer.Argument(help="The task id.")],
+    task_id: Annotated[
+        str, typer.Argument(help="The task id, or its first characters (at least 4, unique).")
+    ],
     attempt: Annotated[
         int | None, typer.Option(help="Which attempt (1 = the first); default: the latest.", min=1)
     ] = None,
