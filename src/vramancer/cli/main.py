@@ -13,6 +13,7 @@ from vramancer.cli import (
     mcp_server,
     memory_cmds,
     models_cmds,
+    parsing,
     pool_cmds,
     release_cmds,
     serve,
@@ -20,6 +21,7 @@ from vramancer.cli import (
     tasks_cmds,
 )
 
+parsing.show_value_types()
 app = typer.Typer(
     name="vramancer",
     help="VRAMancer: decides which models, jobs and data blocks live in which memory, and when.",

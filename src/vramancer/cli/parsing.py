@@ -4,16 +4,21 @@
   (``submit``). An option the command does not know, written after the program name
   (``vramancer submit --vram 2GiB python -c 'print(1)'``), belongs to that program: the error
   says to put the program after ``--`` and shows the line that works.
+* ``show_value_types``: help shows beside each option what the parser takes: nothing for a
+  flag (``--json``, never ``--json true``), ``TEXT``, ``INTEGER``, ``NUMBER``, ``PATH`` for a
+  value, and for a repeatable option the type of one value (give the option once per value).
+  typer's own help shows ``<bool>``, ``<str>``, ``<list[str]>``, which the parser refuses.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 
 from typer._click import Context
 from typer._click.exceptions import NoSuchOption, UsageError
-from typer.core import TyperCommand, TyperOption
+from typer.core import TyperCommand, TyperOption, _TyperParameter
 
 
 def _option(command: TyperCommand, ctx: Context, word: str) -> TyperOption | None:
@@ -63,3 +68,30 @@ class CommandAfterDashes(TyperCommand):
                 f"the program: put the command after `--`: {ctx.command_path} {line}",
                 ctx,
             ) from None
+
+
+#: Words for the value types that typer names after Python's.
+_WORDS = {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "path": "PATH", "file": "FILE"}
+_typer_display_type = _TyperParameter.display_type
+
+
+def _value_type(param: _TyperParameter, ctx: Context) -> str:
+    label = _typer_display_type(param, ctx).removeprefix("<").removesuffix(">")
+    one = re.fullmatch(r"list\[(.*)\]", label)  # a repeatable option: one value's type
+    label = one.group(1) if one else label
+    return re.sub(r"[a-z]+", lambda m: _WORDS.get(m.group(0), m.group(0)), label)
+
+
+def _option_type(option: TyperOption, ctx: Context) -> str | None:
+    if option.metavar is not None:
+        return option.metavar
+    if option.is_flag or option.count:
+        return None
+    label = _value_type(option, ctx)
+    return label + "..." if option.nargs != 1 else label
+
+
+def show_value_types() -> None:
+    """See the module docstring. Applies to every typer command of this process."""
+    _TyperParameter.display_type = _value_type  # type: ignore[method-assign, assignment]
+    TyperOption.display_type_rich = _option_type  # type: ignore[method-assign, assignment]

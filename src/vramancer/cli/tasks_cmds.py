@@ -72,14 +72,19 @@ def submit(
     node: Annotated[
         str | None, typer.Option(help="Pin to this node of the pool (vramancer nodes).")
     ] = None,
-    vram: Annotated[str | None, typer.Option(help="VRAM it needs, e.g. 4GiB.")] = None,
+    vram: Annotated[
+        str | None, typer.Option(help="VRAM it needs, e.g. 4GiB.", metavar="SIZE")
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds before it is killed.")] = None,
     retries: Annotated[int | None, typer.Option(help="Retries after a failure.", min=0)] = None,
     priority: Annotated[
         str | None, typer.Option(help="background, normal, high or user_facing.")
     ] = None,
     shell: Annotated[bool, typer.Option("--shell", help="Run COMMAND with sh -c.")] = False,
-    env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE (repeat).")] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", help="An environment variable (repeat).", metavar="KEY=VALUE"),
+    ] = None,
     cwd: Annotated[
         str | None,
         typer.Option(
