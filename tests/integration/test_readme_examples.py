@@ -54,7 +54,7 @@ SRC = Path(vramancer.__file__).resolve().parents[1]
 EXPECTED: dict[str, str] = {
     "vramancer status": r"host RAM",
     "vramancer top": r"host RAM",
-    "vramancer can-load mistral-7b --size-mb 14000": r"^yes",
+    "vramancer can-load mistral-7b --size 14GiB": r"^yes",
     "vramancer recommend llama3 --params 8B": r"for llama3",
     "vramancer models list": r"no managed models: add \[\[models\]\]",
     "vramancer profile set recording": r"switched to recording(.|\n)*places no model",

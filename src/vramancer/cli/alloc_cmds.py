@@ -13,10 +13,11 @@ import typer
 from rich.table import Table
 
 from vramancer.arbiter.types import Priority, WorkloadType
+from vramancer.cli import forms
 from vramancer.cli.common import JsonOpt, call, console, emit, fail
 from vramancer.cli.models_cmds import api_session
 from vramancer.devices.ids import DeviceId
-from vramancer.units import format_size, parse_size
+from vramancer.units import format_size
 
 alloc_app = typer.Typer(
     help="VRAM arbiter: list, request and release allocations.", no_args_is_help=True
@@ -66,8 +67,12 @@ def request(
     ],
     memory: Annotated[str, typer.Argument(help="How much VRAM: bytes or '4GiB', '512MiB'.")],
     priority: Annotated[
-        Priority, typer.Option(help="background, normal, high or user_facing.")
-    ] = Priority.NORMAL,
+        str,
+        typer.Option(
+            help="background, normal, high or user_facing, or a number 0..1000.",
+            metavar="PRIORITY",
+        ),
+    ] = Priority.NORMAL.value,
     min_quality: Annotated[
         float | None, typer.Option(help="Refuse rather than run below this quality (0-1].")
     ] = None,
@@ -84,10 +89,8 @@ def request(
     json_out: JsonOpt = False,
 ) -> None:
     """Ask the arbiter for VRAM; prints the allocation (its id is what ``release`` takes)."""
-    try:
-        size = parse_size(memory)
-    except ValueError as exc:
-        fail(f"memory: {exc}", code=2)
+    size = forms.size(memory, "memory")
+    word = forms.priority_word(priority)
     if min_quality is not None and not 0.0 < min_quality <= 1.0:
         fail(f"--min-quality must be in (0, 1], got {min_quality}", code=2)
     if not 0 <= wait <= 10:
@@ -99,7 +102,7 @@ def request(
             fail(str(exc), code=2)
     body: dict[str, Any] = {
         "workload_type": workload_type.value,
-        "priority": priority.value,
+        "priority": word.value,
         "memory": size,
         "wait_s": wait,
         "preempt": preempt,

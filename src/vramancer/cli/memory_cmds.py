@@ -20,6 +20,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
+from vramancer.cli import forms
 from vramancer.cli.common import (
     Api,
     ConfigOpt,
@@ -144,7 +145,14 @@ def _file_chunks(path: Path, progress: Progress) -> Iterator[bytes]:
 def put(
     block_id: Annotated[str, typer.Argument(help="Block id (letters, digits, . _ : / -).")],
     source: Annotated[str, typer.Argument(help="File to store, or - for stdin.")] = "-",
-    priority: Annotated[int, typer.Option(help="Priority 0..1000 (higher stays up).")] = 0,
+    priority: Annotated[
+        str,
+        typer.Option(
+            help="0..1000 (higher stays up), or background (0), normal (250), high (500), "
+            "user_facing (1000).",
+            metavar="PRIORITY",
+        ),
+    ] = "0",
     hint: Annotated[str | None, typer.Option(help="Hint, e.g. 'kv' or 'dtype=bf16'.")] = None,
     durable: Annotated[
         bool | None,
@@ -157,7 +165,7 @@ def put(
     json_out: JsonOpt = False,
 ) -> None:
     """Store a file (or stdin) as a block."""
-    params: dict[str, Any] = {"priority": priority}
+    params: dict[str, Any] = {"priority": forms.priority_number(priority)}
     if hint:
         params["hint"] = hint
     if durable is not None:

@@ -25,6 +25,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from vramancer.cli import forms
 from vramancer.cli.common import (
     Api,
     ConfigOpt,
@@ -45,7 +46,7 @@ from vramancer.events import EventBus
 from vramancer.observability.metrics import Metrics
 from vramancer.resources.estimator import estimate_from_file
 from vramancer.resources.orchestrator import ResourceOrchestrator
-from vramancer.units import format_size
+from vramancer.units import MIB, format_size
 
 #: ``can-load`` exits with this code when the model does not fit (errors exit with 1).
 EXIT_DOES_NOT_FIT = 3
@@ -364,14 +365,20 @@ def recommend(
 
 def can_load(
     model: Annotated[str, typer.Argument(help="Model id.")],
-    size_mb: Annotated[float, typer.Option("--size-mb", help="Expected size in MiB.")],
+    size: Annotated[
+        str | None,
+        typer.Option("--size", help="Expected size, e.g. 4GiB or 512MiB.", metavar="SIZE"),
+    ] = None,
+    size_mb: Annotated[
+        float | None, typer.Option("--size-mb", help="Expected size in MiB (or --size).")
+    ] = None,
     json_out: JsonOpt = False,
     embedded: EmbeddedOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Whether a model of --size-mb MiB fits now, and where. Exits with 3 when it does not."""
-    if not size_mb >= 0:
-        fail(f"--size-mb: must be 0 or more (got {size_mb})", code=2)
+    """Whether a model of --size (e.g. 4GiB) fits now, and where. Exits with 3 when it does
+    not."""
+    size_mb = _size_mb(size, size_mb)
     data, source = _via_server_or_local(
         embedded,
         config,
@@ -389,6 +396,20 @@ def can_load(
     emit(data, json_out, render)
     if not data["can_load"]:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
+
+
+def _size_mb(size: str | None, size_mb: float | None) -> float:
+    """The size ``--size`` or ``--size-mb`` gives, in MiB (the API's unit)."""
+    if size is None and size_mb is None:
+        fail("--size: the expected size is required (e.g. --size 4GiB; or --size-mb)", code=2)
+    if size is not None and size_mb is not None:
+        fail("--size and --size-mb: give one of them", code=2)
+    if size is not None:
+        return forms.size(size, "--size") / MIB
+    assert size_mb is not None
+    if not size_mb >= 0:
+        fail(f"--size-mb: must be 0 or more (got {size_mb})", code=2)
+    return size_mb
 
 
 def optimize(json_out: JsonOpt = False) -> None:

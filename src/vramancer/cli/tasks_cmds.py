@@ -23,12 +23,13 @@ from urllib.parse import quote
 import typer
 from rich.table import Column, Table
 
+from vramancer.cli import forms
 from vramancer.cli.common import Api, JsonOpt, call, console, emit, err_console, fail
 from vramancer.cli.parsing import CommandAfterDashes
 from vramancer.cli.tasks_validate import run_validation
 from vramancer.client import task_workdir
 from vramancer.errors import InvalidInput
-from vramancer.units import format_size, parse_size
+from vramancer.units import format_size
 
 tasks_app = typer.Typer(help="GPU tasks: list, cancel, logs.", no_args_is_help=True)
 
@@ -78,7 +79,11 @@ def submit(
     timeout: Annotated[float | None, typer.Option(help="Seconds before it is killed.")] = None,
     retries: Annotated[int | None, typer.Option(help="Retries after a failure.", min=0)] = None,
     priority: Annotated[
-        str | None, typer.Option(help="background, normal, high or user_facing.")
+        str | None,
+        typer.Option(
+            help="background, normal, high or user_facing, or a number 0..1000.",
+            metavar="PRIORITY",
+        ),
     ] = None,
     shell: Annotated[bool, typer.Option("--shell", help="Run COMMAND with sh -c.")] = False,
     env: Annotated[
@@ -122,16 +127,14 @@ def submit(
         else {"type": "cmd", "cmd": list(command)}
     )
     if vram is not None:
-        try:
-            body["vram"] = parse_size(vram)
-        except ValueError as exc:
-            fail(f"--vram: {exc}", code=2)
+        body["vram"] = forms.size(vram, "--vram")
+    if priority is not None:
+        body["priority"] = forms.priority_word(priority).value
     options = {
         "gpu": gpu,
         "node": node,
         "timeout": timeout,
         "max_retries": retries,
-        "priority": priority,
         "cwd": None if release is not None and cwd is None else _workdir(cwd, scratch),
         "release": release,
         "idempotency_key": key,

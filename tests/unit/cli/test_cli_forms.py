@@ -4,16 +4,42 @@ that fit the terminal."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 import typer
 import typer._click as click
 from typer.testing import CliRunner
 
+from tests.helpers import ServerProcess, running_server
 from vramancer.cli.main import app
 
+CONFIG = """
+[auth]
+tokens = { "op" = "operator" }
+
+[devices]
+backends = []
+[[devices.simulated]]
+name = "sim0"
+memory = "24GiB"
+"""
+
 runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp: Path = tmp_path_factory.mktemp("cli-forms")
+    with running_server(tmp, CONFIG, env={"VRM_DISABLE_RATE_LIMIT": "1"}) as proc:
+        yield proc
+
+
+def env_for(server: ServerProcess) -> dict[str, str]:
+    return {"VRM_URL": server.url, "VRM_API_TOKEN": "op"}
 
 
 def plain(text: str) -> str:
@@ -66,3 +92,77 @@ def test_help_shows_what_the_parser_takes() -> None:
     # What help shows is what the parser takes: a flag alone, not `--json true`.
     refused = runner.invoke(app, ["tasks", "list", "--json", "true"])
     assert refused.exit_code == 2 and "unexpected extra argument" in plain(refused.stderr)
+
+
+@pytest.mark.parametrize(
+    ("size", "mib"), [(["--size", "2GiB"], 2048.0), (["--size-mb", "2048"], 2048.0)]
+)
+def test_can_load_takes_a_size_as_vram_does(
+    server: ServerProcess, size: list[str], mib: float
+) -> None:
+    result = runner.invoke(app, ["can-load", "m", *size, "--json"], env=env_for(server))
+    assert result.exit_code == 0, result.output
+    assert "2.0 GiB needed" in json.loads(result.stdout)["reason"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "error: --size: the expected size is required"),
+        (["--size", "2XB"], "error: --size: expected an integer number of bytes"),
+        (["--size", "1GiB", "--size-mb", "3"], "error: --size and --size-mb: give one of them"),
+        (["--size-mb", "-1"], "error: --size-mb: must be 0 or more"),
+    ],
+)
+def test_can_load_names_the_size_option_it_refuses(
+    server: ServerProcess, args: list[str], message: str
+) -> None:
+    result = runner.invoke(app, ["can-load", "m", *args], env=env_for(server))
+    assert result.exit_code == 2 and result.stderr.startswith(message), result.output
+
+
+def test_a_priority_is_a_word_or_a_number_everywhere(server: ServerProcess) -> None:
+    env = env_for(server)
+    put = runner.invoke(
+        app, ["memory", "put", "blk/w", "--priority", "high", "--json"], env=env, input="x"
+    )
+    assert put.exit_code == 0, put.output
+    assert json.loads(put.stdout)["priority"] == 500
+    put = runner.invoke(
+        app, ["memory", "put", "blk/n", "--priority", "42", "--json"], env=env, input="x"
+    )
+    assert json.loads(put.stdout)["priority"] == 42
+    for given, word in (("600", "high"), ("1000", "user_facing"), ("Background", "background")):
+        submitted = runner.invoke(app, ["submit", "--priority", given, "--", "true"], env=env)
+        assert submitted.exit_code == 0, submitted.output
+        with server.client("op") as client:
+            status = client.get(
+                "/api/tasks/status", params={"task_id": submitted.stdout.strip()}
+            ).json()
+        assert status["spec"]["priority"] == word
+    granted = runner.invoke(
+        app, ["alloc", "request", "llm", "1GiB", "--priority", "250", "--json"], env=env
+    )
+    assert granted.exit_code == 0, granted.output
+    assert json.loads(granted.stdout)["priority"] == "normal"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["memory", "put", "blk/bad", "--priority", "2000"],
+        ["submit", "--priority", "urgent", "--", "true"],
+        ["alloc", "request", "llm", "1GiB", "--priority", "-1"],
+    ],
+)
+def test_a_bad_priority_is_refused_naming_the_option(
+    server: ServerProcess, command: list[str]
+) -> None:
+    result = runner.invoke(app, command, env=env_for(server), input="data")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(
+        "error: --priority: expected a number from 0 to 1000 or one of background, normal, "
+        "high, user_facing"
+    ), result.stderr
+    with server.client("op") as client:
+        assert client.get("/v1/memory/blocks/blk/bad").status_code == 404  # nothing stored
