@@ -16,6 +16,7 @@ from vramancer.arbiter.types import Priority, WorkloadType
 from vramancer.cli import forms
 from vramancer.cli.common import JsonOpt, call, console, emit, fail
 from vramancer.cli.models_cmds import api_session
+from vramancer.cli.tables import print_table
 from vramancer.devices.ids import DeviceId
 from vramancer.units import format_size
 
@@ -51,7 +52,7 @@ def list_allocations(json_out: JsonOpt = False) -> None:
         table = Table("id", "workload", "priority", "memory", "quality", "device", "owner")
         for allocation in d["allocations"]:
             table.add_row(*_row(allocation))
-        console.print(table)
+        print_table(console, table, keys=("id", "priority"), give_way=("owner",))
         console.print(
             f"{format_size(d['allocated_bytes'])} of {format_size(d['budget_bytes'])} granted, "
             f"{format_size(d['available_bytes'])} available"

@@ -33,6 +33,7 @@ from vramancer.cli.common import (
     load_settings,
     server_url,
 )
+from vramancer.cli.tables import print_table
 from vramancer.errors import VramancerError
 from vramancer.memory.recovery import rebuild
 from vramancer.memory.tiers import TierName, tier_dir
@@ -125,7 +126,7 @@ def blocks(
                 str(b["priority"]),
                 b.get("kind", ""),
             )
-        console.print(table)
+        print_table(console, table, keys=("id", "tier"), give_way=("kind",))
         shown = d["offset"] + len(d["items"])
         more = f" (next: --offset {d['next_offset']})" if d.get("next_offset") is not None else ""
         console.print(f"{d['offset'] + 1 if d['items'] else 0}–{shown} of {d['total']}{more}")

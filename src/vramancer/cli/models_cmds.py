@@ -22,6 +22,7 @@ import typer
 from rich.table import Table
 
 from vramancer.cli.common import Api, JsonOpt, call, console, emit
+from vramancer.cli.tables import print_table
 from vramancer.units import format_size
 
 models_app = typer.Typer(help="Managed models: list, load, unload, migrate.", no_args_is_help=True)
@@ -136,26 +137,26 @@ def _render_models(data: dict[str, Any]) -> None:
         console.print("no managed models: add [[models]] to the configuration", markup=False)
         console.print(f"profile: [bold]{data['profile']}[/]")
         return
-    table = Table(
-        "name", "backend", "state", "device", "runs on", "VRAM", "priority", "last used", "in use"
-    )
+    columns = ["name", "backend", "state", "device", "runs on", "VRAM", "priority", "last used"]
+    errors = any(m.get("error") for m in data["models"])
+    table = Table(*columns, "in use", *(["error"] if errors else []))
     for m in data["models"]:
         device = m["device"] or "-"
         if m["simulated"]:
             device += " (simulated)"
-        state = m["state"] + (f": {m['error']}" if m.get("error") else "")
         table.add_row(
             m["name"] + (f" (as {m['variant']})" if m.get("variant") else ""),
             m["backend"],
-            state,
+            m["state"],
             device,
             m["runs_on"] or "-",
             _size(m["used_vram_bytes"] or m["vram_bytes"]),
             m["priority"],
             (m["last_used"] or "-")[:19],
             str(m["in_use"]),
+            *([m.get("error") or ""] if errors else []),
         )
-    console.print(table)
+    print_table(console, table, keys=("name", "state"), give_way=("error", "last used"))
     console.print(f"profile: [bold]{data['profile']}[/]")
     if data.get("degraded_mode"):
         console.print(f"[yellow]degraded:[/] {data['degraded_reason']}")
@@ -242,7 +243,7 @@ def _render_profile(data: dict[str, Any]) -> None:
     for profile, mapping in sorted(data["profiles"].items()):
         for model, placement in sorted(mapping.items()) or [("-", "-")]:
             table.add_row(profile + (" *" if profile == data["name"] else ""), model, placement)
-    console.print(table)
+    print_table(console, table, keys=("profile", "model", "placement"))
     last = data.get("last_switch")
     if last:
         _render_switch(last)
@@ -258,7 +259,7 @@ def _render_switch(report: dict[str, Any]) -> None:
             status = step.get("status", "planned")
             took = f"{step['duration_s']:.2f} s" if "duration_s" in step else ""
             table.add_row(str(i), step["description"], status, took, step.get("error") or "")
-        console.print(table)
+        print_table(console, table, keys=("#", "status"), give_way=("error",))
     if report.get("dry_run"):
         console.print(f"plan for [bold]{report['name']}[/] (not run)")
     elif report.get("ok"):

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -412,19 +412,26 @@ def _size_mb(size: str | None, size_mb: float | None) -> float:
     return size_mb
 
 
+def optimize_summary(result: dict[str, Any]) -> str:
+    """One line for ``optimize``'s answer: what was freed, or that nothing was (the server
+    counts less than a mebibyte as the allocator's own churn, not as freed)."""
+    freed = result.get("reclaimed_bytes", {})
+    amounts = f"host {format_size(freed.get('host', 0))}, GPU {format_size(freed.get('gpu', 0))}"
+    if result["optimized"]:
+        return f"freed {amounts}"
+    if freed.get("host") or freed.get("gpu"):
+        return f"nothing to free ({amounts}: too little to count)"
+    return "nothing to free"
+
+
 def optimize(json_out: JsonOpt = False) -> None:
     """Ask the server to free memory: GC, allocator caches, idle models (operator role)."""
-    api = Api()
-    data = call(lambda: api.post("/v1/system/optimize"))
+    with closing(Api()) as api:
+        data = call(lambda: api.post("/v1/system/optimize"))
 
     def render(d: dict[str, Any]) -> None:
-        console.print("[green]optimized[/]" if d["optimized"] else "nothing to free")
+        console.print(optimize_summary(d), highlight=False)
         for action in d["actions_taken"]:
             console.print(f"  • {escape(action)}", highlight=False)
-        freed = d.get("reclaimed_bytes", {})
-        console.print(
-            f"freed: host {format_size(freed.get('host', 0))}, "
-            f"GPU {format_size(freed.get('gpu', 0))}"
-        )
 
     emit(data, json_out, render)

@@ -21,11 +21,12 @@ from typing import Annotated, Any, NoReturn
 from urllib.parse import quote
 
 import typer
-from rich.table import Column, Table
+from rich.table import Table
 
 from vramancer.cli import forms
 from vramancer.cli.common import Api, JsonOpt, call, console, emit, err_console, fail
 from vramancer.cli.parsing import CommandAfterDashes
+from vramancer.cli.tables import print_table
 from vramancer.cli.tasks_validate import run_validation
 from vramancer.client import task_workdir
 from vramancer.errors import InvalidInput
@@ -33,6 +34,8 @@ from vramancer.units import format_size
 
 tasks_app = typer.Typer(help="GPU tasks: list, cancel, logs.", no_args_is_help=True)
 
+#: The most characters of a task's command ``tasks list`` shows.
+MAX_WHAT = 200
 #: How often ``watch`` polls the server.
 POLL_S = 0.25
 _TERMINAL = {"done", "failed", "cancelled"}
@@ -246,10 +249,8 @@ def list_tasks(
         page = call(lambda: api.get("/api/tasks/history", params=params))
 
     def render(data: dict[str, Any]) -> None:
-        # The id is what the other commands take: never cut it.
-        width = max((len(t["task_id"]) for t in data["tasks"]), default=2)
         table = Table(
-            Column("id", no_wrap=True, min_width=width),
+            "id",
             "type",
             "state",
             "tries",
@@ -261,6 +262,7 @@ def list_tasks(
         for t in data["tasks"]:
             spec = t["spec"]
             what = " ".join(spec.get("cmd") or []) or spec.get("shell") or spec.get("python") or ""
+            what = " ".join(what[:MAX_WHAT].split())
             if t.get("system"):
                 what = "(daemon maintenance)"
             table.add_row(
@@ -271,9 +273,10 @@ def list_tasks(
                 t["device"] or "–",
                 format_size(t["vram_bytes"]) if t["vram_bytes"] else "–",
                 "–" if t["exit_code"] is None else str(t["exit_code"]),
-                what[:40],
+                what,
             )
-        console.print(table)
+        # The id is what the other commands take, the state what the user looks for.
+        print_table(console, table, keys=("id", "state"), give_way=("what",))
         if data["next_cursor"]:
             console.print(f"more: --cursor {data['next_cursor']}", highlight=False)
 

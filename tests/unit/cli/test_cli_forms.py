@@ -5,7 +5,10 @@ that fit the terminal."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from typer.testing import CliRunner
 
 from tests.helpers import ServerProcess, running_server
 from vramancer.cli.main import app
+from vramancer.cli.system_cmds import optimize_summary
 
 CONFIG = """
 [auth]
@@ -26,6 +30,12 @@ backends = []
 [[devices.simulated]]
 name = "sim0"
 memory = "24GiB"
+
+[[models]]
+name = "toy-small-embedding-model-for-tables"
+backend = "torch"
+factory = "tests.unit.models.tiny:tiny"
+vram = "500MiB"
 """
 
 runner = CliRunner()
@@ -166,3 +176,59 @@ def test_a_bad_priority_is_refused_naming_the_option(
     ), result.stderr
     with server.client("op") as client:
         assert client.get("/v1/memory/blocks/blk/bad").status_code == 404  # nothing stored
+
+
+def cli_at(server: ServerProcess, columns: int, *args: str) -> str:
+    """``vramancer ARGS`` as a user runs it, in a terminal ``columns`` wide."""
+    env = {**os.environ, **env_for(server), "COLUMNS": str(columns)}
+    done = subprocess.run(
+        [sys.executable, "-m", "vramancer.main", "--mode", "cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_tables_fit_80_columns_without_cutting_ids_names_or_states(
+    server: ServerProcess,
+) -> None:
+    long_id = "nightly-finetune-of-the-long-model"
+    with server.client("op") as client:
+        body = {"type": "cmd", "cmd": ["sleep", "30", "--and-many-more-words"] * 4}
+        body["task_id"] = long_id
+        assert client.post("/api/tasks/submit", json=body).status_code == 200
+        assert client.post(f"/api/tasks/{long_id}/cancel").status_code == 200
+    for args, key in (
+        (("tasks", "list"), rf"{long_id} +cmd +cancelled .* sl…"),
+        (("models", "list"), r"toy-small-embedding-model-for-tables .* unloaded"),
+    ):
+        out = cli_at(server, 80, *args)
+        assert max(len(line) for line in out.splitlines()) <= 80, out
+        assert re.search(key, out), out
+    # The command, the least useful column, is what gave way; on a wide terminal it is whole.
+    wide = cli_at(server, 200, "tasks", "list")
+    assert "sleep 30 --and-many-more-words sleep 30 --and-many-more-words" in wide
+
+
+@pytest.mark.parametrize(
+    ("optimized", "host", "line"),
+    [
+        (True, 5 * 2**20, "freed host 5.0 MiB, GPU 0 B"),
+        (False, 848 * 1024, "nothing to free (host 848.0 KiB, GPU 0 B: too little to count)"),
+        (False, 0, "nothing to free"),
+    ],
+)
+def test_optimize_says_one_thing(optimized: bool, host: int, line: str) -> None:
+    result = {"optimized": optimized, "reclaimed_bytes": {"host": host, "gpu": 0}}
+    assert optimize_summary(result) == line
+
+
+def test_optimize_against_a_server_prints_one_verdict(server: ServerProcess) -> None:
+    result = runner.invoke(app, ["optimize"], env=env_for(server))
+    assert result.exit_code == 0, result.output
+    first, *actions = result.stdout.splitlines()
+    assert first.startswith(("freed host", "nothing to free")), result.stdout
+    assert actions and all(a.startswith("  • ") for a in actions), result.stdout
