@@ -1,5 +1,5 @@
-"""``vramancer validate``: the end-to-end self-test of the task scheduler (seed 004's
-``organism-validate``), run against a live server.
+"""``vramancer validate``: the end-to-end self-test of the task scheduler, run against a live
+server: it passes only when every step below does, and prints PASS or FAIL with the reason.
 
 Each step submits real tasks through the HTTP API and checks what comes back: a ``cmd`` task
 sees ``VRM_TASK_ID``, the right ``CUDA_VISIBLE_DEVICES`` for its device and a scratch working

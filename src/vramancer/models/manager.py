@@ -366,7 +366,7 @@ class ModelManager:
         return self.status(name)  # no await since the hold: it is loaded right now
 
     async def ensure_unloaded(self, name: str) -> ModelStatus:
-        """Unload ``name`` once its users are done; returns only when unloaded (property 11)."""
+        """Unload ``name`` once its users are done; returns only when unloaded."""
         entry = self._table.get(name)
         async with self._locks.quiesce(entry), self._locks.locked(entry):
             await self._lifecycle.unload_locked(entry, "request")
@@ -384,7 +384,7 @@ class ModelManager:
 
     @contextlib.asynccontextmanager
     async def use(self, name: str, device: str | None = None) -> AsyncIterator[ModelHandle]:
-        """Hold ``name`` loaded while the block runs: loads it on demand (property 9), records
+        """Hold ``name`` loaded while the block runs: loads it on demand, records
         the activity, and keeps the idle reaper and evictions away until the block exits."""
         entry = self._table.get(name)
         await self._holds.obtain(entry, device)
@@ -412,7 +412,7 @@ class ModelManager:
         self._table.touch(self._table.get(name))
 
     async def reap_once(self, now: float | None = None) -> list[str]:
-        """Unload every model idle for its timeout (its own, else the default; property 8).
+        """Unload every model idle for its timeout (its own, else the default).
         A model in use, being drained, or never-evict is left alone. Returns the names."""
         return await self._reaper.reap_once(now)
 

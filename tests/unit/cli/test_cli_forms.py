@@ -232,3 +232,10 @@ def test_optimize_against_a_server_prints_one_verdict(server: ServerProcess) -> 
     first, *actions = result.stdout.splitlines()
     assert first.startswith(("freed host", "nothing to free")), result.stdout
     assert actions and all(a.startswith("  • ") for a in actions), result.stdout
+
+
+def test_help_speaks_of_what_commands_do_not_of_project_notes() -> None:
+    for path in commands(typer.main.get_command(app)):
+        text = runner.invoke(app, [*path, "--help"], terminal_width=200).stdout
+        found = re.findall(r"(?i)\b(?:seed|issue|property) #?\d+|\bseed \d+'s\b", text)
+        assert found == [], (path, found)
