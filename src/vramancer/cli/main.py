@@ -21,7 +21,7 @@ from vramancer.cli import (
     tasks_cmds,
 )
 
-parsing.show_value_types()
+parsing.readable_help()
 app = typer.Typer(
     name="vramancer",
     help="VRAMancer: decides which models, jobs and data blocks live in which memory, and when.",

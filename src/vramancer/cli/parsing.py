@@ -4,18 +4,22 @@
   (``submit``). An option the command does not know, written after the program name
   (``vramancer submit --vram 2GiB python -c 'print(1)'``), belongs to that program: the error
   says to put the program after ``--`` and shows the line that works.
-* ``show_value_types``: help shows beside each option what the parser takes: nothing for a
+* ``readable_help``: help shows beside each option what the parser takes: nothing for a
   flag (``--json``, never ``--json true``), ``TEXT``, ``INTEGER``, ``NUMBER``, ``PATH`` for a
   value, and for a repeatable option the type of one value (give the option once per value).
-  typer's own help shows ``<bool>``, ``<str>``, ``<list[str]>``, which the parser refuses.
+  typer's own help shows ``<bool>``, ``<str>``, ``<list[str]>``, which the parser refuses;
+  and a command's summary in the list of commands is one paragraph, not broken where its
+  docstring's lines end.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 import shlex
 from collections.abc import Sequence
 
+from typer import rich_utils
 from typer._click import Context
 from typer._click.exceptions import NoSuchOption, UsageError
 from typer.core import TyperCommand, TyperOption, _TyperParameter
@@ -91,7 +95,18 @@ def _option_type(option: TyperOption, ctx: Context) -> str | None:
     return label + "..." if option.nargs != 1 else label
 
 
-def show_value_types() -> None:
+_typer_command_help = rich_utils._make_command_help
+
+
+def _command_help(*, help_text: str, markup_mode: rich_utils.MarkupModeStrict) -> object:
+    first = inspect.cleandoc(help_text).partition("\n\n")[0]
+    if not first.startswith("\b"):
+        help_text = " ".join(first.split())
+    return _typer_command_help(help_text=help_text, markup_mode=markup_mode)
+
+
+def readable_help() -> None:
     """See the module docstring. Applies to every typer command of this process."""
+    rich_utils._make_command_help = _command_help  # type: ignore[assignment]
     _TyperParameter.display_type = _value_type  # type: ignore[method-assign, assignment]
     TyperOption.display_type_rich = _option_type  # type: ignore[method-assign, assignment]

@@ -86,7 +86,7 @@ def commands(group: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple
 def test_help_shows_what_the_parser_takes() -> None:
     seen = 0
     for path in commands(typer.main.get_command(app)):
-        result = runner.invoke(app, [*path, "--help"], terminal_width=200)
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0, (path, result.output)
         types = re.findall(
             r"<(?:bool|str|int|float|list\[.*?\]|\w+ range|path|file)>", result.stdout
@@ -94,7 +94,7 @@ def test_help_shows_what_the_parser_takes() -> None:
         assert types == [], (path, types)
         seen += 1
     assert seen > 20
-    submit = runner.invoke(app, ["submit", "--help"], terminal_width=200).stdout
+    submit = runner.invoke(app, ["submit", "--help"], env={"COLUMNS": "200"}).stdout
     assert re.search(r"--vram +SIZE +VRAM it needs", submit)
     assert re.search(r"--env +KEY=VALUE +An environment variable", submit)
     assert re.search(r"--wait +Follow state", submit)  # a flag: no value shown
@@ -236,6 +236,15 @@ def test_optimize_against_a_server_prints_one_verdict(server: ServerProcess) -> 
 
 def test_help_speaks_of_what_commands_do_not_of_project_notes() -> None:
     for path in commands(typer.main.get_command(app)):
-        text = runner.invoke(app, [*path, "--help"], terminal_width=200).stdout
+        text = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}).stdout
         found = re.findall(r"(?i)\b(?:seed|issue|property) #?\d+|\bseed \d+'s\b", text)
         assert found == [], (path, found)
+
+
+def test_the_list_of_commands_gives_each_summary_as_one_paragraph() -> None:
+    listing = runner.invoke(app, ["--help"], env={"COLUMNS": "300"}).stdout
+    assert re.search(
+        r"worker +Join a pool as a worker node: .* them\. Stops cleanly on SIGTERM or Ctrl-C "
+        r"\(running tasks go back to the queue\)\.",
+        listing,
+    ), listing
