@@ -41,7 +41,7 @@ def priority_number(value: str, option: str = "--priority") -> int:
     for word, number in PRIORITY_NUMBERS.items():
         if text == word.value:
             return number
-    if text.isdigit() and int(text) <= MAX_PRIORITY:
+    if text.isascii() and text.isdigit() and len(text) <= 4 and int(text) <= MAX_PRIORITY:
         return int(text)
     fail(f"{option}: expected {PRIORITY_FORM} (got {value!r})", code=2)
 

@@ -161,6 +161,7 @@ def test_a_priority_is_a_word_or_a_number_everywhere(server: ServerProcess) -> N
     "command",
     [
         ["memory", "put", "blk/bad", "--priority", "2000"],
+        ["memory", "put", "blk/bad", "--priority", "²"],
         ["submit", "--priority", "urgent", "--", "true"],
         ["alloc", "request", "llm", "1GiB", "--priority", "-1"],
     ],
