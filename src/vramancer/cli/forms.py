@@ -43,7 +43,8 @@ def priority_number(value: str, option: str = "--priority") -> int:
             return number
     if text.isascii() and text.isdigit() and len(text) <= 4 and int(text) <= MAX_PRIORITY:
         return int(text)
-    fail(f"{option}: expected {PRIORITY_FORM} (got {value!r})", code=2)
+    shown = repr(value) if len(value) <= 40 else repr(value[:37]) + "..."
+    fail(f"{option}: expected {PRIORITY_FORM} (got {shown})", code=2)
 
 
 def priority_word(value: str, option: str = "--priority") -> Priority:
