@@ -116,6 +116,9 @@ class ServerSettings(BaseModel):
     max_event_streams_per_client: int = Field(default=16, ge=1)
     #: An event stream whose client has read nothing for this long is dropped (slow consumer).
     event_stream_write_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    #: Log every HTTP request (``vramancer serve --access-log``); off: only answers of 400 and
+    #: over are logged.
+    access_log: bool = False
 
     @field_validator("allowed_hosts")
     @classmethod

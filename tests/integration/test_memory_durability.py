@@ -182,7 +182,8 @@ def test_a_second_serve_on_the_same_data_directory_is_refused(
     )
     output = done.stdout.decode() + done.stderr.decode()
     assert done.returncode == 2, output
-    assert "another VRAMancer process is using the data directory" in output
+    assert f"another VRAMancer daemon (pid {server.proc.pid}, {server.url})" in output
+    assert "is using the data directory" in output
     assert "Traceback" not in output
     with server.client() as c:  # the first goes on, its blocks untouched
         assert c.get("/v1/memory/blocks/keep").content == b"x" * 3000

@@ -219,11 +219,14 @@ def test_serve_json_logs_one_object_per_line(tmp_path: Path) -> None:
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
         httpx.get(f"http://127.0.0.1:{port}/v1/devices", timeout=10)
+        httpx.get(f"http://127.0.0.1:{port}/v1/nothing-here", timeout=10)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         text = proc.communicate(timeout=30)[0].decode()
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     loggers = {line["logger"] for line in lines}
     assert "vramancer.devices.manager" in loggers and "uvicorn.error" in loggers
-    assert any("GET /v1/devices" in line["message"] for line in lines)  # the access log too
+    # The access log too, its failed requests only (no --access-log)
+    assert any("GET /v1/nothing-here" in line["message"] for line in lines)
+    assert not any("GET /v1/devices" in line["message"] for line in lines)
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)

@@ -6,13 +6,18 @@ import ipaddress
 import json
 import logging
 import socket
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from vramancer.cli import daemon_record
 from vramancer.cli.common import ConfigOpt, fail, load_settings
 from vramancer.config import Settings
-from vramancer.errors import ConfigError
+from vramancer.errors import ConfigError, DataDirInUse
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 def is_loopback(host: str) -> bool:
@@ -71,51 +76,52 @@ def configure_logging(level: str, as_json: bool) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+AccessLogOpt = Annotated[
+    bool,
+    typer.Option(
+        "--access-log",
+        help="Log every HTTP request (default: only 4xx and 5xx answers; "
+        "[server] access_log in the config file).",
+    ),
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Data directory (default: $VRM_DATA_DIR, then the config)."),
+]
+
+
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[
         int | None, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")
     ] = None,
     config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
     json_out: Annotated[
         bool, typer.Option("--json", help="Log one JSON object per line (uvicorn's lines too).")
     ] = False,
+    access_log: AccessLogOpt = False,
 ) -> None:
     """Run the VRAMancer daemon: HTTP API, dashboard and /metrics."""
     import uvicorn
 
-    from vramancer.api.app import create_app
-
     level = log_level.lower()
     if level not in LOG_LEVELS:
         fail(f"--log-level: must be one of {', '.join(LOG_LEVELS)} (got {log_level!r})", code=2)
-    base = load_settings(config)
+    overrides = {"data_dir": data_dir} if data_dir is not None else {}
+    base = load_settings(config, **overrides)
     server = base.server.model_copy(
         update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     )
     settings = base.model_copy(update={"server": server})
     check_binding(settings)
-    try:
-        app = create_app(settings)
-    except ConfigError as exc:  # checks across sections (a profile naming an unknown model)
-        fail(exc.message, code=2)
-    if settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        registry = app.state.runtime.metrics.registry
-        try:
-            start_http_server(settings.metrics_port, addr=server.host, registry=registry)
-        except OSError as exc:
-            fail(
-                f"VRM_METRICS_PORT: cannot listen on {server.host}:{settings.metrics_port} "
-                f"({exc.strerror or exc})",
-                code=2,
-            )
+    app = _build_app(settings)
+    _start_metrics_port(app, settings)
     configure_logging(level, json_out)
     # With --json, uvicorn's loggers propagate to the root handler above instead of its own.
     log_config = None if json_out else uvicorn.config.LOGGING_CONFIG
-    uvicorn.run(
+    uv_config = uvicorn.Config(
         app,
         host=server.host,
         port=server.port,
@@ -124,6 +130,60 @@ def serve(
         proxy_headers=bool(server.trusted_proxies),
         forwarded_allow_ips=forwarded_allow_ips(settings),
     )
+    if not (access_log or server.access_log):
+        logging.getLogger("uvicorn.access").addFilter(failed_requests_only)
+    from vramancer.cli.serve_server import Server
+
+    Server(uv_config, settings).run()
+
+
+def _build_app(settings: Settings) -> FastAPI:
+    from vramancer.api.app import create_app
+
+    try:
+        return create_app(settings)
+    except DataDirInUse as exc:
+        fail(daemon_in_the_way(settings.data_dir) or exc.message, code=2)
+    except ConfigError as exc:  # checks across sections (a profile naming an unknown model)
+        fail(exc.message, code=2)
+
+
+def daemon_in_the_way(data_dir: Path) -> str | None:
+    """The one line that says which running daemon holds ``data_dir``; None when no running
+    daemon says so (another VRAMancer command may hold it, e.g. ``memory recover``)."""
+    found = daemon_record.read(data_dir)
+    if found is None:
+        return None
+    return (
+        f"another VRAMancer daemon (pid {found.pid}, {found.url}) is using the data directory "
+        f"{data_dir}; stop it first, or give this one its own data directory (--data-dir or "
+        "VRM_DATA_DIR)"
+    )
+
+
+def _start_metrics_port(app: FastAPI, settings: Settings) -> None:
+    if not settings.metrics_port:
+        return
+    from prometheus_client import start_http_server
+
+    registry = app.state.runtime.metrics.registry
+    host = settings.server.host
+    try:
+        start_http_server(settings.metrics_port, addr=host, registry=registry)
+    except OSError as exc:
+        fail(
+            f"VRM_METRICS_PORT: cannot listen on {host}:{settings.metrics_port} "
+            f"({exc.strerror or exc})",
+            code=2,
+        )
+
+
+def failed_requests_only(record: logging.LogRecord) -> bool:
+    """The access log's filter without ``--access-log``: answers of 400 and over only (the
+    dashboard polls every few seconds; its 200s would drown what the daemon does)."""
+    args = record.args
+    status = args[-1] if isinstance(args, tuple) and args else None
+    return not isinstance(status, int) or status >= 400
 
 
 def forwarded_allow_ips(settings: Settings) -> list[str] | None:
