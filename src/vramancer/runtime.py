@@ -30,6 +30,7 @@ from vramancer.memory.regulator import HostMemoryRegulator
 from vramancer.memory.store import TieredStore
 from vramancer.models.manager import ModelManager
 from vramancer.observability import tracing
+from vramancer.observability.eventlog import EventLog
 from vramancer.observability.metrics import Metrics
 from vramancer.release.layout import Releases, deploy_dir
 from vramancer.replication.service import HaService
@@ -133,6 +134,8 @@ class Runtime:
         self.clock: Clock = clock if clock is not None else SystemClock()
         s = self.settings
         self.events = EventBus(clock=self.clock.time)
+        #: What happens, in the log (``vramancer.events``): tasks, allocations, models ...
+        self.event_log = EventLog(self.events)
         self.metrics = Metrics(node=s.node_name)
         self.devices = DeviceManager(
             s.devices, events=self.events, metrics=self.metrics, clock=self.clock

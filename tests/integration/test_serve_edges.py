@@ -4,14 +4,17 @@ the log says, sizes in the log, and configuration typos, each read from a real p
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.helpers import ServerProcess, free_port, wait_for
+from tests.helpers import ServerProcess, free_port, wait_for, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -47,3 +50,110 @@ def test_a_second_daemon_names_the_first_in_one_line(
     ]
     first.stop()  # SIGTERM: a clean stop takes its record away
     assert not record.exists()
+
+
+LOGGED_CONFIG = """
+[devices]
+backends = []
+
+[[devices.simulated]]
+name = "sim0"
+memory = "12GiB"
+
+[memory]
+fsync = false
+
+[[models]]
+name = "clip"
+backend = "torch"
+factory = "tests.unit.models.tiny:tiny"
+vram = "500MiB"
+
+[profiles.clip_on_cpu]
+clip = "cpu"
+
+[profiles.nothing]
+clip = "unloaded"
+"""
+
+
+class Daemon:
+    """``vramancer serve`` at ``--log-level info``, its log in a file."""
+
+    def __init__(self, tmp: Path, config: str, *args: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = tmp / "daemon.toml"
+        self.config.write_text(config)
+        self.log_path = tmp / f"serve-{self.port}.log"
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [*SERVE, "--port", str(self.port), "--config", str(self.config),
+                 "--data-dir", str(tmp / "data"), "--log-level", "info", *args],
+                env=clean_env(**(env or {})), stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        try:
+            wait_http(self.url + "/healthz", timeout=60, proc=self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        return self.log
+
+
+def test_the_log_says_what_happens_and_not_every_poll(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, LOGGED_CONFIG)
+    try:
+        with httpx.Client(base_url=daemon.url, timeout=60) as c:
+            task = c.post("/api/tasks/submit", json={"type": "shell", "shell": "true"})
+            task = task.json()["task_id"]
+            wait_for(
+                lambda: (
+                    c.get("/api/tasks/status", params={"task_id": task}).json()["state"] == "done"
+                ),
+                what="the task done",
+            )
+            granted = c.post("/v1/allocations", json={"workload_type": "llm", "memory": "1GiB"})
+            assert granted.status_code == 201, granted.text
+            allocation = granted.json()["id"]
+            assert c.delete(f"/v1/allocations/{allocation}").status_code == 200
+            assert c.put("/v1/profile", json={"name": "clip_on_cpu"}).json()["ok"]
+            assert c.put("/v1/profile", json={"name": "nothing"}).json()["ok"]
+            for _ in range(5):  # the dashboard's polling
+                assert c.get("/v1/devices").status_code == 200
+            assert c.get("/v1/no-such-thing").status_code == 404
+            wait_for(lambda: "model clip unloaded" in daemon.log, what="the unload logged")
+    finally:
+        text = daemon.stop()
+    assert f"dashboard: {daemon.url}/" in text
+    assert f"API docs: {daemon.url}/docs" in text
+    assert f"metrics: {daemon.url}/metrics" in text
+    assert f"task {task} submitted (shell)" in text
+    assert f"task {task} started" in text
+    assert re.search(rf"task {task} done( on \S+)? after \d+\.\d s, exit code 0", text), text
+    assert f"allocation {allocation} granted: 1.0 GiB for llm (priority normal" in text
+    assert f"allocation {allocation} released: 1.0 GiB" in text
+    assert re.search(r"model clip loaded on cpu in \d+\.\d s \(profile\)", text), text
+    assert "model clip unloaded on cpu (profile)" in text
+    assert "profile switched from idle to clip_on_cpu" in text
+    assert "profile switched from clip_on_cpu to nothing" in text
+    assert "GET /v1/devices" not in text  # 200s are not logged without --access-log
+    assert 'GET /v1/no-such-thing HTTP/1.1" 404' in text
+
+
+def test_access_log_logs_every_request(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, CONFIG, "--access-log")
+    try:
+        assert httpx.get(daemon.url + "/v1/devices", timeout=30).status_code == 200
+        wait_for(lambda: "GET /v1/devices" in daemon.log, what="the request logged")
+    finally:
+        daemon.stop()
