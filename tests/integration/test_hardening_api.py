@@ -128,7 +128,7 @@ def test_json_bodies_over_max_json_body_are_refused_at_once_or_as_they_pass_it(
                            "Content-Length": str(BIG)}))  # fmt: skip
         sent = send_body_until_refused(sock, BIG)
         status, data = read_response(sock)
-    assert status == 413 and b"over the limit of 1048576" in data
+    assert status == 413 and b"over the limit of 1.0 MiB" in data
     assert sent < BIG // 4
     with connect(server) as sock:  # chunked: refused once 1 MiB has arrived
         sock.sendall(head("POST", "/api/tasks/submit_batch", server.port,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -194,7 +195,7 @@ def test_errors_are_clear(op: httpx.Client, server: ServerProcess, fake: FakeOll
     r = op.post("/v1/models/big:14b/load")
     assert r.status_code == 409
     message = r.json()["error"]["message"]
-    assert "needs 11264 MB" in message and "MB free" in message and VLM in message
+    assert re.search(r"needs 11.0 GiB, [\d.]+ [MG]iB free", message) and VLM in message
     assert r.json()["error"]["could_unload"] == [VLM]
     op.post(f"/v1/models/{VLM}/unload")
     fake.go_down()

@@ -137,6 +137,12 @@ def test_the_log_says_what_happens_and_not_every_poll(tmp_path: Path) -> None:
     assert f"dashboard: {daemon.url}/" in text
     assert f"API docs: {daemon.url}/docs" in text
     assert f"metrics: {daemon.url}/metrics" in text
+    assert re.search(
+        r"memory tier L4: \d+\.\d GiB \(25% of the \d+\.\d GiB of host memory available at "
+        r"start; set \[memory.tiers.L4\] capacity to fix it\)",
+        text,
+    ), text
+    assert not re.search(r"\d{6,} ?B\b|\d{6,} bytes", text)  # no raw byte counts
     assert f"task {task} submitted (shell)" in text
     assert f"task {task} started" in text
     assert re.search(rf"task {task} done( on \S+)? after \d+\.\d s, exit code 0", text), text

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vramancer.api.guard import bearer, body_announced, match_token, reply
+from vramancer.units import format_size
 
 _EXEMPT = frozenset({"/healthz"})
 #: (method, path prefix) of the routes whose body is raw bytes, limited by ``max_body``.
@@ -130,7 +131,10 @@ class BodyLimitMiddleware:
         length = headers.get(b"content-length")
         limit = self.limit(scope)
         if length is not None and length.isdigit() and int(length) > limit:
-            msg = f"request body of {int(length)} bytes is over the limit of {limit}"
+            msg = (
+                f"request body of {format_size(int(length))} is over the limit of "
+                f"{format_size(limit)}"
+            )
             await reply(send, 413, "payload_too_large", msg, close=True, max_bytes=limit)
             return
         if length is None and b"transfer-encoding" in headers:
@@ -172,7 +176,7 @@ class BodyLimitMiddleware:
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    msg = f"request body is over the limit of {limit} bytes"
+    msg = f"request body is over the limit of {format_size(limit)}"
     await reply(send, 413, "payload_too_large", msg, close=True, max_bytes=limit)
 
 

@@ -319,7 +319,9 @@ def get(
         emit(
             meta,
             json_out,
-            lambda d: err_console.print(f"wrote {d['size']} bytes of {d['id']} to {d['output']}"),
+            lambda d: err_console.print(
+                f"wrote {format_size(d['size'])} of {d['id']} to {d['output']}"
+            ),
         )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from vramancer.blockids import BLOCK_ID_RE
 from vramancer.errors import InvalidInput
+from vramancer.units import format_size
 
 #: Allowed block ids: letters, digits and ``. _ : / -``, 1 to 256 characters.
 #: Allowed hints: printable ASCII without control characters, at most 128 characters.
@@ -87,7 +88,8 @@ def check_size(nbytes: int, max_block_size: int) -> None:
         raise InvalidInput("a block cannot be empty", field="data")
     if nbytes > max_block_size:
         raise BlockTooLarge(
-            f"block of {nbytes} bytes is over memory.max_block_size ({max_block_size})",
+            f"block of {format_size(nbytes)} is over memory.max_block_size "
+            f"({format_size(max_block_size)})",
             requested_bytes=nbytes,
             max_bytes=max_block_size,
         )

@@ -25,6 +25,7 @@ from vramancer.memory.records import BlockMeta, TierView
 from vramancer.memory.settings import MemorySettings
 from vramancer.memory.state import Entry, StoreState, Tier
 from vramancer.memory.tiers import TierName
+from vramancer.units import format_size
 
 log = logging.getLogger("vramancer.memory.store")
 
@@ -157,7 +158,7 @@ class Planning:
         if not disk:
             raise Conflict(
                 "a durable put needs a disk tier (L5 or L6) that can hold "
-                f"{size} bytes, and none is present",
+                f"{format_size(size)}, and none is present",
                 requested_bytes=size,
             )
         return disk
@@ -179,7 +180,7 @@ class Planning:
             raise InvalidInput(f"{target.name} is not {way} from {current.name}", field="tier")
         if size > target.target:
             raise InsufficientMemory(
-                f"{target.name} cannot hold a block of {size} bytes",
+                f"{target.name} cannot hold a block of {format_size(size)}",
                 requested_bytes=size,
                 available_bytes=target.free,
             )
@@ -187,7 +188,7 @@ class Planning:
             self.make_room(target, size, reason="room")
         if target.free < size:
             raise InsufficientMemory(
-                f"no room in {target.name} for {size} bytes",
+                f"no room in {target.name} for {format_size(size)}",
                 requested_bytes=size,
                 available_bytes=target.free,
             )
@@ -218,7 +219,7 @@ class Planning:
         plan = planner.plan_demotion(states, Candidate(meta.id, meta.size), current.name)
         if isinstance(plan, NoRoom):
             raise InsufficientMemory(
-                f"no tier below {current.name} has room for {meta.size} bytes",
+                f"no tier below {current.name} has room for {format_size(meta.size)}",
                 requested_bytes=meta.size,
                 available_bytes=max(t.free for t in current.lower),
             )

@@ -35,6 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from vramancer import event_types as ev
 from vramancer.errors import VramancerError
+from vramancer.units import format_size as _h
 from vramancer.units import parse_size
 
 if TYPE_CHECKING:  # memory.settings imports this module: keep config free of the device layer
@@ -261,23 +262,29 @@ def plan_budgets(
         if taken:
             last_shrink = stamp
             action = RegulatorAction.SHRINK
-            reason = f"MemAvailable {available} under the low mark {low}: shrank by {taken}"
+            reason = (
+                f"MemAvailable {_h(available)} under the low mark {_h(low)}: shrank by {_h(taken)}"
+            )
         else:
             action = RegulatorAction.PROFILE if capped else RegulatorAction.HOLD
-            reason = f"MemAvailable {available} under the low mark {low}: all tiers at floor"
+            reason = (
+                f"MemAvailable {_h(available)} under the low mark {_h(low)}: all tiers at floor"
+            )
     elif available > high:
         pressured = False
         cooling = last_shrink is not None and stamp - last_shrink < settings.cooldown_s
         given = 0 if cooling else _give(budgets, ceilings, tiers, min(step, available - high))
         if given:
             action = RegulatorAction.GROW
-            reason = f"MemAvailable {available} over the high mark {high}: gave back {given}"
+            reason = (
+                f"MemAvailable {_h(available)} over the high mark {_h(high)}: gave back {_h(given)}"
+            )
         else:
             action = RegulatorAction.PROFILE if capped else RegulatorAction.HOLD
             reason = "cooling down after a shrink" if cooling else "budgets at their ceiling"
     else:
         action = RegulatorAction.PROFILE if capped else RegulatorAction.HOLD
-        reason = f"MemAvailable {available} between the marks {low} and {high}"
+        reason = f"MemAvailable {_h(available)} between the marks {_h(low)} and {_h(high)}"
     if action is RegulatorAction.PROFILE:
         reason = f"profile {profile} caps the budgets ({reason})"
 

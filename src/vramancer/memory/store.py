@@ -88,6 +88,7 @@ from vramancer.memory.tiers import CudaDevice
 from vramancer.memory.writes import Writer
 from vramancer.observability import tracing
 from vramancer.observability.metrics import Metrics
+from vramancer.units import format_size
 
 __all__ = [
     "MAX_LIST_OFFSET",
@@ -247,10 +248,11 @@ class TieredStore:
             self._closed = False
         for tier in self._state.tiers:
             self._metrics.publish(tier)
-        log.info(
-            "memory tiers: %s",
-            ", ".join(f"{t.name}={t.capacity}B" for t in self._state.tiers) or "none",
-        )
+        if not self._state.tiers:
+            log.info("memory tiers: none")
+        for t in self._state.tiers:
+            origin = f" ({t.spec.origin})" if t.spec.origin else ""
+            log.info("memory tier %s: %s%s", t.name, format_size(t.capacity), origin)
 
     def close(self, *, spill: bool | None = None) -> None:
         """Spill (``memory.spill_on_stop`` unless ``spill`` says otherwise) and close."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from vramancer.devices.types import SystemSnapshot
 from vramancer.files import private_dir
 from vramancer.memory.settings import MemorySettings, TierSettings
+from vramancer.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class TierSpec:
     path: Path | None = None
     #: CUDA device indexes (L1: one, L2: the others).
     devices: tuple[int, ...] = field(default_factory=tuple)
+    #: Where ``capacity_bytes`` came from, for people (the configuration, or a share of what
+    #: the machine had at start).
+    origin: str = ""
 
 
 def cuda_devices(snapshot: SystemSnapshot) -> list[CudaDevice]:
@@ -159,22 +163,28 @@ def resolve_tiers(
         tier_devices: tuple[int, ...] = ()
         if name is TierName.L1:
             tier_devices = (devices[0].index,)
-            derived = int(devices[0].memory_total_bytes * derive.gpu_fraction)
+            fraction, whole = derive.gpu_fraction, devices[0].memory_total_bytes
+            basis = f"of the {format_size(whole)} of cuda:{devices[0].index}"
         elif name is TierName.L2:
             tier_devices = tuple(d.index for d in devices[1:])
-            derived = int(
-                sum(d.memory_total_bytes for d in devices[1:]) * derive.other_gpu_fraction
-            )
-        elif name is TierName.L3:
-            derived = int(host_available * derive.pinned_fraction)
-        elif name is TierName.L4:
-            derived = int(host_available * derive.host_fraction)
+            fraction = derive.other_gpu_fraction
+            whole = sum(d.memory_total_bytes for d in devices[1:])
+            basis = f"of the {format_size(whole)} of the other GPUs"
+        elif name in (TierName.L3, TierName.L4):
+            fraction = derive.pinned_fraction if name is TierName.L3 else derive.host_fraction
+            whole = host_available
+            basis = f"of the {format_size(whole)} of host memory available at start"
         else:
             path = tier_dir(settings, name, data_dir)
             assert path is not None
             fraction = derive.l5_disk_fraction if name is TierName.L5 else derive.l6_disk_fraction
-            derived = 0 if conf.capacity is not None else int(_disk_free(path) * fraction)
-        capacity = conf.capacity if conf.capacity is not None else derived
+            whole = 0 if conf.capacity is not None else _disk_free(path)
+            basis = f"of the {format_size(whole)} free on the disk of {path}"
+        if conf.capacity is not None:
+            capacity, origin = conf.capacity, f"[memory.tiers.{name.value}] capacity"
+        else:
+            capacity = int(whole * fraction)
+            origin = f"{fraction:.0%} {basis}; set [memory.tiers.{name.value}] capacity to fix it"
         high = conf.pressure_high if conf.pressure_high is not None else settings.pressure_high
         low = conf.pressure_low if conf.pressure_low is not None else settings.pressure_low
         specs.append(
@@ -186,6 +196,7 @@ def resolve_tiers(
                 pressure_low=min(low, high),
                 path=path,
                 devices=tier_devices,
+                origin=origin,
             )
         )
     specs.sort(key=lambda s: s.latency)

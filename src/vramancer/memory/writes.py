@@ -22,6 +22,7 @@ from vramancer.memory.records import BlockMeta
 from vramancer.memory.settings import MemorySettings
 from vramancer.memory.state import Entry, Free, StoreState, Tier
 from vramancer.observability import tracing
+from vramancer.units import format_size
 
 
 class PutPolicy(Protocol):
@@ -135,7 +136,7 @@ class Writer:
             with state.lock:
                 available = max((t.free for t in state.tiers), default=0)
             raise InsufficientMemory(
-                f"no tier has room for a block of {meta.size} bytes",
+                f"no tier has room for a block of {format_size(meta.size)}",
                 requested_bytes=meta.size,
                 available_bytes=available,
             )

@@ -106,8 +106,8 @@ class GpuRoom:
             more = f" and {len(held) - HOLDERS_SHOWN} more" if len(held) > HOLDERS_SHOWN else ""
             hint += f"; other allocations hold memory: {shown}{more}"
         return InsufficientMemory(
-            f"not enough VRAM on {device} for {entry.name}: needs {needed_mb} MB, "
-            f"{free_mb} MB free{hint}",
+            f"not enough VRAM on {device} for {entry.name}: needs "
+            f"{format_size(decision.needed_bytes)}, {format_size(free)} free{hint}",
             model=entry.name,
             device=device,
             needed_mb=needed_mb,

@@ -173,8 +173,8 @@ def check_viewer(spec: TaskSpec, settings: TasksSettings, where: str) -> None:
     size = len(dumps(spec.payload))
     if size > limit:
         raise InvalidInput(
-            f"{where}payload: {size} bytes as JSON; a viewer's task may carry at most "
-            f"{limit} ([tasks] viewer_max_payload_bytes)",
+            f"{where}payload: {format_size(size)} as JSON; a viewer's task may carry at most "
+            f"{format_size(limit)} ([tasks] viewer_max_payload_bytes)",
             field="payload",
         )
 
@@ -189,7 +189,8 @@ def prepare(spec: TaskSpec, ctx: Context, where: str, owner: str = LOCAL_OWNER) 
     spec_json = spec.model_dump_json(exclude_none=True)
     if len(spec_json) > s.max_payload_bytes:
         raise PayloadTooLarge(
-            f"{where}the task body is {len(spec_json)} bytes; at most {s.max_payload_bytes} "
+            f"{where}the task body is {format_size(len(spec_json))}; at most "
+            f"{format_size(s.max_payload_bytes)} "
             "([tasks] max_payload_bytes)"
         )
     check_allowed(spec, s.allowed_commands, ctx.programs, where)

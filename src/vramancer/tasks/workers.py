@@ -45,6 +45,7 @@ from vramancer.tasks.runner import ProcessRun, RunResult, in_spawner
 from vramancer.tasks.settings import TasksSettings
 from vramancer.tasks.telemetry import Telemetry
 from vramancer.tasks.warm import WarmRunner
+from vramancer.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class Workers:
                 log.exception("task %s: reserving its VRAM failed", record.task_id)
                 outcome = record.outcome(
                     OutcomeKind.ERROR,
-                    error=f"cannot reserve {record.vram_bytes} bytes on {device}: {exc}",
+                    error=f"cannot reserve {format_size(record.vram_bytes)} on {device}: {exc}",
                 )
                 await self.finish(outcome)
                 return False

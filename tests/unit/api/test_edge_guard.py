@@ -88,7 +88,7 @@ async def test_a_json_body_over_max_json_body_is_refused_unread_raw_blocks_keep_
         assert (status, reads) == (413, 0) and headers["connection"] == "close"
         assert json.loads(body)["error"] == {
             "code": "payload_too_large",
-            "message": "request body of 5000 bytes is over the limit of 1000",
+            "message": "request body of 4.9 KiB is over the limit of 1000 B",
             "max_bytes": 1000,
         }
         # Chunked: read until the limit is passed (O(limit)), then refused.

@@ -108,3 +108,19 @@ def test_memory_keys_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings.load()
     assert settings.memory.tiers["L4"].capacity == 64 * 1024**2
     assert settings.memory.eviction_interval_s == 2.5
+
+
+def test_each_capacity_says_where_it_came_from(tmp_path: Path) -> None:
+    """The host tiers follow the memory free at start: the log says so and how to fix them."""
+    derived = resolve_tiers(MemorySettings(), data_dir=tmp_path, snapshot=snapshot(), cuda=[])
+    assert derived[0].origin == (
+        "25% of the 16.0 GiB of host memory available at start; "
+        "set [memory.tiers.L4] capacity to fix it"
+    )
+    assert (
+        derived[1].origin.startswith("25% of the ") and str(tmp_path / "l5") in derived[1].origin
+    )
+    fixed = MemorySettings(tiers={"L4": {"capacity": "3GiB"}})
+    for available in (16 * GIB, 2 * GIB):  # a configured capacity does not follow free memory
+        l4 = resolve_tiers(fixed, data_dir=tmp_path, snapshot=snapshot(available), cuda=[])[0]
+        assert (l4.capacity_bytes, l4.origin) == (3 * GIB, "[memory.tiers.L4] capacity")

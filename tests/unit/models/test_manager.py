@@ -303,7 +303,7 @@ async def test_not_enough_vram_says_free_needed_and_what_could_be_unloaded(
         with pytest.raises(InsufficientMemory) as info:
             await h.models.ensure_loaded("big:14b")
         err = info.value
-        assert "needs 11264 MB" in err.message and "MB free" in err.message
+        assert "needs 11.0 GiB, 307.2 MiB free" in err.message
         assert VLM in err.message
         assert err.details["needed_mb"] == 11264
         assert err.details["free_mb"] <= 1536
@@ -787,7 +787,7 @@ async def test_not_enough_vram_names_the_other_allocations_holding_it(
         with pytest.raises(InsufficientMemory) as info:
             await h.models.ensure_loaded(VLM)
         err = info.value
-        assert "needs 10752 MB" in err.message
+        assert "needs 10.5 GiB, 1.8 GiB free" in err.message
         assert "other allocations hold memory: chat 9.0 GiB (user_facing)" in err.message
         budget = h.arbiter.state().budget_bytes
         assert err.details["free_mb"] == (budget - 9 * GIB) // MIB

@@ -19,7 +19,7 @@ from vramancer.api.deps import Admin, Operator, RuntimeDep
 from vramancer.api.schemas import BlockDeleted, BlockPage, BlockStored, EvictReport, TierList
 from vramancer.errors import InvalidInput
 from vramancer.memory.store import MAX_LIST_OFFSET, MAX_PRIORITY, BlockTooLarge, check_block_id
-from vramancer.units import Size
+from vramancer.units import Size, format_size
 
 router = APIRouter(prefix="/v1/memory", tags=["memory"])
 
@@ -110,7 +110,7 @@ async def put_block(
         body += chunk
         if len(body) > limit:
             raise BlockTooLarge(
-                f"block body is over the limit of {limit} bytes",
+                f"block body is over the limit of {format_size(limit)}",
                 max_bytes=limit,
             )
     if not body:
