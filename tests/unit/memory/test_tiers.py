@@ -117,9 +117,7 @@ def test_each_capacity_says_where_it_came_from(tmp_path: Path) -> None:
         "25% of the 16.0 GiB of host memory available at start; "
         "set [memory.tiers.L4] capacity to fix it"
     )
-    assert (
-        derived[1].origin.startswith("25% of the ") and str(tmp_path / "l5") in derived[1].origin
-    )
+    assert derived[1].origin.startswith("25% of the ") and str(tmp_path / "l5") in derived[1].origin
     fixed = MemorySettings(tiers={"L4": {"capacity": "3GiB"}})
     for available in (16 * GIB, 2 * GIB):  # a configured capacity does not follow free memory
         l4 = resolve_tiers(fixed, data_dir=tmp_path, snapshot=snapshot(available), cuda=[])[0]
