@@ -7,6 +7,7 @@ the environment with ``__`` (``VRM_MEMORY__TIERS__L4__CAPACITY=64MiB``).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import difflib
 import ipaddress
@@ -30,6 +31,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from vramancer import config_hints as hints
 from vramancer.arbiter.settings import ArbiterSettings
 from vramancer.devices.settings import DevicesSettings
 from vramancer.errors import ConfigError
@@ -303,7 +305,12 @@ class Settings(BaseSettings):
         try:
             return cls(**overrides)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc)) from None
+            path = Path(config_file) if config_file else None
+            if path is None and os.environ.get("VRM_CONFIG"):
+                path = Path(os.environ["VRM_CONFIG"])
+            raise ConfigError(
+                format_validation_error(exc, source=path, environ=os.environ)
+            ) from None
         finally:
             _config_file.reset(token)
 
@@ -367,41 +374,57 @@ OTHER_ENV_VARS = frozenset(
 
 def check_environment(environ: Mapping[str, str]) -> None:
     """``ConfigError`` naming every ``VRM_*`` variable that is neither a setting
-    (``VRM_<KEY>``, ``VRM_<SECTION>__<KEY>``) nor one of :data:`OTHER_ENV_VARS`."""
-    settings = {f"VRM_{name.upper()}" for name in Settings.model_fields}
+    (``VRM_<KEY>``, ``VRM_<SECTION>__<KEY>``, nested sections included) nor one of
+    :data:`OTHER_ENV_VARS`, each with the closest name that is one."""
     lines = []
     for name in sorted(environ):
         upper = name.upper()
         if not upper.startswith("VRM_") or upper in OTHER_ENV_VARS:
             continue
-        top = upper.split("__", 1)[0]
-        if top in settings:
-            continue  # nested keys are checked by the section's model (extra="forbid")
-        close = difflib.get_close_matches(top, sorted(settings), n=1) or (
-            difflib.get_close_matches(top, sorted(OTHER_ENV_VARS), n=1)
-        )
-        hint = f"; did you mean {close[0]}?" if close else ""
-        lines.append(
-            f"{name}: unknown setting (expected VRM_<KEY> or VRM_<SECTION>__<KEY> naming a "
-            f"key of the configuration{hint})"
-        )
+        problem = hints.env_problem(Settings, name)
+        if problem is None:
+            continue
+        if "did you mean" not in problem:  # a misspelt CLI or task variable (VRM_API_TOKN)
+            close = difflib.get_close_matches(upper, sorted(OTHER_ENV_VARS), n=1)
+            problem += f"; did you mean {close[0]}?" if close else ""
+        lines.append(problem)
     if lines:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: the dotted key, what was expected, what was given."""
+def _read_toml(path: Path | None) -> dict[str, Any]:
+    try:
+        with open(path, "rb") if path is not None else contextlib.nullcontext(None) as fh:
+            return tomllib.load(fh) if fh is not None else {}
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def format_validation_error(
+    exc: ValidationError,
+    *,
+    source: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """One line per problem: the key as it was written (the ``VRM_*`` variable, or the key's
+    spelling in the ``source`` file, named), what was expected, what was given; an unknown key
+    gets the closest known one."""
+    toml = _read_toml(source)
     lines = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"])
-        if not key:  # a check across keys: its message names them
+        loc = err["loc"]
+        if not loc:  # a check across keys: its message names them
             lines.append(str(err["msg"]).removeprefix("Value error, "))
             continue
+        env = hints.env_var(environ or {}, loc)
+        written = None if env else hints.as_written(toml, loc)
+        key = env or ".".join(map(str, written or loc))
+        where = f" (in {source})" if written else ""
         if err["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
+            lines.append(f"{key}: unknown key{hints.key_hint(Settings, written or loc)}{where}")
             continue
         given = err.get("input")
         msg = str(err["msg"]).removeprefix("Value error, ")
         shown = "" if isinstance(given, dict | list) or "got " in msg else f" (got {given!r})"
-        lines.append(f"{key}: {msg}{shown}")
+        lines.append(f"{key}: {msg}{shown}{where}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

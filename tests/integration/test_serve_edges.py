@@ -163,3 +163,31 @@ def test_access_log_logs_every_request(tmp_path: Path) -> None:
         wait_for(lambda: "GET /v1/devices" in daemon.log, what="the request logged")
     finally:
         daemon.stop()
+
+
+def test_misspelt_keys_and_variables_get_a_did_you_mean(tmp_path: Path) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text('[server]\nprot = 9000\n\n[memory.tiers.l4]\ncapcity = "4GiB"\n')
+    done = subprocess.run(
+        [*SERVE, "--config", str(config), "--data-dir", str(tmp_path / "data")],
+        env=clean_env(VRM_TASKS__MAX_BACH="10"), capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "error: invalid configuration:",
+        "  VRM_TASKS__MAX_BACH: unknown setting (MAX_BACH is not a key of VRM_TASKS); "
+        "did you mean VRM_TASKS__MAX_BATCH?",
+    ]  # the environment is checked first
+    done = subprocess.run(
+        [*SERVE, "--config", str(config), "--data-dir", str(tmp_path / "data")],
+        env=clean_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "error: invalid configuration:",
+        f"  server.prot: unknown key; did you mean server.port? (in {config})",
+        "  memory.tiers.l4.capcity: unknown key; did you mean memory.tiers.l4.capacity? "
+        f"(in {config})",
+    ]
+    assert not (tmp_path / "data").exists()  # nothing was created

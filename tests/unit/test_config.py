@@ -126,7 +126,7 @@ def test_a_bad_value_names_the_key_and_the_expected_form(
 
 def test_a_bad_env_value_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VRM_SERVER__PORT", "eighty")
-    with pytest.raises(ConfigError, match=r"server\.port: .*integer"):
+    with pytest.raises(ConfigError, match=r"VRM_SERVER__PORT: .*integer"):
         Settings.load()
 
 
@@ -147,14 +147,38 @@ def test_an_unknown_vrm_variable_is_named_with_the_closest_setting(
     assert "did you mean VRM_METRICS_PORT?" in info.value.message
     monkeypatch.delenv("VRM_METRICS_PROT")
     monkeypatch.setenv("VRM_DEVICE__POLL_INTERVAL_S", "2")  # section misspelt
-    with pytest.raises(ConfigError, match=r"VRM_DEVICE__POLL_INTERVAL_S: .*VRM_DEVICES\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"VRM_DEVICE__POLL_INTERVAL_S: .*did you mean VRM_DEVICES__POLL_INTERVAL_S\?",
+    ):
         Settings.load()
 
 
 def test_a_misspelt_nested_vrm_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VRM_SERVER__HOTS", "0.0.0.0")
-    with pytest.raises(ConfigError, match=r"server\.hots: unknown key"):
+    monkeypatch.setenv("VRM_MEMORY__TIERS__l4__CAPCITY", "1GiB")  # a free table's key passes
+    monkeypatch.setenv("VRM_MEMORY__REGULATOR__ENABLD", "1")
+    with pytest.raises(ConfigError) as info:
         Settings.load()
+    assert info.value.message.splitlines()[1:] == [
+        "  VRM_MEMORY__REGULATOR__ENABLD: unknown setting (ENABLD is not a key of "
+        "VRM_MEMORY__REGULATOR); did you mean VRM_MEMORY__REGULATOR__ENABLED?",
+        "  VRM_MEMORY__TIERS__l4__CAPCITY: unknown setting (CAPCITY is not a key of "
+        "VRM_MEMORY__TIERS__L4); did you mean VRM_MEMORY__TIERS__L4__CAPACITY?",
+        "  VRM_SERVER__HOTS: unknown setting (HOTS is not a key of VRM_SERVER); "
+        "did you mean VRM_SERVER__HOST?",
+    ]
+
+
+def test_a_misspelt_key_in_the_file_is_named_as_written_with_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nprot = 1\n[memory.tiers.l4]\ncapcity = "1GiB"\n')
+    with pytest.raises(ConfigError) as info:
+        Settings.load(path)
+    assert info.value.message.splitlines()[1:] == [
+        f"  server.prot: unknown key; did you mean server.port? (in {path})",
+        f"  memory.tiers.l4.capcity: unknown key; did you mean memory.tiers.l4.capacity? "
+        f"(in {path})",
+    ]
 
 
 def test_the_cli_and_task_variables_are_not_settings_and_not_errors(

@@ -25,6 +25,7 @@ KERNEL = frozenset(
         "plugins",
         "observability",
         "_version",
+        "config_hints",
     }
 )
 #: What each part of the package may import from the others (docs/architecture.md, "Layers").
