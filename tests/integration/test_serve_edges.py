@@ -48,6 +48,18 @@ def test_a_second_daemon_names_the_first_in_one_line(
         f"data directory {first.data_dir}; stop it first, or give this one its own data "
         "directory (--data-dir or VRM_DATA_DIR)"
     ]
+    other = tmp_path / "other-data"
+    done = subprocess.run(
+        [*SERVE, "--port", str(first.port), "--config", str(first.config_path),
+         "--data-dir", str(other)],
+        env=clean_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{first.port}: another program listens there (is a "
+        "VRAMancer daemon already running?); stop it, or choose another --port"
+    ]
+    assert not other.exists()  # refused before anything started
     first.stop()  # SIGTERM: a clean stop takes its record away
     assert not record.exists()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import logging
@@ -116,6 +117,7 @@ def serve(
     )
     settings = base.model_copy(update={"server": server})
     check_binding(settings)
+    check_port_free(server.host, server.port)
     app = _build_app(settings)
     _start_metrics_port(app, settings)
     configure_logging(level, json_out)
@@ -135,6 +137,30 @@ def serve(
     from vramancer.cli.serve_server import Server
 
     Server(uv_config, settings).run()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another program listens on now, before the runtime starts (uvicorn finds
+    out only after the whole daemon has started, then stops it again)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # uvicorn says what is wrong with the address
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return
+            fail(
+                f"cannot listen on {host}:{port}: another program listens there (is a "
+                "VRAMancer daemon already running?); stop it, or choose another --port",
+                code=2,
+            )
 
 
 def _build_app(settings: Settings) -> FastAPI:
