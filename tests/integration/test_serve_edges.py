@@ -3,6 +3,8 @@ the log says, sizes in the log, and configuration typos, each read from a real p
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import signal
@@ -203,3 +205,26 @@ def test_misspelt_keys_and_variables_get_a_did_you_mean(tmp_path: Path) -> None:
         f"(in {config})",
     ]
     assert not (tmp_path / "data").exists()  # nothing was created
+
+
+def test_a_directory_taken_while_starting_is_one_line_too(tmp_path: Path) -> None:
+    """Two daemons started at once both pass the early check; the one that loses the locks
+    during start-up says so in one line, not a traceback. Here the task queue's lock is held
+    (by this test, which records itself as the daemon) while the memory store's is free."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    record = {"pid": os.getpid(), "url": "http://127.0.0.1:9", "started_at": 0.0}
+    (data / "daemon.json").write_text(json.dumps(record))
+    with (data / "tasks.lock").open("ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = subprocess.run(
+            [*SERVE, "--port", str(free_port()), "--data-dir", str(data)],
+            env=clean_env(), capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: another VRAMancer daemon (pid {os.getpid()}, http://127.0.0.1:9) is using the "
+        f"data directory {data}; stop it first, or give this one its own data directory "
+        "(--data-dir or VRM_DATA_DIR)"
+    )

@@ -15,7 +15,7 @@ import typer
 from vramancer.cli import daemon_record
 from vramancer.cli.common import ConfigOpt, fail, load_settings
 from vramancer.config import Settings
-from vramancer.errors import ConfigError, DataDirInUse
+from vramancer.errors import ConfigError, Conflict, DataDirInUse
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -123,8 +123,11 @@ def serve(
     configure_logging(level, json_out)
     # With --json, uvicorn's loggers propagate to the root handler above instead of its own.
     log_config = None if json_out else uvicorn.config.LOGGING_CONFIG
+    from vramancer.cli.serve_server import Server, StartupErrors
+
+    wrapped = StartupErrors(app)
     uv_config = uvicorn.Config(
-        app,
+        wrapped,
         host=server.host,
         port=server.port,
         log_level=level,
@@ -134,9 +137,14 @@ def serve(
     )
     if not (access_log or server.access_log):
         logging.getLogger("uvicorn.access").addFilter(failed_requests_only)
-    from vramancer.cli.serve_server import Server
-
-    Server(uv_config, settings).run()
+    try:
+        Server(uv_config, settings).run()
+    except SystemExit:
+        if wrapped.error is None:
+            raise
+        held = isinstance(wrapped.error, Conflict)  # DataDirInUse, the task queue's lock
+        found = daemon_in_the_way(settings.data_dir) if held else None
+        fail(found or wrapped.error.message, code=2)
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vramancer.cli import daemon_record
 from vramancer.config import Settings
+from vramancer.errors import VramancerError
 
 log = logging.getLogger("vramancer.serve")
 
@@ -59,3 +62,27 @@ class Server(uvicorn.Server):
         # Before the data directory's lock goes: a daemon started next writes its own record.
         daemon_record.remove(self.settings.data_dir, os.getpid())
         await super().shutdown(sockets)
+
+
+class StartupErrors:
+    """The app, whose start-up failing on a :class:`VramancerError` (a data directory another
+    daemon took meanwhile, a broker that does not answer ...) is kept in :attr:`error` for one
+    line on stderr instead of a traceback in the log. Other failures keep their traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.error: VramancerError | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_quietly(message: Message) -> None:
+            failed = sys.exc_info()[1]  # sent from the except block of the failed start-up
+            if message["type"] == "lifespan.startup.failed" and isinstance(failed, VramancerError):
+                self.error = failed
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, send_quietly)
