@@ -117,6 +117,12 @@ def as_written(data: Mapping[str, Any], loc: Sequence[str | int]) -> list[str] |
 
 
 def env_var(environ: Mapping[str, str], loc: Sequence[str | int]) -> str | None:
-    """The ``VRM_*`` variable that set ``loc``, as written, or None."""
-    wanted = "VRM_" + "__".join(str(p) for p in loc).upper()
-    return next((name for name in environ if name.upper() == wanted), None)
+    """The ``VRM_*`` variable that set ``loc`` as written, with where in its JSON value when it
+    set a table or list above it (``VRM_MODELS (at 0.name)``), or None."""
+    for n in range(len(loc), 0, -1):
+        wanted = "VRM_" + "__".join(str(p) for p in loc[:n]).upper()
+        name = next((name for name in environ if name.upper() == wanted), None)
+        if name is not None:
+            rest = ".".join(str(p) for p in loc[n:])
+            return f"{name} (at {rest})" if rest else name
+    return None

@@ -295,3 +295,14 @@ def test_the_builtin_profile_names_are_the_model_managers() -> None:
 
     assert set(builtin_profiles(GpuManagerSettings(vlm_model="v"))) == set(BUILTIN_PROFILES)
     assert BUILTIN_PROFILES[0] == IDLE
+
+
+def test_a_problem_inside_a_json_variable_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VRM_MODELS", '[{"name": "x", "backend": "ollama", "varm": "1GiB"}]')
+    with pytest.raises(ConfigError) as info:
+        Settings.load()
+    assert info.value.message.splitlines()[1:] == [
+        "  VRM_MODELS (at 0.varm): unknown key; did you mean models.0.vram?"
+    ]
