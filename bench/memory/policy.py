@@ -1,4 +1,4 @@
-"""Memory-policy benchmark (issue 3): hit ratio of VRAMancer's default policy beside baselines.
+"""Memory-policy benchmark: hit ratio of VRAMancer's default policy beside baselines.
 
 ``python -m bench.memory.policy`` runs the synthetic suite (``bench/memory/traces.py``) and
 prints a table per trace; ``--trace FILE --capacity N [--json]`` replays a trace file (one
@@ -487,7 +487,7 @@ BEST_OF_OTHERS = ("lcs-arc", "arc", "lirs", "s3fifo", "wtinylfu")
 
 
 def verdict(results: dict[str, dict[str, Any]], *, scan: bool = False) -> dict[str, Any]:
-    """Floor and aim of issue 3 for one trace."""
+    """Floor (≥ best of LRU and LFU − 1 point) and aim (≥ best of the others) for one trace."""
     vr = results["vramancer"]["hit_ratio"]
     floor = max(results["lru"]["hit_ratio"], results["lfu"]["hit_ratio"]) - 0.01
     others = [results[n]["hit_ratio"] for n in BEST_OF_OTHERS if n in results]

@@ -1,4 +1,4 @@
-"""Request traces for the memory-policy benchmark (issue 3): synthetic suite and file reader.
+"""Request traces for the memory-policy benchmark: synthetic suite and file reader.
 
 A trace is a list of ``(key, size)`` pairs, one per request. Every synthetic trace is
 deterministic (seeded numpy generator) and comes with the fast-tier capacity it is meant for
@@ -125,6 +125,52 @@ def shifting_hot_set(
     return out
 
 
+def hot_set_switch(
+    n: int = DEFAULT_REQUESTS,
+    hot: int = int(0.7 * DEFAULT_CAPACITY),
+    hot_share: float = 0.95,
+    alpha: float = 0.8,
+    phase: int = 25_000,
+    seed: int = 6,
+) -> Trace:
+    """A hot set that switches abruptly: for ``phase`` requests, ``hot_share`` of the requests
+    go to a hot set of 0.7 × C keys (zipf α=0.8 within it, so its head builds a high count), the
+    rest to any key; then the hot set is replaced at once by a disjoint one."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(UNIVERSE * 10)
+    out: Trace = []
+    for number, start in enumerate(range(0, n, phase)):
+        count = min(phase, n - start)
+        hot_ids = order[number * hot : (number + 1) * hot]
+        is_hot = rng.random(count) < hot_share
+        hot_pick = hot_ids[_zipf_ranks(rng, alpha, hot, count)]
+        cold_pick = order[-UNIVERSE:][rng.integers(0, UNIVERSE, count)]
+        picks = np.where(is_hot, hot_pick, cold_pick)
+        out.extend((f"obj/{p}", 1) for p in picks)
+    return out
+
+
+def hot_set_drift(
+    n: int = DEFAULT_REQUESTS,
+    hot: int = int(0.8 * DEFAULT_CAPACITY),
+    hot_share: float = 0.9,
+    every: int = 8,
+    seed: int = 7,
+) -> Trace:
+    """A hot set that drifts gradually: ``hot_share`` of the requests go uniformly to a window
+    of 0.8 × C keys that slides by one key every ``every`` requests (a key is hot for some
+    6,400 requests, then never again), the rest to any key. Keys are random numbers, so their
+    order cannot be read from their names."""
+    rng = np.random.default_rng(seed)
+    line = rng.permutation(UNIVERSE * 10)  # the drift's key order; cold keys from its tail
+    starts = np.arange(n) // every
+    is_hot = rng.random(n) < hot_share
+    hot_pick = line[starts + rng.integers(0, hot, n)]
+    cold_pick = line[-UNIVERSE:][rng.integers(0, UNIVERSE, n)]
+    picks = np.where(is_hot, hot_pick, cold_pick)
+    return [(f"obj/{p}", 1) for p in picks]
+
+
 def sequential(
     n: int = DEFAULT_REQUESTS,
     sequences: int = 200,
@@ -205,6 +251,20 @@ def suite() -> list[TraceSpec]:
             c,
             False,
             shifting_hot_set,
+        ),
+        TraceSpec(
+            "switch",
+            "95 % of requests on a 0.7×C hot set (zipf α=0.8), replaced at once every 25k",
+            c,
+            False,
+            hot_set_switch,
+        ),
+        TraceSpec(
+            "drift",
+            "90 % of requests on a 0.8×C hot window sliding by one key every 8 requests",
+            c,
+            False,
+            hot_set_drift,
         ),
         TraceSpec(
             "sequential",

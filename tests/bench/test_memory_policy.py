@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,53 @@ def test_prefetch_gains_on_sequential_reads() -> None:
     with_prefetch = run_vramancer(trace, 50).hit_ratio
     without = run_vramancer(trace, 50, prefetch=False).hit_ratio
     assert with_prefetch > without + 0.15
+
+
+def test_moving_hot_set_traces_are_seeded_and_shaped_as_described() -> None:
+    switch = traces.hot_set_switch(n=50_000)
+    assert switch == traces.hot_set_switch(n=50_000)
+    first = {k for k, _ in switch[:25_000]}
+    second = {k for k, _ in switch[25_000:]}
+    # The hot set is replaced at once: the second phase's hot keys were never asked before.
+    counts = Counter(k for k, _ in switch[25_000:])
+    hot = {k for k, n in counts.items() if n >= 5}
+    assert 600 <= len(hot) <= 700 and not hot & first
+    assert sum(counts[k] for k in hot) >= 0.9 * 25_000
+    drift = traces.hot_set_drift(n=20_000)
+    assert drift == traces.hot_set_drift(n=20_000) and len(drift) == 20_000
+    early = {k for k, _ in drift[:2000]}
+    late = Counter(k for k, _ in drift[-2000:])
+    # A window of 800 keys sliding one key per 8 requests: 2,250 keys further on, the hot
+    # keys of the end were never hot at the start.
+    assert not {k for k, n in late.items() if n >= 3} & early
+    assert len(second - first) > 0
+
+
+def test_after_an_abrupt_switch_the_new_hot_set_is_kept_within_4000_requests() -> None:
+    """The ranking leans to recency on the ghosts of the new hot set (weight to 1, LRU order)
+    within 5,000 requests of the switch, keeps the new set, then leans back."""
+    trace = traces.hot_set_switch(n=50_000)
+    counts = Counter(k for k, _ in trace[25_000:])
+    hot = {k for k, n in counts.items() if n >= 5}
+    sim = TwoTierSim(1000)
+    weights: dict[int, float] = {}
+    hits = {"early": 0, "late": 0}
+    asked = {"early": 0, "late": 0}
+    for i, (key, size) in enumerate(trace):
+        hit = sim.request(key, size)
+        if i in (24_999, 30_000, 49_999):
+            weights[i] = sim.index.recency_weight
+        if i >= 25_000 and key in hot:
+            part = "early" if i < 29_000 else "late"
+            asked[part] += 1
+            hits[part] += hit
+    assert weights[24_999] < 0.5  # a stable hot set: the ranking leans to frequency
+    assert weights[30_000] == 1.0  # the switch drove it to the recency end
+    assert weights[49_999] < 1.0  # and it came back once the new set was in
+    assert hits["early"] / asked["early"] < 0.8  # the first accesses miss (compulsory)
+    assert hits["late"] / asked["late"] >= 0.98
+    resident = sum(1 for k in hot if sim.blocks[k].tier == "fast")
+    assert resident >= len(hot) - 2
 
 
 @pytest.mark.skipif(not libcachesim_available(), reason="libcachesim not installed")
