@@ -1,4 +1,4 @@
-"""Data-path benchmark (issue 3): moving 16 MiB blocks between L4, L5 and L6.
+"""Data-path benchmark: moving 16 MiB blocks between L4, L5 and L6.
 
 ``python -m bench.memory.datapath [--runs 7] [--mib 16] [--dir DIR] [--json]``
 
@@ -18,6 +18,9 @@ does not pay); the L6 legs use fp16 values drawn like weights (N(0, 0.02)). The 
 the plain zstd-1 manager so both sides do the same compression work; the ratio then measures
 the store's own overhead (sampling, checksums, atomic rename, catalog). Medians of ``--runs``
 runs, legs interleaved. Target: every leg at ≥ 70 % of its baseline's throughput.
+
+``--writers`` measures the L5 writer alone (``writer_legs``), in one process: block files
+written piece by piece with early writeback, and in one go, against raw write + fsync.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import zstandard
 
 from bench.memory.common import open_store
 from vramancer.clock import SystemClock
+from vramancer.memory import blockfile
 from vramancer.memory.compression import Compressed, Target, decompress_block
 from vramancer.memory.settings import MemorySettings
 from vramancer.memory.store import TieredStore
@@ -172,6 +176,53 @@ def run(runs: int, mib: int, directory: Path) -> dict[str, Any]:
     }
 
 
+def writer_legs(runs: int, mib: int, directory: Path) -> dict[str, Any]:
+    """The L5 writer alone, in one process, against a raw write + fsync of the same bytes:
+    ``pieces`` is ``write_block_file`` as the store calls it (checksummed piece by piece as it
+    writes, writeback started per piece), ``one-go`` the same with one piece (checksum, one
+    write, fdatasync: how block files were written before). Round-robin, rotated each run."""
+    size = mib * MIB
+    data = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes()
+    directory.mkdir(parents=True, exist_ok=True)
+    counter = iter(range(1 << 30))
+
+    def block_file(piece: int) -> None:
+        saved = blockfile.WRITE_PIECE
+        blockfile.WRITE_PIECE = piece
+        try:
+            blockfile.write_block_file(
+                directory / f"{next(counter)}.blk",
+                data,
+                codec="none",
+                raw_size=size,
+                record={"id": "bench"},
+                sync_dir=True,
+            )
+        finally:
+            blockfile.WRITE_PIECE = saved
+
+    ways: dict[str, Callable[[], None]] = {
+        "raw write+fsync": lambda: write_fsync(directory / f"{next(counter)}.raw", data),
+        "one-go": lambda: block_file(1 << 62),
+        "pieces": lambda: block_file(blockfile.WRITE_PIECE),
+    }
+    names = list(ways)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(runs):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timed(ways[name]))
+        for f in directory.iterdir():
+            f.unlink()
+    raw = statistics.median(times["raw write+fsync"])
+    return {
+        name: {
+            "mb_s": round(size / statistics.median(t) / 1e6, 1),
+            "ratio_to_raw": round(raw / statistics.median(t), 3),
+        }
+        for name, t in times.items()
+    }
+
+
 def report(result: dict[str, Any]) -> str:
     lines = [
         f"Data path, {result['block_bytes'] // MIB} MiB blocks, median of {result['runs']} runs "
@@ -194,7 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mib", type=int, default=16)
     parser.add_argument("--dir", type=Path, default=None, help="where files go (a real disk)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--writers",
+        action="store_true",
+        help="only the L5 block-file writer (pieces vs one go) against raw write+fsync",
+    )
     args = parser.parse_args(argv)
+    if args.writers:
+        with tempfile.TemporaryDirectory(dir=args.dir, prefix="vrm-datapath-") as tmp:
+            print(json.dumps(writer_legs(args.runs, args.mib, Path(tmp)), indent=2))
+        return 0
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="vrm-datapath-") as tmp:
         result = run(args.runs, args.mib, Path(tmp))
     print(json.dumps(result, indent=2) if args.json else report(result))

@@ -19,6 +19,9 @@ Format, version 2 (little-endian)::
 The record lets the catalog be rebuilt from the block files alone (a lost, corrupt or moved
 ``memory.sqlite``, a copied data directory). Version 1 files (the same header without the two
 record fields, no record) are still read; they cannot be rebuilt without their catalog row.
+Version 3 is version 2 with the payload at offset 4096 (zeros in between), written for
+payloads of 64 KiB or more so that the payload is page-aligned; version 2 is still written for
+smaller payloads and read as before.
 Files are created ``0600``.
 """
 
@@ -37,11 +40,17 @@ from typing import Any
 
 import xxhash
 
-from vramancer.files import FILE_MODE, fsync_dir
+from vramancer.files import FILE_MODE, fsync_dir, start_writeback
 from vramancer.memory.compression import CorruptBlock
 
 _MAGIC = b"VRMF"
 _VERSION = 2
+#: Version 3: version 2's header, zeros up to ``PAYLOAD_ALIGN``, then the payload (written for
+#: payloads of ``ALIGN_FROM`` bytes or more: a page-aligned payload is written and mapped at
+#: page-cache speed; one at offset 50 costs about a quarter more to write).
+_ALIGNED = 3
+PAYLOAD_ALIGN = 4096
+ALIGN_FROM = 64 * 1024
 #: magic, version, codec (8 bytes, NUL padded), itemsize, raw size, payload size, xxh3-64
 _HEADER_V1 = struct.Struct("<4sB8sBQQQ")
 #: version 2 adds the record's size and xxh3-64
@@ -98,9 +107,9 @@ def payload_region(fd: int, what: str) -> PayloadRegion:
     if head[4] == 1:
         _, _, codec, itemsize, raw, length, digest = _HEADER_V1.unpack(head[:V1_HEADER_SIZE])
         offset = V1_HEADER_SIZE
-    elif head[4] == _VERSION and len(head) == HEADER_SIZE:
+    elif head[4] in (_VERSION, _ALIGNED) and len(head) == HEADER_SIZE:
         _, _, codec, itemsize, raw, length, digest, _, _ = _HEADER.unpack(head)
-        offset = HEADER_SIZE
+        offset = HEADER_SIZE if head[4] == _VERSION else PAYLOAD_ALIGN
     else:
         raise CorruptBlock(f"{what}: not a VRAMancer block file")
     return PayloadRegion(offset, length, _codec(codec), itemsize, raw, digest)
@@ -133,9 +142,11 @@ def write_block_file(
     """
     view = memoryview(payload).cast("B")
     tail = json.dumps(dict(record or {}), separators=(",", ":")).encode() if record else b""
+    aligned = view.nbytes >= ALIGN_FROM
+    offset = PAYLOAD_ALIGN if aligned else HEADER_SIZE
     header = _HEADER.pack(
         _MAGIC,
-        _VERSION,
+        _ALIGNED if aligned else _VERSION,
         codec.encode().ljust(8, b"\0"),
         itemsize,
         raw_size,
@@ -147,14 +158,15 @@ def write_block_file(
     target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if atomic else path
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        with open(fd, "wb", closefd=True) as fh:
-            fh.write(header)
-            fh.write(view)
+        try:
+            _write_all(fd, memoryview(header.ljust(offset, b"\0")))
+            _write_payload(fd, view, offset, fsync)
             if tail:
-                fh.write(tail)
-            fh.flush()
+                _write_all(fd, memoryview(tail))
             if fsync:
-                _sync(fh.fileno())
+                _sync(fd)
+        finally:
+            os.close(fd)
         if atomic:
             os.replace(target, path)
         if fsync and (atomic or sync_dir):
@@ -163,7 +175,41 @@ def write_block_file(
         with contextlib.suppress(OSError):
             target.unlink()
         raise
-    return HEADER_SIZE + view.nbytes + len(tail)
+    return offset + view.nbytes + len(tail)
+
+
+#: Payloads are written in pieces of this size; with fsync, the kernel is told to start
+#: writing each piece to the device once the next one is written (``sync_file_range``), so
+#: the device works while the later pieces are copied, and the final fdatasync waits for
+#: little more than the last piece.
+WRITE_PIECE = 4 * 1024 * 1024
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data.nbytes:
+        done = os.write(fd, data)
+        data = data[done:]
+
+
+def _write_payload(fd: int, view: memoryview, offset: int, fsync: bool) -> None:
+    """Write ``view`` (after the header, at ``offset``) piece by piece.
+
+    With ``fsync``, writeback of what is written so far starts before each new piece, never
+    for the last piece: the record goes right after it, and writing into a page under
+    writeback would wait for the device.
+    """
+    if view.nbytes <= WRITE_PIECE:
+        _write_all(fd, view)
+        return
+    flushed = 0  # writeback started for the file's bytes before this offset
+    end = offset
+    for start in range(0, view.nbytes, WRITE_PIECE):
+        if fsync and start > 0:
+            start_writeback(fd, flushed, end - flushed)
+            flushed = end
+        piece = view[start : start + WRITE_PIECE]
+        _write_all(fd, piece)
+        end += piece.nbytes
 
 
 def read_block_header(path: Path) -> BlockHeader:
@@ -180,12 +226,13 @@ def read_block_header(path: Path) -> BlockHeader:
             if size != V1_HEADER_SIZE + length:
                 raise CorruptBlock(f"{path.name}: truncated or padded")
             return BlockHeader(1, _codec(codec), itemsize, raw, length, size, None)
-        if version != _VERSION or len(head) < HEADER_SIZE:
+        if version not in (_VERSION, _ALIGNED) or len(head) < HEADER_SIZE:
             raise CorruptBlock(f"{path.name}: unknown block file version {version}")
         _, _, codec, itemsize, raw, length, _, rlen, rsum = _HEADER.unpack(head)
-        if rlen > MAX_RECORD or size != HEADER_SIZE + length + rlen:
+        start = HEADER_SIZE if version == _VERSION else PAYLOAD_ALIGN
+        if rlen > MAX_RECORD or size != start + length + rlen:
             raise CorruptBlock(f"{path.name}: truncated or padded")
-        fh.seek(HEADER_SIZE + length)
+        fh.seek(start + length)
         tail = fh.read(rlen)
     if checksum(tail) != rsum:
         raise CorruptBlock(f"{path.name}: its record fails its checksum")
@@ -195,7 +242,7 @@ def read_block_header(path: Path) -> BlockHeader:
         raise CorruptBlock(f"{path.name}: its record is not JSON") from None
     if record is not None and not isinstance(record, dict):
         raise CorruptBlock(f"{path.name}: its record is not a JSON object")
-    return BlockHeader(2, _codec(codec), itemsize, raw, length, size, record)
+    return BlockHeader(version, _codec(codec), itemsize, raw, length, size, record)
 
 
 def _codec(raw: bytes) -> str:
@@ -245,10 +292,11 @@ def _unpack(mm: mmap.mmap, size: int, what: str) -> tuple[int, bytes, int, int, 
     if version == 1:
         _, _, codec, itemsize, raw, length, digest = _HEADER_V1.unpack(mm[:V1_HEADER_SIZE])
         return V1_HEADER_SIZE, codec, itemsize, raw, length, digest, 0, 0
-    if version != _VERSION or size < HEADER_SIZE:
+    if version not in (_VERSION, _ALIGNED) or size < HEADER_SIZE:
         raise CorruptBlock(f"{what}: not a VRAMancer block file")
     _, _, codec, itemsize, raw, length, digest, tail, tail_sum = _HEADER.unpack(mm[:HEADER_SIZE])
-    return HEADER_SIZE, codec, itemsize, raw, length, digest, tail, tail_sum
+    start = HEADER_SIZE if version == _VERSION else PAYLOAD_ALIGN
+    return start, codec, itemsize, raw, length, digest, tail, tail_sum
 
 
 #: Pre-fault the whole mapping in one call (Linux): a 16 MiB block is read at page-cache speed

@@ -11,6 +11,7 @@ import torch
 
 from tests.promtext import metric_value
 from vramancer.errors import InvalidInput, NotFound
+from vramancer.memory import blockfile
 from vramancer.memory.backends import (
     ANY_BYTES,
     DataKind,
@@ -41,6 +42,70 @@ def test_block_file_round_trip(tmp_path: Path, atomic: bool) -> None:
     )
     assert read_block_file(path, "x", writable=True).payload == bytearray(b"hello world")
     assert [p.name for p in tmp_path.iterdir()] == ["a.blk"]  # no temporary file left
+
+
+def test_a_large_payload_is_written_in_pieces_with_early_writeback_and_reads_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over ``WRITE_PIECE`` the payload is written piece by piece, the writeback of what is
+    written so far started before each new piece (never for the last one, which the record
+    follows); the file is the same as a write without fsync."""
+    started: list[tuple[int, int]] = []
+    real = blockfile.start_writeback
+
+    def spy(fd: int, offset: int, length: int) -> None:
+        started.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(blockfile, "WRITE_PIECE", 64 * 1024)
+    monkeypatch.setattr(blockfile, "start_writeback", spy)
+    payload = np.random.default_rng(3).integers(0, 256, 200_000, dtype=np.uint8).tobytes()
+    path = tmp_path / "big.blk"
+    size = write_block_file(
+        path, payload, codec="none", raw_size=len(payload), record={"id": "big"}
+    )
+    assert size == path.stat().st_size
+    assert read_block_file(path, "block 'big'").payload == payload
+    piece, at = 64 * 1024, blockfile.PAYLOAD_ALIGN  # a large payload starts on a page
+    assert path.read_bytes()[4] == 3 and size == at + len(payload) + len(b'{"id":"big"}')
+    assert started == [(0, at + piece), (at + piece, piece), (at + 2 * piece, piece)]
+    # without fsync nothing is pushed to the device early, and the file is the same
+    started.clear()
+    again = tmp_path / "again.blk"
+    write_block_file(
+        again, payload, codec="none", raw_size=len(payload), record={"id": "big"}, fsync=False
+    )
+    assert started == [] and again.read_bytes() == path.read_bytes()
+    # a damaged piece is caught by the header's checksum
+    data = bytearray(path.read_bytes())
+    data[at + 150_000] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptBlock, match="checksum mismatch"):
+        read_block_file(path, "block 'big'")
+
+
+def test_block_files_of_the_unaligned_format_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files written before payloads were page-aligned (version 2: payload right after the
+    header, whatever its size) read as before; small payloads are still written that way."""
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    monkeypatch.setattr(blockfile, "ALIGN_FROM", 1 << 40)  # how every file was written before
+    old = tmp_path / "old.blk"
+    size = write_block_file(old, payload, codec="none", raw_size=len(payload), record={"id": "o"})
+    assert old.read_bytes()[4] == 2 and size == HEADER_SIZE + len(payload) + len(b'{"id":"o"}')
+    monkeypatch.undo()
+    assert read_block_file(old, "block 'o'").payload == payload
+    header = blockfile.read_block_header(old)
+    assert (header.version, header.payload_size, header.record) == (2, len(payload), {"id": "o"})
+    new = tmp_path / "new.blk"
+    write_block_file(new, payload, codec="none", raw_size=len(payload), record={"id": "o"})
+    header = blockfile.read_block_header(new)
+    assert (header.version, header.payload_size, header.record) == (3, len(payload), {"id": "o"})
+    assert new.read_bytes()[blockfile.PAYLOAD_ALIGN :][: len(payload)] == payload
+    small = tmp_path / "small.blk"
+    write_block_file(small, b"x" * 1000, codec="none", raw_size=1000)
+    assert small.read_bytes()[4] == 2 and small.stat().st_size == HEADER_SIZE + 1000
 
 
 def test_block_file_damage_is_reported_by_name(tmp_path: Path) -> None:
