@@ -1,0 +1,47 @@
+"""The blosc2-beside-ours compression benchmark (bench/memory/blosc2_compare.py) measures both
+sides on the same blocks, and every round trip it times gives the block back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_blosc2_compare_reports_both_sides_on_every_block() -> None:
+    command = ["bench.memory.blosc2_compare", "--runs", "1", "--block-mib", "1", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    rows = json.loads(done.stdout)["rows"]
+    blocks = {r["block"] for r in rows}
+    assert blocks == {"minilm-bf16", "minilm-fp16", "minilm-int8", "random-bf16"}
+    for block in blocks:
+        options = {r["option"]: r for r in rows if r["block"] == block}
+        assert {"ours zstd-1", "blosc2 zstd clevel 1", "ours lz4", "blosc2 lz4 clevel 5"} <= set(
+            options
+        )
+        # the same bytes, the same codec: ratios within a few per cent of each other
+        ours, theirs = options["ours zstd-1"]["ratio"], options["blosc2 zstd clevel 1"]["ratio"]
+        assert ours > 1.0 and abs(ours - theirs) / ours < 0.05
+        assert all(r["c_mb_cpu_s"] > 0 and r["d_mb_cpu_s"] > 0 for r in options.values())
+
+
+def test_blosc2_compare_refuses_bad_arguments() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.memory.blosc2_compare", "--runs", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2 and "--runs" in done.stderr
