@@ -5,7 +5,9 @@ replay CLI prints the contracted JSON."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -115,6 +117,39 @@ def test_after_an_abrupt_switch_the_new_hot_set_is_kept_within_4000_requests() -
     assert hits["late"] / asked["late"] >= 0.98
     resident = sum(1 for k in hot if sim.blocks[k].tier == "fast")
     assert resident >= len(hot) - 2
+
+
+def test_a_small_tier_keeps_a_new_hot_set_within_450_requests_of_an_abrupt_switch() -> None:
+    """64 slots; 80 % of requests on 48 hot keys, the rest one-off keys; after 4,000 requests
+    the 48 hot keys are replaced by 48 others. The learned ranking goes to the recency end, keeps
+    the new set (all 48 resident 426 requests after the switch, some 9 reads each), then comes
+    back; over the new phase it hits more than LRU does."""
+    rng = random.Random(1)
+    cold = (f"c{i}" for i in itertools.count())
+    old, new = [f"a{i}" for i in range(48)], [f"b{i}" for i in range(48)]
+
+    def phase(hot: list[str]) -> list[str]:
+        return [rng.choice(hot) if rng.random() < 0.8 else next(cold) for _ in range(4000)]
+
+    keys = phase(old) + phase(new)
+    sim = TwoTierSim(64)
+    weights: list[float] = []
+    kept_at = None
+    hits = 0
+    for i, key in enumerate(keys):
+        hit = sim.request(key, 1)
+        if i < 4000:
+            continue
+        hits += hit
+        weights.append(sim.index.recency_weight)
+        if kept_at is None and all(k in sim.blocks and sim.blocks[k].tier == "fast" for k in new):
+            kept_at = i - 4000
+    assert kept_at is not None and kept_at <= 450
+    assert max(weights[:1000]) == 1.0 and weights[-1] < 0.6
+    trace = [(k, 1) for k in keys]
+    lru_hits = run_lru(trace, 64).hits - run_lru(trace[:4000], 64).hits
+    assert hits > lru_hits
+    assert sum(sim.blocks[k].tier == "fast" for k in new) == 48
 
 
 @pytest.mark.skipif(not libcachesim_available(), reason="libcachesim not installed")
