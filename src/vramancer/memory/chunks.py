@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,10 @@ def chunk_layout(
     ]
 
 
+#: Byte planes of 16-bit elements are put back together as words (plane 0 is the low byte).
+_LITTLE = sys.byteorder == "little"
+
+
 def _serial_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
     return [fn(item) for item in items]
 
@@ -129,13 +134,20 @@ def decompress_block(
         rows = chunk.raw_length // block.itemsize
         elements = target[: rows * block.itemsize].reshape(rows, block.itemsize)
         sizes = plane_lengths(chunk.raw_length, block.itemsize)
-        for plane, ((start, length), size) in enumerate(zip(chunk.frames, sizes, strict=True)):
-            data = np.frombuffer(
-                decode_piece(codec, payload[start : start + length], size, what), dtype=np.uint8
+        planes = [
+            np.frombuffer(
+                decode_piece(codec, payload[start : start + length], size, what), np.uint8
             )
-            elements[:, plane] = data[:rows]
-            if plane == block.itemsize - 1:
-                target[rows * block.itemsize :] = data[rows:]
+            for (start, length), size in zip(chunk.frames, sizes, strict=True)
+        ]
+        if block.itemsize == 2 and _LITTLE:  # whole 16-bit words, not two strided byte passes
+            words = elements.view(np.uint16).reshape(rows)
+            np.left_shift(planes[1][:rows], 8, out=words, dtype=np.uint16)
+            words |= planes[0]
+        else:
+            for plane, data in enumerate(planes):
+                elements[:, plane] = data[:rows]
+        target[rows * block.itemsize :] = planes[-1][rows:]
         return b""
 
     for _ in map_fn(decode_planes, range(len(chunks))):
