@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from enum import StrEnum
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vramancer import event_types as ev
 from vramancer.arbiter.arbiter import Arbiter
 from vramancer.clock import Clock, SystemClock
 from vramancer.config import Settings
+from vramancer.devices.holders import GpuHolders, holders_by_gpu
 from vramancer.devices.manager import DeviceManager
+from vramancer.devices.types import SystemSnapshot
 from vramancer.errors import ConfigError
 from vramancer.events import EventBus
 from vramancer.fastpath.service import FastpathService
@@ -35,6 +38,7 @@ from vramancer.observability.metrics import Metrics
 from vramancer.release.layout import Releases, deploy_dir
 from vramancer.replication.service import HaService
 from vramancer.resources.orchestrator import ResourceOrchestrator
+from vramancer.tasks import holders as task_holders
 from vramancer.tasks.service import TaskService
 
 if TYPE_CHECKING:
@@ -246,6 +250,37 @@ class Runtime:
             self._components = self.ha.wrap(self._components)
         self._started: list[Component] = []
         self.running = False
+        self._holder_gauges = task_holders.HolderGauges(self.metrics)
+        self.devices.on_refresh(self._export_holders)
+
+    def gpu_holders(self, snapshot: SystemSnapshot | None = None) -> dict[int, GpuHolders]:
+        """Who holds what on each GPU (``devices/holders.py``): used, reserved, external and
+        the holders, from the latest snapshot and the arbiter's allocations now."""
+        snap = snapshot if snapshot is not None else self.devices.snapshot()
+        held = task_holders.reservations(
+            self.arbiter.allocations(), self.tasks.workers.active, snap
+        )
+        ours = frozenset({os.getpid()})
+        if any(
+            m.backend.value == "ollama" and m.used_vram_bytes for m in self.models.list_models()
+        ):
+            ours |= task_holders.process_pids(snap, "ollama")
+        return holders_by_gpu(snap.gpus, held, our_pids=ours)
+
+    def devices_report(self) -> dict[str, Any]:
+        """The ``GET /v1/devices`` body: ``devices.report()`` (cached per snapshot, not
+        mutated) with each GPU's ``memory_reserved_bytes``, ``memory_external_bytes`` and
+        ``holders`` added."""
+        report = self.devices.report()
+        split = self.gpu_holders()
+        devices = []
+        for entry in report["devices"]:
+            found = split.get(entry["index"])
+            devices.append({**entry, **found.as_dict()} if found is not None else entry)
+        return {**report, "devices": devices}
+
+    def _export_holders(self, snapshot: SystemSnapshot) -> None:
+        self._holder_gauges.export(snapshot, self.gpu_holders(snapshot))
 
     def _fastpath_part(self) -> list[Component]:
         if self.fastpath is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Answer(BaseModel):
@@ -170,6 +170,23 @@ class MigInfo(Answer):
     memory_used_bytes: int | None
 
 
+class GpuHolder(Answer):
+    """Something holding memory on a GPU (``devices/holders.py``), largest first."""
+
+    #: ``model``, ``task``, ``allocation`` (ours) or ``external`` (another program's process,
+    #: or ``id`` ``unattributed``: external memory no reported process accounts for).
+    kind: Literal["model", "task", "allocation", "external"]
+    #: The model's name, the task id, the allocation id, ``pid:N`` or ``unattributed``.
+    id: str
+    name: str
+    #: Who asked for it (a task's submitter, an allocation's owner); null when unknown.
+    owner: str | None
+    bytes: int
+    #: Since when (Unix seconds); null when unknown.
+    since: float | None
+    pid: int | None
+
+
 class Device(Answer):
     """One GPU of ``GET /v1/devices`` (and ``GET /v1/devices/{index}``)."""
 
@@ -192,6 +209,11 @@ class Device(Answer):
     torch_device: str
     backend: str
     memory_used_ratio: float
+    #: What VRAMancer has reserved on it: models, running tasks' ``vram``, allocations.
+    memory_reserved_bytes: int = 0
+    #: In use but explained by no reservation: ``max(0, memory_used_bytes - reserved)``.
+    memory_external_bytes: int = 0
+    holders: list[GpuHolder] = Field(default_factory=list)
 
 
 class DeviceList(Answer):
@@ -356,6 +378,8 @@ class DeviceUsage(Answer):
     budget_bytes: int
     allocated_bytes: int
     available_bytes: int
+    #: Memory used on the GPU outside VRAMancer now: never granted.
+    external_bytes: int = 0
 
 
 class ArbiterStateOut(Answer):

@@ -149,6 +149,8 @@ class Arbiter:
             self._unsubscribe.append(
                 self._events.subscribe(self._on_device_changed, ev.DeviceChanged)
             )
+            # memory used outside VRAMancer freed up: a waiter may fit now
+            self._unsubscribe.append(self._events.subscribe(self._on_vram_changed, ev.VramChanged))
 
     async def stop(self) -> None:
         """Refuse new requests (``ShuttingDown``) and fail every waiting ``acquire``."""
@@ -192,6 +194,14 @@ class Arbiter:
         except Exception:  # a failed refresh keeps the last budget; the next event retries
             log.exception("arbiter budget refresh failed after %s", event.kind)
 
+    def _on_vram_changed(self, event: Event) -> None:
+        effects = Effects()
+        with self._table.lock:
+            if self._stopping or not len(self._waiters):
+                return
+            self._serve_locked(effects)
+        self._effects.apply(effects)
+
     @property
     def budget(self) -> Budget:
         """The current budget: in all, and per ``gpu:N``."""
@@ -233,9 +243,9 @@ class Arbiter:
             memory_bytes=request.memory_bytes,
         ):
             with self._table.lock:
-                budget = self._check_locked(request)
+                self._check_locked(request)
                 self._stats.requests += 1
-                plan = self._plan_locked(request, budget)
+                plan = self._plan_locked(request)
                 if not isinstance(plan, Grant):
                     raise self._denial_locked(plan)
                 allocation = self._grant_locked(request, plan, effects)
@@ -295,7 +305,8 @@ class Arbiter:
                 raise waiter.error
             self._stats.timeouts += 1
             request = waiter.request
-            available = self._table.available_locked(self._budgets.current(), request.device_name)
+            budget = self._budgets.for_grants(self._table.usage_locked())
+            available = self._table.available_locked(budget, request.device_name)
         self._m.deny("timeout")
         raise ArbiterTimeout(
             f"waited {timeout:g} s for {format_size(request.memory_bytes)} of VRAM "
@@ -338,10 +349,13 @@ class Arbiter:
 
     # ------------------------------------------------------------------ locked steps
 
-    def _plan_locked(self, request: AllocationRequest, budget: Budget) -> Plan:
+    def _plan_locked(self, request: AllocationRequest) -> Plan:
+        """Plan against the budget less the memory used outside VRAMancer now."""
         table = self._table
+        usage = table.usage_locked()
+        budget = self._budgets.for_grants(usage)
         return plan_allocation(
-            request, list(table.allocations.values()), budget, self.policy, table.usage_locked()
+            request, list(table.allocations.values()), budget, self.policy, usage
         )
 
     def _grant_locked(
@@ -388,7 +402,7 @@ class Arbiter:
         """Serve the waiters that fit now (see ``waiters.py`` for the order)."""
 
         def try_grant(request: AllocationRequest) -> Allocation | None:
-            plan = self._plan_locked(request, self._budgets.current())
+            plan = self._plan_locked(request)
             return self._grant_locked(request, plan, effects) if isinstance(plan, Grant) else None
 
         effects.wake.extend(self._waiters.serve(try_grant))
@@ -436,13 +450,14 @@ class Arbiter:
         if not self.settings.preemption:
             priority = None
         with self._table.lock:
+            usage = self._table.usage_locked()
             return headroom(
                 self._table.allocations.values(),
-                self._budgets.current(),
+                self._budgets.for_grants(usage),
                 device=str(device) if device is not None else None,
                 priority=priority,
                 spare=spare,
-                usage=self._table.usage_locked(),
+                usage=usage,
             )
 
     def reclaimable(
@@ -498,7 +513,7 @@ class Arbiter:
         """A frozen picture: budget, allocations, pressure, qualities, per-device usage."""
         table = self._table
         with table.lock:
-            budget = self._budgets.current()
+            budget = self._budgets.for_grants(table.usage_locked())
             allocations = tuple(table.by_age_locked())
             allocated = table.allocated_locked()
             devices = reports.device_usage_locked(table, budget)

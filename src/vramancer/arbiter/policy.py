@@ -70,10 +70,38 @@ class QualityPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """What the arbiter may hand out: in all, and per GPU (``gpu:N`` → bytes)."""
+    """What the arbiter may hand out: in all, and per GPU (``gpu:N`` → bytes).
+
+    ``external`` is the memory used outside VRAMancer per GPU now (driver-used less what is
+    reserved, ``devices.holders.external_bytes``) and ``memory`` each GPU's size: external
+    memory is never granted. It first fills the margin the budget leaves (``memory - budget``,
+    where driver contexts live); beyond it, it comes off the GPU's budget (``grantable``) and
+    so off the total. It only limits new grants: nobody is preempted for it.
+    """
 
     total_bytes: int
     devices: Mapping[str, int] = field(default_factory=dict)
+    external: Mapping[str, int] = field(default_factory=dict)
+    memory: Mapping[str, int] = field(default_factory=dict)
+
+    def outside(self, device: str) -> int:
+        """Bytes of ``device``'s budget that memory used outside VRAMancer takes."""
+        used = self.external.get(device, 0)
+        if used <= 0:
+            return 0
+        budget = self.devices.get(device, 0)
+        margin = max(0, self.memory.get(device, budget) - budget)
+        return min(budget, max(0, used - margin))
+
+    def grantable(self, device: str) -> int:
+        """``device``'s budget less what memory used outside VRAMancer takes of it."""
+        return self.devices.get(device, 0) - self.outside(device)
+
+    @property
+    def grantable_total(self) -> int:
+        """The total budget less what memory used outside VRAMancer takes of every GPU's."""
+        taken = sum(self.outside(device) for device in self.external)
+        return max(0, self.total_bytes - taken)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +144,8 @@ class NoRoom:
     reclaimable_bytes: int
     budget_bytes: int
     device: str | None = None
+    #: Memory used outside VRAMancer on ``device`` (on every GPU without one): not grantable.
+    external_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,11 +301,11 @@ def headroom(
     held = list(allocations)
     used = usage if usage is not None else Usage.of(held)
     victims = _takeable(held, priority, spare)
-    room = budget.total_bytes - used.total_bytes + _sum_bytes(victims)
+    room = budget.grantable_total - used.total_bytes + _sum_bytes(victims)
     if device is not None:
         if device not in budget.devices:
             return 0
-        own = budget.devices[device] - used.devices.get(device, 0) + _sum_bytes(victims, device)
+        own = budget.grantable(device) - used.devices.get(device, 0) + _sum_bytes(victims, device)
         room = min(room, own)
     return max(0, room)
 
@@ -297,9 +327,9 @@ def plan_allocation(
     scope = _Scope(
         request=request,
         policy=policy,
-        total_budget=budget.total_bytes,
+        total_budget=budget.grantable_total,
         total_allocated=used.total_bytes,
-        device_budget=budget.devices.get(device, 0) if device is not None else 0,
+        device_budget=budget.grantable(device) if device is not None else 0,
         device_allocated=used.devices.get(device, 0) if device is not None else 0,
     )
     if scope.satisfied(()):
@@ -312,7 +342,7 @@ def plan_allocation(
             if scope.satisfied(chosen):
                 break
     if not scope.satisfied(chosen):
-        return _failure(scope, candidates)
+        return _failure(scope, candidates, budget)
     for victim in reversed(chosen):  # spare, least preferred first, victims not needed
         rest = [v for v in chosen if v is not victim]
         if scope.satisfied(rest):
@@ -320,18 +350,23 @@ def plan_allocation(
     return Grant(scope.quality(chosen), scope.pressure(chosen), tuple(chosen))
 
 
-def _failure(scope: _Scope, candidates: Sequence[Allocation]) -> NoRoom | QualityTooLow:
+def _failure(
+    scope: _Scope, candidates: Sequence[Allocation], budget: Budget
+) -> NoRoom | QualityTooLow:
     request = scope.request
+    device = request.device_name
     if not scope.memory_fits(candidates):
-        relevant = [
-            c for c in candidates if request.device_name is None or c.device == request.device_name
-        ]
+        relevant = [c for c in candidates if device is None or c.device == device]
+        external = (
+            budget.external.get(device, 0) if device is not None else sum(budget.external.values())
+        )
         return NoRoom(
             requested_bytes=request.memory_bytes,
             available_bytes=scope.available_bytes(),
             reclaimable_bytes=_sum_bytes(relevant),
-            budget_bytes=scope.device_budget if request.device_name else scope.total_budget,
-            device=request.device_name,
+            budget_bytes=budget.devices.get(device, 0) if device else budget.total_bytes,
+            device=device,
+            external_bytes=external,
         )
     return QualityTooLow(
         minimum_quality=request.min_quality if request.min_quality is not None else 0.0,

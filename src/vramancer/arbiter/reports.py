@@ -87,7 +87,13 @@ def pressure_locked(table: AllocationTable, budget: Budget, device: str | None) 
 def device_usage_locked(table: AllocationTable, budget: Budget) -> tuple[DeviceUsage, ...]:
     """Budget and granted bytes of every GPU in ``budget``, by name."""
     return tuple(
-        DeviceUsage(name, size, table.allocated_locked(name))
+        DeviceUsage(
+            name,
+            size,
+            table.allocated_locked(name),
+            budget.external.get(name, 0),
+            budget.outside(name),
+        )
         for name, size in sorted(budget.devices.items())
     )
 
@@ -111,7 +117,7 @@ def arbiter_state(
         budget_bytes=budget.total_bytes,
         allocated_bytes=allocated,
         allocations=allocations,
-        available_bytes=max(0, budget.total_bytes - allocated),
+        available_bytes=max(0, budget.grantable_total - allocated),
         pressure_ratio=pressure,
         qualities=qualities,
         active=active,

@@ -108,9 +108,9 @@ class AllocationTable:
 
     def available_locked(self, budget: Budget, device: str | None) -> int:
         """Free bytes in the tighter of the total and ``device``'s budget."""
-        free = budget.total_bytes - self.total_bytes
+        free = budget.grantable_total - self.total_bytes
         if device is not None:
-            free = min(free, budget.devices.get(device, 0) - self.allocated_locked(device))
+            free = min(free, budget.grantable(device) - self.allocated_locked(device))
         return max(0, free)
 
     def by_age_locked(self) -> list[Allocation]:

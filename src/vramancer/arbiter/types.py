@@ -139,10 +139,14 @@ class DeviceUsage:
     device: str
     budget_bytes: int
     allocated_bytes: int
+    #: Memory used on the GPU outside VRAMancer now (never granted).
+    external_bytes: int = 0
+    #: The part of ``budget_bytes`` that external memory takes (beyond the budget's margin).
+    outside_bytes: int = 0
 
     @property
     def available_bytes(self) -> int:
-        return max(0, self.budget_bytes - self.allocated_bytes)
+        return max(0, self.budget_bytes - self.outside_bytes - self.allocated_bytes)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +154,7 @@ class DeviceUsage:
             "budget_bytes": self.budget_bytes,
             "allocated_bytes": self.allocated_bytes,
             "available_bytes": self.available_bytes,
+            "external_bytes": self.external_bytes,
         }
 
 

@@ -40,6 +40,7 @@ from vramancer.cli.common import (
 )
 from vramancer.clock import SystemClock
 from vramancer.config import Settings
+from vramancer.devices.holders import holders_by_gpu
 from vramancer.devices.manager import DeviceManager
 from vramancer.errors import VramancerError
 from vramancer.events import EventBus
@@ -83,8 +84,16 @@ class _Local:
         )
 
     def report(self) -> dict[str, Any]:
-        self.devices.refresh()
-        return dict(self.devices.report())
+        """The devices as this process sees them: nothing is reserved here (no server), so
+        every GPU's used memory is external, with the processes the driver lists."""
+        snap = self.devices.refresh()
+        report = dict(self.devices.report())
+        split = holders_by_gpu(snap.gpus, [])
+        report["devices"] = [
+            {**d, **split[d["index"]].as_dict()} if d["index"] in split else d
+            for d in report["devices"]
+        ]
+        return report
 
 
 @contextmanager
@@ -143,6 +152,50 @@ def _load(util: float | None, temp: float | None, power: float | None) -> str:
     return " ".join(p for p in parts if p) or "–"
 
 
+def memory_split(d: dict[str, Any]) -> str:
+    """``used 6.0 GiB (driver) · reserved 6.0 GiB · external 0 B · total 24.0 GiB``."""
+    return (
+        f"used {format_size(d['memory_used_bytes'])} (driver) · "
+        f"reserved {format_size(d.get('memory_reserved_bytes', 0))} · "
+        f"external {format_size(d.get('memory_external_bytes', 0))} · "
+        f"total {format_size(d['memory_total_bytes'])}"
+    )
+
+
+def age(since: float | None, now: float) -> str:
+    """``42s``, ``5m``, ``3h``, ``2d`` since ``since`` (Unix seconds); ``–`` when unknown."""
+    if since is None:
+        return "–"
+    seconds = max(0.0, now - since)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def holder_line(h: dict[str, Any], now: float) -> tuple[str, str, str]:
+    """One holder: ``kind name``, its size, ``owner · age``."""
+    owner = h.get("owner") or "–"
+    pid = f" (pid {h['pid']})" if h.get("pid") is not None else ""
+    return (
+        f"{h['kind']:<10} {escape(str(h['name']))}{pid}",
+        format_size(int(h["bytes"])),
+        f"{escape(str(owner))} · {age(h.get('since'), now)}",
+    )
+
+
+def _holder_rows(table: Table, d: dict[str, Any]) -> None:
+    """Under a GPU: its memory split, then who holds what (largest first)."""
+    if "memory_reserved_bytes" not in d:
+        return
+    table.add_row("", f"[dim]{memory_split(d)}[/]", "", "", "")
+    now = time.time()
+    for h in d.get("holders", []):
+        what, size, who = holder_line(h, now)
+        style = "yellow" if h["kind"] == "external" else "cyan"
+        table.add_row("", f"  [{style}]{what}[/]", "", size, f"[dim]{who}[/]")
+
+
 def status_view(data: dict[str, Any]) -> RenderableType:
     """Devices with VRAM bars, then host memory and CPU (fits an 80-column terminal)."""
     table = Table(
@@ -168,6 +221,7 @@ def status_view(data: dict[str, Any]) -> RenderableType:
             _pair(d["memory_used_bytes"], d["memory_total_bytes"]),
             _load(d.get("utilization_ratio"), d.get("temperature_celsius"), d.get("power_watts")),
         )
+        _holder_rows(table, d)
     h = data["host"]
     used = h["memory_total_bytes"] - h["memory_available_bytes"]
     table.add_row(

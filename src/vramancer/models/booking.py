@@ -114,13 +114,15 @@ class Booking:
         self.release(old)
 
     def drop(self, entry: ModelEntry) -> None:
-        """Give back everything accounted for ``entry`` (booking, simulated telemetry)."""
-        self.release(entry.allocation)
-        entry.allocation = None
+        """Give back everything accounted for ``entry`` (simulated telemetry, then the
+        booking: the arbiter, serving its waiters on release, must not see the model's bytes
+        still used but no longer reserved, as memory used outside VRAMancer)."""
         index = gpu_index(entry.device)
         if entry.sim_bytes and index is not None:
             self.adjust_sim(index, -entry.sim_bytes)
         entry.sim_bytes = 0
+        self.release(entry.allocation)
+        entry.allocation = None
         entry.used_bytes = 0
 
     def release(self, allocation: Allocation | None) -> None:

@@ -20,6 +20,8 @@ class FixedDevices:
 
     def __init__(self, *gpu_bytes: int) -> None:
         self.gpu_bytes = list(gpu_bytes)
+        #: What the driver reports used, by GPU index (0 when missing).
+        self.used: dict[int, int] = {}
         self.calls = 0
 
     def snapshot(self) -> SystemSnapshot:
@@ -40,8 +42,8 @@ class FixedDevices:
                 name=f"sim{i}",
                 vendor=DeviceVendor.SIMULATED,
                 memory_total_bytes=size,
-                memory_used_bytes=0,
-                memory_free_bytes=size,
+                memory_used_bytes=self.used.get(i, 0),
+                memory_free_bytes=size - self.used.get(i, 0),
             )
             for i, size in enumerate(self.gpu_bytes)
         )

@@ -216,7 +216,6 @@ async def test_a_preempted_task_is_waited_for_before_the_load() -> None:
     m = build(gpu, free_at_load)
     await m.start()
     try:
-        gpu.used += 8 * GIB  # the task's process holds its memory
         told: list[str] = []
 
         def stop_task(allocation: Allocation) -> None:
@@ -233,6 +232,7 @@ async def test_a_preempted_task_is_waited_for_before_the_load() -> None:
                 on_preempt=stop_task,
             )
         )
+        gpu.used += 8 * GIB  # the task's process holds what it reserved
         status = await m.ensure_loaded("a", "gpu:0")  # normal beats background
         assert status.device == "gpu:0" and len(told) == 1
         assert free_at_load == [("a", TOTAL)]  # not the 4 GiB free while the task still ran

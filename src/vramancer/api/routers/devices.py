@@ -1,4 +1,5 @@
-"""``GET /v1/devices``: devices with their latest telemetry, from the cached snapshot."""
+"""``GET /v1/devices``: devices with their latest telemetry, from the cached snapshot, and who
+holds what on each GPU (``devices/holders.py``)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ router = APIRouter(tags=["devices"])
 
 @router.get("/v1/devices", response_model=DeviceList)
 async def list_devices(rt: RuntimeDep) -> dict[str, Any]:
-    """Every GPU (real ones first, then simulated ones) and the host, as last polled."""
-    return rt.devices.report()
+    """Every GPU (real ones first, then simulated ones) and the host, as last polled, each GPU
+    with its memory reserved by VRAMancer, its external memory and its holders."""
+    return rt.devices_report()
 
 
 @router.get("/v1/devices/{index}", response_model=Device)
@@ -24,7 +26,7 @@ async def get_device(
     rt: RuntimeDep, index: Annotated[int, Path(ge=0, le=1_000_000)]
 ) -> dict[str, Any]:
     """One GPU by VRAMancer index (the index ``gpu: N`` pins tasks to)."""
-    for entry in rt.devices.report()["devices"]:
+    for entry in rt.devices_report()["devices"]:
         if entry["index"] == index:
             result: dict[str, Any] = entry
             return result

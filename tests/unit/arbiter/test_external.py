@@ -1,0 +1,84 @@
+"""Memory used outside VRAMancer (driver-used less reserved) is never granted."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.arbiter.conftest import FixedDevices, MakeArbiter
+from vramancer.arbiter.policy import Budget, Grant, NoRoom, QualityPolicy, headroom, plan_allocation
+from vramancer.arbiter.types import AllocationRequest, Priority, WorkloadType
+from vramancer.devices.ids import DeviceId
+from vramancer.errors import InsufficientMemory
+from vramancer.units import GIB
+
+LLM, OTHER = WorkloadType.LLM, WorkloadType.OTHER
+NORMAL = Priority.NORMAL
+POLICY = QualityPolicy({kind: 0.4 for kind in WorkloadType})
+BUDGET = int(8 * GIB * 0.9)
+
+
+def budget(external: int) -> Budget:
+    return Budget(
+        BUDGET, {"gpu:0": BUDGET}, external={"gpu:0": external}, memory={"gpu:0": 8 * GIB}
+    )
+
+
+def ask(size: int) -> AllocationRequest:
+    return AllocationRequest(OTHER, NORMAL, size, device=DeviceId(0))
+
+
+def test_external_memory_beyond_the_margin_comes_off_the_budget() -> None:
+    plan = plan_allocation(ask(7 * GIB), [], budget(2 * GIB), POLICY)
+    assert plan == NoRoom(
+        requested_bytes=7 * GIB,
+        available_bytes=6 * GIB,
+        reclaimable_bytes=0,
+        budget_bytes=BUDGET,
+        device="gpu:0",
+        external_bytes=2 * GIB,
+    )
+    assert isinstance(plan_allocation(ask(6 * GIB), [], budget(2 * GIB), POLICY), Grant)
+    assert headroom([], budget(2 * GIB), device="gpu:0") == 6 * GIB
+
+
+def test_external_memory_within_the_margin_takes_nothing_from_the_budget() -> None:
+    small = budget(GIB // 2)  # the margin is 0.8 GiB: driver contexts live there
+    assert small.grantable("gpu:0") == BUDGET
+    assert headroom([], small, device="gpu:0") == BUDGET
+    assert small.grantable_total == BUDGET
+
+
+async def test_a_request_over_what_external_memory_leaves_is_refused_naming_it(
+    make_arbiter: MakeArbiter,
+) -> None:
+    devices = FixedDevices(8 * GIB)
+    devices.used[0] = 2 * GIB
+    arbiter = make_arbiter(devices=devices)
+    await arbiter.start()
+    with pytest.raises(InsufficientMemory) as refused:
+        arbiter.allocate(ask(7 * GIB))
+    assert refused.value.details["external_bytes"] == 2 * GIB
+    assert refused.value.details["available_bytes"] == 6 * GIB
+    assert "2.0 GiB used outside VRAMancer" in refused.value.message
+    assert arbiter.headroom(DeviceId(0)) == 6 * GIB
+    usage = arbiter.state().devices[0]
+    assert (usage.external_bytes, usage.available_bytes) == (2 * GIB, 6 * GIB)
+
+
+async def test_reserved_memory_in_use_is_not_external_and_external_preempts_nobody(
+    make_arbiter: MakeArbiter,
+) -> None:
+    devices = FixedDevices(8 * GIB)
+    arbiter = make_arbiter(devices=devices)
+    await arbiter.start()
+    held = arbiter.allocate(ask(3 * GIB))
+    devices.used[0] = 3 * GIB  # the holder's process uses what it reserved
+    assert arbiter.headroom(DeviceId(0)) == BUDGET - 3 * GIB
+    devices.used[0] = 8 * GIB  # another program takes the rest of the GPU
+    arbiter.refresh_budget()
+    assert [a.id for a in arbiter.allocations()] == [held.id]
+    assert arbiter.headroom(DeviceId(0)) == 0
+    with pytest.raises(InsufficientMemory):
+        arbiter.allocate(ask(GIB))
+    devices.used[0] = 3 * GIB  # it is gone: the memory is grantable again
+    assert arbiter.allocate(ask(4 * GIB)).memory_bytes == 4 * GIB
