@@ -52,7 +52,13 @@ def test_budget_comes_from_the_simulated_gpu(client: httpx.Client) -> None:
     body = client.get("/v1/arbiter").json()
     assert body["state"]["budget_bytes"] == BUDGET
     assert body["state"]["devices"] == [
-        {"device": "gpu:0", "budget_bytes": BUDGET, "allocated_bytes": 0, "available_bytes": BUDGET}
+        {
+            "device": "gpu:0",
+            "budget_bytes": BUDGET,
+            "allocated_bytes": 0,
+            "available_bytes": BUDGET,
+            "external_bytes": 0,
+        }
     ]
     assert set(body["stats"]) >= {"total_allocations", "preemptions", "avg_quality"}
 

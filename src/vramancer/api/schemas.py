@@ -356,6 +356,9 @@ class AllocationOut(Answer):
     created_at: float
     preemptible: bool
     min_quality: float | None
+    #: What ``quality_target`` means (1.0 = full quality; lower: run lighter) and why it has
+    #: that value: the memory pressure after the grant, the priority and workload type.
+    quality_reason: str = ""
 
 
 class AllocationList(Answer):

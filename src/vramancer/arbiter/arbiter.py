@@ -55,6 +55,7 @@ from vramancer.arbiter.policy import (
     fit_to_budget,
     headroom,
     plan_allocation,
+    quality_reason,
     reclaimable,
 )
 from vramancer.arbiter.settings import ArbiterSettings
@@ -422,6 +423,10 @@ class Arbiter:
         with self._table.lock:
             pressure = reports.pressure_locked(self._table, self._budgets.current(), name)
         return self.policy.quality(workload_type, priority, pressure)
+
+    def quality_reason(self, allocation: Allocation) -> str:
+        """What ``allocation.quality_target`` means and why (``policy.quality_reason``)."""
+        return quality_reason(allocation, self.policy)
 
     def reserved_bytes(self, device: DeviceId | None = None) -> int:
         """Bytes granted: on ``device`` (allocations naming it), or in all when ``device`` is

@@ -403,3 +403,45 @@ def fit_to_budget(allocations: Sequence[Allocation], budget: Budget) -> list[All
             remaining.remove(holder)
             excess -= holder.memory_bytes
     return victims
+
+
+def quality_reason(allocation: Allocation, policy: QualityPolicy) -> str:
+    """What ``allocation.quality_target`` means and why it has that value, in words.
+
+    The arbiter always grants the whole amount asked; the quality target is decided at grant
+    time from the memory pressure (reserved / budget after the grant, the tighter of the whole
+    budget and the named GPU): full quality up to the priority's knee, then linearly down to
+    the workload type's minimum at full pressure. The pressure is recovered from the target
+    (the inverse of :meth:`QualityPolicy.quality`), so nothing more is stored.
+    """
+    kind, priority = allocation.workload_type, allocation.priority
+    minimum = policy.min_quality[kind]
+    knee = policy.knee(priority)
+    where = allocation.device or "the arbiter's budget"
+    size = _gib(allocation.memory_bytes)
+    rule = (
+        f"a {priority.value}-priority {kind.value} workload runs at full quality while "
+        f"{where} is at most {knee:.0%} reserved, then lower down to {minimum:.2f} at 100%"
+    )
+    q = allocation.quality_target
+    if minimum >= 1.0 - QUALITY_EPSILON:
+        return (
+            f"quality 1.00 = full: {size} granted as asked; {kind.value} workloads always run "
+            "at full quality (their minimum quality is 1.00), whatever the memory pressure"
+        )
+    if q >= 1.0 - QUALITY_EPSILON:
+        return (
+            f"quality 1.00 = full: {size} granted as asked, and after this grant {where} "
+            f"was at most {knee:.0%} reserved ({rule})"
+        )
+    span = 1.0 - minimum
+    pressure = knee + (1.0 - q) * (1.0 - knee) / span if span > 0 else 1.0
+    return (
+        f"quality {q:.2f} (1.00 = full): {size} granted as asked, but after this grant "
+        f"{where} was {min(pressure, 1.0):.0%} reserved; {rule}. The workload should run "
+        f"lighter to match: lower its precision, resolution or batch size"
+    )
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 1024**3:.1f} GiB"

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vramancer.arbiter.types import Priority, WorkloadType
@@ -28,6 +29,13 @@ alloc_app = typer.Typer(
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root vramancer app."""
     app.add_typer(alloc_app, name="alloc")
+
+
+#: What a quality figure means, printed under every listing that shows one.
+QUALITY_NOTE = (
+    "quality: 1.00 = full; lower means the GPU is under memory pressure and the workload "
+    "should run lighter (lower precision, resolution or batch); --json gives quality_reason"
+)
 
 
 def _row(a: dict[str, Any]) -> list[str]:
@@ -57,6 +65,8 @@ def list_allocations(json_out: JsonOpt = False) -> None:
             f"{format_size(d['allocated_bytes'])} of {format_size(d['budget_bytes'])} granted, "
             f"{format_size(d['available_bytes'])} available"
         )
+        if d["allocations"]:
+            console.print(f"[dim]{QUALITY_NOTE}[/]", highlight=False)
 
     emit(data, json_out, render)
 
@@ -121,6 +131,8 @@ def request(
             f"quality target {a['quality_target']:.2f}",
             highlight=False,
         )
+        if a.get("quality_reason"):
+            console.print(f"[dim]{escape(a['quality_reason'])}[/]", highlight=False)
 
     emit(data, json_out, render)
 
@@ -150,18 +162,20 @@ def state(json_out: JsonOpt = False) -> None:
             f"{len(s['allocations'])} allocation(s) · {s['waiters']} waiting",
             highlight=False,
         )
-        table = Table("device", "budget", "granted", "available")
+        table = Table("device", "budget", "granted", "external", "available")
         for dev in s["devices"]:
             table.add_row(
                 dev["device"],
                 format_size(dev["budget_bytes"]),
                 format_size(dev["allocated_bytes"]),
+                format_size(dev.get("external_bytes", 0)),
                 format_size(dev["available_bytes"]),
             )
         if s["devices"]:
             console.print(table)
         qualities = ", ".join(f"{k} {v:.2f}" for k, v in s["qualities"].items())
         console.print(f"recommended quality: {qualities}", highlight=False)
+        console.print(f"[dim]{QUALITY_NOTE}[/]", highlight=False)
         console.print(
             f"granted {stats['successful_allocations']} · refused {stats['failed_allocations']}"
             f" · preempted {stats['preemptions']} · released {stats['released']}",

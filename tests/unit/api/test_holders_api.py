@@ -110,5 +110,10 @@ async def test_memory_used_outside_vramancer_is_not_granted(
         assert "2.0 GiB used outside VRAMancer" in error["message"]
         arbiter = (await client.get("/v1/arbiter")).json()
         assert arbiter["state"]["devices"][0]["external_bytes"] == 2 * GIB
-        granted = await client.post("/v1/allocations", json={**body, "memory": "6GiB"})
+        granted = await client.post(
+            "/v1/allocations", json={**body, "workload_type": "llm", "memory": "6GiB"}
+        )
         assert granted.status_code == 201
+        reason = granted.json()["quality_reason"]
+        assert reason.startswith("quality 0.") and "6.0 GiB granted as asked" in reason
+        assert "should run lighter" in reason

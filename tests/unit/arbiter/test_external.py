@@ -82,3 +82,46 @@ async def test_reserved_memory_in_use_is_not_external_and_external_preempts_nobo
         arbiter.allocate(ask(GIB))
     devices.used[0] = 3 * GIB  # it is gone: the memory is grantable again
     assert arbiter.allocate(ask(4 * GIB)).memory_bytes == 4 * GIB
+
+
+def test_quality_reason_says_what_the_target_means_and_why() -> None:
+    from vramancer.arbiter.policy import quality_reason
+    from vramancer.arbiter.types import Allocation
+
+    big = budget(0)
+    half = plan_allocation(
+        AllocationRequest(LLM, NORMAL, BUDGET // 2, device=DeviceId(0)), [], big, POLICY
+    )
+    assert isinstance(half, Grant) and half.quality_target == 1.0
+    full = Allocation("alloc-1", LLM, NORMAL, BUDGET // 2, 1.0, "gpu:0")
+    assert quality_reason(full, POLICY) == (
+        "quality 1.00 = full: 3.6 GiB granted as asked, and after this grant gpu:0 was at most "
+        "55% reserved (a normal-priority llm workload runs at full quality while gpu:0 is at "
+        "most 55% reserved, then lower down to 0.40 at 100%)"
+    )
+    tight = plan_allocation(
+        AllocationRequest(LLM, NORMAL, BUDGET, device=DeviceId(0)), [], big, POLICY
+    )
+    assert isinstance(tight, Grant) and tight.quality_target == 0.4
+    low = Allocation("alloc-2", LLM, NORMAL, BUDGET, tight.quality_target, "gpu:0")
+    assert quality_reason(low, POLICY) == (
+        "quality 0.40 (1.00 = full): 7.2 GiB granted as asked, but after this grant gpu:0 was "
+        "100% reserved; a normal-priority llm workload runs at full quality while gpu:0 is at "
+        "most 55% reserved, then lower down to 0.40 at 100%. The workload should run lighter "
+        "to match: lower its precision, resolution or batch size"
+    )
+    # the pressure is recovered from the target: 0.7 is halfway down the ramp
+    mid = Allocation("alloc-3", LLM, NORMAL, GIB, 0.7, "gpu:0")
+    assert "gpu:0 was 78% reserved" in quality_reason(mid, POLICY)
+
+
+def test_a_workload_type_that_never_degrades_says_so() -> None:
+    from vramancer.arbiter.policy import quality_reason
+    from vramancer.arbiter.types import Allocation
+
+    policy = QualityPolicy({**{kind: 0.4 for kind in WorkloadType}, OTHER: 1.0})
+    held = Allocation("alloc-1", OTHER, NORMAL, 6 * GIB, 1.0, "gpu:0")
+    assert quality_reason(held, policy) == (
+        "quality 1.00 = full: 6.0 GiB granted as asked; other workloads always run at full "
+        "quality (their minimum quality is 1.00), whatever the memory pressure"
+    )

@@ -26,6 +26,7 @@ from vramancer.arbiter.errors import Preempted
 from vramancer.arbiter.types import Allocation, AllocationRequest, Priority, WorkloadType
 from vramancer.devices.ids import DeviceId
 from vramancer.errors import Conflict, InvalidInput
+from vramancer.runtime import Runtime
 from vramancer.units import Size
 
 #: Owner prefixes of allocations other subsystems hold, and how a person frees them instead.
@@ -74,8 +75,9 @@ class AllocationBody(BaseModel):
     preempt: bool = True
 
 
-def _public(allocation: Allocation) -> dict[str, Any]:
-    return allocation.as_dict()
+def _public(allocation: Allocation, rt: Runtime) -> dict[str, Any]:
+    """The allocation, with ``quality_reason``: what its quality target means and why."""
+    return {**allocation.as_dict(), "quality_reason": rt.arbiter.quality_reason(allocation)}
 
 
 @router.get("/v1/allocations", response_model=AllocationList)
@@ -83,7 +85,7 @@ async def list_allocations(rt: RuntimeDep) -> dict[str, Any]:
     """Live allocations, oldest first, with the budget they share."""
     state = rt.arbiter.state()
     return {
-        "allocations": [_public(a) for a in state.allocations],
+        "allocations": [_public(a, rt) for a in state.allocations],
         "budget_bytes": state.budget_bytes,
         "allocated_bytes": state.allocated_bytes,
         "available_bytes": state.available_bytes,
@@ -114,13 +116,13 @@ async def request_allocation(
         allocation = await rt.arbiter.acquire(request, timeout_s=body.wait_s)
     else:
         allocation = rt.arbiter.allocate(request)
-    return _public(allocation)
+    return _public(allocation, rt)
 
 
 @router.get("/v1/allocations/{allocation_id}", response_model=AllocationOut)
 async def get_allocation(allocation_id: str, rt: RuntimeDep) -> dict[str, Any]:
     """One allocation; 409 ``preempted`` if it was taken, 404 if unknown."""
-    return _public(rt.arbiter.get(allocation_id))
+    return _public(rt.arbiter.get(allocation_id), rt)
 
 
 @router.delete("/v1/allocations/{allocation_id}", response_model=Released)
