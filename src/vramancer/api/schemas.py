@@ -553,6 +553,10 @@ class TaskStatus(Answer):
     priority: str
     exit_code: int | None
     error: str | None
+    #: Why a ``waiting_gpu`` task waits, recomputed from the state now on every read (the
+    #: dispatcher's rule: each device's slots, memory after reservations and external memory,
+    #: temperature, load); null in any other state.
+    waiting_reason: str | None = None
     timeout_s: float | None
     estimate_s: float | None
     submitted_at: float | None

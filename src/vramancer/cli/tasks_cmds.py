@@ -21,6 +21,7 @@ from typing import Annotated, Any, NoReturn
 from urllib.parse import quote
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vramancer.cli import forms
@@ -187,11 +188,14 @@ def _follow(api: Api, task_id: str, json_out: bool) -> None:
     offsets = {"stdout": 0, "stderr": 0}
     attempt = -1
     state = ""
+    why = None
     while True:
         status = _status(api, task_id)
         task_id = status["task_id"]  # the full id, when a shortened one was given
-        if status["state"] != state:
+        # a waiting task's reason is recomputed on every read: show it again when it changes
+        if status["state"] != state or status.get("waiting_reason") != why:
             state = status["state"]
+            why = status.get("waiting_reason")
             if not json_out:
                 where = f" on {status['device']}" if status.get("device") else ""
                 note = f" ({status['error']})" if status.get("error") else ""
@@ -277,6 +281,9 @@ def list_tasks(
             )
         # The id is what the other commands take, the state what the user looks for.
         print_table(console, table, keys=("id", "state"), give_way=("what",))
+        for t in data["tasks"]:
+            if t.get("waiting_reason"):
+                console.print(f"{t['task_id']}: {escape(t['waiting_reason'])}", highlight=False)
         if data["next_cursor"]:
             console.print(f"more: --cursor {data['next_cursor']}", highlight=False)
 

@@ -31,6 +31,17 @@ def pinned_node(record: TaskRecord) -> str | None:
 
 #: Prefix of the reason a waiting task shows (``error`` of its status).
 WAITING = "waiting for a device: "
+#: In the reason of an overdue task a device is held for: `` (gpu:0 is held for it: ...)``.
+HELD_NOTE = " is held for it: "
+
+
+def hold_note(reason: str | None) -> str:
+    """The `` (gpu:N is held for it: ...)`` ending of a reason the dispatcher recorded, or ""
+    (a hold is decided by a round: it is not in the device views a reader sees)."""
+    if reason is None or HELD_NOTE not in reason:
+        return ""
+    start = reason.rfind(" (", 0, reason.find(HELD_NOTE))
+    return reason[start:] if start >= 0 else ""
 
 
 @dataclass
@@ -67,7 +78,7 @@ class RoundPlan:
         node = pinned_node(record) if self.pool else None
         decision = pick(self.views, record.vram_bytes, record.gpu, self.policy, node)
         if isinstance(decision, Placement):
-            self.views = assume(self.views, decision, record.vram_bytes)
+            self.views = assume(self.views, decision, record.vram_bytes, record.task_id)
             self.grants.append(Grant(record.task_id, decision.device, previous=record.state))
             self.cuda[record.task_id] = next(
                 v.cuda_index for v in self.views if v.device == decision.device
@@ -79,8 +90,9 @@ class RoundPlan:
                 self.views, record.vram_bytes, record.gpu, record.task_id, self.policy, node
             )
             if held is not None:
-                reason += f" ({held} is held for it: it has waited over {overdue_after_s:g} s)"
+                reason += f" ({held}{HELD_NOTE}it has waited over {overdue_after_s:g} s)"
             self.waiting.append((record.task_id, reason, record.state))
-        elif record.state is TaskState.QUEUED:
+        elif record.state is TaskState.QUEUED or record.error != reason:
+            # a waiting task's reason is rewritten whenever it changed: it never goes stale
             self.waiting.append((record.task_id, reason, record.state))
         return False

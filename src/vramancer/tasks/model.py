@@ -427,6 +427,7 @@ class TaskRecord:
             "priority": self.priority.value,
             "exit_code": self.exit_code,
             "error": self.error,
+            "waiting_reason": self.error if self.state is TaskState.WAITING_GPU else None,
             "timeout_s": self.timeout_s,
             "estimate_s": self.estimate_s,
             "submitted_at": self.submitted_at,

@@ -69,6 +69,13 @@ class DeviceView:
     held_for: str | None = None
     #: The node of the pool this device belongs to (None: this machine, no pool).
     node: str | None = None
+    #: Our tasks running on it (the ones taking its slots), for the reasons a task waits.
+    task_ids: tuple[str, ...] = ()
+    #: The arbiter's allocations on it (models, tasks, API allocations): count and bytes.
+    reservations: int = 0
+    reserved_bytes: int = 0
+    #: Memory used on it outside VRAMancer (``devices.holders.external_bytes``).
+    external_bytes: int = 0
 
     @property
     def available_bytes(self) -> int:
@@ -123,9 +130,21 @@ Decision = Placement | NoRoom
 
 
 def ineligibility(view: DeviceView, need_bytes: int, policy: PickerPolicy) -> str | None:
-    """Why ``view`` cannot take a task needing ``need_bytes`` now, or None when it can."""
-    if view.held_for is not None:
+    """Why ``view`` cannot take a task needing ``need_bytes`` now (every reason that holds,
+    ``; ``-separated), or None when it can. The one rule for the reason a task waits: the
+    dispatcher records it and every view of a waiting task recomputes it from the state now."""
+    if view.held_for is not None:  # nothing else starts there, whatever else holds
         return f"held for task {view.held_for}, which has waited longest"
+    reasons = [_health(view, policy)]
+    if view.running >= view.slots:
+        reasons.append(_slots(view))
+    if need_bytes > view.available_bytes:
+        reasons.append(_memory(view, need_bytes))
+    found = [r for r in reasons if r]
+    return "; ".join(found) if found else None
+
+
+def _health(view: DeviceView, policy: PickerPolicy) -> str | None:
     if view.age_s > policy.heartbeat_ttl_s:
         return f"no telemetry for {view.age_s:.0f} s (TTL {policy.heartbeat_ttl_s:.0f} s)"
     temp = view.temperature_celsius
@@ -134,14 +153,27 @@ def ineligibility(view: DeviceView, need_bytes: int, policy: PickerPolicy) -> st
     busy = view.utilization_ratio
     if busy is not None and busy > policy.max_busy_ratio:
         return f"too busy ({busy:.0%} > {policy.max_busy_ratio:.0%})"
-    if view.running >= view.slots:
-        return f"all {view.slots} slots in use"
-    if need_bytes > view.available_bytes:
-        return (
-            f"needs {format_size(need_bytes)}, {format_size(view.available_bytes)} available "
-            "after reservations"
-        )
     return None
+
+
+def _slots(view: DeviceView) -> str:
+    if not view.task_ids:
+        return f"all {view.slots} slots in use"
+    plural = "s" if len(view.task_ids) > 1 else ""
+    return f"slots_per_device={view.slots} taken by task{plural} {', '.join(view.task_ids)}"
+
+
+def _memory(view: DeviceView, need_bytes: int) -> str:
+    text = f"needs {format_size(need_bytes)}, {format_size(view.available_bytes)} available"
+    n = view.reservations
+    if n:
+        plural = "s" if n > 1 else ""
+        text += f" after {n} reservation{plural} ({format_size(view.reserved_bytes)})"
+    else:
+        text += " after reservations"
+    if view.external_bytes:
+        text += f" and {format_size(view.external_bytes)} used outside VRAMancer"
+    return text
 
 
 def score(view: DeviceView, policy: PickerPolicy) -> float:
@@ -228,8 +260,11 @@ def pick(
     return NoRoom(tuple(reasons))
 
 
-def assume(views: Sequence[DeviceView], placement: Placement, need_bytes: int) -> list[DeviceView]:
-    """The views once the placed task holds its slot and its VRAM (reserved, not yet seen)."""
+def assume(
+    views: Sequence[DeviceView], placement: Placement, need_bytes: int, task_id: str | None = None
+) -> list[DeviceView]:
+    """The views once the placed task (``task_id``) holds its slot and its VRAM (reserved,
+    not yet seen)."""
     out = list(views)
     for i, view in enumerate(out):
         if view.device == placement.device:
@@ -239,6 +274,9 @@ def assume(views: Sequence[DeviceView], placement: Placement, need_bytes: int) -
                 unseen_bytes=view.unseen_bytes + need_bytes,
                 grantable_bytes=view.grantable_bytes - need_bytes,
                 own_bytes=view.own_bytes + need_bytes,
+                task_ids=(*view.task_ids, task_id) if task_id else view.task_ids,
+                reservations=view.reservations + (1 if need_bytes else 0),
+                reserved_bytes=view.reserved_bytes + need_bytes,
             )
             break
     return out
@@ -255,6 +293,7 @@ def drained(view: DeviceView) -> DeviceView:
         own_bytes=0,
         free_bytes=min(view.total_bytes, view.free_bytes + visible),
         grantable_bytes=view.grantable_bytes + view.own_bytes,
+        task_ids=(),
     )
 
 
@@ -284,6 +323,18 @@ class LocalLoad:
     unseen_bytes: int = 0
     #: Their reservations, seen by the driver or not.
     reserved_bytes: int = 0
+    #: Their ids.
+    task_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """The arbiter's allocations on one device (every holder, not only our tasks) and the
+    memory used there outside VRAMancer."""
+
+    count: int = 0
+    bytes: int = 0
+    external_bytes: int = 0
 
 
 def build_views(
@@ -294,17 +345,20 @@ def build_views(
     local: Mapping[str, LocalLoad],
     slots_per_device: int,
     host_slots: int,
+    reserved: Mapping[str, Reserved] | None = None,
 ) -> list[DeviceView]:
     """Views of every GPU of ``snapshot`` (or of the host alone on a machine without GPUs).
 
     ``now`` is on the clock of the snapshot's ``taken_at`` (monotonic); ``grantable`` is what
     the arbiter can still grant per device name (a device missing from it: 0); ``local`` our
-    running tasks per device name.
+    running tasks per device name; ``reserved`` the arbiter's allocations per device name (for
+    the reasons a task waits).
     """
     views = []
     for gpu in snapshot.gpus:
         name = gpu_name(gpu.index)
         load = local.get(name, LocalLoad())
+        held = reserved.get(name, Reserved()) if reserved is not None else Reserved()
         views.append(
             DeviceView(
                 device=name,
@@ -321,6 +375,10 @@ def build_views(
                 slots=slots_per_device,
                 cuda_index=None if gpu.simulated else gpu.cuda_index,
                 own_bytes=load.reserved_bytes,
+                task_ids=load.task_ids,
+                reservations=held.count,
+                reserved_bytes=held.bytes,
+                external_bytes=held.external_bytes,
             )
         )
     if not views:
@@ -333,6 +391,7 @@ def build_views(
                 free_bytes=0,
                 running=load.running,
                 slots=host_slots,
+                task_ids=load.task_ids,
             )
         )
     return views

@@ -37,11 +37,13 @@ import os
 import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 from vramancer.clock import Clock
-from vramancer.devices.ids import DeviceId
+from vramancer.devices.holders import external_bytes
+from vramancer.devices.ids import DeviceId, gpu_name
 from vramancer.devices.types import SystemSnapshot
 from vramancer.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
 from vramancer.events import EventBus
@@ -58,7 +60,7 @@ from vramancer.plugins import load_object
 from vramancer.tasks import admission, logs, task_ids
 from vramancer.tasks.admission import HIJACK_ENV, resolve_programs
 from vramancer.tasks.blocks import BlockReader
-from vramancer.tasks.dispatch import RoundPlan
+from vramancer.tasks.dispatch import WAITING, RoundPlan, hold_note, pinned_node
 from vramancer.tasks.errors import PayloadTooLarge
 from vramancer.tasks.estimator import HistoryEstimator, RuntimeEstimator, as_runtime_estimator
 from vramancer.tasks.launch import ENV_TASK_ID
@@ -75,7 +77,14 @@ from vramancer.tasks.model import (
     TaskSpec,
     TaskState,
 )
-from vramancer.tasks.picker import DeviceView, PickerPolicy, build_views
+from vramancer.tasks.picker import (
+    DeviceView,
+    PickerPolicy,
+    Placement,
+    Reserved,
+    build_views,
+    pick,
+)
 from vramancer.tasks.ports import (
     ArbiterPort,
     DevicesPort,
@@ -376,8 +385,10 @@ class TaskService:
     # ----------------------------------------------------------------------------- queries
 
     async def status(self, task_id: str) -> TaskRecord:
-        """The task ``task_id`` names: its full id or a unique start of it (``task_ids``)."""
-        return await task_ids.find(self.queue, task_id)
+        """The task ``task_id`` names: its full id or a unique start of it (``task_ids``); a
+        ``waiting_gpu`` one with the reason it waits now."""
+        record = await task_ids.find(self.queue, task_id)
+        return self._live(record, self.waiting_reasons([record]))
 
     async def history(
         self,
@@ -394,7 +405,11 @@ class TaskService:
             )
         if not 1 <= limit <= 1000:
             raise InvalidInput(f"limit must be between 1 and 1000 (got {limit})")
-        return await self.queue.history(state=state, since=since, cursor=cursor, limit=limit)
+        page = await self.queue.history(state=state, since=since, cursor=cursor, limit=limit)
+        reasons = self.waiting_reasons(page.tasks)
+        if reasons:
+            page = replace(page, tasks=[self._live(r, reasons) for r in page.tasks])
+        return page
 
     async def cancel(self, task_id: str) -> TaskRecord:
         """Cancel a task: at once when it waits; a running one is killed (then ``cancelled``).
@@ -598,7 +613,56 @@ class TaskService:
             local=self.workers.loads(snapshot),
             slots_per_device=self.settings.slots_per_device,
             host_slots=self.settings.host_slots,
+            reserved=self._reserved(snapshot),
         )
+
+    def _reserved(self, snapshot: SystemSnapshot) -> dict[str, Reserved]:
+        """The arbiter's allocations per GPU and the memory used there outside VRAMancer."""
+        count: dict[str, int] = {}
+        held: dict[str, int] = {}
+        for allocation in self.arbiter.allocations():
+            if allocation.device is not None:
+                count[allocation.device] = count.get(allocation.device, 0) + 1
+                held[allocation.device] = held.get(allocation.device, 0) + allocation.memory_bytes
+        out = {}
+        for gpu in snapshot.gpus:
+            name = gpu_name(gpu.index)
+            reserved = held.get(name, 0)
+            external = external_bytes(gpu.memory_used_bytes, reserved)
+            out[name] = Reserved(count.get(name, 0), reserved, external)
+        return out
+
+    def waiting_reason(self, record: TaskRecord) -> str | None:
+        """Why ``record`` waits for a device, from the state now (the dispatcher's rule,
+        ``picker.ineligibility``): None unless it is ``waiting_gpu``."""
+        return self.waiting_reasons([record]).get(record.task_id)
+
+    def waiting_reasons(self, records: Sequence[TaskRecord]) -> dict[str, str]:
+        """:meth:`waiting_reason` of each ``waiting_gpu`` record, by task id (views read once)."""
+        waiting = [r for r in records if r.state is TaskState.WAITING_GPU]
+        if not waiting:
+            return {}
+        if self.pool is not None:
+            views, pool = self.pool.views(self.clock.time()), True
+        else:
+            views, pool = self._views(self.devices.snapshot()), False
+        out = {}
+        for record in waiting:
+            node = pinned_node(record) if pool else None
+            decision = pick(views, record.vram_bytes, record.gpu, self.policy, node)
+            if isinstance(decision, Placement):
+                # Room now: the last round's decision stands (a device held for a task that
+                # waited longer is only known to the round), else it starts at the next one.
+                out[record.task_id] = record.error or (
+                    f"{WAITING}{decision.device} has room now; it starts at the next dispatch round"
+                )
+            else:
+                out[record.task_id] = WAITING + decision.message() + hold_note(record.error)
+        return out
+
+    def _live(self, record: TaskRecord, reasons: Mapping[str, str]) -> TaskRecord:
+        reason = reasons.get(record.task_id)
+        return record if reason is None else replace(record, error=reason)
 
     def _grantable(self, snapshot: SystemSnapshot) -> dict[str, int]:
         """What the arbiter can still grant per GPU without preempting anyone (its
@@ -617,8 +681,9 @@ class TaskService:
         if not self.telemetry.lane_count(False, READY_STATES):
             return 0
         plan = self._round_plan(now)
-        if plan is None or plan.free_slots == 0:
+        if plan is None:
             return 0
+        # every slot taken: the first ready tasks are still offered, so they wait saying why
         await self._offer_ready(plan, now)
         if self.pool is not None:
             return await self._hand_over(plan, now)
@@ -639,7 +704,9 @@ class TaskService:
         """Offer the plan the overdue tasks first, then the ready ones in dispatch order."""
         scan = self.settings.dispatch_scan
         page = min(scan, 8 + 2 * plan.free_slots)
-        # Read only about what the free slots can take; read on when tasks did not fit.
+        # Read only about what the free slots can take; read on when tasks did not fit. With
+        # no free slot, one page only: those tasks get their waiting reason.
+        saturated = plan.free_slots == 0
         starvation = self.settings.starvation_s
         candidates, overdue = await self.queue.dispatch_view(
             limit=page,
@@ -654,7 +721,7 @@ class TaskService:
         while True:
             seen += len(candidates)
             for record in candidates:
-                if plan.free_slots == 0 and not plan.holding:
+                if plan.free_slots == 0 and not plan.holding and not saturated:
                     break
                 if record.task_id not in plan.offered:
                     plan.offer(record)

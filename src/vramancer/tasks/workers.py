@@ -139,6 +139,7 @@ class Workers:
                 load.running + 1,
                 load.unseen_bytes + unseen,
                 load.reserved_bytes + active.vram_bytes,
+                (*load.task_ids, active.record.task_id),
             )
         return local
 

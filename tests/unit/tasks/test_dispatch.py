@@ -39,12 +39,22 @@ def test_tasks_that_fit_are_granted_in_turn_and_the_others_wait_with_a_reason() 
     assert plan.free_slots == 3
     assert plan.offer(task("a", 20))
     assert not plan.offer(task("b", 10))  # 4 GiB left on gpu:0, gpu:1 too small
-    assert not plan.offer(task("c", 10, TaskState.WAITING_GPU))  # already waiting: no new row
+    # already waiting for another reason: its reason is rewritten (it never goes stale) ...
+    assert not plan.offer(task("c", 10, TaskState.WAITING_GPU))
     assert plan.offer(task("d", 2))
     assert plan.grants == [Grant("a", "gpu:0"), Grant("d", "gpu:1")]
     assert plan.cuda == {"a": 0, "d": 1}
-    assert [(t, s) for t, _, s in plan.waiting] == [("b", TaskState.QUEUED)]
+    assert [(t, s) for t, _, s in plan.waiting] == [
+        ("b", TaskState.QUEUED),
+        ("c", TaskState.WAITING_GPU),
+    ]
     assert plan.waiting[0][1].startswith(WAITING + "gpu:0: needs 10.0 GiB, 4.0 GiB available")
+    # ... and one already waiting for the same reason gets no new row
+    small = RoundPlan([gpu(0, 8)], PickerPolicy())
+    assert not small.offer(task("x", 10, TaskState.WAITING_GPU))
+    same = replace(task("e", 10, TaskState.WAITING_GPU), error=small.waiting[0][1])
+    assert not small.offer(same)
+    assert [t for t, _, _ in small.waiting] == ["x"]
     assert plan.free_slots == 1
     assert plan.offered == {"a", "b", "c", "d"}
 

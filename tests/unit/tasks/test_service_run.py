@@ -320,7 +320,10 @@ async def test_unseen_reservation_counts_as_used_until_the_driver_shows_it(
     assert await h.state(first.task_id) in (TaskState.SCHEDULED, TaskState.RUNNING)
     second_record = await h.svc.status(second.task_id)
     assert second_record.state is TaskState.WAITING_GPU
-    assert second_record.error is not None and "available after reservations" in second_record.error
+    assert second_record.error == (
+        "waiting for a device: gpu:0: needs 10.0 GiB, 9.0 GiB available after 1 reservation "
+        "(10.0 GiB)"
+    )
     await h.svc.cancel(first.task_id)
     await h.svc.drain(timeout_s=10)
     await h.svc.run_once()
