@@ -176,9 +176,10 @@ def age(since: float | None, now: float) -> str:
 def holder_line(h: dict[str, Any], now: float) -> tuple[str, str, str]:
     """One holder: ``kind name``, its size, ``owner · age``."""
     owner = h.get("owner") or "–"
+    ident = f" {h['id']}" if h["id"] != h["name"] and h["kind"] != "external" else ""
     pid = f" (pid {h['pid']})" if h.get("pid") is not None else ""
     return (
-        f"{h['kind']:<10} {escape(str(h['name']))}{pid}",
+        f"{h['kind']:<10} {escape(str(h['name']))}{escape(ident)}{pid}",
         format_size(int(h["bytes"])),
         f"{escape(str(owner))} · {age(h.get('since'), now)}",
     )
