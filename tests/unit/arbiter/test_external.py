@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.unit.arbiter.conftest import FixedDevices, MakeArbiter
+from vramancer import event_types as ev
 from vramancer.arbiter.policy import Budget, Grant, NoRoom, QualityPolicy, headroom, plan_allocation
 from vramancer.arbiter.types import AllocationRequest, Priority, WorkloadType
 from vramancer.devices.ids import DeviceId
 from vramancer.errors import InsufficientMemory
+from vramancer.events import EventBus
 from vramancer.units import GIB
 
 LLM, OTHER = WorkloadType.LLM, WorkloadType.OTHER
@@ -125,3 +129,26 @@ def test_a_workload_type_that_never_degrades_says_so() -> None:
         "quality 1.00 = full: 6.0 GiB granted as asked; other workloads always run at full "
         "quality (their minimum quality is 1.00), whatever the memory pressure"
     )
+
+
+async def test_a_waiter_is_served_when_external_memory_frees_up(
+    make_arbiter: MakeArbiter, bus: EventBus
+) -> None:
+    devices = FixedDevices(8 * GIB)
+    devices.used[0] = 4 * GIB  # another program
+    arbiter = make_arbiter(devices=devices)
+    await arbiter.start()
+    waiting = asyncio.ensure_future(arbiter.acquire(ask(6 * GIB), timeout_s=10))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    devices.used[0] = 0  # it exited; the device manager tells who listens
+    bus.publish(
+        ev.VramChanged(
+            index=0, uuid="SIM-0", name="sim0", backend="simulated", simulated=True,
+            free_before_bytes=4 * GIB, free_after_bytes=8 * GIB, used_bytes=0,
+            total_bytes=8 * GIB, delta_free_bytes=4 * GIB,
+        )
+    )  # fmt: skip
+    granted = await asyncio.wait_for(waiting, 5)
+    assert granted.memory_bytes == 6 * GIB
+    await arbiter.stop()
