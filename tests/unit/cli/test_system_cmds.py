@@ -220,3 +220,18 @@ def test_the_lite_install_runs_without_torch_or_the_gpu_extras(env: dict[str, st
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["devices"][0]["uuid"] == "sim-sim0"
+
+
+def test_status_without_a_server_counts_every_used_byte_as_external(env: dict[str, str]) -> None:
+    """No daemon: nothing is reserved, so the 6 GiB the GPU reports used are external."""
+    data = json.loads(runner.invoke(app, ["status", "--json", "--embedded"], env=env).stdout)
+    gpu = data["devices"][0]
+    assert (gpu["memory_reserved_bytes"], gpu["memory_external_bytes"]) == (0, 6 * 1024**3)
+    assert [(h["kind"], h["id"], h["bytes"]) for h in gpu["holders"]] == [
+        ("external", "unattributed", 6 * 1024**3)
+    ]
+    human = runner.invoke(app, ["status", "--embedded"], env={**env, "COLUMNS": "200"})
+    assert "used 6.0 GiB (driver) · reserved 0 B · external 6.0 GiB · total 24.0 GiB" in (
+        human.stdout
+    )
+    assert "in use outside VRAMancer, not reported per process" in human.stdout
