@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.helpers import ServerProcess, running_server
+from tests.poolprocs import VRAMANCER
 from vramancer.cli.main import app
 from vramancer.units import GIB
 
@@ -124,3 +127,41 @@ def test_status_top_and_tasks_show_who_holds_what_and_why_a_task_waits(
         is None
     )
     client.delete(f"/v1/allocations/{allocation['id']}")
+
+
+def test_watch_prints_the_waiting_reason_again_when_it_changes(
+    server: ServerProcess, client: httpx.Client
+) -> None:
+    """A task waits for the slot and for memory an allocation holds; the allocation is given
+    back (the reason changes, watch says so), then the running task ends and it runs."""
+    held = client.post(
+        "/v1/allocations", json={"workload_type": "other", "memory": "20GiB", "device": "gpu:0"}
+    ).json()
+    first = client.post(
+        "/api/tasks/submit", json={"type": "cmd", "cmd": ["sleep", "30"], "gpu": 0}
+    ).json()["task_id"]
+    wait_state(client, first, "running")
+    second = client.post(
+        "/api/tasks/submit", json={"type": "cmd", "cmd": ["true"], "gpu": 0, "vram": "4GiB"}
+    ).json()["task_id"]
+    before = wait_state(client, second, "waiting_gpu")["waiting_reason"]
+    assert "needs 4.0 GiB" in before and f"taken by task {first}" in before
+    env = {**os.environ, "VRM_URL": server.url, "COLUMNS": "300"}
+    watch = subprocess.Popen(
+        [VRAMANCER, "watch", second], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        time.sleep(1.0)  # watch has printed the first reason
+        client.delete(f"/v1/allocations/{held['id']}")
+        time.sleep(1.0)  # ... and the new one
+        client.post(f"/api/tasks/{first}/cancel")
+        _, err = watch.communicate(timeout=30)
+    finally:
+        watch.kill()
+    lines = err.decode().splitlines()
+    assert (
+        f"waiting_gpu (waiting for a device: gpu:0: slots_per_device=1 taken by task {first})"
+        in (lines)
+    ), lines
+    assert any("needs 4.0 GiB" in line for line in lines), lines
+    assert watch.returncode == 0
