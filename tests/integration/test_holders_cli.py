@@ -103,7 +103,7 @@ def test_status_top_and_tasks_show_who_holds_what_and_why_a_task_waits(
     out = human.stdout
     assert "used 0 B (driver) · reserved 8.0 GiB · external 0 B · total 24.0 GiB" in out
     assert "used 2.0 GiB (driver) · reserved 0 B · external 2.0 GiB · total 8.0 GiB" in out
-    assert f"cmd task {first_id}" in out and "6.0 GiB" in out and "local ·" in out
+    assert f"cmd: sleep 30 {first_id}" in out and "6.0 GiB" in out and "local ·" in out
     assert f"image (normal) {allocation['id']}" in out and "comfy ·" in out
     assert "in use outside VRAMancer, not reported per process" in out
 

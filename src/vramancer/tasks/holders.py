@@ -20,12 +20,30 @@ MODEL_PREFIX = "model:"
 TASK_PREFIX = "task:"
 
 
+#: The longest task label in a holder list (the command's start).
+LABEL_MAX = 80
+
+
 def task_label(active: Active) -> str:
-    """A task's name in a holder list: its type and model, never its command (which only its
-    owner may read)."""
-    model = active.record.spec.get("model")
-    kind = f"{active.record.type.value} task"
-    return f"{kind} ({model})" if isinstance(model, str) else kind
+    """A task's name in a holder list: ``TYPE: what it runs`` (its command, shell line, the
+    first line of its Python code, or its model), as the task list shows it. Only the task's
+    owner and admins may read its code: the API shows others :func:`hidden_label`."""
+    record = active.record
+    spec = record.spec
+    cmd = spec.get("cmd")
+    what = " ".join(str(c) for c in cmd) if isinstance(cmd, list) else None
+    what = what or spec.get("shell") or spec.get("python") or spec.get("model")
+    if not isinstance(what, str) or not what.strip():
+        return record.type.value
+    line = what.strip().splitlines()[0]
+    if len(line) > LABEL_MAX:
+        line = line[: LABEL_MAX - 1] + "…"
+    return f"{record.type.value}: {line}"
+
+
+def hidden_label(label: str) -> str:
+    """A task's label without what it runs (``cmd: train.py`` → ``cmd task``)."""
+    return f"{label.partition(':')[0]} task"
 
 
 def _group_pids(snapshot: SystemSnapshot, pgid: int | None) -> frozenset[int]:

@@ -64,7 +64,7 @@ async def test_each_gpu_lists_its_model_task_allocation_and_external_memory(
         assert gpu0["memory_external_bytes"] == 0
         rows = [(h["kind"], h["id"], h["name"], h["owner"], h["bytes"]) for h in gpu0["holders"]]
         assert rows == [
-            ("task", task_id, "cmd task", "local", 6 * GIB),
+            ("task", task_id, "cmd: sleep 30", "local", 6 * GIB),
             ("model", "clip", "clip", None, 3 * GIB),
             ("allocation", alloc.json()["id"], "image (normal)", "comfy", 2 * GIB),
         ]
@@ -117,3 +117,29 @@ async def test_memory_used_outside_vramancer_is_not_granted(
         reason = granted.json()["quality_reason"]
         assert reason.startswith("quality 0.") and "6.0 GiB granted as asked" in reason
         assert "should run lighter" in reason
+
+
+async def test_a_task_holder_shows_what_it_runs_to_its_owner_and_admins_only(
+    settings_factory: SettingsFactory,
+) -> None:
+    tokens = {"tokens": {"adm": "admin", "op": "operator", "op2": "operator"}}
+    devices = {"backends": [], "simulated": [{"name": "sim0", "memory": "24GiB"}]}
+    async with asgi_client(settings_factory(devices=devices, auth=tokens), token="op") as (
+        client,
+        _,
+    ):
+        body = {"type": "shell", "shell": "sleep 30 # secret-ish", "gpu": 0, "vram": "1GiB"}
+        task_id = (await client.post("/api/tasks/submit", json=body)).json()["task_id"]
+        await _running(client, task_id)
+
+        async def names(token: str) -> list[str]:
+            headers = {"Authorization": f"Bearer {token}"}
+            listed = (await client.get("/v1/devices", headers=headers)).json()
+            one = (await client.get("/v1/devices/0", headers=headers)).json()
+            assert one["holders"] == listed["devices"][0]["holders"]
+            return [h["name"] for h in one["holders"]]
+
+        assert await names("op") == ["shell: sleep 30 # secret-ish"]
+        assert await names("adm") == ["shell: sleep 30 # secret-ish"]
+        assert await names("op2") == ["shell task"]
+        await client.post(f"/api/tasks/{task_id}/cancel")
