@@ -150,18 +150,18 @@ def test_watch_prints_the_waiting_reason_again_when_it_changes(
     watch = subprocess.Popen(
         [VRAMANCER, "watch", second], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    assert watch.stderr is not None
     try:
-        time.sleep(1.0)  # watch has printed the first reason
+        lines = [watch.stderr.readline().decode().strip()]  # the first reason, printed
         client.delete(f"/v1/allocations/{held['id']}")
-        time.sleep(1.0)  # ... and the new one
+        lines.append(watch.stderr.readline().decode().strip())  # the new one
         client.post(f"/api/tasks/{first}/cancel")
-        _, err = watch.communicate(timeout=30)
+        _, rest = watch.communicate(timeout=30)
     finally:
         watch.kill()
-    lines = err.decode().splitlines()
-    assert (
+    lines += rest.decode().splitlines()
+    assert "needs 4.0 GiB" in lines[0], lines
+    assert lines[1] == (
         f"waiting_gpu (waiting for a device: gpu:0: slots_per_device=1 taken by task {first})"
-        in (lines)
     ), lines
-    assert any("needs 4.0 GiB" in line for line in lines), lines
     assert watch.returncode == 0
