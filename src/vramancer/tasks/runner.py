@@ -128,6 +128,42 @@ class _Capture:
         finally:
             self.close()
 
+    def pump_pipe(self, pipe: IO[bytes]) -> asyncio.Future[None]:
+        """Read ``pipe`` from the event loop's selector until its end (no transport, no
+        stream: a reader callback per readable event); the future is done at the end of the
+        pipe, which is then closed. Cancelling the future stops reading and closes it."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        fd = pipe.fileno()
+        os.set_blocking(fd, False)
+
+        def readable() -> None:
+            try:
+                chunk = os.read(fd, _READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            try:
+                if chunk:
+                    self.feed(chunk)
+                    return
+            except Exception as exc:
+                if not ended.done():
+                    ended.set_exception(exc)
+                return
+            if not ended.done():
+                ended.set_result(None)
+
+        def stop(_: asyncio.Future[None]) -> None:
+            loop.remove_reader(fd)
+            pipe.close()
+            self.close()
+
+        ended.add_done_callback(stop)
+        loop.add_reader(fd, readable)
+        return ended
+
     def feed(self, chunk: bytes) -> None:
         self.total += len(chunk)
         room = self.limit - self.written
@@ -257,8 +293,38 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
     return True
 
 
+#: Seconds the boot time read from ``/proc/stat`` is kept (it is a whole second, and only
+#: changes when the wall clock is set).
+_BOOT_TIME_TTL_S = 60.0
+_boot_time: tuple[float, float] | None = None  # (read at, monotonic), boot time
+
+
+def _linux_boot_time() -> float:
+    """``btime`` of ``/proc/stat`` (as psutil reads it), cached ``_BOOT_TIME_TTL_S``."""
+    global _boot_time
+    now = time.monotonic()
+    if _boot_time is None or now - _boot_time[0] > _BOOT_TIME_TTL_S:
+        _boot_time = (now, float(psutil.boot_time()))
+    return _boot_time[1]
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
 def process_start_time(pid: int) -> float | None:
-    """The start time of ``pid`` (to recognise it later, not a reused pid), or None."""
+    """The start time of ``pid`` (to recognise it later, not a reused pid), or None.
+
+    On Linux read straight from ``/proc/PID/stat`` (the same figure as psutil's
+    ``create_time``, without building a ``psutil.Process``), elsewhere through psutil."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            # the fields after the command name (in parentheses, which may hold spaces)
+            ticks = int(stat[stat.rfind(b")") + 2 :].split()[19])
+        except (OSError, ValueError, IndexError):
+            return None
+        return ticks / _CLOCK_TICKS + _linux_boot_time()
     try:
         return float(psutil.Process(pid).create_time())
     except (psutil.Error, OSError):
@@ -300,15 +366,12 @@ class SpawnedProcess:
     """A task process started on the spawner thread, seen from the event loop: the face of an
     ``asyncio.subprocess.Process`` that ``ProcessRun`` uses."""
 
-    def __init__(
-        self,
-        popen: subprocess.Popen[bytes],
-        stdout: asyncio.StreamReader,
-        stderr: asyncio.StreamReader,
-    ) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        assert popen.stdout is not None and popen.stderr is not None
         self.pid = popen.pid
-        self.stdout: asyncio.StreamReader | None = stdout
-        self.stderr: asyncio.StreamReader | None = stderr
+        #: Its output pipes, read straight from the selector (``_Capture.pump_pipe``).
+        self.stdout_pipe: IO[bytes] = popen.stdout
+        self.stderr_pipe: IO[bytes] = popen.stderr
         self.returncode: int | None = None
         self._popen = popen
         self._exited = _watch_exit(popen)
@@ -348,14 +411,6 @@ def _watch_exit(popen: subprocess.Popen[bytes]) -> asyncio.Future[None]:
     return exited
 
 
-async def _read_pipe(pipe: IO[bytes]) -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    protocol = asyncio.StreamReaderProtocol(reader)
-    await loop.connect_read_pipe(lambda: protocol, pipe)
-    return reader
-
-
 def _popen(req: RunRequest) -> tuple[subprocess.Popen[bytes], float | None]:
     """On the spawner thread: start the process, read its start time."""
     argv, preexec = dying_with_parent(req.argv, req.env, req.cwd)
@@ -387,9 +442,7 @@ async def spawn(req: RunRequest) -> tuple[SpawnedProcess, float | None]:
     except asyncio.CancelledError:  # it starts anyway, on the thread: it must not live on
         starting.add_done_callback(_kill_started)
         raise
-    assert popen.stdout is not None and popen.stderr is not None
-    stdout, stderr = await _read_pipe(popen.stdout), await _read_pipe(popen.stderr)
-    return SpawnedProcess(popen, stdout, stderr), started
+    return SpawnedProcess(popen), started
 
 
 class ProcessRun:
@@ -432,11 +485,15 @@ class ProcessRun:
         proc = self._proc
         if proc is None:
             raise RuntimeError("wait() before start()")
-        assert proc.stdout is not None and proc.stderr is not None
-        pumps = [
-            asyncio.ensure_future(self._out.pump(proc.stdout)),
-            asyncio.ensure_future(self._err.pump(proc.stderr)),
-        ]
+        pumps: list[asyncio.Future[None]]
+        if isinstance(proc, SpawnedProcess):
+            pumps = [self._out.pump_pipe(proc.stdout_pipe), self._err.pump_pipe(proc.stderr_pipe)]
+        else:
+            assert proc.stdout is not None and proc.stderr is not None
+            pumps = [
+                asyncio.ensure_future(self._out.pump(proc.stdout)),
+                asyncio.ensure_future(self._err.pump(proc.stderr)),
+            ]
         timed_out = cancelled = False
         exited = asyncio.ensure_future(proc.wait())
         cancel_wait = asyncio.ensure_future(self._cancel.wait())

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import logging
 import os
 import shutil
@@ -383,7 +382,18 @@ class Workers:
         on the spawner thread: in order with the next attempt's creation of it."""
         if not self.settings.keep_scratch:
             scratch = scratch_dir(self.data_dir, active.device, active.record.task_id)
-            await in_spawner(functools.partial(shutil.rmtree, scratch, ignore_errors=True))
+            await in_spawner(remove_dir, scratch)
+
+
+def remove_dir(path: Path) -> None:
+    """Remove ``path`` and what it holds, if anything: most tasks leave their scratch
+    directory empty, and one ``rmdir`` is much cheaper than walking it (``shutil.rmtree``)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 #: ``errno`` values of a failed start that no retry can cure: the program is missing or cannot
