@@ -322,7 +322,10 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 
 @pytest.mark.slow
-def test_a_sigkilled_daemons_task_processes_die_with_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("guard_killed", [False, True])
+def test_a_sigkilled_daemons_task_processes_die_with_it(tmp_path: Path, guard_killed: bool) -> None:
+    """The task's whole process group dies with the daemon (its guard kills it); when the
+    guard was killed too, the next start kills what is left."""
     config = "[devices]\nbackends = []\n"
     script = "sleep 300 & echo $!; echo $$; exec sleep 300"
     first = start_server(tmp_path, config)
@@ -339,11 +342,24 @@ def test_a_sigkilled_daemons_task_processes_die_with_it(tmp_path: Path) -> None:
                 time.sleep(0.05)
         background, main = (int(pid) for pid in out)
         assert _alive(main) and _alive(background)
+        if guard_killed:
+            (guard,) = [
+                child
+                for child in psutil.Process(first.proc.pid).children()
+                if any(part.endswith("guard.py") for part in child.cmdline())
+            ]
+            guard.kill()
+            assert _wait_gone(guard.pid, 5.0)
     finally:
         first.kill(signal.SIGKILL)
         if first.proc.stdout:
             first.proc.stdout.close()
-    assert _wait_gone(main, 3.0), "the task outlived its daemon"
-    assert _alive(background)  # started by the task itself: the next start's business
+    if not guard_killed:
+        assert _wait_gone(main, 3.0), "the task outlived its daemon"
+        assert _wait_gone(background, 3.0), "what the task started outlived its daemon"
+        return
+    assert _alive(main) and _alive(background)  # nothing left to kill them: the next start does
     with running_server(tmp_path, config, data_dir=first.data_dir):
+        assert _wait_gone(main, 5.0), "the next start left the task running"
+        assert _wait_gone(background, 5.0), "the next start left the task's leftovers running"
         assert _wait_gone(background, 5.0), "the next start left the task's leftovers running"

@@ -8,25 +8,25 @@ and released its VRAM reservation. stdout and stderr are read through pipes: the
 ``tail_bytes`` are kept for the database; anything beyond is counted and dropped. Log files
 are private to the daemon's user (0600, in 0700 directories).
 
-On Linux a task process dies with the daemon: it is started with the parent-death signal set
-to SIGKILL (``prctl(PR_SET_PDEATHSIG)``), so a daemon that is SIGKILLed or crashes does not leave
-its tasks running until the next start. The signal follows the *thread* that started the
-process: tasks are started from the event loop's thread, which lives as long as the daemon.
-Where util-linux's ``setpriv`` is installed the task is started through it (``setpriv
---pdeathsig KILL -- PROGRAM ...``, which sets the signal and then execs the program, same pid):
-a ``preexec_fn`` would make Python fork the whole daemon instead of using ``vfork``, which costs
-several milliseconds per task on a daemon that has torch loaded. The program is looked up first,
-as ``exec`` would (the task's ``PATH``, its ``cwd``), so a missing one is still an ``OSError``
-at start. Without ``setpriv`` a ``preexec_fn`` calls ``prctl``; a daemon that died between the
-fork and the ``prctl`` is noticed there (the parent pid changed) and the child kills itself.
-What the task itself started in the background does not get that signal; it stays in the
-task's process group, and the next start kills it (``kill_orphan``).
+A task process dies with the daemon: its process group is listed with the guard
+(``tasks/guard.py``), one small process per daemon that holds the other end of a pipe from the
+daemon and SIGKILLs every listed group when that pipe closes, however the daemon died. The
+whole group goes, so what the task started in the background goes too. That costs two short
+pipe writes per task, where a parent-death signal (``prctl(PR_SET_PDEATHSIG)``) costs either one
+more ``exec`` per task (util-linux's ``setpriv --pdeathsig KILL``) or a ``preexec_fn``, which
+makes Python fork the whole daemon instead of using ``vfork``. Where the guard cannot start,
+tasks fall back to the parent-death signal (``dying_with_parent``): through ``setpriv`` where it
+is installed (the program is looked up first, as ``exec`` would, so a missing one is still an
+``OSError`` at start), else a ``preexec_fn`` that calls ``prctl``; a daemon that died between
+the fork and the ``prctl`` is noticed there (the parent pid changed) and the child kills itself.
+That signal follows the *thread* that started the process: the spawner thread below lives as
+long as the daemon.
 
 Processes are started from one thread of their own (``in_spawner``), not from the event loop:
 forking (even ``vfork``) and the scratch directory's creation and removal block their caller
 for a millisecond or more per task, which the event loop then spends on nothing else. That thread
 lives as long as the daemon (an idle worker of a one-thread pool waits for work, it never
-exits), so the parent-death signal holds. Its end is noticed through a ``pidfd`` on the event
+exits). Its end is noticed through a ``pidfd`` on the event
 loop (Linux 5.3 and later), else by a thread that waits for it.
 """
 
@@ -55,6 +55,7 @@ from typing import IO, Any, BinaryIO, TypeVar
 import psutil
 
 from vramancer.files import open_private, private_dir
+from vramancer.tasks.guard import Guard
 from vramancer.tasks.warm import WarmProcess, WarmRunner, WarmUnavailable
 
 log = logging.getLogger(__name__)
@@ -379,6 +380,7 @@ class SpawnedProcess:
     async def wait(self) -> int:
         if self.returncode is None:
             await asyncio.shield(self._exited)
+            _unguard(self.pid)
             self.returncode = self._popen.wait()  # already ended: reaps it at once
         return self.returncode
 
@@ -411,9 +413,33 @@ def _watch_exit(popen: subprocess.Popen[bytes]) -> asyncio.Future[None]:
     return exited
 
 
+#: Kills the task process groups when the daemon dies (``tasks/guard.py``); None: that guard
+#: could not be started here, each task dies with the daemon by ``dying_with_parent``.
+_GUARD: Guard | None = Guard() if os.name == "posix" else None
+
+
+def _guarded() -> Guard | None:
+    """The guard, started if need be (on the spawner thread); None when it cannot run."""
+    global _GUARD
+    guard = _GUARD
+    if guard is None:
+        return None
+    try:
+        guard.ensure()
+    except OSError:
+        log.warning("the task guard cannot start; tasks die with the daemon by prctl instead")
+        _GUARD = None
+        return None
+    return guard
+
+
 def _popen(req: RunRequest) -> tuple[subprocess.Popen[bytes], float | None]:
     """On the spawner thread: start the process, read its start time."""
-    argv, preexec = dying_with_parent(req.argv, req.env, req.cwd)
+    guard = _guarded()
+    if guard is not None:
+        argv, preexec = list(req.argv), None
+    else:
+        argv, preexec = dying_with_parent(req.argv, req.env, req.cwd)
     popen = subprocess.Popen(
         argv,
         cwd=req.cwd,
@@ -424,13 +450,27 @@ def _popen(req: RunRequest) -> tuple[subprocess.Popen[bytes], float | None]:
         start_new_session=True,
         preexec_fn=preexec,
     )
+    if guard is not None:
+        try:
+            guard.register(popen.pid)
+        except OSError:  # no guard any more: the task must not run unguarded
+            kill_group(popen.pid)
+            popen.wait()
+            raise
     return popen, process_start_time(popen.pid)
+
+
+def _unguard(pid: int) -> None:
+    """The task's main process ended (not reaped yet): the guard forgets its group."""
+    if _GUARD is not None:
+        _GUARD.unregister(pid)
 
 
 def _kill_started(starting: asyncio.Future[tuple[subprocess.Popen[bytes], float | None]]) -> None:
     if not starting.cancelled() and starting.exception() is None:
         popen = starting.result()[0]
         kill_group(popen.pid)
+        _unguard(popen.pid)
         threading.Thread(target=popen.wait, daemon=True).start()  # reap it
 
 
