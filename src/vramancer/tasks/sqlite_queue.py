@@ -70,6 +70,10 @@ class SqliteQueue:
     """The embedded ``TaskQueue``. See the module docstring for durability; ``sqlite_schema``
     for the indexes."""
 
+    #: Writes are applied in the order they are asked for (one writer thread, one queue): a
+    #: caller may ask for the next before the previous one is committed.
+    keeps_order = True
+
     def __init__(
         self,
         path: Path,

@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 #: second figure).
 FINISH_RETRY_S = 0.25
 FINISH_RETRY_MAX_S = 2.0
+#: Seconds a task's process runs before its ``running`` mark is written. A task that ends
+#: sooner has its mark written with its end (one group commit instead of two); the mark keeps
+#: the time the process started either way.
+MARK_DELAY_S = 0.05
 
 
 @dataclass
@@ -74,6 +78,12 @@ class Active:
     task: asyncio.Task[None] | None = None
     #: ``VRM_MODEL*`` variables describing the held model (empty: the task names none).
     model_env: dict[str, str] = field(default_factory=dict)
+    #: When the process started (the ``running`` mark's time), None: it did not start.
+    started_at: float | None = None
+    #: Writes the ``running`` mark ``MARK_DELAY_S`` after the start, unless the task ended.
+    mark_timer: asyncio.TimerHandle | None = None
+    #: Writing (then publishing) the ``running`` mark.
+    marking: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         if self.run is not None:
@@ -202,15 +212,28 @@ class Workers:
         active.task = asyncio.create_task(self._execute(active), name=f"task-{record.task_id}")
         return True
 
-    async def finish(self, outcome: Outcome, *, wake: bool = True) -> None:
+    async def finish(
+        self, outcome: Outcome, *, wake: bool = True, marking: asyncio.Task[None] | None = None
+    ) -> None:
         """Report how an attempt ended; the queue decides what follows.
+
+        ``marking``: the attempt's ``running`` mark being written; the end is published after
+        it. A queue that applies writes in the order they come (``keeps_order``) gets the end
+        right behind the mark (they share a commit); any other once the mark is written.
 
         With ``retry_unavailable`` (a pool's shared queue), a queue that cannot be reached is
         asked again until it answers or the daemon stops: the outcome is not dropped (its task
         would run again). Meanwhile the task is in ``recording``."""
         self.recording.add(outcome.task_id)
         try:
+            if marking is not None and not marking.done():
+                if getattr(self.queue, "keeps_order", False):
+                    await asyncio.sleep(0)  # the mark's first step hands it to the writer
+                else:
+                    await asyncio.wait([marking])
             changes = await self._record(outcome)
+            if marking is not None:
+                await asyncio.wait([marking])
         finally:
             self.recording.discard(outcome.task_id)
         if changes is None:
@@ -267,6 +290,8 @@ class Workers:
                 error=f"internal error ({type(exc).__name__}); see the daemon's log",
             )
         finally:
+            if active.mark_timer is not None:
+                active.mark_timer.cancel()
             self._release(active)
             # started here so that it happens even when this coroutine is cancelled
             scratch_removed = asyncio.ensure_future(self._remove_scratch(active))
@@ -275,7 +300,8 @@ class Workers:
                 listener()
         await scratch_removed
         if not active.lost:
-            await self.finish(outcome)
+            # a mark not written yet (the task ended within MARK_DELAY_S) goes with the end
+            await self.finish(outcome, marking=self._mark(active))
 
     async def _run_with_model(self, active: Active) -> Outcome:
         """Run the process, inside ``models.use(model)`` when the task names a model: loaded
@@ -342,31 +368,39 @@ class Workers:
         active.pgid = run.pid
         if active.cancel or active.release_reason or active.lost:
             run.cancel()
-        # The running mark commits while the process runs; it is published as soon as it is
-        # committed, and always before the task's end (the writer keeps their order).
-        mark = asyncio.ensure_future(
-            self.queue.mark_running(
+        # The running mark is written MARK_DELAY_S after the start, or with the task's end if
+        # that comes first; it is published as soon as it is committed, always before the end.
+        active.started_at = self.clock.time()
+        loop = asyncio.get_running_loop()
+        active.mark_timer = loop.call_later(MARK_DELAY_S, self._mark, active)
+        result = await run.wait()
+        return outcome_of(active, result)
+
+    def _mark(self, active: Active) -> asyncio.Task[None] | None:
+        """Start writing the task's ``running`` mark unless it is written or being written
+        (or the process never started); the task writing it."""
+        if active.mark_timer is not None:
+            active.mark_timer.cancel()
+            active.mark_timer = None
+        if active.marking is None and active.started_at is not None and not active.lost:
+            active.marking = asyncio.ensure_future(self._write_mark(active))
+        return active.marking
+
+    async def _write_mark(self, active: Active) -> None:
+        record, run = active.record, active.run
+        assert run is not None and active.started_at is not None
+        try:
+            changes = await self.queue.mark_running(
                 record.task_id,
                 record.lease_token,
                 pid=run.pid,
                 pid_started=run.started_at,
-                now=self.clock.time(),
+                now=active.started_at,
             )
-        )
-        mark.add_done_callback(self._publish_marked)
-        try:
-            result = await run.wait()
-        finally:
-            await asyncio.wait([mark])
-        return outcome_of(active, result)
-
-    def _publish_marked(self, mark: asyncio.Future[list[Change]]) -> None:
-        if mark.cancelled():
+        except Exception as exc:
+            log.error("recording a task as running failed: %s", exc)
             return
-        if mark.exception() is not None:
-            log.error("recording a task as running failed: %s", mark.exception())
-            return
-        self.telemetry.publish(mark.result())
+        self.telemetry.publish(changes)
 
     def _release(self, active: Active) -> None:
         self.active.pop(active.record.task_id, None)
