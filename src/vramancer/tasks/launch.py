@@ -14,7 +14,7 @@
   the empty string on a simulated GPU or the host (the task must not touch a GPU it was not
   given);
 * cwd: the task's ``cwd``, else its scratch directory
-  ``<data_dir>/scratch/<device>/<task id>`` (the caller creates it);
+  ``<data_dir>/scratch/<device>/<task id>`` (created right before the start, by the runner);
 * limits: the task's timeout, ``kill_grace_s``, ``max_output_bytes``, ``output_tail_bytes``,
   and the attempt's log files (``logs.log_paths``).
 """
@@ -92,6 +92,7 @@ def run_request(
         python=(spec.python, dumps(spec.payload or {}))
         if spec.type is TaskType.PYTHON and spec.python
         else None,
+        scratch=scratch,
     )
 
 

@@ -89,6 +89,9 @@ class RunRequest:
     stderr_path: Path
     #: ``(module:function, payload JSON)`` of a ``python`` task: what a warm runner needs.
     python: tuple[str, str] | None = None
+    #: The attempt's scratch directory, created (private) on the spawner thread right before
+    #: the start, in the same hop.
+    scratch: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,8 +436,24 @@ def _guarded() -> Guard | None:
     return guard
 
 
+class ScratchUnavailable(RuntimeError):
+    """The scratch directory could not be created (not the program's fault: no ``OSError``,
+    which would say the program cannot start)."""
+
+
+def make_scratch(req: RunRequest) -> None:
+    """On the spawner thread: the attempt's scratch directory, private."""
+    if req.scratch is not None:
+        try:
+            private_dir(req.scratch)
+        except OSError as exc:
+            raise ScratchUnavailable(f"cannot create the scratch directory: {exc}") from exc
+
+
 def _popen(req: RunRequest) -> tuple[subprocess.Popen[bytes], float | None]:
-    """On the spawner thread: start the process, read its start time."""
+    """On the spawner thread: make the scratch directory, start the process, read its start
+    time."""
+    make_scratch(req)
     guard = _guarded()
     if guard is not None:
         argv, preexec = list(req.argv), None
@@ -507,6 +526,7 @@ class ProcessRun:
         req = self.request
         self._t0 = time.monotonic()
         if self.warm is not None and req.python is not None:
+            await in_spawner(make_scratch, req)
             try:
                 self._proc = await self.warm.spawn(req)
             except WarmUnavailable as exc:

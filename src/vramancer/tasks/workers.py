@@ -329,8 +329,8 @@ class Workers:
         record = active.record
         spec = record.task_spec()
         scratch = scratch_dir(self.data_dir, active.device, record.task_id)
-        await in_spawner(private_dir, scratch)
-        if spec.blocks:
+        if spec.blocks:  # else the runner makes it, in the same hop as the start
+            await in_spawner(private_dir, scratch)
             try:
                 if self.blocks is None:
                     raise BlockMissing("this node has no memory store to read blocks from")
