@@ -36,6 +36,7 @@ from vramancer.arbiter.settings import ArbiterSettings
 from vramancer.devices.settings import DevicesSettings
 from vramancer.errors import ConfigError
 from vramancer.fastpath.settings import FastpathSettings
+from vramancer.gateway.settings import GatewaySettings
 from vramancer.memory.settings import MemorySettings
 from vramancer.models.settings import (
     GpuManagerSettings,
@@ -225,6 +226,7 @@ class Settings(BaseSettings):
     ha: HaSettings = Field(default_factory=HaSettings)
     fastpath: FastpathSettings = Field(default_factory=FastpathSettings)
     release: ReleaseSettings = Field(default_factory=ReleaseSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     @field_validator("data_dir")
     @classmethod

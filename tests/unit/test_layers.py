@@ -46,16 +46,18 @@ ALLOWED: dict[str, frozenset[str]] = {
     "fastpath": KERNEL | {"memory"},
     # The release agent: git -> candidate -> tests (as a task) -> atomic switch.
     "release": KERNEL | {"devices", "arbiter", "tasks", "client"},
+    # The model gateway: request queues per model, made resident through the model manager.
+    "gateway": KERNEL | {"devices", "arbiter", "models"},
     # config imports each section's settings module (checked below), nothing else.
     "config": KERNEL
     | {"devices", "resources", "memory", "arbiter", "models", "tasks", "pool", "replication"}
-    | {"fastpath", "release"},
+    | {"fastpath", "release", "gateway"},
     "runtime": KERNEL
     | {"config", "devices", "resources", "memory", "arbiter", "models", "tasks", "replication"}
     | {"pool", "fastpath", "release"},
     "api": KERNEL
     | {"config", "runtime", "devices", "resources", "memory", "arbiter", "models", "tasks"}
-    | {"replication", "pool", "web", "release"},
+    | {"replication", "pool", "web", "release", "gateway"},
     "cli": KERNEL
     | {"config", "runtime", "devices", "resources", "memory", "arbiter", "models", "tasks"}
     | {"replication", "pool", "api", "client", "release"},
