@@ -13,6 +13,15 @@ shapes of Ollama's ``docs/api.md`` that VRAMancer uses:
 * ``GET /api/tags`` -> the pulled models; ``POST /api/show`` -> ``details`` and ``model_info``.
 * A model that was not "pulled" -> 404 ``{"error": "model 'x' not found, try pulling it
   first"}``.
+* ``POST /api/generate`` with a prompt and ``POST /api/chat`` answer; streamed by default
+  (Ollama's ``"stream": true``) as NDJSON: one object per line, ``{"model", "created_at",
+  "response": "tok", "done": false}`` (chat: ``"message": {"role": "assistant", "content":
+  "tok"}``), the last with ``"done": true``, ``done_reason`` and the counters; with
+  ``"stream": false`` one object. ``options.num_predict`` tokens ``t0 t1 ...``, else an echo.
+* ``POST /api/embed`` (``input``: a string or a list) -> ``{"model", "embeddings": [[...]],
+  "total_duration", "load_duration", "prompt_eval_count"}``.
+* Ollama's OpenAI-compatible routes ``/v1/chat/completions``, ``/v1/completions``,
+  ``/v1/embeddings``, ``/v1/models`` (``tests/fakes/openai_server.py``'s answers).
 
 Ollama's own rules that clients trip over are kept:
 
@@ -27,7 +36,9 @@ Ollama's own rules that clients trip over are kept:
 Failure modes, set from the test: ``go_down()`` / ``come_back()`` (nothing listens on the port),
 ``load_delay_s`` (slow loads), ``unload_lag_s`` (the model leaves ``/api/ps`` that long after the
 unload answer), ``fail_status = 500`` (every API call errors) or ``fail_next_loads = n``, and
-``die_on_next_load()`` (the connection drops in the middle of a load and the server is gone).
+``die_on_next_load()`` (the connection drops in the middle of a load and the server is gone),
+``chunk_delay_s`` (slow streams); a prompt containing ``__die__`` drops the connection after
+two chunks of its stream (the runner crashed mid-answer).
 ``requests`` records every call; ``max_concurrent_loads`` says whether two loads ever overlapped.
 
 Run it alone for demos: ``python -m tests.fakes.ollama --port 11434 --model qwen3-vl:8b=10.5GiB``.
@@ -44,10 +55,13 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests.fakes.openai_server import DIE, OpenAIFake, embedding, last_text, send
+from tests.fakes.openai_server import tokens_for as answer_tokens
 from vramancer.units import parse_size
 
 VERSION = "0.6.5"
@@ -156,6 +170,9 @@ class FakeOllama:
         self.unload_lag_s = 0.0
         self.fail_status: int | None = None
         self.fail_next_loads = 0
+        self.chunk_delay_s = 0.0
+        #: Streams being answered now, and the most ever at once.
+        self.active_streams = 0
         self.active_loads = 0
         self.max_concurrent_loads = 0
         self._die_on_load = False
@@ -358,6 +375,50 @@ class FakeOllama:
             ]
         }
 
+    def answer(self, body: dict[str, Any], chat: bool) -> Iterator[dict[str, Any]]:
+        """The objects of an answer (a stream's lines; the last has ``done: true``)."""
+        text = last_text(body)
+        options = body.get("options") or {}
+        tokens = answer_tokens(text, options.get("num_predict"))
+        name = body["model"]
+        for token in tokens:
+            part: dict[str, Any] = {"model": name, "created_at": _created_at(), "done": False}
+            if chat:
+                part["message"] = {"role": "assistant", "content": token}
+            else:
+                part["response"] = token
+            yield part
+        last: dict[str, Any] = {**_reply(name, "stop"), "total_duration": 1000}
+        last.update(load_duration=10, prompt_eval_count=3, eval_count=len(tokens))
+        if chat:
+            del last["response"]
+            last["message"] = {"role": "assistant", "content": ""}
+        yield last
+
+    def whole(self, body: dict[str, Any], chat: bool) -> dict[str, Any]:
+        """A whole answer (``"stream": false``)."""
+        parts = list(self.answer(body, chat))
+        text = "".join(p["message"]["content"] if chat else p["response"] for p in parts)
+        last = parts[-1]
+        if chat:
+            last["message"] = {"role": "assistant", "content": text}
+        else:
+            last["response"] = text
+        return last
+
+    def embed(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        raw = body.get("input")
+        texts = [raw] if isinstance(raw, str) else raw
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return 400, {"error": "invalid input type"}
+        return 200, {
+            "model": body["model"],
+            "embeddings": [embedding(t) for t in texts],
+            "total_duration": 1000,
+            "load_duration": 10,
+            "prompt_eval_count": sum(len(t.split()) for t in texts),
+        }
+
     def take_die_on_load(self) -> bool:
         with self._lock:
             die, self._die_on_load = self._die_on_load, False
@@ -437,6 +498,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.fail_status is not None:
             self._send(fake.fail_status, {"error": "fake ollama: internal error"})
             return
+        if self.path == "/v1/models":
+            self._send(200, OpenAIFake(list(fake.models)).models_list())
+            return
         routes = {
             "/api/version": lambda: {"version": VERSION},
             "/api/ps": fake.ps,
@@ -454,6 +518,14 @@ class _Handler(BaseHTTPRequestHandler):
         fake.requests.append(Request("POST", self.path, body or {}))
         if body is None:
             self._send(400, {"error": "invalid JSON body"})
+        elif self.path.startswith("/v1/") and fake.fail_status is None:
+            openai = OpenAIFake(list(fake.models), fake.chunk_delay_s)
+            openai.die = self._drop_connection
+            send(self, *openai.route("POST", self.path, body), "text/event-stream")
+        elif self.path in ("/api/chat", "/api/embed") or (
+            self.path == "/api/generate" and not _is_load(body)
+        ):
+            self._answer(fake, body)
         elif self.path == "/api/show" and fake.fail_status is None:
             self._send(*fake.show(body))
         elif self.path != "/api/generate":
@@ -464,6 +536,45 @@ class _Handler(BaseHTTPRequestHandler):
             self._load(fake, body)
         else:
             self._send(*fake.generate(body))
+
+    def _answer(self, fake: FakeOllama, body: dict[str, Any]) -> None:
+        """``/api/chat``, ``/api/embed``, ``/api/generate`` with a prompt: load as a side
+        effect, then answer (streamed unless ``"stream": false``)."""
+        if fake.fail_status is not None:
+            self._send(fake.fail_status, {"error": "fake ollama: internal error"})
+            return
+        status, loaded = fake.generate({**body, "prompt": "load"})
+        if status != 200:
+            self._send(status, loaded)
+            return
+        if self.path == "/api/embed":
+            self._send(*fake.embed(body))
+            return
+        chat = self.path == "/api/chat"
+        if body.get("stream") is False:
+            self._send(200, fake.whole(body, chat))
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.end_headers()
+        dying = DIE in last_text(body)
+        with fake._lock:
+            fake.active_streams += 1
+        try:
+            for i, part in enumerate(fake.answer(body, chat)):
+                if dying and i == 2:
+                    self._drop_connection()
+                    return
+                if i:
+                    time.sleep(fake.chunk_delay_s)
+                self.wfile.write(json.dumps(part).encode() + b"\n")
+                self.wfile.flush()
+        except OSError:  # the client went away: stop generating, as Ollama does
+            return
+        finally:
+            with fake._lock:
+                fake.active_streams -= 1
+        self.close_connection = True
 
     def _load(self, fake: FakeOllama, body: dict[str, Any]) -> None:
         fake.begin_load()

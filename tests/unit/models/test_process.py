@@ -99,3 +99,31 @@ async def test_a_server_that_never_gets_healthy_times_out_and_is_killed(
         pids = json.loads(info.read_text())
         assert wait_dead(pids["pid"]) and wait_dead(pids["child"])
         assert h.models.state("stuck") is ModelState.ERROR
+
+
+async def test_a_port_template_gives_each_start_a_free_port_and_an_endpoint(
+    fake_ollama: FakeOllama,
+) -> None:
+    """``{port}`` in the command and health URL: an OpenAI-compatible server on a free port,
+    whose base URL ``use()`` hands out."""
+    import httpx
+
+    spec = {
+        "name": "srv",
+        "backend": "process",
+        "command": [sys.executable, "-m", "tests.fakes.openai_server", "--port", "{port}"],
+        "health_url": "http://127.0.0.1:{port}/health",
+        "vram": "1GiB",
+    }
+    async with harness(seed_settings(fake_ollama.url, models=[spec])) as h:
+        async with h.models.use("srv") as handle:
+            assert handle.endpoint is not None and handle.endpoint.startswith("http://127.0.0.1:")
+            assert handle.endpoint != "http://127.0.0.1:{port}"
+            async with httpx.AsyncClient() as client:
+                models = (await client.get(handle.endpoint + "/v1/models")).json()
+            assert models["data"][0]["id"] == "fake"
+        await h.models.ensure_unloaded("srv")
+        async with h.models.use("srv") as again:
+            assert again.endpoint is not None
+        await h.models.ensure_unloaded("srv")
+        assert h.models.handle("srv") is None

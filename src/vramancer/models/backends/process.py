@@ -1,6 +1,12 @@
 """A model server started as a command: its own process group, ready when its health URL
 answers 2xx, stopped by signalling the whole group (SIGTERM, then SIGKILL after a grace).
 
+``{port}`` in the command, the health URL or the environment is replaced by a free TCP port
+picked at each start (an OpenAI-compatible server the model gateway starts on demand:
+``command = ["vllm", "serve", "m", "--port", "{port}"]``, ``health_url =
+"http://127.0.0.1:{port}/health"``); the server's base URL (the health URL's scheme and
+host) is what ``request_info`` gives requests.
+
 The command sees ``CUDA_VISIBLE_DEVICES`` set to the GPU it was placed on (empty on the CPU
 and on a simulated GPU, so nothing touches a real GPU), plus the model's ``env``. Its output
 goes to a bounded in-memory tail, quoted when it exits before it is healthy.
@@ -12,9 +18,11 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -33,6 +41,14 @@ from vramancer.models.types import BackendKind
 HEALTH_POLL_S = 0.05
 #: Lines of the server's output kept for error messages.
 TAIL_LINES = 20
+#: Replaced by a free port in the command, the health URL and the environment.
+PORT = "{port}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class ProcessModel:
@@ -49,6 +65,9 @@ class ProcessModel:
         self._proc: asyncio.subprocess.Process | None = None
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._reader: asyncio.Task[None] | None = None
+        #: The port of the running server when the command names ``{port}``.
+        self.port: int | None = None
+        self._health_url = spec.health_url or ""
 
     @property
     def pid(self) -> int | None:
@@ -60,11 +79,15 @@ class ProcessModel:
     async def load(self, target: Target, variant: str | None = None) -> LoadResult:
         if self.alive():
             await self.unload()
+        command = list(self.spec.command or [])
+        templates = [*command, self.spec.health_url or "", *self.spec.env.values()]
+        self.port = _free_port() if any(PORT in t for t in templates) else None
         env = dict(os.environ)
-        env.update(self.spec.env)
+        env.update({k: self._fill(v) for k, v in self.spec.env.items()})
         visible = "" if not target.on_gpu or target.simulated else str(target.cuda_index or 0)
         env["CUDA_VISIBLE_DEVICES"] = visible
-        command = list(self.spec.command or [])
+        command = [self._fill(arg) for arg in command]
+        self._health_url = self._fill(self.spec.health_url or "")
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *command,
@@ -92,7 +115,7 @@ class ProcessModel:
             self._tail.append(line.decode(errors="replace").rstrip())
 
     async def _wait_healthy(self, proc: asyncio.subprocess.Process) -> None:
-        url = self.spec.health_url or ""
+        url = self._health_url
         async with httpx.AsyncClient(timeout=1.0) as client:
             while True:
                 if proc.returncode is not None:
@@ -139,8 +162,15 @@ class ProcessModel:
     def handle(self) -> Any:
         return self._proc
 
+    def _fill(self, text: str) -> str:
+        return text.replace(PORT, str(self.port)) if self.port is not None else text
+
     def request_info(self) -> RequestInfo:
-        return RequestInfo()
+        """The server's base URL (``http://host:port`` of its health URL) while it runs."""
+        if not self.alive():
+            return RequestInfo()
+        parts = urlsplit(self._health_url)
+        return RequestInfo(endpoint=f"{parts.scheme}://{parts.netloc}", model=self.spec.name)
 
     def find_running(self, running: Sequence[RunningModel]) -> RunningModel | None:
         return None
