@@ -27,6 +27,7 @@ from vramancer.api.routers import (
     devices,
     events,
     fastpath,
+    gateway,
     gpu,
     ha,
     health,
@@ -58,6 +59,7 @@ _PROTECTED = (
     ha,
     apidocs,
     release,
+    gateway,
 )
 
 
@@ -79,6 +81,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             yield
         finally:
             await release.stop_background(app)
+            await gateway.shutdown(app)
             if owns_runtime:
                 await rt.stop()
 
@@ -112,8 +115,12 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     # The last added runs first: the rate limit, then who is calling (from the headers
     # alone), then the body size of the route; only then may a route read the body.
     app.add_middleware(HaMiddleware, runtime=rt)
+    gateway_body = int(s.gateway.max_body_bytes)
     app.add_middleware(
-        BodyLimitMiddleware, max_body=s.server.max_body, max_json_body=s.server.max_json_body
+        BodyLimitMiddleware,
+        max_body=s.server.max_body,
+        max_json_body=s.server.max_json_body,
+        prefix_limits=(("/openai/", gateway_body), ("/ollama/", gateway_body)),
     )
     app.add_middleware(AuthMiddleware, gate=app.state.gate)
     app.add_middleware(LimitsMiddleware, buckets=buckets, tokens=frozenset(s.auth.tokens))

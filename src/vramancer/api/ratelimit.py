@@ -109,15 +109,26 @@ class BodyLimitMiddleware:
     """Body-size limits per route (behind the auth middleware: a caller without a token gets
     its 401 whatever the size it announces)."""
 
-    def __init__(self, app: ASGIApp, max_body: int, max_json_body: int | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body: int,
+        max_json_body: int | None = None,
+        prefix_limits: tuple[tuple[str, int], ...] = (),
+    ) -> None:
         self.app = app
         self.max_body = max_body
         #: The limit of every route but :data:`RAW_BODY_ROUTES` (default: ``max_body``).
         self.max_json_body = max_body if max_json_body is None else max_json_body
+        #: (path prefix, limit) of routes with a limit of their own (the model gateway's).
+        self.prefix_limits = prefix_limits
 
     def limit(self, scope: Scope) -> int:
         """The largest body this route accepts."""
         method, path = scope.get("method"), scope["path"]
+        for prefix, limit in self.prefix_limits:
+            if path.startswith(prefix):
+                return limit
         for raw_method, prefix in RAW_BODY_ROUTES:
             if method == raw_method and path.startswith(prefix):
                 return self.max_body
