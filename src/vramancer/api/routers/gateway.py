@@ -699,7 +699,7 @@ def build(openai_prefix: str, ollama_prefix: str) -> APIRouter:
     oa, ol = openai_prefix, ollama_prefix
 
     def post(path: str, endpoint: Callable[..., Any], model: type[BaseModel], media: str) -> None:
-        content = {media: {}} if media else {}
+        content: dict[str, Any] = {media: {}} if media else {}
         router.add_api_route(
             path,
             endpoint,
