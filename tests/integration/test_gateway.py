@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from tests.fakes.ollama import FakeOllama
-from tests.helpers import ServerProcess, running_server, wait_for
+from tests.helpers import ServerProcess, free_port, running_server, wait_for
 from tests.promtext import metric_value
 from vramancer.units import GIB
 
@@ -326,3 +326,27 @@ def test_a_backend_dying_mid_stream_ends_the_stream_with_an_error(
             time.sleep(0.2)
     assert answer.choices[0].message.content == "echo: ok "
     assert in_use(server, SRV) == 0
+
+
+def test_the_gateway_port_serves_the_native_paths(
+    fake: FakeOllama, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``[gateway] port``: clients pointed at it as at Ollama or at OpenAI, unmodified."""
+    port = free_port()
+    text = config(fake.url).replace("[gateway]\n", f"[gateway]\nport = {port}\n")
+    env = {"VRM_DISABLE_RATE_LIMIT": "1"}
+    with running_server(tmp_path_factory.mktemp("gwport"), text, env=env):
+        native = f"http://127.0.0.1:{port}"
+        assert httpx.get(native + "/").text.startswith("Ollama is running")
+        headers = {"Authorization": f"Bearer {VIEW}"}
+        with ollama.Client(host=native, headers=headers) as oll:
+            reply = oll.chat(model=A, messages=[{"role": "user", "content": "native"}])
+            assert reply.message.content == "echo: native "
+            assert oll.ps().models[0].model == A
+        with openai.OpenAI(base_url=native + "/v1", api_key=VIEW, max_retries=0) as oai:
+            answer = oai.chat.completions.create(
+                model=A, messages=[{"role": "user", "content": "also"}]
+            )
+            assert answer.choices[0].message.content == "echo: also "
+        assert httpx.get(native + "/api/tags").status_code == 401  # the same tokens
+        assert httpx.get(native + "/v1/devices", headers=headers).status_code == 404

@@ -182,7 +182,9 @@ def _full(name: str) -> str:
 
 
 async def front(app: FastAPI) -> Front:
-    """The app's gateway front, built (and its executor started) at the first request."""
+    """The app's gateway front, built (and its executor started) at the first request. The
+    app of ``[gateway] port`` uses its main app's (``state.front_of``)."""
+    app = getattr(app.state, "front_of", None) or app
     existing: Front | None = getattr(app.state, "gateway_front", None)
     if existing is not None:
         return existing
