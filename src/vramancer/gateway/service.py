@@ -163,16 +163,17 @@ class Gateway:
             self._kick()
 
     async def _admitted(self, name: str) -> None:
-        if self.waiting(name) >= self.settings.queue_length:
-            raise QueueFull(
-                f"{self.waiting(name)} requests already wait for {name}",
-                model=name,
-                retry_after_s=self._retry_after(),
-            )
         loop = asyncio.get_running_loop()
         waiter = _Waiter(next(self._ids), name, self.clock.monotonic(), loop.create_future())
         self._waiting[waiter.id] = waiter
         self.step()
+        if not waiter.future.done() and self.waiting(name) > self.settings.queue_length:
+            del self._waiting[waiter.id]
+            raise QueueFull(
+                f"{self.settings.queue_length} requests already wait for {name}",
+                model=name,
+                retry_after_s=self._retry_after(),
+            )
         try:
             await waiter.future
         except asyncio.CancelledError:

@@ -23,7 +23,8 @@ class GatewaySettings(BaseModel):
     max_concurrent: int = Field(default=4, ge=1, le=1024)
     #: Per model overrides of ``max_concurrent``: ``{ "qwen3:8b" = 2 }``.
     max_concurrent_per_model: dict[str, int] = Field(default_factory=dict)
-    #: Requests waiting for one model; one more is refused with 429 and ``Retry-After``.
+    #: Requests waiting for one model (beyond those it serves at once); one more is refused
+    #: with 429 and ``Retry-After``. 0: only requests the model can serve at once.
     queue_length: int = Field(default=64, ge=0, le=100_000)
     #: A request still waiting for its model after this is refused with 503 and ``Retry-After``.
     timeout_s: float = Field(default=120.0, gt=0)
