@@ -11,8 +11,10 @@ Rules of :func:`plan`:
   first). While a resident model still has requests, the others wait: a group of requests
   for the resident model is served before a swap.
 * No starvation: once a request has waited ``max_wait_s``, its model goes first; resident
-  models it needs evicted stop taking new requests (``draining``) and, once their requests in
-  flight are done, are evicted. A model with requests in flight is never evicted.
+  models it needs evicted stop taking requests that arrived after it (``draining``) and,
+  once the older ones are served and none is in flight, are evicted. A model with requests
+  in flight is never evicted. So the oldest request always makes progress, and a model just
+  loaded serves the requests that waited for it before anything newer evicts it.
 * One load per GPU at a time; loads onto the CPU do not wait for a GPU.
 * Among models waiting for a GPU: overdue first (oldest first), then the one with the most
   requests waiting (one load serves them all), then the one waiting longest.
@@ -142,7 +144,7 @@ def plan(
     groups = {m: g for m, g in _groups(pending).items() if m in models}
     loads: list[Load] = []
     unfit: list[Unfit] = []
-    draining: set[str] = set()
+    draining: dict[str, float] = {}  # model -> requests arrived from then on wait
     taken = {device for device, gpu in gpus.items() if gpu.loading}
     waiting = {m: g for m, g in groups.items() if not models[m].resident and not models[m].busy}
     for name in load_order(waiting, now, max_wait_s):
@@ -156,19 +158,23 @@ def plan(
             continue
         if device in taken:
             continue
-        overdue = now - waiting[name][0].since >= max_wait_s
-        step = _place(slot, models, gpus[device], groups, overdue)
+        oldest = waiting[name][0].since
+        cutoff = oldest if now - oldest >= max_wait_s else None
+        step = _place(slot, models, gpus[device], groups, cutoff)
         if isinstance(step, Unfit):
             unfit.append(step)
         elif isinstance(step, Load):
             loads.append(step)
             taken.add(device)
-        elif step is not None:
-            draining |= set(step)
+        elif step is not None and cutoff is not None:
+            for held in step:
+                draining[held] = min(draining.get(held, cutoff), cutoff)
             taken.add(device)  # nobody jumps ahead of an overdue model on its GPU
-    evicted = {victim for load in loads for victim in load.evict}
-    admit = _admit(groups, models, draining | evicted)
-    return GatewayPlan(tuple(admit), tuple(loads), tuple(sorted(draining)), tuple(unfit))
+    for load in loads:
+        draining.update(dict.fromkeys(load.evict, float("-inf")))
+    admit = _admit(groups, models, draining)
+    drained = tuple(sorted(n for n, t in draining.items() if t != float("-inf")))
+    return GatewayPlan(tuple(admit), tuple(loads), drained, tuple(unfit))
 
 
 def _place(
@@ -176,10 +182,11 @@ def _place(
     models: Mapping[str, ModelSlot],
     gpu: GpuSlot,
     groups: Mapping[str, Sequence[Pending]],
-    overdue: bool,
+    cutoff: float | None,
 ) -> Load | Unfit | tuple[str, ...] | None:
     """A load of ``slot`` on ``gpu``; an ``Unfit``; the resident models to drain first (it is
-    overdue); or None (it waits for the resident models' requests)."""
+    overdue: ``cutoff`` is when its oldest request arrived); or None (it waits for the
+    resident models' requests)."""
     residents = [
         m
         for m in models.values()
@@ -196,7 +203,10 @@ def _place(
         return Unfit(slot.name, gpu.device, slot.vram_bytes, gpu.free_bytes, unloadable)
 
     def held(m: ModelSlot) -> bool:
-        return m.busy or m.in_flight > 0 or (not overdue and m.name in groups)
+        """Busy, serving, or with requests that come first (all of them when ``slot`` is not
+        overdue, those older than its oldest when it is)."""
+        older = m.name in groups and (cutoff is None or groups[m.name][0].since < cutoff)
+        return m.busy or m.in_flight > 0 or older
 
     decision = choose_evictions(
         [_view(m, held(m)) for m in residents],
@@ -206,7 +216,7 @@ def _place(
     )
     if isinstance(decision, Evict):
         return Load(slot.name, gpu.device, decision.victims)
-    if not overdue:
+    if cutoff is None:
         return None
     return decision.busy or tuple(m.name for m in residents if held(m) and not m.busy)
 
@@ -214,13 +224,17 @@ def _place(
 def _admit(
     groups: Mapping[str, Sequence[Pending]],
     models: Mapping[str, ModelSlot],
-    held_back: set[str],
+    draining: Mapping[str, float],
 ) -> list[int]:
+    """Requests of resident models, oldest first, up to their concurrency; a draining model
+    takes only those that arrived before its cutoff (none when it is being evicted)."""
     admit: list[int] = []
     for name, group in groups.items():
         slot = models[name]
-        if not slot.resident or slot.busy or name in held_back:
+        if not slot.resident or slot.busy:
             continue
+        cutoff = draining.get(name)
+        allowed = [p for p in group if cutoff is None or p.since < cutoff]
         room = max(0, slot.max_concurrent - slot.in_flight)
-        admit.extend(p.id for p in group[:room])
+        admit.extend(p.id for p in allowed[:room])
     return sorted(admit)

@@ -1,9 +1,10 @@
 """``Gateway``: per-model request queues and the executor of :func:`scheduler.plan`.
 
 A caller asks for a lease on a model (``async with gateway.lease(name) as handle``). The
-request waits in its model's queue until the plan admits it; it then holds the model through
-the model manager's ``use()`` (a held model is never unloaded or evicted) until the lease
-ends: for a streamed answer, when the last chunk went out or the client went away.
+request waits in its model's queue until the plan admits it; admission takes a hold on the
+model in the model manager at once (``try_hold``: a held model is never unloaded or evicted)
+and the hold lasts until the lease ends: for a streamed answer, when the last chunk went out
+or the client went away.
 
 After every change (a request arrives or ends, a load finishes) and on a short tick, the
 executor reads the models' states, asks the plan what to do, and applies it: admits requests,
@@ -23,7 +24,7 @@ from typing import Any
 
 from vramancer.arbiter.types import Priority
 from vramancer.clock import Clock
-from vramancer.errors import NotFound, VramancerError
+from vramancer.errors import InsufficientMemory, NotFound, VramancerError
 from vramancer.gateway import scheduler
 from vramancer.gateway.metrics import GatewayMetrics
 from vramancer.gateway.settings import GatewaySettings
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Longest pause of the executor between two plans when nothing happens.
 MAX_TICK_S = 0.25
+#: After a load found no room (memory held outside the gateway), wait this long to retry.
+NO_ROOM_RETRY_S = 1.0
 
 
 class UnknownModel(NotFound):
@@ -79,6 +82,8 @@ class _State:
     in_flight: dict[str, int] = field(default_factory=dict)
     loading: dict[str, str] = field(default_factory=dict)  # device -> model
     busy: set[str] = field(default_factory=set)
+    #: Models whose load found no room (others hold the GPU): not tried again before then.
+    cooldown: dict[str, float] = field(default_factory=dict)
 
 
 class Gateway:
@@ -156,7 +161,7 @@ class Gateway:
         await self._admitted(name)
         self.metrics.queue.observe(max(0.0, self.clock.monotonic() - started))
         try:
-            async with self.models.use(name) as handle:
+            async with self.models.held(name) as handle:
                 yield handle
         finally:
             self._state.in_flight[name] = max(0, self._state.in_flight.get(name, 0) - 1)
@@ -179,6 +184,7 @@ class Gateway:
         except asyncio.CancelledError:
             if self._waiting.pop(waiter.id, None) is None and _admitted_ok(waiter.future):
                 self._state.in_flight[name] -= 1  # admitted just as the caller left
+                self.models.release_hold(name)
                 self._kick()
             raise
 
@@ -193,11 +199,14 @@ class Gateway:
         self._expire(now)
         pending = [scheduler.Pending(w.id, w.model, w.since) for w in self._waiting.values()]
         statuses = {s.name: s for s in self.models.list_models()}
-        slots = {n: self._slot(s, statuses) for n, s in statuses.items()}
-        gpus = self._gpus(statuses)
+        slots = {n: self._slot(s, now) for n, s in statuses.items()}
+        gpus = self._gpus()
         decided = scheduler.plan(pending, slots, gpus, now, self.settings.max_wait_s)
         for request in decided.admit:
-            waiter = self._waiting.pop(request)
+            waiter = self._waiting[request]
+            if not self.models.try_hold(waiter.model):
+                continue  # it changed since the plan read it; the next plan sees how
+            del self._waiting[request]
             self._state.in_flight[waiter.model] = self._state.in_flight.get(waiter.model, 0) + 1
             waiter.future.set_result(None)
         for unfit in decided.unfit:
@@ -254,6 +263,9 @@ class Gateway:
                 await self.models.ensure_unloaded(victim)
             await self.models.ensure_loaded(load.model, load.device)
             self.metrics.swaps.labels(model=load.model).inc()
+        except InsufficientMemory as exc:  # held by others than the gateway: try again later
+            log.info("gateway: no room for %s yet: %s", load.model, exc.message)
+            self._state.cooldown[load.model] = self.clock.monotonic() + NO_ROOM_RETRY_S
         except Exception as exc:  # the load's failure is the answer of its waiting requests
             log.warning("gateway: loading %s failed: %s", load.model, exc)
             self._fail(load.model, exc)
@@ -265,12 +277,13 @@ class Gateway:
 
     # ------------------------------------------------------------------ views
 
-    def _slot(self, status: ModelStatus, statuses: dict[str, ModelStatus]) -> scheduler.ModelSlot:
+    def _slot(self, status: ModelStatus, now: float) -> scheduler.ModelSlot:
         name = status.name
         resident = status.state is ModelState.LOADED and status.device is not None
-        busy = name in self._state.busy or status.state in (
-            ModelState.LOADING,
-            ModelState.UNLOADING,
+        busy = (
+            name in self._state.busy
+            or status.state in (ModelState.LOADING, ModelState.UNLOADING)
+            or self._state.cooldown.get(name, 0.0) > now
         )
         return scheduler.ModelSlot(
             name=name,
@@ -308,18 +321,16 @@ class Gateway:
             return CPU
         return gpu_device(indices[0]) if indices else None
 
-    def _gpus(self, statuses: dict[str, ModelStatus]) -> dict[str, scheduler.GpuSlot]:
-        used: dict[str, int] = {}
-        for status in statuses.values():
-            if status.device is not None and status.device != CPU:
-                used[status.device] = used.get(status.device, 0) + status.vram_bytes
+    def _gpus(self) -> dict[str, scheduler.GpuSlot]:
+        """Each GPU's room as the model manager sees it (telemetry and arbiter headroom, with
+        the resident models accounted)."""
         return {
             gpu_device(index): scheduler.GpuSlot(
                 gpu_device(index),
-                total - used.get(gpu_device(index), 0),
+                self.models.room(gpu_device(index)),
                 loading=gpu_device(index) in self._state.loading,
             )
-            for index, total in self._totals().items()
+            for index in self._totals()
         }
 
     def describe(self) -> dict[str, Any]:

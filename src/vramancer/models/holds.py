@@ -70,6 +70,14 @@ class Holds:
             self.booking.shield(entry, False)
         self.table.bump()
 
+    def holdable(self, entry: ModelEntry) -> bool:
+        """Whether ``entry`` can be held as it is now (loaded, not being drained)."""
+        return self._holdable(entry, None)
+
+    def take(self, entry: ModelEntry) -> None:
+        """Hold ``entry`` (the caller checked ``holdable``)."""
+        self._take(entry)
+
     def _holdable(self, entry: ModelEntry, wanted: str | None) -> bool:
         if entry.state is not ModelState.LOADED or entry.draining or entry.device is None:
             return False

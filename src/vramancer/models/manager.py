@@ -295,6 +295,12 @@ class ModelManager:
             return entry.device
         return CPU
 
+    def room(self, device: str) -> int:
+        """Free bytes on GPU ``device`` (``gpu:N``) for a load now: the telemetry's free
+        memory bounded by the arbiter's headroom (0 for the CPU or an unknown device)."""
+        index = gpu_index(device)
+        return max(0, self._lifecycle.room.room(index)) if index is not None else 0
+
     def handle(self, name: str) -> Any:
         """The live torch object of a loaded torch model (None otherwise)."""
         return self._table.get(name).backend.handle()
@@ -390,22 +396,49 @@ class ModelManager:
         await self._holds.obtain(entry, device)
         try:
             self._table.touch(entry)
-            target = entry.target or Target.cpu()
-            backend = entry.backend
-            info = backend.request_info()
-            yield ModelHandle(
-                name=name,
-                device=entry.device or CPU,
-                runs_on=target.runs_on,
-                simulated=target.simulated,
-                obj=backend.handle(),
-                endpoint=info.endpoint,
-                backend_model=info.model,
-                keep_alive=info.keep_alive,
-            )
+            yield self._handle(entry)
         finally:
             self._table.touch(entry)
             self._holds.release(entry)
+
+    def try_hold(self, name: str) -> bool:
+        """Hold ``name`` now if it is loaded and takes users (no await: the caller decided on
+        what it just read); False otherwise. Release with ``held()`` or ``release_hold()``."""
+        entry = self._table.get(name)
+        if self._table.stopping or not self._holds.holdable(entry):
+            return False
+        self._holds.take(entry)
+        self._table.touch(entry)
+        return True
+
+    def release_hold(self, name: str) -> None:
+        """Give back a hold taken by ``try_hold``."""
+        entry = self._table.get(name)
+        self._table.touch(entry)
+        self._holds.release(entry)
+
+    @contextlib.asynccontextmanager
+    async def held(self, name: str) -> AsyncIterator[ModelHandle]:
+        """``use()`` for a hold ``try_hold`` already took: released when the block exits."""
+        try:
+            yield self._handle(self._table.get(name))
+        finally:
+            self.release_hold(name)
+
+    def _handle(self, entry: ModelEntry) -> ModelHandle:
+        target = entry.target or Target.cpu()
+        backend = entry.backend
+        info = backend.request_info()
+        return ModelHandle(
+            name=entry.name,
+            device=entry.device or CPU,
+            runs_on=target.runs_on,
+            simulated=target.simulated,
+            obj=backend.handle(),
+            endpoint=info.endpoint,
+            backend_model=info.model,
+            keep_alive=info.keep_alive,
+        )
 
     def touch(self, name: str) -> None:
         """Record activity on ``name`` (a request served outside ``use``)."""

@@ -159,3 +159,21 @@ def test_a_model_evicted_by_this_plan_admits_nothing() -> None:
     b = slot("b")
     decided = run([Pending(1, "b", 0.0), Pending(2, "a", 10.0)], [a, b], 0, now=10.0)
     assert decided == GatewayPlan(admit=(), loads=(Load("b", GPU, ("a",)),))
+
+
+def test_a_model_just_loaded_serves_its_older_requests_before_an_overdue_one_evicts_it() -> None:
+    """Both waiting groups are overdue: the resident model's requests that are older than
+    the other's oldest go first, its newer ones wait; no swap back and forth."""
+    a = slot("a", resident=True, max_concurrent=2)
+    b = slot("b")
+    pending = [
+        Pending(1, "a", 0.0),
+        Pending(2, "b", 1.0),
+        Pending(3, "a", 2.0),
+        Pending(4, "a", 0.5),
+    ]
+    decided = run(pending, [a, b], 0, now=20.0)
+    assert decided == GatewayPlan(admit=(1, 4), loads=(), draining=("a",))
+    served = slot("a", resident=True, in_flight=0, max_concurrent=2)
+    decided = run([Pending(2, "b", 1.0), Pending(3, "a", 2.0)], [served, b], 0, now=21.0)
+    assert decided == GatewayPlan(admit=(), loads=(Load("b", GPU, ("a",)),))
