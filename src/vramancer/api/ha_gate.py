@@ -9,6 +9,8 @@
   exist on this node (it was made, only not confirmed elsewhere): a client retries with the
   same idempotency key, or checks.
 * ``POST /v1/models/can-load`` changes nothing and is answered on a standby too.
+* Model gateway requests (``/openai/``, ``/ollama/``) are refused on a standby like writes, but
+  a primary in sync mode answers them without waiting for a peer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Requests with a body that change nothing (answered on a standby too).
 READ_ONLY_POSTS = frozenset({"/v1/models/can-load"})
 HA_PREFIX = "/v1/ha/"
+#: Model gateway requests: served by the primary only, but an answer is not a change a peer
+#: must confirm first (sync mode would hold every streamed answer for a peer's confirmation).
+UNSYNCED_PREFIXES = ("/openai/", "/ollama/")
 
 
 class HaMiddleware:
@@ -52,7 +57,7 @@ class HaMiddleware:
                 primary=primary,
             )
             return
-        if not ha.sync:
+        if not ha.sync or scope["path"].startswith(UNSYNCED_PREFIXES):
             await self.app(scope, receive, send)
             return
         await self._synced(ha, scope, receive, send)
