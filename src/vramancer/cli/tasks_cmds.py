@@ -199,7 +199,10 @@ def _follow(api: Api, task_id: str, json_out: bool) -> None:
             if not json_out:
                 where = f" on {status['device']}" if status.get("device") else ""
                 note = f" ({status['error']})" if status.get("error") else ""
-                err_console.print(f"[dim]{state}{where}{note}[/]", highlight=False)
+                # One line whatever the width (a pipe is 80 columns to rich), and the error's
+                # brackets ([tasks] ...) printed as they are.
+                line = escape(f"{state}{where}{note}")
+                err_console.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True)
         if status["attempts"] != attempt:
             if not json_out and attempt > 0:  # what the previous attempt wrote since last time
                 _print_new_output(api, task_id, attempt, offsets)

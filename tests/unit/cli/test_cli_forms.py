@@ -4,6 +4,7 @@ that fit the terminal."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import typer
 import typer._click as click
 from typer.testing import CliRunner
 
+import vramancer
 from tests.helpers import ServerProcess, running_server
 from vramancer.cli.main import app
 from vramancer.cli.system_cmds import optimize_summary
@@ -238,8 +240,21 @@ def test_optimize_against_a_server_prints_one_verdict(server: ServerProcess) -> 
 def test_help_speaks_of_what_commands_do_not_of_project_notes() -> None:
     for path in commands(typer.main.get_command(app)):
         text = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}).stdout
-        found = re.findall(r"(?i)\b(?:seed|issue|property) #?\d+|\bseed \d+'s\b", text)
+        found = re.findall(r"(?i)\b(?:seed|issue)s?\b|\bproperty #?\d+", text)
         assert found == [], (path, found)
+
+
+def test_no_message_of_the_package_points_at_project_notes() -> None:
+    """Every text the package can print (its string literals: errors, logs, help) is free of
+    references to requirement notes or tracker entries."""
+    src = Path(vramancer.__file__).parent
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            text = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(text, str) and re.search(r"(?i)\b(?:seed|issue)s? #?\d+", text):
+                found.append((path.relative_to(src), node.lineno, text[:60]))
+    assert found == []
 
 
 def test_the_list_of_commands_gives_each_summary_as_one_paragraph() -> None:
