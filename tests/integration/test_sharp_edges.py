@@ -73,6 +73,9 @@ def test_errors_under_json_are_json(server: ServerProcess) -> None:
         (("tasks", "cancel", "no-such-task", "--json"), server.url, 1, "HTTP 404"),
         (("tasks", "list", "--json"), closed, 1, "cannot reach VRAMancer"),
         (("can-load", "m", "--size", "lots", "--json"), server.url, 2, "--size: "),
+        (("tasks", "cancel", "--json"), server.url, 2, "Missing argument 'task_id'"),
+        (("tasks", "list", "--json", "true"), server.url, 2, "unexpected extra argument"),
+        (("tasks", "lsit", "--json"), server.url, 2, "Did you mean 'list'?"),
     ]
     for args, url, code, words in cases:
         done = vramancer(*args, url=url)
@@ -80,6 +83,9 @@ def test_errors_under_json_are_json(server: ServerProcess) -> None:
         assert done.stdout == "", args
         message = json.loads(done.stderr)["error"]["message"]
         assert words in message, (args, message)
+    # Without --json, a usage error is for people.
+    done = vramancer("tasks", "cancel", url=server.url)
+    assert done.returncode == 2 and "Usage: vramancer tasks cancel" in done.stderr
     # status with no server reads this machine: its JSON on stdout, a note on stderr.
     done = vramancer("status", "--json", url=closed)
     assert done.returncode == 0, done.stderr

@@ -22,6 +22,7 @@ from vramancer.cli import (
 )
 
 parsing.readable_help()
+parsing.json_usage_errors()
 app = typer.Typer(
     name="vramancer",
     help="VRAMancer: decides which models, jobs and data blocks live in which memory, and when.",

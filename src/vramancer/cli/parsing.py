@@ -10,19 +10,24 @@
   typer's own help shows ``<bool>``, ``<str>``, ``<list[str]>``, which the parser refuses;
   and a command's summary in the list of commands is one paragraph, not broken where its
   docstring's lines end.
+* ``json_usage_errors``: a usage error (a missing argument, an unknown option) of a command
+  line that asks for ``--json`` is printed as ``{"error": {"message": ...}}``, as every other
+  error under ``--json`` is, not in a box.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import shlex
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 from typer import rich_utils
 from typer._click import Context
-from typer._click.exceptions import NoSuchOption, UsageError
-from typer.core import TyperCommand, TyperOption, _TyperParameter
+from typer._click.exceptions import ClickException, NoSuchOption, UsageError
+from typer.core import TyperCommand, TyperGroup, TyperOption, _TyperParameter
 
 
 def _option(command: TyperCommand, ctx: Context, word: str) -> TyperOption | None:
@@ -74,6 +79,8 @@ class CommandAfterDashes(TyperCommand):
             ) from None
 
 
+_Parse = Callable[..., list[str]]
+
 #: Words for the value types that typer names after Python's.
 _WORDS = {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "path": "PATH", "file": "FILE"}
 _typer_display_type = _TyperParameter.display_type
@@ -110,3 +117,34 @@ def readable_help() -> None:
     rich_utils._make_command_help = _command_help  # type: ignore[assignment]
     _TyperParameter.display_type = _value_type  # type: ignore[method-assign, assignment]
     TyperOption.display_type_rich = _option_type  # type: ignore[method-assign, assignment]
+
+
+#: The key of a context's ``meta`` (shared by the whole command line) saying ``--json`` was given.
+_JSON_ASKED = "vramancer.json"
+_typer_format_error = rich_utils.rich_format_error
+
+
+def _noting_json(parse: _Parse) -> _Parse:
+    def parse_args(self: TyperCommand | TyperGroup, ctx: Context, args: list[str]) -> list[str]:
+        options = args[: args.index("--")] if "--" in args else args
+        if "--json" in options:
+            ctx.meta[_JSON_ASKED] = True
+        return parse(self, ctx, args)
+
+    return parse_args
+
+
+def _format_error(error: ClickException) -> None:
+    ctx = getattr(error, "ctx", None)
+    if ctx is not None and ctx.meta.get(_JSON_ASKED):
+        sys.stderr.write(json.dumps({"error": {"message": error.format_message()}}) + "\n")
+        sys.stderr.flush()
+    else:
+        _typer_format_error(error)
+
+
+def json_usage_errors() -> None:
+    """See the module docstring. Applies to every typer command of this process."""
+    TyperCommand.parse_args = _noting_json(TyperCommand.parse_args)  # type: ignore[method-assign]
+    TyperGroup.parse_args = _noting_json(TyperGroup.parse_args)  # type: ignore[method-assign]
+    rich_utils.rich_format_error = _format_error  # type: ignore[assignment]
