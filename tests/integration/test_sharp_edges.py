@@ -130,3 +130,24 @@ def test_a_configured_l4_capacity_holds_at_every_start(tmp_path: Path) -> None:
         finally:
             log = daemon.stop()
         assert log.count(line) == 1, log
+
+
+def test_a_configuration_that_does_not_add_up_speaks_in_sizes(tmp_path: Path) -> None:
+    config = tmp_path / "vramancer.toml"
+    config.write_text(
+        '[devices]\nbackends = []\n[[devices.simulated]]\nname = "s"\nmemory = "24GiB"\n'
+        'used = "30GiB"\n'
+    )
+    done = vramancer("status", "--embedded", "--config", str(config), url="http://127.0.0.1:9")
+    assert done.returncode == 2
+    assert "used (30.0 GiB) must not be more than memory (24.0 GiB)" in done.stderr
+    assert not RAW_BYTES.search(done.stderr), done.stderr
+
+
+def test_a_task_payload_too_large_is_refused_in_sizes(server: ServerProcess) -> None:
+    with server.client("op") as client:
+        body = {"type": "cmd", "cmd": ["true"], "payload": {"blob": "x" * (2 * 2**20)}}
+        refused = client.post("/api/tasks/submit", json=body)
+    assert refused.status_code in (400, 413, 422), refused.text
+    message = refused.json()["error"]["message"]
+    assert re.search(r"\d+\.\d [KMG]iB", message) and not RAW_BYTES.search(message), message

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vramancer.units import Size
+from vramancer.units import Size, format_size
 
 #: Real vendors the device manager can probe.
 RealBackendName = Literal["nvidia", "amd", "apple"]
@@ -31,7 +31,8 @@ class SimulatedDevice(BaseModel):
             raise ValueError(f"memory must be more than 0 bytes (got {self.memory})")
         if self.used > self.memory:
             raise ValueError(
-                f"used ({self.used} bytes) must not be more than memory ({self.memory} bytes)"
+                f"used ({format_size(self.used)}) must not be more than memory "
+                f"({format_size(self.memory)})"
             )
         return self
 

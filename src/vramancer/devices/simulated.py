@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from vramancer.devices.settings import SimulatedDevice
 from vramancer.devices.types import DeviceVendor, GpuSnapshot
 from vramancer.errors import InvalidInput
+from vramancer.units import format_size
 
 
 @dataclass(slots=True)
@@ -40,8 +41,8 @@ class SimulatedBackend:
         for spec in specs:
             if spec.used > spec.memory:
                 raise InvalidInput(
-                    f"devices.simulated.{spec.name}.used: {spec.used} bytes is more than its "
-                    f"memory ({spec.memory} bytes)"
+                    f"devices.simulated.{spec.name}.used: {format_size(spec.used)} is more than "
+                    f"its memory ({format_size(spec.memory)})"
                 )
         self._states = [
             _SimState(s.name, int(s.memory), int(s.used), s.utilization, s.temperature_celsius)

@@ -31,6 +31,7 @@ from vramancer.pool.mirror import TaskMirror
 from vramancer.pool.records import StoredTask
 from vramancer.tasks.errors import PayloadTooLarge
 from vramancer.tasks.model import TaskRecord
+from vramancer.units import format_size
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -296,8 +297,8 @@ class TaskStore:
         data = rec.encode_task(stored, with_seq=with_seq)
         if len(data) > self.bucket.max_value:
             raise PayloadTooLarge(
-                f"task {stored.task_id}: its record is {len(data)} bytes as stored; the bucket "
-                f"{self.bucket.name} takes at most {self.bucket.max_value}",
+                f"task {stored.task_id}: its record is {format_size(len(data))} as stored; the "
+                f"bucket {self.bucket.name} takes at most {format_size(self.bucket.max_value)}",
                 field="spec",
             )
         return data

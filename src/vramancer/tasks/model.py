@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from vramancer.arbiter.types import Priority
 from vramancer.blockids import BLOCK_ID_PATTERN
 from vramancer.devices.ids import NODE_NAME_PATTERN
-from vramancer.units import Size
+from vramancer.units import Size, format_size
 
 #: Task ids given by callers: used in file names, so no slash and a bounded length.
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -247,7 +247,9 @@ class TaskSpec(BaseModel):
         if value is not None:
             size = len(json.dumps(value, separators=(",", ":"), default=str))
             if size > MAX_PAYLOAD_JSON:
-                raise ValueError(f"{size} bytes as JSON; at most {MAX_PAYLOAD_JSON}")
+                raise ValueError(
+                    f"{format_size(size)} as JSON; at most {format_size(MAX_PAYLOAD_JSON)}"
+                )
         return value
 
     @field_validator("cwd")
