@@ -10,9 +10,10 @@ width (the terminal's, or ``COLUMNS``):
   given, are cut first with an ellipsis, down to ``MIN_GIVE_WAY`` characters, one line per
   row; then the other columns wrap at spaces, widest first; then the ``give_way`` columns
   are cut further, and only then the other columns break within words (at least
-  ``MIN_FOLD`` characters stay of each column).
+  ``MIN_FOLD`` characters stay of each column, or one where that keeps the keys whole).
 
-Only a terminal too narrow for the key columns themselves cuts them (rich's own fitting).
+On a terminal too narrow for the key columns themselves (a block id longer than the
+terminal), the keys break across lines, widest first, each whole; nothing is cut.
 """
 
 from __future__ import annotations
@@ -68,7 +69,15 @@ def plan_widths(
     # and only then break the other columns within words.
     excess = _narrow(widths, wrap, words, excess)
     excess = _narrow(widths, give_way, [MIN_FOLD] * len(kinds), excess)
-    _narrow(widths, wrap, [MIN_FOLD] * len(kinds), excess)
+    excess = _narrow(widths, wrap, [MIN_FOLD] * len(kinds), excess)
+    # Then the other columns down to one character if that lets the keys stay on one line;
+    # else the keys themselves break across lines (print_table folds them), whole.
+    others = [*wrap, *give_way]
+    if excess <= sum(widths[k] - 1 for k in others):
+        _narrow(widths, others, [1] * len(kinds), excess)
+        return widths
+    keys = [k for k, kind in enumerate(kinds) if kind == "key"]
+    _narrow(widths, keys, [MIN_FOLD] * len(kinds), excess)
     return widths
 
 
@@ -106,7 +115,8 @@ def print_table(
     for column, width, kind in zip(table.columns, widths, kinds, strict=True):
         column.width = width
         if kind == "key":
-            column.no_wrap = True
+            column.no_wrap = width >= _natural(column)[0]
+            column.overflow = "fold"
         elif kind.startswith("give_way"):
             column.no_wrap = True
             column.overflow = "ellipsis"

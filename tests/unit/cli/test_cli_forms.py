@@ -216,6 +216,19 @@ def test_tables_fit_80_columns_without_cutting_ids_names_or_states(
     assert "sleep 30 --and-many-more-words sleep 30 --and-many-more-words" in wide
 
 
+def test_an_id_longer_than_the_terminal_breaks_across_lines_whole(server: ServerProcess) -> None:
+    block_id = "kv/sessions/very-long-conversation-identifier-0123456789/page/00042"
+    with server.client("op") as client:
+        assert client.put(f"/v1/memory/blocks/{block_id}", content=b"x").status_code == 200
+    for columns in (80, 40):
+        out = cli_at(server, columns, "memory", "blocks")
+        lines = out.splitlines()
+        assert max(len(line) for line in lines) <= columns, out
+        rows = lines[lines.index(next(ln for ln in lines if ln.startswith("─"))) + 1 : -1]
+        firsts = "".join(row.split()[0] for row in rows if not row.startswith(" "))
+        assert block_id in firsts and "…" not in firsts, out
+
+
 @pytest.mark.parametrize(
     ("optimized", "host", "line"),
     [
