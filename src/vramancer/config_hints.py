@@ -87,11 +87,28 @@ def env_problem(root: type[BaseModel], name: str) -> str | None:
     return f"{name}: unknown setting ({parts[index]} is not {where}){hint}"
 
 
+def spelt_as_defined(root: type[BaseModel], path: Sequence[str | int]) -> list[str]:
+    """``path`` with each key as the settings define it (``Server.Port`` -> ``server.port``)."""
+    annotation: Any = root
+    spelt = []
+    for part in path:
+        children = _children(annotation) or {}
+        if _ANY_KEY in children:
+            annotation, found = children[_ANY_KEY], str(part)
+        else:
+            found = next((k for k in children if k.lower() == str(part).lower()), str(part))
+            annotation = children.get(found)
+        spelt.append(found)
+    return spelt
+
+
 def key_hint(root: type[BaseModel], loc: Sequence[str | int]) -> str:
-    """``; did you mean a.b?`` for an unknown key at ``loc``, or an empty string."""
+    """``; did you mean a.b?`` for an unknown key at ``loc``, or an empty string. A key that
+    differs only in case (``[Server]``) is unknown too: the file's keys are exact."""
     found = misspelt(root, loc)
     if found is None:
-        return ""
+        spelt = spelt_as_defined(root, loc)
+        return f"; did you mean {'.'.join(spelt)}?" if spelt != list(map(str, loc)) else ""
     fixed = closest(loc, *found)
     return f"; did you mean {'.'.join(fixed)}?" if fixed else ""
 

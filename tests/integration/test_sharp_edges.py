@@ -151,3 +151,16 @@ def test_a_task_payload_too_large_is_refused_in_sizes(server: ServerProcess) -> 
     assert refused.status_code in (400, 413, 422), refused.text
     message = refused.json()["error"]["message"]
     assert re.search(r"\d+\.\d [KMG]iB", message) and not RAW_BYTES.search(message), message
+
+
+def test_a_key_written_in_another_case_gets_a_did_you_mean(tmp_path: Path) -> None:
+    config = tmp_path / "vramancer.toml"
+    config.write_text("[Server]\nport = 9000\n\n[memory]\nFsync = false\n")
+    done = vramancer("status", "--embedded", "--config", str(config), url="http://127.0.0.1:9")
+    assert done.returncode == 2
+    first, *problems = done.stderr.splitlines()
+    assert first == "error: invalid configuration:"
+    assert sorted(problems) == [
+        f"  Server: unknown key; did you mean server? (in {config})",
+        f"  memory.Fsync: unknown key; did you mean memory.fsync? (in {config})",
+    ]
