@@ -109,7 +109,7 @@ def test_every_extra_the_docs_and_messages_name_exists() -> None:
         for group in _EXTRA_REF.findall(path.read_text(errors="replace")):
             for extra in group.split(","):
                 named.setdefault(extra.strip(), set()).add(path.name)
-    assert {"nats", "otel", "torch", "gpu"} <= set(named), named
+    assert {"nats", "otel", "torch", "gpu", "mcp"} <= set(named), named
     unknown = {extra: files for extra, files in named.items() if extra not in known}
     assert unknown == {}
 
@@ -142,16 +142,19 @@ BLOCKER = textwrap.dedent(
 )
 
 
-def run_blocked(tmp_path: Path, *args: str, config: str = "") -> subprocess.Popen[str]:
+def run_blocked(
+    tmp_path: Path, *args: str, config: str = "", env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     script = tmp_path / "blocked.py"
     script.write_text(BLOCKER)
     conf = tmp_path / "config.toml"
     conf.write_text(config)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VRM_")}
-    env.update({"VRM_DATA_DIR": str(tmp_path / "data"), "VRM_CONFIG": str(conf)})
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VRM_")}
+    full_env.update({"VRM_DATA_DIR": str(tmp_path / "data"), "VRM_CONFIG": str(conf)})
+    full_env.update(env or {})
     return subprocess.Popen(
         [sys.executable, str(script), *args],
-        env=env,
+        env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -180,6 +183,18 @@ def test_a_pool_without_the_nats_client_names_the_extra(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert "pip install 'vramancer[nats]'" in out, out
+
+
+def test_tracing_without_the_otel_extra_names_it(tmp_path: Path) -> None:
+    port = free_port()
+    proc = run_blocked(tmp_path, "serve", "--port", str(port), env={"VRM_TRACING": "1"})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=30, proc=proc)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "opentelemetry-sdk is not installed: pip install 'vramancer[otel]'" in out, out
+    assert "Traceback" not in out, out
 
 
 def clean_env() -> dict[str, str]:

@@ -30,7 +30,7 @@ def configure(enabled: bool, service_name: str = "vramancer") -> bool:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
     except ImportError:
         log.warning(
-            "VRM_TRACING=1 but opentelemetry-sdk is not installed (pip install vramancer[otel])"
+            "VRM_TRACING=1 but opentelemetry-sdk is not installed: pip install 'vramancer[otel]'"
         )
         return False
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
@@ -43,7 +43,10 @@ def configure(enabled: bool, service_name: str = "vramancer") -> bool:
 
             exporter = OTLPSpanExporter()
         except ImportError:
-            log.warning("OTLP endpoint set but the OTLP exporter is not installed; using console")
+            log.warning(
+                "OTLP endpoint set but the OTLP exporter is not installed (pip install "
+                "'vramancer[otel]'); spans go to the console"
+            )
             exporter = ConsoleSpanExporter()
     else:
         exporter = ConsoleSpanExporter()
