@@ -9,6 +9,7 @@ from vramancer.cli import (
     alloc_cmds,
     completion_cmds,
     ha_cmds,
+    helptext,
     journal_cmds,
     mcp_server,
     memory_cmds,
@@ -61,4 +62,6 @@ completion_cmds.register(app)
 
 
 def main() -> None:
-    app()
+    command = typer.main.get_command(app)
+    helptext.reflow(command)
+    command()
