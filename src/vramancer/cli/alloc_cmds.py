@@ -99,7 +99,7 @@ def request(
     ] = True,
     json_out: JsonOpt = False,
 ) -> None:
-    """Ask the arbiter for VRAM; prints the allocation (its id is what ``release`` takes)."""
+    """Ask the arbiter for VRAM; prints the allocation (its id is what alloc release takes)."""
     size = forms.size(memory, "memory")
     word = forms.priority_word(priority)
     if min_quality is not None and not 0.0 < min_quality <= 1.0:

@@ -76,7 +76,8 @@ def tiers(json_out: JsonOpt = False) -> None:
     data = _request("GET", "/v1/memory/tiers")
 
     def render(d: dict[str, Any]) -> None:
-        table = Table("tier", "used", "capacity", "use", "blocks", "latency", "compression")
+        # latency: the tier's relative cost ([memory.tiers.LN] latency), not a time.
+        table = Table("tier", "used", "capacity", "use", "blocks", "rel. latency", "compression")
         for t in d["tiers"]:
             use = (
                 f"{100 * t['used_bytes'] / t['capacity_bytes']:.0f}%"
@@ -356,6 +357,8 @@ def evict(
     if tier:
         body["tier"] = tier
     if size is not None:
+        if not tier:
+            fail("--bytes needs --tier: which tier to free that much from (L1..L6)", code=2)
         try:
             body["bytes"] = parse_size(size)
         except ValueError as exc:
@@ -419,7 +422,9 @@ def recover(
             f"{d['adopted']} from their block files, {d['carried_rows']} rows carried over"
         )
         for item in d["quarantined"]:
-            console.print(f"quarantined {item['what']} {item['name']}: {item['reason']}")
+            console.print(
+                f"quarantined {item['what']} {item['name']}: {item['reason']}", markup=False
+            )
         if d["lost"]:
             console.print(
                 f"{len(d['lost'])} rows named files that are gone: {', '.join(d['lost'])}"

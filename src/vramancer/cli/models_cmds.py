@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import httpx
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vramancer.cli.common import Api, JsonOpt, call, console, emit
@@ -159,7 +160,7 @@ def _render_models(data: dict[str, Any]) -> None:
     print_table(console, table, keys=("name", "state"), give_way=("error", "last used"))
     console.print(f"profile: [bold]{data['profile']}[/]")
     if data.get("degraded_mode"):
-        console.print(f"[yellow]degraded:[/] {data['degraded_reason']}")
+        console.print(f"[yellow]degraded:[/] {escape(str(data['degraded_reason']))}")
 
 
 def _describe(m: dict[str, Any], verb: str, elapsed_s: float) -> str:
@@ -246,6 +247,7 @@ def _render_profile(data: dict[str, Any]) -> None:
     print_table(console, table, keys=("profile", "model", "placement"))
     last = data.get("last_switch")
     if last:
+        console.print("last switch:")
         _render_switch(last)
 
 
@@ -265,7 +267,7 @@ def _render_switch(report: dict[str, Any]) -> None:
     elif report.get("ok"):
         console.print(f"switched to [bold]{report['name']}[/] in {report['duration_s']:.2f} s")
     for note in report.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
 
 
 @profile_app.command("show")

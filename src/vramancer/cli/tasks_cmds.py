@@ -345,10 +345,12 @@ def validate(
     else:
         for step in report["steps"]:
             mark = "[green]ok[/]  " if step["ok"] else "[red]FAIL[/]"
-            console.print(f"{mark} {step['name']} ({step['seconds']:.1f} s)", highlight=False)
+            console.print(
+                f"{mark} {escape(step['name'])} ({step['seconds']:.1f} s)", highlight=False
+            )
         if report["result"] == "PASS":
-            console.print(f"PASS: {report['message']}", highlight=False)
+            console.print(f"PASS: {report['message']}", highlight=False, markup=False)
         else:
-            console.print(f"FAIL: {report['message']}", highlight=False)
+            console.print(f"FAIL: {report['message']}", highlight=False, markup=False)
     if report["result"] != "PASS":
         raise typer.Exit(1)

@@ -276,6 +276,12 @@ def check_devices(spec: TaskSpec, ctx: Context, where: str) -> None:
     need = spec.vram_bytes
     if need <= 0:
         return
+    if not gpus:
+        raise InvalidInput(
+            f"{where}vram: the task needs {format_size(need)} of VRAM but this machine has no "
+            "GPU; leave the VRAM out (no --vram) to run it on the CPU",
+            field="vram",
+        )
     candidates = [snapshot.gpu(spec.gpu)] if spec.gpu is not None else list(gpus)
     budget = ctx.budgets()
     largest = max(

@@ -165,7 +165,7 @@ async def test_cpu_only_machine_runs_tasks_on_the_host(make_harness: MakeHarness
     assert record.state is TaskState.DONE
     assert record.device == "host"
     assert record.stdout_tail == "[] host\n"
-    with pytest.raises(InvalidInput, match="no GPU here can grant"):
+    with pytest.raises(InvalidInput, match="this machine has no GPU; leave the VRAM out"):
         await h.svc.submit({"type": "cmd", "cmd": ["true"], "vram": "1GiB"})
     with pytest.raises(InvalidInput, match="GPUs of this machine: none"):
         await h.svc.submit({"type": "cmd", "cmd": ["true"], "gpu": 0})
