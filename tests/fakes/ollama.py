@@ -158,8 +158,13 @@ def _created_at() -> str:
 class FakeOllama:
     """The fake server. ``start()`` binds a free port (or ``port``); ``url`` is its base URL."""
 
-    def __init__(self, models: dict[str, int | str] | None = None, port: int = 0) -> None:
+    def __init__(
+        self, models: dict[str, int | str] | None = None, port: int = 0, keep_alive: bool = False
+    ) -> None:
         self.models: dict[str, FakeModel] = {}
+        #: HTTP/1.1 with connections kept between whole answers, as Ollama's own server does
+        #: (streams still end by closing); off by default, so "down" means down at once.
+        self.keep_alive = keep_alive
         for name, size in (models or {}).items():
             self.add_model(name, size)
         self.port = port
@@ -212,7 +217,9 @@ class FakeOllama:
     def start(self) -> FakeOllama:
         if self._server is not None:
             return self
-        server = _Server(("127.0.0.1", self.port), _Handler)
+        server = _Server(
+            ("127.0.0.1", self.port), _KeepAliveHandler if self.keep_alive else _Handler
+        )
         server.fake = self
         server.daemon_threads = True
         self.port = int(server.server_address[1])
@@ -556,6 +563,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Connection", "close")
         self.end_headers()
         dying = DIE in last_text(body)
         with fake._lock:
@@ -625,3 +633,11 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class _KeepAliveHandler(_Handler):
+    """``FakeOllama(keep_alive=True)``: whole answers keep the connection open (and go out
+    without Nagle's delay, as a Go server's do)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True

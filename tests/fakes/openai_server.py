@@ -201,6 +201,7 @@ def send(handler: BaseHTTPRequestHandler, status: int, payload: Any, content_typ
     handler.send_response(status)
     handler.send_header("Content-Type", content_type)
     handler.send_header("Cache-Control", "no-cache")
+    handler.send_header("Connection", "close")
     handler.end_headers()
     for chunk in payload:
         handler.wfile.write(chunk)
