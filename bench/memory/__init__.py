@@ -1,1 +1,1 @@
-"""Memory benchmarks (issue 3): policy hit ratios, scale, compression, data path."""
+"""Memory benchmarks: policy hit ratios, scale, compression, data path."""

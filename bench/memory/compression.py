@@ -1,4 +1,4 @@
-"""Compression benchmark (issue 3): codecs, byte-plane shuffle and threads on real weights.
+"""Compression benchmark: codecs, byte-plane shuffle and threads on real weights.
 
 ``python -m bench.memory.compression [--runs 3] [--max-mib N] [--threads N] [--json]``
 (a Markdown report by default; exit status 1 if an adaptive check fails)

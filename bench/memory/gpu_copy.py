@@ -1,4 +1,4 @@
-"""GPU copy benchmark (issue 3): L3 (pinned host) ↔ L1 (VRAM) for 64 MiB blocks.
+"""GPU copy benchmark: L3 (pinned host) ↔ L1 (VRAM) for 64 MiB blocks.
 
 ``python -m bench.memory.gpu_copy [--runs 9] [--mib 64] [--json]``
 

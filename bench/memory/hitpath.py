@@ -1,4 +1,4 @@
-"""Hit-path benchmark (issue 3): ``get`` of L4-resident blocks, operations per second, one core.
+"""Hit-path benchmark: ``get`` of L4-resident blocks, operations per second, one core.
 
 ``python -m bench.memory.hitpath [--runs 5] [--ops 200000] [--json]``
 

@@ -1,4 +1,4 @@
-"""Scale of the memory policy (issue 3, benchmark 5): metadata bytes per block and eviction time.
+"""Scale of the memory policy: metadata bytes per block and eviction time.
 
 ``python -m bench.memory.scale [--sizes 10000 100000 1000000] [--runs 5] [--json]``
 
