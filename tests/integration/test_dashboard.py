@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.browser import chromium
@@ -53,6 +54,7 @@ EXPECTED_KEYS = {
     "/v1/memory/tiers": "tiers",
     "/api/tasks/history": "tasks",
     "/v1/cluster/nodes": "nodes",
+    "/v1/gateway": "models",
 }
 
 
@@ -315,6 +317,23 @@ def test_an_operator_watches_and_acts_from_the_page(
         assert client.get("/v1/profile").json()["name"] == "chat"
         assert client.get(f"/v1/models/{MODEL}/status").json()["state"] == "loaded"
         assert "chat (in force)" in page.locator("#profile-select").inner_text()
+
+        # A gateway request streaming from the model shows in its row, then goes.
+        cell = page.locator(f'#models tr[data-model="{MODEL}"] td[data-requests]')
+        assert cell.get_attribute("data-requests") == "0/0"
+        fake.chunk_delay_s = 0.5
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        try:
+            with httpx.stream("POST", proc.url + "/ollama/api/chat", json=chat, timeout=60) as r:
+                lines = r.iter_lines()
+                next(lines)
+                page.locator(f'#models tr[data-model="{MODEL}"] td[data-requests="1/0"]').wait_for()
+                assert "1 in flight" in cell.inner_text()
+                for _ in lines:
+                    pass
+        finally:
+            fake.chunk_delay_s = 0.0
+        page.locator(f'#models tr[data-model="{MODEL}"] td[data-requests="0/0"]').wait_for()
 
         # Events: one readable line each, no raw JSON.
         events = page.locator("#events")

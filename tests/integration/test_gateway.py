@@ -219,6 +219,14 @@ def test_alternating_clients_on_two_models_that_do_not_fit_together(
     assert metric_value(after, "vramancer_gateway_queue_seconds_count") is not None
 
 
+def requests_of(server: ServerProcess, model: str) -> dict[str, int]:
+    """What ``GET /v1/gateway`` (the dashboard's source) says of ``model``'s requests."""
+    with server.client(VIEW) as client:
+        rows = client.get("/v1/gateway").json()["models"]
+    row = next(r for r in rows if r["model"] == model)
+    return {"queued": row["queued"], "in_flight": row["in_flight"]}
+
+
 def test_a_stream_holds_its_model_and_a_disconnect_frees_it(
     server: ServerProcess, fake: FakeOllama
 ) -> None:
@@ -257,8 +265,10 @@ def test_a_stream_holds_its_model_and_a_disconnect_frees_it(
                 lines.append(line)
                 if len(lines) == 2:
                     assert in_use(server, A) == 1 and fake.active_streams == 1
+                    assert requests_of(server, A) == {"queued": 0, "in_flight": 1}
                     break
         wait_for(lambda: fake.active_streams == 0 and in_use(server, A) == 0, timeout=5)
+        assert requests_of(server, A) == {"queued": 0, "in_flight": 0}
     finally:
         fake.chunk_delay_s = 0.0
     assert (

@@ -28,6 +28,7 @@ from vramancer.api.routers import (
     events,
     fastpath,
     gateway,
+    gateway_queues,
     gpu,
     ha,
     health,
@@ -60,6 +61,7 @@ _PROTECTED = (
     apidocs,
     release,
     gateway,
+    gateway_queues,
 )
 
 

@@ -665,6 +665,19 @@ class FastpathReport(Answer):
     links: list[FastpathLink]
 
 
+class GatewayModelQueue(Answer):
+    model: str
+    queued: int
+    in_flight: int
+    oldest_wait_s: float | None
+
+
+class GatewayQueues(Answer):
+    """``GET /v1/gateway``."""
+
+    models: list[GatewayModelQueue]
+
+
 class HaPeer(Answer):
     """One peer as the primary sees it: its acknowledged seq, its lag in deltas, and whether
     it is ``up`` (caught up), ``behind`` (catching up or getting a snapshot) or ``down``."""

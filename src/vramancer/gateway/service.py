@@ -32,6 +32,7 @@ from vramancer.models.entry import ModelHandle
 from vramancer.models.manager import ModelManager
 from vramancer.models.types import CPU, ModelState, ModelStatus, gpu_device, gpu_index
 from vramancer.observability.metrics import Metrics
+from vramancer.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,17 @@ class ModelTooLarge(VramancerError):
 
     code = "model_too_large"
     http_status = 507
+
+
+@dataclass(frozen=True, slots=True)
+class ModelQueue:
+    """One managed model's requests at the gateway now (``GET /v1/gateway``)."""
+
+    model: str
+    queued: int
+    in_flight: int
+    #: How long the oldest queued request has waited (None: none waits).
+    oldest_wait_s: float | None
 
 
 @dataclass
@@ -152,6 +164,22 @@ class Gateway:
     def in_flight(self, model: str) -> int:
         return self._state.in_flight.get(model, 0)
 
+    def queues(self) -> list[ModelQueue]:
+        """Every managed model's queued and in-flight requests, in the configuration's order."""
+        now = self.clock.monotonic()
+        oldest: dict[str, float] = {}
+        for w in self._waiting.values():
+            oldest[w.model] = min(oldest.get(w.model, w.since), w.since)
+        return [
+            ModelQueue(
+                model=name,
+                queued=self.waiting(name),
+                in_flight=self.in_flight(name),
+                oldest_wait_s=round(now - oldest[name], 3) if name in oldest else None,
+            )
+            for name in self.models.specs
+        ]
+
     @contextlib.asynccontextmanager
     async def lease(self, name: str) -> AsyncIterator[ModelHandle]:
         """Wait for ``name`` to be admitted, then hold it resident while the block runs."""
@@ -230,8 +258,12 @@ class Gateway:
 
     def _refuse(self, unfit: scheduler.Unfit) -> None:
         error = ModelTooLarge(
-            f"{unfit.model} needs {unfit.needed_bytes} bytes; "
-            + (f"{unfit.device} has {unfit.free_bytes} free" if unfit.device else "no device")
+            f"{unfit.model} needs {format_size(unfit.needed_bytes)}; "
+            + (
+                f"{unfit.device} has {format_size(unfit.free_bytes)} free"
+                if unfit.device
+                else "no device"
+            )
             + (f" and could free {', '.join(unfit.unloadable)}" if unfit.unloadable else ""),
             model=unfit.model,
             needed_bytes=unfit.needed_bytes,

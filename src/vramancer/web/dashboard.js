@@ -3,7 +3,8 @@
 //
 // Reads, every 2 s: GET /v1/devices {devices, host} (a device may carry memory_reserved_bytes,
 // memory_external_bytes and holders; without them they are derived from the allocations, models
-// and tasks below), GET /v1/allocations {allocations}, GET /v1/models {models, profile},
+// and tasks below), GET /v1/allocations {allocations}, GET /v1/models {models, profile} with
+// GET /v1/gateway {models: queued and in-flight requests per model},
 // GET /v1/profile {name, profiles}, GET /api/tasks/history {tasks}, GET /v1/memory/tiers
 // {tiers}, GET /v1/cluster/nodes {nodes} (shown when the server is in a pool), and the
 // server-sent events of GET /v1/events.
@@ -333,7 +334,8 @@ async function loadTasks() {
     state.tasks.map(taskRow), "no task yet");
 }
 async function loadModels() {
-  const d = await api("/v1/models");
+  const [d, gw] = await Promise.all([api("/v1/models"), api("/v1/gateway").catch(() => ({ models: [] }))]);
+  const requests = new Map((gw.models || []).map((q) => [q.model, q]));
   state.models = d.models || [];
   state.profile = d.profile ?? state.profile;
   const body = state.models.map((m) => {
@@ -345,10 +347,18 @@ async function loadModels() {
       h("td", { class: "s-" + m.state, title: m.error || "" }, m.state),
       h("td", null, m.device || "–", m.simulated ? " " : null, m.simulated ? h("span", { class: "tag" }, "sim") : null),
       h("td", { class: "num" }, size(m.vram_bytes)),
+      gatewayCell(requests.get(m.name)),
       h("td", { class: "acts" }, act));
   });
-  table("models", [["model"], ["backend", "w-s"], ["state", "w-s"], ["device", "w-s"], ["VRAM", "w-s num"], ["", "w-s"]], body, "no model managed");
+  table("models", [["model"], ["backend", "w-s"], ["state", "w-s"], ["device", "w-s"], ["VRAM", "w-s num"], ["requests", "w-s"], ["", "w-s"]], body, "no model managed");
   $("models-note").textContent = d.degraded_mode ? "degraded: " + (d.degraded_reason || "") : "";
+}
+// The gateway's requests for a model (GET /v1/gateway): in flight (they hold it) and queued.
+function gatewayCell(q) {
+  if (!q || (!q.in_flight && !q.queued)) return h("td", { class: "muted", "data-requests": "0/0" }, "–");
+  const wait = q.oldest_wait_s != null ? " (oldest " + q.oldest_wait_s.toFixed(1) + " s)" : "";
+  return h("td", { "data-requests": q.in_flight + "/" + q.queued, title: "gateway requests being answered / waiting" + wait },
+    q.in_flight + " in flight", q.queued ? " · " + q.queued + " queued" : null);
 }
 async function loadAllocations() {
   const d = await api("/v1/allocations");

@@ -86,6 +86,15 @@ async def test_the_body_cap_and_ollamas_load_request(
         assert [m["name"] for m in running] == ["a:8b"]
 
 
+async def test_v1_gateway_lists_every_managed_model_idle_before_any_request(
+    settings_factory: SettingsFactory, fake: FakeOllama
+) -> None:
+    async with client(settings_factory, fake) as c:
+        assert (await c.get("/v1/gateway")).json() == {
+            "models": [{"model": "a:8b", "queued": 0, "in_flight": 0, "oldest_wait_s": None}]
+        }
+
+
 def test_an_ollama_request_becomes_an_openai_one() -> None:
     body = {
         "model": "m",

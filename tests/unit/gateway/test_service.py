@@ -85,6 +85,38 @@ async def test_a_held_model_is_not_evicted_the_other_waits_then_swaps(fake: Fake
         assert fake.loads_of("a:8b") == 2 and fake.loads_of("b:8b") == 1
 
 
+async def test_queues_show_each_models_waiting_and_in_flight_requests(fake: FakeOllama) -> None:
+    async with gateway(fake, max_wait_s=30.0) as (gw, h):
+        assert [(q.model, q.queued, q.in_flight, q.oldest_wait_s) for q in gw.queues()] == [
+            ("a:8b", 0, 0, None),
+            ("b:8b", 0, 0, None),
+            ("huge:70b", 0, 0, None),
+        ]
+        holding, release = asyncio.Event(), asyncio.Event()
+
+        async def hold_a() -> None:
+            async with gw.lease("a:8b"):
+                holding.set()
+                await release.wait()
+
+        async def use_b() -> None:
+            async with gw.lease("b:8b"):
+                pass
+
+        first = asyncio.create_task(hold_a())
+        await holding.wait()
+        second = asyncio.create_task(use_b())
+        await until(lambda: gw.waiting("b:8b") == 1)
+        h.clock.advance(2.5)
+        by_model = {q.model: q for q in gw.queues()}
+        assert (by_model["a:8b"].queued, by_model["a:8b"].in_flight) == (0, 1)
+        assert (by_model["b:8b"].queued, by_model["b:8b"].in_flight) == (1, 0)
+        assert by_model["b:8b"].oldest_wait_s == pytest.approx(2.5, abs=0.01)
+        release.set()
+        await asyncio.gather(first, second)
+        assert all(q.queued == 0 and q.in_flight == 0 for q in gw.queues())
+
+
 async def test_unknown_too_large_full_queue_and_timeout(fake: FakeOllama) -> None:
     async with gateway(fake, queue_length=1, timeout_s=30.0) as (gw, h):
         with pytest.raises(UnknownModel):
