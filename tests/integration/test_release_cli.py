@@ -78,6 +78,10 @@ def test_prepare_accept_and_rollback_from_the_command_line(
     assert [r["state"] for r in status["releases"]] == ["failed", "passed"]
     shown = vrm(env, "status")
     assert first in shown.stdout and "exit 3" in shown.stdout
+    # On a narrow terminal the name rollback takes still shows whole, on one line.
+    narrow = vrm({**env, "COLUMNS": "60"}, "status")
+    assert narrow.returncode == 0, narrow.stderr
+    assert any(line.startswith(f"{first} ") for line in narrow.stdout.splitlines())
 
     repo.commit(passing=True, version="v3")
     assert vrm(env, "watch", "--once").returncode == 0
@@ -108,6 +112,8 @@ def test_without_a_repository_the_agent_says_so(
     assert done.returncode == 1 and "[release] repo is not set" in done.stderr
     status = json.loads(vrm(env, "status", "--json").stdout)
     assert status["configured"] is False and status["releases"] == []
+    shown = vrm(env, "status")
+    assert "no [release] repo configured" in shown.stdout  # the section named as written
 
 
 def on_a_terminal(env: dict[str, str], answer: str, *args: str) -> tuple[int, str]:

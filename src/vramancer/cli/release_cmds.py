@@ -15,9 +15,11 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vramancer.cli.common import ConfigOpt, JsonOpt, console, emit, err_console, fail, load_settings
+from vramancer.cli.tables import print_table
 from vramancer.client import Client
 from vramancer.errors import VramancerError
 from vramancer.release.agent import Outcome, ReleaseAgent
@@ -66,9 +68,9 @@ def _run(fn: Any) -> Any:
 
 def _render_outcome(data: dict[str, Any]) -> None:
     for step in data["steps"]:
-        console.print(f"  {step}")
+        console.print(f"  {step}", markup=False)
     for note in data["notes"]:
-        console.print(f"  {note}", highlight=False, soft_wrap=True)
+        console.print(f"  {note}", highlight=False, soft_wrap=True, markup=False)
     result = data.get("result")
     if result:
         console.print(
@@ -76,6 +78,7 @@ def _render_outcome(data: dict[str, Any]) -> None:
             + (f" — {result['error']}" if result.get("error") else ""),
             highlight=False,
             soft_wrap=True,
+            markup=False,
         )
 
 
@@ -85,9 +88,15 @@ def _render_status(d: dict[str, Any]) -> None:
             "no [release] repo configured: the agent follows nothing",
             highlight=False,
             soft_wrap=True,
+            markup=False,
         )
     else:
-        console.print(f"{d['repo']} ({d['branch']}) -> {d['dir']}", highlight=False, soft_wrap=True)
+        console.print(
+            f"{d['repo']} ({d['branch']}) -> {d['dir']}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
     console.print(f"current:   {d['current'] or '-'}")
     console.print(f"candidate: {d['candidate'] or '-'}")
     if d["busy"]:
@@ -96,14 +105,15 @@ def _render_status(d: dict[str, Any]) -> None:
     for r in d["releases"]:
         build, test = r.get("build") or {}, r.get("test") or {}
         table.add_row(
-            r["name"],
+            escape(r["name"]),
             str(r.get("commit", ""))[:12],
             r.get("state", "?") + (" (stale)" if r.get("stale") else ""),
             _step(build),
             _step(test),
             test.get("gpu") or "",
         )
-    console.print(table)
+    # The name is what rollback and logs take: never cut.
+    print_table(console, table, keys=("release", "state"), give_way=("commit",))
 
 
 def _step(step: dict[str, Any]) -> str:
@@ -162,9 +172,9 @@ def _confirm(agent: ReleaseAgent, action: str, release: str | None, force: bool,
         return
     if not sys.stdin.isatty():
         fail(f"{action} changes what is deployed: give --yes (there is no terminal to ask on)", 2)
-    err_console.print(f"{action} will:", highlight=False, soft_wrap=True)
+    err_console.print(f"{action} will:", highlight=False, soft_wrap=True, markup=False)
     for line in plan.describe():
-        err_console.print(f"  {line}", highlight=False, soft_wrap=True)
+        err_console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
     if not typer.confirm("Go on?", default=False, err=True):
         fail(f"{action} not done", 1)
 
@@ -230,12 +240,14 @@ def watch(
                 )
             else:
                 err_console.print(f"{agent.settings.branch} moved to {head[:12]}: preparing",
-                                  highlight=False, soft_wrap=True)  # fmt: skip
+                                  highlight=False, soft_wrap=True, markup=False)  # fmt: skip
                 emit(agent.prepare().as_dict(), json_out, _render_outcome)
         except VramancerError as exc:
             if once:
                 fail(exc.message)
-            err_console.print(f"error: {exc.message}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"error: {exc.message}", highlight=False, soft_wrap=True, markup=False
+            )
         if once:
             return
         time.sleep(seconds)
