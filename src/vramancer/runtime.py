@@ -137,6 +137,8 @@ class Runtime:
         self.role = role
         self.clock: Clock = clock if clock is not None else SystemClock()
         s = self.settings
+        # Before anything takes the data directory: a missing extra is what to fix first.
+        pool_node = _pool_node() if s.nats.enabled or role is NodeRole.WORKER else None
         self.events = EventBus(clock=self.clock.time)
         #: What happens, in the log (``vramancer.events``): tasks, allocations, models ...
         self.event_log = EventLog(self.events)
@@ -180,8 +182,8 @@ class Runtime:
         )
         #: This node of a pool of machines (``[nats] url``); None: this machine alone.
         self.pool: PoolNode | None = None
-        if s.nats.enabled or role is NodeRole.WORKER:
-            self.pool = _pool_node()(
+        if pool_node is not None:
+            self.pool = pool_node(
                 s.nats,
                 s.tasks,
                 node=s.node_name,

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import free_port, wait_http
+from tests.helpers import free_port, running_server, wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -273,3 +273,14 @@ SWAGGER_CHECK = (
     "assert d.joinpath('swagger-ui-bundle.js').read_bytes()[:1000]; "
     "assert d.joinpath('swagger-ui.css').read_bytes()[:1000]"
 )
+
+
+def test_a_worker_without_the_nats_client_names_the_extra_first(tmp_path: Path) -> None:
+    """Even beside a running daemon on the same data directory: the missing extra is what to
+    fix first (with it, the worker then says which daemon holds the directory)."""
+    with running_server(tmp_path, "[devices]\nbackends = []\n", data_dir=tmp_path / "data"):
+        proc = run_blocked(tmp_path, "worker", "--nats", "nats://127.0.0.1:4222")
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    assert "pip install 'vramancer[nats]'" in out, out
+    assert "another VRAMancer daemon" not in out and "Traceback" not in out, out
