@@ -9,7 +9,8 @@
   value, and for a repeatable option the type of one value (give the option once per value).
   typer's own help shows ``<bool>``, ``<str>``, ``<list[str]>``, which the parser refuses;
   and a command's summary in the list of commands is one paragraph, not broken where its
-  docstring's lines end.
+  docstring's lines end. Help texts are plain text, not rich markup: a configuration
+  section they cite (``[server] access_log``) shows as written.
 * ``json_usage_errors``: a usage error (a missing argument, an unknown option) of a command
   line that asks for ``--json`` is printed as ``{"error": {"message": ...}}``, as every other
   error under ``--json`` is, not in a box.
@@ -24,6 +25,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 
+from rich.markup import escape
 from typer import rich_utils
 from typer._click import Context
 from typer._click.exceptions import ClickException, NoSuchOption, UsageError
@@ -112,8 +114,18 @@ def _command_help(*, help_text: str, markup_mode: rich_utils.MarkupModeStrict) -
     return _typer_command_help(help_text=help_text, markup_mode=markup_mode)
 
 
+_typer_rich_text = rich_utils._make_rich_text
+
+
+def _plain_rich_text(*, text: str, style: str = "", markup_mode: str) -> object:
+    if markup_mode == rich_utils.MARKUP_MODE_RICH:
+        text = escape(text)
+    return _typer_rich_text(text=text, style=style, markup_mode=markup_mode)  # type: ignore[arg-type]
+
+
 def readable_help() -> None:
     """See the module docstring. Applies to every typer command of this process."""
+    rich_utils._make_rich_text = _plain_rich_text  # type: ignore[assignment]
     rich_utils._make_command_help = _command_help  # type: ignore[assignment]
     _TyperParameter.display_type = _value_type  # type: ignore[method-assign, assignment]
     TyperOption.display_type_rich = _option_type  # type: ignore[method-assign, assignment]
