@@ -40,6 +40,7 @@ from pydantic import BaseModel, ValidationError
 from vramancer._version import __version__
 from vramancer.api import gateway_proxy as gp
 from vramancer.api import gateway_schemas as gs
+from vramancer.api import upstream_http
 from vramancer.errors import InsufficientMemory, VramancerError
 from vramancer.gateway.service import Gateway
 from vramancer.models.entry import ModelHandle
@@ -128,6 +129,8 @@ class Front:
     runtime: Runtime
     gateway: Gateway
     client: httpx.AsyncClient
+    #: Whole (non-streamed) answers from ``http://`` servers (lighter than ``client``).
+    whole: upstream_http.WholeClient = field(default_factory=upstream_http.WholeClient)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
@@ -193,7 +196,8 @@ async def front(app: FastAPI) -> Front:
     await gateway.start()
     timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    built = Front(rt, gateway, httpx.AsyncClient(timeout=timeout, limits=limits))
+    whole = upstream_http.WholeClient(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+    built = Front(rt, gateway, httpx.AsyncClient(timeout=timeout, limits=limits), whole)
     app.state.gateway_front = built
     return built
 
@@ -206,6 +210,7 @@ async def shutdown(app: FastAPI) -> None:
     app.state.gateway_front = None
     await built.gateway.stop()
     await built.client.aclose()
+    await built.whole.aclose()
 
 
 # -- reading a request ---------------------------------------------------------------------------
@@ -305,6 +310,8 @@ async def forward(
     handed_over = False
     try:
         url, payload = target(handle)
+        if stream is None and upstream_http.handles(url):
+            return await _whole_answer(built, name, url, payload, convert)
         request = built.client.build_request("POST", url, json=payload)
         try:
             upstream = await built.client.send(request, stream=True)
@@ -339,6 +346,22 @@ async def forward(
     finally:
         if not handed_over:
             await stack.aclose()
+
+
+async def _whole_answer(
+    built: Front, name: str, url: str, payload: Any, convert: Callable[[Any], Any] | None
+) -> Response:
+    """Send one request and return its whole answer (the model is held by the caller)."""
+    try:
+        answer = await built.whole.post_json(url, json.dumps(payload).encode())
+    except upstream_http.UpstreamError as exc:
+        if exc.answered:
+            raise Refused(502, "backend_failed", f"the server of {name} broke off: {exc}") from None
+        built.check_server(name)
+        raise Refused(
+            502, "backend_failed", f"the server of {name} did not answer: {exc}"
+        ) from None
+    return _whole(answer.status, answer.content, convert)
 
 
 def _whole(status: int, content: bytes, convert: Callable[[Any], Any] | None) -> Response:
