@@ -46,6 +46,7 @@ from vramancer.runtime import Runtime
 
 #: Routers that need at least the viewer role (each may ask for more per route).
 _PROTECTED = (
+    gateway,  # first: model requests are the hot path, matched before the other routes
     system,
     devices,
     cluster,
@@ -60,7 +61,6 @@ _PROTECTED = (
     ha,
     apidocs,
     release,
-    gateway,
     gateway_queues,
 )
 

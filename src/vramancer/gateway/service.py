@@ -196,6 +196,8 @@ class Gateway:
             self._kick()
 
     async def _admitted(self, name: str) -> None:
+        if self._admit_now(name):
+            return
         loop = asyncio.get_running_loop()
         waiter = _Waiter(next(self._ids), name, self.clock.monotonic(), loop.create_future())
         self._waiting[waiter.id] = waiter
@@ -216,6 +218,25 @@ class Gateway:
                 self._kick()
             raise
 
+    def _admit_now(self, name: str) -> bool:
+        """Hold ``name`` at once when nobody waits and it is resident with room: what a plan
+        would decide for this one request, without planning."""
+        if self._waiting:
+            return False
+        status = self.models.status(name)
+        state = self._state
+        if (
+            status.state is not ModelState.LOADED
+            or status.device is None
+            or name in state.busy
+            or state.cooldown.get(name, 0.0) > self.clock.monotonic()
+            or max(status.in_use, state.in_flight.get(name, 0)) >= self.settings.concurrency(name)
+            or not self.models.try_hold(name)
+        ):
+            return False
+        state.in_flight[name] = state.in_flight.get(name, 0) + 1
+        return True
+
     def _retry_after(self) -> int:
         return max(1, round(self.settings.max_wait_s))
 
@@ -223,6 +244,8 @@ class Gateway:
 
     def step(self) -> scheduler.GatewayPlan:
         """Plan once and apply the plan (never blocks: loads run as background jobs)."""
+        if not self._waiting:  # nothing to admit, refuse or load: the plan is empty
+            return scheduler.GatewayPlan()
         now = self.clock.monotonic()
         self._expire(now)
         pending = [scheduler.Pending(w.id, w.model, w.since) for w in self._waiting.values()]

@@ -165,3 +165,22 @@ async def test_a_cancelled_waiter_leaves_the_queue(fake: FakeOllama) -> None:
         release.set()
         await holder
         assert gw.in_flight("a:8b") == 0 and fake.loads_of("b:8b") == 0
+
+
+async def test_a_resident_model_takes_requests_up_to_its_concurrency(fake: FakeOllama) -> None:
+    async with gateway(fake, max_concurrent=2) as (gw, h):
+        async with gw.lease("a:8b"):  # loads it
+            pass
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with gw.lease("a:8b"):
+                await release.wait()
+
+        holders = [asyncio.create_task(hold()) for _ in range(3)]
+        await until(lambda: gw.in_flight("a:8b") == 2 and gw.waiting("a:8b") == 1)
+        assert h.models.status("a:8b").in_use == 2
+        release.set()
+        await asyncio.gather(*holders)
+        assert gw.in_flight("a:8b") == 0 and gw.waiting() == 0
+        assert h.models.status("a:8b").in_use == 0 and fake.loads_of("a:8b") == 1
