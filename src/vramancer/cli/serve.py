@@ -123,7 +123,7 @@ def serve(
     configure_logging(level, json_out)
     # With --json, uvicorn's loggers propagate to the root handler above instead of its own.
     log_config = None if json_out else uvicorn.config.LOGGING_CONFIG
-    from vramancer.cli.serve_server import Server, StartupErrors
+    from vramancer.cli.serve_server import CoalescingH11Protocol, Server, StartupErrors
 
     wrapped = StartupErrors(app)
     uv_config = uvicorn.Config(
@@ -134,6 +134,7 @@ def serve(
         log_config=log_config,
         proxy_headers=bool(server.trusted_proxies),
         forwarded_allow_ips=forwarded_allow_ips(settings),
+        http=CoalescingH11Protocol,
     )
     if not (access_log or server.access_log):
         logging.getLogger("uvicorn.access").addFilter(failed_requests_only)

@@ -3,14 +3,17 @@ not needed by the other commands)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import sys
 import time
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vramancer.cli import daemon_record
 from vramancer.config import Settings
@@ -86,3 +89,50 @@ class StartupErrors:
             await send(message)
 
         await self.app(scope, receive, send_quietly)
+
+
+class _CoalescedWrites:
+    """A transport whose writes made within one step of the event loop leave in one send: the
+    status line and headers of an answer go with its body, as one TCP segment when it fits,
+    instead of two sends (and two reads for the client)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._transport.abort()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class CoalescingH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, writing through :class:`_CoalescedWrites`."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(_CoalescedWrites(transport))  # type: ignore[arg-type]
