@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vramancer.api.schemas import ErrorDetail
+
 #: Longest model name accepted.
 MAX_NAME = 256
 #: Most messages of a chat, inputs of an embedding request.
@@ -87,6 +89,13 @@ class OpenAIErrorResponse(BaseModel):
 
 
 # -- Ollama ---------------------------------------------------------------------------------------
+
+
+class OllamaErrorResponse(BaseModel):
+    """An error of the Ollama surface: Ollama's own ``{"error": "..."}``, or VRAMancer's error
+    object for a request refused before it reaches the gateway (token, size, rate, standby)."""
+
+    error: str | ErrorDetail
 
 
 class GenerateRequest(_Open):
@@ -178,12 +187,6 @@ class OllamaShow(BaseModel):
     details: OllamaDetails
     model_info: dict[str, Any]
     capabilities: list[str]
-
-
-class OllamaErrorResponse(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    error: str
 
 
 # -- answers relayed from a model's server (their fields as the server sends them) ---------------

@@ -723,6 +723,12 @@ def build(openai_prefix: str, ollama_prefix: str) -> APIRouter:
     router = APIRouter(tags=["gateway"])
     oa, ol = openai_prefix, ollama_prefix
 
+    def errors(path: str) -> dict[int | str, dict[str, Any]]:
+        if not path.startswith(ol):
+            return {}  # VRAMancer's error object, declared for every protected router
+        shape = {"model": gs.OllamaErrorResponse, "description": "Ollama's error shape."}
+        return {"4XX": shape, "5XX": shape}
+
     def post(path: str, endpoint: Callable[..., Any], model: type[BaseModel], media: str) -> None:
         content: dict[str, Any] = {media: {}} if media else {}
         router.add_api_route(
@@ -730,19 +736,22 @@ def build(openai_prefix: str, ollama_prefix: str) -> APIRouter:
             endpoint,
             methods=["POST"],
             response_model=None,
-            responses={200: {"model": model, "content": content}},
+            responses={200: {"model": model, "content": content}, **errors(path)},
         )
+
+    def get(path: str, endpoint: Callable[..., Any]) -> None:
+        router.add_api_route(path, endpoint, methods=["GET"], responses=errors(path))
 
     post(f"{oa}/chat/completions", chat_completions, gs.ChatCompletion, gp.SSE)
     post(f"{oa}/completions", completions, gs.Completion, gp.SSE)
     post(f"{oa}/embeddings", embeddings, gs.OpenAIEmbeddingList, "")
-    router.add_api_route(f"{oa}/models", openai_models, methods=["GET"])
+    get(f"{oa}/models", openai_models)
     post(f"{ol}/generate", generate, gs.OllamaAnswer, gp.NDJSON)
     post(f"{ol}/chat", chat, gs.OllamaAnswer, gp.NDJSON)
     post(f"{ol}/embed", embed, gs.OllamaEmbedResponse, "")
-    router.add_api_route(f"{ol}/tags", tags, methods=["GET"])
-    router.add_api_route(f"{ol}/ps", ps, methods=["GET"])
-    router.add_api_route(f"{ol}/version", version, methods=["GET"])
+    get(f"{ol}/tags", tags)
+    get(f"{ol}/ps", ps)
+    get(f"{ol}/version", version)
     post(f"{ol}/show", show, gs.OllamaShow, "")
     return router
 
