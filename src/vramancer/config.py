@@ -317,8 +317,9 @@ class Settings(BaseSettings):
             _config_file.reset(token)
 
 
-#: The model manager's built-in profiles (``models/registry.py``), present when
-#: ``[gpu_manager]`` names a VLM or CLIP model and ``builtin_profiles`` is on; ``idle`` always is.
+#: The model manager's built-in profiles (``models/registry.py``), present whenever
+#: ``builtin_profiles`` is on (they place nothing until ``[gpu_manager]`` names a model);
+#: ``idle`` always is.
 BUILTIN_PROFILES = ("idle", "recording", "autopilot")
 
 
@@ -341,7 +342,7 @@ def model_problems(
     for profile, mapping in profiles.items():
         problems += _profile_problems(profile, mapping, specs, known)
     names = set(profiles) | {BUILTIN_PROFILES[0]}
-    if gm.builtin_profiles and (gm.vlm_model is not None or gm.clip_model is not None):
+    if gm.builtin_profiles:
         names.update(BUILTIN_PROFILES)
     if gm.initial_profile is not None and gm.initial_profile not in names:
         problems.append(

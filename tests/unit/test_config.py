@@ -288,6 +288,16 @@ def test_profiles_that_name_configured_models_load(tmp_path: Path) -> None:
     assert s.gpu_manager.initial_profile == "autopilot" and set(s.profiles) == {"mine"}
 
 
+def test_a_built_in_profile_is_a_valid_initial_profile_before_any_model_is_named(
+    tmp_path: Path,
+) -> None:
+    """``profile set recording`` works on a fresh configuration; so does starting in it."""
+    s = Settings.load(
+        write(tmp_path, '[gpu_manager]\ninitial_profile = "recording"\n'), data_dir=tmp_path
+    )
+    assert s.gpu_manager.initial_profile == "recording"
+
+
 def test_the_builtin_profile_names_are_the_model_managers() -> None:
     from vramancer.config import BUILTIN_PROFILES
     from vramancer.models.registry import IDLE, builtin_profiles
