@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from vramancer._version import __version__
-from vramancer.api import errors, gateway_port
+from vramancer.api import errors, gateway_front, gateway_port
 from vramancer.api.deps import require
 from vramancer.api.guard import AuthMiddleware, Gate
 from vramancer.api.ha_gate import HaMiddleware
@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         finally:
             await release.stop_background(app)
             await gateway_port.stop(app)
-            await gateway.shutdown(app)
+            await gateway_front.shutdown(app)
             if owns_runtime:
                 await rt.stop()
 

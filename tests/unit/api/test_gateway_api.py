@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.fakes.ollama import FakeOllama
+from vramancer.api import gateway_front
 from vramancer.api import gateway_proxy as gp
 from vramancer.api.app import create_app
 from vramancer.api.routers import gateway
@@ -46,7 +47,7 @@ async def client(
             async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
                 yield c
         finally:
-            await gateway.shutdown(app)
+            await gateway_front.shutdown(app)
 
 
 async def test_a_full_queue_is_429_with_retry_after(
