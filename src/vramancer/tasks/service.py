@@ -42,9 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from vramancer.clock import Clock
-from vramancer.devices.holders import external_bytes
-from vramancer.devices.ids import DeviceId, gpu_name
-from vramancer.devices.types import SystemSnapshot
+from vramancer.devices.ids import DeviceId
 from vramancer.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
 from vramancer.events import EventBus
 from vramancer.files import (
@@ -60,7 +58,8 @@ from vramancer.plugins import load_object
 from vramancer.tasks import admission, logs, task_ids
 from vramancer.tasks.admission import HIJACK_ENV, resolve_programs
 from vramancer.tasks.blocks import BlockReader
-from vramancer.tasks.dispatch import WAITING, RoundPlan, hold_note, pinned_node
+from vramancer.tasks.device_views import LocalViews, waiting_reasons
+from vramancer.tasks.dispatch import RoundPlan
 from vramancer.tasks.errors import PayloadTooLarge
 from vramancer.tasks.estimator import HistoryEstimator, RuntimeEstimator, as_runtime_estimator
 from vramancer.tasks.launch import ENV_TASK_ID
@@ -78,12 +77,7 @@ from vramancer.tasks.model import (
     TaskState,
 )
 from vramancer.tasks.picker import (
-    DeviceView,
     PickerPolicy,
-    Placement,
-    Reserved,
-    build_views,
-    pick,
 )
 from vramancer.tasks.ports import (
     ArbiterPort,
@@ -199,6 +193,8 @@ class TaskService:
             blocks=memory if isinstance(memory, BlockReader) else None,
             releases=releases,
         )
+        #: What the dispatcher sees of this node's GPUs (``tasks/device_views.py``).
+        self.views = LocalViews(devices, arbiter, self.workers.loads, settings, clock)
         self.lane = MaintenanceLane(
             settings,
             idle_busy_ratio=self.policy.idle_busy_ratio,
@@ -605,33 +601,6 @@ class TaskService:
         )
         return len(purged)
 
-    def _views(self, snapshot: SystemSnapshot) -> list[DeviceView]:
-        return build_views(
-            snapshot,
-            self.clock.monotonic(),
-            grantable=self._grantable(snapshot),
-            local=self.workers.loads(snapshot),
-            slots_per_device=self.settings.slots_per_device,
-            host_slots=self.settings.host_slots,
-            reserved=self._reserved(snapshot),
-        )
-
-    def _reserved(self, snapshot: SystemSnapshot) -> dict[str, Reserved]:
-        """The arbiter's allocations per GPU and the memory used there outside VRAMancer."""
-        count: dict[str, int] = {}
-        held: dict[str, int] = {}
-        for allocation in self.arbiter.allocations():
-            if allocation.device is not None:
-                count[allocation.device] = count.get(allocation.device, 0) + 1
-                held[allocation.device] = held.get(allocation.device, 0) + allocation.memory_bytes
-        out = {}
-        for gpu in snapshot.gpus:
-            name = gpu_name(gpu.index)
-            reserved = held.get(name, 0)
-            external = external_bytes(gpu.memory_used_bytes, reserved)
-            out[name] = Reserved(count.get(name, 0), reserved, external)
-        return out
-
     def waiting_reason(self, record: TaskRecord) -> str | None:
         """Why ``record`` waits for a device, from the state now (the dispatcher's rule,
         ``picker.ineligibility``): None unless it is ``waiting_gpu``."""
@@ -639,40 +608,21 @@ class TaskService:
 
     def waiting_reasons(self, records: Sequence[TaskRecord]) -> dict[str, str]:
         """:meth:`waiting_reason` of each ``waiting_gpu`` record, by task id (views read once)."""
-        waiting = [r for r in records if r.state is TaskState.WAITING_GPU]
-        if not waiting:
+        if not any(r.state is TaskState.WAITING_GPU for r in records):
             return {}
         if self.pool is not None:
-            views, pool = self.pool.views(self.clock.time()), True
-        else:
-            views, pool = self._views(self.devices.snapshot()), False
-        out = {}
-        for record in waiting:
-            node = pinned_node(record) if pool else None
-            decision = pick(views, record.vram_bytes, record.gpu, self.policy, node)
-            if isinstance(decision, Placement):
-                # Room now: the last round's decision stands (a device held for a task that
-                # waited longer is only known to the round), else it starts at the next one.
-                out[record.task_id] = record.error or (
-                    f"{WAITING}{decision.device} has room now; it starts at the next dispatch round"
-                )
-            else:
-                out[record.task_id] = WAITING + decision.message() + hold_note(record.error)
-        return out
+            return waiting_reasons(
+                records, self.pool.views(self.clock.time()), self.policy, pool=True
+            )
+        return waiting_reasons(records, self.views.now(), self.policy, pool=False)
 
     def _live(self, record: TaskRecord, reasons: Mapping[str, str]) -> TaskRecord:
         reason = reasons.get(record.task_id)
         return record if reason is None else replace(record, error=reason)
 
-    def _grantable(self, snapshot: SystemSnapshot) -> dict[str, int]:
-        """What the arbiter can still grant per GPU without preempting anyone (its
-        ``headroom``: the per-GPU budget less its grants, bounded by what is left in all)."""
-        devices = [DeviceId.gpu(gpu.index) for gpu in snapshot.gpus]
-        return {str(device): self.arbiter.headroom(device) for device in devices}
-
     def _round_plan(self, now: float) -> RoundPlan | None:
         if self.pool is None:
-            return RoundPlan(self._views(self.devices.snapshot()), self.policy)
+            return RoundPlan(self.views.now(), self.policy)
         if not self.pool.may_dispatch():
             return None
         return RoundPlan(self.pool.views(now), self.policy, pool=True)
