@@ -136,6 +136,19 @@ def _write_task_log(log: Path, command: str, task_id: str, logs: Mapping[str, An
             out.write(f"\n--- stderr ---\n{err}")
 
 
+def step_task(command: str, cwd: Path, vram: int, timeout_s: float) -> dict[str, Any]:
+    """The task body of a release's test step: ``command`` in the release, on a GPU with
+    ``vram`` free, killed after ``timeout_s``, never retried (a flaky test is a failure)."""
+    return {
+        "type": "shell",
+        "shell": command,
+        "cwd": str(cwd),
+        "vram": vram,
+        "timeout": timeout_s,
+        "max_retries": 0,
+    }
+
+
 class ClientTester:
     """The test step as a task of the daemon at ``VRM_URL`` (``vramancer.Client``)."""
 
@@ -156,14 +169,7 @@ class ClientTester:
         task_id = self.client.request(
             "POST",
             "/api/tasks/submit",
-            json={
-                "type": "shell",
-                "shell": command,
-                "cwd": str(cwd),
-                "vram": vram,
-                "timeout": timeout_s,
-                "max_retries": 0,
-            },
+            json=step_task(command, cwd, vram, timeout_s),
         )["task_id"]
         status = self.client.wait(task_id, timeout_s=timeout_s + 60)
         _write_task_log(log, command, task_id, self.client.logs(task_id))
@@ -218,9 +224,7 @@ class ServiceTester:
     async def _run(
         self, command: str, cwd: Path, vram: int, timeout_s: float
     ) -> tuple[str, Any, dict[str, Any]]:
-        body = {"type": "shell", "shell": command, "cwd": str(cwd), "vram": vram}
-        body |= {"timeout": timeout_s, "max_retries": 0}
-        submitted = await self.tasks.submit(body)
+        submitted = await self.tasks.submit(step_task(command, cwd, vram, timeout_s))
         await self.tasks.wait([submitted.task_id], timeout_s=timeout_s + 60)
         record = await self.tasks.status(submitted.task_id)
         logs: dict[str, Any] = await self.tasks.logs(submitted.task_id)
