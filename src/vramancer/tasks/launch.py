@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,7 +61,7 @@ def run_request(
     """The process of this attempt of ``record`` on ``device`` (see the module docstring);
     ``environ`` is the daemon's environment."""
     scratch = scratch_dir(data_dir, device, record.task_id)
-    env = {k: v for k, v in environ.items() if not k.startswith(PRIVATE_ENV_PREFIX)}
+    env = inherited_env(environ)
     env.update(spec.env or {})
     env.update(
         {
@@ -94,6 +95,24 @@ def run_request(
         else None,
         scratch=scratch,
     )
+
+
+#: ``os.environ``'s raw items when :func:`inherited_env` last read it, and what it gave.
+_inherited: tuple[dict[Any, Any], dict[str, str]] | None = None
+
+
+def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """A new copy of ``environ`` less the daemon's ``VRM_*`` variables. For ``os.environ`` the
+    filtered copy is kept and reused while its raw items are unchanged: reading and decoding
+    every variable for each task costs more than the rest of building its request."""
+    global _inherited
+    raw = getattr(environ, "_data", None) if environ is os.environ else None
+    if raw is not None and _inherited is not None and _inherited[0] == raw:
+        return dict(_inherited[1])
+    env = {k: v for k, v in environ.items() if not k.startswith(PRIVATE_ENV_PREFIX)}
+    if isinstance(raw, dict):
+        _inherited = (dict(raw), env)
+    return dict(env)
 
 
 def argv(spec: TaskSpec, programs: Mapping[str, str] | None = None) -> list[str]:

@@ -217,6 +217,8 @@ class TaskService:
         self._programs: dict[str, str] = {}
         self._last_housekeep = -math.inf
         self._next_purge = -math.inf
+        #: The last round left a slot free (another round at once may fill it).
+        self._room_left = True
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -532,7 +534,7 @@ class TaskService:
                 raise
             except Exception:
                 log.exception("task dispatch round failed")
-            if started:
+            if started and self._room_left:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.dispatch_interval_s)
@@ -628,6 +630,7 @@ class TaskService:
         return RoundPlan(self.pool.views(now), self.policy, pool=True)
 
     async def _dispatch_user(self, now: float) -> int:
+        self._room_left = True
         if not self.telemetry.lane_count(False, READY_STATES):
             return 0
         plan = self._round_plan(now)
@@ -648,6 +651,7 @@ class TaskService:
         for record in leased:
             if await self.workers.launch(record, plan.cuda.get(record.task_id)):
                 started += 1
+        self._room_left = plan.free_slots > 0 or started < len(leased)
         return started
 
     async def _offer_ready(self, plan: RoundPlan, now: float) -> None:

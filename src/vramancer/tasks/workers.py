@@ -36,7 +36,7 @@ from vramancer.errors import ShuttingDown as VramancerShuttingDown
 from vramancer.files import private_dir
 from vramancer.tasks.blocks import BlockMissing, BlockReader, materialize
 from vramancer.tasks.launch import model_env, run_request, scratch_dir
-from vramancer.tasks.model import Change, Outcome, OutcomeKind, TaskRecord
+from vramancer.tasks.model import READY_STATES, Change, Outcome, OutcomeKind, TaskRecord
 from vramancer.tasks.picker import HOST, LocalLoad
 from vramancer.tasks.ports import ArbiterPort, ModelsPort, ReleasesPort
 from vramancer.tasks.queue import TaskQueue
@@ -239,7 +239,9 @@ class Workers:
         if changes is None:
             return
         self.telemetry.publish(changes)
-        if wake:
+        # the slot was offered again when the process ended; a round is only worth running
+        # again when the task went back to the queue
+        if wake and any(change.state in READY_STATES for change in changes):
             self.poke()
 
     async def _record(self, outcome: Outcome) -> list[Change] | None:
@@ -412,21 +414,32 @@ class Workers:
             active.allocation_id = None
 
     async def _remove_scratch(self, active: Active) -> None:
-        """The attempt's scratch directory goes (ours even when the task ran in its own cwd),
-        on the spawner thread: in order with the next attempt's creation of it."""
+        """The attempt's scratch directory goes (ours even when the task ran in its own cwd)
+        before its end is recorded, so before a next attempt can create it again. Most tasks
+        leave it empty: one ``rmdir``, here (cheaper than the two thread switches of a hop);
+        one that holds files is walked on the spawner thread."""
         if not self.settings.keep_scratch:
             scratch = scratch_dir(self.data_dir, active.device, active.record.task_id)
-            await in_spawner(remove_dir, scratch)
+            if not remove_empty_dir(scratch):
+                await in_spawner(remove_dir, scratch)
+
+
+def remove_empty_dir(path: Path) -> bool:
+    """Remove ``path`` if it is an empty directory or is not there; False when it holds
+    something (or cannot be removed with one ``rmdir``)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def remove_dir(path: Path) -> None:
     """Remove ``path`` and what it holds, if anything: most tasks leave their scratch
     directory empty, and one ``rmdir`` is much cheaper than walking it (``shutil.rmtree``)."""
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        return
-    except OSError:
+    if not remove_empty_dir(path):
         shutil.rmtree(path, ignore_errors=True)
 
 
