@@ -450,9 +450,8 @@ def make_scratch(req: RunRequest) -> None:
             raise ScratchUnavailable(f"cannot create the scratch directory: {exc}") from exc
 
 
-def _popen(req: RunRequest) -> tuple[subprocess.Popen[bytes], float | None]:
-    """On the spawner thread: make the scratch directory, start the process, read its start
-    time."""
+def _popen(req: RunRequest) -> subprocess.Popen[bytes]:
+    """On the spawner thread: make the scratch directory, start the process."""
     make_scratch(req)
     guard = _guarded()
     if guard is not None:
@@ -476,7 +475,7 @@ def _popen(req: RunRequest) -> tuple[subprocess.Popen[bytes], float | None]:
             kill_group(popen.pid)
             popen.wait()
             raise
-    return popen, process_start_time(popen.pid)
+    return popen
 
 
 def _unguard(pid: int) -> None:
@@ -485,23 +484,23 @@ def _unguard(pid: int) -> None:
         _GUARD.unregister(pid)
 
 
-def _kill_started(starting: asyncio.Future[tuple[subprocess.Popen[bytes], float | None]]) -> None:
+def _kill_started(starting: asyncio.Future[subprocess.Popen[bytes]]) -> None:
     if not starting.cancelled() and starting.exception() is None:
-        popen = starting.result()[0]
+        popen = starting.result()
         kill_group(popen.pid)
         _unguard(popen.pid)
         threading.Thread(target=popen.wait, daemon=True).start()  # reap it
 
 
-async def spawn(req: RunRequest) -> tuple[SpawnedProcess, float | None]:
+async def spawn(req: RunRequest) -> SpawnedProcess:
     """Start ``req``'s process from the spawner thread; ``OSError`` when it cannot start."""
     starting = asyncio.get_running_loop().run_in_executor(_SPAWNER, _popen, req)
     try:
-        popen, started = await asyncio.shield(starting)
+        popen = await asyncio.shield(starting)
     except asyncio.CancelledError:  # it starts anyway, on the thread: it must not live on
         starting.add_done_callback(_kill_started)
         raise
-    return SpawnedProcess(popen), started
+    return SpawnedProcess(popen)
 
 
 class ProcessRun:
@@ -514,7 +513,9 @@ class ProcessRun:
         self.request = request
         self.warm = warm
         self.pid: int | None = None
-        self.started_at: float | None = None
+        self._started_at: float | None = None
+        #: The main process ended (it may be reaped: its pid says nothing any more).
+        self.exited = False
         self._proc: SpawnedProcess | WarmProcess | None = None
         self._cancel = asyncio.Event()
         self._t0 = 0.0
@@ -533,10 +534,19 @@ class ProcessRun:
                 log.debug("python task started cold: %s", exc)
             else:
                 self.pid = self._proc.pid
-                self.started_at = process_start_time(self._proc.pid)
                 return
-        self._proc, self.started_at = await spawn(req)
+        self._proc = await spawn(req)
         self.pid = self._proc.pid
+
+    @property
+    def started_at(self) -> float | None:
+        """When the process started, as the system records it (``process_start_time``): what
+        tells it from a later process with the same pid. Read when first asked (its ``running``
+        mark), not at the start: right after the start the process is still in ``exec``, and
+        reading ``/proc`` then waits for it. None once it ended."""
+        if self._started_at is None and self.pid is not None and not self.exited:
+            self._started_at = process_start_time(self.pid)
+        return self._started_at
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -570,6 +580,7 @@ class ProcessRun:
         finally:
             cancel_wait.cancel()
         # The main process is gone: whatever is left of its group goes too.
+        self.exited = True
         kill_group(proc.pid)
         await self._drain(pumps)
         exit_code = proc.returncode

@@ -33,10 +33,10 @@ def request(tmp):
     )
 
 async def main():
-    first, _ = await runner.spawn(request(sys.argv[1]))
+    first = await runner.spawn(request(sys.argv[1]))
     os.kill(runner._GUARD.pid, signal.SIGKILL)  # a guard that dies is replaced
     time.sleep(0.2)
-    second, _ = await runner.spawn(request(sys.argv[1]))
+    second = await runner.spawn(request(sys.argv[1]))
     print(first.pid, second.pid, flush=True)
     await asyncio.sleep(60)
 
