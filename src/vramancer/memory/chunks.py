@@ -100,30 +100,40 @@ def decompress_block(
     *,
     what: str = "block",
     map_fn: Callable[[Callable[[int], bytes], Sequence[int]], Iterable[bytes]] = _serial_map,
+    threads: int = 1,
 ) -> bytes:
     """Decode ``block`` (any codec, shuffled or not, chunked or not) back to its raw bytes.
 
-    ``map_fn`` runs the per-chunk work (a thread pool's ``map`` decodes chunks in parallel).
-    Raises :class:`CorruptBlock` naming ``what`` when anything does not add up.
+    ``map_fn`` runs the per-chunk work (a thread pool's ``map`` decodes chunks in parallel);
+    blosc2 chunks, which hold the GIL, are decoded one after another on blosc2's own
+    ``threads`` instead. Raises :class:`CorruptBlock` naming ``what`` when anything does not add
+    up (:class:`~vramancer.memory.codec.CodecUnavailable` when the codec's library is missing).
     """
     try:
         codec = Codec(block.codec)
     except ValueError:
         raise CorruptBlock(f"{what}: unknown codec {block.codec!r}") from None
-    if not 1 <= block.itemsize <= MAX_SHUFFLE_ITEMSIZE:
+    if not 1 <= block.itemsize <= MAX_SHUFFLE_ITEMSIZE or (
+        codec.is_blosc2 and block.itemsize != 1
+    ):
         raise CorruptBlock(f"{what}: invalid element size {block.itemsize}")
     if codec is Codec.NONE:
         return decode_piece(codec, block.payload, block.raw_size, what)
     chunks = chunk_layout(block.payload, block.raw_size, block.itemsize, what)
+    piece_threads = threads if codec.is_blosc2 else 1
     if chunks is None:
-        return decode_piece(codec, block.payload, block.raw_size, what)
+        return decode_piece(codec, block.payload, block.raw_size, what, threads=piece_threads)
     payload = memoryview(block.payload)
     if block.itemsize == 1:  # plain chunks: decode each, join once
 
         def decode_plain(index: int) -> bytes:
             ((start, length),) = chunks[index].frames
             raw_length = chunks[index].raw_length
-            return decode_piece(codec, payload[start : start + length], raw_length, what)
+            frame = payload[start : start + length]
+            return decode_piece(codec, frame, raw_length, what, threads=piece_threads)
+
+        if codec.is_blosc2:
+            return b"".join(map(decode_plain, range(len(chunks))))
 
         return b"".join(map_fn(decode_plain, range(len(chunks))))
     out = np.empty(block.raw_size, dtype=np.uint8)

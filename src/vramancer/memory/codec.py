@@ -1,7 +1,9 @@
-"""Codecs: one piece of bytes in, one frame out (zstd, lz4, gzip), and back, with its size checked.
+"""Codecs: one piece of bytes in, one frame out (zstd, lz4, gzip; blosc2's when it is installed),
+and back, with its size checked.
 
 Also the stored form of a block (:class:`Compressed`) and the error for damaged stored data
-(:class:`CorruptBlock`). Chunking and the byte-plane shuffle are ``chunks.py``'s and
+(:class:`CorruptBlock`, and :class:`CodecUnavailable` for a block whose codec's library is
+missing). The blosc2 codecs are ``blosc2_codec.py``'s, the only module importing blosc2. Chunking and the byte-plane shuffle are ``chunks.py``'s and
 ``byteplanes.py``'s; which codec a block gets is ``codec_choice.py``'s.
 """
 
@@ -17,6 +19,7 @@ import lz4.frame
 import zstandard
 
 from vramancer.errors import VramancerError
+from vramancer.memory import blosc2_codec
 
 
 class CorruptBlock(VramancerError):
@@ -32,6 +35,15 @@ class CorruptBlock(VramancerError):
     http_status = 409
 
 
+class CodecUnavailable(CorruptBlock):
+    """A stored block's codec needs a library this process cannot import (a block written with
+    a blosc2 codec, read where python-blosc2 is not installed). The bytes are intact: install
+    the package the message names and read again. Handled as a corrupt block otherwise (the
+    block stays where it is)."""
+
+    code = "codec_unavailable"
+
+
 class Codec(StrEnum):
     """A compression codec; the value is what :class:`Compressed` and frames store."""
 
@@ -44,11 +56,36 @@ class Codec(StrEnum):
     #: gzip (zlib with the gzip header and CRC): slow; kept for ratio on some data and for
     #: interoperability.
     GZIP = "gzip"
+    # blosc2 (optional, ``blosc2_codec.py``); names fit the block file's 8-byte codec field.
+    #: blosc2 chunk, zstd (clevel 1), its SIMD byte shuffle when the element size is known.
+    B2_ZSTD = "b2zstd"
+    #: blosc2 chunk, lz4 (clevel 5), its SIMD byte shuffle when the element size is known.
+    B2_LZ4 = "b2lz4"
+    #: blosc2 chunk, zstd (clevel 1) after its bit shuffle: faster, lower ratio on bf16.
+    B2_ZSTD_BITSHUFFLE = "b2zstdbs"
+
+    @property
+    def is_blosc2(self) -> bool:
+        """Whether this codec is one of blosc2's (its shuffle is inside its chunks)."""
+        return self in _BLOSC2
+
+    @property
+    def available(self) -> bool:
+        """Whether this process can compress with it (blosc2's need python-blosc2)."""
+        return not self.is_blosc2 or blosc2_codec.available()
+
+
+#: blosc2 codecs: (blosc2's compressor, bit shuffle).
+_BLOSC2: dict[Codec, tuple[str, bool]] = {
+    Codec.B2_ZSTD: ("zstd", False),
+    Codec.B2_LZ4: ("lz4", False),
+    Codec.B2_ZSTD_BITSHUFFLE: ("zstd", True),
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Compressed:
-    codec: str  # "none" | "zstd" | "lz4" | "gzip"
+    codec: str  # a Codec value: "none", "zstd", "lz4", "gzip", "b2zstd", ...
     payload: bytes
     raw_size: int
     #: Byte-plane shuffle applied before the codec, with this element size (1: none).
@@ -88,8 +125,29 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
     return decompressor
 
 
-def codec_compress(codec: Codec, data: Any, level: int, checksum: bool = False) -> bytes:
-    """Compress one piece (``data`` is any contiguous buffer) with ``codec`` at ``level``."""
+def codec_compress(
+    codec: Codec,
+    data: Any,
+    level: int,
+    checksum: bool = False,
+    *,
+    typesize: int = 1,
+    threads: int = 1,
+) -> bytes:
+    """Compress one piece (``data`` is any contiguous buffer) with ``codec`` at ``level``.
+
+    ``typesize`` and ``threads`` are for the blosc2 codecs (their shuffle's element size, their
+    own threads); ``ImportError`` if one is asked for without python-blosc2."""
+    if codec.is_blosc2:
+        compressor, bitshuffle = _BLOSC2[codec]
+        return blosc2_codec.compress(
+            data,
+            compressor=compressor,
+            level=level,
+            typesize=typesize,
+            bitshuffle=bitshuffle,
+            threads=threads,
+        )
     if codec is Codec.ZSTD:
         return bytes(zstd_compressor(level, checksum).compress(data))
     if codec is Codec.LZ4:
@@ -99,13 +157,18 @@ def codec_compress(codec: Codec, data: Any, level: int, checksum: bool = False) 
     return bytes(data)
 
 
-def codec_decompress(codec: Codec, payload: bytes | memoryview, raw_size: int) -> bytes:
+def codec_decompress(
+    codec: Codec, payload: bytes | memoryview, raw_size: int, *, threads: int = 1
+) -> bytes:
     """Decompress one piece that must expand to exactly ``raw_size`` bytes.
 
     Raises ``ValueError`` (or the codec's own error) when the data is damaged; the size is
     checked before any large allocation, so a damaged header cannot ask for gigabytes.
+    ``ImportError`` for a blosc2 codec without python-blosc2 (``threads``: blosc2's own).
     """
-    if codec is Codec.NONE:
+    if codec.is_blosc2:
+        out: bytes | memoryview = blosc2_codec.decompress(payload, raw_size, threads=threads)
+    elif codec is Codec.NONE:
         out = payload
     elif codec is Codec.ZSTD:
         declared = zstandard.frame_content_size(payload)
@@ -136,9 +199,19 @@ CODEC_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def decode_piece(codec: Codec, payload: bytes | memoryview, raw_size: int, what: str) -> bytes:
-    """:func:`codec_decompress`, any decoding error as :class:`CorruptBlock` naming ``what``."""
+def decode_piece(
+    codec: Codec, payload: bytes | memoryview, raw_size: int, what: str, *, threads: int = 1
+) -> bytes:
+    """:func:`codec_decompress`, any decoding error as :class:`CorruptBlock` naming ``what``
+    (:class:`CodecUnavailable` naming the package when the codec's library is missing)."""
     try:
-        return codec_decompress(codec, payload, raw_size)
+        return codec_decompress(codec, payload, raw_size, threads=threads)
+    except ImportError:
+        raise CodecUnavailable(
+            f"{what}: stored with the {codec.value} codec, which needs the python package "
+            f"{blosc2_codec.PACKAGE!r}; it cannot be imported here ({blosc2_codec.INSTALL})",
+            codec=codec.value,
+            package=blosc2_codec.PACKAGE,
+        ) from None
     except CODEC_ERRORS as exc:
         raise CorruptBlock(f"{what}: {codec.value} data cannot be decoded ({exc})") from None

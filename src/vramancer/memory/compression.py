@@ -40,7 +40,8 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vramancer.errors import InvalidInput
+from vramancer.errors import ConfigError, InvalidInput
+from vramancer.memory import blosc2_codec
 from vramancer.memory.byteplanes import (
     DTYPE_ITEMSIZES,
     MAX_SHUFFLE_ITEMSIZE,
@@ -59,6 +60,7 @@ from vramancer.memory.chunks import (
 )
 from vramancer.memory.codec import (
     Codec,
+    CodecUnavailable,
     Compressed,
     CorruptBlock,
     codec_compress,
@@ -90,9 +92,18 @@ class CompressionSettings(BaseModel):
 
     #: Off: every block is stored raw, on every tier.
     enabled: bool = True
-    #: Codecs tried, in this order (the order breaks ties).
+    #: Codecs tried, in this order (the order breaks ties); blosc2's (``b2…``) only where
+    #: python-blosc2 can be imported.
     codecs: list[Codec] = Field(
-        default_factory=lambda: [Codec.ZSTD, Codec.LZ4, Codec.GZIP], min_length=1
+        default_factory=lambda: [
+            Codec.ZSTD,
+            Codec.LZ4,
+            Codec.GZIP,
+            Codec.B2_ZSTD,
+            Codec.B2_LZ4,
+            Codec.B2_ZSTD_BITSHUFFLE,
+        ],
+        min_length=1,
     )
     #: Byte-plane shuffle when the element size is known (itemsize 2, 4 or 8).
     shuffle: bool = True
@@ -124,6 +135,10 @@ class CompressionSettings(BaseModel):
     checksum: bool = False
     #: A remembered choice is re-tried on a sample after this many uses.
     reevaluate_every: int = Field(default=64, ge=1)
+    #: Decompressions expected per stored block: the ranking counts a candidate's CPU time to
+    #: compress the sample plus this many times its time to decompress it (a block moved down
+    #: is read back about once). 0: compression alone (the sample is not decoded).
+    expected_reads: float = Field(default=1.0, ge=0.0, le=1000.0)
 
 
 class CompressionManager(Protocol):
@@ -215,6 +230,14 @@ class AdaptiveCompression:
         self._decisions: dict[_DecisionKey, Decision] = {}
         self._totals: dict[str, _Totals] = {}
         self._pool: ThreadPoolExecutor | None = None
+        listed = [c for c in self.settings.codecs if c is not Codec.NONE]
+        if listed and not any(c.available for c in listed):
+            raise ConfigError(
+                "memory.compression.codecs: "
+                + ", ".join(c.value for c in listed)
+                + f" need the python package {blosc2_codec.PACKAGE!r}, which cannot be imported"
+                f" ({blosc2_codec.INSTALL}); list zstd, lz4 or gzip too"
+            )
 
     # -- public API ----------------------------------------------------------------------
 
@@ -246,8 +269,10 @@ class AdaptiveCompression:
     def decompress(self, block: Compressed, *, what: str = "block") -> bytes:
         """The raw bytes of ``block``; :class:`CorruptBlock` naming ``what`` if damaged."""
         if self.threads > 1 and block.raw_size > self.chunk_size:
-            return decompress_block(block, what=what, map_fn=self._pool_map)
-        return decompress_block(block, what=what)
+            return decompress_block(
+                block, what=what, map_fn=self._pool_map, threads=self.threads
+            )
+        return decompress_block(block, what=what, threads=self.threads)
 
     def evaluate(
         self,
@@ -316,7 +341,7 @@ class AdaptiveCompression:
         if candidate is None:
             return Compressed(Codec.NONE.value, _raw_bytes(view), raw_size)
         if whole is not None:
-            block = Compressed(candidate.codec.value, whole, raw_size, candidate.itemsize)
+            block = Compressed(candidate.codec.value, whole, raw_size, _stored_itemsize(candidate))
         else:
             block = self.encode_with(view, candidate)
         too_small = mode is Target.FAST and block.ratio < self.settings.min_ratio
@@ -347,14 +372,17 @@ class AdaptiveCompression:
         sample, is_whole = self._sample(view, size)
         outputs: dict[Candidate, list[bytes]] = {}
         trials: list[Trial] = []
+        reads = self.settings.expected_reads
         for candidate in candidates(self.settings, mode, size):
             if candidate.codec is Codec.ZSTD:  # this thread's context: made before the clock
                 zstd_compressor(candidate.level, self._checksum)
             started = self._cpu_timer()
-            frames = self._compress_piece(sample, candidate)
+            frames = self._compress_piece(sample, candidate, threads=1)
             elapsed = self._cpu_timer() - started
             outputs[candidate] = frames
-            trials.append(Trial(candidate, len(sample), sum(map(len, frames)), elapsed))
+            decode_s = self._decode_time(sample, candidate, frames) if reads else 0.0
+            stored = sum(map(len, frames))
+            trials.append(Trial(candidate, len(sample), stored, elapsed, decode_s, reads))
         best = choose(trials, mode, self.settings, self.threads)
         chosen = best.candidate if best is not None else None
         whole = None
@@ -376,8 +404,31 @@ class AdaptiveCompression:
         offsets = [last * i // (SAMPLE_SLICES - 1) // size * size for i in range(SAMPLE_SLICES)]
         return memoryview(b"".join(view[o : o + step] for o in offsets)), False
 
-    def _compress_piece(self, piece: memoryview, candidate: Candidate) -> list[bytes]:
-        """One codec frame, or one per byte plane when shuffled."""
+    def _decode_time(self, sample: memoryview, candidate: Candidate, frames: list[bytes]) -> float:
+        """CPU-seconds to decode ``frames`` (the sample compressed with ``candidate``) on one
+        thread, as a read of the block would (the payload is assembled before the clock)."""
+        raw = len(sample)
+        payload = frames[0] if len(frames) == 1 else pack_chunks(raw, frames)
+        block = Compressed(candidate.codec.value, payload, raw, _stored_itemsize(candidate))
+        started = self._cpu_timer()
+        decompress_block(block, what="sample")
+        return self._cpu_timer() - started
+
+    def _compress_piece(
+        self, piece: memoryview, candidate: Candidate, *, threads: int = 1
+    ) -> list[bytes]:
+        """One codec frame, or one per byte plane when shuffled (blosc2: one chunk, its own
+        shuffle inside, on ``threads`` of its own)."""
+        if candidate.codec.is_blosc2:
+            return [
+                codec_compress(
+                    candidate.codec,
+                    piece,
+                    candidate.level,
+                    typesize=candidate.itemsize,
+                    threads=threads,
+                )
+            ]
         if candidate.itemsize == 1:
             return [codec_compress(candidate.codec, piece, candidate.level, self._checksum)]
         planes = shuffle(piece, candidate.itemsize)
@@ -409,6 +460,8 @@ class AdaptiveCompression:
             raise InvalidInput(f"itemsize: the shuffle takes 1 to {MAX_SHUFFLE_ITEMSIZE} bytes")
         if candidate.codec is Codec.NONE or raw_size == 0:
             return Compressed(Codec.NONE.value, _raw_bytes(view), raw_size)
+        if candidate.codec.is_blosc2:
+            return self._encode_blosc2(view, candidate)
         if self.threads == 1 and candidate.itemsize == 1:  # no parallelism: one frame, no join
             return Compressed(
                 candidate.codec.value, self._compress_piece(view, candidate)[0], raw_size
@@ -423,6 +476,17 @@ class AdaptiveCompression:
             candidate.codec.value, self._payload(frames), raw_size, candidate.itemsize
         )
 
+    def _encode_blosc2(self, view: memoryview, candidate: Candidate) -> Compressed:
+        """Chunks one after another (blosc2 holds the GIL), each on blosc2's own threads."""
+        frames = [
+            frame
+            for offset in range(0, len(view), self.chunk_size)
+            for frame in self._compress_piece(
+                view[offset : offset + self.chunk_size], candidate, threads=self.threads
+            )
+        ]
+        return Compressed(candidate.codec.value, self._payload(frames), len(view))
+
     def _pool_map(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
         with self._lock:
             if self._pool is None:
@@ -431,6 +495,11 @@ class AdaptiveCompression:
                 )
             pool = self._pool
         return list(pool.map(fn, items))
+
+
+def _stored_itemsize(candidate: Candidate) -> int:
+    """The element size a block records: blosc2 chunks carry their own (1 here)."""
+    return 1 if candidate.codec.is_blosc2 else candidate.itemsize
 
 
 def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
@@ -450,6 +519,7 @@ __all__ = [
     "ChunkSpan",
     "Codec",
     "CodecStats",
+    "CodecUnavailable",
     "Compressed",
     "CompressionManager",
     "CompressionSettings",
