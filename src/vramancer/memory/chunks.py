@@ -113,9 +113,7 @@ def decompress_block(
         codec = Codec(block.codec)
     except ValueError:
         raise CorruptBlock(f"{what}: unknown codec {block.codec!r}") from None
-    if not 1 <= block.itemsize <= MAX_SHUFFLE_ITEMSIZE or (
-        codec.is_blosc2 and block.itemsize != 1
-    ):
+    if not 1 <= block.itemsize <= MAX_SHUFFLE_ITEMSIZE or (codec.is_blosc2 and block.itemsize != 1):
         raise CorruptBlock(f"{what}: invalid element size {block.itemsize}")
     if codec is Codec.NONE:
         return decode_piece(codec, block.payload, block.raw_size, what)

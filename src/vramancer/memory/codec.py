@@ -3,8 +3,9 @@ and back, with its size checked.
 
 Also the stored form of a block (:class:`Compressed`) and the error for damaged stored data
 (:class:`CorruptBlock`, and :class:`CodecUnavailable` for a block whose codec's library is
-missing). The blosc2 codecs are ``blosc2_codec.py``'s, the only module importing blosc2. Chunking and the byte-plane shuffle are ``chunks.py``'s and
-``byteplanes.py``'s; which codec a block gets is ``codec_choice.py``'s.
+missing). The blosc2 codecs are ``blosc2_codec.py``'s, the only module importing blosc2.
+Chunking and the byte-plane shuffle are ``chunks.py``'s and ``byteplanes.py``'s; which codec a
+block gets is ``codec_choice.py``'s.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ For the fast tier (``Target.FAST``, L5) the block is stored raw unless some code
 ``min_ratio`` at ``min_bytes_per_s``; among those that do, the one that saves most bytes per
 CPU-second wins (the CPU-seconds of compressing the block and of the ``expected_reads``
 decompressions: blosc2 decodes shuffled 16-bit blocks faster than ours, and a block moved down
-is read back on the critical path). For the archive (``Target.ARCHIVE``, L6, or ``force=True``) the best ratio wins,
-always.
+is read back on the critical path). For the archive (``Target.ARCHIVE``, L6, or
+``force=True``) the best ratio wins, always (ratios within ``archive_ratio_slack`` count as
+equal, and the same score decides among them).
 """
 
 from __future__ import annotations

@@ -269,9 +269,7 @@ class AdaptiveCompression:
     def decompress(self, block: Compressed, *, what: str = "block") -> bytes:
         """The raw bytes of ``block``; :class:`CorruptBlock` naming ``what`` if damaged."""
         if self.threads > 1 and block.raw_size > self.chunk_size:
-            return decompress_block(
-                block, what=what, map_fn=self._pool_map, threads=self.threads
-            )
+            return decompress_block(block, what=what, map_fn=self._pool_map, threads=self.threads)
         return decompress_block(block, what=what, threads=self.threads)
 
     def evaluate(
@@ -337,7 +335,8 @@ class AdaptiveCompression:
         if remembered_none and mode is Target.ARCHIVE:
             # the archive always compresses: a remembered "nothing shrinks" is not trusted, the
             # block is tried with the first candidate
-            candidate = candidates(self.settings, mode, shuffle_size)[0]
+            listed = candidates(self.settings, mode, shuffle_size)
+            candidate = listed[0] if listed else None
         if candidate is None:
             return Compressed(Codec.NONE.value, _raw_bytes(view), raw_size)
         if whole is not None:
