@@ -35,6 +35,29 @@ def test_blosc2_compare_reports_both_sides_on_every_block() -> None:
         assert all(r["c_mb_cpu_s"] > 0 and r["d_mb_cpu_s"] > 0 for r in options.values())
 
 
+def test_blosc2_compare_store_legs_move_every_block_with_each_family() -> None:
+    command = ["bench.memory.blosc2_compare", "--store", "--runs", "1", "--block-mib", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", *command, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    legs = json.loads(done.stdout)["legs"]
+    seen = {(r["block"], r["option"], r["leg"]) for r in legs}
+    assert len(seen) == len(legs) == 4 * 3 * 4  # blocks × (ours, blosc2, both) × legs
+    for row in legs:
+        assert row["mb_s"] > 0
+        if row["option"] == "ours":
+            assert row["codec"] in {"none", "zstd", "lz4", "gzip"}
+        if row["option"] == "blosc2":
+            assert row["codec"] == "none" or row["codec"].startswith("b2")
+        if row["leg"].endswith("L6") and row["block"] != "minilm-int8":
+            assert row["codec"] != "none" and row["ratio"] > 1.1  # the archive compresses
+
+
 def test_blosc2_compare_refuses_bad_arguments() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench.memory.blosc2_compare", "--runs", "0"],

@@ -148,7 +148,8 @@ async def get_block(block_id: str, rt: RuntimeDep) -> Response:
     is where the block is after this read, which may have promoted it).
 
     Errors: 404 for an unknown block; 409 ``corrupt_block`` when its stored copy fails its
-    checksum or cannot be decoded (that block only: replace or delete it)."""
+    checksum or cannot be decoded (that block only: replace or delete it); 409
+    ``codec_unavailable`` when its codec's package (python-blosc2) is not installed here."""
     check_block_id(block_id)
     raw, info = await asyncio.to_thread(rt.memory.read_bytes, block_id)
     headers = {
