@@ -132,6 +132,16 @@ def test_only_the_nvidia_module_imports_pynvml() -> None:
     assert users == {"devices/nvidia.py"}
 
 
+def test_only_the_blosc2_codec_module_imports_blosc2() -> None:
+    users = {
+        str(path.relative_to(SRC))
+        for path in _sources()
+        for _, module in _runtime_imports(ast.parse(path.read_text()))
+        if module.split(".")[0] == "blosc2"
+    }
+    assert users == {"memory/blosc2_codec.py"}
+
+
 def test_the_checker_sees_a_forbidden_import() -> None:
     """The walker itself: a guarded import is skipped, a real one is found."""
     tree = ast.parse(

@@ -49,6 +49,7 @@ NOT_CORE = {
     "redis",
     "types-psutil",
     "mcp",
+    "blosc2",
 }
 #: The extra each optional feature is installed with.
 EXTRAS = {
@@ -57,6 +58,7 @@ EXTRAS = {
     "nats": {"nats-py"},
     "otel": {"opentelemetry-sdk"},
     "mcp": {"mcp"},
+    "blosc2": {"blosc2"},
 }
 #: Modules of the extras: ``vramancer serve`` must start without any of them. (FastAPI itself
 #: depends on opentelemetry-api; the SDK and the exporter are what ``[otel]`` adds.)
@@ -69,6 +71,7 @@ OPTIONAL_MODULES = (
     "opentelemetry.sdk",
     "opentelemetry.exporter",
     "mcp",
+    "blosc2",
 )
 _NAME = re.compile(r"^[A-Za-z0-9._-]+")
 _EXTRA_REF = re.compile(r"vramancer\[([A-Za-z0-9_,\s-]+)\]")

@@ -16,8 +16,6 @@ compressed one after another, each on blosc2's own ``threads``.
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import Any
 
 #: The package that provides the blosc2 codecs (and that an error asks to install).
@@ -28,9 +26,12 @@ INSTALL = "pip install 'vramancer[blosc2]'"
 MIN_CHUNK = 16
 
 
-def library() -> ModuleType:
-    """The ``blosc2`` module; ``ImportError`` when it is not installed."""
-    return importlib.import_module(PACKAGE)
+def library() -> Any:
+    """The ``blosc2`` module (untyped); ``ImportError`` when it is not installed. Imported on
+    first use (the first sample or blosc2 block), not with the store."""
+    import blosc2
+
+    return blosc2
 
 
 def available() -> bool:
