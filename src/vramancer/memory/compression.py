@@ -133,7 +133,7 @@ class CompressionSettings(BaseModel):
     threads: int = Field(default=0, ge=0, le=64)
     #: Write a content checksum in every zstd / lz4 frame, so that ``decompress`` alone catches
     #: damage (gzip always has one). Off by default: the store's block files already checksum
-    #: the payload (xxh3), and it costs 10–15 % of zstd's speed.
+    #: the payload (xxh3), and it costs 10–15 % of zstd's speed. blosc2 chunks have none.
     checksum: bool = False
     #: A remembered choice is re-tried on a sample after this many uses.
     reevaluate_every: int = Field(default=64, ge=1)

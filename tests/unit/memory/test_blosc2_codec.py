@@ -211,3 +211,15 @@ def test_sampling_measures_decode_time_when_reads_are_expected() -> None:
     assert reading.trials and all(t.decode_cpu_s > 0 and t.reads == 1.0 for t in reading.trials)
     writing = manager(Codec.ZSTD, Codec.B2_ZSTD, expected_reads=0).evaluate(data, "dtype=bf16")
     assert all(t.decode_cpu_s == 0 for t in writing.trials)
+
+
+@pytest.mark.parametrize("codec", BLOSC2)
+@pytest.mark.parametrize("itemsize", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("size", [1, 13, CHUNK, 2 * CHUNK + 5])
+def test_encode_with_round_trips_any_size_and_element_size(
+    codec: Codec, itemsize: int, size: int
+) -> None:
+    data = bf16_array(size // 2 + 1).tobytes()[:size]
+    block = manager(codec, threads=2).encode_with(data, Candidate(codec, 1, itemsize))
+    assert block.codec == codec.value and block.raw_size == size and block.itemsize == 1
+    assert manager(Codec.ZSTD).decompress(block) == data
