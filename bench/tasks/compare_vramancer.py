@@ -109,7 +109,8 @@ class EmbeddedRunner:
         self.durability = _describe_durability(self.tasks_settings.synchronous)
         self.concurrency = (
             f"{self.tasks_settings.host_slots} host slots (a process per cmd/python task; "
-            "python forks from the warm runner, which preloaded the function's module); noop: the in-process maintenance runner, "
+            "python forks from the warm runner, which preloaded the function's module); "
+            "noop: the in-process maintenance runner, "
             f"leased batches of up to {self.tasks_settings.maintenance_batch}"
         )
         self._runs = itertools.count()

@@ -31,7 +31,7 @@ from vramancer.errors import InvalidInput
 from vramancer.tasks.admission import dumps
 from vramancer.tasks.blocks import ENV_BLOCKS_DIR, blocks_dir
 from vramancer.tasks.logs import log_paths
-from vramancer.tasks.model import TaskRecord, TaskSpec, TaskType
+from vramancer.tasks.model import TaskRecord, TaskSpec, TaskType, warm_python_argv
 from vramancer.tasks.runner import RunRequest
 from vramancer.tasks.settings import TasksSettings
 
@@ -93,6 +93,7 @@ def run_request(
         python=(spec.python, dumps(spec.payload or {}))
         if spec.type is TaskType.PYTHON and spec.python
         else None,
+        warm_argv=warm_python_argv(spec.cmd) if spec.warm else None,
         scratch=scratch,
     )
 

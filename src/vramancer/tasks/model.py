@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any
@@ -183,6 +184,22 @@ READY_STATES = (TaskState.QUEUED, TaskState.WAITING_GPU)
 LEASED_STATES = (TaskState.SCHEDULED, TaskState.RUNNING)
 
 
+#: The program names a warm ``cmd`` task may start (they mean the daemon's Python).
+WARM_PROGRAMS = frozenset({"python", "python3"})
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def warm_python_argv(cmd: Sequence[str] | None) -> list[str] | None:
+    """The interpreter's arguments of ``cmd`` when it runs a Python script or module the way a
+    warm runner can (``python SCRIPT ...``, ``python -m MODULE ...``), else None."""
+    if not cmd or len(cmd) < 2 or cmd[0] not in WARM_PROGRAMS:
+        return None
+    args = list(cmd[1:])
+    if args[0] == "-m":
+        return args if len(args) >= 2 and _MODULE_NAME.match(args[1]) else None
+    return None if args[0].startswith("-") else args
+
+
 class TaskSpec(BaseModel):
     """A task as submitted (the task body). Immutable once accepted."""
 
@@ -233,6 +250,11 @@ class TaskSpec(BaseModel):
     #: docs/release.md) instead of ``cwd``: resolved when the task starts, so a release
     #: accepted later never changes the code under a running task.
     release: str | None = Field(default=None, max_length=64, pattern=RELEASE_PATTERN)
+    #: A ``cmd`` task that runs a Python script or module (``["python", SCRIPT, ARG ...]`` or
+    #: ``["python", "-m", MODULE, ARG ...]``) forks from the warm runner instead of starting an
+    #: interpreter: it runs in the daemon's Python (the runner's, with ``[tasks] warm_preload``
+    #: imported), not a ``python`` found on its ``PATH``. Cold when the runner is off.
+    warm: bool | None = Field(default=None, strict=True)
 
     @field_validator("cmd")
     @classmethod
@@ -280,6 +302,11 @@ class TaskSpec(BaseModel):
                 raise ValueError(f"'{name}' is only for {kind.value} tasks (type is {self.type})")
         if self.cwd is not None and self.release is not None:
             raise ValueError("give cwd or release, not both (a release is its own directory)")
+        if self.warm and warm_python_argv(self.cmd) is None:
+            raise ValueError(
+                "warm: only a cmd task running a Python script or module starts warm "
+                '(cmd ["python", SCRIPT, ...] or ["python", "-m", MODULE, ...])'
+            )
         if self.type.maintenance:
             extra = [
                 n

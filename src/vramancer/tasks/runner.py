@@ -89,6 +89,9 @@ class RunRequest:
     stderr_path: Path
     #: ``(module:function, payload JSON)`` of a ``python`` task: what a warm runner needs.
     python: tuple[str, str] | None = None
+    #: A warm ``cmd`` task's interpreter arguments (``SCRIPT ...`` or ``-m MODULE ...``): the
+    #: warm runner runs them; ``argv`` is the same command started cold.
+    warm_argv: list[str] | None = None
     #: The attempt's scratch directory, created (private) on the spawner thread right before
     #: the start, in the same hop.
     scratch: Path | None = None
@@ -526,7 +529,7 @@ class ProcessRun:
         """Start the process; raises ``OSError`` when it cannot (missing program, bad cwd)."""
         req = self.request
         self._t0 = time.monotonic()
-        if self.warm is not None and req.python is not None:
+        if self.warm is not None and (req.python is not None or req.warm_argv is not None):
             await in_spawner(make_scratch, req)
             try:
                 self._proc = await self.warm.spawn(req)

@@ -139,8 +139,8 @@ class WarmRunner:
         return proc
 
     async def spawn(self, request: RunRequest) -> WarmProcess:
-        """Fork ``request`` (a ``python`` task) from the runner."""
-        if request.python is None:
+        """Fork ``request`` (a ``python`` task, or a warm ``cmd`` task) from the runner."""
+        if request.python is None and request.warm_argv is None:
             raise WarmUnavailable("not a python task")
         if not request.cwd.is_dir():  # what exec would say for a missing working directory
             raise FileNotFoundError(2, "No such file or directory", str(request.cwd))
@@ -165,11 +165,12 @@ class WarmRunner:
     async def _send(
         self, request: RunRequest, fds: list[int]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        assert request.python is not None
-        target, payload = request.python
-        line = json.dumps(
-            {"target": target, "payload": payload, "cwd": str(request.cwd), "env": request.env}
-        ).encode()
+        body: dict[str, Any] = {"cwd": str(request.cwd), "env": request.env}
+        if request.python is not None:
+            body["target"], body["payload"] = request.python
+        else:
+            body["argv"] = request.warm_argv
+        line = json.dumps(body).encode()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(5.0)

@@ -11,9 +11,11 @@ never does), ``sys.path`` as ``python -m`` would give it (the working directory,
 ``PYTHONPATH``, then the runner's own) — and runs ``vramancer.tasks.pyrun``'s ``main``. The
 task starts in a millisecond or two instead of paying an interpreter start and its imports.
 
-Protocol, per connection: the daemon sends one JSON line ``{"target", "payload", "cwd", "env"}``
-with the two descriptors; the runner answers ``{"pid": N}`` once the child exists (or
-``{"error": "..."}``), then ``{"exit": CODE}`` when it ends (``-SIGNAL`` when a signal killed it).
+Protocol, per connection: the daemon sends one JSON line with the two descriptors:
+``{"target", "payload", "cwd", "env"}`` (a ``python`` task) or ``{"argv", "cwd", "env"}`` (a warm
+``cmd`` task: ``SCRIPT ARG ...`` or ``-m MODULE ARG ...``, run as ``python`` would); the runner
+answers ``{"pid": N}`` once the child exists (or ``{"error": "..."}``), then ``{"exit": CODE}``
+when it ends (``-SIGNAL`` when a signal killed it).
 The runner is one thread (it forks: no other thread may hold a lock at that moment); it notices
 children ending through ``SIGCHLD`` on a self-pipe. It exits when the daemon closes its end of
 the control pipe (standard input) or dies.
@@ -85,13 +87,52 @@ def _child(request: dict[str, Any], out_fd: int, err_fd: int, base_path: list[st
     os.environ.update(env)
     os.chdir(request["cwd"])
     sys.path[:] = _task_sys_path(request["cwd"], env, base_path)
-    sys.argv = ["vramancer.tasks.pyrun", request["target"], request["payload"]]
-    from vramancer.tasks import pyrun
+    if "argv" in request:
+        code = _run_python_argv([str(a) for a in request["argv"]])
+    else:
+        sys.argv = ["vramancer.tasks.pyrun", request["target"], request["payload"]]
+        from vramancer.tasks import pyrun
 
-    code = pyrun.main([request["target"], request["payload"]])
+        code = pyrun.main([request["target"], request["payload"]])
     sys.stdout.flush()
     sys.stderr.flush()
     return code
+
+
+def _run_python_argv(argv: list[str]) -> int:
+    """Run ``SCRIPT ARG ...`` or ``-m MODULE ARG ...`` as ``python`` would (``__main__``,
+    ``sys.argv``, the script's directory first on ``sys.path``); the exit code."""
+    import runpy
+    import traceback
+
+    try:
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            script = argv[0]
+            if not os.path.exists(script):
+                print(f"python: can't open file {script!r}: No such file", file=sys.stderr)
+                return 2
+            sys.argv = list(argv)
+            sys.path[0] = os.path.dirname(os.path.abspath(script))
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        return _exit_code(exc.code)
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _exit_code(code: object) -> int:
+    """The status ``sys.exit(code)`` ends a ``python`` process with."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
 
 
 class Zygote:
@@ -157,9 +198,13 @@ class Zygote:
                 os.close(fd)
             raise ValueError("expected two descriptors (stdout, stderr)")
         request = json.loads(data)
-        for key in ("target", "payload", "cwd", "env"):
+        argv = request.get("argv")
+        needed = ("cwd", "env") if argv is not None else ("target", "payload", "cwd", "env")
+        for key in needed:
             if key not in request:
                 raise ValueError(f"missing {key!r}")
+        if argv is not None and (not isinstance(argv, list) or not argv):
+            raise ValueError("argv must be a non-empty list")
         return request, list(fds)
 
     @staticmethod
