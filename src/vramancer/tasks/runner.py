@@ -520,7 +520,9 @@ class ProcessRun:
         #: The main process ended (it may be reaped: its pid says nothing any more).
         self.exited = False
         self._proc: SpawnedProcess | WarmProcess | None = None
-        self._cancel = asyncio.Event()
+        self._cancelled = False
+        #: Wakes :meth:`wait` when the task is cancelled (set while it waits).
+        self._on_cancel: Callable[[], None] | None = None
         self._t0 = 0.0
         self._out = _Capture(request.stdout_path, request.max_output_bytes, request.tail_bytes)
         self._err = _Capture(request.stderr_path, request.max_output_bytes, request.tail_bytes)
@@ -552,7 +554,9 @@ class ProcessRun:
         return self._started_at
 
     def cancel(self) -> None:
-        self._cancel.set()
+        self._cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     async def wait(self) -> RunResult:
         proc = self._proc
@@ -569,19 +573,11 @@ class ProcessRun:
             ]
         timed_out = cancelled = False
         exited = asyncio.ensure_future(proc.wait())
-        cancel_wait = asyncio.ensure_future(self._cancel.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {exited, cancel_wait},
-                timeout=self.request.timeout_s,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if exited not in done:
-                cancelled = cancel_wait in done
-                timed_out = not cancelled
-                await self._terminate(exited)
-        finally:
-            cancel_wait.cancel()
+        await self._exit_cancel_or_timeout(exited)
+        if not exited.done():
+            cancelled = self._cancelled
+            timed_out = not cancelled
+            await self._terminate(exited)
         # The main process is gone: whatever is left of its group goes too.
         self.exited = True
         kill_group(proc.pid)
@@ -602,6 +598,28 @@ class ProcessRun:
                 else ("cancelled" if cancelled else None)
             ),
         )
+
+    async def _exit_cancel_or_timeout(self, exited: asyncio.Future[int]) -> None:
+        """Until the process exits, the task is cancelled or its timeout passes (one future
+        and a timer: no task per wait)."""
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def wake(*_: object) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        exited.add_done_callback(wake)
+        timer = loop.call_later(self.request.timeout_s, wake)
+        self._on_cancel = wake
+        try:
+            if self._cancelled:
+                wake()
+            await woken
+        finally:
+            self._on_cancel = None
+            timer.cancel()
+            exited.remove_done_callback(wake)
 
     async def _terminate(self, exited: asyncio.Future[int]) -> None:
         assert self._proc is not None

@@ -114,6 +114,10 @@ PURGE_BATCH = 2000
 PURGE_INTERVAL_S = 3600.0
 #: Overdue tasks (aging) offered first per dispatch round, at most.
 OVERDUE_MAX = 8
+#: A round reads ``FIRST_PAGE + 2 × free slots`` ready tasks first (more when some did not
+#: fit): most rounds fill one freed slot with the first task, and every row read is a record
+#: built.
+FIRST_PAGE = 2
 #: A history cursor is a ``seq`` (a positive SQLite integer).
 _CURSOR = re.compile(r"[0-9]{1,18}")
 
@@ -657,7 +661,7 @@ class TaskService:
     async def _offer_ready(self, plan: RoundPlan, now: float) -> None:
         """Offer the plan the overdue tasks first, then the ready ones in dispatch order."""
         scan = self.settings.dispatch_scan
-        page = min(scan, 8 + 2 * plan.free_slots)
+        page = min(scan, FIRST_PAGE + 2 * plan.free_slots)
         # Read only about what the free slots can take; read on when tasks did not fit. With
         # no free slot, one page only: those tasks get their waiting reason.
         saturated = plan.free_slots == 0
@@ -681,7 +685,7 @@ class TaskService:
                     plan.offer(record)
             if plan.free_slots == 0 or len(candidates) < page or seen >= scan:
                 break
-            page = min(scan - seen, 8 + 2 * plan.free_slots)
+            page = min(scan - seen, FIRST_PAGE + 2 * plan.free_slots)
             candidates = await self.queue.ready(maintenance=False, limit=page, offset=seen)
 
     async def _hand_over(self, plan: RoundPlan, now: float) -> int:
