@@ -23,11 +23,13 @@ That signal follows the *thread* that started the process: the spawner thread be
 long as the daemon.
 
 Processes are started from one thread of their own (``in_spawner``), not from the event loop:
-forking (even ``vfork``) and the scratch directory's creation and removal block their caller
-for a millisecond or more per task, which the event loop then spends on nothing else. That thread
-lives as long as the daemon (an idle worker of a one-thread pool waits for work, it never
-exits). Its end is noticed through a ``pidfd`` on the event
-loop (Linux 5.3 and later), else by a thread that waits for it.
+forking (even ``vfork``, which waits for the child's ``exec``) and the scratch directory's
+creation block their caller for up to a millisecond or more per task, which the event loop then
+spends on nothing else. That thread lives as long as the daemon (an idle worker of a one-thread
+pool waits for work, it never exits). A process's end is noticed through a ``pidfd`` on the
+event loop (Linux 5.3 and later), else by a thread that waits for it. Its start time (what tells
+it from a later process with the same pid) is read when its ``running`` mark is written, not
+right after the start, when reading ``/proc`` would wait for the ``exec``.
 """
 
 from __future__ import annotations
