@@ -118,6 +118,8 @@ OVERDUE_MAX = 8
 #: fit): most rounds fill one freed slot with the first task, and every row read is a record
 #: built.
 FIRST_PAGE = 2
+#: With every slot taken, the first this many ready tasks are offered, so they wait saying why.
+SATURATED_PAGE = 8
 #: A history cursor is a ``seq`` (a positive SQLite integer).
 _CURSOR = re.compile(r"[0-9]{1,18}")
 
@@ -661,10 +663,10 @@ class TaskService:
     async def _offer_ready(self, plan: RoundPlan, now: float) -> None:
         """Offer the plan the overdue tasks first, then the ready ones in dispatch order."""
         scan = self.settings.dispatch_scan
-        page = min(scan, FIRST_PAGE + 2 * plan.free_slots)
         # Read only about what the free slots can take; read on when tasks did not fit. With
         # no free slot, one page only: those tasks get their waiting reason.
         saturated = plan.free_slots == 0
+        page = min(scan, SATURATED_PAGE if saturated else FIRST_PAGE + 2 * plan.free_slots)
         starvation = self.settings.starvation_s
         candidates, overdue = await self.queue.dispatch_view(
             limit=page,
