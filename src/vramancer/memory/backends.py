@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from vramancer.errors import InvalidInput
-from vramancer.files import private_dir
+from vramancer.files import fsync_dir, private_dir
 from vramancer.memory.blockfile import BlockFile, read_block_file, write_block_file
 from vramancer.memory.compression import (
     Compressed,
@@ -196,11 +196,14 @@ class TierBackend(Protocol):
         hint: str | None,
         record: Mapping[str, Any] | None = None,
         durable: bool = False,
+        sync_dir: bool = True,
     ) -> Any:
         """Store a copy of ``value`` (``owned``: the caller gives it away, no copy needed).
 
         ``record``: what a block file says about its block (file tiers); ``durable``: return
-        only once the copy survives a crash (file tiers: file and directory fsynced)."""
+        only once the copy survives a crash (file tiers: file and directory fsynced).
+        ``sync_dir=False`` (file tiers): leave the directory fsync to the caller, who makes
+        the names of a batch of files durable at once (``FileBackend.sync_names``)."""
         ...
 
     def read(self, handle: Any, layout: Layout, block_id: str) -> Any:
@@ -229,6 +232,7 @@ class HostBackend:
         hint: str | None,
         record: Mapping[str, Any] | None = None,
         durable: bool = False,
+        sync_dir: bool = True,
     ) -> Any:
         if layout.kind is DataKind.BYTES:
             return value if isinstance(value, bytes) else bytes(value)
@@ -310,6 +314,7 @@ class FileBackend:
         hint: str | None,
         record: Mapping[str, Any] | None = None,
         durable: bool = False,
+        sync_dir: bool = True,
     ) -> FileHandle:
         raw = raw_view(layout, value)
         payload: bytes | memoryview = raw
@@ -335,8 +340,16 @@ class FileBackend:
                 atomic=self.atomic,
                 record=record,
                 sync_dir=True,
+                defer_dir_sync=not sync_dir,
             )
         return FileHandle(path, codec, size)
+
+    def sync_names(self, *, durable: bool = False) -> None:
+        """fsync this tier's directory (with ``fsync`` on, or ``durable``): the names of the
+        files written with ``sync_dir=False`` are durable once it returns."""
+        if self.fsync or durable:
+            with full_disk_as(f"the directory {self.directory}"):
+                fsync_dir(self.directory)
 
     def read(self, handle: FileHandle, layout: Layout, block_id: str) -> Any:
         what = f"block {block_id!r}"
@@ -408,6 +421,7 @@ class CudaBackend:
         hint: str | None,
         record: Mapping[str, Any] | None = None,
         durable: bool = False,
+        sync_dir: bool = True,
     ) -> Any:
         torch = self.torch
         index = min(self.devices, key=lambda d: self._used[d])
@@ -450,6 +464,7 @@ class PinnedBackend:
         hint: str | None,
         record: Mapping[str, Any] | None = None,
         durable: bool = False,
+        sync_dir: bool = True,
     ) -> Any:
         torch = self.torch
         src = _as_u8_tensor(layout, value)

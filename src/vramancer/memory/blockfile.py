@@ -131,6 +131,7 @@ def write_block_file(
     atomic: bool = False,
     record: Mapping[str, Any] | None = None,
     sync_dir: bool = False,
+    defer_dir_sync: bool = False,
 ) -> int:
     """Write a block file at ``path`` (which must not exist); returns its size in bytes.
 
@@ -138,6 +139,8 @@ def write_block_file(
     directory — a reader (or a restart) sees the whole old file or the whole new one.
     ``record``: what the file says about its block (JSON), so a catalog can be rebuilt from it.
     ``sync_dir``: also fsync the directory of a non-atomic file (its name is then durable).
+    ``defer_dir_sync``: no directory fsync here, even ``atomic`` or with ``sync_dir``: the caller
+    fsyncs the directory itself, once for a batch of files, before it relies on their names.
     Any failure (a full disk included) removes what was written and raises.
     """
     view = memoryview(payload).cast("B")
@@ -169,7 +172,7 @@ def write_block_file(
             os.close(fd)
         if atomic:
             os.replace(target, path)
-        if fsync and (atomic or sync_dir):
+        if fsync and (atomic or sync_dir) and not defer_dir_sync:
             fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):

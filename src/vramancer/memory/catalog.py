@@ -236,18 +236,26 @@ class Catalog:
         commit even in a catalog opened without fsync (a durable put)."""
         self._run(_UPSERT, _values(row), (durable and self._fsync) or force_sync)
 
-    def upsert_many(self, rows: list[BlockRow]) -> None:
-        """Insert or replace rows in one transaction (one fsync)."""
+    def upsert_many(self, rows: list[BlockRow], *, durable: bool = True) -> None:
+        """Insert or replace rows in one transaction (one fsync; none with ``durable=False``,
+        as :meth:`upsert`)."""
         if not rows:
             return
+        sync = durable and self._fsync
         with self._lock, full_disk_as(str(self.path)):
-            self._db.execute("BEGIN")
+            if sync != self._fsync:
+                self._db.execute("PRAGMA synchronous=OFF")
             try:
-                self._db.executemany(_UPSERT, [_values(r) for r in rows])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN")
+                try:
+                    self._db.executemany(_UPSERT, [_values(r) for r in rows])
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                if sync != self._fsync:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def delete(self, block_id: str, *, durable: bool = True) -> None:
         """Remove a row. ``durable=False`` skips the fsync of this one commit: for a block that

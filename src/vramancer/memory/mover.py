@@ -7,6 +7,15 @@ rechecked under the metadata lock just before its copy: a move whose block is go
 changed (replaced, pinned) or whose target no longer has room is **skipped**, never replanned
 here. The caller then checks the outcome it needed on the live state (the room for a put, the
 tier of a promoted block) and tries its next option, as it would without the skipped move.
+
+Batches. Consecutive moves of a plan into the same file tier (L5, L6) are applied as one batch
+(:meth:`Mover.relocate_batch`): each block file is written and fsynced as a single move writes
+it, but the directory is fsynced once for the batch, after the last file, and the catalog rows
+are committed in one transaction after that fsync; then each block switches to its new copy.
+The rule a single move keeps holds for every block of a batch: a row is committed only once
+its file and the file's name are durable, so a crash at any point loses no block that was on
+disk (a restart adopts the files written before it from their records), and a batch that fails
+before its commit unlinks only the files it wrote itself.
 """
 
 from __future__ import annotations
@@ -15,13 +24,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vramancer.clock import Clock
 from vramancer.errors import InsufficientStorage
 from vramancer.events import EventBus
-from vramancer.memory.backends import FileHandle, Layout
+from vramancer.memory.backends import FileBackend, FileHandle, Layout
 from vramancer.memory.catalog import BlockRow, Catalog
 from vramancer.memory.compression import CorruptBlock
 from vramancer.memory.hotness import HotnessModel
@@ -33,7 +43,22 @@ from vramancer.observability import tracing
 log = logging.getLogger("vramancer.memory.store")
 
 
-#: The event of a move, by the kind ``MemoryMetrics.observe`` names.
+#: Most moves written in one batch before their directory fsync and their commit.
+MAX_BATCH = 32
+
+
+@dataclass(slots=True)
+class _Written:
+    """A move of a batch whose new copy is written, not yet switched to."""
+
+    entry: Entry
+    source: Tier
+    handle: Any
+    new_handle: Any
+    reason: str
+    seconds: float
+
+
 class Mover:
     """Copies blocks between tiers (see the module docstring for the rules it keeps)."""
 
@@ -73,14 +98,17 @@ class Mover:
         """Apply ``moves`` in order, each rechecked (skipped when it no longer holds); a
         corrupt block stays where it is. Returns how many moved."""
         moved = 0
-        blocks, by_name = self._state.blocks, self._state.by_name
-        for move in moves:
-            entry = blocks.get(move.block_id)
-            if entry is None or entry.meta.tier != move.source or entry.meta.size != move.size:
+        for run in self._runs(moves):
+            if len(run) > 1:
+                moved += self.relocate_batch(run, allow_pinned=allow_pinned, tolerate=tolerate)
+                continue
+            move = run[0]
+            entry = self._current(move)
+            if entry is None:
                 continue
             try:
                 if self.relocate(
-                    entry, by_name[move.target], move.reason, allow_pinned=allow_pinned
+                    entry, self._state.by_name[move.target], move.reason, allow_pinned=allow_pinned
                 ):
                     moved += 1
             except CorruptBlock:
@@ -88,6 +116,121 @@ class Mover:
             except tolerate:
                 log.exception("could not move block %r (%s)", move.block_id, move.reason)
         return moved
+
+    def _runs(self, moves: Sequence[Move]) -> Iterator[list[Move]]:
+        """``moves`` in order, consecutive moves into the same file tier together (up to
+        ``MAX_BATCH``), every other move alone."""
+        by_name = self._state.by_name
+        run: list[Move] = []
+        for move in moves:
+            target = by_name.get(move.target)
+            batched = target is not None and isinstance(target.backend, FileBackend)
+            if run and (not batched or run[0].target != move.target or len(run) >= MAX_BATCH):
+                yield run
+                run = []
+            if batched:
+                run.append(move)
+            else:
+                yield [move]
+        if run:
+            yield run
+
+    def _current(self, move: Move) -> Entry | None:
+        """The block ``move`` moves, if it is still where and what the plan saw."""
+        entry = self._state.blocks.get(move.block_id)
+        if entry is None or entry.meta.tier != move.source or entry.meta.size != move.size:
+            return None
+        return entry
+
+    # -- a batch of moves into one file tier -------------------------------------------------
+
+    def relocate_batch(
+        self,
+        moves: Sequence[Move],
+        *,
+        allow_pinned: bool = False,
+        tolerate: tuple[type[BaseException], ...] = (),
+    ) -> int:
+        """Apply ``moves``, all into the same file tier, as one batch (see the module
+        docstring): every file written and fsynced, one directory fsync, one commit of the
+        rows, then the switches. Each move is rechecked as :meth:`apply` does; a corrupt
+        block stays where it is. An error other than those stops the writing: the moves
+        written before it are committed, then it is raised. Returns how many moved."""
+        if not moves:
+            return 0
+        target = self._state.by_name[moves[0].target]
+        written: list[_Written] = []
+        failure: BaseException | None = None
+        reserved = 0
+        for move in moves:
+            if move.target != target.name:
+                raise ValueError("a batch moves blocks into one tier")
+            try:
+                done = self._write_one(move, target, reserved, allow_pinned)
+            except CorruptBlock:
+                log.exception("block %r is corrupted; it stays in %s", move.block_id, move.source)
+                continue
+            except tolerate:
+                log.exception("could not move block %r (%s)", move.block_id, move.reason)
+                continue
+            except BaseException as exc:
+                failure = exc
+                break
+            if done is not None:
+                written.append(done)
+                reserved += done.entry.meta.size
+        self._commit(target, written)
+        if failure is not None:
+            raise failure
+        return len(written)
+
+    def _write_one(
+        self, move: Move, target: Tier, reserved: int, allow_pinned: bool
+    ) -> _Written | None:
+        """Write the new copy of ``move``'s block into ``target`` (``reserved`` bytes of its
+        room are taken by the batch already); None when the move no longer holds."""
+        entry = self._current(move)
+        claimed = None if entry is None else self._claim(entry, target, reserved, allow_pinned)
+        if entry is None or claimed is None:
+            return None
+        source, handle = claimed
+        upward = target.spec.latency < source.spec.latency
+        name = "memory.promote" if upward else "memory.demote"
+        start = time.perf_counter()
+        try:
+            with tracing.span(name, block_id=move.block_id, source=source.name, target=target.name):
+                new_handle = self._write(entry, source, target, handle, None, False, sync_dir=False)
+        except BaseException:
+            self.release(entry)
+            raise
+        seconds = time.perf_counter() - start
+        return _Written(entry, source, handle, new_handle, move.reason, seconds)
+
+    def _commit(self, target: Tier, written: list[_Written]) -> None:
+        """Make the names of the ``written`` files durable (one directory fsync), commit their
+        rows (one transaction), then switch each block to its new copy. On a failure before
+        the commit the written files are unlinked and the blocks stay where they were."""
+        if not written:
+            return
+        backend = target.backend
+        assert isinstance(backend, FileBackend)
+        start = time.perf_counter()
+        now = self._clock.monotonic()
+        try:
+            backend.sync_names()
+            rows = [self.row(w.entry, now, target, w.new_handle) for w in written]
+            # As for one move: rows of blocks from volatile memory need no fsync of their own.
+            self._db().upsert_many(rows, durable=any(w.source.is_disk for w in written))
+        except BaseException:
+            for w in written:
+                backend.free(w.new_handle)
+                self.release(w.entry)
+            raise
+        shared = (time.perf_counter() - start) / len(written)
+        for w in written:
+            self._switch(
+                w.entry, w.source, target, w.handle, w.new_handle, w.reason, w.seconds + shared
+            )
 
     # -- one move ----------------------------------------------------------------------------
 
@@ -111,19 +254,10 @@ class Mover:
         ``value``: the block's data when the caller already read it (``read_s`` seconds, counted
         in the move's time). ``prefetched``: a promotion ahead of the reader (the target's
         index keeps it apart until its read comes)."""
-        state = self._state
-        meta = entry.meta
-        with state.lock:
-            if (
-                state.blocks.get(meta.id) is not entry
-                or (meta.pinned and not allow_pinned)
-                or meta.tier == target.name
-                or target.free < meta.size
-            ):
-                return False
-            source = state.by_name[meta.tier]
-            meta.readers += 1
-            handle = entry.handle
+        claimed = self._claim(entry, target, 0, allow_pinned)
+        if claimed is None:
+            return False
+        source, handle = claimed
         upward = target.spec.latency < source.spec.latency
         start = time.perf_counter()
         try:
@@ -132,6 +266,44 @@ class Mover:
             self.release(entry)
             raise
         seconds = time.perf_counter() - start + read_s
+        self._switch(entry, source, target, handle, new_handle, reason, seconds, prefetched)
+        return True
+
+    def _claim(
+        self, entry: Entry, target: Tier, reserved: int, allow_pinned: bool
+    ) -> tuple[Tier, Any] | None:
+        """Under the metadata lock: whether ``entry`` may move into ``target`` now (still the
+        block's, not pinned, not there, room beyond ``reserved`` bytes); if so it is marked
+        read (its copy stays until :meth:`release` or the switch) and (source tier, handle)
+        are returned."""
+        state = self._state
+        meta = entry.meta
+        with state.lock:
+            if (
+                state.blocks.get(meta.id) is not entry
+                or (meta.pinned and not allow_pinned)
+                or meta.tier == target.name
+                or target.free - reserved < meta.size
+            ):
+                return None
+            meta.readers += 1
+            return state.by_name[meta.tier], entry.handle
+
+    def _switch(
+        self,
+        entry: Entry,
+        source: Tier,
+        target: Tier,
+        handle: Any,
+        new_handle: Any,
+        reason: str,
+        seconds: float,
+        prefetched: bool = False,
+    ) -> None:
+        """The block now lives in ``target`` at ``new_handle``; its old copy is retired."""
+        state = self._state
+        meta = entry.meta
+        upward = target.spec.latency < source.spec.latency
         now = self._clock.monotonic()
         with state.lock:
             meta.readers -= 1
@@ -142,7 +314,6 @@ class Mover:
             self._metrics.count(meta.size, upward, reason)
         self.free(frees)
         self._report(Moved(meta.id, meta.size, source.name, target.name, reason, seconds, upward))
-        return True
 
     def _copy(
         self,
@@ -157,21 +328,9 @@ class Mover:
         """Read (unless ``value``), write into ``target`` and update the catalog; returns the
         new handle (freed again if the catalog fails)."""
         meta = entry.meta
-        layout = self._state.layout(entry)
         name = "memory.promote" if upward else "memory.demote"
         with tracing.span(name, block_id=meta.id, source=source.name, target=target.name):
-            if value is None:
-                value = source.backend.read(handle, layout, meta.id)
-                owned = source.is_disk
-            durable = meta.id in self._state.durable
-            new_handle = target.backend.write(
-                meta.id,
-                layout,
-                value,
-                owned=owned,
-                hint=meta.hint,
-                record=self.record(entry, layout, durable) if target.is_disk else None,
-            )
+            new_handle = self._write(entry, source, target, handle, value, owned)
             try:
                 if target.is_disk:
                     # From volatile memory, a crash loses the block anyway: no fsync of
@@ -184,6 +343,35 @@ class Mover:
                 target.backend.free(new_handle)
                 raise
         return new_handle
+
+    def _write(
+        self,
+        entry: Entry,
+        source: Tier,
+        target: Tier,
+        handle: Any,
+        value: Any,
+        owned: bool,
+        *,
+        sync_dir: bool = True,
+    ) -> Any:
+        """Read (unless ``value``) and write the block's new copy into ``target``; returns its
+        handle. ``sync_dir=False``: a file's directory is fsynced later, by the batch."""
+        meta = entry.meta
+        layout = self._state.layout(entry)
+        if value is None:
+            value = source.backend.read(handle, layout, meta.id)
+            owned = source.is_disk
+        durable = meta.id in self._state.durable
+        return target.backend.write(
+            meta.id,
+            layout,
+            value,
+            owned=owned,
+            hint=meta.hint,
+            record=self.record(entry, layout, durable) if target.is_disk else None,
+            sync_dir=sync_dir,
+        )
 
     def _report(self, move: Moved) -> None:
         """Metrics and one event per move, after the lock is released."""

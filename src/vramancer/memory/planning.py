@@ -226,6 +226,50 @@ class Planning:
         self._mover.apply(plan[:-1])
         return self._state.by_name[plan[-1].target]
 
+    def explicit_choice(
+        self, entry: Entry, current: Tier, target: Tier | None, *, upward: bool
+    ) -> Tier | None:
+        """Where an explicit move of ``entry`` goes (room made there): ``target`` checked, or
+        the nearest tier up / down; None when it stays."""
+        if target is not None:
+            return self.explicit_target(entry, current, target, upward=upward)
+        if upward:
+            return self.explicit_up(entry, current)
+        return self.explicit_down(entry, current)
+
+    def demote_many(self, entries: Sequence[Entry], target: Tier | None) -> dict[str, str]:
+        """Move ``entries`` down, each where :meth:`explicit_choice` sends it, the moves applied
+        together so that those into one file tier are written as one batch (``Mover.apply``).
+        When the room a block needs is taken by the blocks chosen before it, those move
+        first. A pinned block is a ``Conflict`` before anything moves; a block that cannot
+        move raises as a demote of it alone would, once the moves chosen before it are
+        applied. Returns the tier each block is in."""
+        pinned = [e.meta.id for e in entries if e.meta.pinned]
+        if pinned:
+            raise Conflict(f"block {pinned[0]!r} is pinned; unpin it to move it")
+        moves: list[Move] = []
+        taken: dict[str, int] = {}
+        try:
+            for entry in entries:
+                meta = entry.meta
+                chosen = self._down(entry, target)
+                if chosen is not None and chosen.free - taken.get(chosen.name, 0) < meta.size:
+                    self._mover.apply(moves)
+                    moves, taken = [], {}
+                    chosen = self._down(entry, target)
+                if chosen is None:
+                    continue
+                moves.append(Move(meta.id, meta.size, meta.tier, chosen.name, "explicit"))
+                taken[chosen.name] = taken.get(chosen.name, 0) + meta.size
+        finally:
+            self._mover.apply(moves)
+        with self._state.lock:
+            return {e.meta.id: e.meta.tier for e in entries}
+
+    def _down(self, entry: Entry, target: Tier | None) -> Tier | None:
+        current = self._state.by_name[entry.meta.tier]
+        return self.explicit_choice(entry, current, target, upward=False)
+
     def promote_read(self, entry: Entry, source: Tier, value: Any, read_s: float) -> Tier | None:
         """Promote a block just read in ``source`` (its ``value`` read in ``read_s``) one tier
         up, room made only from blocks colder than it; returns where it went (None: it

@@ -7,6 +7,7 @@ snapshots :meth:`StoreState.tier_states` and :meth:`StoreState.block_views` take
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -165,6 +166,17 @@ class StoreState:
         if entry.meta.readers == 0 and self.deferred:
             return self.deferred.pop(entry, [])
         return []
+
+    def page(self, tier: str | None, offset: int, limit: int) -> tuple[list[Entry], int]:
+        """A page of blocks (insertion order; of ``tier`` only if given) and how many there
+        are in all."""
+        if tier is None:
+            chosen: Iterable[Entry] = self.blocks.values()
+            total = len(self.blocks)
+        else:
+            matching = [e for e in self.blocks.values() if e.meta.tier == tier]
+            chosen, total = matching, len(matching)
+        return list(itertools.islice(chosen, offset, offset + limit)), total
 
     def describe(self, entry: Entry, hotness: float) -> dict[str, Any]:
         """One block's metadata as the API shows it."""

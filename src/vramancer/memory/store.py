@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import threading
@@ -471,6 +470,17 @@ class TieredStore:
         (making room below if needed). Returns the tier it is in."""
         return self._explicit_move(block_id, tier, upward=False)
 
+    def demote_many(self, block_ids: Iterable[str], tier: str | None = None) -> dict[str, str]:
+        """:meth:`demote` of several blocks in one call; those bound for one disk tier are
+        written as a batch (each file fsynced, their directory once, then their catalog rows
+        in one commit). Returns the tier each block is in. Unknown or pinned blocks are
+        refused (``NotFound``, ``Conflict``) before anything moves."""
+        with self._mover:
+            self._require_open()
+            with self._lock:
+                entries = [self._state.entry(i) for i in dict.fromkeys(block_ids)]
+            return self._plan.demote_many(entries, self._tier(tier) if tier is not None else None)
+
     def prefetch(self, block_ids: str | Iterable[str]) -> int:
         """Hint that these blocks will be read soon: they are promoted ahead (by the
         maintenance loop when running, else now). Returns how many the store holds."""
@@ -608,17 +618,8 @@ class TieredStore:
             self._tier(tier)
         now = self._clock.monotonic()
         with self._lock:
-            if tier is None:
-                total = len(self._blocks)
-                chosen: Iterable[Entry] = self._blocks.values()
-            else:
-                matching = [e for e in self._blocks.values() if e.meta.tier == tier.upper()]
-                total = len(matching)
-                chosen = matching
-            page = [
-                self._describe(e, now) for e in itertools.islice(chosen, offset, offset + limit)
-            ]
-        return page, total
+            chosen, total = self._state.page(tier.upper() if tier else None, offset, limit)
+            return [self._describe(e, now) for e in chosen], total
 
     # ------------------------------------------------------------------ growth
 
@@ -644,12 +645,8 @@ class TieredStore:
                 if entry.meta.pinned:
                     raise Conflict(f"block {block_id!r} is pinned; unpin it to move it")
                 current = self._by_name[entry.meta.tier]
-            if tier is not None:
-                target = self._plan.explicit_target(entry, current, self._tier(tier), upward=upward)
-            elif upward:
-                target = self._plan.explicit_up(entry, current)
-            else:
-                target = self._plan.explicit_down(entry, current)
+            wanted = self._tier(tier) if tier is not None else None
+            target = self._plan.explicit_choice(entry, current, wanted, upward=upward)
             if target is None:
                 return current.name
             if not self._moves.relocate(entry, target, "explicit"):
