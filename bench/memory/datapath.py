@@ -19,6 +19,11 @@ the plain zstd-1 manager so both sides do the same compression work; the ratio t
 the store's own overhead (sampling, checksums, atomic rename, catalog). Medians of ``--runs``
 runs, legs interleaved. Target: every leg at ≥ 70 % of its baseline's throughput.
 
+``--batch N`` (default 8; 0: none) adds the batch legs: N blocks demoted to L5 in one call
+(``store.demote_many``: each file fsynced, the directory once, one commit of the rows) and the
+same N blocks one ``demote`` per block, each against writing the same N files + ``fsync`` each +
+one ``fsync`` of their directory; the three ways alternate, rotated each run.
+
 ``--writers`` measures the L5 writer alone (``writer_legs``), in one process: block files
 written piece by piece with early writeback, and in one go, against raw write + fsync.
 """
@@ -84,12 +89,12 @@ class PlainZstd:
         return decompress_block(block, what=what)
 
 
-def make_store(directory: Path, block_bytes: int) -> TieredStore:
+def make_store(directory: Path, block_bytes: int, blocks: int = 8) -> TieredStore:
     settings = MemorySettings(
         tiers={
-            "L4": {"capacity": 8 * block_bytes},
-            "L5": {"capacity": 8 * block_bytes},
-            "L6": {"capacity": 8 * block_bytes},
+            "L4": {"capacity": blocks * block_bytes},
+            "L5": {"capacity": blocks * block_bytes},
+            "L6": {"capacity": blocks * block_bytes},
         },
         fsync=True,
         spill_on_stop=False,
@@ -176,6 +181,64 @@ def run(runs: int, mib: int, directory: Path) -> dict[str, Any]:
     }
 
 
+def batch_legs(runs: int, mib: int, count: int, directory: Path) -> dict[str, Any]:
+    """``count`` blocks L4 -> L5 in one ``demote_many`` call and one ``demote`` per block,
+    against raw: the same ``count`` files written + ``fsync`` each, then one ``fsync`` of
+    their directory. The blocks are put back into L4 (untimed) before each store run."""
+    size = mib * MIB
+    rng = np.random.default_rng(2)
+    data = [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for _ in range(count)]
+    ids = [f"noise/{i}" for i in range(count)]
+    store = make_store(directory / "store", size, blocks=4 * count)
+    raw_dir = directory / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+
+    def refill() -> None:
+        for block_id, value in zip(ids, data, strict=True):
+            if block_id in store:
+                store.delete(block_id)
+            assert store.put(block_id, value) == "L4"
+
+    def raw() -> None:
+        for i, value in enumerate(data):
+            write_fsync(raw_dir / f"{i}.bin", value)
+        blockfile.fsync_dir(raw_dir)
+
+    def per_block() -> None:
+        for block_id in ids:
+            store.demote(block_id, "L5")
+
+    ways: dict[str, Callable[[], Any]] = {
+        "raw": raw,
+        "batch": lambda: store.demote_many(ids, "L5"),
+        "per block": per_block,
+    }
+    names = list(ways)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(runs):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if name == "raw":
+                times[name].append(timed(raw))
+                continue
+            refill()
+            times[name].append(timed(ways[name]))
+            assert all(store.locate(i) == "L5" for i in ids)
+        for f in raw_dir.iterdir():
+            f.unlink()
+    store.close()
+    base = statistics.median(times["raw"])
+    legs: dict[str, Any] = {}
+    for name in ("batch", "per block"):
+        t = statistics.median(times[name])
+        legs[f"L4->L5 x{count}, {name}"] = {
+            "store_mb_s": round(count * size / t / 1e6, 1),
+            "baseline_mb_s": round(count * size / base / 1e6, 1),
+            "ratio": round(base / t, 3),
+            "pass": base / t >= TARGET,
+        }
+    return legs
+
+
 def writer_legs(runs: int, mib: int, directory: Path) -> dict[str, Any]:
     """The L5 writer alone, in one process, against a raw write + fsync of the same bytes:
     ``pieces`` is ``write_block_file`` as the store calls it (checksummed piece by piece as it
@@ -246,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=None, help="where files go (a real disk)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
+        "--batch", type=int, default=8, help="blocks per batch in the batch legs (0: none)"
+    )
+    parser.add_argument(
         "--writers",
         action="store_true",
         help="only the L5 block-file writer (pieces vs one go) against raw write+fsync",
@@ -257,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="vrm-datapath-") as tmp:
         result = run(args.runs, args.mib, Path(tmp))
+        if args.batch > 0:
+            result["batch"] = args.batch
+            result["legs"].update(batch_legs(args.runs, args.mib, args.batch, Path(tmp) / "b"))
     print(json.dumps(result, indent=2) if args.json else report(result))
     return 0 if all(r["pass"] for r in result["legs"].values()) else 1
 

@@ -19,7 +19,7 @@ import hashlib
 import secrets
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -29,7 +29,7 @@ import numpy as np
 
 from vramancer.errors import InvalidInput
 from vramancer.files import fsync_dir, private_dir
-from vramancer.memory.blockfile import BlockFile, read_block_file, write_block_file
+from vramancer.memory.blockfile import BlockFile, read_block_file, sync_file, write_block_file
 from vramancer.memory.compression import (
     Compressed,
     CompressionManager,
@@ -196,14 +196,14 @@ class TierBackend(Protocol):
         hint: str | None,
         record: Mapping[str, Any] | None = None,
         durable: bool = False,
-        sync_dir: bool = True,
+        deferred: bool = False,
     ) -> Any:
         """Store a copy of ``value`` (``owned``: the caller gives it away, no copy needed).
 
         ``record``: what a block file says about its block (file tiers); ``durable``: return
         only once the copy survives a crash (file tiers: file and directory fsynced).
-        ``sync_dir=False`` (file tiers): leave the directory fsync to the caller, who makes
-        the names of a batch of files durable at once (``FileBackend.sync_names``)."""
+        ``deferred`` (file tiers): the caller makes the file durable later, with the other
+        files of a batch (``FileBackend.sync_batch``)."""
         ...
 
     def read(self, handle: Any, layout: Layout, block_id: str) -> Any:
@@ -232,7 +232,7 @@ class HostBackend:
         hint: str | None,
         record: Mapping[str, Any] | None = None,
         durable: bool = False,
-        sync_dir: bool = True,
+        deferred: bool = False,
     ) -> Any:
         if layout.kind is DataKind.BYTES:
             return value if isinstance(value, bytes) else bytes(value)
@@ -314,7 +314,7 @@ class FileBackend:
         hint: str | None,
         record: Mapping[str, Any] | None = None,
         durable: bool = False,
-        sync_dir: bool = True,
+        deferred: bool = False,
     ) -> FileHandle:
         raw = raw_view(layout, value)
         payload: bytes | memoryview = raw
@@ -340,16 +340,21 @@ class FileBackend:
                 atomic=self.atomic,
                 record=record,
                 sync_dir=True,
-                defer_dir_sync=not sync_dir,
+                deferred=deferred,
             )
         return FileHandle(path, codec, size)
 
-    def sync_names(self, *, durable: bool = False) -> None:
-        """fsync this tier's directory (with ``fsync`` on, or ``durable``): the names of the
-        files written with ``sync_dir=False`` are durable once it returns."""
-        if self.fsync or durable:
-            with full_disk_as(f"the directory {self.directory}"):
-                fsync_dir(self.directory)
+    def sync_batch(self, handles: Sequence[FileHandle], *, durable: bool = False) -> None:
+        """Make the files written ``deferred`` durable (with ``fsync`` on, or ``durable``):
+        each file's data (atomic files were fsynced before their rename), then this tier's
+        directory once, so their names are."""
+        if not (self.fsync or durable):
+            return
+        with full_disk_as(f"a batch of block files in {self.directory}"):
+            if not self.atomic:
+                for handle in handles:
+                    sync_file(handle.path)
+            fsync_dir(self.directory)
 
     def read(self, handle: FileHandle, layout: Layout, block_id: str) -> Any:
         what = f"block {block_id!r}"
@@ -421,7 +426,7 @@ class CudaBackend:
         hint: str | None,
         record: Mapping[str, Any] | None = None,
         durable: bool = False,
-        sync_dir: bool = True,
+        deferred: bool = False,
     ) -> Any:
         torch = self.torch
         index = min(self.devices, key=lambda d: self._used[d])
@@ -464,7 +469,7 @@ class PinnedBackend:
         hint: str | None,
         record: Mapping[str, Any] | None = None,
         durable: bool = False,
-        sync_dir: bool = True,
+        deferred: bool = False,
     ) -> Any:
         torch = self.torch
         src = _as_u8_tensor(layout, value)

@@ -131,7 +131,7 @@ def write_block_file(
     atomic: bool = False,
     record: Mapping[str, Any] | None = None,
     sync_dir: bool = False,
-    defer_dir_sync: bool = False,
+    deferred: bool = False,
 ) -> int:
     """Write a block file at ``path`` (which must not exist); returns its size in bytes.
 
@@ -139,8 +139,10 @@ def write_block_file(
     directory — a reader (or a restart) sees the whole old file or the whole new one.
     ``record``: what the file says about its block (JSON), so a catalog can be rebuilt from it.
     ``sync_dir``: also fsync the directory of a non-atomic file (its name is then durable).
-    ``defer_dir_sync``: no directory fsync here, even ``atomic`` or with ``sync_dir``: the caller
-    fsyncs the directory itself, once for a batch of files, before it relies on their names.
+    ``deferred``: the caller makes the file durable later, with the other files of a batch
+    (:func:`sync_file` for each, then one fsync of the directory): no directory fsync here and,
+    for a non-atomic file, no fdatasync either, writeback of the whole file is only started (an
+    atomic file is still fsynced before its rename).
     Any failure (a full disk included) removes what was written and raises.
     """
     view = memoryview(payload).cast("B")
@@ -166,13 +168,15 @@ def write_block_file(
             _write_payload(fd, view, offset, fsync)
             if tail:
                 _write_all(fd, memoryview(tail))
-            if fsync:
+            if fsync and deferred and not atomic:
+                start_writeback(fd, 0, 0)  # to the end of the file; fdatasync'd by the batch
+            elif fsync:
                 _sync(fd)
         finally:
             os.close(fd)
         if atomic:
             os.replace(target, path)
-        if fsync and (atomic or sync_dir) and not defer_dir_sync:
+        if fsync and (atomic or sync_dir) and not deferred:
             fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -311,6 +315,15 @@ def _map(fd: int) -> mmap.mmap:
     if _POPULATE and hasattr(mmap, "MAP_SHARED"):
         return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
     return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+
+
+def sync_file(path: Path) -> None:
+    """fdatasync the file at ``path`` (any descriptor of a file flushes all its data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _sync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sync(fd: int) -> None:

@@ -199,7 +199,7 @@ class Mover:
         start = time.perf_counter()
         try:
             with tracing.span(name, block_id=move.block_id, source=source.name, target=target.name):
-                new_handle = self._write(entry, source, target, handle, None, False, sync_dir=False)
+                new_handle = self._write(entry, source, target, handle, None, False, deferred=True)
         except BaseException:
             self.release(entry)
             raise
@@ -217,7 +217,7 @@ class Mover:
         start = time.perf_counter()
         now = self._clock.monotonic()
         try:
-            backend.sync_names()
+            backend.sync_batch([w.new_handle for w in written])
             rows = [self.row(w.entry, now, target, w.new_handle) for w in written]
             # As for one move: rows of blocks from volatile memory need no fsync of their own.
             self._db().upsert_many(rows, durable=any(w.source.is_disk for w in written))
@@ -353,10 +353,10 @@ class Mover:
         value: Any,
         owned: bool,
         *,
-        sync_dir: bool = True,
+        deferred: bool = False,
     ) -> Any:
         """Read (unless ``value``) and write the block's new copy into ``target``; returns its
-        handle. ``sync_dir=False``: a file's directory is fsynced later, by the batch."""
+        handle. ``deferred``: a file is made durable later, with its batch."""
         meta = entry.meta
         layout = self._state.layout(entry)
         if value is None:
@@ -370,7 +370,7 @@ class Mover:
             owned=owned,
             hint=meta.hint,
             record=self.record(entry, layout, durable) if target.is_disk else None,
-            sync_dir=sync_dir,
+            deferred=deferred,
         )
 
     def _report(self, move: Moved) -> None:

@@ -34,8 +34,8 @@ def blocks(kit: StoreKit, count: int, size: int = 8 * KIB) -> dict[str, bytes]:
 
 
 class Journal:
-    """What reaches the disk, in order: directory fsyncs (by tier directory name) and catalog
-    commits of several rows."""
+    """What reaches the disk, in order: the fsyncs a batch defers (a file's data, a directory:
+    by tier directory name) and catalog commits of several rows."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, kit: StoreKit) -> None:
         self.calls: list[str] = []
@@ -45,8 +45,14 @@ class Journal:
             self.calls.append(f"fsync {path.name}")
             real_fsync_dir(path)
 
+        def sync_file(path: Path) -> None:
+            self.calls.append(f"fdatasync {path.parent.name}")
+            real_sync_file(path)
+
+        real_sync_file = backends.sync_file
         monkeypatch.setattr(blockfile, "fsync_dir", fsync_dir)
         monkeypatch.setattr(backends, "fsync_dir", fsync_dir)
+        monkeypatch.setattr(backends, "sync_file", sync_file)
         catalog = kit.store._db()
         real_upsert_many = catalog.upsert_many
 
@@ -71,7 +77,7 @@ def test_a_batch_demote_fsyncs_the_directory_once_then_commits_every_row(
     values = blocks(kit, 5)
     journal = Journal(monkeypatch, kit)
     assert kit.store.demote_many(list(values)[:4], "L5") == {f"b/{i}": "L5" for i in range(4)}
-    assert journal.calls == ["fsync l5", "commit 4"]
+    assert journal.calls == [*["fdatasync l5"] * 4, "fsync l5", "commit 4"]
     kit.store.demote("b/4", "L5")  # one block alone: its own directory fsync, its own commit
     assert journal.count("fsync l5") == 2 and journal.count("commit 4") == 1
     rows = {row.id: row for row in read_rows(tmp_path / "data" / "memory.sqlite")}
@@ -94,7 +100,7 @@ def test_the_eviction_cycle_moves_its_blocks_down_as_one_batch(
     kit.store.set_capacity("L4", 16 * KIB)
     moved = [key for key in values if kit.store.locate(key) == "L5"]
     assert len(moved) >= 4
-    assert journal.calls == ["fsync l5", f"commit {len(moved)}"]
+    assert journal.calls == [*["fdatasync l5"] * len(moved), "fsync l5", f"commit {len(moved)}"]
     for key, value in values.items():
         assert kit.store.get(key) == value
     kit.check_invariants()
