@@ -27,6 +27,7 @@ Files are created ``0600``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import mmap
@@ -149,25 +150,23 @@ def write_block_file(
     tail = json.dumps(dict(record or {}), separators=(",", ":")).encode() if record else b""
     aligned = view.nbytes >= ALIGN_FROM
     offset = PAYLOAD_ALIGN if aligned else HEADER_SIZE
-    header = _HEADER.pack(
-        _MAGIC,
-        _ALIGNED if aligned else _VERSION,
-        codec.encode().ljust(8, b"\0"),
-        itemsize,
-        raw_size,
-        view.nbytes,
-        checksum(view),
-        len(tail),
-        checksum(tail),
-    )
+    fields = (codec, itemsize, raw_size, view.nbytes, tail)
+    # A large payload is checksummed by another thread while this one writes it (the hash
+    # holds the GIL, the writes do not); the header goes in last, at offset 0.
+    aside = _hasher().submit(checksum, view) if view.nbytes >= CHECKSUM_ASIDE_FROM else None
     target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if atomic else path
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
-            _write_all(fd, memoryview(header.ljust(offset, b"\0")))
+            if aside is None:
+                _write_all(fd, memoryview(_header(aligned, checksum(view), *fields, offset)))
+            else:
+                os.lseek(fd, offset, os.SEEK_SET)
             _write_payload(fd, view, offset, fsync)
             if tail:
                 _write_all(fd, memoryview(tail))
+            if aside is not None:
+                _pwrite_all(fd, memoryview(_header(aligned, aside.result(), *fields, offset)))
             if fsync and deferred and not atomic:
                 start_writeback(fd, 0, 0)  # to the end of the file; fdatasync'd by the batch
             elif fsync:
@@ -179,10 +178,52 @@ def write_block_file(
         if fsync and (atomic or sync_dir) and not deferred:
             fsync_dir(path.parent)
     except BaseException:
+        if aside is not None and not aside.cancel():
+            concurrent.futures.wait([aside])  # nothing of ours reads the payload after this
         with contextlib.suppress(OSError):
             target.unlink()
         raise
     return offset + view.nbytes + len(tail)
+
+
+def _header(
+    aligned: bool,
+    digest: int,
+    codec: str,
+    itemsize: int,
+    raw_size: int,
+    nbytes: int,
+    tail: bytes,
+    offset: int,
+) -> bytes:
+    """The header of a block file, zero-padded to ``offset`` (where its payload starts)."""
+    return _HEADER.pack(
+        _MAGIC,
+        _ALIGNED if aligned else _VERSION,
+        codec.encode().ljust(8, b"\0"),
+        itemsize,
+        raw_size,
+        nbytes,
+        digest,
+        len(tail),
+        checksum(tail),
+    ).ljust(offset, b"\0")
+
+
+#: Payloads of this size or more are checksummed by a helper thread while they are written.
+CHECKSUM_ASIDE_FROM = 1024 * 1024
+#: The checksum thread by process id (a forked child starts its own).
+_hashers: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _hasher() -> concurrent.futures.ThreadPoolExecutor:
+    pid = os.getpid()
+    pool = _hashers.get(pid)
+    if pool is None:
+        _hashers.clear()
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vramancer-checksum")
+        _hashers[pid] = pool
+    return pool
 
 
 #: Payloads are written in pieces of this size; with fsync, the kernel is told to start
@@ -198,6 +239,12 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[done:]
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int = 0) -> None:
+    while data.nbytes:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
 def _write_payload(fd: int, view: memoryview, offset: int, fsync: bool) -> None:
     """Write ``view`` (after the header, at ``offset``) piece by piece.
 
@@ -208,7 +255,7 @@ def _write_payload(fd: int, view: memoryview, offset: int, fsync: bool) -> None:
     if view.nbytes <= WRITE_PIECE:
         _write_all(fd, view)
         return
-    flushed = 0  # writeback started for the file's bytes before this offset
+    flushed = offset  # writeback started for the file's bytes from here to this offset
     end = offset
     for start in range(0, view.nbytes, WRITE_PIECE):
         if fsync and start > 0:

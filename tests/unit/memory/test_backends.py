@@ -44,12 +44,16 @@ def test_block_file_round_trip(tmp_path: Path, atomic: bool) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["a.blk"]  # no temporary file left
 
 
+@pytest.mark.parametrize("aside", [False, True], ids=["checksum-inline", "checksum-aside"])
 def test_a_large_payload_is_written_in_pieces_with_early_writeback_and_reads_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aside: bool
 ) -> None:
-    """Over ``WRITE_PIECE`` the payload is written piece by piece, the writeback of what is
-    written so far started before each new piece (never for the last one, which the record
-    follows); the file is the same as a write without fsync."""
+    """Over ``WRITE_PIECE`` the payload is written piece by piece, the writeback of the
+    payload written so far started before each new piece (never for the last one, which the
+    record follows); the file is the same as a write without fsync, and the same whether the
+    payload is checksummed before it is written or by the checksum thread while it is (the
+    header then written last)."""
+    monkeypatch.setattr(blockfile, "CHECKSUM_ASIDE_FROM", 0 if aside else 1 << 40)
     started: list[tuple[int, int]] = []
     real = blockfile.start_writeback
 
@@ -68,7 +72,7 @@ def test_a_large_payload_is_written_in_pieces_with_early_writeback_and_reads_bac
     assert read_block_file(path, "block 'big'").payload == payload
     piece, at = 64 * 1024, blockfile.PAYLOAD_ALIGN  # a large payload starts on a page
     assert path.read_bytes()[4] == 3 and size == at + len(payload) + len(b'{"id":"big"}')
-    assert started == [(0, at + piece), (at + piece, piece), (at + 2 * piece, piece)]
+    assert started == [(at, piece), (at + piece, piece), (at + 2 * piece, piece)]
     # without fsync nothing is pushed to the device early, and the file is the same
     started.clear()
     again = tmp_path / "again.blk"
@@ -76,6 +80,10 @@ def test_a_large_payload_is_written_in_pieces_with_early_writeback_and_reads_bac
         again, payload, codec="none", raw_size=len(payload), record={"id": "big"}, fsync=False
     )
     assert started == [] and again.read_bytes() == path.read_bytes()
+    monkeypatch.setattr(blockfile, "CHECKSUM_ASIDE_FROM", 1 << 40 if aside else 0)
+    other = tmp_path / "other.blk"
+    write_block_file(other, payload, codec="none", raw_size=len(payload), record={"id": "big"})
+    assert other.read_bytes() == path.read_bytes()
     # a damaged piece is caught by the header's checksum
     data = bytearray(path.read_bytes())
     data[at + 150_000] ^= 1

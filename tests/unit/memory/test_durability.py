@@ -375,12 +375,19 @@ def test_write_block_file_leaves_nothing_on_a_full_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(blockfile, "_sync", full_disk)
+    large = rand(300 * KIB, 4)  # checksummed by the checksum thread while it is written
+    monkeypatch.setattr(blockfile, "CHECKSUM_ASIDE_FROM", 256 * KIB)
     for atomic in (False, True):
-        with pytest.raises(OSError) as err:
-            write_block_file(
-                tmp_path / f"x{atomic}.blk", b"abc", codec="none", raw_size=3, atomic=atomic
-            )
-        assert err.value.errno == errno.ENOSPC
+        for payload in (b"abc", large):
+            with pytest.raises(OSError) as err:
+                write_block_file(
+                    tmp_path / f"x{atomic}.blk",
+                    payload,
+                    codec="none",
+                    raw_size=len(payload),
+                    atomic=atomic,
+                )
+            assert err.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
 
 
