@@ -153,7 +153,7 @@ def write_block_file(
     fields = (codec, itemsize, raw_size, view.nbytes, tail)
     # A large payload is checksummed by another thread while this one writes it (the hash
     # holds the GIL, the writes do not); the header goes in last, at offset 0.
-    aside = _hasher().submit(checksum, view) if view.nbytes >= CHECKSUM_ASIDE_FROM else None
+    aside = _checksum_aside(view)
     target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp") if atomic else path
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -214,6 +214,17 @@ def _header(
 CHECKSUM_ASIDE_FROM = 1024 * 1024
 #: The checksum thread by process id (a forked child starts its own).
 _hashers: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _checksum_aside(view: memoryview) -> concurrent.futures.Future[int] | None:
+    """The payload's checksum, computed by the checksum thread; None for a small payload, or
+    when no thread can start (the interpreter is exiting): the caller checksums it inline."""
+    if view.nbytes < CHECKSUM_ASIDE_FROM:
+        return None
+    try:
+        return _hasher().submit(checksum, view)
+    except RuntimeError:
+        return None
 
 
 def _hasher() -> concurrent.futures.ThreadPoolExecutor:

@@ -179,7 +179,11 @@ class Mover:
             if done is not None:
                 written.append(done)
                 reserved += done.entry.meta.size
-        self._commit(target, written)
+        try:
+            self._commit(target, written)
+        except tolerate:
+            log.exception("could not move %d blocks into %s", len(written), target.name)
+            return 0
         if failure is not None:
             raise failure
         return len(written)

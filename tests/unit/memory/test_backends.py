@@ -227,3 +227,21 @@ def test_layout_table_shares_one_layout_per_shape_and_one_for_all_bytes() -> Non
         table.share(describe(np.zeros(n, dtype=np.int8))[0])
     assert len(table) <= 3
     assert table.share(b) == a
+
+
+def test_a_large_payload_is_checksummed_inline_when_no_thread_can_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At interpreter exit (a store closed from an ``atexit`` handler) no thread starts: the
+    file is written all the same, checksummed before its payload."""
+
+    class Exiting:
+        def submit(self, *_: object) -> None:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(blockfile, "CHECKSUM_ASIDE_FROM", 0)
+    monkeypatch.setattr(blockfile, "_hasher", Exiting)
+    payload = np.random.default_rng(5).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    path = tmp_path / "late.blk"
+    write_block_file(path, payload, codec="none", raw_size=len(payload), record={"id": "late"})
+    assert read_block_file(path, "block 'late'").payload == payload

@@ -217,3 +217,20 @@ def test_demote_many_refuses_pinned_and_unknown_blocks_before_moving_any(
     assert [kit.store.locate(k) for k in values] == ["L4", "L4", "L4"]
     # without a tier: each to the nearest tier below with room, as demote does
     assert kit.store.demote_many(["b/0", "b/1"]) == {"b/0": "L5", "b/1": "L5"}
+
+
+def test_a_spill_whose_batch_cannot_commit_goes_on_and_keeps_its_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kit = fsync_kit(tmp_path / "data")
+    values = blocks(kit, 3)
+
+    def full(rows: list[Any], *, durable: bool = True) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kit.store._db(), "upsert_many", full)
+    assert kit.store.spill() == 0
+    assert not list((tmp_path / "data" / "l5").glob("*.blk"))
+    for key, value in values.items():
+        assert kit.store.locate(key) == "L4" and kit.store.get(key) == value
+    kit.check_invariants()
