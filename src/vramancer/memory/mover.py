@@ -9,13 +9,13 @@ here. The caller then checks the outcome it needed on the live state (the room f
 tier of a promoted block) and tries its next option, as it would without the skipped move.
 
 Batches. Consecutive moves of a plan into the same file tier (L5, L6) are applied as one batch
-(:meth:`Mover.relocate_batch`): each block file is written and fsynced as a single move writes
-it, but the directory is fsynced once for the batch, after the last file, and the catalog rows
-are committed in one transaction after that fsync; then each block switches to its new copy.
-The rule a single move keeps holds for every block of a batch: a row is committed only once
-its file and the file's name are durable, so a crash at any point loses no block that was on
-disk (a restart adopts the files written before it from their records), and a batch that fails
-before its commit unlinks only the files it wrote itself.
+(:meth:`Mover.relocate_batch`): each block file is written with its writeback started; once the
+last is written, each is fdatasynced (an L6 file before its rename, as always), the directory
+is fsynced once, and only then are the catalog rows committed, in one transaction; then each
+block switches to its new copy. The rule a single move keeps holds for every block of a batch:
+a row is committed only once its file's data and name are durable, so a crash at any point
+loses no block that was on disk (a restart adopts the complete files from their records), and
+a batch that fails before its commit unlinks only the files it wrote itself.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class _Written:
     seconds: float
 
 
+#: The event of a move, by the kind ``MemoryMetrics.observe`` names.
 class Mover:
     """Copies blocks between tiers (see the module docstring for the rules it keeps)."""
 
@@ -152,19 +153,20 @@ class Mover:
         tolerate: tuple[type[BaseException], ...] = (),
     ) -> int:
         """Apply ``moves``, all into the same file tier, as one batch (see the module
-        docstring): every file written and fsynced, one directory fsync, one commit of the
-        rows, then the switches. Each move is rechecked as :meth:`apply` does; a corrupt
-        block stays where it is. An error other than those stops the writing: the moves
-        written before it are committed, then it is raised. Returns how many moved."""
+        docstring): every file written, then fsynced, one directory fsync, one commit of the
+        rows, then the switches. Each move is rechecked as :meth:`apply` does; a corrupt block
+        stays where it is, an error in ``tolerate`` skips its move (or, in the commit, the
+        batch). Another error stops the writing: the moves written before it are committed,
+        then it is raised. Returns how many moved."""
         if not moves:
             return 0
         target = self._state.by_name[moves[0].target]
+        if any(move.target != target.name for move in moves):
+            raise ValueError("a batch moves blocks into one tier")
         written: list[_Written] = []
         failure: BaseException | None = None
         reserved = 0
         for move in moves:
-            if move.target != target.name:
-                raise ValueError("a batch moves blocks into one tier")
             try:
                 done = self._write_one(move, target, reserved, allow_pinned)
             except CorruptBlock:
@@ -211,9 +213,10 @@ class Mover:
         return _Written(entry, source, handle, new_handle, move.reason, seconds)
 
     def _commit(self, target: Tier, written: list[_Written]) -> None:
-        """Make the names of the ``written`` files durable (one directory fsync), commit their
-        rows (one transaction), then switch each block to its new copy. On a failure before
-        the commit the written files are unlinked and the blocks stay where they were."""
+        """Make the ``written`` files durable (each fdatasynced, then one directory fsync),
+        commit their rows (one transaction), then switch each block to its new copy. On a
+        failure before the commit the written files are unlinked and the blocks stay where
+        they were."""
         if not written:
             return
         backend = target.backend
@@ -226,8 +229,8 @@ class Mover:
             # As for one move: rows of blocks from volatile memory need no fsync of their own.
             self._db().upsert_many(rows, durable=any(w.source.is_disk for w in written))
         except BaseException:
+            self.free([(target, w.new_handle) for w in written], now=True)
             for w in written:
-                backend.free(w.new_handle)
                 self.release(w.entry)
             raise
         shared = (time.perf_counter() - start) / len(written)
