@@ -48,7 +48,7 @@ import zstandard
 
 from bench.memory.common import open_store
 from vramancer.clock import SystemClock
-from vramancer.files import start_writeback
+from vramancer.files import fsync_dir, start_writeback
 from vramancer.memory import blockfile
 from vramancer.memory.compression import Compressed, Target, decompress_block
 from vramancer.memory.settings import MemorySettings
@@ -188,7 +188,7 @@ def raw_files(raw_dir: Path, data: list[bytes]) -> None:
     """The batch legs' baseline: each file written + ``fsync``, then the directory."""
     for i, value in enumerate(data):
         write_fsync(raw_dir / f"{i}.bin", value)
-    blockfile.fsync_dir(raw_dir)
+    fsync_dir(raw_dir)
 
 
 def raw_files_one_pass(raw_dir: Path, data: list[bytes]) -> None:
@@ -201,7 +201,7 @@ def raw_files_one_pass(raw_dir: Path, data: list[bytes]) -> None:
             start_writeback(fh.fileno(), 0, 0)
     for i in range(len(data)):
         blockfile.sync_file(raw_dir / f"{i}.bin")
-    blockfile.fsync_dir(raw_dir)
+    fsync_dir(raw_dir)
 
 
 def batch_legs(runs: int, mib: int, count: int, directory: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.unit.memory.store_support import StoreKit, make_settings
+from vramancer import files
 from vramancer.errors import Conflict, InsufficientStorage, NotFound
 from vramancer.memory import backends, blockfile
 from vramancer.memory.catalog import read_rows
@@ -39,7 +40,7 @@ class Journal:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, kit: StoreKit) -> None:
         self.calls: list[str] = []
-        real_fsync_dir = blockfile.fsync_dir
+        real_fsync_dir = files.fsync_dir
 
         def fsync_dir(path: Path) -> None:
             self.calls.append(f"fsync {path.name}")
@@ -49,7 +50,7 @@ class Journal:
             self.calls.append(f"fdatasync {path.parent.name}")
             real_sync_file(path)
 
-        real_sync_file = backends.sync_file
+        real_sync_file = blockfile.sync_file
         monkeypatch.setattr(blockfile, "fsync_dir", fsync_dir)
         monkeypatch.setattr(backends, "fsync_dir", fsync_dir)
         monkeypatch.setattr(backends, "sync_file", sync_file)
@@ -155,7 +156,7 @@ def test_a_crash_in_a_batch_between_disk_tiers_keeps_the_old_copies(tmp_path: Pa
 
 def failing_on_write(number: int) -> Callable[..., int]:
     """``write_block_file`` whose ``number``-th call finds the disk full."""
-    real = backends.write_block_file
+    real = blockfile.write_block_file
     calls = iter(range(1, 1 << 20))
 
     def write(*args: Any, **kwargs: Any) -> int:
