@@ -4,9 +4,10 @@ The payload is checked with xxh3-64 (about 20 GB/s), not zlib's CRC32: that runs
 1.2 GB/s on a typical server core, slower than reading a file from the page cache (6+ GB/s) —
 a 16 MiB block would spend more time in the checksum than in the read. Block files keep the
 payload at a fixed offset (so an uncompressed L5 file is memory-mappable as it is), and are
-written header-then-payload without concatenating them. A damaged file raises
-:class:`~vramancer.memory.compression.CorruptBlock` naming the block, so only that block is
-affected.
+written header-then-payload without concatenating them; a payload of ``CHECKSUM_ASIDE_FROM``
+bytes or more is checksummed by a helper thread while it is written, its header written last.
+A damaged file raises :class:`~vramancer.memory.compression.CorruptBlock` naming the block, so
+only that block is affected.
 
 Format, version 2 (little-endian)::
 
