@@ -23,8 +23,8 @@ from vramancer.memory.planner import Move
 KIB = 1024
 
 
-def rand(n: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+def rand(n: int, which: int) -> bytes:
+    return np.random.default_rng(which).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
 def blocks(kit: StoreKit, count: int, size: int = 8 * KIB) -> dict[str, bytes]:
