@@ -11,14 +11,17 @@ survives a daemon crash, a power cut may lose the last commits.
 
 Speed: one writer thread owns the write connection and *group-commits*: every operation waiting
 when it wakes runs inside one transaction (each in its own SAVEPOINT, so one failing operation
-does not undo the others), then a single COMMIT (one fsync) acknowledges them all. Reads use
+does not undo the others), then a single COMMIT acknowledges them all; the WAL is synced for
+the durable ones by a thread of its own (``sqlite_sync``), so the next commits (a lease) do not
+wait for the disk. Reads use
 per-thread connections (WAL readers never block the writer). Indexes keep the hot paths
 O(log n) however many tasks are queued (``sqlite_schema``).
 
 The modules: ``sqlite_schema`` (tables, indexes, migrations), ``sqlite_writer`` (the writer
-thread and its group commit), ``sqlite_rows`` (rows as records, the reads), ``sqlite_submit``
-(inserting a batch: idempotency, owners, quota), ``sqlite_apply`` (writing the state machine's
-transitions, each as one guarded update); this one is the ``TaskQueue`` over them.
+thread and its group commit), ``sqlite_sync`` (the WAL sync after durable commits),
+``sqlite_rows`` (rows as records, the reads), ``sqlite_submit`` (inserting a batch:
+idempotency, owners, quota), ``sqlite_apply`` (writing the state machine's transitions, each as
+one guarded update); this one is the ``TaskQueue`` over them.
 
 Ended tasks older than ``[tasks] retention_s`` are deleted in small batches (``purge``). The
 newest row is never purged, so ``seq`` (the cursor) keeps growing and is never reused.
@@ -59,6 +62,7 @@ from vramancer.tasks.sqlite_rows import (
     to_record,
 )
 from vramancer.tasks.sqlite_submit import submit
+from vramancer.tasks.sqlite_sync import WalSyncer
 from vramancer.tasks.sqlite_writer import GroupCommitWriter
 from vramancer.tasks.task_ids import prefix_bounds
 from vramancer.tasks.transitions import Trigger, step
@@ -134,7 +138,9 @@ class SqliteQueue:
             return conn
 
         conn = await asyncio.to_thread(setup)
-        self._writer = GroupCommitWriter(conn, fsync=self.synchronous is Synchronous.FULL)
+        fsync = self.synchronous is Synchronous.FULL
+        syncer = WalSyncer(self.path.with_name(self.path.name + "-wal")) if fsync else None
+        self._writer = GroupCommitWriter(conn, fsync=fsync, syncer=syncer)
         self._write_conn = conn
 
     async def close(self) -> None:

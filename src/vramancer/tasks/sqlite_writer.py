@@ -1,8 +1,11 @@
 """The SQLite queue's single writer: one thread owns the write connection and *group-commits*.
 
 Every operation waiting when it wakes runs inside one transaction (each in its own SAVEPOINT, so
-one failing operation does not undo the others), then a single COMMIT (one fsync) acknowledges
-them all. A commit is fsynced only when it holds a durable operation and the mode is FULL.
+one failing operation does not undo the others), then a single COMMIT acknowledges them all.
+A commit is synced only when it holds a durable operation and the mode is FULL: by SQLite
+inside the COMMIT, or, with a ``WalSyncer`` (``sqlite_sync``), after it on that thread, so the
+writer goes on with the next operations while the disk syncs; the durable operations are
+answered after the sync, the others at once.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from vramancer.errors import BackendUnavailable, disk_full_error, is_disk_full
+from vramancer.tasks.sqlite_sync import Result, WalSyncer, resolve
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +33,14 @@ class GroupCommitWriter:
 
     _STOP = object()
 
-    def __init__(self, conn: sqlite3.Connection, fsync: bool) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, fsync: bool, syncer: WalSyncer | None = None
+    ) -> None:
         self._conn = conn
         #: Whether durable operations are fsynced (``synchronous=FULL``).
         self._fsync = fsync
+        #: Syncs the WAL after the commits that need it (None: SQLite syncs inside COMMIT).
+        self._syncer = syncer if fsync else None
         self._synced_mode = fsync
         self._queue: stdqueue.SimpleQueue[Any] = stdqueue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="vramancer-tasks-db", daemon=True)
@@ -48,6 +56,8 @@ class GroupCommitWriter:
     def stop(self) -> None:
         self._queue.put(self._STOP)
         self._thread.join(timeout=30)
+        if self._syncer is not None:
+            self._syncer.stop()
 
     def _run(self) -> None:
         while True:
@@ -70,31 +80,32 @@ class GroupCommitWriter:
                 return
 
     def _set_sync(self, durable: bool) -> None:
-        """fsync this commit only when it holds a durable operation (and the mode is FULL)."""
-        wanted = self._fsync and durable
+        """fsync this commit only when it holds a durable operation (and the mode is FULL),
+        inside the COMMIT unless a ``WalSyncer`` syncs after it."""
+        wanted = self._fsync and durable and self._syncer is None
         if wanted != self._synced_mode:
             self._conn.execute(f"PRAGMA synchronous={'FULL' if wanted else 'NORMAL'}")
             self._synced_mode = wanted
 
     def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any, bool]]) -> None:
         conn = self._conn
-        results: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
+        results: list[Result] = []
+        durable: list[Result] = []
         try:
-            self._set_sync(any(durable for _, _, durable in batch))
+            self._set_sync(any(needs_sync for _, _, needs_sync in batch))
             conn.execute("BEGIN IMMEDIATE")
-            for op, future, _ in batch:
+            for op, future, needs_sync in batch:
                 if not future.set_running_or_notify_cancel():
                     continue
                 conn.execute("SAVEPOINT op")
                 try:
-                    value = op(conn)
+                    result: Result = (future, op(conn), None)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((future, None, exc))
-                    continue
+                    result = (future, None, exc)
                 conn.execute("RELEASE op")
-                results.append((future, value, None))
+                synced_later = needs_sync and self._syncer is not None
+                (durable if synced_later else results).append(result)
             conn.execute("COMMIT")
         except Exception as exc:  # the commit itself failed (disk full, I/O error ...)
             log.exception("task queue commit failed")
@@ -109,8 +120,6 @@ class GroupCommitWriter:
                 if future.running():
                     future.set_exception(error)
             return
-        for future, value, failure in results:
-            if failure is not None:
-                future.set_exception(failure)
-            else:
-                future.set_result(value)
+        if durable and self._syncer is not None:
+            self._syncer.after_commit(durable)
+        resolve(results)
