@@ -1,7 +1,8 @@
 """The SQLite queue's single writer: one thread owns the write connection and *group-commits*.
 
-Every operation waiting when it wakes runs inside one transaction (each in its own SAVEPOINT, so
-one failing operation does not undo the others), then a single COMMIT acknowledges them all.
+Every operation waiting when it wakes runs inside one transaction (each in its own SAVEPOINT when
+there are several, so one failing operation does not undo the others), then a single COMMIT
+acknowledges them all.
 A commit is synced only when it holds a durable operation and the mode is FULL: by SQLite
 inside the COMMIT, or, with a ``WalSyncer`` (``sqlite_sync``), after it on that thread, so the
 writer goes on with the next operations while the disk syncs; the durable operations are
@@ -93,20 +94,25 @@ class GroupCommitWriter:
         durable: list[Result] = []
         try:
             self._set_sync(any(needs_sync for _, _, needs_sync in batch))
+            # one operation alone needs no savepoint: its failure rolls back the transaction
+            alone = len(batch) == 1
             conn.execute("BEGIN IMMEDIATE")
             for op, future, needs_sync in batch:
                 if not future.set_running_or_notify_cancel():
                     continue
-                conn.execute("SAVEPOINT op")
+                if not alone:
+                    conn.execute("SAVEPOINT op")
                 try:
                     result: Result = (future, op(conn), None)
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
+                    conn.execute("ROLLBACK" if alone else "ROLLBACK TO op")
                     result = (future, None, exc)
-                conn.execute("RELEASE op")
-                synced_later = needs_sync and self._syncer is not None
+                if not alone:
+                    conn.execute("RELEASE op")
+                synced_later = needs_sync and self._syncer is not None and result[2] is None
                 (durable if synced_later else results).append(result)
-            conn.execute("COMMIT")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
         except Exception as exc:  # the commit itself failed (disk full, I/O error ...)
             log.exception("task queue commit failed")
             if conn.in_transaction:
