@@ -130,13 +130,6 @@ class _Capture:
         self.tail = bytearray()
         self._file: BinaryIO | None = None
 
-    async def pump(self, stream: asyncio.StreamReader) -> None:
-        try:
-            while chunk := await stream.read(_READ_CHUNK):
-                self.feed(chunk)
-        finally:
-            self.close()
-
     def pump_pipe(self, pipe: IO[bytes]) -> asyncio.Future[None]:
         """Read ``pipe`` from the event loop's selector until its end (no transport, no
         stream: a reader callback per readable event); the future is done at the end of the
@@ -564,15 +557,7 @@ class ProcessRun:
         proc = self._proc
         if proc is None:
             raise RuntimeError("wait() before start()")
-        pumps: list[asyncio.Future[None]]
-        if isinstance(proc, SpawnedProcess):
-            pumps = [self._out.pump_pipe(proc.stdout_pipe), self._err.pump_pipe(proc.stderr_pipe)]
-        else:
-            assert proc.stdout is not None and proc.stderr is not None
-            pumps = [
-                asyncio.ensure_future(self._out.pump(proc.stdout)),
-                asyncio.ensure_future(self._err.pump(proc.stderr)),
-            ]
+        pumps = [self._out.pump_pipe(proc.stdout_pipe), self._err.pump_pipe(proc.stderr_pipe)]
         timed_out = cancelled = False
         exited = asyncio.ensure_future(proc.wait())
         await self._exit_cancel_or_timeout(exited)

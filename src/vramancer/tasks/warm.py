@@ -1,8 +1,8 @@
 """The daemon's side of the warm Python runner (``tasks/zygote.py``): start it, hand it tasks.
 
 ``WarmRunner.spawn(request)`` asks the runner to fork a ``python`` task and answers a
-``WarmProcess``: the same face as an ``asyncio.subprocess.Process`` for ``ProcessRun`` (``pid``,
-``stdout``, ``stderr``, ``wait()``, ``returncode``), so timeouts, cancel, the process-group kill
+``WarmProcess``: the same face as a cold process for ``ProcessRun`` (``pid``, ``stdout_pipe``,
+``stderr_pipe``, ``wait()``, ``returncode``), so timeouts, cancel, the process-group kill
 and output capture are the cold path's. The runner starts with the first ``python`` task (or at
 the task service's start, ``prestart``), lives in ``<data_dir>/run/`` (a private directory), dies
 with the daemon (the parent-death signal and the end of its standard input) and is started again
@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from vramancer.files import private_dir
 
@@ -41,14 +41,6 @@ class WarmUnavailable(Exception):
     """The warm runner cannot take this task; start it cold."""
 
 
-async def _pipe_reader(fd: int) -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    protocol = asyncio.StreamReaderProtocol(reader)
-    await loop.connect_read_pipe(lambda: protocol, os.fdopen(fd, "rb", 0))
-    return reader
-
-
 class WarmProcess:
     """A task process forked by the warm runner (not a child of the daemon)."""
 
@@ -57,12 +49,13 @@ class WarmProcess:
         pid: int,
         control: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        stdout: asyncio.StreamReader,
-        stderr: asyncio.StreamReader,
+        stdout_pipe: IO[bytes],
+        stderr_pipe: IO[bytes],
     ) -> None:
         self.pid = pid
-        self.stdout: asyncio.StreamReader | None = stdout
-        self.stderr: asyncio.StreamReader | None = stderr
+        #: Its output pipes, read straight from the selector, as a cold process's.
+        self.stdout_pipe = stdout_pipe
+        self.stderr_pipe = stderr_pipe
         self.returncode: int | None = None
         self._control = control
         self._writer = writer
@@ -156,9 +149,11 @@ class WarmRunner:
         os.close(out_w)
         os.close(err_w)
         answer = _parse(await reader.readline())
-        stdout, stderr = await _pipe_reader(out_r), await _pipe_reader(err_r)
+        stdout, stderr = os.fdopen(out_r, "rb", 0), os.fdopen(err_r, "rb", 0)
         if "pid" not in answer:
             writer.close()
+            stdout.close()
+            stderr.close()
             raise WarmUnavailable(str(answer.get("error", "the warm runner did not answer")))
         return WarmProcess(int(answer["pid"]), reader, writer, stdout, stderr)
 
