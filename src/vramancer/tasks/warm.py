@@ -41,16 +41,54 @@ class WarmUnavailable(Exception):
     """The warm runner cannot take this task; start it cold."""
 
 
+class Control:
+    """One task's connection to the runner: its answers, a JSON line each, read from the event
+    loop's selector (no transport, no stream)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._buffer = b""
+        self._ended = False
+        self._waiter: asyncio.Future[None] | None = None
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = self._sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._buffer += data
+        else:
+            self._ended = True
+            self._loop.remove_reader(self._sock.fileno())
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def readline(self) -> bytes:
+        """The next line (b"" once the runner closed the connection)."""
+        while b"\n" not in self._buffer and not self._ended:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        line, newline, self._buffer = self._buffer.partition(b"\n")
+        return line + newline
+
+    def close(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
 class WarmProcess:
     """A task process forked by the warm runner (not a child of the daemon)."""
 
     def __init__(
-        self,
-        pid: int,
-        control: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        stdout_pipe: IO[bytes],
-        stderr_pipe: IO[bytes],
+        self, pid: int, control: Control, stdout_pipe: IO[bytes], stderr_pipe: IO[bytes]
     ) -> None:
         self.pid = pid
         #: Its output pipes, read straight from the selector, as a cold process's.
@@ -58,13 +96,12 @@ class WarmProcess:
         self.stderr_pipe = stderr_pipe
         self.returncode: int | None = None
         self._control = control
-        self._writer = writer
 
     async def wait(self) -> int:
         """The exit code (``-SIGNAL`` when killed), once the runner reports the end."""
         if self.returncode is None:
             line = await self._control.readline()
-            self._writer.close()
+            self._control.close()
             try:
                 self.returncode = int(json.loads(line)["exit"])
             except (ValueError, KeyError, TypeError):
@@ -141,25 +178,26 @@ class WarmRunner:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            reader, writer = await self._send(request, [out_w, err_w])
+            control = self._send(request, [out_w, err_w])
         except OSError as exc:
             for fd in (out_r, out_w, err_r, err_w):
                 os.close(fd)
             raise WarmUnavailable(f"warm runner unreachable: {exc}") from exc
         os.close(out_w)
         os.close(err_w)
-        answer = _parse(await reader.readline())
         stdout, stderr = os.fdopen(out_r, "rb", 0), os.fdopen(err_r, "rb", 0)
+        answer: dict[str, Any] = {}
+        try:
+            answer = _parse(await control.readline())
+        finally:
+            if "pid" not in answer:  # no process to follow: its ends go
+                for end in (control, stdout, stderr):
+                    end.close()
         if "pid" not in answer:
-            writer.close()
-            stdout.close()
-            stderr.close()
             raise WarmUnavailable(str(answer.get("error", "the warm runner did not answer")))
-        return WarmProcess(int(answer["pid"]), reader, writer, stdout, stderr)
+        return WarmProcess(int(answer["pid"]), control, stdout, stderr)
 
-    async def _send(
-        self, request: RunRequest, fds: list[int]
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    def _send(self, request: RunRequest, fds: list[int]) -> Control:
         body: dict[str, Any] = {"cwd": str(request.cwd), "env": request.env}
         if request.python is not None:
             body["target"], body["payload"] = request.python
@@ -171,11 +209,10 @@ class WarmRunner:
             sock.settimeout(5.0)
             sock.connect(str(self.socket_path))
             socket.send_fds(sock, [line + b"\n"], fds)
-            sock.setblocking(False)
         except OSError:
             sock.close()
             raise
-        return await asyncio.open_unix_connection(sock=sock)
+        return Control(sock)
 
     async def stop(self) -> None:
         """Stop the runner (closing its standard input ends it; its tasks die with it)."""
