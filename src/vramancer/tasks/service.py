@@ -7,7 +7,8 @@
 * ``dispatch`` (pure): one dispatch round, from device views (``picker``) built from the latest
   device snapshot, what the arbiter can still grant and our own running tasks: which ready tasks
   start where (priority, then expected run time from the ``RuntimeEstimator``, then submission
-  order; aging first), which wait and why;
+  order; aging first), which wait and why; ``rounds`` carries a round out (reads, leases,
+  starts or hands over);
 * ``workers``: one asyncio task per running user task, at most ``slots_per_device`` per GPU
   (``host_slots`` on the host of a machine without GPUs), with its VRAM reserved in the arbiter
   and, when it names a model, the model held (``models.use``) while it runs; ``launch`` (pure)
@@ -42,7 +43,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from vramancer.clock import Clock
-from vramancer.devices.ids import DeviceId
 from vramancer.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
 from vramancer.events import EventBus
 from vramancer.files import (
@@ -59,7 +59,6 @@ from vramancer.tasks import admission, logs, task_ids
 from vramancer.tasks.admission import HIJACK_ENV, resolve_programs
 from vramancer.tasks.blocks import BlockReader
 from vramancer.tasks.device_views import LocalViews, waiting_reasons
-from vramancer.tasks.dispatch import RoundPlan
 from vramancer.tasks.errors import PayloadTooLarge
 from vramancer.tasks.estimator import HistoryEstimator, RuntimeEstimator, as_runtime_estimator
 from vramancer.tasks.launch import ENV_TASK_ID
@@ -67,9 +66,7 @@ from vramancer.tasks.logs import MAX_LOG_OFFSET
 from vramancer.tasks.maintenance import AUTO_MAINTENANCE, MaintenanceLane
 from vramancer.tasks.model import (
     LOCAL_OWNER,
-    READY_STATES,
     Change,
-    Grant,
     HistoryPage,
     Submitted,
     TaskRecord,
@@ -88,6 +85,7 @@ from vramancer.tasks.ports import (
     ReleasesPort,
 )
 from vramancer.tasks.queue import TaskQueue
+from vramancer.tasks.rounds import UserRounds
 from vramancer.tasks.runner import kill_orphan
 from vramancer.tasks.settings import TasksSettings
 from vramancer.tasks.sqlite_queue import SqliteQueue
@@ -112,14 +110,6 @@ log = logging.getLogger(__name__)
 PURGE_BATCH = 2000
 #: Seconds between retention purges once there is no backlog.
 PURGE_INTERVAL_S = 3600.0
-#: Overdue tasks (aging) offered first per dispatch round, at most.
-OVERDUE_MAX = 8
-#: A round reads ``FIRST_PAGE + 2 × free slots`` ready tasks first (more when some did not
-#: fit): most rounds fill one freed slot with the first task, and every row read is a record
-#: built.
-FIRST_PAGE = 2
-#: With every slot taken, the first this many ready tasks are offered, so they wait saying why.
-SATURATED_PAGE = 8
 #: A history cursor is a ``seq`` (a positive SQLite integer).
 _CURSOR = re.compile(r"[0-9]{1,18}")
 
@@ -201,6 +191,17 @@ class TaskService:
         )
         #: What the dispatcher sees of this node's GPUs (``tasks/device_views.py``).
         self.views = LocalViews(devices, arbiter, self.workers.loads, settings, clock)
+        #: The user lane's dispatch rounds (``tasks/rounds.py``).
+        self.rounds = UserRounds(
+            settings,
+            queue=self.queue,
+            workers=self.workers,
+            views=self.views,
+            policy=self.policy,
+            telemetry=self.telemetry,
+            worker_id=self.worker_id,
+            pool=pool,
+        )
         self.lane = MaintenanceLane(
             settings,
             idle_busy_ratio=self.policy.idle_busy_ratio,
@@ -223,8 +224,6 @@ class TaskService:
         self._programs: dict[str, str] = {}
         self._last_housekeep = -math.inf
         self._next_purge = -math.inf
-        #: The last round left a slot free (another round at once may fill it).
-        self._room_left = True
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -502,7 +501,7 @@ class TaskService:
         return await self._round(now)
 
     async def _round(self, now: float) -> int:
-        started = await self._dispatch_user(now)
+        started = await self.rounds.run(now)
         await self.lane.queue_upkeep()
         return started + await self.lane.dispatch(now)
 
@@ -540,7 +539,7 @@ class TaskService:
                 raise
             except Exception:
                 log.exception("task dispatch round failed")
-            if started and self._room_left:
+            if started and self.rounds.room_left:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.dispatch_interval_s)
@@ -627,93 +626,6 @@ class TaskService:
     def _live(self, record: TaskRecord, reasons: Mapping[str, str]) -> TaskRecord:
         reason = reasons.get(record.task_id)
         return record if reason is None else replace(record, error=reason)
-
-    def _round_plan(self, now: float) -> RoundPlan | None:
-        if self.pool is None:
-            return RoundPlan(self.views.now(), self.policy)
-        if not self.pool.may_dispatch():
-            return None
-        return RoundPlan(self.pool.views(now), self.policy, pool=True)
-
-    async def _dispatch_user(self, now: float) -> int:
-        self._room_left = True
-        if not self.telemetry.lane_count(False, READY_STATES):
-            return 0
-        plan = self._round_plan(now)
-        if plan is None:
-            return 0
-        # every slot taken: the first ready tasks are still offered, so they wait saying why
-        await self._offer_ready(plan, now)
-        if self.pool is not None:
-            return await self._hand_over(plan, now)
-        (leased, lease_changes), wait_changes = await asyncio.gather(
-            self.queue.lease(
-                plan.grants, worker=self.worker_id, now=now, lease_s=self.settings.lease_s
-            ),
-            self.queue.set_waiting(plan.waiting, now),
-        )
-        self.telemetry.publish([*lease_changes, *wait_changes])
-        started = 0
-        for record in leased:
-            if await self.workers.launch(record, plan.cuda.get(record.task_id)):
-                started += 1
-        self._room_left = plan.free_slots > 0 or started < len(leased)
-        return started
-
-    async def _offer_ready(self, plan: RoundPlan, now: float) -> None:
-        """Offer the plan the overdue tasks first, then the ready ones in dispatch order."""
-        scan = self.settings.dispatch_scan
-        # Read only about what the free slots can take; read on when tasks did not fit. With
-        # no free slot, one page only: those tasks get their waiting reason.
-        saturated = plan.free_slots == 0
-        page = min(scan, SATURATED_PAGE if saturated else FIRST_PAGE + 2 * plan.free_slots)
-        starvation = self.settings.starvation_s
-        candidates, overdue = await self.queue.dispatch_view(
-            limit=page,
-            overdue_before=now - starvation if starvation > 0 else None,
-            overdue_limit=OVERDUE_MAX,
-        )
-        for record in overdue:
-            if plan.free_slots == 0:
-                break
-            plan.offer(record, overdue_after_s=self.settings.starvation_s)
-        seen = 0
-        while True:
-            seen += len(candidates)
-            for record in candidates:
-                if plan.free_slots == 0 and not plan.holding and not saturated:
-                    break
-                if record.task_id not in plan.offered:
-                    plan.offer(record)
-            if plan.free_slots == 0 or len(candidates) < page or seen >= scan:
-                break
-            page = min(scan - seen, FIRST_PAGE + 2 * plan.free_slots)
-            candidates = await self.queue.ready(maintenance=False, limit=page, offset=seen)
-
-    async def _hand_over(self, plan: RoundPlan, now: float) -> int:
-        """A pool's round: lease each grant to its node (the node holds the lease and renews
-        it), then send the task to that node's work subject."""
-        pool = self.pool
-        assert pool is not None
-        by_node: dict[str, list[Grant]] = {}
-        for grant in plan.grants:
-            node = DeviceId.parse(grant.device).node or pool.node
-            by_node.setdefault(node, []).append(grant)
-        lease_s = self.settings.lease_s
-        leases = await asyncio.gather(
-            *(
-                self.queue.lease(grants, worker=node, now=now, lease_s=lease_s)
-                for node, grants in by_node.items()
-            )
-        )
-        self.telemetry.publish(await self.queue.set_waiting(plan.waiting, now))
-        started = 0
-        for records, changes in leases:
-            self.telemetry.publish(changes)
-            for record in records:
-                if await pool.launch(record):
-                    started += 1
-        return started
 
     # ----------------------------------------------------------------------------- plumbing
 
