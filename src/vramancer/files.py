@@ -25,6 +25,13 @@ FILE_MODE = 0o600
 def private_dir(path: Path) -> Path:
     """Create ``path`` and its missing parents as 0700 directories (existing parents are left
     alone; ``path`` itself is made 0700 even if it existed)."""
+    try:  # the common case first: the parent is there, the directory is not
+        os.mkdir(path, DIR_MODE)
+    except OSError:
+        pass
+    else:
+        os.chmod(path, DIR_MODE)  # what the umask took away
+        return path
     missing: list[Path] = []
     here = path
     while not here.exists():
