@@ -19,7 +19,7 @@ from typing import Protocol
 
 from vramancer.memory.admission import DEFAULT_WINDOW_FRACTION, admitted_key
 from vramancer.memory.hotness import DecayedHotness
-from vramancer.memory.ranking import AdaptiveRanking
+from vramancer.memory.ranking import DEFAULT_RECENCY_FACTOR, AdaptiveRanking
 from vramancer.memory.records import BlockMeta
 from vramancer.memory.reload_cost import ReloadCostModel
 
@@ -102,7 +102,7 @@ class HotnessIndex:
         costs: ReloadCostModel | None = None,
         window_fraction: float = DEFAULT_WINDOW_FRACTION,
         adaptive: bool = True,
-        recency_factor: float = 1.0,
+        recency_factor: float = DEFAULT_RECENCY_FACTOR,
     ) -> None:
         self._hotness = hotness
         self._costs = costs if costs is not None else ReloadCostModel()
@@ -295,6 +295,8 @@ class HotnessIndex:
             self._pending.discard(block.id)
             if self.adaptive:
                 self._ranking.remember_eviction(block, self._count)
+        elif segment == "main":
+            self._ranking.forget_rejection(block.id)
         self._maybe_compact()
 
     def touch(self, block: BlockMeta, now: float) -> None:
@@ -320,6 +322,7 @@ class HotnessIndex:
             self._drain_window()
         elif type(slot) is tuple and slot[1] is block:
             block.index_slot = self._in_main_dirty
+            self._ranking.forget_rejection(block.id)
 
     def victims(self, need_bytes: int, now: float) -> list[BlockMeta]:
         """Coldest movable blocks freeing at least ``need_bytes`` (fewer if not possible):
@@ -402,7 +405,10 @@ class HotnessIndex:
             key = history(block, self._inv_recency, discount) + self._cost_log(block)
             cold = self.coldest()
             if cold is not None and not (block.pinned or block.readers > 0):
-                key = admitted_key(key, self._heap[0][0])
+                admitted = admitted_key(key, self._heap[0][0])
+                if admitted != key and self.adaptive:
+                    self._ranking.rejected(block)
+                key = admitted
             self._push(block, key)
 
 

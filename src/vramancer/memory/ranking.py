@@ -4,9 +4,11 @@ The eviction index ranks by hit counts decayed with its own half-life ``half_lif
 (LRFU's knob: small ``x`` ranks by recency, large ``x`` by frequency). :class:`AdaptiveRanking`
 moves ``x`` like ARC's ``p``: the ids of evicted blocks are remembered (seen-once and seen-more
 lists, as many ids as blocks in the index); a seen-once ghost coming back asks for more recency
-(an LRU would have kept it), a seen-more one for more frequency. It holds no blocks: the index
-tells it evictions and re-entries, and rebuilds its heap when the decay it should rank with
-changes.
+(an LRU would have kept it), a seen-more one for more frequency. As in ARC, where only a block
+that was hit while cached can come back from the frequency side, a block evicted after losing the
+admission duel with a small count (``GHOST_REJECTED_ONCE_HITS``) counts as seen once: it never
+had a place among the frequent blocks. It holds no blocks: the index tells it evictions,
+rejections and re-entries, and rebuilds its heap when the decay it should rank with changes.
 """
 
 from __future__ import annotations
@@ -28,13 +30,24 @@ RECENCY_LOG2_MAX = 6.0
 GHOST_MORE_HITS = 1.0625
 GHOST_MIN_BLOCKS = 64
 GHOST_MAX = 65536
+#: A block evicted after losing the admission duel, not hit since, with a count under this,
+#: is a seen-once ghost whatever its count (ARC's B1: it was never among the frequent blocks).
+#: Without it, a new working set's blocks, rejected again and again against an old set's
+#: counts, come back as seen-more ghosts and vote for the very frequency that keeps them out.
+GHOST_REJECTED_ONCE_HITS = 2.5
+#: ARC's step factor (the other ghost list's length over this one's) is capped at this: when one
+#: list is nearly empty, its few ghosts no longer outweigh the other list's many.
+GHOST_RATIO_MAX = 4.0
 #: Above ``GHOST_GAIN_FROM``, a ghost hit's step (ARC's) is multiplied by up to
 #: ``1 + GHOST_RECENCY_GAIN`` (linearly from that weight to 1): near the recency end (a working
 #: set that moved) the ranking moves fast both ways, so it goes back towards frequency soon after
 #: the new set is in; at or below it the step is ARC's, so a stable popularity (weight near 0)
 #: is not pulled off by stray hits, and the weight does not overshoot into the frequency end.
 GHOST_RECENCY_GAIN = 24.0
-GHOST_GAIN_FROM = 0.6
+GHOST_GAIN_FROM = 0.4
+#: The ranking starts at ``x = log2(DEFAULT_RECENCY_FACTOR)`` (weight 7/16), a little on the
+#: recency side of the hotness half-life.
+DEFAULT_RECENCY_FACTOR = 0.5
 #: The ranking is rebuilt when the learned ``x`` has moved by this much.
 RERANK_STEP = 0.5
 
@@ -51,6 +64,7 @@ class AdaptiveRanking:
     __slots__ = (
         "_ghost_more",
         "_ghost_once",
+        "_rejected",
         "discount",
         "half_life_s",
         "inv_recency",
@@ -58,7 +72,7 @@ class AdaptiveRanking:
         "x",
     )
 
-    def __init__(self, half_life_s: float, recency_factor: float = 1.0) -> None:
+    def __init__(self, half_life_s: float, recency_factor: float = DEFAULT_RECENCY_FACTOR) -> None:
         self.half_life_s = half_life_s
         x = min(RECENCY_LOG2_MAX, max(RECENCY_LOG2_MIN, math.log2(recency_factor)))
         #: Recency weight in [0, 1] (ARC's p / c): 0 ranks by frequency, 1 by recency.
@@ -69,6 +83,9 @@ class AdaptiveRanking:
         #: Ghosts of evicted blocks (ids only), seen-once and seen-more-often, oldest first.
         self._ghost_once: OrderedDict[str, None] = OrderedDict()
         self._ghost_more: OrderedDict[str, None] = OrderedDict()
+        #: Ids of blocks in the index that lost the admission duel, not hit since, whose count
+        #: alone would make them seen-more ghosts (see ``GHOST_REJECTED_ONCE_HITS``).
+        self._rejected: set[str] = set()
 
     def ghost_hit(self, block_id: str, blocks: int) -> float | None:
         """A block comes back into an index of ``blocks`` blocks; returns the new
@@ -76,7 +93,8 @@ class AdaptiveRanking:
 
         ARC's rule: a returning seen-once block says "more recency", a returning
         seen-more-often one says "more frequency"; each moves the recency weight by
-        ``max(1, |other ghosts| / |its ghosts|) / blocks``. The ranking follows once ``x`` has
+        ``max(1, |other ghosts| / |its ghosts|) / blocks``, the factor capped at
+        ``GHOST_RATIO_MAX``. The ranking follows once ``x`` has
         moved by ``RERANK_STEP``. Near the recency end the step is larger
         (``GHOST_RECENCY_GAIN``): the 2^x range is wide and a shifted working set drives the
         weight to 1, from where ARC's step takes hundreds of ghost hits to come back.
@@ -84,10 +102,10 @@ class AdaptiveRanking:
         once, more = self._ghost_once, self._ghost_more
         scale = 1.0 / max(blocks, GHOST_MIN_BLOCKS)
         if block_id in once:
-            step = max(1.0, len(more) / len(once)) * scale
+            step = min(GHOST_RATIO_MAX, max(1.0, len(more) / len(once))) * scale
             del once[block_id]
         elif block_id in more:
-            step = -max(1.0, len(once) / len(more)) * scale
+            step = -min(GHOST_RATIO_MAX, max(1.0, len(once) / len(more))) * scale
             del more[block_id]
         else:
             return None
@@ -104,9 +122,22 @@ class AdaptiveRanking:
             return self.inv_recency
         return None
 
+    def rejected(self, block: BlockMeta) -> None:
+        """``block`` lost the admission duel: if it is evicted before a hit, it is seen once."""
+        if GHOST_MORE_HITS <= block.hits < GHOST_REJECTED_ONCE_HITS:
+            self._rejected.add(block.id)
+
+    def forget_rejection(self, block_id: str) -> None:
+        """The block was hit in the index, or left it without an eviction."""
+        self._rejected.discard(block_id)
+
     def remember_eviction(self, block: BlockMeta, blocks: int) -> None:
         """``block`` was evicted from an index of ``blocks`` blocks: remember its ghost."""
-        ghosts = self._ghost_once if block.hits < GHOST_MORE_HITS else self._ghost_more
+        rejected = block.id in self._rejected
+        if rejected:
+            self._rejected.discard(block.id)
+        once = rejected or block.hits < GHOST_MORE_HITS
+        ghosts = self._ghost_once if once else self._ghost_more
         ghosts[block.id] = None
         limit = max(blocks, GHOST_MIN_BLOCKS)
         limit = min(limit, GHOST_MAX)
