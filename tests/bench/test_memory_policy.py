@@ -94,7 +94,10 @@ def test_moving_hot_set_traces_are_seeded_and_shaped_as_described() -> None:
 
 def test_after_an_abrupt_switch_the_new_hot_set_is_kept_within_4000_requests() -> None:
     """The ranking leans to recency on the ghosts of the new hot set (weight to 1, LRU order)
-    within 5,000 requests of the switch, keeps the new set, then leans back."""
+    within 2,000 requests of the switch, keeps the new set, then leans back. Over the first
+    4,000 requests after the switch, the new set's requests miss little more than their
+    compulsory first access (LRU: nothing more; before rejected blocks counted as seen once,
+    some 130 more)."""
     trace = traces.hot_set_switch(n=50_000)
     counts = Counter(k for k, _ in trace[25_000:])
     hot = {k for k, n in counts.items() if n >= 5}
@@ -102,18 +105,23 @@ def test_after_an_abrupt_switch_the_new_hot_set_is_kept_within_4000_requests() -
     weights: dict[int, float] = {}
     hits = {"early": 0, "late": 0}
     asked = {"early": 0, "late": 0}
+    seen: set[str] = set()
+    compulsory = 0
     for i, (key, size) in enumerate(trace):
         hit = sim.request(key, size)
-        if i in (24_999, 30_000, 49_999):
+        if i in (24_999, 27_000, 49_999):
             weights[i] = sim.index.recency_weight
         if i >= 25_000 and key in hot:
             part = "early" if i < 29_000 else "late"
             asked[part] += 1
             hits[part] += hit
-    assert weights[24_999] < 0.5  # a stable hot set: the ranking leans to frequency
-    assert weights[30_000] == 1.0  # the switch drove it to the recency end
-    assert weights[49_999] < 1.0  # and it came back once the new set was in
-    assert hits["early"] / asked["early"] < 0.8  # the first accesses miss (compulsory)
+            compulsory += part == "early" and key not in seen
+            seen.add(key)
+    assert weights[24_999] < 0.7  # a stable hot set: short of the recency end
+    assert weights[27_000] == 1.0  # the switch drove it to the recency end
+    assert weights[49_999] < 0.8  # and it came back once the new set was in
+    assert compulsory > 600
+    assert asked["early"] - hits["early"] - compulsory <= 60
     assert hits["late"] / asked["late"] >= 0.98
     resident = sum(1 for k in hot if sim.blocks[k].tier == "fast")
     assert resident >= len(hot) - 2

@@ -345,7 +345,7 @@ def _ghost_round_trip(index: HotnessIndex, now: float, hits: float) -> None:
 
 def test_a_ghost_hit_moves_the_weight_faster_near_the_recency_end_only() -> None:
     # 64 blocks: ARC's step is 1/64 per ghost hit (no ghosts on the other side).
-    lean = HotnessIndex(DecayedHotness(60.0))  # x = 0: weight 6/16, under GHOST_GAIN_FROM
+    lean = HotnessIndex(DecayedHotness(60.0), recency_factor=1.0)  # x = 0: weight 6/16
     assert lean.recency_weight == 0.375 < GHOST_GAIN_FROM
     for i in range(64):
         lean.add(block(f"b{i}", 1), 0.0)
