@@ -37,7 +37,7 @@ GHOST_MAX = 65536
 GHOST_REJECTED_ONCE_HITS = 2.5
 #: ARC's step factor (the other ghost list's length over this one's) is capped at this: when one
 #: list is nearly empty, its few ghosts no longer outweigh the other list's many.
-GHOST_RATIO_MAX = 4.0
+GHOST_RATIO_MAX = 16.0
 #: Above ``GHOST_GAIN_FROM``, a ghost hit's step (ARC's) is multiplied by up to
 #: ``1 + GHOST_RECENCY_GAIN`` (linearly from that weight to 1): near the recency end (a working
 #: set that moved) the ranking moves fast both ways, so it goes back towards frequency soon after
