@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from vramancer.api.deps import RuntimeDep
-from vramancer.api.schemas import ClusterNodes
+from vramancer.api.schemas_cluster import ClusterNodes
 from vramancer.devices.ids import DeviceId
 
 router = APIRouter(tags=["cluster"])

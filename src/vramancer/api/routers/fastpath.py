@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from vramancer.api.deps import RuntimeDep
-from vramancer.api.schemas import FastpathReport
+from vramancer.api.schemas_cluster import FastpathReport
 
 router = APIRouter(tags=["fastpath"])
 

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from vramancer.api.deps import RuntimeDep
-from vramancer.api.schemas import GatewayQueues
+from vramancer.api.schemas_cluster import GatewayQueues
 
 router = APIRouter(tags=["gateway"])
 

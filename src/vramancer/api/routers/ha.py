@@ -17,7 +17,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from vramancer.api.deps import Admin, RuntimeDep
-from vramancer.api.schemas import ERROR_RESPONSES, HaAck, HaStatus
+from vramancer.api.schemas import ERROR_RESPONSES
+from vramancer.api.schemas_cluster import HaAck, HaStatus
 from vramancer.errors import Conflict, InvalidInput
 from vramancer.replication.service import HaService
 from vramancer.replication.shipper import ADDRESS_HEADER
