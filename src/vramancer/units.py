@@ -117,3 +117,8 @@ def parse_param_count(value: str) -> int:
     number, suffix = match.groups()
     factor = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}[suffix.lower()]
     return int(float(number) * factor)
+
+
+def count_of(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun``, singular for one: ``1 block``, ``2 blocks``, ``0 blocks``."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"

@@ -81,3 +81,11 @@ def test_a_huge_size_string_is_refused_without_being_echoed() -> None:
         parse_size("x" * 65)
     assert len(str(info.value)) < 200
     assert parse_size(" " * 50 + "1GiB") == 1024**3
+
+
+def test_counts_are_singular_for_one_only() -> None:
+    from vramancer.units import count_of
+
+    assert [count_of(n, "block") for n in (0, 1, 2)] == ["0 blocks", "1 block", "2 blocks"]
+    assert count_of(1, "entry", "entries") == "1 entry"
+    assert count_of(3, "entry", "entries") == "3 entries"

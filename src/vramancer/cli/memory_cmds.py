@@ -37,7 +37,7 @@ from vramancer.cli.tables import print_table
 from vramancer.errors import VramancerError
 from vramancer.memory.recovery import rebuild
 from vramancer.memory.tiers import TierName, tier_dir
-from vramancer.units import format_size, parse_size
+from vramancer.units import count_of, format_size, parse_size
 
 memory_app = typer.Typer(
     help="Tiered block store: tiers, blocks, put, get, delete, evict, recover.",
@@ -96,7 +96,8 @@ def tiers(json_out: JsonOpt = False) -> None:
         console.print(table)
         totals = d.get("totals", {})
         console.print(
-            f"{totals.get('blocks', 0)} blocks · promotions {totals.get('promotions', 0)} · "
+            f"{count_of(totals.get('blocks', 0), 'block')} · "
+            f"promotions {totals.get('promotions', 0)} · "
             f"demotions {totals.get('demotions', 0)} · evictions {totals.get('evictions', 0)}"
         )
 
@@ -366,7 +367,7 @@ def evict(
     data = _request("POST", "/v1/memory/evict", json=body)
 
     def render(d: dict[str, Any]) -> None:
-        console.print(f"evicted {d['moved']} blocks ({format_size(d['bytes'])})")
+        console.print(f"evicted {count_of(d['moved'], 'block')} ({format_size(d['bytes'])})")
 
     emit(data, json_out, render)
 
@@ -418,7 +419,7 @@ def recover(
         aside = ", ".join(d["moved_aside"]) or "none (there was no catalog)"
         console.print(f"old catalog moved aside: {aside}")
         console.print(
-            f"catalog rebuilt: {d['blocks']} blocks ({format_size(d['bytes'])}), "
+            f"catalog rebuilt: {count_of(d['blocks'], 'block')} ({format_size(d['bytes'])}), "
             f"{d['adopted']} from their block files, {d['carried_rows']} rows carried over"
         )
         for item in d["quarantined"]:
