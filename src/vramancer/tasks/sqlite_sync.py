@@ -35,6 +35,23 @@ log = logging.getLogger(__name__)
 Result = tuple[concurrent.futures.Future[Any], Any, BaseException | None]
 
 
+def take_waiting(
+    waiting: stdqueue.SimpleQueue[Any], first: Any, stop: object, limit: int = 1 << 30
+) -> tuple[list[Any], bool]:
+    """``first`` and the items that wait behind it in ``waiting`` (``limit`` in all at most),
+    without blocking; and whether ``stop`` came among them (it ends the list)."""
+    items = [first]
+    while len(items) < limit:
+        try:
+            item = waiting.get_nowait()
+        except stdqueue.Empty:
+            break
+        if item is stop:
+            return items, True
+        items.append(item)
+    return items, False
+
+
 def resolve(results: list[Result], error: BaseException | None = None) -> None:
     """Answer each operation (``error`` overrides: the commit could not be made durable)."""
     for future, value, failure in results:
@@ -74,16 +91,7 @@ class WalSyncer:
             item = self._queue.get()
             if item is self._STOP:
                 return
-            groups, stop = [item], False
-            while True:
-                try:
-                    nxt = self._queue.get_nowait()
-                except stdqueue.Empty:
-                    break
-                if nxt is self._STOP:
-                    stop = True
-                    break
-                groups.append(nxt)
+            groups, stop = take_waiting(self._queue, item, self._STOP)
             error = self._sync()
             for results in groups:
                 resolve(results, error)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from vramancer.errors import BackendUnavailable, disk_full_error, is_disk_full
-from vramancer.tasks.sqlite_sync import Result, WalSyncer, resolve
+from vramancer.tasks.sqlite_sync import Result, WalSyncer, resolve, take_waiting
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +65,7 @@ class GroupCommitWriter:
             item = self._queue.get()
             if item is self._STOP:
                 return
-            batch = [item]
-            stop = False
-            while len(batch) < GROUP_COMMIT_MAX:
-                try:
-                    nxt = self._queue.get_nowait()
-                except stdqueue.Empty:
-                    break
-                if nxt is self._STOP:
-                    stop = True
-                    break
-                batch.append(nxt)
+            batch, stop = take_waiting(self._queue, item, self._STOP, GROUP_COMMIT_MAX)
             self._commit(batch)
             if stop:
                 return
