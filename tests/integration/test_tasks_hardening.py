@@ -321,6 +321,45 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return True
 
 
+WARM_SCRIPT = """
+import subprocess, sys, time
+background = subprocess.Popen(["sleep", "300"])
+print(background.pid, flush=True)
+import os
+print(os.getpid(), flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+def test_a_sigkilled_daemons_warm_task_and_what_it_started_die_with_it(tmp_path: Path) -> None:
+    """A task forked from the warm runner is the runner's child, not the daemon's: its group
+    is listed with the guard all the same, so what it started in the background dies too."""
+    script = tmp_path / "starts_sleep.py"
+    script.write_text(WARM_SCRIPT)
+    first = start_server(tmp_path, "[devices]\nbackends = []\n")
+    try:
+        with first.client() as client:
+            body = {"type": "cmd", "cmd": ["python", str(script)], "warm": True, "max_retries": 0}
+            task_id = client.post("/api/tasks/submit", json=body).json()["task_id"]
+            deadline = time.monotonic() + 30
+            while True:
+                out = client.get(f"/api/tasks/{task_id}/logs").json()["stdout"].split()
+                if len(out) == 2:
+                    break
+                assert time.monotonic() < deadline, "the task never started"
+                time.sleep(0.05)
+        background, main = (int(pid) for pid in out)
+        assert psutil.Process(main).ppid() != first.proc.pid  # forked by the warm runner
+        assert _alive(main) and _alive(background)
+    finally:
+        first.kill(signal.SIGKILL)
+        if first.proc.stdout:
+            first.proc.stdout.close()
+    assert _wait_gone(main, 5.0), "the warm task outlived its daemon"
+    assert _wait_gone(background, 5.0), "what the warm task started outlived its daemon"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("guard_killed", [False, True])
 def test_a_sigkilled_daemons_task_processes_die_with_it(tmp_path: Path, guard_killed: bool) -> None:

@@ -476,6 +476,19 @@ def _popen(req: RunRequest) -> subprocess.Popen[bytes]:
     return popen
 
 
+def _guard_group(pgid: int) -> None:
+    """List a warm task's process group with the guard, as a cold task's is: it is the warm
+    runner's child, not ours, and dies with the runner (parent-death signal), but what it
+    started in the background dies with the daemon only through the guard."""
+    guard = _guarded()
+    if guard is None:
+        return
+    try:
+        guard.register(pgid)
+    except OSError as exc:
+        log.warning("task group %d not listed with the guard: %s", pgid, exc)
+
+
 def _unguard(pid: int) -> None:
     """The task's main process ended (not reaped yet): the guard forgets its group."""
     if _GUARD is not None:
@@ -534,6 +547,7 @@ class ProcessRun:
                 log.debug("python task started cold: %s", exc)
             else:
                 self.pid = self._proc.pid
+                _guard_group(self.pid)
                 return
         self._proc = await spawn(req)
         self.pid = self._proc.pid
@@ -568,6 +582,8 @@ class ProcessRun:
         # The main process is gone: whatever is left of its group goes too.
         self.exited = True
         kill_group(proc.pid)
+        if isinstance(proc, WarmProcess):
+            _unguard(proc.pid)
         await self._drain(pumps)
         exit_code = proc.returncode
         return RunResult(

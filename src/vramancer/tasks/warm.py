@@ -1,13 +1,15 @@
 """The daemon's side of the warm Python runner (``tasks/zygote.py``): start it, hand it tasks.
 
-``WarmRunner.spawn(request)`` asks the runner to fork a ``python`` task and answers a
-``WarmProcess``: the same face as a cold process for ``ProcessRun`` (``pid``, ``stdout_pipe``,
-``stderr_pipe``, ``wait()``, ``returncode``), so timeouts, cancel, the process-group kill
-and output capture are the cold path's. The runner starts with the first ``python`` task (or at
-the task service's start, ``prestart``), lives in ``<data_dir>/run/`` (a private directory), dies
-with the daemon (the parent-death signal and the end of its standard input) and is started again
-after it died. When it cannot be used, ``spawn`` raises ``WarmUnavailable`` and the task starts
-cold, as ``python -m vramancer.tasks.pyrun``.
+``WarmRunner.spawn(request)`` asks the runner to fork a ``python`` task (or a warm ``cmd`` task)
+and answers a ``WarmProcess``: the same face as a cold process for ``ProcessRun`` (``pid``,
+``stdout_pipe``, ``stderr_pipe``, ``wait()``, ``returncode``), so timeouts, cancel, the
+process-group kill and output capture are the cold path's, and its process group is listed with
+the guard (``tasks/guard.py``) as a cold task's: what it starts in the background dies with the
+daemon. The runner starts with the first ``python`` task (or at the task service's start,
+``prestart``), lives in ``<data_dir>/run/`` (a private directory), dies with the daemon (the
+parent-death signal and the end of its standard input) and is started again after it died.
+When it cannot be used, ``spawn`` raises ``WarmUnavailable`` and the task starts cold, as
+``python -m vramancer.tasks.pyrun``.
 """
 
 from __future__ import annotations
