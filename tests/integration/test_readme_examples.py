@@ -61,7 +61,7 @@ EXPECTED: dict[str, str] = {
     "vramancer submit --vram 4GiB --wait -- python train.py": r"train\.py ran on gpu:\d",
     "vramancer tasks list": r"\bdone\b.*python train\.py",
     "vramancer memory put kv/page/1 page.bin && vramancer memory tiers": (
-        r"stored kv/page/1 \(4\.0 KiB\) in L\d(.|\n)*1 blocks"
+        r"stored kv/page/1 \(4\.0 KiB\) in L\d(.|\n)*1 block "
     ),
     "vramancer worker --nats nats://hub:4222 --name box-3090": (
         r"worker box-3090 is in the pool with \d+ GPU(.|\n)*worker box-3090 left the pool"
