@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vramancer.errors import BackendUnavailable, disk_full_error, is_disk_full
+from vramancer.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class WalSyncer:
         try:
             if self._fd is None:
                 self._fd = os.open(self.wal_path, os.O_RDONLY | os.O_CLOEXEC)
-                _sync_dir(self.wal_path.parent)  # the WAL file's name, once
+                fsync_dir(self.wal_path.parent)  # the WAL file's name, once
             os.fdatasync(self._fd)
         except OSError as exc:
             log.error("syncing the task queue's WAL failed: %s", exc)
@@ -110,11 +111,3 @@ class WalSyncer:
                 return disk_full_error(exc, "the task queue")
             return BackendUnavailable(f"task queue database sync failed: {exc}")
         return None
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
