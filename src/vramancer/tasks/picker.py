@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from vramancer.devices.ids import gpu_name
 from vramancer.devices.types import SystemSnapshot
 from vramancer.tasks.settings import PickerStrategy, TasksSettings
-from vramancer.units import format_size
+from vramancer.units import count_of, format_size
 
 HOST = "host"
 #: Assumed utilization and temperature when a device does not report them (mid-range: such
@@ -167,8 +167,7 @@ def _memory(view: DeviceView, need_bytes: int) -> str:
     text = f"needs {format_size(need_bytes)}, {format_size(view.available_bytes)} available"
     n = view.reservations
     if n:
-        plural = "s" if n > 1 else ""
-        text += f" after {n} reservation{plural} ({format_size(view.reserved_bytes)})"
+        text += f" after {count_of(n, 'reservation')} ({format_size(view.reserved_bytes)})"
     else:
         text += " after reservations"
     if view.external_bytes:
