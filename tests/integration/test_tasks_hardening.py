@@ -321,6 +321,19 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return True
 
 
+def _started_pids(client: httpx.Client, body: dict[str, Any], timeout_s: float) -> tuple[int, int]:
+    """Submit ``body`` (a task that prints the pid of what it started in the background,
+    then its own) and wait until both are in its output."""
+    task_id = client.post("/api/tasks/submit", json=body).json()["task_id"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = client.get(f"/api/tasks/{task_id}/logs").json()["stdout"].split()
+        if len(out) == 2:
+            return int(out[0]), int(out[1])
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.05)
+
+
 WARM_SCRIPT = """
 import subprocess, sys, time
 background = subprocess.Popen(["sleep", "300"])
@@ -341,15 +354,7 @@ def test_a_sigkilled_daemons_warm_task_and_what_it_started_die_with_it(tmp_path:
     try:
         with first.client() as client:
             body = {"type": "cmd", "cmd": ["python", str(script)], "warm": True, "max_retries": 0}
-            task_id = client.post("/api/tasks/submit", json=body).json()["task_id"]
-            deadline = time.monotonic() + 30
-            while True:
-                out = client.get(f"/api/tasks/{task_id}/logs").json()["stdout"].split()
-                if len(out) == 2:
-                    break
-                assert time.monotonic() < deadline, "the task never started"
-                time.sleep(0.05)
-        background, main = (int(pid) for pid in out)
+            background, main = _started_pids(client, body, timeout_s=30)
         assert psutil.Process(main).ppid() != first.proc.pid  # forked by the warm runner
         assert _alive(main) and _alive(background)
     finally:
@@ -371,15 +376,7 @@ def test_a_sigkilled_daemons_task_processes_die_with_it(tmp_path: Path, guard_ki
     try:
         with first.client() as client:
             body = {"type": "cmd", "cmd": ["sh", "-c", script], "max_retries": 0}
-            task_id = client.post("/api/tasks/submit", json=body).json()["task_id"]
-            deadline = time.monotonic() + 20
-            while True:
-                out = client.get(f"/api/tasks/{task_id}/logs").json()["stdout"].split()
-                if len(out) == 2:
-                    break
-                assert time.monotonic() < deadline, "the task never started"
-                time.sleep(0.05)
-        background, main = (int(pid) for pid in out)
+            background, main = _started_pids(client, body, timeout_s=20)
         assert _alive(main) and _alive(background)
         if guard_killed:
             (guard,) = [
