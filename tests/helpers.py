@@ -17,6 +17,24 @@ from typing import Any
 
 import httpx
 
+#: A daemon with one operator token (``op``) and one simulated 24 GiB GPU, no real backend:
+#: what the CLI and API edge tests start (they append what else they need).
+OPERATOR_SIM_GPU_CONFIG = """
+[auth]
+tokens = { "op" = "operator" }
+
+[devices]
+backends = []
+[[devices.simulated]]
+name = "sim0"
+memory = "24GiB"
+"""
+
+
+def operator_env(url: str) -> dict[str, str]:
+    """What the CLI needs to reach ``url`` as the operator of ``OPERATOR_SIM_GPU_CONFIG``."""
+    return {"VRM_URL": url, "VRM_API_TOKEN": "op"}
+
 
 def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.gitrepo import BUILD, TEST, GitRepo
-from tests.helpers import ServerProcess, start_server, toml_value, wait_for
+from tests.helpers import ServerProcess, operator_env, start_server, toml_value, wait_for
 from vramancer.client import Client
 
 pytestmark = pytest.mark.integration
@@ -160,7 +160,7 @@ def test_release_over_http(
         ran = vrm.run("cat", "version.txt", release="current", timeout_s=60)
         assert ran["state"] == "done" and vrm.logs(ran["task_id"])["stdout"] == "v1\n"
     env = {k: v for k, v in os.environ.items() if not k.startswith("VRM_")}
-    env |= {"VRM_URL": server.url, "VRM_API_TOKEN": "op"}
+    env |= operator_env(server.url)
     cli = subprocess.run(
         [sys.executable, "-m", "vramancer.main", "--mode", "cli", "submit", "--release",
          "current", "--json", "--", "cat", "version.txt"],

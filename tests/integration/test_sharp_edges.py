@@ -15,22 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ServerProcess, free_port, running_server
+from tests.helpers import (
+    OPERATOR_SIM_GPU_CONFIG,
+    ServerProcess,
+    free_port,
+    operator_env,
+    running_server,
+)
 from tests.integration.test_serve_edges import Daemon
 
 pytestmark = pytest.mark.integration
 
 SCRIPT = Path(sys.executable).with_name("vramancer")
-CONFIG = """
-[auth]
-tokens = { "op" = "operator" }
-
-[devices]
-backends = []
-[[devices.simulated]]
-name = "sim0"
-memory = "24GiB"
-"""
+CONFIG = OPERATOR_SIM_GPU_CONFIG
 #: A byte count as a machine writes it (six digits or more, with or without a unit).
 RAW_BYTES = re.compile(r"\d{6,} ?(?:B\b|bytes)")
 
@@ -45,7 +42,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 def vramancer(*args: str, url: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
     """``vramancer ARGS`` as a user types it, with VRM_URL and the operator's token."""
     assert SCRIPT.is_file(), f"no console script at {SCRIPT}"
-    env = {**os.environ, "VRM_URL": url, "VRM_API_TOKEN": "op"}
+    env = {**os.environ, **operator_env(url)}
     return subprocess.run(
         [str(SCRIPT), *args], env=env, input=input, capture_output=True, text=True, timeout=60
     )

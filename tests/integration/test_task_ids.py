@@ -11,19 +11,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.helpers import ServerProcess, running_server, wait_for
+from tests.helpers import (
+    OPERATOR_SIM_GPU_CONFIG,
+    ServerProcess,
+    operator_env,
+    running_server,
+    wait_for,
+)
 from vramancer.cli.main import app
 
-CONFIG = """
-[auth]
-tokens = { "op" = "operator" }
-
-[devices]
-backends = []
-[[devices.simulated]]
-name = "sim0"
-memory = "24GiB"
-"""
+CONFIG = OPERATOR_SIM_GPU_CONFIG
 
 runner = CliRunner()
 
@@ -78,7 +75,7 @@ def test_the_http_routes_take_a_unique_prefix(server: ServerProcess) -> None:
 
 
 def test_the_cli_takes_the_12_characters_the_dashboard_shows(server: ServerProcess) -> None:
-    env = {"VRM_URL": server.url, "VRM_API_TOKEN": "op"}
+    env = operator_env(server.url)
     done = runner.invoke(app, ["submit", "--wait", "--", "echo", "from-cli"], env=env)
     assert done.exit_code == 0, done.output
     short = done.stdout.splitlines()[0][:12]
@@ -95,7 +92,7 @@ def test_the_cli_takes_the_12_characters_the_dashboard_shows(server: ServerProce
 
 
 def test_the_cli_names_the_candidates_of_an_ambiguous_prefix(server: ServerProcess) -> None:
-    env = {"VRM_URL": server.url, "VRM_API_TOKEN": "op"}
+    env = operator_env(server.url)
     submit(server, "twin-cli-a", ["true"])
     submit(server, "twin-cli-b", ["true"])
     for command in (["watch", "twin-cli"], ["tasks", "logs", "twin"], ["tasks", "cancel", "twin"]):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.helpers import ServerProcess, running_server
+from tests.helpers import ServerProcess, operator_env, running_server
 from vramancer.cli.main import app
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def op(server: ServerProcess) -> Iterator[httpx.Client]:
 
 
 def cli(server: ServerProcess, *args: str) -> Any:
-    return CliRunner().invoke(app, list(args), env={"VRM_URL": server.url, "VRM_API_TOKEN": "op"})
+    return CliRunner().invoke(app, list(args), env=operator_env(server.url))
 
 
 def test_unknown_model_is_422_naming_the_field_and_queues_nothing(op: httpx.Client) -> None:

@@ -15,23 +15,23 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.helpers import ServerProcess, free_port, start_server
+from tests.helpers import (
+    OPERATOR_SIM_GPU_CONFIG,
+    ServerProcess,
+    free_port,
+    operator_env,
+    start_server,
+)
 from vramancer.cli.main import app
 
-CONFIG = """
-[auth]
-tokens = { "op" = "operator" }
-
-[devices]
-backends = []
-[[devices.simulated]]
-name = "sim0"
-memory = "24GiB"
-
+CONFIG = (
+    OPERATOR_SIM_GPU_CONFIG
+    + """
 [tasks]
 maintenance_idle_s = 0
 maintenance_max_cpu_ratio = 1.0
 """
+)
 
 runner = CliRunner()
 
@@ -47,7 +47,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def env_for(server: ServerProcess, url: str | None = None) -> dict[str, str]:
-    return {"VRM_URL": url or server.url, "VRM_API_TOKEN": "op"}
+    return operator_env(url or server.url)
 
 
 def test_a_url_without_a_scheme_means_http(server: ServerProcess) -> None:

@@ -19,26 +19,20 @@ import typer._click as click
 from typer.testing import CliRunner
 
 import vramancer
-from tests.helpers import ServerProcess, running_server
+from tests.helpers import OPERATOR_SIM_GPU_CONFIG, ServerProcess, operator_env, running_server
 from vramancer.cli.main import app
 from vramancer.cli.system_cmds import optimize_summary
 
-CONFIG = """
-[auth]
-tokens = { "op" = "operator" }
-
-[devices]
-backends = []
-[[devices.simulated]]
-name = "sim0"
-memory = "24GiB"
-
+CONFIG = (
+    OPERATOR_SIM_GPU_CONFIG
+    + """
 [[models]]
 name = "toy-small-embedding-model-for-tables"
 backend = "torch"
 factory = "tests.unit.models.tiny:tiny"
 vram = "500MiB"
 """
+)
 
 runner = CliRunner()
 
@@ -51,7 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def env_for(server: ServerProcess) -> dict[str, str]:
-    return {"VRM_URL": server.url, "VRM_API_TOKEN": "op"}
+    return operator_env(server.url)
 
 
 def plain(text: str) -> str:
