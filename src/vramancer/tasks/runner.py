@@ -68,9 +68,15 @@ _T = TypeVar("_T")
 _SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vrm-spawn")
 
 
+def to_spawner(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+    """``func(*args)`` handed to the spawner thread now (in order with every other call
+    there); the future of its result."""
+    return asyncio.get_running_loop().run_in_executor(_SPAWNER, func, *args)
+
+
 async def in_spawner(func: Callable[..., _T], *args: Any) -> _T:
     """``func(*args)`` on the spawner thread (in order with every other call there)."""
-    return await asyncio.get_running_loop().run_in_executor(_SPAWNER, func, *args)
+    return await to_spawner(func, *args)
 
 
 #: How long to wait for the pipes to close once the process group is gone.
@@ -505,7 +511,7 @@ def _kill_started(starting: asyncio.Future[subprocess.Popen[bytes]]) -> None:
 
 async def spawn(req: RunRequest) -> SpawnedProcess:
     """Start ``req``'s process from the spawner thread; ``OSError`` when it cannot start."""
-    starting = asyncio.get_running_loop().run_in_executor(_SPAWNER, _popen, req)
+    starting = to_spawner(_popen, req)
     try:
         popen = await asyncio.shield(starting)
     except asyncio.CancelledError:  # it starts anyway, on the thread: it must not live on

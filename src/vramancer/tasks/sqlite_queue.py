@@ -56,7 +56,8 @@ from vramancer.tasks.sqlite_rows import (
     OPEN_STATES,
     OVERDUE_MAINT_SQL,
     OVERDUE_SQL,
-    READY_SQL,
+    READY_MAINT_SQL,
+    READY_USER_SQL,
     chunks,
     history,
     to_record,
@@ -184,8 +185,8 @@ class SqliteQueue:
 
     async def ready(self, *, maintenance: bool, limit: int, offset: int = 0) -> list[TaskRecord]:
         def op(conn: sqlite3.Connection) -> list[TaskRecord]:
-            params = (1 if maintenance else 0, limit, offset)
-            rows = conn.execute(READY_SQL, params).fetchall()
+            sql = READY_MAINT_SQL if maintenance else READY_USER_SQL
+            rows = conn.execute(sql, (limit, offset)).fetchall()
             return [to_record(row) for row in rows]
 
         return self._read_now(op)
@@ -238,7 +239,7 @@ class SqliteQueue:
         ``tasks_user_age``)."""
 
         def op(conn: sqlite3.Connection) -> tuple[list[TaskRecord], list[TaskRecord]]:
-            page = conn.execute(READY_SQL, (0, limit, 0)).fetchall() if limit > 0 else []
+            page = conn.execute(READY_USER_SQL, (limit, 0)).fetchall() if limit > 0 else []
             overdue = []
             if overdue_before is not None:
                 overdue = conn.execute(OVERDUE_SQL, (overdue_before, overdue_limit)).fetchall()

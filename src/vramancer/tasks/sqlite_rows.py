@@ -22,10 +22,14 @@ COLS = (
     "started_at, finished_at, not_before, cancel_requested, pid, stdout_tail, stderr_tail, "
     "idem_key, lease_losses, ready_at, owner"
 )
-READY_SQL = (
-    f"SELECT {COLS} FROM tasks WHERE state IN ('queued', 'waiting_gpu') AND lane = ? "
+_READY_SQL = (
+    f"SELECT {COLS} FROM tasks WHERE state IN ('queued', 'waiting_gpu') AND lane = {{lane}} "
     "ORDER BY prio DESC, est_ms, seq LIMIT ? OFFSET ?"
 )
+#: Ready tasks of one lane in dispatch order (``LIMIT ? OFFSET ?``). The lane is a literal:
+#: bound as a parameter, the same index walk costs SQLite twice the time.
+READY_USER_SQL = _READY_SQL.format(lane=0)
+READY_MAINT_SQL = _READY_SQL.format(lane=1)
 #: ``lane = 0`` is a literal so that the partial index ``tasks_user_age`` applies; INDEXED BY
 #: because without statistics SQLite would rather scan the user lane of ``tasks_ready`` and sort.
 OVERDUE_SQL = (

@@ -40,7 +40,7 @@ from vramancer.tasks.model import READY_STATES, Change, Outcome, OutcomeKind, Ta
 from vramancer.tasks.picker import HOST, LocalLoad
 from vramancer.tasks.ports import ArbiterPort, ModelsPort, ReleasesPort
 from vramancer.tasks.queue import TaskQueue
-from vramancer.tasks.runner import ProcessRun, RunResult, in_spawner
+from vramancer.tasks.runner import ProcessRun, RunResult, in_spawner, to_spawner
 from vramancer.tasks.settings import TasksSettings
 from vramancer.tasks.telemetry import Telemetry
 from vramancer.tasks.warm import WarmRunner
@@ -213,13 +213,20 @@ class Workers:
         return True
 
     async def finish(
-        self, outcome: Outcome, *, wake: bool = True, marking: asyncio.Task[None] | None = None
+        self,
+        outcome: Outcome,
+        *,
+        wake: bool = True,
+        marking: asyncio.Task[None] | None = None,
+        after: asyncio.Future[None] | None = None,
     ) -> None:
         """Report how an attempt ended; the queue decides what follows.
 
         ``marking``: the attempt's ``running`` mark being written; the end is published after
         it. A queue that applies writes in the order they come (``keeps_order``) gets the end
         right behind the mark (they share a commit); any other once the mark is written.
+        ``after``: work the end is published after (the scratch directory's removal), done
+        while the end is written.
 
         With ``retry_unavailable`` (a pool's shared queue), a queue that cannot be reached is
         asked again until it answers or the daemon stops: the outcome is not dropped (its task
@@ -234,6 +241,8 @@ class Workers:
             changes = await self._record(outcome)
             if marking is not None:
                 await asyncio.wait([marking])
+            if after is not None:
+                await after
         finally:
             self.recording.discard(outcome.task_id)
         if changes is None:
@@ -295,15 +304,16 @@ class Workers:
             if active.mark_timer is not None:
                 active.mark_timer.cancel()
             self._release(active)
-            # started here so that it happens even when this coroutine is cancelled
-            scratch_removed = asyncio.ensure_future(self._remove_scratch(active))
+            # handed over here so that it happens even when this coroutine is cancelled
+            scratch_removed = self._remove_scratch(active)
             self.poke()  # a slot is free: the next task can start while this one is recorded
             for listener in self.on_slot_free:
                 listener()
-        await scratch_removed
-        if not active.lost:
+        if active.lost:
+            await scratch_removed
+        else:
             # a mark not written yet (the task ended within MARK_DELAY_S) goes with the end
-            await self.finish(outcome, marking=self._mark(active))
+            await self.finish(outcome, marking=self._mark(active), after=scratch_removed)
 
     async def _run_with_model(self, active: Active) -> Outcome:
         """Run the process, inside ``models.use(model)`` when the task names a model: loaded
@@ -413,15 +423,19 @@ class Workers:
                 log.exception("releasing the VRAM of task %s failed", active.record.task_id)
             active.allocation_id = None
 
-    async def _remove_scratch(self, active: Active) -> None:
-        """The attempt's scratch directory goes (ours even when the task ran in its own cwd)
-        before its end is recorded, so before a next attempt can create it again. Most tasks
-        leave it empty: one ``rmdir``, here (cheaper than the two thread switches of a hop);
-        one that holds files is walked on the spawner thread."""
-        if not self.settings.keep_scratch:
-            scratch = scratch_dir(self.data_dir, active.device, active.record.task_id)
-            if not remove_empty_dir(scratch):
-                await in_spawner(remove_dir, scratch)
+    def _remove_scratch(self, active: Active) -> asyncio.Future[None]:
+        """The attempt's scratch directory goes (ours even when the task ran in its own cwd):
+        handed to the spawner thread now, before the end is written, so a next attempt (started
+        from that thread, in order) cannot create it again first. The end is published once
+        it is gone; the loop does not wait for the ``rmdir`` (a journal update that may take
+        longer than the rest of the task's end)."""
+        if self.settings.keep_scratch:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return to_spawner(
+            remove_dir, scratch_dir(self.data_dir, active.device, active.record.task_id)
+        )
 
 
 def remove_empty_dir(path: Path) -> bool:
