@@ -48,7 +48,15 @@ TARGET_EMBEDDED_PER_S = 2000.0
 #: VRAMancer's aim on one task alone: submit -> done p50 within this factor of the fastest peer.
 TARGET_LATENCY_FACTOR = 1.5
 #: Systems in table order.
-SYSTEM_ORDER = ("vramancer", "vramancer_http", "celery", "rq", "huey", "dramatiq")
+SYSTEM_ORDER = (
+    "vramancer",
+    "vramancer_uvloop",
+    "vramancer_http",
+    "celery",
+    "rq",
+    "huey",
+    "dramatiq",
+)
 
 #: Common to the four Redis-based systems, as run here.
 _REDIS_NOTE = (
@@ -216,6 +224,10 @@ def build_systems(
             from bench.tasks.compare_vramancer import EmbeddedRunner
 
             systems.append(EmbeddedRunner(workdir, timeout_s))
+        elif name == "vramancer_uvloop":
+            from bench.tasks.compare_vramancer import UvloopRunner
+
+            systems.append(UvloopRunner(workdir, timeout_s))
         elif name == "vramancer_http":
             from bench.tasks.compare_vramancer import HttpRunner
 
@@ -315,15 +327,15 @@ def measure(
     return list(reports.values())
 
 
-def _verdict_of(work_reports: list[SystemReport]) -> dict[str, Any]:
+def _verdict_of(work_reports: list[SystemReport], name: str = "vramancer") -> dict[str, Any]:
     by_name = {r.name: r for r in work_reports}
-    ours = by_name.get("vramancer")
+    ours = by_name.get(name)
     peers = [r for r in work_reports if r.library != "vramancer"]
     speed = ours.tasks_per_s if ours else None
     ratios = {
-        f"vramancer_vs_{r.name}": round(speed / r.tasks_per_s, 2)
+        f"{name}_vs_{r.name}": round(speed / r.tasks_per_s, 2)
         for r in work_reports
-        if r.name != "vramancer" and speed and r.tasks_per_s
+        if r.name != name and speed and r.tasks_per_s
     }
     peer_speeds = [r.tasks_per_s for r in peers if r.tasks_per_s]
     peer_p50 = [x for r in peers if (x := r.latency_ms("done", 0.5)) is not None]
@@ -341,9 +353,14 @@ def _verdict_of(work_reports: list[SystemReport]) -> dict[str, Any]:
 
 
 def verdict(reports: list[SystemReport]) -> dict[str, Any]:
-    """Per work: VRAMancer embedded's ratio to every other system, and the targets."""
+    """Per work: VRAMancer embedded's ratio to every other system, and the targets (and the
+    same for the embedded runtime on uvloop, under ``on_uvloop``)."""
     works = dict.fromkeys(r.work for r in reports)
     result = {w: _verdict_of([r for r in reports if r.work == w]) for w in works}
+    for w in works:  # the same verdict on uvloop, where it ran
+        on_uvloop = [r for r in reports if r.work == w]
+        if any(r.name == "vramancer_uvloop" for r in on_uvloop):
+            result[w]["on_uvloop"] = _verdict_of(on_uvloop, "vramancer_uvloop")
     noop = next((r for r in reports if r.work == "noop" and r.name == "vramancer"), None)
     if noop is not None and noop.tasks_per_s is not None:
         result["noop"]["embedded_at_least_2000_per_s"] = noop.tasks_per_s >= TARGET_EMBEDDED_PER_S

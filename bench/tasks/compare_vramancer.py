@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -35,6 +36,8 @@ from bench.tasks.compare_redis import REPO_ROOT, LatencySample, RunResult
 from bench.tasks.cpu import ProcessCpu
 from vramancer import Runtime, Settings
 from vramancer.tasks.settings import Synchronous, TasksSettings
+
+_T = TypeVar("_T")
 
 #: Tasks pushed through before the timed part of each run.
 WARMUP_TASKS = 50
@@ -95,11 +98,13 @@ def _chunks(n: int, size: int) -> list[int]:
 
 
 class EmbeddedRunner:
-    """VRAMancer's ``TaskService`` driven through ``Runtime`` in this process."""
+    """VRAMancer's ``TaskService`` driven through ``Runtime`` in this process, on asyncio's own
+    event loop (``asyncio.run``: what a plain script gets)."""
 
     name = "vramancer"
     library = "vramancer"
     submit_how = "rt.tasks.submit_batch (one call per max_batch tasks), rt.tasks.wait(ids)"
+    loop_name = "asyncio"
 
     def __init__(self, workdir: Path, timeout_s: float, batch: int | None = None) -> None:
         self.workdir = workdir
@@ -108,6 +113,7 @@ class EmbeddedRunner:
         self.batch = min(batch or self.tasks_settings.max_batch, self.tasks_settings.max_batch)
         self.durability = _describe_durability(self.tasks_settings.synchronous)
         self.concurrency = (
+            f"{self.loop_name} event loop, "
             f"{self.tasks_settings.host_slots} host slots (a process per cmd/python task; "
             "python forks from the warm runner, which preloaded the function's module); "
             "noop: the in-process maintenance runner, "
@@ -122,13 +128,16 @@ class EmbeddedRunner:
         return None
 
     def run_once(self, n: int, work: str) -> RunResult:
-        data_dir = self.workdir / f"vramancer-embedded-{next(self._runs)}"
-        return asyncio.run(self._run(n, work, data_dir))
+        data_dir = self.workdir / f"{self.name}-embedded-{next(self._runs)}"
+        return self._run_loop(self._run(n, work, data_dir))
 
     def latency(self, work: str, samples: int) -> list[LatencySample]:
         """``samples`` tasks one at a time through one fresh runtime (after a warm-up task)."""
-        data_dir = self.workdir / f"vramancer-latency-{next(self._runs)}"
-        return asyncio.run(self._latency(work, samples, data_dir))
+        data_dir = self.workdir / f"{self.name}-latency-{next(self._runs)}"
+        return self._run_loop(self._latency(work, samples, data_dir))
+
+    def _run_loop(self, main: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run(main)
 
     async def _latency(self, work: str, samples: int, data_dir: Path) -> list[LatencySample]:
         result: list[LatencySample] = []
@@ -168,6 +177,19 @@ class EmbeddedRunner:
             if done != n + WARMUP_TASKS:
                 raise RuntimeError(f"expected {n + WARMUP_TASKS} tasks done, counted {done}")
         return RunResult(n=n, submit_s=t1 - t0, total_s=t2 - t0, cpu_s=cpu_s)
+
+
+class UvloopRunner(EmbeddedRunner):
+    """The same, on uvloop's event loop (``uvloop.run``): the loop ``vramancer serve`` and
+    ``vramancer pool worker`` run on, and the one to give an embedded runtime."""
+
+    name = "vramancer_uvloop"
+    loop_name = "uvloop"
+
+    def _run_loop(self, main: Coroutine[Any, Any, _T]) -> _T:
+        import uvloop
+
+        return uvloop.run(main)
 
 
 class HttpRunner:

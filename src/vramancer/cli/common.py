@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -45,6 +45,19 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="TOML configuration file (default: $VRM_CONFIG)."),
 ]
+
+
+def run_loop(main: Coroutine[Any, Any, Any]) -> Any:
+    """Run a daemon's coroutine on uvloop where it is installed (a core dependency on Linux and
+    macOS; ``vramancer serve`` gets it through uvicorn), else on asyncio's own loop. uvloop's
+    loop costs about a quarter less CPU per task run (docs/benchmarks.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

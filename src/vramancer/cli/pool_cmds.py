@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vramancer.cli.common import Api, ConfigOpt, JsonOpt, call, emit, fail, load_settings
+from vramancer.cli.common import Api, ConfigOpt, JsonOpt, call, emit, fail, load_settings, run_loop
 from vramancer.cli.serve import LOG_LEVELS, configure_logging
 from vramancer.errors import ConfigError
 from vramancer.units import format_size
@@ -55,7 +55,7 @@ def worker(
         fail("a worker needs a NATS server: --nats nats://HOST:4222 or [nats] url", code=2)
     configure_logging(level, json_out)
     try:
-        asyncio.run(_run_worker(settings))
+        run_loop(_run_worker(settings))
     except ConfigError as exc:
         fail(exc.message, code=2)
 

@@ -42,8 +42,9 @@ PRIVATE_ENV_PREFIX = "VRM_"
 
 
 def scratch_dir(data_dir: Path, device: str, task_id: str) -> Path:
-    """``<data_dir>/scratch/<device without ':'>/<task id>``."""
-    return data_dir / "scratch" / device.replace(":", "") / task_id
+    """``<data_dir>/scratch/<device without ':'>/<task id>`` (joined as text: one path built
+    per task, not three)."""
+    return Path(os.path.join(data_dir, "scratch", device.replace(":", ""), task_id))
 
 
 def run_request(

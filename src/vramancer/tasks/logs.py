@@ -11,6 +11,7 @@ what its command printed of its secrets.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ _NOTE_BYTES = 256
 
 def log_paths(data_dir: Path, task_id: str, attempt: int) -> tuple[Path, Path]:
     """``<data_dir>/task-logs/<id[:2]>/<id>.<attempt>.stdout`` (and ``.stderr``)."""
-    folder = data_dir / "task-logs" / task_id[:2]
-    return folder / f"{task_id}.{attempt}.stdout", folder / f"{task_id}.{attempt}.stderr"
+    stem = os.path.join(data_dir, "task-logs", task_id[:2], f"{task_id}.{attempt}")
+    return Path(f"{stem}.stdout"), Path(f"{stem}.stderr")
 
 
 def check_query(max_bytes: int | None, stdout_offset: int, stderr_offset: int) -> None:

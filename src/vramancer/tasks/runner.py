@@ -640,7 +640,10 @@ class ProcessRun:
         await exited
 
     async def _drain(self, pumps: Sequence[asyncio.Future[None]]) -> None:
-        _, pending = await asyncio.wait(pumps, timeout=DRAIN_TIMEOUT_S)
+        if all(pump.done() for pump in pumps):  # the pipes closed with the process: no wait
+            pending: set[asyncio.Future[None]] = set()
+        else:
+            _, pending = await asyncio.wait(pumps, timeout=DRAIN_TIMEOUT_S)
         for pump in pending:  # a process that left the group still holds the pipe
             pump.cancel()
         for pump in pumps:

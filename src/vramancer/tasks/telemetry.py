@@ -76,6 +76,13 @@ class Telemetry:
             ["device"],
             TIME_BUCKETS,
         )
+        # the gauges read the counts when scraped, not at every change
+        self._m_running.set_function(lambda: self._count((TaskState.RUNNING,)))
+        self._m_depth.set_function(lambda: self._count(_DEPTH_STATES))
+
+    def _count(self, states: Iterable[TaskState]) -> int:
+        """Tasks of both lanes in ``states`` (read when the gauges are scraped)."""
+        return self.lane_count(False, states) + self.lane_count(True, states)
 
     def reset(self, counts: Mapping[tuple[bool, TaskState], int]) -> None:
         """Start from the queue's counts (at start-up)."""
@@ -117,11 +124,6 @@ class Telemetry:
             )
             if change.state in _TERMINAL:
                 self._on_end(change.task_id)
-        running = (TaskState.RUNNING,)
-        self._m_running.set(self.lane_count(False, running) + self.lane_count(True, running))
-        self._m_depth.set(
-            self.lane_count(False, _DEPTH_STATES) + self.lane_count(True, _DEPTH_STATES)
-        )
 
     def purged(self, tasks: Sequence[Purged], *, observed: bool = False) -> None:
         """Tasks the retention purge deleted leave the counts (``purge_listeners`` hear of

@@ -340,8 +340,8 @@ class Workers:
     async def _run_process(self, active: Active) -> Outcome:
         record = active.record
         spec = record.task_spec()
-        scratch = scratch_dir(self.data_dir, active.device, record.task_id)
         if spec.blocks:  # else the runner makes it, in the same hop as the start
+            scratch = scratch_dir(self.data_dir, active.device, record.task_id)
             await in_spawner(private_dir, scratch)
             try:
                 if self.blocks is None:

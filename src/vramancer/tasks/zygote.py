@@ -245,10 +245,14 @@ def main(argv: list[str]) -> int:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    os.chmod(path, 0o600)
-    listener.listen(64)
-    print("ready", flush=True)
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(64)
+        print("ready", flush=True)
+    except (BrokenPipeError, FileNotFoundError):
+        # the daemon stopped (and its run directory went) while this runner started
+        return 1
     Zygote(listener).serve()
     return 0
 
