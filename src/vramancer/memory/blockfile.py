@@ -31,7 +31,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
-import mmap
 import os
 import secrets
 import struct
@@ -48,7 +47,7 @@ from vramancer.memory.compression import CorruptBlock
 _MAGIC = b"VRMF"
 _VERSION = 2
 #: Version 3: version 2's header, zeros up to ``PAYLOAD_ALIGN``, then the payload (written for
-#: payloads of ``ALIGN_FROM`` bytes or more: a page-aligned payload is written and mapped at
+#: payloads of ``ALIGN_FROM`` bytes or more: a page-aligned payload is written and read at
 #: page-cache speed; one at offset 50 costs about a quarter more to write).
 _ALIGNED = 3
 PAYLOAD_ALIGN = 4096
@@ -316,64 +315,78 @@ def _codec(raw: bytes) -> str:
 
 
 def read_block_file(path: Path, what: str, *, writable: bool = False) -> BlockFile:
-    """Read and verify a block file (memory-mapped); raise ``CorruptBlock`` naming ``what``.
+    """Read and verify a block file; raise ``CorruptBlock`` naming ``what``.
 
-    ``writable``: return the payload as a ``bytearray`` (torch wants a writable buffer).
+    The payload is read with one ``pread`` into the object returned (one copy from the page
+    cache, as a plain read of the file makes; a map of the file costed more than the copy it
+    saves), then its checksum is verified. ``writable``: a ``bytearray`` (torch wants a
+    writable buffer).
     """
     try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed below, after the map
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise CorruptBlock(f"{what}: its file {path.name} is missing") from None
-    with fh:
-        size = os.fstat(fh.fileno()).st_size
+    try:
+        size = os.fstat(fd).st_size
         if size < V1_HEADER_SIZE:
             raise CorruptBlock(f"{what}: stored data is truncated (no header)")
-        with _map(fh.fileno()) as mm:
-            start, codec, itemsize, raw, length, digest, tail, tail_sum = _unpack(mm, size, what)
-            if size - start - tail != length:
-                raise CorruptBlock(
-                    f"{what}: stored data is truncated or padded "
-                    f"({max(0, size - start - tail)} of {length} bytes)"
-                )
-            if tail and checksum(mm[start + length :]) != tail_sum:
-                raise CorruptBlock(f"{what}: its record fails its checksum, the file is corrupted")
-            payload: bytes | bytearray
-            if writable:
-                payload = bytearray(length)
-                with memoryview(mm) as whole, whole[start : start + length] as body:
-                    payload[:] = body
-            else:
-                payload = mm[start : start + length]
+        head = _pread_exact(fd, min(size, HEADER_SIZE), 0)
+        start, codec, itemsize, raw, length, digest, tail, tail_sum = _unpack(head, size, what)
+        if size - start - tail != length:
+            raise CorruptBlock(
+                f"{what}: stored data is truncated or padded "
+                f"({max(0, size - start - tail)} of {length} bytes)"
+            )
+        if tail and checksum(_pread_exact(fd, tail, start + length)) != tail_sum:
+            raise CorruptBlock(f"{what}: its record fails its checksum, the file is corrupted")
+        payload: bytes | bytearray
+        if writable:
+            payload = bytearray(length)
+            _preadinto_exact(fd, payload, start)
+        else:
+            payload = _pread_exact(fd, length, start)
+    finally:
+        os.close(fd)
     if checksum(payload) != digest:
         raise CorruptBlock(f"{what}: checksum mismatch, the stored data is corrupted")
     return BlockFile(_codec(codec), itemsize, raw, payload)
 
 
-def _unpack(mm: mmap.mmap, size: int, what: str) -> tuple[int, bytes, int, int, int, int, int, int]:
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` (one ``pread`` unless the kernel returns fewer)."""
+    data = os.pread(fd, n, offset)
+    if len(data) == n:
+        return data
+    buffer = bytearray(n)
+    _preadinto_exact(fd, buffer, offset)
+    return bytes(buffer)
+
+
+def _preadinto_exact(fd: int, buffer: bytearray, offset: int) -> None:
+    """Fill ``buffer`` from ``offset``; ``CorruptBlock`` if the file ends first."""
+    with memoryview(buffer) as view:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise CorruptBlock("stored data is truncated (the file ended early)")
+            done += got
+
+
+def _unpack(head: bytes, size: int, what: str) -> tuple[int, bytes, int, int, int, int, int, int]:
     """(payload offset, codec, itemsize, raw size, payload size, checksum, record size, record
-    checksum)."""
-    if mm[:4] != _MAGIC:
+    checksum) from the first ``HEADER_SIZE`` bytes of a file of ``size`` bytes."""
+    if head[:4] != _MAGIC:
         raise CorruptBlock(f"{what}: not a VRAMancer block file")
-    version = mm[4]
+    version = head[4]
     if version == 1:
-        _, _, codec, itemsize, raw, length, digest = _HEADER_V1.unpack(mm[:V1_HEADER_SIZE])
+        _, _, codec, itemsize, raw, length, digest = _HEADER_V1.unpack(head[:V1_HEADER_SIZE])
         return V1_HEADER_SIZE, codec, itemsize, raw, length, digest, 0, 0
     if version not in (_VERSION, _ALIGNED) or size < HEADER_SIZE:
         raise CorruptBlock(f"{what}: not a VRAMancer block file")
-    _, _, codec, itemsize, raw, length, digest, tail, tail_sum = _HEADER.unpack(mm[:HEADER_SIZE])
+    _, _, codec, itemsize, raw, length, digest, tail, tail_sum = _HEADER.unpack(head[:HEADER_SIZE])
     start = HEADER_SIZE if version == _VERSION else PAYLOAD_ALIGN
     return start, codec, itemsize, raw, length, digest, tail, tail_sum
-
-
-#: Pre-fault the whole mapping in one call (Linux): a 16 MiB block is read at page-cache speed
-#: instead of taking 4096 page faults one by one.
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-
-
-def _map(fd: int) -> mmap.mmap:
-    if _POPULATE and hasattr(mmap, "MAP_SHARED"):
-        return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
-    return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
 
 
 def sync_file(path: Path) -> None:

@@ -1,7 +1,7 @@
 """Block compression: the store's ``CompressionManager`` (``compress(data, hint)``,
 ``decompress(block)``) and its default, :class:`AdaptiveCompression`.
 
-The store compresses a block when it moves to L5 (memory-mapped SSD files) or L6 (the cold
+The store compresses a block when it moves to L5 (block files on SSD) or L6 (the cold
 archive); the result goes into a block file (``memory/blockfile.py``, xxh3-checked). Three
 facts shape it, each in its own module:
 

@@ -2,7 +2,7 @@
 
 A tier a machine lacks is absent, never faked: L1/L2 need torch with CUDA and real (not
 simulated) GPUs, L3 (pinned host memory) only serves copies to a GPU so it needs the same,
-L4 (pageable host), L5 (memory-mapped files) and L6 (compressed archive) are always there
+L4 (pageable host), L5 (block files on SSD) and L6 (compressed archive) are always there
 unless disabled in the configuration.
 """
 
