@@ -113,7 +113,7 @@ class SqliteQueue:
         """Run ``op`` in the writer's next transaction; ``durable=False``: no fsync needed."""
         if self._writer is None:
             raise BackendUnavailable("the task queue is not open")
-        return await asyncio.wrap_future(self._writer.submit(op, durable))
+        return await self._writer.answer_on(asyncio.get_running_loop(), op, durable)
 
     async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(lambda: op(self._reader()))

@@ -19,21 +19,40 @@ a sync (a lease) may be lost with the durable ones before it, never kept without
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import logging
 import os
 import queue as stdqueue
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from vramancer.errors import BackendUnavailable, disk_full_error, is_disk_full
 from vramancer.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
-#: ``(future, value, error)`` of one operation of a commit.
-Result = tuple[concurrent.futures.Future[Any], Any, BaseException | None]
+T = TypeVar("T")
+
+
+class LoopAnswer(Generic[T]):
+    """An event loop's future for one operation run on a thread: answered with the other
+    answers of its commit to the same loop in one ``call_soon_threadsafe`` (one wake-up of the
+    loop per commit, not one per operation; no ``concurrent.futures.Future`` chained to it)."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[T] = loop.create_future()
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """False when the caller stopped waiting first: the operation is not run."""
+        return not self.future.cancelled()
+
+
+#: ``(answer, value, error)`` of one operation of a commit.
+Result = tuple[LoopAnswer[Any], Any, BaseException | None]
 
 
 def take_waiting(
@@ -54,9 +73,24 @@ def take_waiting(
 
 
 def resolve(results: list[Result], error: BaseException | None = None) -> None:
-    """Answer each operation (``error`` overrides: the commit could not be made durable)."""
-    for future, value, failure in results:
-        failure = error or failure
+    """Answer each operation (``error`` overrides: the commit could not be made durable); the
+    answers awaited on an event loop go to it in one call."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Result]] = {}
+    for answer, value, failure in results:
+        by_loop.setdefault(answer.loop, []).append((answer, value, error or failure))
+    for loop, answers in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, answers)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            log.debug("%d answers dropped: their event loop is closed", len(answers))
+
+
+def _settle(answers: list[Result]) -> None:
+    """On the loop: set the futures still awaited."""
+    for answer, value, failure in answers:
+        future = answer.future
+        if future.done():  # cancelled: nobody waits for it
+            continue
         if failure is not None:
             future.set_exception(failure)
         else:

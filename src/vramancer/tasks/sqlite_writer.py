@@ -6,12 +6,13 @@ acknowledges them all.
 A commit is synced only when it holds a durable operation and the mode is FULL: by SQLite
 inside the COMMIT, or, with a ``WalSyncer`` (``sqlite_sync``), after it on that thread, so the
 writer goes on with the next operations while the disk syncs; the durable operations are
-answered after the sync, the others at once.
+answered after the sync, the others at once. The answers go to the event loop that waits for
+them in one call per commit (``sqlite_sync.LoopAnswer``).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import logging
 import queue as stdqueue
 import sqlite3
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from vramancer.errors import BackendUnavailable, disk_full_error, is_disk_full
-from vramancer.tasks.sqlite_sync import Result, WalSyncer, resolve, take_waiting
+from vramancer.tasks.sqlite_sync import LoopAnswer, Result, WalSyncer, resolve, take_waiting
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,17 @@ class GroupCommitWriter:
         self._thread = threading.Thread(target=self._run, name="vramancer-tasks-db", daemon=True)
         self._thread.start()
 
-    def submit(
-        self, op: Callable[[sqlite3.Connection], T], durable: bool = True
-    ) -> concurrent.futures.Future[T]:
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((op, future, durable))
-        return future
+    def answer_on(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        op: Callable[[sqlite3.Connection], T],
+        durable: bool = True,
+    ) -> asyncio.Future[T]:
+        """Run ``op`` in a coming commit (``durable``: answered once it is synced); the future
+        is ``loop``'s, answered with the rest of its commit in one hop."""
+        answer: LoopAnswer[T] = LoopAnswer(loop)
+        self._queue.put((op, answer, durable))
+        return answer.future
 
     def stop(self) -> None:
         self._queue.put(self._STOP)
@@ -78,10 +84,13 @@ class GroupCommitWriter:
             self._conn.execute(f"PRAGMA synchronous={'FULL' if wanted else 'NORMAL'}")
             self._synced_mode = wanted
 
-    def _commit(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any, bool]]) -> None:
+    def _commit(
+        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], LoopAnswer[Any], bool]]
+    ) -> None:
         conn = self._conn
         results: list[Result] = []
         durable: list[Result] = []
+        started: list[LoopAnswer[Any]] = []
         try:
             self._set_sync(any(needs_sync for _, _, needs_sync in batch))
             # one operation alone needs no savepoint: its failure rolls back the transaction
@@ -90,6 +99,7 @@ class GroupCommitWriter:
             for op, future, needs_sync in batch:
                 if not future.set_running_or_notify_cancel():
                     continue
+                started.append(future)
                 if not alone:
                     conn.execute("SAVEPOINT op")
                 try:
@@ -112,9 +122,7 @@ class GroupCommitWriter:
                 if is_disk_full(exc)
                 else BackendUnavailable(f"task queue database write failed: {exc}")
             )
-            for _, future, _ in batch:
-                if future.running():
-                    future.set_exception(error)
+            resolve([(future, None, error) for future in started])
             return
         if durable and self._syncer is not None:
             self._syncer.after_commit(durable)
