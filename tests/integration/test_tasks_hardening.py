@@ -399,3 +399,16 @@ def test_a_sigkilled_daemons_task_processes_die_with_it(tmp_path: Path, guard_ki
         assert _wait_gone(main, 5.0), "the next start left the task running"
         assert _wait_gone(background, 5.0), "the next start left the task's leftovers running"
         assert _wait_gone(background, 5.0), "the next start left the task's leftovers running"
+
+
+def test_validate_on_a_host_without_idle_window_waits_for_the_maintenance_deadline(
+    tmp_path: Path,
+) -> None:
+    """No idle window ever comes, but the daemon runs a maintenance task anyway once it has
+    waited ``maintenance_max_wait_s``: validation passes when that is longer than a step."""
+    config = CONFIG.replace("maintenance_max_wait_s = 0", "maintenance_max_wait_s = 25")
+    with running_server(tmp_path, config, env={"VRM_DISABLE_RATE_LIMIT": "1"}) as server:
+        result = run_validation(server.url, "op", step_timeout_s=3.0)
+    # the steps before the noop's take a few seconds: it runs well after they end
+    assert result["result"] == "PASS", result["message"]
+    assert [step["ok"] for step in result["steps"]] == [True] * 10

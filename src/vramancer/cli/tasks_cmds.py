@@ -333,7 +333,13 @@ def logs(
 
 
 def validate(
-    timeout: Annotated[float, typer.Option(help="Seconds allowed per step.")] = 60.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds allowed per step (the noop step also waits out the server's "
+            "maintenance_max_wait_s on a busy host)."
+        ),
+    ] = 60.0,
     json_out: JsonOpt = False,
 ) -> None:
     """End-to-end self-test against the running server; prints PASS or FAIL with the reason."""

@@ -7,7 +7,9 @@ directory, and its output is in its logs; an exit code fails a task without retr
 task succeeds on its second attempt; a timeout kills the task's process tree (checked on this
 machine when the server is local); a running task can be cancelled; an idempotency key returns
 the same task; a GPU that does not exist is refused with nothing queued; a ``noop`` maintenance
-task runs once the machine is idle. The first failing step stops the test with its reason.
+task runs once the machine is idle (on a host kept busy, the daemon runs it anyway after
+``[tasks] maintenance_max_wait_s``: the step waits that long, plus its timeout). The first
+failing step stops the test with its reason.
 
 While the noop waits, the reason comes from the server (``GET /api/tasks/stats``,
 ``maintenance.reason``: a busy CPU or GPU, user tasks), so a failure on a busy host says what
@@ -71,14 +73,15 @@ class _Client:
                 cancelled.append(task_id)
         return cancelled
 
-    def maintenance_reason(self) -> str:
-        """What the server says maintenance waits for ("" when it does not say)."""
+    def maintenance_window(self) -> dict[str, Any]:
+        """What the server says of maintenance tasks (``reason`` they wait, ``max_wait_s``);
+        empty when it does not say."""
         try:
             response = self.http.get("/api/tasks/stats")
             window = response.json().get("maintenance") or {}
         except (httpx.TransportError, ValueError, AttributeError):
-            return ""
-        return str(window.get("reason") or "")
+            return {}
+        return window if isinstance(window, dict) else {}
 
     def status(self, task_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self.ok("GET", "/api/tasks/status", params={"task_id": task_id})
@@ -125,6 +128,7 @@ class _Validation:
         self.timeout = step_timeout_s
         self.run_id = uuid.uuid4().hex[:8]
         self.noop_id = ""
+        self.noop_queued_at = time.monotonic()
         self.devices: dict[int, dict[str, Any]] = {}
 
     def health(self) -> None:
@@ -135,6 +139,7 @@ class _Validation:
     def submit_noop(self) -> None:
         body = {"type": "noop", "idempotency_key": f"validate-{self.run_id}-noop"}
         self.noop_id = self.c.submit(body)
+        self.noop_queued_at = time.monotonic()
 
     def cmd_environment(self) -> None:
         script = 'echo "$VRM_TASK_ID|$CUDA_VISIBLE_DEVICES|$VRM_DEVICE|$PWD"'
@@ -230,9 +235,9 @@ class _Validation:
 
     def noop_done(self) -> None:
         try:
-            status = self.c.wait(self.noop_id, self.timeout)
+            status = self.c.wait(self.noop_id, self._noop_budget_s())
         except StepFailed as exc:
-            reason = self.c.maintenance_reason()
+            reason = str(self.c.maintenance_window().get("reason") or "")
             waiting = f"waiting for an idle window: {reason}" if reason else "not run yet"
             raise StepFailed(
                 f"{exc}; {waiting} (maintenance tasks run in idle windows: no user task "
@@ -240,6 +245,16 @@ class _Validation:
                 "maintenance_idle_s, maintenance_max_cpu_ratio and maintenance_max_wait_s)"
             ) from None
         _expect(status["state"] == "done", f"noop ended {status['state']}: {status['error']}")
+
+    def _noop_budget_s(self) -> float:
+        """How long the noop may still take: the step timeout, or, on a busy host, until the
+        daemon runs it anyway (``maintenance_max_wait_s`` after it was queued) and a step
+        timeout more."""
+        max_wait = self.c.maintenance_window().get("max_wait_s")
+        if not isinstance(max_wait, int | float) or max_wait <= 0:
+            return self.timeout
+        left = float(max_wait) - (time.monotonic() - self.noop_queued_at)
+        return max(self.timeout, left + self.timeout)
 
 
 STEPS = (
