@@ -391,8 +391,9 @@ def test_a_sigkilled_daemons_task_processes_die_with_it(tmp_path: Path, guard_ki
         if first.proc.stdout:
             first.proc.stdout.close()
     if not guard_killed:
-        assert _wait_gone(main, 3.0), "the task outlived its daemon"
-        assert _wait_gone(background, 3.0), "what the task started outlived its daemon"
+        # the guard kills at once; the margin is for a machine loaded by other work
+        assert _wait_gone(main, 10.0), "the task outlived its daemon"
+        assert _wait_gone(background, 10.0), "what the task started outlived its daemon"
         return
     assert _alive(main) and _alive(background)  # nothing left to kill them: the next start does
     with running_server(tmp_path, config, data_dir=first.data_dir):
