@@ -330,21 +330,21 @@ def read_block_file(path: Path, what: str, *, writable: bool = False) -> BlockFi
         size = os.fstat(fd).st_size
         if size < V1_HEADER_SIZE:
             raise CorruptBlock(f"{what}: stored data is truncated (no header)")
-        head = _pread_exact(fd, min(size, HEADER_SIZE), 0)
+        head = _pread_exact(fd, min(size, HEADER_SIZE), 0, what)
         start, codec, itemsize, raw, length, digest, tail, tail_sum = _unpack(head, size, what)
         if size - start - tail != length:
             raise CorruptBlock(
                 f"{what}: stored data is truncated or padded "
                 f"({max(0, size - start - tail)} of {length} bytes)"
             )
-        if tail and checksum(_pread_exact(fd, tail, start + length)) != tail_sum:
+        if tail and checksum(_pread_exact(fd, tail, start + length, what)) != tail_sum:
             raise CorruptBlock(f"{what}: its record fails its checksum, the file is corrupted")
         payload: bytes | bytearray
         if writable:
             payload = bytearray(length)
-            _preadinto_exact(fd, payload, start)
+            _preadinto_exact(fd, payload, start, what)
         else:
-            payload = _pread_exact(fd, length, start)
+            payload = _pread_exact(fd, length, start, what)
     finally:
         os.close(fd)
     if checksum(payload) != digest:
@@ -352,24 +352,25 @@ def read_block_file(path: Path, what: str, *, writable: bool = False) -> BlockFi
     return BlockFile(_codec(codec), itemsize, raw, payload)
 
 
-def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+def _pread_exact(fd: int, n: int, offset: int, what: str) -> bytes:
     """``n`` bytes at ``offset`` (one ``pread`` unless the kernel returns fewer)."""
     data = os.pread(fd, n, offset)
     if len(data) == n:
         return data
     buffer = bytearray(n)
-    _preadinto_exact(fd, buffer, offset)
+    _preadinto_exact(fd, buffer, offset, what)
     return bytes(buffer)
 
 
-def _preadinto_exact(fd: int, buffer: bytearray, offset: int) -> None:
-    """Fill ``buffer`` from ``offset``; ``CorruptBlock`` if the file ends first."""
+def _preadinto_exact(fd: int, buffer: bytearray, offset: int, what: str) -> None:
+    """Fill ``buffer`` from ``offset``; ``CorruptBlock`` naming ``what`` if the file ends
+    first."""
     with memoryview(buffer) as view:
         done = 0
         while done < len(view):
             got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
-                raise CorruptBlock("stored data is truncated (the file ended early)")
+                raise CorruptBlock(f"{what}: stored data is truncated (the file ended early)")
             done += got
 
 

@@ -96,17 +96,17 @@ class GroupCommitWriter:
             # one operation alone needs no savepoint: its failure rolls back the transaction
             alone = len(batch) == 1
             conn.execute("BEGIN IMMEDIATE")
-            for op, future, needs_sync in batch:
-                if not future.set_running_or_notify_cancel():
+            for op, answer, needs_sync in batch:
+                if not answer.set_running_or_notify_cancel():
                     continue
-                started.append(future)
+                started.append(answer)
                 if not alone:
                     conn.execute("SAVEPOINT op")
                 try:
-                    result: Result = (future, op(conn), None)
+                    result: Result = (answer, op(conn), None)
                 except Exception as exc:
                     conn.execute("ROLLBACK" if alone else "ROLLBACK TO op")
-                    result = (future, None, exc)
+                    result = (answer, None, exc)
                 if not alone:
                     conn.execute("RELEASE op")
                 synced_later = needs_sync and self._syncer is not None and result[2] is None
@@ -122,7 +122,7 @@ class GroupCommitWriter:
                 if is_disk_full(exc)
                 else BackendUnavailable(f"task queue database write failed: {exc}")
             )
-            resolve([(future, None, error) for future in started])
+            resolve([(answer, None, error) for answer in started])
             return
         if durable and self._syncer is not None:
             self._syncer.after_commit(durable)

@@ -310,7 +310,8 @@ class Workers:
             for listener in self.on_slot_free:
                 listener()
         if active.lost:
-            await scratch_removed
+            if scratch_removed is not None:
+                await scratch_removed
         else:
             # a mark not written yet (the task ended within MARK_DELAY_S) goes with the end
             await self.finish(outcome, marking=self._mark(active), after=scratch_removed)
@@ -423,16 +424,14 @@ class Workers:
                 log.exception("releasing the VRAM of task %s failed", active.record.task_id)
             active.allocation_id = None
 
-    def _remove_scratch(self, active: Active) -> asyncio.Future[None]:
+    def _remove_scratch(self, active: Active) -> asyncio.Future[None] | None:
         """The attempt's scratch directory goes (ours even when the task ran in its own cwd):
         handed to the spawner thread now, before the end is written, so a next attempt (started
         from that thread, in order) cannot create it again first. The end is published once
         it is gone; the loop does not wait for the ``rmdir`` (a journal update that may take
-        longer than the rest of the task's end)."""
+        longer than the rest of the task's end). None: scratch directories are kept."""
         if self.settings.keep_scratch:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
+            return None
         return to_spawner(
             remove_dir, scratch_dir(self.data_dir, active.device, active.record.task_id)
         )
